@@ -1,0 +1,3 @@
+from miras.cli import main
+
+main()
