@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -309,12 +309,15 @@ class MemorySpec(Spec):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        """Allow ``bias: l2`` as shorthand for ``bias: {kind: l2}`` on every axis."""
+        """``bias: l2`` is shorthand for ``bias: {kind: l2}``; a section without ``kind`` keeps the default kind."""
         if isinstance(data, dict):
             data = dict(data)
             for axis in ("memory", "feature_map", "bias", "retention", "learner", "caching"):
-                if isinstance(data.get(axis), str):
-                    data[axis] = {"kind": data[axis]}
+                value = data.get(axis)
+                if isinstance(value, str):
+                    data[axis] = {"kind": value}
+                elif isinstance(value, dict) and "kind" not in value:
+                    data[axis] = {"kind": cls.model_fields[axis].default.kind, **value}
         return data
 
     @property
@@ -369,6 +372,42 @@ class MemorySpec(Spec):
 
 
 _IMPLEMENTED = {"bias": ["dot", "l2", "lp", "huber"], "learner": ["gd", "momentum"]}
+
+# the spec classes of each extensible axis (register_spec appends to these)
+_AXIS_SPECS: dict[str, list[type[Spec]]] = {
+    "memory": [LinearMemorySpec, MLPMemorySpec],
+    "bias": [DotBiasSpec, L2BiasSpec, LpBiasSpec, HuberBiasSpec, OmegaBiasSpec],
+    "retention": [NoRetentionSpec, DecayRetentionSpec, LqRetentionSpec, KLRetentionSpec, ElasticNetRetentionSpec],
+    "learner": [GDLearnerSpec, MomentumLearnerSpec, MuonLearnerSpec, DGDLearnerSpec],
+}
+
+
+def register_spec(axis: str, spec_cls: type[Spec]) -> type[Spec]:
+    """Add a third-party spec class (with a ``kind: Literal["name"]`` field) to one axis of ``MemorySpec``.
+
+    Pair it with an implementation registered under the same kind in :mod:`miras.registry` (see README, "Extending").
+    Usable as a decorator: ``@register_spec("bias")``.
+    """
+    from pydantic.fields import FieldInfo
+
+    if axis not in _AXIS_SPECS:
+        raise SpecError(f"register_spec: axis must be one of {', '.join(_AXIS_SPECS)}, but got axis={axis!r}")
+    field = spec_cls.model_fields.get("kind")
+    kind = field.default if field is not None else None
+    if not isinstance(kind, str):
+        raise SpecError(f"register_spec: {spec_cls.__name__} needs a field `kind: Literal[\"name\"] = \"name\"`")
+    taken = {c.model_fields["kind"].default for c in _AXIS_SPECS[axis]}
+    if kind in taken:
+        raise SpecError(f"register_spec: {axis} kind {kind!r} is already registered; pick another name")
+    _AXIS_SPECS[axis].append(spec_cls)
+    union = Annotated[Union[tuple(_AXIS_SPECS[axis])], Field(discriminator="kind")]  # noqa: UP007
+    default = MemorySpec.model_fields[axis].default
+    MemorySpec.model_fields[axis] = FieldInfo.from_annotated_attribute(union, default)
+    MemorySpec.model_rebuild(force=True)
+    ModelSpec.model_rebuild(force=True)
+    if axis in _IMPLEMENTED:
+        _IMPLEMENTED[axis].append(kind)
+    return spec_cls
 
 # ------------------------------------------------------------------------------------------------------ the model
 
@@ -466,6 +505,13 @@ class ModelSpec(Spec):
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
     budget: BudgetSpec | None = None
+
+    def axes_summary(self) -> str:
+        """The six axes in one token, e.g. ``mlp2·huber·decay·momentum·cosine·none`` (``attn`` for attention-only)."""
+        if not self.uses_memory:
+            return f"attn·—·—·—·{self.taper.kind}·—"
+        a = self.memory.axes
+        return "·".join([a["memory"], a["bias"], a["retention"], a["learner"], self.taper.kind, a["caching"]])
 
     @property
     def d_head(self) -> int:
@@ -612,16 +658,22 @@ def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _data_path(data: Any, loc: tuple[Any, ...]) -> list[str]:
-    """The error location as a path through the user's data (drops pydantic's union-tag entries)."""
-    out, node = [], data
-    for part in loc:
+    """The error location as a path through the user's data.
+
+    pydantic puts union tags (``lp``) and validator names into ``loc``; an intermediate entry that is not a key of the
+    user's data is such a tag and is dropped (an unknown or missing key is always the last entry).
+    """
+    out: list[str] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
         if isinstance(node, dict) and part in node:
             node = node[part]
             out.append(str(part))
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
-            out.append(f"[{part}]" if not out else f"{out.pop()}[{part}]")
-        elif isinstance(node, dict) and not (isinstance(part, str) and (part.startswith("function-") or part == node.get("kind"))):
+            out.append(f"{out.pop()}[{part}]" if out else f"[{part}]")
+        elif last or not isinstance(node, dict):
             out.append(str(part))
             node = None
     return out

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job on built-in defaults: a real architecture search over all six axes on MQAR (CPU, no network),
+# ending with the leaderboard. About 10 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+exec miras search search_spaces/quickstart.yaml "$@"
