@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from miras.errors import NotImplementedYet, SpecError
+from miras.train_spec import TrackingSpec, TrainSpec
 
 # --------------------------------------------------------------------------------------------------------------- base
 
@@ -557,8 +558,12 @@ class ModelSpec(Spec):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def spec_hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved spec (keys leaderboard rows)."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """sha256 of the canonical JSON of the resolved architecture (keys leaderboard rows).
+
+        ``name``, ``description``, ``train`` and ``tracking`` are left out: they do not change the model.
+        """
+        data = self.model_dump(mode="json", exclude={"name", "description", "train", "tracking"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: Mapping[str, Any] | list[str]) -> ModelSpec:
         """A new validated spec with dotted overrides applied (``{"memory.bias.p": 3}`` or ``["memory.bias.p=3"]``)."""
