@@ -506,6 +506,8 @@ class ModelSpec(Spec):
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
     budget: BudgetSpec | None = None
+    train: TrainSpec | None = Field(None, description="optional default training settings (miras train)")
+    tracking: TrackingSpec = TrackingSpec()
 
     def axes_summary(self) -> str:
         """The six axes in one token, e.g. ``mlp2·huber·decay·momentum·cosine·none`` (``attn`` for attention-only)."""
