@@ -1,0 +1,214 @@
+"""Benchmark of the Triton memory-scan kernels against the PyTorch chunked path and reference points (GPU).
+
+Per kernel family at B=4, T=4096, H=8, D=128, bf16 inputs (fp32 state), chunk 64: fwd and fwd+bwd ms (median of
+triton.testing.do_bench), training tokens/s, peak memory, achieved TFLOP/s (matmul FLOPs the kernels issue), and
+ratios to our chunked PyTorch path, torch SDPA flash attention, fla's chunk_delta_rule and titans-pytorch's
+NeuralMemory when importable. Also the relative error of the kernel against the chunked path at that shape.
+
+    python benchmarks/bench_kernels.py            # full shape (GPU)
+    python benchmarks/bench_kernels.py --quick    # B=2, T=1024, H=4, D=64
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny   # CPU: exercises the script (timings meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from miras.spec import MemorySpec  # noqa: E402
+
+FAMILIES = {  # name -> MemorySpec overrides (linear memory, chunk 64)
+    "delta-gd (l2+decay+gd)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "gd"}),
+    "titans (l2+decay+momentum)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
+    "yaad (huber+decay+gd)": dict(bias="huber", retention={"kind": "decay", "grad_at": "decayed"}, learner={"kind": "gd"}),
+    "lp3+momentum": dict(bias="lp", retention={"kind": "none"}, learner={"kind": "momentum"}),
+}
+
+
+def matmul_flops(B, T, H, K, V, BT, momentum: bool) -> tuple[float, float]:
+    """(fwd, bwd) FLOPs of the tl.dot calls the linear kernels issue (2 per multiply-add), padding ignored."""
+    NT = -(-T // BT)
+    kv, tt_k, tt_v, ttt = 2 * BT * K * V, 2 * BT * BT * K, 2 * BT * BT * V, 2 * BT**3
+    fwd = 3 * kv + tt_k + tt_v + (2 * kv + ttt if momentum else 0)
+    bwd = 8 * kv + 4 * tt_k + 3 * tt_v + (5 * kv + 4 * ttt if momentum else 0)
+    return B * H * NT * fwd, B * H * NT * bwd
+
+
+def bench(fn, device) -> float:
+    """Median ms of fn()."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[1]
+
+
+def make(spec, B, T, H, D, device, dtype):
+    from miras.kernels import triton_memory_scan  # noqa: F401  (import order: interpreter env first)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=g)
+
+    q = (r(B, T, H, D) / D**0.5).to(device, dtype).requires_grad_(True)
+    k = torch.nn.functional.normalize(r(B, T, H, D), dim=-1).to(device, dtype).requires_grad_(True)
+    v = r(B, T, H, D).to(device, dtype).requires_grad_(True)
+    gates = {"lr": 0.05 + 0.5 * torch.rand(B, T, H, generator=g)}
+    if spec.retention.kind == "decay":
+        gates["keep"] = 0.9 + 0.1 * torch.rand(B, T, H, generator=g)
+    if spec.learner.kind == "momentum":
+        gates["momentum"] = 0.5 + 0.45 * torch.rand(B, T, H, generator=g)
+    if spec.bias.kind == "huber":
+        gates["huber_delta"] = (0.5 + torch.rand(B, T, H, generator=g)) * D**0.5
+    gates = {n: x.to(device).requires_grad_(True) for n, x in gates.items()}
+    return q, k, v, gates
+
+
+def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
+    """fwd / fwd+bwd ms, tokens/s and peak memory of run(*inputs) -> output tensor."""
+    row = {"name": name}
+    try:
+        def fwd():
+            with torch.no_grad():
+                run(*inputs)
+
+        def fwdbwd():
+            out = run(*inputs)
+            out.float().sum().backward()
+            for x in inputs:
+                if isinstance(x, torch.Tensor):
+                    x.grad = None
+
+        fwdbwd()  # compile / warm up
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        row["fwd"] = bench(fwd, device)
+        row["fwdbwd"] = bench(fwdbwd, device)
+        if device == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        row["ktok_s"] = tokens / row["fwdbwd"]  # tokens per ms = ktok/s
+        if flops:
+            row["tflops"] = sum(flops) / (row["fwdbwd"] * 1e-3) / 1e12
+    except Exception as err:  # noqa: BLE001  (a failing baseline must not hide the others)
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="B=2, T=1024, H=4, D=64")
+    ap.add_argument("--tiny", action="store_true", help="B=1, T=64, H=1, D=16 (CPU interpreter smoke)")
+    ap.add_argument("--families", default="", help="comma-separated substrings of family names to run (default: all)")
+    ap.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked baseline")
+    ap.add_argument("--table", type=Path, help="also write the final table to this file")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("bench_kernels: no CUDA device; run with TRITON_INTERPRET=1 --tiny on CPU (timings meaningless)")
+        return
+    B, T, H, D = (1, 64, 1, 16) if args.tiny or device == "cpu" else (2, 1024, 4, 64) if args.quick else (4, 4096, 8, 128)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    BT = 64 if T >= 64 else 16
+    tokens = B * T
+    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'} torch={torch.__version__} "
+          f"B={B} T={T} H={H} D={D} dtype={dtype} chunk={BT}")
+
+    from miras.kernels import triton_memory_scan
+
+    rows = []
+    wanted = [w for w in args.families.split(",") if w]
+    for fam, over in FAMILIES.items():
+        if wanted and not any(w in fam for w in wanted):
+            continue
+        learner = {**over["learner"], "chunk_size": BT}
+        spec = MemorySpec(memory="linear", **{**over, "learner": learner})
+        q, k, v, gates = make(spec, B, T, H, D, device, dtype)
+        names = list(gates)
+
+        def run_triton(q, k, v, *g, spec=spec, names=names):
+            return triton_memory_scan(spec, q, k, v, dict(zip(names, g)))[0]
+
+        fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum")
+        row = measure(f"triton {fam}", run_triton, (q, k, v, *gates.values()), device, fl, tokens)
+        rows.append(row)
+        if not args.no_chunked:
+            try:
+                from miras.ops import memory_scan
+
+                def run_chunked(q, k, v, *g, spec=spec, names=names):
+                    return memory_scan(spec, q, k, v, dict(zip(names, g)), mode="chunked")[0]
+
+                crow = measure(f"chunked {fam}", run_chunked, (q, k, v, *gates.values()), device, None, tokens)
+                with torch.no_grad():
+                    o_t = run_triton(q, k, v, *gates.values()).float()
+                    o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, mode="chunked")[0]
+                row["err_vs_chunked"] = ((o_t - o_c).norm() / o_c.norm()).item()
+            except ImportError as err:
+                crow = {"name": f"chunked {fam}", "error": f"miras.ops unavailable ({err})"}
+            if "fwdbwd" in crow and "fwdbwd" in row:
+                crow["ratio"] = crow["fwdbwd"] / row["fwdbwd"]
+            rows.append(crow)
+
+    # reference points
+    if device == "cuda":
+        qa = torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
+        ka, va = torch.randn_like(qa).requires_grad_(True), torch.randn_like(qa).requires_grad_(True)
+        rows.append(measure("sdpa flash attention (causal)",
+                            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                            (qa, ka, va), device, (4 * B * H * T * T * D / 2, 8 * B * H * T * T * D / 2), tokens))
+        try:
+            from fla.ops.delta_rule import chunk_delta_rule
+
+            qf = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
+            kf = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
+            vf = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
+            bf = torch.rand(B, T, H, device=device, dtype=dtype).requires_grad_(True)
+            rows.append(measure("fla chunk_delta_rule", lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0],
+                                (qf, kf, vf, bf), device, None, tokens))
+        except ImportError:
+            rows.append({"name": "fla chunk_delta_rule", "error": "not installed"})
+        try:
+            from titans_pytorch import NeuralMemory
+
+            mem = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=BT).to(device)
+            xt = torch.randn(B, T, H * D, device=device, requires_grad=True)
+            rows.append(measure("titans-pytorch NeuralMemory (mlp2, fp32)", lambda x: mem(x)[0], (xt,), device, None, tokens))
+        except ImportError:
+            rows.append({"name": "titans-pytorch NeuralMemory", "error": "not installed"})
+
+    ref = {r["name"]: r for r in rows}
+    sdpa = ref.get("sdpa flash attention (causal)", {}).get("fwdbwd")
+    lines = [f"{'kernel':44s} {'fwd ms':>9s} {'f+b ms':>9s} {'ktok/s':>9s} {'peak GB':>8s} {'TFLOP/s':>8s} "
+             f"{'chunked/x':>9s} {'x/sdpa':>7s} {'err':>8s}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:44s} {r['error']}")
+            continue
+        ratio = f"{r['ratio']:9.1f}" if "ratio" in r else " " * 9
+        vs_sdpa = f"{r['fwdbwd'] / sdpa:7.2f}" if sdpa else " " * 7
+        err = f"{r['err_vs_chunked']:8.1e}" if "err_vs_chunked" in r else " " * 8
+        lines.append(f"{r['name']:44s} {r['fwd']:9.3f} {r['fwdbwd']:9.3f} {r['ktok_s']:9.1f} "
+                     f"{r.get('peak_gb', float('nan')):8.2f} {r.get('tflops', float('nan')):8.2f} {ratio} {vs_sdpa} {err}")
+    table = "\n".join(lines)
+    print(table)
+    if args.table:
+        args.table.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

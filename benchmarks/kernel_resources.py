@@ -1,0 +1,64 @@
+"""Compile the linear-memory kernels for sm_90 on a machine WITHOUT a GPU and print compile time, shared memory and
+register spills (cuobjdump's resource report). A free check before spending device time: shared must stay < 227 KB.
+
+    python benchmarks/kernel_resources.py fwd bf16 --warps 8 --bv 32 --d 128 --momentum
+    python benchmarks/kernel_resources.py bwd tf32x3 --warps 8 --bv 32 --d 64 --bias 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from miras.kernels import linear  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("which", choices=["fwd", "bwd"])
+    ap.add_argument("prec", choices=["bf16", "tf32", "tf32x3", "ieee"])
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--bv", type=int, default=32)
+    ap.add_argument("--d", type=int, default=128, help="head dim K = V")
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--bias", type=int, default=1, help="0 dot, 1 l2, 2 lp, 3 huber")
+    ap.add_argument("--momentum", action="store_true")
+    a = ap.parse_args()
+    io = "bf16" if a.prec == "bf16" else "fp32"
+    consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv, BIAS=a.bias, P=2.0,
+                  SMOOTH=10.0, EPS=1e-6, HAS_KEEP=True, DECAYED=False, MOMENTUM=a.momentum, PREC=a.prec)
+    if a.which == "fwd":
+        fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT"}, ("q", "k", "v", "o")
+        consts.update(HAS_H0=True, HAS_S0=a.momentum)
+    else:
+        fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv")
+        consts.update(HAS_DHT=True, HAS_DST=a.momentum)
+    sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*" + (io if n in io_names else "fp32")
+           for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    t0 = time.time()
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.warps, "num_stages": a.stages})
+    dt = time.time() - t0
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kern.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = " ".join(line.strip() for line in out.splitlines() if "REG" in line)
+    print(f"{a.which} prec={a.prec} warps={a.warps} stages={a.stages} BV={a.bv} D={a.d} bias={a.bias} "
+          f"momentum={a.momentum}: compile {dt:.1f}s, shared {kern.metadata.shared / 1024:.0f} KB | {usage}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Triton kernels of the memory update: ``triton_memory_scan`` (the ``mode="triton"`` of ``miras.ops.memory_scan``).
+
+Same contract and semantics as ``memory_scan`` (see miras/ops.py and briefs/ops.md): the chunked dual form with every
+gradient of a chunk taken at the chunk-start state (Titans Eq. 16, Miras Eq. 28). Which spec combinations have a
+kernel is answered by ``kernel_support``; everything else falls back to the PyTorch chunked path in ops.py.
+
+Triton is imported lazily (only when a kernel runs), so ``import miras.kernels`` works without it. On a CPU machine the
+kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cache, lru_cache
+
+import torch
+
+from miras.errors import KernelUnavailable
+
+__all__ = ["kernel_support", "triton_memory_scan", "triton_status"]
+
+CHUNK_SIZES = (16, 32, 64)
+MAX_HEAD_DIM = 256
+
+
+@lru_cache(maxsize=1)
+def triton_status() -> tuple[bool, str]:
+    """(usable?, reason). Triton >= 3.0 is required (the kernels use tl.cumsum(reverse=...) and input_precision)."""
+    try:
+        import triton
+    except ImportError:
+        return False, "triton is not installed (pip install 'miras[triton]')"
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return True, f"triton {triton.__version__} (unparsed version, assumed >= 3.0)"
+    if major < 3:
+        return False, f"triton >= 3.0 is required, but got triton=={triton.__version__}; upgrade triton"
+    return True, f"triton {triton.__version__}"
+
+
+def _warn_known_bad(device: torch.device) -> None:
+    """Warn once about Triton versions with known Hopper codegen bugs in chunked linear-attention backward kernels."""
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and (3, 4) <= (major, minor) < (3, 8):
+        _warn_once(
+            f"miras.kernels: triton=={triton.__version__} on a Hopper GPU has known codegen bugs in chunked "
+            "linear-attention backward kernels (fla-org/flash-linear-attention #640, #984: tl.trans of tl.dot results, "
+            "fixed in 3.7.1). These kernels avoid the pattern on their [BT, BT] tiles and are checked by "
+            "tests/test_kernels_gpu.py; if gradients look wrong, upgrade triton or use mode='chunked'."
+        )
+
+
+@cache
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+
+
+def kernel_support(spec) -> tuple[bool, str]:
+    """Whether a Triton kernel exists for this MemorySpec: (True, "") or (False, "<the missing piece>").
+
+    Supported: linear memory x bias {dot, l2, lp, huber} x retention {none, decay (head/scalar gate, grad_at
+    previous|decayed)} x learner {gd, momentum}, chunk_size in (16, 32, 64), triton >= 3.0.
+    """
+    ok, why = triton_status()
+    if not ok:
+        return False, why
+    mem, bias, ret, learner = spec.memory, spec.bias, spec.retention, spec.learner
+    if mem.kind != "linear":
+        return False, f"no Triton kernel for memory.kind={mem.kind!r} yet (only 'linear'); the chunked PyTorch path runs it"
+    if bias.kind not in ("dot", "l2", "lp", "huber"):
+        return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
+    if ret.kind not in ("none", "decay"):
+        return False, f"no Triton kernel for retention.kind={ret.kind!r}; kernels cover none, decay"
+    if ret.kind == "decay" and ret.gate.granularity == "channel":
+        return False, "no Triton kernel for a channel-wise retention gate (retention.gate.granularity='channel') yet"
+    if learner.kind not in ("gd", "momentum"):
+        return False, f"no Triton kernel for learner.kind={learner.kind!r}; kernels cover gd, momentum"
+    if learner.chunk_size not in CHUNK_SIZES:
+        return False, f"learner.chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, but got " \
+                      f"chunk_size={learner.chunk_size}"
+    return True, ""
+
+
+def _gate(gates: dict, name: str, B: int, T: int, H: int) -> torch.Tensor:
+    if name not in gates or gates[name] is None:
+        raise ValueError(f"triton_memory_scan: gates[{name!r}] is required by this spec, but got keys={sorted(gates)}")
+    g = gates[name]
+    if g.dim() == 4 and g.shape[-1] == 1:
+        g = g[..., 0]
+    if g.dim() != 3 or g.shape[0] != B or g.shape[1] != T or g.shape[2] not in (1, H):
+        raise ValueError(f"triton_memory_scan: gates[{name!r}] must have shape [B, T, H] = [{B}, {T}, {H}] "
+                         f"(or [B, T, 1]), but got shape={tuple(g.shape)}")
+    return g.expand(B, T, H).to(torch.float32).contiguous()
+
+
+def _state(state: dict | None, name: str, B: int, H: int, K: int, V: int) -> torch.Tensor | None:
+    if state is None or state.get(name) is None:
+        return None
+    s = state[name]
+    if s.dim() == 3:
+        s = s.unsqueeze(0)
+    if s.dim() != 4 or tuple(s.shape[1:]) != (H, K, V) or s.shape[0] not in (1, B):
+        raise ValueError(f"triton_memory_scan: state[{name!r}] must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}] "
+                         f"or [H, K, V], but got shape={tuple(s.shape)}")
+    return s.expand(B, H, K, V).to(torch.float32).contiguous()
+
+
+def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor],
+                       state: dict[str, torch.Tensor] | None = None, *,
+                       params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""The memory scan of ``spec`` over a sequence with the fused Triton kernels (forward and backward).
+
+        W_t = beta_t W_0 + f_t S_0 - sum_{j<=t} G[t, j] k_j^T R_j ,  o_t = q_t W_t      (per chunk, common.py)
+
+    Args:
+        spec: a MemorySpec for which ``kernel_support(spec)[0]`` is True.
+        q, k: [B, T, H, K]; v: [B, T, H, V]; float32, bfloat16 or float16, on CUDA (or CPU under TRITON_INTERPRET=1).
+        gates: "lr" [B, T, H]; "keep" [B, T, H] for decay retention; "momentum" for the momentum learner;
+            "huber_delta" for the Huber bias (all already squashed to their ranges).
+        state: {"W1": [B, H, K, V] or [H, K, V], "S1": same (momentum)}; None or missing keys mean zeros.
+        params: unused by the linear family (accepted for the memory_scan contract).
+    Returns:
+        o [B, T, H, V] in q's dtype, and the final state {"W1", "S1" (momentum)} as float32 [B, H, K, V].
+    Raises:
+        KernelUnavailable: unsupported spec, no triton, float64 inputs, CPU tensors without the interpreter, or head
+            dims > 256. ValueError: shapes or missing gates.
+    """
+    ok, why = kernel_support(spec)
+    if not ok:
+        raise KernelUnavailable(f"triton_memory_scan: {why}")
+    from miras.kernels.common import BIAS_CODES, interpreting
+    from miras.kernels.linear import LinearConfig, LinearScanFunction
+
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"triton_memory_scan: q, k must be [B, T, H, K] and v [B, T, H, V] with matching B, T, H, "
+                         f"but got q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise KernelUnavailable(f"triton_memory_scan: inputs must be float32, bfloat16 or float16, but got "
+                                f"dtype={q.dtype}; use mode='chunked' for float64")
+    if not (q.is_cuda or interpreting()):
+        raise KernelUnavailable(f"triton_memory_scan needs a CUDA device (or TRITON_INTERPRET=1 on CPU), but got "
+                                f"device={q.device}; use mode='chunked'")
+    if max(K, V) > MAX_HEAD_DIM:
+        raise KernelUnavailable(f"triton_memory_scan: head dims must be <= {MAX_HEAD_DIM}, but got K={K}, V={V}")
+    if T == 0:
+        raise ValueError(f"triton_memory_scan: the sequence must not be empty, but got T={T}")
+    if q.is_cuda:
+        _warn_known_bad(q.device)
+
+    bias, ret, learner = spec.bias, spec.retention, spec.learner
+    cfg = LinearConfig(
+        chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
+        smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
+        has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
+        momentum=learner.kind == "momentum",
+    )
+    eta = _gate(gates, "lr", B, T, H)
+    keep = _gate(gates, "keep", B, T, H) if cfg.has_keep else None
+    mu = _gate(gates, "momentum", B, T, H) if cfg.momentum else None
+    delta = _gate(gates, "huber_delta", B, T, H) if bias.kind == "huber" else None
+    h0 = _state(state, "W1", B, H, K, V)
+    s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
+    o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta,
+                                         h0, s0)
+    final = {"W1": ht}
+    if cfg.momentum:
+        final["S1"] = st
+    return o, final

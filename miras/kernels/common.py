@@ -1,0 +1,155 @@
+"""Shared Triton pieces of the memory-update kernels: gate coefficients of a chunk, bias output-gradient rows.
+
+Every kernel of the family walks the chunks of one (batch, head, V-tile) in order and needs, per chunk of b tokens
+(Titans Eq. 16 / Miras Eq. 28 with the gradients taken at the chunk-start state, see shared/reference
+deep-memory-dual-form.md and papers.md §1.4.1):
+
+    beta_t = prod_{l<=t} alpha_l,   E[t, r] = prod_{l=r+1..t} alpha_l  (r <= t),   m_r = prod_{l<=r} mu_l
+    N[j, r] = eta_j prod_{l=j+1..r} mu_l  (r >= j; GD: N = diag(eta)),   G = E N^T,   f = E m
+
+so that  W_t = beta_t W_0 + f_t S_0 - sum_j G[t, j] grad_j  and  S_t = m_t S_0 - sum_j N[j, t] grad_j.
+``gate_coeffs`` builds them from log-cumsums; ``bias_rows`` is the attentional bias's output gradient
+R = dl/dy (one row per token) and ``bias_rows_bwd`` its vector-Jacobian product. Adding a bias = one branch in each.
+
+Bias codes (constexpr BIAS): 0 dot (R = -v), 1 l2 (R = y - v), 2 lp (Miras Eq. 10-11 smoothed:
+R = p tanh(a r) (r^2 + eps)^((p-1)/2)), 3 huber (Miras Eq. 16: R = r if ||r||_2 <= delta else delta tanh(a r)).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
+
+# triton decides at decoration time whether @triton.jit builds a GPU kernel or an interpreted one: freeze it here
+try:
+    from triton import knobs as _knobs
+
+    _INTERPRET = bool(_knobs.runtime.interpret)
+except (ImportError, AttributeError):  # triton < 3.4 has no knobs
+    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def interpreting() -> bool:
+    """True when these kernels were built for Triton's numpy interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRET
+
+
+def pow2_tile(n: int) -> int:
+    """Tile size for a head dim: the next power of two, at least 16 (tl.dot needs dims >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation: bf16 operands when PREC == "bf16", else tl.dot's input_precision=PREC."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _tanh(x):
+    # overflow-safe tanh from one exp
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _row_select(X, o_t, idx):
+    """Row ``idx`` of a [BT, N] block as a [N] vector (idx is a runtime scalar)."""
+    return tl.sum(tl.where(o_t[:, None] == idx, X, 0.0), axis=0)
+
+
+@triton.jit
+def _vec_select(x, o_t, idx):
+    """Entry ``idx`` of a [BT] vector as a scalar."""
+    return tl.sum(tl.where(o_t == idx, x, 0.0), axis=0)
+
+
+@triton.jit
+def gate_coeffs(p_eta, p_keep, p_mu, t0, T, stride_t, o_t,
+                BT: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Gate coefficients of the chunk starting at token t0 (pointers already offset to (b, h)).
+
+    Padded tokens (t >= T) get eta = 0, alpha = mu = 1. Returns
+    (eta, lb, beta, E, lm, m, NT, G, f) where NT[r, j] = N[j, r] (so G = E @ NT), all fp32;
+    for GD lm = 0, m = 1, NT = diag(eta) and f = 0.
+    """
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    eta = tl.load(p_eta + t_idx * stride_t, mask=t_ok, other=0.0).to(tl.float32)
+    causal = o_t[:, None] >= o_t[None, :]
+    if HAS_KEEP:
+        alpha = tl.load(p_keep + t_idx * stride_t, mask=t_ok, other=1.0).to(tl.float32)
+        lb = tl.cumsum(tl.log(alpha), axis=0)
+    else:
+        lb = tl.zeros([BT], dtype=tl.float32)
+    beta = tl.exp(lb)
+    E = tl.where(causal, tl.exp(tl.where(causal, lb[:, None] - lb[None, :], 0.0)), 0.0)
+    if MOMENTUM:
+        mu = tl.load(p_mu + t_idx * stride_t, mask=t_ok, other=1.0).to(tl.float32)
+        lm = tl.cumsum(tl.log(mu), axis=0)
+        m = tl.exp(lm)
+        NT = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0) * eta[None, :]
+        G = _dot(E, NT, PREC)
+        f = tl.sum(E * m[None, :], axis=1)
+    else:
+        lm = tl.zeros([BT], dtype=tl.float32)
+        m = tl.full([BT], 1.0, dtype=tl.float32)
+        NT = tl.where(o_t[:, None] == o_t[None, :], eta[None, :], 0.0)
+        G = E * eta[None, :]
+        f = tl.zeros([BT], dtype=tl.float32)
+    return eta, lb, beta, E, lm, m, NT, G, f
+
+
+@triton.jit
+def bias_rows(Y, Vv, delta, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
+    """R = dl/dy row-wise for the bias code BIAS. Y, Vv: [BT, BV] fp32; delta: [BT] (huber only)."""
+    if BIAS == 0:
+        R = -Vv
+    elif BIAS == 1:
+        R = Y - Vv
+    elif BIAS == 2:
+        r = Y - Vv
+        s = r * r + EPS
+        R = P * _tanh(SMOOTH * r) * tl.exp(0.5 * (P - 1.0) * tl.log(s))
+    else:
+        r = Y - Vv
+        small = tl.sqrt(tl.sum(r * r, axis=1)) <= delta
+        R = tl.where(small[:, None], r, delta[:, None] * _tanh(SMOOTH * r))
+    return R
+
+
+@triton.jit
+def bias_rows_bwd(Y, Vv, delta, dR, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
+    """Vector-Jacobian product of ``bias_rows``: returns (dY, dV, ddelta [BT]). The Huber switch is piecewise."""
+    if BIAS == 0:
+        dY = tl.zeros_like(dR)
+        dV = -dR
+        dd = tl.zeros([dR.shape[0]], dtype=tl.float32)
+    elif BIAS == 1:
+        dY = dR
+        dV = -dR
+        dd = tl.zeros([dR.shape[0]], dtype=tl.float32)
+    elif BIAS == 2:
+        r = Y - Vv
+        s = r * r + EPS
+        th = _tanh(SMOOTH * r)
+        pw = tl.exp(0.5 * (P - 1.0) * tl.log(s))
+        dY = dR * P * (SMOOTH * (1.0 - th * th) * pw + th * (P - 1.0) * r * pw / s)
+        dV = -dY
+        dd = tl.zeros([dR.shape[0]], dtype=tl.float32)
+    else:
+        r = Y - Vv
+        small = tl.sqrt(tl.sum(r * r, axis=1)) <= delta
+        th = _tanh(SMOOTH * r)
+        dY = tl.where(small[:, None], dR, delta[:, None] * SMOOTH * (1.0 - th * th) * dR)
+        dV = -dY
+        dd = tl.where(small, 0.0, tl.sum(th * dR, axis=1))
+    return dY, dV, dd

@@ -1,0 +1,392 @@
+"""Chunk-wise Triton kernels of the linear memory family (forward and backward) and their autograd Function.
+
+Linear memory ``y = k W`` (W: [K, V] per head), gradient taken at the chunk-start state (Titans Eq. 16, Miras Eq. 28):
+
+    P_t = W_0 (grad_at previous) or beta_t W_0 (grad_at decayed),   R_t = dl/dy (k_t P_t; v_t)   (bias row, common.py)
+    W_t = beta_t W_0 + f_t S_0 - sum_{j<=t} G[t, j] k_j^T R_j        S_t = m_t S_0 - sum_{j<=t} N[j, t] k_j^T R_j
+    o_t = q_t W_t = beta_t q_t W_0 + f_t q_t S_0 - sum_j G[t, j] (q_t . k_j) R_j                     (dual form)
+
+One program per (V-tile, batch*head) walks the chunks in order with W (and the momentum S) on chip in fp32; the
+forward stores every chunk-start state ([B, H, NT, K, V] fp32) for the backward, which walks the chunks in reverse
+with the state gradient on chip and recomputes everything else of the chunk. dq, dk and the gate gradients are
+partial sums over V-tiles (reduced in PyTorch); dv and the state gradients are exact per tile.
+
+Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al. 2025, "It's All Connected"
+(Miras), arXiv:2504.13173; dual form: Sun et al. 2024, arXiv:2407.04620.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from miras.kernels.common import _dot, _row_select, _vec_select, bias_rows, bias_rows_bwd, gate_coeffs, interpreting, pow2_tile
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Static choices of one linear-memory kernel call (all become constexprs)."""
+
+    chunk: int
+    bias: int  # common.BIAS_CODES
+    p: float = 2.0
+    smoothing: float = 10.0
+    eps: float = 1e-6
+    has_keep: bool = False
+    decayed: bool = False
+    momentum: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    p_qk = (i_b * T * H + i_h) * K  # token t of (b, h) at p_qk + t * H * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_s = i_bh.to(tl.int64) * K * V
+    s_off = o_k[:, None] * V + o_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+    causal = o_t[:, None] >= o_t[None, :]
+
+    W = tl.zeros([BK, BV], dtype=tl.float32)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        W = tl.load(h0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    if HAS_S0:
+        S = tl.load(s0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+
+    for c in range(NT):
+        t0 = c * BT
+        t_idx = t0 + o_t
+        t_ok = t_idx < T
+        L = tl.minimum(T - t0, BT) - 1  # last real token of the chunk
+        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        qk_ok = t_ok[:, None] & k_ok[None, :]
+        tv_ok = t_ok[:, None] & v_ok[None, :]
+        b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+        p_c = p_s * NT + c * K * V  # chunk-start state slot [B, H, NT, K, V]
+        tl.store(hs + p_c + s_off, W, mask=s_ok)
+        if MOMENTUM:
+            tl.store(ss + p_c + s_off, S, mask=s_ok)
+
+        b_y = _dot(b_k, W, PREC)  # [BT, BV] prediction at the chunk start
+        if DECAYED:
+            b_y = b_y * beta[:, None]
+        if BIAS == 3:
+            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+        else:
+            b_d = tl.zeros([BT], dtype=tl.float32)
+        R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
+        R = tl.where(t_ok[:, None], R, 0.0)
+
+        A = _dot(b_q, tl.trans(b_k), PREC)  # [BT, BT] q_t . k_j
+        AG = tl.where(causal, A * G, 0.0)
+        b_o = beta[:, None] * _dot(b_q, W, PREC) - _dot(AG, R, PREC)
+        if MOMENTUM:
+            b_o += f[:, None] * _dot(b_q, S, PREC)
+        tl.store(o + p_v + t_idx[:, None] * H * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=tv_ok)
+
+        # end-of-chunk state: last row of the coefficients
+        gL = _row_select(G, o_t, L)
+        W_new = _vec_select(beta, o_t, L) * W - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
+        if MOMENTUM:
+            nL = _row_select(NTm, o_t, L)
+            W_new += _vec_select(f, o_t, L) * S
+            S = _vec_select(m, o_t, L) * S - _dot(tl.trans(b_k * nL[:, None]), R, PREC)
+        W = W_new
+
+    tl.store(ht + p_s + s_off, W, mask=s_ok)
+    if MOMENTUM:
+        tl.store(st + p_s + s_off, S, mask=s_ok)
+
+
+# --------------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst,
+    dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0,
+    T, NT, BTH,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_part = i_v.to(tl.int64) * BTH  # partial-sum slot of this V-tile
+    p_s = i_bh.to(tl.int64) * K * V
+    s_off = o_k[:, None] * V + o_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+
+    dW = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dW = tl.load(dht + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    if HAS_DST:
+        dS = tl.load(dst + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+
+    for cc in range(NT):
+        c = NT - 1 - cc
+        t0 = c * BT
+        t_idx = t0 + o_t
+        t_ok = t_idx < T
+        L = tl.minimum(T - t0, BT) - 1
+        at_L = o_t == L
+        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        # transposed coefficients built directly (no tl.trans of dot results: Hopper codegen hazard, fla #640)
+        ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)  # ET[r, t] = E[t, r]
+        if MOMENTUM:
+            Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
+            GT = _dot(Nm, ET, PREC)  # GT[j, t] = G[t, j]
+        else:
+            GT = ET * eta_t[:, None]
+        qk_ok = t_ok[:, None] & k_ok[None, :]
+        tv_ok = t_ok[:, None] & v_ok[None, :]
+        b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+        b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+        p_c = p_s * NT + c * K * V
+        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+        if MOMENTUM:
+            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+
+        # recompute the chunk's forward pieces
+        b_yk = _dot(b_k, W, PREC)
+        b_y = b_yk
+        if DECAYED:
+            b_y = b_yk * beta[:, None]
+        if BIAS == 3:
+            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+        else:
+            b_d = tl.zeros([BT], dtype=tl.float32)
+        R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+        A = _dot(b_q, tl.trans(b_k), PREC)   # A[t, j]
+        AT = _dot(b_k, tl.trans(b_q), PREC)  # AT[j, t]
+        gL = _row_select(G, o_t, L)
+        betaL = _vec_select(beta, o_t, L)
+
+        # o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = betaL W + fL S - K^T (gL R) ;  S_end = mL S - K^T (nL R)
+        dAG = -tl.where(causal, _dot(b_do, tl.trans(R), PREC), 0.0)        # d(A.G)[t, j]
+        dAGT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)     # its transpose
+        dG = dAG * A
+        KdW = _dot(b_k, dW, PREC)  # [BT, BV] rows k_j dW_end
+        dR = -_dot(AT * GT, b_do, PREC) - gL[:, None] * KdW
+        dgL = -tl.sum(KdW * R, axis=1)
+        if MOMENTUM:
+            nL = _row_select(NTm, o_t, L)
+            KdS = _dot(b_k, dS, PREC)
+            dR -= nL[:, None] * KdS
+            dnL = -tl.sum(KdS * R, axis=1)
+        dR = tl.where(t_ok[:, None], dR, 0.0)
+        dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+        dYk = dY
+        if DECAYED:
+            dYk = dY * beta[:, None]
+
+        b_dq = beta[:, None] * _dot(b_do, tl.trans(W), PREC) \
+            + _dot(dAG * G, b_k, PREC)
+        b_dk = _dot(dAGT * GT, b_q, PREC) \
+            - _dot(gL[:, None] * R, tl.trans(dW), PREC) \
+            + _dot(dYk, tl.trans(W), PREC)
+        dbeta = tl.sum(b_do * _dot(b_q, W, PREC), axis=1)
+        if DECAYED:
+            dbeta += tl.sum(dY * b_yk, axis=1)
+        dbeta += tl.where(at_L, tl.sum(tl.sum(dW * W, axis=1), axis=0), 0.0)
+        dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
+        dW_new = betaL * dW + _dot(tl.trans(b_q), beta[:, None] * b_do, PREC) \
+            + _dot(tl.trans(b_k), dYk, PREC)
+
+        if MOMENTUM:
+            b_dq += f[:, None] * _dot(b_do, tl.trans(S), PREC)
+            b_dk -= _dot(nL[:, None] * R, tl.trans(dS), PREC)
+            df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
+            df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
+            dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
+            dS = _vec_select(f, o_t, L) * dW + _vec_select(m, o_t, L) * dS \
+                + _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
+            # G = E NT, f = E m  ->  dNT = E^T dG (+ the S_end row), dE = dG NT^T + df m^T, dm = E^T df
+            dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
+            dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
+            dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
+            Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
+            d_eta = tl.sum(dNT * Pm, axis=0)
+            X = dNT * Pm * eta_t[None, :]
+            dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
+            tl.store(dlm + p_part + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+        else:
+            d_eta = tl.sum(dG * E, axis=0)
+            dE = dG * eta_t[None, :]
+        Y2 = dE * E
+        dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
+        dW = dW_new
+
+        p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
+        tl.store(dq + p_tk, b_dq, mask=qk_ok)
+        tl.store(dk + p_tk, b_dk, mask=qk_ok)
+        tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)
+        tl.store(deta + p_part + p_g + t_idx * H, d_eta, mask=t_ok)
+        if HAS_KEEP:
+            tl.store(dla + p_part + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+        if BIAS == 3:
+            tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
+
+    tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
+    if MOMENTUM:
+        tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
+
+
+# ------------------------------------------------------------------------------------------------ launch + autograd
+
+_KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM"]
+# 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128); keep the list short, each config
+# of the backward compiles for ~10-40 s
+_CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
+_linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kernel)
+_linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_bwd_kernel)
+
+
+def _block_v(V: int, bias: int) -> int:
+    """V-tile: the whole (padded) V for Huber (its switch needs the row norm) and in the interpreter; else <= 32.
+
+    32 rather than 64 at D=128: twice the programs, less spilling (sm_90 ptxas: 3.6 KB vs 5.7 KB stack in the
+    backward) and 76 KB vs 92 KB shared memory.
+
+    ``MIRAS_KERNEL_BV`` overrides it (benchmarking); tiles must be powers of two >= 16.
+    """
+    full = pow2_tile(V)
+    if bias == 3 or interpreting():
+        return full
+    env = os.environ.get("MIRAS_KERNEL_BV")
+    return min(full, int(env)) if env else min(full, 32)
+
+
+def _launch(kernel_raw, kernel_tuned, grid, *args, **kw):
+    """Autotuned launch on GPU; the plain kernel in the interpreter or when ``MIRAS_KERNEL_CONFIG=warps,stages``
+    fixes the config (skips autotuning, e.g. for quick correctness runs)."""
+    if interpreting():
+        return kernel_raw[grid](*args, **kw)
+    fixed = os.environ.get("MIRAS_KERNEL_CONFIG")
+    if fixed:
+        warps, stages = (int(x) for x in fixed.split(","))
+        return kernel_raw[grid](*args, num_warps=warps, num_stages=stages, **kw)
+    return kernel_tuned[grid](*args, **kw)
+
+
+def _prec(x: torch.Tensor) -> str:
+    """Dot precision: exact fp32 in the interpreter; 3xTF32 (~fp32 accuracy on tensor cores) for fp32 inputs on GPU
+    (the 'ieee' FMA path compiles for minutes and spills); bf16 operands for bf16/fp16 inputs (fp32 accumulation)."""
+    if interpreting():
+        return "ieee"
+    return "tf32x3" if x.dtype == torch.float32 else "bf16"
+
+
+def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
+    NT = triton.cdiv(T, BT)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    hs = torch.empty(B, H, NT, K, V, **f32)
+    ss = torch.empty(B, H, NT, K, V, **f32) if cfg.momentum else hs
+    ht = torch.empty(B, H, K, V, **f32)
+    st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
+    grid = (triton.cdiv(V, BV), B * H)
+    _launch(_linear_fwd_kernel, _linear_fwd_tuned, grid,
+            q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+            delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
+            o, hs, ss, ht, st, T, NT,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+            HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
+            HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q))
+    return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None)
+
+
+def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq = torch.empty(NV, B, T, H, K, **f32)
+    dk = torch.empty(NV, B, T, H, K, **f32)
+    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    deta = torch.empty(NV, B, T, H, **f32)
+    dla = torch.empty(NV, B, T, H, **f32) if cfg.has_keep else deta
+    dlm = torch.empty(NV, B, T, H, **f32) if cfg.momentum else deta
+    ddelta = torch.empty(NV, B, T, H, **f32) if cfg.bias == 3 else deta
+    dh0 = torch.empty(B, H, K, V, **f32)
+    ds0 = torch.empty(B, H, K, V, **f32) if cfg.momentum else dh0
+    grid = (NV, B * H)
+    _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid,
+            q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+            delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
+            dht if dht is not None else dh0, dst if dst is not None else dh0,
+            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+            HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
+            HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q))
+    dkeep = dla.sum(0) / keep if cfg.has_keep else None
+    dmu = dlm.sum(0) / mu if cfg.momentum else None
+    dd = ddelta.sum(0) if cfg.bias == 3 else None
+    return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, deta.sum(0), dkeep, dmu, dd,
+            dh0, ds0 if cfg.momentum else None)
+
+
+class LinearScanFunction(torch.autograd.Function):
+    """(q, k, v, eta, keep, mu, delta, h0, s0) -> (o, W_T, S_T) with Triton forward and backward.
+
+    Gates are fp32 [B, T, H]; keep / mu / delta / h0 / s0 may be None; states are fp32 [B, H, K, V].
+    """
+
+    @staticmethod
+    def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0):
+        o, ht, st, hs, ss = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, eta, keep, mu, delta, hs, ss)
+        ctx.set_materialize_grads(False)
+        return o, ht, st
+
+    @staticmethod
+    def backward(ctx, do, dht, dst):
+        q, k, v, eta, keep, mu, delta, hs, ss = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+        grads = linear_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
+                                None if dht is None else dht.contiguous(), None if dst is None else dst.contiguous())
+        return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))

@@ -1,0 +1,159 @@
+"""Triton memory-scan kernels vs the float64 token-by-token oracle, on CPU through Triton's interpreter.
+
+Outputs, final state and the gradients of q, k, v, every gate and the initial state, float32 kernels against the
+float64 recurrent oracle (miras.ops mode="recurrent" when present, else tests/_kernel_oracle.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels (triton reads it at @jit time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import itertools  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from miras.errors import KernelUnavailable  # noqa: E402
+from miras.spec import MemorySpec  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _kernel_oracle import make_inputs, make_spec, oracle_scan, reference_scan, rel, run_and_grads, split  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 2e-5  # fp32 kernel (ieee dots) vs float64 oracle; measured ~1e-7..1e-6
+
+
+def check_against_oracle(spec, B, T, H, K, V, *, init_state=True, seed=0, tol=TOL, oracle=reference_scan):
+    x = make_inputs(spec, B, T, H, K, V, init_state=init_state, seed=seed, device=DEVICE)
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    cot = {"o": torch.randn(B, T, H, V, generator=g, dtype=torch.float64).to(DEVICE)}
+    for n in ("W1", "S1"):
+        cot[n] = torch.randn(B, H, K, V, generator=g, dtype=torch.float64).to(DEVICE)
+    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    o_ref, fin_ref, gr_ref = run_and_grads(oracle, spec, x64, cot)
+    errs = {"o": rel(o, o_ref)}
+    errs.update({f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref})
+    errs.update({f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref})
+    assert set(fin) == set(fin_ref), (sorted(fin), sorted(fin_ref))
+    bad = {n: e for n, e in errs.items() if not e < tol}  # also catches NaN
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return errs
+
+
+SPECS = list(itertools.product(["dot", "l2", "lp", "huber"], ["none", "decay-previous", "decay-decayed"], ["gd", "momentum"]))
+
+
+@pytest.mark.parametrize("bias,ret,learner", SPECS, ids=["-".join(s) for s in SPECS])
+def test_every_linear_combination(bias, ret, learner):
+    """Full cross product of the linear family at one awkward shape (T=37 over chunks of 16, K=16, V=24)."""
+    retention, _, grad_at = ret.partition("-")
+    spec = make_spec(bias, retention, learner, grad_at or "previous")
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=2, T=37, H=2, K=16, V=24)
+
+
+SHAPES = list(itertools.product([1, 63, 100], [16, 24], [True, False]))
+
+
+@pytest.mark.parametrize("T,D,init", SHAPES, ids=[f"T{t}-D{d}-{'h0' if i else 'zero'}" for t, d, i in SHAPES])
+@pytest.mark.parametrize("which", ["l2-decay-momentum", "huber-decayed-gd"])
+def test_shapes(which, T, D, init):
+    """T in {1, 63, 100}, head dims 16 and 24 (padded tiles), with and without an initial state."""
+    if which == "l2-decay-momentum":
+        spec = make_spec("l2", "decay", "momentum")
+    else:
+        spec = make_spec("huber", "decay", "gd", "decayed")
+    check_against_oracle(spec, B=1, T=T, H=2, K=D, V=D, init_state=init, seed=T + D)
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_chunk_sizes(chunk):
+    spec = make_spec("lp", "decay", "momentum", "decayed", chunk=chunk)
+    check_against_oracle(spec, B=1, T=chunk * 2 + 5, H=1, K=16, V=16)
+
+
+def test_huber_exercises_both_branches():
+    """The Huber test data must hit both sides of the switch ||r|| <= delta, or the tests above check only one."""
+    spec = make_spec("huber", "decay", "gd", "decayed")
+    x = make_inputs(spec, 2, 37, 2, 16, 24)
+    x64 = {n: t.detach().double() for n, t in x.items()}
+    stats: dict[str, int] = {}
+    q, k, v, gates, state = split(spec, x64)
+    oracle_scan(spec, q, k, v, gates, state, stats=stats)
+    frac = stats["small"] / stats["rows"]
+    assert 0.1 < frac < 0.9, frac
+
+
+def test_matches_project_oracle_and_memory_scan_dispatch():
+    """When miras.ops exists: memory_scan(mode="triton") dispatches here and agrees with mode="recurrent"."""
+    ops = pytest.importorskip("miras.ops")
+    spec = make_spec("l2", "decay", "momentum")
+    x = make_inputs(spec, 1, 20, 1, 16, 16)
+    q, k, v, gates, state = split(spec, x)
+    o_t, f_t = ops.memory_scan(spec, q, k, v, gates, state, mode="triton")
+    o_r, f_r = ops.memory_scan(spec, *(t.double() for t in (q, k, v)), {n: g.double() for n, g in gates.items()},
+                               {n: s.double() for n, s in state.items()}, mode="recurrent")
+    assert rel(o_t, o_r) < TOL and rel(f_t["W1"], f_r["W1"]) < TOL and rel(f_t["S1"], f_r["S1"]) < TOL
+
+
+def test_learned_initial_state_without_batch_dim():
+    """A [H, K, V] initial state broadcasts over the batch; its gradient sums over the batch."""
+    spec = make_spec("l2", "none", "gd")
+    x = make_inputs(spec, 2, 20, 2, 16, 16, init_state=False)
+    w0 = (0.3 * torch.randn(2, 16, 16)).requires_grad_(True)
+    o, fin = triton_memory_scan(spec, x["q"], x["k"], x["v"], {"lr": x["lr"]}, {"W1": w0})
+    o2, fin2 = oracle_scan(spec, *(x[n].double() for n in "qkv"), {"lr": x["lr"].double()},
+                           {"W1": w0.double().expand(2, 2, 16, 16)})
+    assert rel(o, o2) < TOL and rel(fin["W1"], fin2["W1"]) < TOL
+    (gw,) = torch.autograd.grad(o.sum(), w0)
+    w64 = w0.detach().double().requires_grad_(True)
+    o64, _ = oracle_scan(spec, *(x[n].detach().double() for n in "qkv"), {"lr": x["lr"].detach().double()},
+                         {"W1": w64.expand(2, 2, 16, 16)})
+    (gw2,) = torch.autograd.grad(o64.sum(), w64)
+    assert gw.shape == (2, 16, 16) and rel(gw, gw2) < TOL
+
+
+# ------------------------------------------------------------------------------------------------ support and errors
+
+
+@pytest.mark.parametrize("overrides,missing", [
+    ({"memory": "mlp"}, "memory.kind='mlp'"),
+    ({"retention": "lq"}, "retention.kind='lq'"),
+    ({"retention": "kl", "learner": "gd"}, "retention.kind='kl'"),
+    ({"retention": {"kind": "decay", "gate": {"granularity": "channel"}}}, "channel-wise"),
+    ({"learner": {"kind": "momentum", "chunk_size": 8}}, "chunk_size=8"),
+])
+def test_kernel_support_names_the_missing_piece(overrides, missing):
+    spec = MemorySpec(**{"memory": "linear", **overrides})
+    ok, why = kernel_support(spec)
+    assert not ok and missing in why, why
+    x = make_inputs(make_spec(), 1, 4, 1, 16, 16)
+    with pytest.raises(KernelUnavailable, match="triton_memory_scan"):
+        triton_memory_scan(spec, x["q"], x["k"], x["v"], {"lr": x["lr"]})
+
+
+def test_bad_inputs_raise_clear_errors():
+    spec = make_spec("l2", "decay", "momentum")
+    x = make_inputs(spec, 1, 8, 2, 16, 16)
+    q, k, v, gates, state = split(spec, x)
+    with pytest.raises(ValueError, match=r"gates\['momentum'\] is required"):
+        triton_memory_scan(spec, q, k, v, {"lr": gates["lr"], "keep": gates["keep"]}, state)
+    with pytest.raises(ValueError, match=r"gates\['keep'\] must have shape"):
+        triton_memory_scan(spec, q, k, v, {**gates, "keep": gates["keep"][:, :4]}, state)
+    with pytest.raises(ValueError, match=r"state\['W1'\] must have shape"):
+        triton_memory_scan(spec, q, k, v, gates, {"W1": state["W1"][..., :8]})
+    with pytest.raises(ValueError, match="q, k must be"):
+        triton_memory_scan(spec, q, k[:, :4], v, gates, state)
+    with pytest.raises(KernelUnavailable, match="float64"):
+        triton_memory_scan(spec, q.double(), k.double(), v.double(), gates, state)

@@ -1,0 +1,84 @@
+"""Triton memory-scan kernels on a CUDA device: fp32 and bf16 inputs vs float64 references (skipped without CUDA).
+
+fp32 inputs (ieee dots): relative error <= 1e-4 against the float64 token-by-token oracle.
+bf16 inputs (tf32 dots, fp32 state): relative RMS <= 2e-2 against the float64 oracle on the same (rounded) inputs.
+Large shapes: the bf16 kernel against the PyTorch chunked path in fp32 (miras.ops, mode="chunked").
+Run: ``pytest tests/test_kernels_gpu.py -m gpu`` (benchmarks/gpu_check.sh does, on the GPU box).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+triton = pytest.importorskip("triton")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _kernel_oracle import make_inputs, make_spec, oracle_scan, rel, run_and_grads  # noqa: E402
+
+from miras.kernels import triton_memory_scan  # noqa: E402
+
+CASES = [  # (bias, retention, learner, grad_at, chunk, B, T, H, D); fp32 inputs run with D <= 64 (shared memory)
+    ("l2", "decay", "momentum", "previous", 64, 2, 200, 2, 64),
+    ("huber", "decay", "gd", "decayed", 32, 1, 130, 2, 48),
+    ("lp", "none", "momentum", "previous", 16, 1, 100, 2, 40),
+    ("dot", "decay", "gd", "previous", 64, 2, 150, 1, 64),
+]
+IDS = ["-".join(str(c) for c in case) for case in CASES]
+CASES_BF16 = [(*case[:-1], d) for case, d in zip(CASES, (128, 128, 100, 128))]
+IDS_BF16 = ["-".join(str(c) for c in case) for case in CASES_BF16]
+
+
+def _compare(case, dtype, tol):
+    bias, ret, learner, grad_at, chunk, B, T, H, D = case
+    spec = make_spec(bias, ret, learner, grad_at, chunk)
+    x = make_inputs(spec, B, T, H, D, D, seed=T, device="cuda", dtype=dtype)
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    cot = {n: torch.randn(*s, device="cuda", dtype=torch.float64, generator=g)
+           for n, s in (("o", (B, T, H, D)), ("W1", (B, H, D, D)), ("S1", (B, H, D, D)))}
+    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    torch.cuda.synchronize()
+    o_ref, fin_ref, gr_ref = run_and_grads(oracle_scan, spec, x64, cot)
+    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
+            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
+    print(f"{'-'.join(map(str, case))} {dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fp32_vs_float64_oracle(case):
+    _compare(case, torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("case", CASES_BF16, ids=IDS_BF16)
+def test_bf16_vs_float64_oracle(case):
+    _compare(case, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("learner", ["gd", "momentum"])
+def test_bf16_large_vs_chunked(learner):
+    """B=2, T=1024, H=4, D=128: the bf16 kernel against the fp32 PyTorch chunked path (outputs, state, grads)."""
+    ops = pytest.importorskip("miras.ops")
+    spec = make_spec("l2", "decay", learner, "previous", 64)
+    x = make_inputs(spec, 2, 1024, 4, 128, 128, seed=7, device="cuda", dtype=torch.bfloat16)
+    x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+    cot = {"o": torch.randn(2, 1024, 4, 128, device="cuda"), "W1": torch.randn(2, 4, 128, 128, device="cuda"),
+           "S1": torch.randn(2, 4, 128, 128, device="cuda")}
+    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+
+    def chunked(*a):
+        return ops.memory_scan(*a, mode="chunked")
+
+    o_ref, fin_ref, gr_ref = run_and_grads(chunked, spec, x32, cot)  # torch's default: no tf32 in matmuls
+    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
+            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
+    print(f"large {learner}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    bad = {n: e for n, e in errs.items() if not e < 2e-2}
+    assert not bad, f"relative errors above 2e-2: {bad}"
+
