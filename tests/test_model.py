@@ -236,12 +236,6 @@ def test_tied_head_and_max_seq_len():
     assert untied.head.weight is not untied.embed.weight
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="ops: lq retention refreshes nu at the last token of every call (ops_recurrent `last = ... or t == T - 1`), "
-    "so a call that ends mid-chunk reads differently from the full sequence; refreshing only at absolute chunk ends "
-    "would make decoding exact (reported to the lead).",
-)
 def test_decode_equals_full_forward_lq():
     spec = small_spec(["lmm"], {"memory.retention": {"kind": "lq"}, "memory.learner": {"kind": "gd", "chunk_size": 4}})
     m = model_of(spec)
