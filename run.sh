@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # small models: one thread per process is fastest and never oversubscribes
 exec miras search search_spaces/quickstart.yaml "$@"
