@@ -13,6 +13,7 @@ NeuralMemory when importable. Also the relative error of the kernel against the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -33,7 +34,10 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory, chunk 64)
 
 
 def matmul_flops(B, T, H, K, V, BT, momentum: bool) -> tuple[float, float]:
-    """(fwd, bwd) FLOPs of the tl.dot calls the linear kernels issue (2 per multiply-add), padding ignored."""
+    """(fwd, bwd) FLOPs of the tl.dot calls of the fused linear kernels (2 per multiply-add), padding ignored.
+
+    The split kernels (default) recompute a few products in their parallel passes (k W, the chunk's gate matrices),
+    so this is the useful work: the TFLOP/s column compares implementations of the same algorithm."""
     NT = -(-T // BT)
     kv, tt_k, tt_v, ttt = 2 * BT * K * V, 2 * BT * BT * K, 2 * BT * BT * V, 2 * BT**3
     fwd = 3 * kv + tt_k + tt_v + (2 * kv + ttt if momentum else 0)
@@ -109,6 +113,39 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
     return row
 
 
+VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"}}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    """Temporarily set environment variables (the kernels read MIRAS_KERNEL_* at each call)."""
+    old = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+HEADER = (f"{'kernel':44s} {'fwd ms':>9s} {'f+b ms':>9s} {'ktok/s':>9s} {'peak GB':>8s} {'TFLOP/s':>8s} "
+          f"{'chunked/x':>9s} {'x/sdpa':>7s} {'err':>8s}")
+
+
+def format_row(r: dict, sdpa: float | None) -> str:
+    """One table line (see HEADER)."""
+    if "error" in r:
+        return f"{r['name']:44s} {r['error']}"
+    ratio = f"{r['ratio']:9.1f}" if "ratio" in r else " " * 9
+    vs_sdpa = f"{r['fwdbwd'] / sdpa:7.2f}" if sdpa else " " * 7
+    err = f"{r['err_vs_chunked']:8.1e}" if "err_vs_chunked" in r else " " * 8
+    return (f"{r['name']:44s} {r['fwd']:9.3f} {r['fwdbwd']:9.3f} {r['ktok_s']:9.1f} "
+            f"{r.get('peak_gb', float('nan')):8.2f} {r.get('tflops', float('nan')):8.2f} {ratio} {vs_sdpa} {err}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B=2, T=1024, H=4, D=64")
@@ -116,6 +153,8 @@ def main() -> None:
     ap.add_argument("--families", default="", help="comma-separated substrings of family names to run (default: all)")
     ap.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked baseline")
     ap.add_argument("--table", type=Path, help="also write the final table to this file")
+    ap.add_argument("--variants", default="", help="extra rows for the titans family: comma-separated of "
+                    f"{', '.join(VARIANTS)} (kernel settings through their environment variables)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -126,11 +165,27 @@ def main() -> None:
     BT = 64 if T >= 64 else 16
     tokens = B * T
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'} torch={torch.__version__} "
-          f"B={B} T={T} H={H} D={D} dtype={dtype} chunk={BT}")
+          f"B={B} T={T} H={H} D={D} dtype={dtype} chunk={BT} kernels="
+          f"{'fused' if os.environ.get('MIRAS_KERNEL_SPLIT', '1') in ('0', 'false', 'no') else 'split'} "
+          f"BV={os.environ.get('MIRAS_KERNEL_BV', 'whole V')} config={os.environ.get('MIRAS_KERNEL_CONFIG', 'autotune')}")
 
     from miras.kernels import triton_memory_scan
 
-    rows = []
+    rows: list[dict] = []
+    ref: dict[str, float] = {}
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print("ROW " + format_row(row, ref.get("sdpa")), flush=True)
+
+    if device == "cuda":  # the reference point first: it needs no compile, so a timeout later still leaves it
+        qa = torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
+        ka, va = torch.randn_like(qa).requires_grad_(True), torch.randn_like(qa).requires_grad_(True)
+        add(measure("sdpa flash attention (causal)",
+                    lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    (qa, ka, va), device, (4 * B * H * T * T * D / 2, 8 * B * H * T * T * D / 2), tokens))
+        if "fwdbwd" in rows[-1]:
+            ref["sdpa"] = rows[-1]["fwdbwd"]
     wanted = [w for w in args.families.split(",") if w]
     for fam, over in FAMILIES.items():
         if wanted and not any(w in fam for w in wanted):
@@ -145,7 +200,9 @@ def main() -> None:
 
         fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum")
         row = measure(f"triton {fam}", run_triton, (q, k, v, *gates.values()), device, fl, tokens)
-        rows.append(row)
+        for variant in [w for w in args.variants.split(",") if w and "titans" in fam]:
+            with _env(VARIANTS[variant]):
+                add(measure(f"triton {fam} [{variant}]", run_triton, (q, k, v, *gates.values()), device, fl, tokens))
         if not args.no_chunked:
             try:
                 from miras.ops import memory_scan
@@ -162,15 +219,13 @@ def main() -> None:
                 crow = {"name": f"chunked {fam}", "error": f"miras.ops unavailable ({err})"}
             if "fwdbwd" in crow and "fwdbwd" in row:
                 crow["ratio"] = crow["fwdbwd"] / row["fwdbwd"]
-            rows.append(crow)
+            add(row)
+            add(crow)
+        else:
+            add(row)
 
-    # reference points
+    # other reference points
     if device == "cuda":
-        qa = torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
-        ka, va = torch.randn_like(qa).requires_grad_(True), torch.randn_like(qa).requires_grad_(True)
-        rows.append(measure("sdpa flash attention (causal)",
-                            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                            (qa, ka, va), device, (4 * B * H * T * T * D / 2, 8 * B * H * T * T * D / 2), tokens))
         try:
             from fla.ops.delta_rule import chunk_delta_rule
 
@@ -178,32 +233,21 @@ def main() -> None:
             kf = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
             vf = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
             bf = torch.rand(B, T, H, device=device, dtype=dtype).requires_grad_(True)
-            rows.append(measure("fla chunk_delta_rule", lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0],
-                                (qf, kf, vf, bf), device, None, tokens))
+            add(measure("fla chunk_delta_rule", lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0],
+                        (qf, kf, vf, bf), device, None, tokens))
         except ImportError:
-            rows.append({"name": "fla chunk_delta_rule", "error": "not installed"})
+            add({"name": "fla chunk_delta_rule", "error": "not installed"})
         try:
             from titans_pytorch import NeuralMemory
 
             mem = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=BT).to(device)
             xt = torch.randn(B, T, H * D, device=device, requires_grad=True)
-            rows.append(measure("titans-pytorch NeuralMemory (mlp2, fp32)", lambda x: mem(x)[0], (xt,), device, None, tokens))
+            add(measure("titans-pytorch NeuralMemory (mlp2, fp32)", lambda x: mem(x)[0], (xt,), device, None, tokens))
         except ImportError:
-            rows.append({"name": "titans-pytorch NeuralMemory", "error": "not installed"})
+            add({"name": "titans-pytorch NeuralMemory", "error": "not installed"})
 
-    ref = {r["name"]: r for r in rows}
-    sdpa = ref.get("sdpa flash attention (causal)", {}).get("fwdbwd")
-    lines = [f"{'kernel':44s} {'fwd ms':>9s} {'f+b ms':>9s} {'ktok/s':>9s} {'peak GB':>8s} {'TFLOP/s':>8s} "
-             f"{'chunked/x':>9s} {'x/sdpa':>7s} {'err':>8s}"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['name']:44s} {r['error']}")
-            continue
-        ratio = f"{r['ratio']:9.1f}" if "ratio" in r else " " * 9
-        vs_sdpa = f"{r['fwdbwd'] / sdpa:7.2f}" if sdpa else " " * 7
-        err = f"{r['err_vs_chunked']:8.1e}" if "err_vs_chunked" in r else " " * 8
-        lines.append(f"{r['name']:44s} {r['fwd']:9.3f} {r['fwdbwd']:9.3f} {r['ktok_s']:9.1f} "
-                     f"{r.get('peak_gb', float('nan')):8.2f} {r.get('tflops', float('nan')):8.2f} {ratio} {vs_sdpa} {err}")
+    sdpa = ref.get("sdpa")
+    lines = [HEADER] + [format_row(r, sdpa) for r in rows]
     table = "\n".join(lines)
     print(table)
     if args.table:

@@ -1,46 +1,133 @@
 #!/usr/bin/env bash
-# GPU check of the Triton memory kernels: correctness on CUDA (tests/test_kernels_gpu.py), then the benchmark.
+# GPU check of the Triton memory kernels in one call: correctness on CUDA, then the benchmark, then one table.
 # On the GPU box (torch + triton preinstalled, python 3.12, no network, no pydantic): wheels from .whl/ first.
-#   bash benchmarks/gpu_check.sh            # GPU: ~1-2 min correctness + ~2 min benchmark, 5 min cap
-#   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh   # CPU: the same steps through Triton's interpreter, tiny shapes
-#   GPU_CHECK_QUICK=1 ...                   # benchmark at the --quick shape (B=2, T=1024, H=4, D=64)
-#   GPU_CHECK_BENCH_ARGS="--families titans,delta" GPU_CHECK_TEST_TIMEOUT=150 GPU_CHECK_BENCH_TIMEOUT=130 (defaults)
+#   bash benchmarks/gpu_check.sh                  # GPU: warm-up <= 85 s, correctness <= 25 s, benchmark <= 40 s
+#   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh  # CPU: the same steps through Triton's interpreter, tiny shapes
+# Steps (timeouts sum to 150 s): 1. compile every kernel at once, one process each (warm_kernels.py; fixed config
+# MIRAS_KERNEL_CONFIG=8,1 so each kernel compiles once); 2. correctness of the benchmark's exact kernels (titans and
+# delta, split, whole-V tile) against the fp32 chunked path, and of each variant, as parallel pytest processes;
+# 3. the benchmark, with an extra titans row per variant that passed; 4. one summary table.
+# Knobs: GPU_CHECK_WARM_TIMEOUT (85; 0 skips), GPU_CHECK_TEST_TIMEOUT (25), GPU_CHECK_BENCH_TIMEOUT (40),
+#   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
+#   GPU_CHECK_BENCH_ARGS ("--families titans,delta"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
+#   GPU_CHECK_VARIANTS ("bv64,fused": checked in parallel, then benchmarked as extra titans rows if correct),
+#   MIRAS_KERNEL_CONFIG (warps,stages; default 8,1: one compile per kernel, shared by the tests and the benchmark
+#   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
+# The correctness step runs the benchmark's exact kernels (H=8, D=128, chunk 64, bf16) against the fp32 chunked path;
+# if it FAILS (not a timeout), the benchmark runs the fused kernels instead (measured correct on H200 before).
 if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
+export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,1}"
 OUTDIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUTDIR"
-python3 - <<'EOF'
+python3 - <<'PY'
 import torch, triton
 print(f"torch {torch.__version__}, triton {triton.__version__}, cuda={torch.cuda.is_available()}",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-EOF
+PY
 
+# correctness: the test selections ("|"-separated) and one test per variant run as parallel pytest processes, so
+# their kernels compile at once; a variant (another V-tile, the fused kernels) gets a benchmark row only if it passed
 if [ -n "${GPU_CHECK_CPU:-}" ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
-  TESTS="tests/test_kernels.py -k every_linear_combination"
+  TESTS="${GPU_CHECK_TESTS:-tests/test_kernels.py -k several_v_tiles}"
+  VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels.py::test_learned_initial_state_without_batch_dim}"
   BENCH_ARGS="--tiny"
 else
-  # fixed config for the correctness pass: one compile per kernel instead of four (the benchmark autotunes)
-  TESTS="tests/test_kernels_gpu.py"
-  BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:-}"
+  TESTS="${GPU_CHECK_TESTS:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]|tests/test_kernels_gpu.py::test_bf16_bench_shape[gd]}"
+  VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
+  BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta}"
+fi
+VARIANTS="${GPU_CHECK_VARIANTS-bv64,fused}"
+
+variant_env() {  # the kernel settings of a benchmark variant (same table as bench_kernels.VARIANTS)
+  case "$1" in
+    bv64) echo "MIRAS_KERNEL_BV=64" ;;
+    bv32) echo "MIRAS_KERNEL_BV=32" ;;
+    fused) echo "MIRAS_KERNEL_SPLIT=0" ;;
+    *) echo "UNKNOWN_VARIANT=$1" ;;
+  esac
+}
+
+# warm-up: every kernel the tests and the benchmark launch, compiled at once (one process per kernel, Triton's disk
+# cache keeps them), so the compile phase lasts about as long as the slowest single kernel
+if [ "${GPU_CHECK_WARM_TIMEOUT:-85}" != 0 ]; then
+  echo "== warm-up: compiling the kernels in parallel (<= ${GPU_CHECK_WARM_TIMEOUT:-85} s)"
+  WPIDS=()
+  for job in "titans" "delta" $(for var in ${VARIANTS//,/ }; do echo "titans:$var"; done); do
+    fam="${job%%:*}"; var="${job#*:}"; [ "$var" = "$job" ] && var=""
+    if [ "$var" = fused ]; then kernels="fwd:0 bwd:0"; else kernels="fwd:1 fwd:2 bwd:3 bwd:1 bwd:2"; fi
+    for kern in $kernels; do
+      # shellcheck disable=SC2046
+      env $( [ -n "$var" ] && variant_env "$var") timeout "${GPU_CHECK_WARM_TIMEOUT:-85}" \
+        python3 benchmarks/warm_kernels.py "$fam" "${kern%%:*}" "${kern#*:}" ${GPU_CHECK_CPU:+--tiny} >> "$OUTDIR/warm.log" 2>&1 &
+      WPIDS+=($!)
+    done
+  done
+  for pid in "${WPIDS[@]}"; do wait "$pid"; done
+  echo "   $(grep -c '^warm ' "$OUTDIR/warm.log") of ${#WPIDS[@]} kernels compiled: $(grep '^warm ' "$OUTDIR/warm.log" | sed 's/^warm //' | tr '\n' ';')"
+  grep -E "Error|error" "$OUTDIR/warm.log" | sort | uniq -c | head -5
 fi
 
-echo "== correctness: pytest $TESTS"
-MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,1}" timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" python3 -m pytest $TESTS -q -s -p no:cacheprovider \
-  2>&1 | tee "$OUTDIR/tests.log"
-TEST_RC=${PIPESTATUS[0]}
-SUMMARY=$(grep -E "passed|failed|error" "$OUTDIR/tests.log" | tail -1)
+echo "== correctness: pytest $TESTS  (MIRAS_KERNEL_SPLIT=${MIRAS_KERNEL_SPLIT:-1} MIRAS_KERNEL_CONFIG=$MIRAS_KERNEL_CONFIG)"
+echo "   variants [$VARIANTS]: pytest $VARIANT_TEST"
+IFS='|' read -r -a PARTS <<< "$TESTS"
+IFS=',' read -r -a VARS <<< "$VARIANTS"
+PIDS=()
+for i in "${!PARTS[@]}"; do
+  # shellcheck disable=SC2086  # word splitting of the pytest arguments is intended
+  timeout "${GPU_CHECK_TEST_TIMEOUT:-25}" python3 -m pytest ${PARTS[$i]} -q -s -p no:cacheprovider > "$OUTDIR/tests.$i.log" 2>&1 &
+  PIDS+=($!)
+done
+VPIDS=()
+for var in "${VARS[@]}"; do
+  # shellcheck disable=SC2046,SC2086
+  env $(variant_env "$var") timeout "${GPU_CHECK_TEST_TIMEOUT:-25}" python3 -m pytest $VARIANT_TEST -q -s \
+    -p no:cacheprovider > "$OUTDIR/variant.$var.log" 2>&1 &
+  VPIDS+=($!)
+done
+TEST_RC=0
+for i in "${!PIDS[@]}"; do
+  wait "${PIDS[$i]}"
+  rc=$?
+  if [ "$rc" != 0 ] && { [ "$TEST_RC" = 0 ] || [ "$TEST_RC" = 124 ]; }; then TEST_RC=$rc; fi
+done
+GOOD_VARS=()
+VAR_LINES=()
+for j in "${!VPIDS[@]}"; do
+  wait "${VPIDS[$j]}"
+  rc=$?
+  var="${VARS[$j]}"
+  [ "$rc" = 0 ] && GOOD_VARS+=("$var")
+  VAR_LINES+=("variant $var ($(variant_env "$var")): rc=$rc $(grep -hE "(passed|failed|error).* in |Error" "$OUTDIR/variant.$var.log" | tail -2 | tr '\n' ' ')")
+done
+cat "$OUTDIR"/tests.*.log > "$OUTDIR/tests.log"
+cat "$OUTDIR/tests.log"
+SUMMARY=$(grep -hE "(passed|failed|error).* in " "$OUTDIR"/tests.*.log | tr '\n' ';')
+if [ "${#GOOD_VARS[@]}" -gt 0 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
+  BENCH_ARGS="$BENCH_ARGS --variants $(IFS=,; echo "${GOOD_VARS[*]}")"
+fi
+NOTE=""
+if [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != 124 ] && [ "${MIRAS_KERNEL_SPLIT:-1}" != 0 ]; then
+  export MIRAS_KERNEL_SPLIT=0
+  NOTE="split kernels FAILED the correctness step: the benchmark below ran the fused kernels (MIRAS_KERNEL_SPLIT=0)"
+  echo "== $NOTE"
+fi
 
 echo "== benchmark: bench_kernels.py $BENCH_ARGS"
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-130}" python3 benchmarks/bench_kernels.py $BENCH_ARGS --table "$OUTDIR/bench_table.txt" 2>&1 | tee "$OUTDIR/bench.log"
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-40}" python3 benchmarks/bench_kernels.py $BENCH_ARGS --table "$OUTDIR/bench_table.txt" 2>&1 | tee "$OUTDIR/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
 echo
 echo "================================ gpu_check summary ================================"
-echo "correctness (rc=$TEST_RC): ${SUMMARY:-no pytest summary (timeout?)}"
-grep -E "^(l2|huber|lp|dot|large)" "$OUTDIR/tests.log" | sed 's/^/  /' || true
-echo "benchmark (rc=$BENCH_RC):"
-cat "$OUTDIR/bench_table.txt" 2>/dev/null || echo "  no table (see $OUTDIR/bench.log)"
+echo "correctness (rc=$TEST_RC$([ "$TEST_RC" = 124 ] && echo ', TIMEOUT')): ${SUMMARY:-no pytest summary (timeout?)}"
+grep -hE "^(l2|huber|lp|dot|large)" "$OUTDIR/tests.log" "$OUTDIR"/variant.*.log | sed 's/^/  /' || true
+for line in "${VAR_LINES[@]}"; do echo "  $line"; done
+grep -E "^(FAILED|E  )" "$OUTDIR/tests.log" | head -8 | sed 's/^/  /' || true
+[ -n "$NOTE" ] && echo "NOTE: $NOTE"
+echo "benchmark (rc=$BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ', TIMEOUT')):"
+grep -E "^device=" "$OUTDIR/bench.log" | sed 's/^/  /'
+cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "  no table; partial rows:"; grep -E "^ROW " "$OUTDIR/bench.log" | sed 's/^/  /'; }
 [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

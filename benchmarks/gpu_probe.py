@@ -1,6 +1,6 @@
 """Probe one kernel configuration on CUDA in a fresh process (an illegal address kills the CUDA context).
 
-    MIRAS_KERNEL_CONFIG=8,1 MIRAS_KERNEL_BV=32 python benchmarks/gpu_probe.py [D] [bias] [learner]
+    MIRAS_KERNEL_CONFIG=8,1 MIRAS_KERNEL_BV=64 MIRAS_KERNEL_SPLIT=1 python benchmarks/gpu_probe.py [D] [bias] [learner]
 
 Runs the linear-memory Triton kernel forward, then backward, synchronising after each, and compares outputs and
 gradients with the PyTorch chunked path (fp32). Prints one line: PROBE <config> fwd=<ok|error> bwd=<...> errors.
@@ -25,7 +25,8 @@ def main() -> None:
     D = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     bias = sys.argv[2] if len(sys.argv) > 2 else "l2"
     learner = sys.argv[3] if len(sys.argv) > 3 else "momentum"
-    tag = f"D={D} {bias} {learner} cfg={os.environ.get('MIRAS_KERNEL_CONFIG', 'auto')} BV={os.environ.get('MIRAS_KERNEL_BV', '32')}"
+    tag = (f"D={D} {bias} {learner} cfg={os.environ.get('MIRAS_KERNEL_CONFIG', 'auto')} "
+           f"BV={os.environ.get('MIRAS_KERNEL_BV', 'whole V')} split={os.environ.get('MIRAS_KERNEL_SPLIT', '1')}")
     spec = MemorySpec(memory={"kind": "linear"}, bias={"kind": bias}, retention={"kind": "decay"},
                       learner={"kind": learner, "chunk_size": 64})
     g = torch.Generator().manual_seed(0)

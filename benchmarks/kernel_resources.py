@@ -35,10 +35,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--bias", type=int, default=1, help="0 dot, 1 l2, 2 lp, 3 huber")
     ap.add_argument("--momentum", action="store_true")
+    ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     a = ap.parse_args()
     io = "bf16" if a.prec == "bf16" else "fp32"
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv, BIAS=a.bias, P=2.0,
-                  SMOOTH=10.0, EPS=1e-6, HAS_KEEP=True, DECAYED=False, MOMENTUM=a.momentum, PREC=a.prec)
+                  SMOOTH=10.0, EPS=1e-6, HAS_KEEP=True, DECAYED=False, MOMENTUM=a.momentum, PREC=a.prec,
+                  MODE=a.mode)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
@@ -56,7 +58,7 @@ def main() -> None:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     usage = " ".join(line.strip() for line in out.splitlines() if "REG" in line)
-    print(f"{a.which} prec={a.prec} warps={a.warps} stages={a.stages} BV={a.bv} D={a.d} bias={a.bias} "
+    print(f"{a.which} mode={a.mode} prec={a.prec} warps={a.warps} stages={a.stages} BV={a.bv} D={a.d} bias={a.bias} "
           f"momentum={a.momentum}: compile {dt:.1f}s, shared {kern.metadata.shared / 1024:.0f} KB | {usage}")
 
 

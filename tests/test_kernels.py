@@ -63,7 +63,8 @@ def test_every_linear_combination(bias, ret, learner):
     check_against_oracle(spec, B=2, T=37, H=2, K=16, V=24)
 
 
-SHAPES = list(itertools.product([1, 63, 100], [16, 24], [True, False]))
+# every T in {1, 63, 100} with both head dims and both initial-state choices, each pair of values at least once
+SHAPES = [(1, 16, True), (1, 24, False), (63, 16, False), (63, 24, True), (100, 16, True), (100, 24, False)]
 
 
 @pytest.mark.parametrize("T,D,init", SHAPES, ids=[f"T{t}-D{d}-{'h0' if i else 'zero'}" for t, d, i in SHAPES])
@@ -81,6 +82,33 @@ def test_shapes(which, T, D, init):
 def test_chunk_sizes(chunk):
     spec = make_spec("lp", "decay", "momentum", "decayed", chunk=chunk)
     check_against_oracle(spec, B=1, T=chunk * 2 + 5, H=1, K=16, V=16)
+
+
+MULTI_TILE = [("l2", "decay", "momentum", "previous"), ("lp", "decay", "gd", "decayed"),
+              ("dot", "none", "momentum", "previous")]
+
+
+MULTI_TILE = [(*c, True) for c in MULTI_TILE] + [(*c, False) for c in MULTI_TILE[:2]]
+
+
+@pytest.mark.parametrize("bias,ret,learner,grad_at,split", MULTI_TILE,
+                         ids=["-".join(c[:4]) + ("-split" if c[4] else "-fused") for c in MULTI_TILE])
+def test_several_v_tiles(monkeypatch, bias, ret, learner, grad_at, split):
+    """V=48 in three V-tiles of 16 (K=24 != V): per-tile partial sums of dq, dk and the gate gradients, per-tile state
+    slots and output columns; for the split kernels (state pass + chunk-parallel pass) and the fused walk."""
+    monkeypatch.setenv("MIRAS_KERNEL_BV", "16")
+    monkeypatch.setenv("MIRAS_KERNEL_SPLIT", "1" if split else "0")
+    spec = make_spec(bias, ret, learner, grad_at)
+    check_against_oracle(spec, B=2, T=37, H=1, K=24, V=48, seed=5)
+
+
+def test_huber_keeps_the_whole_v_tile(monkeypatch):
+    """Huber's switch needs ||r|| over all of V: a smaller MIRAS_KERNEL_BV is ignored for it (and results stay exact)."""
+    from miras.kernels.linear import _block_v
+
+    monkeypatch.setenv("MIRAS_KERNEL_BV", "16")
+    assert _block_v(48, 3) == 64 and _block_v(48, 1) == 16
+    check_against_oracle(make_spec("huber", "decay", "momentum"), B=1, T=20, H=1, K=16, V=48, seed=3)
 
 
 def test_huber_exercises_both_branches():

@@ -6,6 +6,10 @@ kernel is answered by ``kernel_support``; everything else falls back to the PyTo
 
 Triton is imported lazily (only when a kernel runs), so ``import miras.kernels`` works without it. On a CPU machine the
 kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported.
+
+Knobs (environment, read at each call): ``MIRAS_KERNEL_SPLIT=0`` runs the fused chunk walk instead of the split
+kernels (state pass + chunk-parallel passes, miras/kernels/linear.py); ``MIRAS_KERNEL_BV=64`` a smaller V-tile (the
+default is the whole V; Huber always uses it); ``MIRAS_KERNEL_CONFIG=warps,stages`` skips autotuning on GPU.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ok, why = kernel_support(spec)
     if not ok:
         raise KernelUnavailable(f"triton_memory_scan: {why}")
-    from miras.kernels.common import BIAS_CODES, interpreting
+    from miras.kernels.common import interpreting
     from miras.kernels.linear import LinearConfig, LinearScanFunction
 
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -152,13 +156,8 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.is_cuda:
         _warn_known_bad(q.device)
 
-    bias, ret, learner = spec.bias, spec.retention, spec.learner
-    cfg = LinearConfig(
-        chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
-        smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
-        has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
-        momentum=learner.kind == "momentum",
-    )
+    bias = spec.bias
+    cfg = LinearConfig.from_spec(spec)
     eta = _gate(gates, "lr", B, T, H)
     keep = _gate(gates, "keep", B, T, H) if cfg.has_keep else None
     mu = _gate(gates, "momentum", B, T, H) if cfg.momentum else None

@@ -6,10 +6,15 @@ Linear memory ``y = k W`` (W: [K, V] per head), gradient taken at the chunk-star
     W_t = beta_t W_0 + f_t S_0 - sum_{j<=t} G[t, j] k_j^T R_j        S_t = m_t S_0 - sum_{j<=t} N[j, t] k_j^T R_j
     o_t = q_t W_t = beta_t q_t W_0 + f_t q_t S_0 - sum_j G[t, j] (q_t . k_j) R_j                     (dual form)
 
-One program per (V-tile, batch*head) walks the chunks in order with W (and the momentum S) on chip in fp32; the
-forward stores every chunk-start state ([B, H, NT, K, V] fp32) for the backward, which walks the chunks in reverse
-with the state gradient on chip and recomputes everything else of the chunk. dq, dk and the gate gradients are
-partial sums over V-tiles (reduced in PyTorch); dv and the state gradients are exact per tile.
+Split kernels (the default, fla-style; ``MIRAS_KERNEL_SPLIT=0`` selects the fused walk):
+  forward   1. state pass: one program per (V-tile, batch*head) walks the chunks in order with W (and the momentum S)
+               on chip in fp32 and stores every chunk-start state ([B, H, NT, K, V] fp32; the backward reuses them);
+            2. output pass: one program per (V-tile, batch*head, chunk) computes the chunk's outputs from its state.
+  backward  1. state pass: the chunks in reverse with dW (dS) on chip; stores every end-of-chunk state gradient;
+            2. gradient pass: one program per (V-tile, batch*head, chunk) computes dq, dk, dv and the gate gradients.
+Both passes of a direction run the same chunk body (``_fwd_chunk`` / ``_bwd_chunk``) with constexpr switches, and the
+fused mode (MODE 0) runs it once per chunk inside the walk. dq, dk and the gate gradients are partial sums over
+V-tiles (reduced in PyTorch); dv and the state gradients are exact per tile.
 
 Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al. 2025, "It's All Connected"
 (Miras), arXiv:2504.13173; dual form: Sun et al. 2024, arXiv:2407.04620.
@@ -24,7 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from miras.kernels.common import _dot, _row_select, _vec_select, bias_rows, bias_rows_bwd, gate_coeffs, interpreting, pow2_tile
+from miras.kernels.common import (
+    BIAS_CODES,
+    _dot,
+    _row_select,
+    _vec_select,
+    bias_rows,
+    bias_rows_bwd,
+    gate_coeffs,
+    interpreting,
+    pow2_tile,
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +55,71 @@ class LinearConfig:
     decayed: bool = False
     momentum: bool = False
 
+    @classmethod
+    def from_spec(cls, spec) -> LinearConfig:
+        """The kernel choices of a MemorySpec (linear memory; see miras.kernels.kernel_support)."""
+        bias, ret, learner = spec.bias, spec.retention, spec.learner
+        return cls(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
+                   smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
+                   has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
+                   momentum=learner.kind == "momentum")
+
 
 # ---------------------------------------------------------------------------------------------------------- forward
+# MODE (constexpr) of both directions: 0 fused (one program per (V-tile, b*h) walks the chunks and does everything),
+# 1 state pass (the same walk, only the chunk-boundary states), 2 chunk-parallel (one program per (V-tile, b*h, chunk)
+# reads its boundary states from the state pass and does the rest). Split = MODE 1 then MODE 2 (fla-style).
+
+
+@triton.jit
+def _fwd_chunk(
+    q, k, v, eta, keep, mu, delta, o, W, S, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr,
+):
+    """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE)."""
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - t0, BT) - 1  # last real token of the chunk
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+
+    b_y = _dot(b_k, W, PREC)  # [BT, BV] prediction at the chunk start
+    if DECAYED:
+        b_y = b_y * beta[:, None]
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
+    R = tl.where(t_ok[:, None], R, 0.0)
+
+    if WANT_O:
+        causal = o_t[:, None] >= o_t[None, :]
+        b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        A = _dot(b_q, tl.trans(b_k), PREC)  # [BT, BT] q_t . k_j
+        AG = tl.where(causal, A * G, 0.0)
+        b_o = beta[:, None] * _dot(b_q, W, PREC) - _dot(AG, R, PREC)
+        if MOMENTUM:
+            b_o += f[:, None] * _dot(b_q, S, PREC)
+        tl.store(o + p_v + t_idx[:, None] * H * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=tv_ok)
+
+    if WANT_STATE:  # end-of-chunk state: last row of the coefficients
+        gL = _row_select(G, o_t, L)
+        W_new = _vec_select(beta, o_t, L) * W - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
+        if MOMENTUM:
+            nL = _row_select(NTm, o_t, L)
+            W_new += _vec_select(f, o_t, L) * S
+            S = _vec_select(m, o_t, L) * S - _dot(tl.trans(b_k * nL[:, None]), R, PREC)
+        W = W_new
+    return W, S
 
 
 @triton.jit
@@ -51,7 +129,7 @@ def _linear_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -65,159 +143,145 @@ def _linear_fwd_kernel(
     p_s = i_bh.to(tl.int64) * K * V
     s_off = o_k[:, None] * V + o_v[None, :]
     s_ok = k_ok[:, None] & v_ok[None, :]
-    causal = o_t[:, None] >= o_t[None, :]
 
-    W = tl.zeros([BK, BV], dtype=tl.float32)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        W = tl.load(h0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
-    if HAS_S0:
-        S = tl.load(s0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
-
-    for c in range(NT):
-        t0 = c * BT
-        t_idx = t0 + o_t
-        t_ok = t_idx < T
-        L = tl.minimum(T - t0, BT) - 1  # last real token of the chunk
-        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-        qk_ok = t_ok[:, None] & k_ok[None, :]
-        tv_ok = t_ok[:, None] & v_ok[None, :]
-        b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-        p_c = p_s * NT + c * K * V  # chunk-start state slot [B, H, NT, K, V]
-        tl.store(hs + p_c + s_off, W, mask=s_ok)
+    if MODE == 2:  # one chunk, start state from the state pass
+        c = tl.program_id(2)
+        p_c = p_s * NT + c.to(tl.int64) * K * V  # chunk-start state slot [B, H, NT, K, V]
+        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
         if MOMENTUM:
-            tl.store(ss + p_c + s_off, S, mask=s_ok)
-
-        b_y = _dot(b_k, W, PREC)  # [BT, BV] prediction at the chunk start
-        if DECAYED:
-            b_y = b_y * beta[:, None]
-        if BIAS == 3:
-            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-        else:
-            b_d = tl.zeros([BT], dtype=tl.float32)
-        R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
-        R = tl.where(t_ok[:, None], R, 0.0)
-
-        A = _dot(b_q, tl.trans(b_k), PREC)  # [BT, BT] q_t . k_j
-        AG = tl.where(causal, A * G, 0.0)
-        b_o = beta[:, None] * _dot(b_q, W, PREC) - _dot(AG, R, PREC)
+            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+        _fwd_chunk(q, k, v, eta, keep, mu, delta, o, W, S, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False)
+    else:
+        W = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_H0:
+            W = tl.load(h0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+        if HAS_S0:
+            S = tl.load(s0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+        for c in range(NT):
+            p_c = p_s * NT + c * K * V
+            tl.store(hs + p_c + s_off, W, mask=s_ok)
+            if MOMENTUM:
+                tl.store(ss + p_c + s_off, S, mask=s_ok)
+            W, S = _fwd_chunk(q, k, v, eta, keep, mu, delta, o, W, S, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+                              H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, MODE == 0, True)
+        tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
-            b_o += f[:, None] * _dot(b_q, S, PREC)
-        tl.store(o + p_v + t_idx[:, None] * H * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=tv_ok)
-
-        # end-of-chunk state: last row of the coefficients
-        gL = _row_select(G, o_t, L)
-        W_new = _vec_select(beta, o_t, L) * W - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
-        if MOMENTUM:
-            nL = _row_select(NTm, o_t, L)
-            W_new += _vec_select(f, o_t, L) * S
-            S = _vec_select(m, o_t, L) * S - _dot(tl.trans(b_k * nL[:, None]), R, PREC)
-        W = W_new
-
-    tl.store(ht + p_s + s_off, W, mask=s_ok)
-    if MOMENTUM:
-        tl.store(st + p_s + s_off, S, mask=s_ok)
+            tl.store(st + p_s + s_off, S, mask=s_ok)
 
 
 # --------------------------------------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _linear_bwd_kernel(
-    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst,
-    dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0,
-    T, NT, BTH,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-    HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr,
+def _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Transposed gate coefficients (ET[r, t] = E[t, r], Nm[j, r] = N[j, r], GT[j, t] = G[t, j]), built directly:
+    no tl.trans of dot results (Hopper codegen hazard, fla #640)."""
+    causal_t = o_t[:, None] <= o_t[None, :]
+    ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
+    if MOMENTUM:
+        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
+        GT = _dot(Nm, ET, PREC)
+    else:
+        Nm = ET
+        GT = ET * eta_t[:, None]
+    return ET, Nm, GT
+
+
+@triton.jit
+def _bwd_pre_chunk(
+    q, k, eta, keep, mu, do, xd, up, ufp, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok, o_t, o_k, o_v, k_ok, v_ok,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    k_ok, v_ok = o_k < K, o_v < V
-    p_qk = (i_b * T * H + i_h) * K
-    p_v = (i_b * T * H + i_h) * V
-    p_g = i_b * T * H + i_h
-    p_part = i_v.to(tl.int64) * BTH  # partial-sum slot of this V-tile
-    p_s = i_bh.to(tl.int64) * K * V
-    s_off = o_k[:, None] * V + o_v[None, :]
-    s_ok = k_ok[:, None] & v_ok[None, :]
+    """The terms of the backward state pass that do not depend on the state gradient, for one chunk (parallel):
+    Xd = -(A^T . G^T) dO (the output rows' part of dR), U = Q^T (beta dO), U_f = Q^T (f dO) (momentum)."""
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    AT = _dot(b_k, tl.trans(b_q), PREC)
+    tl.store(xd + p_v + t_idx[:, None] * H * V + o_v[None, :], -_dot(AT * GT, b_do, PREC), mask=tv_ok)
+    tl.store(up + p_c + s_off, _dot(tl.trans(b_q), beta[:, None] * b_do, PREC), mask=s_ok)
+    if MOMENTUM:
+        tl.store(ufp + p_c + s_off, _dot(tl.trans(b_q), f[:, None] * b_do, PREC), mask=s_ok)
+
+
+@triton.jit
+def _bwd_chunk(
+    q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+    W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    WANT_GRADS: tl.constexpr, WANT_STATE: tl.constexpr, USE_PRE: tl.constexpr,
+):
+    """One chunk of the backward. (W, S): its start state; (dW, dS): the gradient of its end state.
+
+    Stores dq, dk, dv and the gate partial sums (WANT_GRADS); returns the gradient of the start state (WANT_STATE).
+    USE_PRE: take Xd (from ``xd``), U and Uf from the pre-pass (``_bwd_pre_chunk``) instead of computing them.
+    """
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - t0, BT) - 1
+    at_L = o_t == L
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
 
-    dW = tl.zeros([BK, BV], dtype=tl.float32)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dW = tl.load(dht + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
-    if HAS_DST:
-        dS = tl.load(dst + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+    # recompute the chunk's forward pieces
+    b_yk = _dot(b_k, W, PREC)
+    b_y = b_yk
+    if DECAYED:
+        b_y = b_yk * beta[:, None]
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    AT = _dot(b_k, tl.trans(b_q), PREC)  # AT[j, t] = q_t . k_j
+    gL = _row_select(G, o_t, L)
 
-    for cc in range(NT):
-        c = NT - 1 - cc
-        t0 = c * BT
-        t_idx = t0 + o_t
-        t_ok = t_idx < T
-        L = tl.minimum(T - t0, BT) - 1
-        at_L = o_t == L
-        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-        # transposed coefficients built directly (no tl.trans of dot results: Hopper codegen hazard, fla #640)
-        ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)  # ET[r, t] = E[t, r]
-        if MOMENTUM:
-            Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
-            GT = _dot(Nm, ET, PREC)  # GT[j, t] = G[t, j]
-        else:
-            GT = ET * eta_t[:, None]
-        qk_ok = t_ok[:, None] & k_ok[None, :]
-        tv_ok = t_ok[:, None] & v_ok[None, :]
-        b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-        b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-        p_c = p_s * NT + c * K * V
-        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
-        if MOMENTUM:
-            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+    # o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = betaL W + fL S - K^T (gL R) ;  S_end = mL S - K^T (nL R)
+    KdW = _dot(b_k, dW, PREC)  # [BT, BV] rows k_j dW_end
+    if USE_PRE:
+        dR = tl.load(xd + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0) - gL[:, None] * KdW
+    else:
+        dR = -_dot(AT * GT, b_do, PREC) - gL[:, None] * KdW
+    if MOMENTUM:
+        nL = _row_select(NTm, o_t, L)
+        KdS = _dot(b_k, dS, PREC)
+        dR -= nL[:, None] * KdS
+    dR = tl.where(t_ok[:, None], dR, 0.0)
+    dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+    dYk = dY
+    if DECAYED:
+        dYk = dY * beta[:, None]
 
-        # recompute the chunk's forward pieces
-        b_yk = _dot(b_k, W, PREC)
-        b_y = b_yk
-        if DECAYED:
-            b_y = b_yk * beta[:, None]
-        if BIAS == 3:
-            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-        else:
-            b_d = tl.zeros([BT], dtype=tl.float32)
-        R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    if WANT_GRADS:
         A = _dot(b_q, tl.trans(b_k), PREC)   # A[t, j]
-        AT = _dot(b_k, tl.trans(b_q), PREC)  # AT[j, t]
-        gL = _row_select(G, o_t, L)
-        betaL = _vec_select(beta, o_t, L)
-
-        # o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = betaL W + fL S - K^T (gL R) ;  S_end = mL S - K^T (nL R)
         dAG = -tl.where(causal, _dot(b_do, tl.trans(R), PREC), 0.0)        # d(A.G)[t, j]
         dAGT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)     # its transpose
         dG = dAG * A
-        KdW = _dot(b_k, dW, PREC)  # [BT, BV] rows k_j dW_end
-        dR = -_dot(AT * GT, b_do, PREC) - gL[:, None] * KdW
         dgL = -tl.sum(KdW * R, axis=1)
-        if MOMENTUM:
-            nL = _row_select(NTm, o_t, L)
-            KdS = _dot(b_k, dS, PREC)
-            dR -= nL[:, None] * KdS
-            dnL = -tl.sum(KdS * R, axis=1)
-        dR = tl.where(t_ok[:, None], dR, 0.0)
-        dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
-        dYk = dY
-        if DECAYED:
-            dYk = dY * beta[:, None]
-
         b_dq = beta[:, None] * _dot(b_do, tl.trans(W), PREC) \
             + _dot(dAG * G, b_k, PREC)
         b_dk = _dot(dAGT * GT, b_q, PREC) \
@@ -228,17 +292,13 @@ def _linear_bwd_kernel(
             dbeta += tl.sum(dY * b_yk, axis=1)
         dbeta += tl.where(at_L, tl.sum(tl.sum(dW * W, axis=1), axis=0), 0.0)
         dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
-        dW_new = betaL * dW + _dot(tl.trans(b_q), beta[:, None] * b_do, PREC) \
-            + _dot(tl.trans(b_k), dYk, PREC)
-
         if MOMENTUM:
+            dnL = -tl.sum(KdS * R, axis=1)
             b_dq += f[:, None] * _dot(b_do, tl.trans(S), PREC)
             b_dk -= _dot(nL[:, None] * R, tl.trans(dS), PREC)
             df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
             df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
             dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
-            dS = _vec_select(f, o_t, L) * dW + _vec_select(m, o_t, L) * dS \
-                + _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
             # G = E NT, f = E m  ->  dNT = E^T dG (+ the S_end row), dE = dG NT^T + df m^T, dm = E^T df
             dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
             dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
@@ -253,7 +313,6 @@ def _linear_bwd_kernel(
             dE = dG * eta_t[None, :]
         Y2 = dE * E
         dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
-        dW = dW_new
 
         p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
         tl.store(dq + p_tk, b_dq, mask=qk_ok)
@@ -265,34 +324,121 @@ def _linear_bwd_kernel(
         if BIAS == 3:
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
 
-    tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
-    if MOMENTUM:
-        tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
+    if WANT_STATE:  # gradient of the chunk-start state
+        if not USE_PRE:
+            U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
+            if MOMENTUM:
+                Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
+        dW_new = _vec_select(beta, o_t, L) * dW + U + _dot(tl.trans(b_k), dYk, PREC)
+        if MOMENTUM:
+            dS = _vec_select(f, o_t, L) * dW + _vec_select(m, o_t, L) * dS + Uf
+        dW = dW_new
+    return dW, dS
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd,
+    dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0,
+    T, NT, BTH,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_part = i_v.to(tl.int64) * BTH  # partial-sum slot of this V-tile ([NV, B, T, H] gates, x K for dq / dk)
+    p_s = i_bh.to(tl.int64) * K * V
+    s_off = o_k[:, None] * V + o_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+
+    if MODE == 3:  # one chunk: the pre-pass (U, Uf into the dhs / dss slots that the state pass then overwrites)
+        c = tl.program_id(2)
+        p_c = p_s * NT + c.to(tl.int64) * K * V
+        _bwd_pre_chunk(q, k, eta, keep, mu, do, xd, dhs, dss, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok,
+                       o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, HAS_KEEP, MOMENTUM, PREC)
+    elif MODE == 2:  # one chunk: start state from the forward, end-state gradient from the backward state pass
+        c = tl.program_id(2)
+        p_c = p_s * NT + c.to(tl.int64) * K * V
+        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+        dW = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        if MOMENTUM:
+            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+            dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
+        _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+                   W, S, dW, dS, dW, dS, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
+    else:
+        dW = tl.zeros([BK, BV], dtype=tl.float32)
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_DHT:
+            dW = tl.load(dht + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+        if HAS_DST:
+            dS = tl.load(dst + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
+        for cc in range(NT):
+            c = NT - 1 - cc
+            p_c = p_s * NT + c * K * V
+            U = dW
+            Uf = dS
+            if MODE == 1:  # read the pre-pass terms of this chunk, then leave dW_end (dS_end) in their slots
+                U = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
+                tl.store(dhs + p_c + s_off, dW, mask=s_ok)
+                if MOMENTUM:
+                    Uf = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
+                    tl.store(dss + p_c + s_off, dS, mask=s_ok)
+            W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+            if MOMENTUM:
+                S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+            dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+                                W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+                                H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                                MODE == 0, True, MODE == 1)
+        tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
+        if MOMENTUM:
+            tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
 
 
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
-_KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM"]
-# 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128); keep the list short, each config
-# of the backward compiles for ~10-40 s
+_KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE"]
+# 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
+# wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
+# keep the list short, each config of the backward compiles for ~10-40 s
 _CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
 _linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kernel)
 _linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_bwd_kernel)
 
 
 def _block_v(V: int, bias: int) -> int:
-    """V-tile: the whole (padded) V for Huber (its switch needs the row norm) and in the interpreter; else <= 32.
+    """V-tile: the whole (padded) V by default and always for Huber (its switch needs the row norm over all of V).
 
-    32 rather than 64 at D=128: twice the programs, less spilling (sm_90 ptxas: 3.6 KB vs 5.7 KB stack in the
-    backward) and 76 KB vs 92 KB shared memory.
-
-    ``MIRAS_KERNEL_BV`` overrides it (benchmarking); tiles must be powers of two >= 16.
+    ``MIRAS_KERNEL_BV`` overrides it (powers of two >= 16; also in the interpreter, where the tests use it to cover
+    several V-tiles). The whole V is the default on GPU because it is the only tile measured correct on Hopper
+    (H200, triton 3.6: BV=128 with 8 warps matched; BV=32 with 4 warps gave wrong outputs and illegal addresses,
+    while the same multi-tile kernels match the float64 oracle in the interpreter: a codegen problem, see
+    benchmarks/RESULTS.md). The split kernels get their parallelism from the chunk axis instead.
     """
     full = pow2_tile(V)
-    if bias == 3 or interpreting():
-        return full
     env = os.environ.get("MIRAS_KERNEL_BV")
-    return min(full, int(env)) if env else min(full, 32)
+    if bias == 3 or not env:
+        return full
+    return min(full, max(16, int(env)))
+
+
+def _split() -> bool:
+    """Split kernels (state pass + chunk-parallel pass, the default) or the fused walk (``MIRAS_KERNEL_SPLIT=0``)."""
+    return os.environ.get("MIRAS_KERNEL_SPLIT", "1") not in ("0", "false", "no")
 
 
 def _launch(kernel_raw, kernel_tuned, grid, *args, **kw):
@@ -315,29 +461,44 @@ def _prec(x: torch.Tensor) -> str:
     return "tf32x3" if x.dtype == torch.float32 else "bf16"
 
 
-def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0):
+def _modes(modes: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Kernel launches of one direction: split (default; the backward adds its pre-pass 3 before the state pass 1)
+    or (0,) fused; one mode alone only to pre-compile (benchmarks/warm_kernels.py)."""
+    return modes if modes is not None else (3, 1, 2) if _split() else (0,)
+
+
+def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, modes: tuple[int, ...] | None = None):
+    """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states). Split: state pass, then outputs per chunk."""
+    modes = tuple(m for m in _modes(modes) if m != 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
-    NT = triton.cdiv(T, BT)
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     hs = torch.empty(B, H, NT, K, V, **f32)
     ss = torch.empty(B, H, NT, K, V, **f32) if cfg.momentum else hs
     ht = torch.empty(B, H, K, V, **f32)
     st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
-    grid = (triton.cdiv(V, BV), B * H)
-    _launch(_linear_fwd_kernel, _linear_fwd_tuned, grid,
-            q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+    args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
-            o, hs, ss, ht, st, T, NT,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
-            HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-            HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q))
+            o, hs, ss, ht, st, T, NT)
+    kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+              HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
+              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q))
+    for mode in modes:
+        _launch(_linear_fwd_kernel, _linear_fwd_tuned, (NV, B * H, NT) if mode == 2 else (NV, B * H), *args, **kw,
+                MODE=mode)
     return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None)
 
 
-def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst):
+def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst,
+                    modes: tuple[int, ...] | None = None):
+    """Backward: gradients of (q, k, v, eta, keep, mu, delta, W_0, S_0). Split: a parallel pre-pass of the terms
+    that do not depend on the state gradient, a reverse pass that stores the end-of-chunk state gradients
+    ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel."""
+    modes = _modes(modes)
+    split = modes != (0,)
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
@@ -352,15 +513,19 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     ddelta = torch.empty(NV, B, T, H, **f32) if cfg.bias == 3 else deta
     dh0 = torch.empty(B, H, K, V, **f32)
     ds0 = torch.empty(B, H, K, V, **f32) if cfg.momentum else dh0
-    grid = (NV, B * H)
-    _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid,
-            q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+    dhs = torch.empty_like(hs) if split else hs  # pre-pass U, then the end-of-chunk state gradients
+    dss = torch.empty_like(hs) if split and cfg.momentum else dhs
+    xd = torch.empty(B, T, H, V, **f32) if split else dh0  # pre-pass Xd
+    args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
-            dht if dht is not None else dh0, dst if dst is not None else dh0,
-            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
-            HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-            HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q))
+            dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd,
+            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
+    kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+              HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
+              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q))
+    for mode in modes:
+        _launch(_linear_bwd_kernel, _linear_bwd_tuned, (NV, B * H, NT) if mode in (2, 3) else (NV, B * H), *args, **kw,
+                MODE=mode)
     dkeep = dla.sum(0) / keep if cfg.has_keep else None
     dmu = dlm.sum(0) / mu if cfg.momentum else None
     dd = ddelta.sum(0) if cfg.bias == 3 else None
