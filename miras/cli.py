@@ -10,7 +10,7 @@ import click
 from miras.errors import MirasError
 
 # each module defines click commands and a ``register(group)`` function
-COMMAND_MODULES = ["spec_cmds", "train_cmds", "search_cmds"]
+COMMAND_MODULES = ["spec_cmds", "train_cmds", "search_cmds", "grow_cmds"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,6 +14,7 @@ reproduces the one-call result when it starts at a chunk boundary (decoding: car
 unfinished chunk, as ``MemoryMixer`` does). Outputs never depend on later tokens (prefix property).
 
 Biases l: dot, l2, lp, huber (``miras.components.bias``); memories M: linear, MLP (``miras.components.memory``).
+The ATLAS / Nested-Learning options (omega bias, muon and dgd learners) run in ``miras.ops_ext`` (same modes).
 Modes: ``recurrent`` (token-by-token oracle, ``miras.ops_recurrent``), ``chunked`` (the dual form, ``miras.ops_chunked``),
 ``triton`` (fused kernels from ``miras.kernels``), ``auto`` (triton on CUDA when a kernel covers the spec, with a
 one-time warning naming the missing piece otherwise; chunked on CPU).
@@ -113,7 +114,8 @@ def memory_scan(
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
         gates: already squashed by the caller: ``"lr"`` eta ``[B, T, H]``; ``"keep"`` alpha ``[B, T, H]`` (or
             ``[B, T, H, K]`` for decay on a linear memory; absent for retention none); ``"momentum"`` mu ``[B, T, H]``
-            (momentum learner); ``"huber_delta"`` delta ``[B, T, H]`` (huber bias).
+            (momentum, muon learners); ``"huber_delta"`` delta ``[B, T, H]`` (huber bias, or omega around huber);
+            ``"omega_gamma"`` gamma ``[B, T, H]`` (omega bias window gates; ``miras.ops_ext``).
         state: ``{"W1".."WL", "S1".."SL"}`` with ``W_l: [B, H, in_l, out_l]`` or ``[H, in_l, out_l]`` (broadcast over
             B); None for zeros. For lq retention W holds the accumulator A; for kl it must be positive.
         params: ``"norm_weight"``, ``"norm_bias"`` ``[H, V]`` (MLP memory with norm); ``"threshold"`` ``[H]`` (elastic).
@@ -131,9 +133,21 @@ def memory_scan(
         q, k, v, gates, state, params = _to_compute_dtype(q, k, v, gates, state, params)
     if q.shape[1] == 0:  # nothing to write: the (batched) initial state passes through
         p = prepare(spec, q, k, v, gates, state, params)
-        return v.new_zeros(v.shape).to(out_dtype), final_state(p.W, p.S)
+        return v.new_zeros(v.shape).to(out_dtype), {**final_state(p.W, p.S), **_window_passthrough(spec, q, v, state)}
     o, final = impl(spec, q, k, v, gates, state, params=params)
     return o.to(out_dtype), final
+
+
+def _window_passthrough(spec: MemorySpec, q: Tensor, v: Tensor, state: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """The omega bias' carried window (``window_*`` state entries) of an empty call: unchanged, with the batch dim."""
+    from miras.components.memory import window_state_shapes
+
+    B, H = q.shape[0], q.shape[2]
+    out = {}
+    for name, shp in window_state_shapes(spec, q.shape[-1], v.shape[-1]).items():
+        s = None if state is None else state[name].to(q.dtype)
+        out[name] = q.new_zeros(B, H, *shp) if s is None else s.expand(B, H, *shp)
+    return out
 
 
 def _to_compute_dtype(q, k, v, gates, state, params):

@@ -46,8 +46,16 @@ def chunked_memory_scan(
     state: dict[str, Tensor] | None = None,
     *,
     params: dict[str, Tensor] | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Chunk-parallel ``memory_scan`` (see :func:`miras.ops.memory_scan` for the contract)."""
+    reads: bool = True,
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Chunk-parallel ``memory_scan`` (see :func:`miras.ops.memory_scan` for the contract).
+
+    ``reads=False`` skips the per-token reads and returns ``(None, final state)`` (TNT's global memory writes only).
+    """
+    from miras.ops_ext import ext_chunked_memory_scan, uses_ext
+
+    if uses_ext(spec):  # omega bias, muon / dgd learners (ATLAS, NL): miras.ops_ext
+        return ext_chunked_memory_scan(spec, q, k, v, gates, state, params=params, reads=reads)
     p = prepare(spec, q, k, v, gates, state, params)
     mem, bias, ret, learner = p.comp.memory, p.comp.bias, p.comp.retention, p.comp.learner
     B, H, T, _ = p.q.shape
@@ -81,7 +89,8 @@ def chunked_memory_scan(
     pre = dict(
         q=qc, k=kc, v=vc, delta=delta, gamma=gamma, beta=co.beta, G=co.G, f=co.f, G_e=G_e, beta_e=rows(co.beta),
         kG_t=(kc * G_e).transpose(-1, -2),  # [B, H, NC, K, b]
-        qb=qc * co.beta, scores0=masked_scores(qc, kc, co.G),  # [B, H, NC, b, V], [B, H, NC, b, b]
+        qb=qc * co.beta if reads else None,  # [B, H, NC, b, V]
+        scores0=masked_scores(qc, kc, co.G) if reads else None,  # [B, H, NC, b, b]
     )  # fmt: skip
     if co.f is not None:
         N_e = rows(co.N.transpose(-1, -2))  # [B, H, NC, b(j)]
@@ -150,9 +159,10 @@ def chunked_memory_scan(
             inv_nu = [(1.0 / nu_s).expand(B, H, n, 1) for nu_s in nu0]  # [B, H, n, 1]
             if n == p.chunk:
                 inv_nu = [torch.cat([x[:, :, 1:], 1.0 / ret.normalizer(a_end)], dim=2) for x, a_end in zip(inv_nu, A_end)]
-        first = (at("qb"), at("qf"), at("scores0", "both"))
-        read = mem.dual_read(qx, base, beta, G, acts, ds, p.params, S0=S, f=f, inv_nu=inv_nu, first=first)
-        outs.append(read)
+        if reads:
+            first = (at("qb"), at("qf"), at("scores0", "both"))
+            read = mem.dual_read(qx, base, beta, G, acts, ds, p.params, S0=S, f=f, inv_nu=inv_nu, first=first)
+            outs.append(read)
         A, S = A_end, S_end
-    o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, H, V]
+    o = torch.cat(outs, dim=2).transpose(1, 2) if reads else None  # [B, T, H, V]
     return o, final_state(A, S)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from miras.components.bias import Bias
 from miras.components.learner import Learner
-from miras.components.memory import MLPMemory, layer_dims, memory_param_shapes
+from miras.components.memory import MLPMemory, layer_dims, memory_param_shapes, window_state_shapes
 from miras.registry import BIAS, LEARNER, MEMORY, RETENTION
 from miras.spec import MemorySpec
 
@@ -91,8 +91,9 @@ def check_inputs(
         if not isinstance(state, dict):
             raise ValueError(f"{where}: state must be a dict of tensors or None, but got state={type(state).__name__}.")
         expect = {f"W{i + 1}": d for i, d in enumerate(dims)}
-        if spec.learner.kind == "momentum":
+        if spec.learner.kind in ("momentum", "muon"):
             expect.update({f"S{i + 1}": d for i, d in enumerate(dims)})
+        expect.update(window_state_shapes(spec, K, V))  # omega bias window (ops_ext)
         if set(state) != set(expect):
             raise ValueError(f"{where}: state must hold keys {sorted(expect)}, but got state keys {sorted(state)}.")
         for name, d in expect.items():

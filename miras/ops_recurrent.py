@@ -30,6 +30,10 @@ def recurrent_memory_scan(
     params: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-by-token ``memory_scan`` (see :func:`miras.ops.memory_scan` for the contract). Slow; exact."""
+    from miras.ops_ext import ext_recurrent_memory_scan, uses_ext
+
+    if uses_ext(spec):  # omega bias, muon / dgd learners (ATLAS, NL): miras.ops_ext
+        return ext_recurrent_memory_scan(spec, q, k, v, gates, state, params=params)
     p = prepare(spec, q, k, v, gates, state, params)
     mem, bias, ret, learner = p.comp.memory, p.comp.bias, p.comp.retention, p.comp.learner
     B, H, T, _ = p.q.shape

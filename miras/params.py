@@ -36,13 +36,16 @@ def _mixer_rows(mem: MemorySpec, *, d_model: int, n_heads: int, d_head: int, pre
     rows = [("memory.projections", 3 * d_model * inner)]
     if mem.conv_size:
         rows.append(("memory.conv", 3 * inner * mem.conv_size))
-    gates = sum(gate_param_count(g, d_model=d_model, n_heads=n_heads, d_key=d_head) for g in mixer_gate_specs(mem).values())
+    from miras.components.feature_maps import feature_dim
+
+    dk = feature_dim(mem.feature_map, d_head)  # memory key dim (1 + d + d^2 for the exponential feature map)
+    gates = sum(gate_param_count(g, d_model=d_model, n_heads=n_heads, d_key=dk) for g in mixer_gate_specs(mem).values())
     rows.append(("memory.gates", gates))
     if mem.feature_map.kind == "polynomial" and mem.feature_map.learnable:
         rows.append(("memory.feature_map", mem.feature_map.degree))
-    init = sum(math.prod(s) for k, s in state_shapes(mem, d_head, d_head).items() if k.startswith("W"))
+    init = sum(math.prod(s) for k, s in state_shapes(mem, dk, d_head).items() if k.startswith("W"))
     rows.append(("memory.initial_state", n_heads * init))
-    mparams = sum(math.prod(s) for s in memory_param_shapes(mem, d_head, d_head).values())
+    mparams = sum(math.prod(s) for s in memory_param_shapes(mem, dk, d_head).values())
     if mparams:
         rows.append(("memory.norm_threshold", n_heads * mparams))
     if mem.output_norm:
@@ -50,7 +53,25 @@ def _mixer_rows(mem: MemorySpec, *, d_model: int, n_heads: int, d_head: int, pre
     if mem.output_gate:
         rows.append(("memory.output_gate", d_model * inner))
     rows.append(("memory.out_projection", inner * d_model))
+    if mem.caching.gated:  # Memory Caching connector projection W_u (MC §3.2)
+        rows.append(("memory.caching_connector", d_model * d_model))
+    if mem.local is not None:  # TNT: gates / initial state / memory params per memory (miras/components/tnt.py)
+        from miras.components.tnt import tnt_mixer_rows
+
+        rows = tnt_mixer_rows(mem, rows)
     return [(prefix + name, n) for name, n in rows]
+
+
+def _other_memory_rows(spec: ModelSpec, kind: str) -> list[tuple[str, int]]:
+    """Parameters of a Trellis or MS-SSM mixer (miras/components/trellis.py, msssm.py)."""
+    if kind == "trellis":
+        from miras.components.trellis import trellis_param_count
+
+        return [("trellis", trellis_param_count(spec.trellis, d_model=spec.d_model, n_heads=spec.n_heads,
+                                                d_head=spec.d_head))]
+    from miras.components.msssm import msssm_param_count
+
+    return [("msssm", msssm_param_count(spec.msssm, d_model=spec.d_model))]
 
 
 def _block_rows(spec: ModelSpec, kind: str) -> list[tuple[str, int]]:
@@ -58,12 +79,20 @@ def _block_rows(spec: ModelSpec, kind: str) -> list[tuple[str, int]]:
 
     dims = {"d_model": spec.d_model, "n_heads": spec.n_heads, "d_head": spec.d_head}
     rows: list[tuple[str, int]] = []
+    if kind in ("trellis", "msssm"):  # Trellis / MS-SSM blocks: the mixer alone
+        return _other_memory_rows(spec, kind)
     if kind != "lmm" and spec.attention.persistent_tokens:
         rows.append(("persistent_tokens", spec.attention.persistent_tokens * spec.d_model))
     if kind != "lmm":
         rows.append(("attention", attention_param_count(**dims)))
-    if kind in ("lmm", "mac", "mag", "mal"):
+    if kind == "lmm" or (kind in ("mac", "mag", "mal") and spec.hybrid_memory == "lmm"):
         rows += _mixer_rows(spec.memory, **dims)
+    elif kind in ("mac", "mag", "mal"):  # hybrid_memory: trellis | msssm
+        rows += _other_memory_rows(spec, spec.hybrid_memory)
+    if kind == "selfmod":  # self-modifying Titans (hope: miras/components/selfmod.py)
+        from miras.components.selfmod import selfmod_param_rows
+
+        rows = selfmod_param_rows(spec.memory, **dims)
     if kind == "mag":
         rows.append(("mag.gate_norms", 2 * spec.d_model))
     return rows
@@ -82,7 +111,12 @@ def breakdown(spec: ModelSpec) -> list[Row]:
         rows += [Row(i, f"{kind}.{name}", n) for name, n in _block_rows(spec, kind)]
         if spec.mlp.kind != "none":
             rows.append(Row(i, "mlp_norm", _norm_count(spec.norm, d)))
-            n_mlp = mlp_param_count(spec.mlp.kind, d_model=d, width=widths[i])
+            if spec.mlp.kind == "cms":  # Continuum Memory System (hope: miras/components/cms.py)
+                from miras.components.cms import cms_param_count
+
+                n_mlp = cms_param_count(spec.mlp.cms, d_model=d, width=widths[i])
+            else:
+                n_mlp = mlp_param_count(spec.mlp.kind, d_model=d, width=widths[i])
             rows.append(Row(i, f"mlp.{spec.mlp.kind}[width={widths[i]}]", n_mlp))
     rows.append(Row(-1, "final_norm", _norm_count(spec.norm, d)))
     if not spec.tie_embeddings:
@@ -113,8 +147,24 @@ def state_size_bytes(spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> int
     H, dh = spec.n_heads, spec.d_head
     total = 0
     for kind in spec.blocks:
-        if kind in ("lmm", "mac", "mag", "mal"):
-            total += state_bytes(spec.memory, dh, dh, H, dtype_bytes)
+        if kind == "lmm" or (kind in ("mac", "mag", "mal") and spec.hybrid_memory == "lmm"):
+            if spec.memory.local is not None:  # TNT: global + local memories and Pi (miras/components/tnt.py)
+                from miras.components.tnt import tnt_state_bytes
+
+                total += tnt_state_bytes(spec.memory, dh, H, dtype_bytes)
+            else:
+                from miras.components.feature_maps import feature_dim
+
+                total += state_bytes(spec.memory, feature_dim(spec.memory.feature_map, dh), dh, H, dtype_bytes)
+        memory_kind = kind if kind in ("trellis", "msssm") else spec.hybrid_memory if kind in ("mac", "mag", "mal") else ""
+        if memory_kind == "trellis":  # K and V slots of every head
+            from miras.components.trellis import trellis_state_numel
+
+            total += trellis_state_numel(spec.trellis, n_heads=H, d_head=dh) * dtype_bytes
+        elif memory_kind == "msssm":  # SSM states of every scale + the dilated-conv buffers of the decomposition
+            from miras.components.msssm import msssm_state_numel
+
+            total += msssm_state_numel(spec.msssm, d_model=spec.d_model) * dtype_bytes
         if kind == "attn":
             n = seq_len
         elif kind in ("swa", "mag", "mal"):
@@ -124,7 +174,19 @@ def state_size_bytes(spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> int
         else:
             n = 0
         total += 2 * n * H * dh * dtype_bytes
-    return total
+        if kind == "selfmod":  # the five (or four) self-modifying memories (hope)
+            from miras.components.selfmod import selfmod_state_bytes
+
+            total += selfmod_state_bytes(spec.memory, dh, H, dtype_bytes)
+    if spec.mlp.kind == "cms":  # CMS levels that learn at test time carry weights + accumulated update (hope)
+        from miras.components.cms import cms_state_bytes
+        from miras.components.mlp import taper_widths
+
+        for w in taper_widths(spec):
+            total += cms_state_bytes(spec.mlp.cms, d_model=spec.d_model, width=w, dtype_bytes=dtype_bytes)
+    from miras.components.caching import caching_state_bytes
+
+    return total + caching_state_bytes(spec, seq_len, dtype_bytes)  # Memory Caching: caches grow with the segments
 
 
 # ------------------------------------------------------------------------------------------------- budget solver

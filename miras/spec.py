@@ -8,7 +8,7 @@ papers of the line. Six axes describe the memory of a layer:
     retention gate        ``memory.retention``  how much of the old memory survives: none, decay, lq, kl, elastic
     learning rule         ``memory.learner``    how the inner objective updates memory: gd, momentum (muon, dgd: later)
     depth taper           ``taper``             channel-MLP width per layer: uniform, linear, cosine, reverse
-    caching policy        ``memory.caching``    Memory Caching aggregations (only ``none`` is built yet)
+    caching policy        ``memory.caching``    Memory Caching: segment caches and their aggregation (MC §3)
 
 Symbols follow Miras: ``eta`` is the inner learning rate, ``alpha`` the retention *keep* fraction, ``mu`` the momentum
 decay (Titans calls them theta, 1 - alpha and eta; see shared/reference/papers.md §0.2).
@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,9 +34,28 @@ from miras.train_spec import TrackingSpec, TrainSpec
 
 
 class Spec(BaseModel):
-    """Base of every spec: unknown keys are errors, values are immutable once validated."""
+    """Base of every spec: unknown keys are errors, values are immutable once validated.
+
+    A partial section inherits the field's own default: with ``delta`` defaulting to ``GateSpec(init=1, hi=4)``,
+    ``delta: {init: 2}`` keeps ``hi=4`` (unless the section names another ``kind``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_field_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            default = getattr(field, "default", None) if field is not None else None
+            if isinstance(value, dict) and isinstance(default, Spec):
+                base = default.model_dump()
+                if value.get("kind", base.get("kind")) == base.get("kind"):
+                    out[name] = deep_merge(base, value)
+        return out
 
 
 class GateSpec(Spec):
@@ -94,11 +113,23 @@ class FeatureMapSpec(Spec):
 
     ``identity``: phi(x) = x. ``polynomial``: the elementwise Taylor form ``phi(x) = sum_{i=1..degree} a_i x^i`` with
     coefficients a_i initialised to 1/i! and learnable when ``learnable`` (reconstruction [R] of papers.md §3.2).
+    ``exponential``: ATLAS Eq. 22-23 truncated at ``degree`` <= 2 with full tensor powers,
+    ``phi(x) = (1, x, vec(x x^T)/sqrt(2!))`` so that ``phi(q).phi(k) = 1 + q.k + (q.k)^2/2`` (d_key = 1 + d + d^2;
+    fixed, not learnable; for small head dims only: 1 + d + d^2 <= 4096).
     """
 
-    kind: Literal["identity", "polynomial"] = "identity"
+    kind: Literal["identity", "polynomial", "exponential"] = "identity"
     degree: int = Field(2, ge=1, le=6)
     learnable: bool = True
+
+    @model_validator(mode="after")
+    def _check_exponential(self) -> FeatureMapSpec:
+        if self.kind == "exponential" and self.degree > 2:
+            raise ValueError(
+                f"degree: the exponential feature map uses full tensor powers, implemented up to order 2 (key dim "
+                f"1 + d + d^2), but got degree={self.degree}; use degree 1 or 2, or kind: polynomial"
+            )
+        return self
 
 
 # -------------------------------------------------------------------------------------------------- attentional bias
@@ -141,11 +172,25 @@ class HuberBiasSpec(Spec):
 
 
 class OmegaBiasSpec(Spec):
-    """ATLAS Omega rule: l2 regression over a sliding window of ``window`` tokens with gates gamma (ATLAS Eq. 9)."""
+    """ATLAS Omega rule (ATLAS Eq. 9-11): the loss of token t is the gamma-weighted sum of a row-wise bias over the
+    sliding window of the last ``window`` tokens, ``sum_{i=t-c+1..t} gamma_i l_inner(M(k_i), v_i)``.
+
+    ``inner``: the row-wise bias inside the window (l2 gives ATLAS' Omega rule; dot, lp, huber also work);
+    ``gamma``: the data-dependent window gate gamma_i in (lo, hi). ``window`` c = 1 is the inner bias with eta*gamma.
+    """
 
     kind: Literal["omega"] = "omega"
     window: int = Field(4, ge=1)
-    implemented: ClassVar[bool] = False
+    inner: Annotated[DotBiasSpec | L2BiasSpec | LpBiasSpec | HuberBiasSpec, Field(discriminator="kind")] = L2BiasSpec()
+    gamma: GateSpec = GateSpec(init=0.9)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inner_shorthand(cls, data: Any) -> Any:
+        """``inner: huber`` is shorthand for ``inner: {kind: huber}``."""
+        if isinstance(data, dict) and isinstance(data.get("inner"), str):
+            data = {**data, "inner": {"kind": data["inner"]}}
+        return data
 
 
 BiasSpec = Annotated[DotBiasSpec | L2BiasSpec | LpBiasSpec | HuberBiasSpec | OmegaBiasSpec, Field(discriminator="kind")]
@@ -244,23 +289,33 @@ class MomentumLearnerSpec(Spec):
 
 
 class MuonLearnerSpec(Spec):
-    """ATLAS Muon: momentum, then ``steps`` Newton-Schulz iterations, then gated accumulation (ATLAS Eq. 32-33)."""
+    """ATLAS Muon (Eq. 32-33, descent-consistent): ``S_t = mu_t S_{t-1} - eta_t grad``, ``W_t = alpha_t W_{t-1} +
+    NS_k(S_t)`` with ``steps`` k Newton-Schulz iterations per weight matrix.
+
+    ``coefficients``: ``quintic`` (3.4445, -4.7750, 2.0315; Muon's, singular values end in ~[0.7, 1.2]) or ``cubic``
+    (1.5, -0.5, 0; converges to the orthogonal polar factor U V^T as k grows).
+    """
 
     kind: Literal["muon"] = "muon"
     lr: GateSpec = Field(default_factory=_default_lr)
     momentum: GateSpec = GateSpec(init=0.9)
     steps: int = Field(5, ge=1)
+    coefficients: Literal["quintic", "cubic"] = "quintic"
     chunk_size: int = Field(16, ge=1)
-    implemented: ClassVar[bool] = False
 
 
 class DGDLearnerSpec(Spec):
-    """Hope's delta gradient descent ``W_t = W_{t-1}(alpha_t I - eta_t k k^T) - eta_t grad`` (NL Eq. 57)."""
+    """Delta gradient descent (NL Eq. 57): ``W_t = (alpha_t I - eta_t k_t^T k_t) W_{t-1} - eta_t grad`` in miras' [K, V]
+    row convention (the projector acts on the key side).
+
+    ``mlp_form``: for an MLP memory, ``first_layer`` applies the projector to the input side of the first layer (the
+    only layer whose input is k), ``none`` turns it off (plain GD).
+    """
 
     kind: Literal["dgd"] = "dgd"
     lr: GateSpec = Field(default_factory=_default_lr)
     chunk_size: int = Field(16, ge=1)
-    implemented: ClassVar[bool] = False
+    mlp_form: Literal["first_layer", "none"] = "first_layer"
 
 
 LearnerSpec = Annotated[
@@ -271,10 +326,18 @@ LearnerSpec = Annotated[
 
 
 class CachingSpec(Spec):
-    """Memory Caching (arXiv 2602.24281): cache end-of-segment memory states and aggregate their reads.
+    """Memory Caching (arXiv 2602.24281, §3): cache end-of-segment memory states and aggregate their reads.
 
-    ``none`` only for now; ``residual``, ``gated_residual``, ``soup`` and ``sparse_selective`` are accepted by the schema
-    and rejected with a "not implemented yet" error.
+    ``residual``        y_t = M_t(q_t) + sum_i M^(i)(q_t)                                         (MC §3.2, variant 1)
+    ``gated_residual``  y_t = sum_i gamma_t^(i) M^(i)(q_t), gamma = softmax_i(<x_t W_u, pool_i>)   (variant 2, GRM)
+    ``soup``            y_t = M(q_t; sum_i gamma_t^(i) W^(i)): mix the parameters, read once         (variant 3)
+    ``sparse_selective``  GRM over the online memory and the ``top_k`` best-scoring caches            (variant 4, SSC)
+
+    ``segmentation``: ``constant`` (segments of ``segment_length``) or ``logarithmic`` (lengths C, C, 2C, 4C, ...:
+    boundaries at 0 and C * 2^j). ``write``: ``continue`` (each segment starts from the previous end state) or ``fresh``
+    (each segment starts from the learned initial state). ``post_training``: the training-free form for length
+    extrapolation: uniform (moving-average) weights over the caches and the online memory instead of learned gates
+    (gated_residual or soup only; adds no parameters). The pool of the current segment is its causal running mean.
     """
 
     kind: Literal["none", "residual", "gated_residual", "soup", "sparse_selective"] = "none"
@@ -282,6 +345,80 @@ class CachingSpec(Spec):
     segmentation: Literal["constant", "logarithmic"] = "constant"
     top_k: int = Field(2, ge=1)
     write: Literal["continue", "fresh"] = "continue"
+    post_training: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> CachingSpec:
+        if self.post_training and self.kind not in ("gated_residual", "soup"):
+            raise ValueError(
+                f"post_training replaces learned gates by a moving average, so it needs kind gated_residual or soup, "
+                f"but got kind={self.kind!r}"
+            )
+        return self
+
+    @property
+    def gated(self) -> bool:
+        """Whether the aggregation has learned gates (and so the connector projection W_u)."""
+        return self.kind in ("gated_residual", "soup", "sparse_selective") and not self.post_training
+
+    def segment_bounds(self, seq_len: int) -> list[tuple[int, int]]:
+        """``[(start, end), ...]`` of the segments covering ``seq_len`` tokens (the last one may be cut short)."""
+        C, out, start = self.segment_length, [], 0
+        while start < seq_len:
+            end = start + C if self.segmentation == "constant" or start == 0 else 2 * start
+            out.append((start, min(end, seq_len)))
+            start = end
+        return out
+
+
+# ------------------------------------------------------------------------------------------- TNT hierarchical memory
+
+
+class LocalMemoriesSpec(Spec):
+    """TNT local memories (Li et al. 2025, arXiv:2511.07343, §5.2, Eq. 5-7, App. E Eq. 13-15).
+
+    With ``memory.local`` set, a memory layer holds one global memory (the layer's memory/bias/retention/learner axes
+    with chunk ``C_G = learner.chunk_size``, read with its chunk-start state) plus N local memories, local i with its
+    own chunk ``chunk_sizes[i]`` (C_L), shard length ``shard_lengths[i]`` (S_L; 0 = never reset) and a learned initial
+    state it is reset to at every shard boundary:
+
+        o_t = M(q_t; V_{xi(t, C_G)}) + sum_i M(Pi_t^(i) q_t; W_t^(i)),  Pi_t = sum_{shard start <= s <= t} k_s k_s^T
+
+    ``shard_lengths``: one entry shared by every local memory, or one per local memory; each a multiple of its chunk.
+    ``qk_projection``: read the local memories with ``Pi_t q_t`` (TNT Eq. 7, keys l2-normalised) instead of ``q_t``.
+    ``global_memory``: false drops the global memory (the TNT ablation "no global memory").
+    Stage two (TNT §5.3) changes only ``chunk_sizes`` (``miras train --from CKPT --set memory.local.chunk_sizes=[..]``).
+    """
+
+    chunk_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8], min_length=1)
+    shard_lengths: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [64], min_length=1)
+    qk_projection: bool = True
+    global_memory: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> LocalMemoriesSpec:
+        n, errors = len(self.chunk_sizes), []
+        if len(self.shard_lengths) not in (1, n):
+            raise ValueError(
+                f"shard_lengths: give one shard length for all local memories or one per local memory, but got "
+                f"{len(self.shard_lengths)} shard lengths for {n} chunk sizes (chunk_sizes={self.chunk_sizes})"
+            )
+        for i, (c, s) in enumerate(zip(self.chunk_sizes, self.shards)):
+            if s and s % c:
+                j = i if len(self.shard_lengths) == n else 0
+                errors.append(
+                    f"shard_lengths[{j}]: a shard must be a whole number of local chunks (its memory resets at a chunk "
+                    f"boundary), but got shard_lengths[{j}]={s} for chunk_sizes[{i}]={c}; use a multiple of {c} "
+                    f"(>= {c}) or 0 (no reset)"
+                )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    @property
+    def shards(self) -> list[int]:
+        """Shard length of every local memory (0 = no reset)."""
+        return self.shard_lengths * len(self.chunk_sizes) if len(self.shard_lengths) == 1 else list(self.shard_lengths)
 
 
 # --------------------------------------------------------------------------------------------------- the memory layer
@@ -301,6 +438,7 @@ class MemorySpec(Spec):
     retention: RetentionSpec = DecayRetentionSpec()
     learner: LearnerSpec = MomentumLearnerSpec()
     caching: CachingSpec = CachingSpec()
+    local: LocalMemoriesSpec | None = Field(None, description="TNT local memories (None: a single memory)")
     conv_size: int = Field(4, ge=0, description="depthwise causal conv after q/k/v projections; 0 turns it off")
     qk_norm: bool = True
     qkv_activation: Literal["silu", "none"] = "silu"
@@ -342,9 +480,10 @@ class MemorySpec(Spec):
                     f"{axis}.kind: {sub.kind!r} is part of the schema but not implemented yet in this version of miras; "
                     f"choose one of {', '.join(_IMPLEMENTED[axis])}."
                 )
-        if self.caching.kind != "none":
+        if self.caching.kind == "soup" and self.memory.kind == "mlp" and self.retention.kind in ("kl", "elastic"):
             raise NotImplementedYet(
-                f"caching.kind: {self.caching.kind!r} (Memory Caching) is not implemented yet; use caching.kind: none."
+                f"caching.kind: 'soup' on an MLP memory mixes per-token weights and is not implemented yet for the "
+                f"lag-token retention {self.retention.kind!r}; use gated_residual, or retention none, decay or lq."
             )
         ret, learner = self.retention, self.learner
         if ret.kind in ("kl", "elastic") and learner.kind != "gd":
@@ -356,6 +495,10 @@ class MemorySpec(Spec):
                  "learner.momentum": getattr(learner, "momentum", None)}
         if isinstance(self.bias, HuberBiasSpec):
             gates["bias.delta"] = self.bias.delta
+        if isinstance(self.bias, OmegaBiasSpec):
+            gates["bias.gamma"] = self.bias.gamma
+            if isinstance(self.bias.inner, HuberBiasSpec):
+                gates["bias.inner.delta"] = self.bias.inner.delta
         for path, gate in gates.items():
             if gate is None or gate.granularity != "channel":
                 continue
@@ -365,6 +508,24 @@ class MemorySpec(Spec):
                     f"(GLA-style key-channel decay), but got it on {path} with memory.kind={self.memory.kind!r}, "
                     f"retention.kind={ret.kind!r}; use 'head' or 'scalar'."
                 )
+        # ATLAS / DGD options (ops_ext helper)
+        if self.caching.kind == "soup" and (isinstance(self.bias, OmegaBiasSpec) or learner.kind in ("muon", "dgd")):
+            errors.append(
+                f"caching.kind: the memory-soup read is written for the dual form of gd / momentum without a window, but "
+                f"got caching.kind='soup' with bias.kind={self.bias.kind!r}, learner.kind={learner.kind!r}; use another "
+                "caching kind."
+            )
+        if isinstance(self.bias, OmegaBiasSpec):
+            if getattr(ret, "grad_at", "previous") == "decayed" and self.bias.window > 1:
+                errors.append(
+                    "retention.grad_at: the omega bias evaluates its window's gradients at the chunk-start state, which "
+                    "is only defined with grad_at 'previous', but got retention.grad_at='decayed'; use 'previous'."
+                )
+        if self.feature_map.kind == "exponential" and self.memory.kind == "mlp" and self.memory.residual:
+            errors.append(
+                "memory.residual: the exponential feature map changes d_key to 1 + d + d^2, and a residual MLP memory "
+                "needs d_key == d_value, but got memory.residual=True; set memory.residual: false."
+            )
         if ret.kind in ("kl",) and self.memory.kind == "mlp" and self.memory.norm is False and self.memory.residual:
             pass  # positive weights with residual are fine; nothing to check
         if errors:
@@ -372,7 +533,7 @@ class MemorySpec(Spec):
         return self
 
 
-_IMPLEMENTED = {"bias": ["dot", "l2", "lp", "huber"], "learner": ["gd", "momentum"]}
+_IMPLEMENTED = {"bias": ["dot", "l2", "lp", "huber", "omega"], "learner": ["gd", "momentum", "muon", "dgd"]}
 
 # the spec classes of each extensible axis (register_spec appends to these)
 _AXIS_SPECS: dict[str, list[type[Spec]]] = {
@@ -455,11 +616,83 @@ class TaperSpec(Spec):
         return self
 
 
-class ChannelMLPSpec(Spec):
-    """Channel mixer after each token mixer: ``swiglu`` (Llama), ``gelu`` (GPT) or ``none``. Width = expansion * d_model."""
+# ------------------------------------------------------------------------------------- Nested Learning / Hope (hope)
 
-    kind: Literal["swiglu", "gelu", "none"] = "swiglu"
+
+class CMSSpec(Spec):
+    """Continuum Memory System (Nested Learning §7.1, Eq. 70-71, arXiv:2512.24695): k MLP levels, level l updated
+    every ``periods[l]`` tokens from its accumulated error signal (see ``miras/components/cms.py``).
+
+    ``periods``: C(l) per level, fast to slow; null or 0 = never updated (a plain MLP). The finite periods must each
+    divide the next (C(l-1) | C(l), NL §7.1 as restated by the Sleep paper). ``variant``: ``chain`` (Eq. 70, levels in
+    series, each a residual block) or ``independent`` (Eq. 74, head-wise: learnable weighted sum of the levels).
+    ``block``: the MLP form of each level. ``widths``: per-level multipliers of the layer's channel width (default 1).
+    ``objective``: the inner loss, ``reconstruction`` ``1/2 ||MLP(h) - h||^2`` or ``projection``
+    ``1/2 ||MLP(h) - h W_T||^2`` (W_T learned). ``lr``: the inner learning rate eta_t (a scalar gate per level).
+    ``max_update``: each period's update of a weight matrix is rescaled to at most this fraction of its norm.
+    """
+
+    periods: list[int | None] = Field(default_factory=lambda: [16, 64], min_length=1, max_length=8)
+    variant: Literal["chain", "independent"] = "chain"
+    block: Literal["swiglu", "gelu"] = "swiglu"
+    widths: list[float] | None = None
+    objective: Literal["reconstruction", "projection"] = "reconstruction"
+    lr: GateSpec = GateSpec(granularity="scalar", init=0.01, lo=0.0, hi=1.0)
+    max_update: float | None = Field(0.1, gt=0, description="trust region: ||update||_F <= max_update * ||W||_F per "
+                                     "weight matrix and period (null: the unclipped Eq. 71)")
+
+    @model_validator(mode="after")
+    def _check(self) -> CMSSpec:
+        errors = []
+        prev: tuple[int, int] | None = None
+        for i, c in enumerate(self.periods):
+            if c is None or c == 0:
+                continue
+            if c < 0:
+                errors.append(f"periods[{i}]: an update period must be >= 1 (or null/0 for never), but got {c}")
+            elif prev is not None and c % prev[1]:
+                errors.append(
+                    f"periods[{i}]: each finite update period must be a multiple of the previous one (C(l-1) | C(l), "
+                    f"NL §7.1), but got periods[{prev[0]}]={prev[1]}, periods[{i}]={c}"
+                )
+            else:
+                prev = (i, c)
+        if self.widths is not None:
+            if len(self.widths) != len(self.periods):
+                errors.append(
+                    f"widths: must give one multiplier per level ({len(self.periods)}), but got {len(self.widths)}"
+                )
+            for i, w in enumerate(self.widths):
+                if not w > 0:
+                    errors.append(f"widths[{i}]: a width multiplier must be > 0, but got {w}")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+class SelfModSpec(Spec):
+    """Self-modifying Titans (NL §8.1-8.2, Eq. 83-88), block kind ``selfmod`` (see ``miras/components/selfmod.py``).
+
+    ``chunk_size``: the chunk at whose boundaries k, v, eta, alpha and the self-generated targets v_hat are produced
+    (the memories M_k, M_v, M_eta, M_alpha are read with the state of the previous chunk end); the output memory's
+    own gradient chunk is ``memory.learner.chunk_size`` (the paper's two chunk sizes).
+    """
+
+    chunk_size: int = Field(16, ge=1)
+    v_norm: bool = Field(
+        True,
+        description="l2-normalize v_t = M_v(x_t) (a stabiliser [R]: the paper normalizes q and k only; without it the "
+        "self-generated targets M(v) grow from chunk to chunk and the inner updates diverge at eta >= 0.05)",
+    )
+
+
+class ChannelMLPSpec(Spec):
+    """Channel mixer after each token mixer: ``swiglu`` (Llama), ``gelu`` (GPT), ``cms`` (Continuum Memory System,
+    options in ``cms``) or ``none``. Width = expansion * d_model (per CMS level: times ``cms.widths``)."""
+
+    kind: Literal["swiglu", "gelu", "none", "cms"] = "swiglu"
     expansion: float = Field(4.0, gt=0)
+    cms: CMSSpec = CMSSpec()
 
 
 class BudgetSpec(Spec):
@@ -470,7 +703,88 @@ class BudgetSpec(Spec):
     knob: Literal["d_model", "mlp_expansion", "n_layers"] = "d_model"
 
 
-BlockKind = Literal["lmm", "mac", "mag", "mal", "attn", "swa"]
+# ------------------------------------------------------------------------------- trellis and ms-ssm (reconstructions)
+
+
+class TrellisSpec(Spec):
+    """Trellis slot memory (arXiv 2512.23852; reconstruction [R] of papers.md §8.1, see miras/components/trellis.py).
+
+    ``slots`` m key/value slots per head, written token by token in two passes (keys, then values) by one online GD
+    step with inner learning rate ``lr`` (theta_t) and keep gate ``keep`` (alpha_t, the fraction kept); read
+    ``y = V^T softmax(s K q)`` with a learned per-head inverse temperature s initialised to ``score_scale``.
+    ``conv_size``: depthwise causal conv after the q/k/v projections (0 turns it off).
+    """
+
+    slots: int = Field(32, ge=1)
+    score_scale: float = Field(8.0, gt=0)
+    lr: GateSpec = GateSpec(init=0.5, lo=0.0, hi=1.0)
+    keep: GateSpec = GateSpec(init=0.99, lo=0.0, hi=1.0)
+    conv_size: int = Field(4, ge=0)
+    output_norm: bool = True
+    output_gate: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrellisSpec:
+        errors = []
+        for name in ("lr", "keep"):
+            g = getattr(self, name)
+            if g.granularity == "channel":
+                errors.append(f"{name}.granularity: Trellis gates are per head, but got granularity='channel'; "
+                              "use head or scalar")
+            if g.lo < 0.0 or g.hi > 1.0:
+                bad = "lo" if g.lo < 0.0 else "hi"
+                errors.append(f"{name}.{bad}: a Trellis gate must stay inside [0, 1], but got lo={g.lo}, hi={g.hi}")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+class MSSSMSpec(Spec):
+    """MS-SSM multi-scale selective SSM (arXiv 2512.23824; reconstruction [R] of papers.md §8.2, miras/components/msssm.py).
+
+    ``scales`` S recursive dilated causal depthwise convs (kernel ``kernel_size``, dilation 2^(s-1)) give S details plus
+    one approximation; each of the S + 1 scales runs a diagonal selective SSM with ``d_state`` N states per channel
+    (``dt_rank``: low-rank dt projection, default ceil(d_model / 16)); dt starts log-uniform in [dt_min, dt_max] and
+    2^-g smaller at scale g. ``mixer``: softmax (or unconstrained linear) input-dependent mix of the scales.
+    ``expand``: inner width E = expand * d_model. ``chunk_size``: tokens per chunk of the log-depth parallel scan (1 is
+    the plain recurrence, fastest on CPU; both are exact).
+    """
+
+    scales: int = Field(3, ge=1, le=10)
+    kernel_size: int = Field(2, ge=1)
+    d_state: int = Field(8, ge=1)
+    expand: float = Field(1.0, gt=0)
+    dt_rank: int | None = Field(None, ge=1)
+    dt_min: float = Field(0.001, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    mixer: Literal["softmax", "linear"] = "softmax"
+    gate: bool = True
+    chunk_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> MSSSMSpec:
+        if not self.dt_min <= self.dt_max:
+            raise ValueError(f"dt_min: must be <= dt_max, but got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        return self
+
+
+def _trellis_msssm_errors(spec: ModelSpec) -> list[str]:
+    """Cross-field checks of ``hybrid_memory`` (which memory the Titans hybrids mac/mag/mal hold)."""
+    errors = []
+    if spec.hybrid_memory == "msssm" and "mac" in spec.blocks:
+        errors.append(
+            "hybrid_memory: a mac block reads its memory with queries (Titans Eq. 21) and MS-SSM has no query read, "
+            "but got hybrid_memory='msssm' with a mac block in layout; use mag or mal, or hybrid_memory lmm | trellis"
+        )
+    if spec.hybrid_memory != "lmm" and spec.memory.local is not None and any(b in ("mag", "mal") for b in spec.blocks):
+        errors.append(
+            f"hybrid_memory: TNT local memories (memory.local) live in the lmm memory, but got "
+            f"hybrid_memory={spec.hybrid_memory!r}; use hybrid_memory: lmm or drop memory.local"
+        )
+    return errors
+
+
+BlockKind = Literal["lmm", "mac", "mag", "mal", "attn", "swa", "selfmod", "trellis", "msssm"]
 BLOCK_DESCRIPTIONS = {
     "lmm": "memory token mixer only (Titans LMM, Miras models, DeltaNet, ...)",
     "mac": "Titans Memory as a Context (Eq. 21-25)",
@@ -478,6 +792,9 @@ BLOCK_DESCRIPTIONS = {
     "mal": "Titans Memory as a Layer (Eq. 29-31)",
     "attn": "full causal softmax attention",
     "swa": "sliding-window causal softmax attention",
+    "trellis": "Trellis two-pass key/value slot memory (arXiv 2512.23852, reconstruction [R])",
+    "msssm": "MS-SSM multi-scale selective SSM with a scale mixer (arXiv 2512.23824, reconstruction [R])",
+    "selfmod": "self-modifying Titans (NL Eq. 83-88); with mlp.kind cms it is the Hope block (NL Eq. 94-97)",
 }
 
 
@@ -500,7 +817,12 @@ class ModelSpec(Spec):
     memory: MemorySpec = MemorySpec()
     attention: AttentionSpec = AttentionSpec()
     mac: MACSpec = MACSpec()
+    trellis: TrellisSpec = TrellisSpec()
+    msssm: MSSSMSpec = MSSSMSpec()
+    hybrid_memory: Literal["lmm", "trellis", "msssm"] = Field(
+        "lmm", description="memory of the mac/mag/mal hybrids: the lmm memory layer, a Trellis or an MS-SSM mixer")
     mlp: ChannelMLPSpec = ChannelMLPSpec()
+    selfmod: SelfModSpec = SelfModSpec()
     taper: TaperSpec = TaperSpec()
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     tie_embeddings: bool = True
@@ -512,7 +834,8 @@ class ModelSpec(Spec):
     def axes_summary(self) -> str:
         """The six axes in one token, e.g. ``mlp2·huber·decay·momentum·cosine·none`` (``attn`` for attention-only)."""
         if not self.uses_memory:
-            return f"attn·—·—·—·{self.taper.kind}·—"
+            other = "+".join(b for b in ("trellis", "msssm") if b in self.blocks)  # Trellis / MS-SSM blocks
+            return f"{other or 'attn'}·—·—·—·{self.taper.kind}·—"
         a = self.memory.axes
         return "·".join([a["memory"], a["bias"], a["retention"], a["learner"], self.taper.kind, a["caching"]])
 
@@ -527,7 +850,7 @@ class ModelSpec(Spec):
 
     @property
     def uses_memory(self) -> bool:
-        return any(b in ("lmm", "mac", "mag", "mal") for b in self.blocks)
+        return any(b in ("lmm", "mac", "mag", "mal", "selfmod") for b in self.blocks)
 
     @model_validator(mode="after")
     def _cross_check(self) -> ModelSpec:
@@ -548,6 +871,37 @@ class ModelSpec(Spec):
                 f"mac.segment_length: must be <= max_seq_len, but got segment_length={self.mac.segment_length}, "
                 f"max_seq_len={self.max_seq_len}"
             )
+        if self.memory.local is not None:  # TNT hierarchical memory (miras/components/tnt.py)
+            other = sorted({b for b in self.blocks if b in ("mac", "selfmod")})
+            if other:
+                errors.append(
+                    f"memory.local: TNT local memories are built into lmm, mag and mal blocks, but got layout blocks "
+                    f"{other}; use layout [lmm] (or mag/mal), or drop memory.local"
+                )
+            if self.memory.caching.kind != "none":
+                errors.append(
+                    f"memory.local: TNT local memories do not combine with Memory Caching, but got "
+                    f"memory.caching.kind={self.memory.caching.kind!r}; use caching.kind: none or drop memory.local"
+                )
+        if "selfmod" in self.blocks:  # self-modifying Titans (hope): memories read the heads of x directly
+            if self.n_heads * self.d_head != self.d_model:
+                errors.append(
+                    f"head_dim: a selfmod block splits x into heads (its memories read x_t, NL Eq. 86), so n_heads * "
+                    f"head_dim must equal d_model, but got n_heads={self.n_heads}, head_dim={self.d_head}, "
+                    f"d_model={self.d_model}"
+                )
+            if self.selfmod.chunk_size > self.max_seq_len:
+                errors.append(
+                    f"selfmod.chunk_size: the chunk must not be longer than the sequence, but got "
+                    f"chunk_size={self.selfmod.chunk_size} > max_seq_len={self.max_seq_len}"
+                )
+            if self.memory.caching.kind != "none" or self.memory.feature_map.kind != "identity":
+                errors.append(
+                    "memory.feature_map: a selfmod block generates k with the memory M_k (NL Eq. 86); feature maps "
+                    f"and caching are not defined for it, but got feature_map={self.memory.feature_map.kind!r}"
+                )
+        errors += _caching_errors(self)
+        errors += _trellis_msssm_errors(self)
         if self.taper.kind != "uniform" and self.mlp.kind == "none":
             errors.append(f"taper.kind: a {self.taper.kind!r} taper needs a channel MLP, but got mlp.kind='none'")
         if errors:
@@ -562,15 +916,44 @@ class ModelSpec(Spec):
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved architecture (keys leaderboard rows).
 
-        ``name``, ``description``, ``train`` and ``tracking`` are left out: they do not change the model.
+        ``name``, ``description``, ``train`` and ``tracking`` are left out: they do not change the model. Fields at
+        their default are left out too, so a new schema option (with a default) keeps every existing hash.
         """
-        data = self.model_dump(mode="json", exclude={"name", "description", "train", "tracking"})
+        data = self.model_dump(mode="json", exclude={"name", "description", "train", "tracking"}, exclude_defaults=True)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: Mapping[str, Any] | list[str]) -> ModelSpec:
         """A new validated spec with dotted overrides applied (``{"memory.bias.p": 3}`` or ``["memory.bias.p=3"]``)."""
         data = self.model_dump(mode="json")
         return _validate(apply_overrides(data, overrides), source=self.name or "spec")
+
+
+def _caching_errors(spec: ModelSpec) -> list[str]:
+    """Cross-field checks of ``memory.caching`` against the model (Memory Caching needs the sequence length)."""
+    cache = spec.memory.caching
+    if cache.kind == "none" or not spec.uses_memory:
+        return []
+    errors = []
+    other = sorted({b for b in spec.blocks if b in ("mac", "selfmod")})
+    if other:
+        errors.append(
+            f"memory.caching.kind: Memory Caching wraps the memory of lmm, mag and mal blocks, but got {other} in "
+            f"layout={spec.layout} with caching.kind={cache.kind!r}; use caching.kind: none with these blocks"
+        )
+    if cache.segment_length > spec.max_seq_len:
+        errors.append(
+            f"memory.caching.segment_length: a segment must not be longer than the sequence, but got "
+            f"segment_length={cache.segment_length} > max_seq_len={spec.max_seq_len}"
+        )
+    elif cache.kind == "sparse_selective":
+        n_cached = len(cache.segment_bounds(spec.max_seq_len)) - 1
+        if cache.top_k > n_cached:
+            errors.append(
+                f"memory.caching.top_k: must be <= the number of cached segments at max_seq_len ({n_cached} with "
+                f"{cache.segmentation} segments of {cache.segment_length} in {spec.max_seq_len} tokens), but got "
+                f"top_k={cache.top_k}"
+            )
+    return errors
 
 
 # ------------------------------------------------------------------------------------------------- loading helpers

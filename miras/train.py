@@ -223,12 +223,15 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback | None = None, resume: bool = False,
-          progress: bool = True, wandb: bool | TrackingSpec | None = None) -> dict[str, Any]:
+          progress: bool = True, wandb: bool | TrackingSpec | None = None, init_from: str | Path | None = None,
+          freeze_except: str | None = None) -> dict[str, Any]:
     """Train ``spec`` on ``cfg.task``; returns the run record (also written to ``run_dir/record.json``).
 
     ``callback(step, metrics)`` runs after every evaluation; if it raises, the record is written with status
     ``pruned`` (optuna.TrialPruned) or ``failed`` and the exception propagates. A NaN/inf loss ends the run with
     status ``diverged`` (returned, not raised). ``wandb``: True/False or a TrackingSpec overrides ``spec.tracking``.
+    ``init_from``: a checkpoint whose weights start the run (TNT stage two); ``freeze_except``: ``"local"`` trains only
+    the TNT local memories (:mod:`miras.components.tnt`).
 
     Raises:
         SpecError / MirasError: bad input (unknown task, vocabulary or length mismatch, unwritable run_dir), raised
@@ -259,6 +262,14 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
 
     torch.manual_seed(cfg.seed)
     model = build(spec).to(device)
+    if init_from is not None and state is None:  # TNT stage two (§5.3): start from a stage-one checkpoint (tnt.py)
+        from miras.components.tnt import load_stage_one
+
+        load_stage_one(model, init_from)
+    if freeze_except is not None:  # e.g. "local": train only the TNT local memories
+        from miras.components.tnt import freeze_except as freeze
+
+        freeze(model, freeze_except)
     n_params, n_non_emb = param_counts(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -19,6 +19,12 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.ya
 REQUIRED = {
     "transformer", "swa-transformer", "linear-attention", "deltanet", "gated-deltanet", "titans-lmm", "titans-mac",
     "titans-mag", "titans-mal", "moneta", "yaad", "memora", "tapered-transformer", "tapered-titans",
+    "tnt-titans", "tnt-ttt",  # TNT (miras/components/tnt.py)
+    "trellis", "ms-ssm",  # Trellis and MS-SSM reconstructions (miras/components/trellis.py, msssm.py)
+    "omeganet", "atlas", "deep-linear-attention", "sliding-window-linear-attention", "deeptransformer",  # ATLAS
+    "hope", "hope-attention", "titans-cms",  # Nested Learning (miras/components/cms.py, selfmod.py)
+    "titans-grm", "dla-ssc",  # Memory Caching (miras/components/caching.py)
+    "hope-sleep",  # Sleep / knowledge seeding (miras/sleep.py)
 }
 
 

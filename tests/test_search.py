@@ -241,7 +241,7 @@ def test_every_search_space_validates_and_samples_within_budget():
     from miras.search.space import check_base_budget
 
     spaces = sorted((ROOT / "search_spaces").glob("*.yaml"))
-    assert len(spaces) == 2, spaces  # quickstart.yaml, tiny.yaml
+    assert {"quickstart", "tiny", "full"} <= {p.stem for p in spaces}, spaces
     for path in spaces:
         space, base = load_space(path)
         check_base_budget(space, base)

@@ -78,7 +78,7 @@ def show(spec: str, overrides: tuple[str, ...]) -> None:
 @click.option("--seq-len", type=int, default=None, help="Sequence length for the state size (default: max_seq_len).")
 def params(spec: str, overrides: tuple[str, ...], seq_len: int | None) -> None:
     """Parameter breakdown per layer and component, total, non-embedding count and state size of SPEC."""
-    from miras.params import breakdown, count_params, non_embedding_params, solve_budget, state_size_bytes
+    from miras.params import breakdown, count_params, count_params_non_embedding, solve_budget, state_size_bytes
 
     resolved = _load(spec, overrides)
     if resolved.budget is not None:
@@ -90,12 +90,12 @@ def params(spec: str, overrides: tuple[str, ...], seq_len: int | None) -> None:
     table.add_column("component")
     table.add_column("params", justify="right")
     for row in breakdown(resolved):
-        table.add_row(str(row["layer"]), row["component"], _fmt_int(row["params"]))
+        table.add_row("model" if row.layer < 0 else str(row.layer), row.component, _fmt_int(row.count))
     console.print(table)
     total = count_params(resolved)
     seq = seq_len or resolved.max_seq_len
     console.print(f"total            {_fmt_int(total)}")
-    console.print(f"non-embedding    {_fmt_int(non_embedding_params(resolved))}")
+    console.print(f"non-embedding    {_fmt_int(count_params_non_embedding(resolved))}")
     console.print(f"state per seq    {_fmt_int(state_size_bytes(resolved, seq))} bytes at seq_len={seq}")
     for layer, block, path in _paths(resolved):
         console.print(f"layer {layer}: {block:4s} memory path: {path}")

@@ -115,7 +115,7 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.argument("spec")
+@click.argument("spec", required=False)
 @click.option("--task", "task_name", help=f"Task: {TASK_HELP}. Overrides the spec's train.task.")
 @click.option("--opt", "task_opts", multiple=True, metavar="KEY=VALUE", help="Task option, e.g. --opt num_kv_pairs=8.")
 @click.option("--difficulty", type=int, help="Task difficulty level (0 = the origin's baseline).")
@@ -141,12 +141,15 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 @click.option("--wandb/--no-wandb", "use_wandb", default=None, help="W&B logging (offline unless tracking.mode: online).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--from-trial", help="Re-run trial N of a search study exactly (STUDY:N).")
-def train(spec: str, task_name: str | None, task_opts: tuple[str, ...], difficulty: int | None, steps: int | None,
+@click.option("--from", "from_ckpt", metavar="CKPT",
+              help="TNT stage two: start from this checkpoint (run folder); --set may change only memory.local.chunk_sizes.")
+@click.option("--freeze-except", type=click.Choice(["local"]), help="Train only these parameters (local: TNT local memories).")
+def train(spec: str | None, task_name: str | None, task_opts: tuple[str, ...], difficulty: int | None, steps: int | None,
           batch_size: int | None, seq_len: int | None, lr: float | None, warmup: int | None, weight_decay: float | None,
           grad_accum: int | None, grad_clip: float | None, eval_every: int | None, eval_batches: int | None,
           seed: int | None, precision: str | None, device: str | None, early_stop: str | None,
           overrides: tuple[str, ...], name: str | None, runs_dir: str, resume: bool, use_wandb: bool | None,
-          progress: bool, from_trial: str | None) -> None:
+          progress: bool, from_trial: str | None, from_ckpt: str | None = None, freeze_except: str | None = None) -> None:
     """Train SPEC (a YAML file or recipe name) on a task; writes RUNS_DIR/NAME/{record.json, checkpoint/}.
 
     Runs data-parallel under `torchrun --nproc-per-node N -m miras train ...` with the same result as one process.
@@ -161,6 +164,12 @@ def train(spec: str, task_name: str | None, task_opts: tuple[str, ...], difficul
         train_data, tracking = cfg0.model_dump(mode="json"), None
         if overrides:
             model_spec = model_spec.with_overrides([o for o in overrides if not o.startswith(("train.", "tracking."))])
+    elif from_ckpt:  # TNT stage two (miras/components/tnt.py)
+        from miras.components.tnt import stage_two_setup
+
+        model_spec, train_data, tracking = stage_two_setup(from_ckpt, spec, overrides)
+    elif spec is None:
+        raise SpecError("miras train: give a SPEC (YAML file or recipe name), --from CKPT or --from-trial STUDY:N")
     else:
         model_spec, train_data, tracking = load_run_spec(spec, overrides)
     task = train_data.get("task", {})
@@ -185,7 +194,7 @@ def train(spec: str, task_name: str | None, task_opts: tuple[str, ...], difficul
         train_data["early_stop"] = {"metric": metric, "target": float(target), "mode": mode}
     cfg = _train_spec(train_data)
     rank, world = dist_info()
-    run_name = name or f"{model_spec.name or Path(spec).stem}-{cfg.task.slug}"
+    run_name = name or f"{model_spec.name or Path(spec or 'model').stem}-{cfg.task.slug}"
     run_dir = _run_dir(runs_dir, run_name, resume, world > 1)
     if world > 1:
         import torch.distributed as dist
@@ -195,7 +204,9 @@ def train(spec: str, task_name: str | None, task_opts: tuple[str, ...], difficul
         click.echo(f"run {run_dir} ({'resuming' if resume else 'new'}; task {cfg.task.name}; world size {world})", err=True)
     try:
         record = train_fn(model_spec, cfg, run_dir=run_dir, resume=resume, progress=progress and sys.stderr.isatty(),
-                          wandb=use_wandb if use_wandb is not None else tracking)
+                          wandb=use_wandb if use_wandb is not None else tracking,
+                          **({"init_from": from_ckpt} if from_ckpt else {}),
+                          **({"freeze_except": freeze_except} if freeze_except else {}))
     finally:
         if world > 1:
             import torch.distributed as dist

@@ -101,3 +101,26 @@ class HuberBias(Bias):
         a = self.spec.smoothing
         inside = (r * r).sum(-1) <= (delta * delta)[..., 0]
         return torch.where(inside, 0.5 * (r * r).sum(-1), delta[..., 0] * _log_cosh(a * r).sum(-1) / a)
+
+
+@BIAS.register("omega")
+class OmegaBias(Bias):
+    """ATLAS' Omega rule (Eq. 9-11): token t's objective is ``sum_{i=t-c+1..t} gamma_i l_inner(M(k_i), v_i)``.
+
+    ``grad``/``loss`` are the inner bias' row maps (the window weights gamma_i and the window sum are applied by the
+    memory op, ``miras.ops_ext``); ``window`` c and the extra gate ``omega_gamma`` (plus the inner bias' gates).
+    The window's gradients are all taken at the chunk-start state of token t (chunk size 1: exactly ATLAS Eq. 9-10).
+    """
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.inner = BIAS.get(spec.inner.kind)(spec.inner)
+        self.window = spec.window
+        self.gates = ("omega_gamma", *self.inner.gates)
+        self.exact_loss = self.inner.exact_loss
+
+    def grad(self, y, v, delta=None):
+        return self.inner.grad(y, v, delta)
+
+    def loss(self, y, v, delta=None):
+        return self.inner.loss(y, v, delta)

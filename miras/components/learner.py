@@ -95,3 +95,72 @@ class MomentumLearner(Learner):
     def step(self, A, S, g, keep, lr, mu=None):
         S = mu * S - lr * g
         return keep * A + S, S
+
+
+# ------------------------------------------------------------------------------------------ ATLAS Muon and NL DGD
+
+NS_COEFFICIENTS = {"quintic": (3.4445, -4.7750, 2.0315), "cubic": (1.5, -0.5, 0.0)}
+NS_EPS = 1e-7
+
+
+def newton_schulz(S: Tensor, steps: int, coefficients: str = "quintic") -> Tensor:
+    """``NS_k(S)`` per matrix over the last two axes (Muon; ATLAS Eq. 32-33, papers.md §3.4).
+
+    ``X = S / sqrt(||S||_F^2 + eps^2)`` (eps keeps a zero momentum at zero with a finite gradient); transpose if rows >
+    cols; k times ``A = X X^T; B = b A + c A A; X = a X + B X``. ``quintic`` (3.4445, -4.7750, 2.0315) pushes the singular
+    values into ~[0.7, 1.2] quickly (Muon); ``cubic`` (1.5, -0.5, 0) converges to exactly 1, i.e. to the polar factor
+    U V^T of S = U Sigma V^T.
+    """
+    a, b, c = NS_COEFFICIENTS[coefficients]
+    X = S / torch.sqrt((S * S).sum((-2, -1), keepdim=True) + NS_EPS**2)
+    tall = S.shape[-2] > S.shape[-1]
+    if tall:
+        X = X.transpose(-1, -2)
+    for _ in range(steps):
+        A = X @ X.transpose(-1, -2)
+        B = b * A + c * (A @ A) if c else b * A
+        X = a * X + B @ X
+    return X.transpose(-1, -2) if tall else X
+
+
+@LEARNER.register("muon")
+class MuonLearner(Learner):
+    """ATLAS' Muon rule, descent-consistent reading of Eq. 32-33 (the NS of a descent direction is a descent direction):
+
+        S_t = mu_t S_{t-1} - eta_t g_t ;   A_t = alpha_t A_{t-1} + NS_k(S_t)
+
+    Not linear in the gradients: the chunked form materialises the momentum of every token of a chunk (``miras.ops_ext``).
+    """
+
+    gates: ClassVar[tuple[str, ...]] = ("lr", "momentum")
+    momentum: ClassVar[bool] = True
+
+    def orthogonalize(self, S: Tensor) -> Tensor:
+        return newton_schulz(S, self.spec.steps, self.spec.coefficients)
+
+    def step(self, A, S, g, keep, lr, mu=None):
+        S = mu * S - lr * g
+        return keep * A + self.orthogonalize(S), S
+
+
+@LEARNER.register("dgd")
+class DGDLearner(Learner):
+    """Delta gradient descent (Nested Learning Eq. 57) in the [K, V] row convention of miras:
+
+        A_t = (alpha_t I - eta_t k_t^T k_t) A_{t-1} - eta_t g_t
+
+    The projector acts on the key side (the input side of the first layer of an MLP memory with ``mlp_form:
+    first_layer``; the other layers take plain GD). Chunk semantics: g_t is taken at the chunk-start state (as for every
+    learner) while the projector is applied token-exactly; the chunked form solves the resulting unit lower-triangular
+    system (the UT transform of DeltaNet, ``miras.ops_ext``).
+    """
+
+    def projects(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) takes the key projector."""
+        return layer == 0 and self.spec.mlp_form == "first_layer"
+
+    def step(self, A, S, g, keep, lr, mu=None, *, k: Tensor | None = None, layer: int = 0):
+        A_new = keep * A - lr * g
+        if k is not None and self.projects(layer):  # k [B, H, 1, K]
+            A_new = A_new - lr * (k.transpose(-1, -2) @ (k @ A))
+        return A_new, None

@@ -77,11 +77,26 @@ def layer_dims(spec: MemorySpec, d_key: int, d_value: int) -> list[tuple[int, in
 
 
 def state_shapes(spec: MemorySpec, d_key: int, d_value: int) -> dict[str, tuple[int, ...]]:
-    """Recurrent state per head (no B, H): ``W1..WL`` (layer weights; the accumulator A for lq) and ``S1..SL`` (momentum)."""
+    """Recurrent state per head (no B, H): ``W1..WL`` (layer weights; the accumulator A for lq), ``S1..SL`` (momentum,
+    muon) and the omega window (:func:`window_state_shapes`)."""
     dims = layer_dims(spec, d_key, d_value)
     shapes = {f"W{i + 1}": d for i, d in enumerate(dims)}
-    if spec.learner.kind == "momentum":
+    if spec.learner.kind in ("momentum", "muon"):
         shapes.update({f"S{i + 1}": d for i, d in enumerate(dims)})
+    shapes.update(window_state_shapes(spec, d_key, d_value))
+    return shapes
+
+
+def window_state_shapes(spec: MemorySpec, d_key: int, d_value: int) -> dict[str, tuple[int, ...]]:
+    """Omega bias (ATLAS Eq. 9): the last c - 1 keys, values, window gates gamma (and Huber deltas) carried across calls
+    so that a continued sequence sees the same window (``window_k``, ``window_v``, ``window_gamma``, ``window_delta``)."""
+    bias = spec.bias
+    if bias.kind != "omega" or bias.window <= 1:
+        return {}
+    c = bias.window - 1
+    shapes = {"window_k": (c, d_key), "window_v": (c, d_value), "window_gamma": (c, 1)}
+    if bias.inner.kind == "huber":
+        shapes["window_delta"] = (c, 1)
     return shapes
 
 

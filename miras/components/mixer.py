@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from miras.components.gates import Gate
-from miras.spec import GateSpec, HuberBiasSpec, MemorySpec
+from miras.errors import SpecError
+from miras.spec import GateSpec, HuberBiasSpec, MemorySpec, OmegaBiasSpec
 
 
 def mixer_gate_specs(spec: MemorySpec) -> dict[str, GateSpec]:
@@ -29,14 +30,40 @@ def mixer_gate_specs(spec: MemorySpec) -> dict[str, GateSpec]:
     gates = {"lr": spec.learner.lr}
     if spec.retention.kind != "none":
         gates["keep"] = spec.retention.gate
-    if spec.learner.kind == "momentum":
+    if spec.learner.kind in ("momentum", "muon"):
         gates["momentum"] = spec.learner.momentum
     if isinstance(spec.bias, HuberBiasSpec):
         gates["huber_delta"] = spec.bias.delta
+    if isinstance(spec.bias, OmegaBiasSpec):  # ATLAS window gate gamma (+ the inner bias' own gates)
+        gates["omega_gamma"] = spec.bias.gamma
+        if isinstance(spec.bias.inner, HuberBiasSpec):
+            gates["huber_delta"] = spec.bias.inner.delta
     return gates
 
 
-class MemoryMixer(nn.Module):
+class GatedOutput:
+    """The output of every memory token mixer (Titans §4.4, Miras §5.3): ``W_o(RMSNorm(o) * sigmoid(x W_g))``.
+
+    A mixin for ``nn.Module`` mixers that define ``out_norm`` (or None), ``w_g`` (or None) and ``w_o``.
+    """
+
+    out_norm: nn.Module | None
+    w_g: nn.Module | None
+    w_o: nn.Module
+
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """Memory outputs ``o [B, T, H, d]`` and mixer inputs ``x [B, T, D]`` -> ``[B, T, D]``."""
+        B, T = o.shape[:2]
+        o = o.to(x.dtype)
+        if self.out_norm is not None:
+            o = self.out_norm(o)
+        o = o.reshape(B, T, -1)  # [B, T, H*d]
+        if self.w_g is not None:
+            o = o * torch.sigmoid(self.w_g(x))
+        return self.w_o(o)  # [B, T, D]
+
+
+class MemoryMixer(GatedOutput, nn.Module):
     """Projections -> short conv -> SiLU -> l2norm -> feature map -> memory_scan -> norm * gate -> W_o.
 
     Args:
@@ -49,6 +76,16 @@ class MemoryMixer(nn.Module):
         from miras.components.memory import memory_param_shapes, state_shapes
 
         self.spec, self.n_heads, self.d_head = spec, n_heads, d_head
+        from miras.components.feature_maps import MAX_FEATURE_DIM
+        from miras.registry import FEATURE_MAP
+
+        self.feature_map = FEATURE_MAP.get(spec.feature_map.kind)(spec.feature_map)
+        self.d_key = self.feature_map.dim(d_head)  # the memory's key dim (ATLAS exponential map: 1 + d + d^2)
+        if self.d_key > MAX_FEATURE_DIM:
+            raise SpecError(
+                f"memory.feature_map: the exponential map gives key dim 1 + d + d^2 = {self.d_key} for d_head={d_head}, "
+                f"which must be <= {MAX_FEATURE_DIM}; use a smaller head_dim, degree 1, or kind: polynomial."
+            )
         inner = n_heads * d_head
         self.w_q = nn.Linear(d_model, inner, bias=False)
         self.w_k = nn.Linear(d_model, inner, bias=False)
@@ -65,17 +102,17 @@ class MemoryMixer(nn.Module):
             else:
                 self.register_buffer("fm_coef", coef)
         self.gates = nn.ModuleDict(
-            {name: Gate(g, d_model=d_model, n_heads=n_heads, d_key=d_head, name=name)
+            {name: Gate(g, d_model=d_model, n_heads=n_heads, d_key=self.d_key, name=name)
              for name, g in mixer_gate_specs(spec).items()}
         )
         # learned initial memory state W_0 (per head); momentum buffers start at zero and are not parameters
-        self.state_shapes = state_shapes(spec, d_head, d_head)
+        self.state_shapes = state_shapes(spec, self.d_key, d_head)
         self.init_state = nn.ParameterDict()
         for name, shape in self.state_shapes.items():
             if name.startswith("W"):
                 self.init_state[name] = nn.Parameter(torch.randn(n_heads, *shape) / math.sqrt(shape[0]))
         self.mem_params = nn.ParameterDict()
-        for name, shape in memory_param_shapes(spec, d_head, d_head).items():
+        for name, shape in memory_param_shapes(spec, self.d_key, d_head).items():
             if name == "norm_weight":
                 self.mem_params[name] = nn.Parameter(torch.ones(n_heads, *shape))
             elif name == "threshold":  # gamma > 0, stored as log gamma
@@ -86,6 +123,12 @@ class MemoryMixer(nn.Module):
         self.out_norm = nn.RMSNorm(d_head, eps=1e-6) if spec.output_norm else None
         self.w_g = nn.Linear(d_model, inner, bias=False) if spec.output_gate else None
         self.w_o = nn.Linear(inner, d_model, bias=False)
+        # Memory Caching (the caching-policy axis): segment caches aggregated around the scan (components/caching.py)
+        self.caching = None
+        if spec.caching.kind != "none":
+            from miras.components.caching import MemoryCaching
+
+            self.caching = MemoryCaching(spec.caching, d_model=d_model)
 
     # ------------------------------------------------------------------------------------------------ pieces
     @property
@@ -102,8 +145,10 @@ class MemoryMixer(nn.Module):
                 if self.spec.retention.kind == "kl":
                     w = self.spec.retention.scale * torch.softmax(w, dim=-1)
                 state[name] = w
-            else:
+            elif name.startswith("S"):
                 state[name] = self.init_state["W" + name[1:]].new_zeros(self.n_heads, *shape)
+            else:  # omega window (keys, values, gates of the previous c - 1 tokens): empty (zero gamma) at the start
+                state[name] = self.init_state["W1"].new_zeros(self.n_heads, *shape)
         return state
 
     def memory_params(self) -> dict[str, Tensor] | None:
@@ -124,8 +169,9 @@ class MemoryMixer(nn.Module):
     def _qk(self, h: Tensor) -> Tensor:
         if self.spec.qk_norm:
             h = F.normalize(h, dim=-1, eps=1e-6)
-        if self.spec.feature_map.kind == "polynomial":
-            h = sum(c * h**i for i, c in enumerate(self.fm_coef, start=1))
+        # registered feature map (miras.components.feature_maps): identity, polynomial (coefficients fm_coef),
+        # exponential (ATLAS Eq. 22-23: [B, T, H, d] -> [B, T, H, 1 + d + d^2])
+        h = self.feature_map(h, getattr(self, "fm_coef", None))
         return h
 
     def queries(self, x: Tensor) -> Tensor:
@@ -151,17 +197,6 @@ class MemoryMixer(nn.Module):
 
         return memory_read(self.spec, q, state, params=self.memory_params())
 
-    def output(self, o: Tensor, x: Tensor) -> Tensor:
-        """``W_o(RMSNorm(o) * sigmoid(x W_g))`` for memory outputs ``o [B, T, H, d]`` and mixer inputs ``x [B, T, D]``."""
-        B, T = o.shape[:2]
-        o = o.to(x.dtype)
-        if self.out_norm is not None:
-            o = self.out_norm(o)
-        o = o.reshape(B, T, -1)  # [B, T, H*d]
-        if self.w_g is not None:
-            o = o * torch.sigmoid(self.w_g(x))
-        return self.w_o(o)  # [B, T, D]
-
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
         """Mix ``x [B, T, D]``; ``state`` continues a sequence (None: a fresh one). Returns (y [B, T, D], state).
@@ -170,6 +205,8 @@ class MemoryMixer(nn.Module):
         "n_pending": tokens of the unfinished chunk}``: chunks are aligned with the start of the sequence, so any
         split of a sequence into calls gives the same outputs as one call.
         """
+        if self.caching is not None:
+            return self.caching(self, x, state)
         b = self.spec.learner.chunk_size
         if state is None:
             mem, ctx, n_pending = self.initial_state(), x[:, :0], 0
