@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 from miras.errors import KernelUnavailable, MirasError, NotImplementedYet, RegistryError, SpecError
-from miras.spec import ModelSpec, MemorySpec, list_recipes, load_spec, register_spec
+from miras.spec import MemorySpec, ModelSpec, list_recipes, load_spec, register_spec
 
 __version__ = "0.1.0"
 
