@@ -41,6 +41,16 @@ def mixer_gate_specs(spec: MemorySpec) -> dict[str, GateSpec]:
     return gates
 
 
+def add_qkv_projections(module: nn.Module, *, d_model: int, inner: int, conv_size: int) -> None:
+    """``w_q, w_k, w_v``: ``d_model -> inner`` projections (no bias), then ``conv_q, conv_k, conv_v``: depthwise causal
+    short convolutions of kernel ``conv_size`` (None when 0) — the input side of every memory mixer (Titans §4.4)."""
+    for name in "qkv":
+        setattr(module, f"w_{name}", nn.Linear(d_model, inner, bias=False))
+    for name in "qkv":
+        conv = nn.Conv1d(inner, inner, conv_size, groups=inner, bias=False) if conv_size else None
+        setattr(module, f"conv_{name}", conv)
+
+
 class GatedOutput:
     """The output of every memory token mixer (Titans §4.4, Miras §5.3): ``W_o(RMSNorm(o) * sigmoid(x W_g))``.
 
@@ -87,13 +97,7 @@ class MemoryMixer(GatedOutput, nn.Module):
                 f"which must be <= {MAX_FEATURE_DIM}; use a smaller head_dim, degree 1, or kind: polynomial."
             )
         inner = n_heads * d_head
-        self.w_q = nn.Linear(d_model, inner, bias=False)
-        self.w_k = nn.Linear(d_model, inner, bias=False)
-        self.w_v = nn.Linear(d_model, inner, bias=False)
-        ks = spec.conv_size
-        self.conv_q = nn.Conv1d(inner, inner, ks, groups=inner, bias=False) if ks else None
-        self.conv_k = nn.Conv1d(inner, inner, ks, groups=inner, bias=False) if ks else None
-        self.conv_v = nn.Conv1d(inner, inner, ks, groups=inner, bias=False) if ks else None
+        add_qkv_projections(self, d_model=d_model, inner=inner, conv_size=spec.conv_size)
         fm = spec.feature_map
         if fm.kind == "polynomial":
             coef = torch.tensor([1.0 / math.factorial(i) for i in range(1, fm.degree + 1)])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from miras.components.gates import Gate, gate_param_count
-from miras.components.mixer import GatedOutput
+from miras.components.mixer import GatedOutput, add_qkv_projections
 from miras.registry import BLOCK
 from miras.spec import TrellisSpec
 
@@ -105,13 +105,7 @@ class TrellisMixer(GatedOutput, nn.Module):
         super().__init__()
         self.spec, self.n_heads, self.d_head = spec, n_heads, d_head
         inner = n_heads * d_head
-        self.w_q = nn.Linear(d_model, inner, bias=False)
-        self.w_k = nn.Linear(d_model, inner, bias=False)
-        self.w_v = nn.Linear(d_model, inner, bias=False)
-        ks = spec.conv_size
-        self.conv_q = nn.Conv1d(inner, inner, ks, groups=inner, bias=False) if ks else None
-        self.conv_k = nn.Conv1d(inner, inner, ks, groups=inner, bias=False) if ks else None
-        self.conv_v = nn.Conv1d(inner, inner, ks, groups=inner, bias=False) if ks else None
+        add_qkv_projections(self, d_model=d_model, inner=inner, conv_size=spec.conv_size)
         self.gates = nn.ModuleDict({
             "lr": Gate(spec.lr, d_model=d_model, n_heads=n_heads, d_key=d_head, name="trellis.lr"),
             "keep": Gate(spec.keep, d_model=d_model, n_heads=n_heads, d_key=d_head, name="trellis.keep"),
