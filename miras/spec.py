@@ -919,7 +919,8 @@ class ModelSpec(Spec):
         ``name``, ``description``, ``train`` and ``tracking`` are left out: they do not change the model. Fields at
         their default are left out too, so a new schema option (with a default) keeps every existing hash.
         """
-        data = self.model_dump(mode="json", exclude={"name", "description", "train", "tracking"}, exclude_defaults=True)
+        skip = {"name", "description", "train", "tracking"}
+        data = _prune_defaults(self.model_dump(mode="json", exclude=skip), ModelSpec().model_dump(mode="json", exclude=skip))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: Mapping[str, Any] | list[str]) -> ModelSpec:
@@ -954,6 +955,26 @@ def _caching_errors(spec: ModelSpec) -> list[str]:
                 f"top_k={cache.top_k}"
             )
     return errors
+
+
+def _prune_defaults(full: Any, default: Any) -> Any:
+    """``full`` without the entries equal to ``default`` at the same path; a section whose ``kind`` differs from the
+    default's is kept whole, and ``kind`` itself is always kept (so two axes never hash alike)."""
+    if not (isinstance(full, dict) and isinstance(default, dict)) or full.get("kind") != default.get("kind"):
+        return full
+    out = {}
+    for key, value in full.items():
+        if key == "kind":
+            out[key] = value
+        elif key not in default:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(default[key], dict):
+            pruned = _prune_defaults(value, default[key])
+            if pruned != {} and not (set(pruned) == {"kind"} and value.get("kind") == default[key].get("kind")):
+                out[key] = pruned
+        elif value != default[key]:
+            out[key] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- loading helpers

@@ -189,3 +189,14 @@ def _count(path) -> int:
     from miras.params import count_params
 
     return count_params(load_spec(path))
+
+
+def test_spec_hash_identifies_the_architecture():
+    from miras.spec import list_recipes
+
+    hashes = {name: load_spec(path).spec_hash() for name, path in list_recipes().items()}
+    assert len(set(hashes.values())) == len(hashes)  # every recipe is a different model
+    base = load_spec({})
+    assert base.spec_hash() == load_spec({"d_model": base.d_model, "name": "x", "train": {"steps": 3}}).spec_hash()
+    assert base.spec_hash() != load_spec({"memory": {"bias": "huber"}}).spec_hash()  # a kind alone changes the hash
+    assert base.spec_hash() != load_spec({"memory": {"learner": {"chunk_size": 8}}}).spec_hash()
