@@ -2,9 +2,11 @@
 
     python benchmarks/bench_memory.py            # B=2, T=1024, H=4, K=V=32
     python benchmarks/bench_memory.py --quick    # T=256, fewer repetitions
+    python benchmarks/bench_memory.py --profile  # plus torch.profiler's top ops of every chunked config
 
 Prints one row per (memory, chunk size) with the median fwd+bwd milliseconds and the speed-up. titans-pytorch's
-``NeuralMemory`` is timed at a matched config when it is importable (it is never a dependency of miras).
+``NeuralMemory`` is timed at a matched config when it is importable (it is never a dependency of miras), interleaved
+with the MLP x2 runs so that both see the same load on a shared machine.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def fwd_bwd_seconds(spec: MemorySpec, mode: str, args, leaves) -> float:
     return time.perf_counter() - t0
 
 
-def time_titans_pytorch(B: int, T: int, H: int, K: int, chunk: int, reps: int, expansion: float) -> float | None:
+def titans_pytorch_job(B: int, T: int, H: int, K: int, chunk: int, expansion: float):
+    """A callable timing one fwd+bwd of titans-pytorch's ``NeuralMemory`` at the matched config (seconds); None when
+    titans-pytorch is not installed."""
     try:
         from titans_pytorch import MemoryMLP, NeuralMemory
     except ImportError:
@@ -67,20 +71,35 @@ def time_titans_pytorch(B: int, T: int, H: int, K: int, chunk: int, reps: int, e
         dim=H * K, chunk_size=chunk, heads=H, dim_head=K, model=MemoryMLP(dim=K, depth=2, expansion_factor=expansion)
     )
     x = torch.randn(B, T, H * K, requires_grad=True)
-    times = []
-    for _ in range(reps + 1):
+
+    def run() -> float:
         t0 = time.perf_counter()
         out = mem(x)
         y = out[0] if isinstance(out, tuple) else out
         y.square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[1:])
+        return time.perf_counter() - t0
+
+    return run
+
+
+def profile_chunked(spec: MemorySpec, args, leaves, rows: int = 25) -> None:
+    """Print torch.profiler's top ops (self CPU time, grouped by input shape) of one chunked fwd+bwd."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd_bwd_seconds(spec, "chunked", args, leaves)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fwd_bwd_seconds(spec, "chunked", args, leaves)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=30, max_shapes_column_width=80
+    )
+    print(table)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T=256 and fewer repetitions")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each chunked config")
     ns = ap.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -106,25 +125,39 @@ def main() -> None:
             )
             runs[chunk] = (spec, *make(spec, B, T, H, K))
         jobs = [("recurrent", 16)] + [("chunked", c) for c in runs]
+        if name == "mlp2-x2":  # titans-pytorch at the matched config, interleaved so that it sees the same load
+            try:
+                titans = titans_pytorch_job(B, T, H, K, 64, 2.0)
+            except Exception as err:  # an API drift of the optional comparison must not break the benchmark
+                titans, titans_note = None, f"installed but the call failed ({type(err).__name__}: {err}); skipped"
+            else:
+                titans_note = "not installed (pip install titans-pytorch to compare; never a miras dependency)"
+            if titans is not None:
+                jobs.append(("titans", 64))
         times: dict[tuple[str, int], list[float]] = {j: [] for j in jobs}
         for rep in range(reps + 1):  # the first round warms up
             for mode, chunk in jobs:
-                if mode == "chunked" or rep <= reps_rec:
+                if mode == "titans":
+                    times[(mode, chunk)].append(titans())
+                elif mode == "chunked" or rep <= reps_rec:
                     spec, args, leaves = runs[chunk]
                     times[(mode, chunk)].append(fwd_bwd_seconds(spec, mode, args, leaves))
         rec_ms = 1000 * statistics.median(times[("recurrent", 16)][1:])
         for chunk in runs:
             ch_ms = 1000 * statistics.median(times[("chunked", chunk)][1:])
             print(f"{name:<10} {chunk:>5} {rec_ms:>11.1f} {ch_ms:>9.1f} {rec_ms / ch_ms:>8.1f}x")
-    try:
-        tp = time_titans_pytorch(B, T, H, K, 64, reps, 2.0)
-    except Exception as err:  # an API drift of the optional comparison must not break the benchmark
-        print(f"titans-pytorch: installed but the call failed ({type(err).__name__}: {err}); comparison skipped")
-        return
-    if tp is None:
-        print("titans-pytorch: not installed (pip install titans-pytorch to compare; never a miras dependency)")
-    else:
-        print(f"titans-pytorch NeuralMemory (2-layer MLP x2, chunk 64): {tp:.1f} ms")
+        if name == "mlp2-x2":
+            if ("titans", 64) in times:
+                tp = 1000 * statistics.median(times[("titans", 64)][1:])
+                ch_ms = 1000 * statistics.median(times[("chunked", 64)][1:])
+                print(f"titans-pytorch NeuralMemory (2-layer MLP x2, chunk 64): {tp:.1f} ms "
+                      f"(miras chunked / titans-pytorch = {ch_ms / tp:.2f})")  # fmt: skip
+            else:
+                print(f"titans-pytorch: {titans_note}")
+        if ns.profile:
+            for chunk in runs:
+                print(f"-- profile: {name}, chunk {chunk}")
+                profile_chunked(*runs[chunk])
 
 
 if __name__ == "__main__":

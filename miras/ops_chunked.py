@@ -10,14 +10,20 @@ Per chunk of n tokens with chunk-start state (A_0, S_0) and read weights W_0 (= 
    rest linearly from it (Miras Eq. 30)
 4. end-of-chunk state from the last row of the coefficients.
 
-Nothing of size n x |W| is formed; the Python loop runs over chunks only.
+Nothing of size n x |W| is formed; the Python loop runs over chunks only. Three loops share the precomputed
+(chunk-major ``[NC, B, H, b, ...]``) coefficients: ``_linear_scan`` (linear memory with an l2 / dot bias: the chunk
+step is affine in the state, four small ops per chunk), ``_stacked_scan`` (any memory and bias with retention none /
+decay, on the stacked state [A; S] per layer) and the general loop below (lq, kl, elastic).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from miras.components.bias import L2Bias
 from miras.components.memory import masked_scores
 from miras.ops_common import final_state, prepare
 from miras.spec import MemorySpec
@@ -29,12 +35,205 @@ def _end_state(base: Tensor, beta_e: Tensor, aG_t: Tensor, d: Tensor) -> Tensor:
 
 
 def _chunks(x: Tensor, n_chunks: int, b: int, fill: float) -> Tensor:
-    """``[B, H, T, ...]`` -> ``[B, H, n_chunks, b, ...]``, padding the last chunk with ``fill``."""
+    """``[B, H, T, ...]`` -> chunk-major ``[n_chunks, B, H, b, ...]`` (contiguous), padding the last chunk with ``fill``.
+
+    Chunk-major so that the per-chunk slices of everything derived from it are free views of contiguous memory.
+    """
     B, H, T = x.shape[:3]
     pad = n_chunks * b - T
     if pad:
         x = torch.cat([x, x.new_full((B, H, pad, *x.shape[3:]), fill)], dim=2)
-    return x.reshape(B, H, n_chunks, b, *x.shape[3:])
+    return x.reshape(B, H, n_chunks, b, *x.shape[3:]).movedim(2, 0).contiguous()
+
+
+def _linear_fast(spec: MemorySpec, mem) -> bool:
+    """Whether the chunk recursion is affine in the state: a depth-1 memory without norm / residual, a bias whose
+    rows are affine in y (l2, dot) and a linear-family retention (none, decay) with gd or momentum."""
+    return (
+        mem.depth == 1
+        and not mem.norm
+        and not mem.residual
+        and spec.bias.kind in ("l2", "dot")
+        and spec.retention.kind in ("none", "decay")
+        and spec.learner.kind in ("gd", "momentum")
+    )
+
+
+def _state_decay(co, ins: list[int], per_chunk) -> Callable[[Tensor, int, int], Tensor]:
+    """``D X`` for the stacked state ``X = [A; S]`` (``[A]`` for gd) of layer i in chunk c, ``D = [[beta_e, f_e],
+    [0, m_e]]``: a 2 x 2 matrix acting on (A, S) (one bmm) when the keep is per head (R = 1), else row scales of X and
+    of X with A and S swapped (channel keep of a linear memory). ins: the input width of each layer's A."""
+    NC, B, H = co.beta_e.shape[:3]
+    R = co.beta_e.shape[-1]
+    if co.f is None:  # gd: X = A
+        scale = [per_chunk(co.beta_e[..., None].expand(NC, B, H, n, 1)) for n in ins]
+        return lambda X, i, c: X * scale[i][c]
+    if R == 1:
+        beta_e, f_e, m_e = co.beta_e[..., 0], co.f_e[..., 0], co.m_e
+        D2 = per_chunk(torch.stack([beta_e, f_e, torch.zeros_like(m_e), m_e], -1).unflatten(-1, (2, 2)))
+        return lambda X, i, c: torch.bmm(D2[c], X.view(X.shape[0], 2, -1)).view(X.shape)
+    f_e, m_e = co.f_e[..., None], co.m_e[..., None, None]
+    dself = [per_chunk(torch.cat([co.beta_e[..., None].expand(NC, B, H, n, 1), m_e.expand(NC, B, H, n, 1)], -2)) for n in ins]
+    dcross = [per_chunk(torch.cat([f_e.expand(NC, B, H, n, 1), m_e.new_zeros(NC, B, H, n, 1)], -2)) for n in ins]
+    return lambda X, i, c: torch.addcmul(X * dself[i][c], X.roll(ins[i], 1), dcross[i][c])
+
+
+def _linear_scan(
+    kc: Tensor, vc: Tensor, qc: Tensor | None, co, gamma: Tensor | None, l2: bool, X: Tensor, T: int
+) -> tuple[Tensor | None, Tensor]:
+    """The chunk recursion of a linear memory with an l2 / dot bias (Miras Eq. 9, Titans Eq. 13-14 in chunks).
+
+    With the gradient-point keys ``k~ = k ⊙ gamma`` (or k) the bias rows of a chunk are ``R = k~ A_0 - v`` (l2) or
+    ``-v`` (dot), and on the stacked state ``X = [A; S]`` (``[A]`` for gd)
+
+        X_e = D X_0 - [k ⊙ G_e; k ⊙ N_e]^T R ,  D = [[diag(beta_e), diag(f_e)], [0, m_e I]]     (_end_state)
+        o   = P X_0 + U ,  P = [q ⊙ beta - (G ⊙ q k^T) k~, q ⊙ f] ,  U = (G ⊙ q k^T) v              (dual_read)
+
+    (for dot P drops the k~ term). Everything but X is formed for all chunks at once: the loop runs four small ops per
+    chunk (read, bias rows, decay, write) and no tensor of size NC x K x K is formed.
+    Args: kc, vc, qc ``[NC, B, H, b, K|V]`` (qc None: no reads); co: the chunks' coefficients with their end-of-chunk
+    rows; gamma ``[NC, B, H, b, R]`` or None; X ``[B, H, 2K|K, V]``. Returns (o ``[B, H, T, V]`` | None, X_e).
+    """
+    NC, B, H, b, K = kc.shape
+    D, V = X.shape[-2:]
+
+    def per_chunk(x: Tensor) -> tuple[Tensor, ...]:  # [NC, B, H, ...] -> NC tensors [B * H, ...]
+        return x.reshape(NC, B * H, *x.shape[3:]).unbind(0)
+
+    kg = kc if gamma is None else kc * gamma  # the gradient-point keys [NC, B, H, b, K]
+    kw = kc * co.G_e  # write factors k ⊙ G[e] [NC, B, H, b(j), K]
+    if co.f is not None:  # momentum
+        kw = torch.cat([kw, kc * co.N_e[..., None]], dim=-1)  # [NC, B, H, b, 2K]
+    decay = _state_decay(co, [K], per_chunk)
+    # negated so that the loop's products need no scalar factors (each costs a full-size mul in the backward)
+    nkw_t, kg_c, nv_c = per_chunk(-kw.transpose(-1, -2)), per_chunk(kg), per_chunk(-vc)
+    if qc is not None:
+        scores = masked_scores(qc, kc, co.G)  # [NC, B, H, b, b]
+        P = qc * co.beta
+        if l2:
+            P = P - scores @ kg
+        if co.f is not None:
+            P = torch.cat([P, qc * co.f], dim=-1)  # [NC, B, H, b, 2K]
+        P, U = per_chunk(P), per_chunk(scores @ vc)
+    X = X.reshape(B * H, D, V)
+    outs = []
+    for c in range(NC):
+        if qc is not None:
+            outs.append(torch.baddbmm(U[c], P[c], X))
+        R = torch.baddbmm(nv_c[c], kg_c[c], X[:, :K]) if l2 else nv_c[c]  # [B * H, b, V]
+        X = torch.baddbmm(decay(X, 0, c), nkw_t[c], R)
+    X = X.reshape(B, H, D, V)
+    if qc is None:
+        return None, X
+    o = torch.stack(outs, dim=1).reshape(B, H, NC * b, V)  # [B, H, NC * b, V]
+    return o[:, :, :T], X
+
+
+def _stacked_scan(
+    mem,
+    bias,
+    kc: Tensor,
+    vc: Tensor,
+    qc: Tensor | None,
+    delta: Tensor | None,
+    co,
+    gamma: Tensor | None,
+    X: list[Tensor],
+    params: dict[str, Tensor] | None,
+    T: int,
+) -> tuple[Tensor | None, list[Tensor]]:
+    """The chunk loop of the linear-family retentions (none, decay) for any memory and bias, on the stacked per-layer
+    state ``X_l = [A_l; S_l]`` (``[A_l]`` for gd) in a ``[B * H, ...]`` layout so that every product is one (b)addbmm:
+
+        X_l,e = D X_l - [a G_e; a N_e]^T d_l ,  D = [[beta_e, f_e], [0, m_e]]            (end of chunk, see _end_state)
+        H_l   = [h beta, h f] X_l - (G ⊙ h a^T) d_l                                       (dual-form read, dual_read)
+
+    with the rank-one factors (a_{l-1}, d_l) of the chunk's gradients at the chunk start (``forward_cache`` /
+    ``backward_rows`` steps, written inline; ``ds`` holds -d_l, from the bias' negated rows, so both updates are plain
+    additions). The last chunk is padded: its padded tokens have eta = 0, so they write nothing and no real token reads
+    them. Args as :func:`_linear_scan`, plus the memory and bias components, the Huber deltas ``[NC, B, H, b, 1]`` and
+    the memory params; X per layer ``[B, H, 2 in|in, out]``.
+    """
+    NC, B, H, b, K = kc.shape
+    BH, momentum, depth = B * H, co.f is not None, len(X)
+    ins = [x.shape[-2] // (2 if momentum else 1) for x in X]
+
+    def per_chunk(x: Tensor | None) -> tuple[Tensor, ...] | list[None]:  # [NC, B, H, ...] -> NC tensors [B * H, ...]
+        return [None] * NC if x is None else x.reshape(NC, BH, *x.shape[3:]).unbind(0)
+
+    def weighted(x: Tensor, w: Tensor, w_s: Tensor | None) -> Tensor:  # [x ⊙ w, x ⊙ w_s] (the rows of A, then of S)
+        return x * w if w_s is None else torch.cat([x * w, x * w_s], dim=-1)  # (cat of products: cheaper backward)
+
+    G = co.G.squeeze(-1) if co.G.shape[-1] == 1 else co.G  # [NC, B, H, b, b(, R)]
+    N_e = co.N_e[..., None] if momentum else None  # [NC, B, H, b, 1]
+    decay = _state_decay(co, ins, per_chunk)
+    k_c, v_c, d_c, g_c = per_chunk(kc), per_chunk(vc), per_chunk(delta), per_chunk(gamma)
+    Ge_c, Ne_c = per_chunk(co.G_e), per_chunk(N_e)  # write weights of the rows a_j [B * H, b, 1|R]
+    if qc is not None:
+        q_c, sc0_c, G_c = per_chunk(qc), per_chunk(masked_scores(qc, kc, co.G)), per_chunk(G)
+        beta_c, f_c = per_chunk(co.beta), per_chunk(co.f)  # read weights of the rows h_t [B * H, b, 1|R]
+    # the head's weight-independent part (residual input x, LN bias) for all chunks at once; l2 rows v - y in one op
+    w = params["norm_weight"][None].expand(B, -1, -1).reshape(BH, 1, -1) if mem.norm else None  # [B * H, 1, V]
+    neg_w = None if w is None else -w
+
+    def offset(x: Tensor) -> Tensor | None:  # [NC, B, H, b, V]
+        off = x if mem.residual else None
+        if mem.norm:
+            bias_ln = params["norm_bias"][:, None, :]  # [H, 1, V]
+            off = bias_ln.expand_as(vc) if off is None else off + bias_ln
+        return off
+
+    l2, k_off = isinstance(bias, L2Bias), offset(kc)
+    if l2:  # v - y = (v - x - b) - LN(z) w
+        nv_c = per_chunk(vc if k_off is None else vc - k_off)
+    k_off = per_chunk(k_off)
+    if qc is not None:
+        q_off = per_chunk(offset(qc))
+    X = [x.reshape(BH, *x.shape[-2:]) for x in X]
+    outs = []
+    for c in range(NC):
+        A = [x[:, :n] for x, n in zip(X, ins)] if momentum else X
+        # 1. forward at the gradient point, bias rows, hand backward -> rank-one factors (acts[l], ds[l])
+        acts, zs, h = [k_c[c]], [], k_c[c]
+        for i in range(depth):
+            zs.append(torch.bmm(h if g_c[c] is None else h * g_c[c], A[i]))
+            if i < depth - 1:
+                h = mem.act(zs[-1])
+                acts.append(h)
+        if l2:  # negated rows -R = v - y: the updates below add them
+            if w is None:
+                nR = nv_c[c] - zs[-1]
+            else:
+                nR, cache = mem.head_folded(zs[-1], nv_c[c], w, neg_w)
+        else:
+            y, cache = mem.head_folded(zs[-1], k_off[c], w)
+            nR = bias.neg_grad(y, v_c[c], d_c[c])
+        d = mem.head_backward(nR, None if w is None else cache)
+        ds = [d]
+        for i in range(depth - 1, 0, -1):
+            da = torch.bmm(d, A[i].transpose(-1, -2))
+            d = mem.act_backward(da if g_c[c] is None else da * g_c[c], zs[i - 1])
+            ds.insert(0, d)
+        # 2. reads with per-token weights (dual form) from the chunk-start state
+        if qc is not None:
+            h = None
+            for i in range(depth):
+                if i == 0:
+                    hx, sc = weighted(q_c[c], beta_c[c], f_c[c]), sc0_c[c]
+                else:
+                    hx = weighted(h, beta_c[c], f_c[c])
+                    sc = torch.bmm(h, acts[i].transpose(-1, -2)) * G_c[c]
+                Hl = torch.baddbmm(torch.bmm(hx, X[i]), sc, ds[i])
+                h = mem.act(Hl) if i < depth - 1 else Hl
+            outs.append(mem.head_folded(h, q_off[c], w)[0])
+        # 3. end-of-chunk state
+        for i in range(depth):
+            aw = weighted(acts[i], Ge_c[c], Ne_c[c]).transpose(-1, -2)
+            X[i] = torch.baddbmm(decay(X[i], i, c), aw, ds[i])
+    X = [x.reshape(B, H, *x.shape[-2:]) for x in X]
+    if qc is None:
+        return None, X
+    return torch.stack(outs, dim=1).reshape(B, H, NC * b, -1)[:, :, :T], X
 
 
 def chunked_memory_scan(
@@ -62,43 +261,50 @@ def chunked_memory_scan(
     b = min(p.chunk, T)
     NC = -(-T // b)
 
-    # everything that does not depend on the state, for all chunks at once: [B, H, NC, b, ...]
+    # everything that does not depend on the state, for all chunks at once: [NC, B, H, b, ...]
     qc, kc, vc = (_chunks(x, NC, b, 0.0) for x in (p.q, p.k, p.v))
     lr = _chunks(p.lr, NC, b, 0.0)
     if p.keep is not None:
         log_keep = _chunks(torch.log(p.keep.clamp_min(torch.finfo(p.keep.dtype).tiny)), NC, b, 0.0)
     else:
-        log_keep = qc.new_zeros(B, H, NC, b, 1)
+        log_keep = qc.new_zeros(NC, B, H, b, 1)
     mu = _chunks(p.mu, NC, b, 1.0) if p.mu is not None else None
     delta = _chunks(p.delta, NC, b, 1.0) if p.delta is not None else None
-    gamma = torch.exp(torch.cumsum(log_keep, dim=-2)) if ret.grad_at == "decayed" else None  # [B, H, NC, b, R]
+    gamma = torch.exp(torch.cumsum(log_keep, dim=-2)) if ret.grad_at == "decayed" else None  # [NC, B, H, b, R]
     if ret.lag:  # the lag token steps non-linearly; the linear part of the chunk starts after it (Miras Eq. 30)
-        keep0, lr0 = _chunks(p.keep, NC, b, 1.0)[..., 0, :], lr[..., 0]  # [B, H, NC, R], [B, H, NC]
+        keep0, lr0 = _chunks(p.keep, NC, b, 1.0)[..., 0, :], lr[..., 0]  # [NC, B, H, R], [NC, B, H]
         log_keep = torch.cat([torch.zeros_like(log_keep[..., :1, :]), log_keep[..., 1:, :]], dim=-2)
         lr = torch.cat([torch.zeros_like(lr[..., :1]), lr[..., 1:]], dim=-1)
-    co = learner.coefficients(log_keep, lr, mu)
-    # the last row of the coefficients in each chunk (the end-of-chunk state) and the first layer's read factors
+    # the last token of each chunk: its row of the coefficients gives the end-of-chunk state
     last = torch.full((NC,), b - 1, dtype=torch.long, device=qc.device)
     last[-1] = (T - 1) % b
-    chunk_ids = torch.arange(NC, device=qc.device)
+    co = learner.coefficients(log_keep, lr, mu, last)
 
-    def rows(x: Tensor) -> Tensor:  # [B, H, NC, b, ...] -> [B, H, NC, ...] at token last[c]
-        return x[:, :, chunk_ids, last]
+    if not ret.lag and not ret.normalizes:  # none, decay: the state enters each chunk linearly
+        X = [w if p.S is None else torch.cat([w, s], dim=-2) for w, s in zip(p.W, p.S or p.W)]  # [A; S] per layer
+        if _linear_fast(spec, mem):
+            o, X = _linear_scan(kc, vc, qc if reads else None, co, gamma, spec.bias.kind == "l2", X[0], T)
+            X = [X]
+        else:
+            o, X = _stacked_scan(mem, bias, kc, vc, qc if reads else None, delta, co, gamma, X, p.params, T)
+        W = [x[..., : w.shape[-2], :] for x, w in zip(X, p.W)]
+        S = None if p.S is None else [x[..., w.shape[-2] :, :] for x, w in zip(X, p.W)]
+        return (None if o is None else o.transpose(1, 2)), final_state(W, S)
 
-    G_e = rows(co.G)  # [B, H, NC, b(j), R]
+    G_e = co.G_e  # [NC, B, H, b(j), R]
     pre = dict(
-        q=qc, k=kc, v=vc, delta=delta, gamma=gamma, beta=co.beta, G=co.G, f=co.f, G_e=G_e, beta_e=rows(co.beta),
-        kG_t=(kc * G_e).transpose(-1, -2),  # [B, H, NC, K, b]
-        qb=qc * co.beta if reads else None,  # [B, H, NC, b, V]
-        scores0=masked_scores(qc, kc, co.G) if reads else None,  # [B, H, NC, b, b]
+        q=qc, k=kc, v=vc, delta=delta, gamma=gamma, beta=co.beta, G=co.G, f=co.f, G_e=G_e, beta_e=co.beta_e,
+        kG_t=(kc * G_e).transpose(-1, -2),  # [NC, B, H, K, b]
+        qb=qc * co.beta if reads else None,  # [NC, B, H, b, V]
+        scores0=masked_scores(qc, kc, co.G) if reads else None,  # [NC, B, H, b, b]
     )  # fmt: skip
     if co.f is not None:
-        N_e = rows(co.N.transpose(-1, -2))  # [B, H, NC, b(j)]
-        pre.update(qf=qc * co.f, f_e=rows(co.f), m_e=rows(co.m), N_e=N_e, kN_t=(kc * N_e[..., None]).transpose(-1, -2))
+        N_e = co.N_e  # [NC, B, H, b(j)]
+        pre.update(qf=qc * co.f, f_e=co.f_e, m_e=co.m_e, N_e=N_e, kN_t=(kc * N_e[..., None]).transpose(-1, -2))
     # one unbind per tensor (indexing chunk c of the full tensor would cost a full-size zero tensor in the backward)
-    per_chunk = {name: None if x is None else x.unbind(2) for name, x in pre.items()}
+    per_chunk = {name: None if x is None else x.unbind(0) for name, x in pre.items()}
     if ret.lag:
-        keep0, lr0 = keep0.unbind(2), lr0.unbind(2)
+        keep0, lr0 = keep0.unbind(0), lr0.unbind(0)
 
     A, S = list(p.W), None if p.S is None else list(p.S)
     outs = []

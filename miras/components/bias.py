@@ -37,6 +37,10 @@ class Bias:
         """Per-token loss ``[...]`` (summed over V)."""
         raise NotImplementedError
 
+    def neg_grad(self, y: Tensor, v: Tensor, delta: Tensor | None = None) -> Tensor:
+        """``-R`` (the chunked form accumulates negated rows; one op fewer where the negation folds in)."""
+        return -self.grad(y, v, delta)
+
 
 @BIAS.register("dot")
 class DotBias(Bias):
@@ -44,6 +48,9 @@ class DotBias(Bias):
 
     def grad(self, y, v, delta=None):
         return -v.expand_as(y)
+
+    def neg_grad(self, y, v, delta=None):
+        return v.expand_as(y)
 
     def loss(self, y, v, delta=None):
         return -(y * v).sum(-1)
@@ -55,6 +62,9 @@ class L2Bias(Bias):
 
     def grad(self, y, v, delta=None):
         return y - v
+
+    def neg_grad(self, y, v, delta=None):
+        return v - y
 
     def loss(self, y, v, delta=None):
         return 0.5 * ((y - v) ** 2).sum(-1)

@@ -25,9 +25,10 @@ from miras.registry import LEARNER
 
 @dataclass
 class ChunkCoefficients:
-    """Gate coefficients of chunks (any leading dims ``...``, e.g. ``B, H, n_chunks``).
+    """Gate coefficients of chunks (any leading dims ``...``, e.g. ``n_chunks, B, H`` in ``ops_chunked``).
 
-    beta, f ``[..., n, R]``; G ``[..., t, j, R]``; m ``[..., n]``; N ``[..., j, r]``.
+    beta, f ``[..., n, R]``; G ``[..., t, j, R]``; m ``[..., n]``; N ``[..., j, r]``; the end-of-chunk rows (``*_e``) are
+    formed from the log-cumsums (O(n) per chunk, plus one n x n product for G_e), never by indexing n x n tensors.
     """
 
     beta: Tensor
@@ -35,14 +36,54 @@ class ChunkCoefficients:
     f: Tensor | None = None
     m: Tensor | None = None
     N: Tensor | None = None
+    # the rows of the last token of each chunk (end-of-chunk state), when ``coefficients`` is given ``last``:
+    # beta_e, f_e ``[..., R]``, G_e ``[..., j, R]``, m_e ``[...]``, N_e ``[..., j]``
+    beta_e: Tensor | None = None
+    G_e: Tensor | None = None
+    f_e: Tensor | None = None
+    m_e: Tensor | None = None
+    N_e: Tensor | None = None
+
+
+class _DecayMatrix(torch.autograd.Function):
+    """``E = exp(logc_t - logc_r)`` on r <= t, 0 above, with the backward written out: ``g = dE ⊙ E``,
+    ``dlogc = sum_r g[:, r] - sum_t g[t, :]`` (three passes over the n x n tensor instead of autograd's five)."""
+
+    generate_vmap_rule = True  # usable under torch.func transforms as well
+
+    @staticmethod
+    def forward(logc: Tensor) -> Tensor:
+        n = logc.shape[-2]
+        E = torch.exp(logc[..., :, None, :] - logc[..., None, :, :])  # above the diagonal it may overflow: zeroed next
+        return E.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=logc.device).triu(1)[:, :, None], 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (E,) = ctx.saved_tensors
+        g = grad * E
+        return g.sum(-2) - g.sum(-3)
 
 
 def _decay_matrix(logc: Tensor) -> Tensor:
     """``E[..., t, r, R] = exp(sum_{l=r+1..t} log alpha_l)`` for r <= t, else 0. logc: cumsum ``[..., n, R]``."""
+    return _DecayMatrix.apply(logc)
+
+
+def _end_rows(logc: Tensor, last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """At the last token e of each chunk: ``logc_e`` ``[..., R]``, ``E[e, r]`` ``[..., r, R]``, mask r <= e ``[NC, 1, 1, n]``.
+
+    logc ``[NC, B, H, n, R]`` (chunk-major); last ``[NC]`` (the index of each chunk's last real token). Formed from the
+    cumsums, so that no n x n tensor is indexed (whose backward would fill a full-size zero tensor).
+    """
     n = logc.shape[-2]
-    diff = logc[..., :, None, :] - logc[..., None, :, :]  # [..., t, r, R]
-    mask = torch.ones(n, n, dtype=torch.bool, device=logc.device).tril()[:, :, None]
-    return torch.exp(diff.masked_fill(~mask, float("-inf")))
+    logc_e = logc[torch.arange(len(last), device=last.device), :, :, last]  # [NC, B, H, R]
+    valid = (torch.arange(n, device=last.device) <= last[:, None])[:, None, None, :]  # [NC, 1, 1, n]
+    E_e = torch.exp((logc_e[..., None, :] - logc).masked_fill(~valid[..., None], float("-inf")))  # [NC, B, H, r, R]
+    return logc_e, E_e, valid
 
 
 class Learner:
@@ -52,8 +93,11 @@ class Learner:
     def __init__(self, spec) -> None:
         self.spec = spec
 
-    def coefficients(self, log_keep: Tensor, lr: Tensor, mu: Tensor | None = None) -> ChunkCoefficients:
-        """log_keep ``[..., n, R]``, lr and mu ``[..., n]``."""
+    def coefficients(
+        self, log_keep: Tensor, lr: Tensor, mu: Tensor | None = None, last: Tensor | None = None
+    ) -> ChunkCoefficients:
+        """log_keep ``[..., n, R]``, lr and mu ``[..., n]``; with ``last`` ``[NC]`` (leading dims ``NC, B, H``) also the
+        end-of-chunk rows at token ``last[c]`` of chunk c."""
         raise NotImplementedError
 
     def step(self, A: Tensor, S: Tensor | None, g: Tensor, keep: Tensor, lr: Tensor, mu: Tensor | None):
@@ -65,10 +109,14 @@ class Learner:
 class GDLearner(Learner):
     """Plain gradient descent on the inner objective."""
 
-    def coefficients(self, log_keep, lr, mu=None):
+    def coefficients(self, log_keep, lr, mu=None, last=None):
         logc = torch.cumsum(log_keep, dim=-2)  # [..., n, R]
         E = _decay_matrix(logc)  # [..., t, j, R]
-        return ChunkCoefficients(beta=torch.exp(logc), G=E * lr[..., None, :, None])
+        co = ChunkCoefficients(beta=torch.exp(logc), G=E * lr[..., None, :, None])
+        if last is not None:
+            logc_e, E_e, _ = _end_rows(logc, last)
+            co.beta_e, co.G_e = torch.exp(logc_e), E_e * lr[..., None]
+        return co
 
     def step(self, A, S, g, keep, lr, mu=None):
         return keep * A - lr * g, None
@@ -81,16 +129,29 @@ class MomentumLearner(Learner):
     gates: ClassVar[tuple[str, ...]] = ("lr", "momentum")
     momentum: ClassVar[bool] = True
 
-    def coefficients(self, log_keep, lr, mu=None):
+    def coefficients(self, log_keep, lr, mu=None, last=None):
         logc = torch.cumsum(log_keep, dim=-2)  # [..., n, R]
         E = _decay_matrix(logc)  # [..., t, r, R]
         logm = torch.cumsum(torch.log(mu.clamp_min(torch.finfo(mu.dtype).tiny)), dim=-1)  # [..., n]
-        Mm = _decay_matrix(logm[..., None])[..., 0]  # [..., r, j] = prod_{l=j+1..r} mu_l
+        Mm = _decay_matrix(logm[..., None]).squeeze(-1)  # [..., r, j] = prod_{l=j+1..r} mu_l
         N = Mm.transpose(-1, -2) * lr[..., :, None]  # [..., j, r]
-        G = torch.einsum("...trk,...jr->...tjk", E, N)  # [..., t, j, R]
         m = torch.exp(logm)  # [..., n]
-        f = torch.einsum("...trk,...r->...tk", E, m)  # [..., n, R]
-        return ChunkCoefficients(beta=torch.exp(logc), G=G, f=f, m=m, N=N)
+        if E.shape[-1] == 1:  # G = E N^T and f = E m in one product
+            G, f = (E.squeeze(-1) @ torch.cat([N.transpose(-1, -2), m[..., None]], dim=-1)).split([N.shape[-1], 1], dim=-1)
+            G = G[..., None]
+        else:
+            G = torch.einsum("...trk,...jr->...tjk", E, N)  # [..., t, j, R]
+            f = torch.einsum("...trk,...r->...tk", E, m)  # [..., n, R]
+        co = ChunkCoefficients(beta=torch.exp(logc), G=G, f=f, m=m, N=N)
+        if last is not None:
+            logc_e, E_e, valid = _end_rows(logc, last)
+            ids = torch.arange(len(last), device=last.device)
+            logm_e = logm[ids, :, :, last]  # [NC, B, H]
+            co.N_e = lr * torch.exp((logm_e[..., None] - logm).masked_fill(~valid, float("-inf")))  # [..., j]
+            co.beta_e, co.m_e, co.f_e = torch.exp(logc_e), torch.exp(logm_e), (E_e * m[..., None]).sum(-2)
+            # G_e[j] = sum_r N[j, r] E_e[r]: elementwise for R = 1 (a matrix-vector bmm is several times slower here)
+            co.G_e = (N * E_e.transpose(-1, -2)).sum(-1, keepdim=True) if E_e.shape[-1] == 1 else N @ E_e  # [..., j, R]
+        return co
 
     def step(self, A, S, g, keep, lr, mu=None):
         S = mu * S - lr * g

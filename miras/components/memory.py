@@ -48,6 +48,11 @@ def _relu_grad(z: Tensor) -> Tensor:
     return (z > 0).to(z.dtype)
 
 
+def _gelu_vjp(grad: Tensor, z: Tensor) -> Tensor:
+    """``grad * gelu'(z)`` in one fused (twice differentiable) op."""
+    return torch.ops.aten.gelu_backward(grad, z)
+
+
 ACTIVATIONS = {
     "gelu": (torch.nn.functional.gelu, _gelu_grad),
     "silu": (torch.nn.functional.silu, _silu_grad),
@@ -129,7 +134,7 @@ def masked_scores(h: Tensor, a: Tensor, G: Tensor) -> Tensor:
     h, a ``[..., n, r]``; G ``[..., n, n, 1|r]``.
     """
     if G.shape[-1] == 1:
-        return (h @ a.transpose(-1, -2)) * G[..., 0]  # [..., n, n]
+        return (h @ a.transpose(-1, -2)) * G.squeeze(-1)  # [..., n, n]
     return torch.einsum("...tk,...tjk,...jk->...tj", h, G, a)  # [..., n, n]
 
 
@@ -163,22 +168,38 @@ class MLPMemory:
         y = y_pre
         if self.norm:
             w, b = self._norm_params(params)
-            xc = y_pre - y_pre.mean(-1, keepdim=True)
-            rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + LN_EPS)
-            xhat = xc * rstd
-            y = xhat * w + b
-            cache = (xhat, rstd, w)
+            xhat, mean, rstd = torch.native_layer_norm(y_pre, y_pre.shape[-1:], None, None, LN_EPS)
+            y = torch.addcmul(b, xhat, w)
+            cache = (y_pre, mean, rstd, w)
         if self.residual:
             y = y + x
         return y, cache
 
+    def head_folded(
+        self, y_pre: Tensor, offset: Tensor | None, w: Tensor | None, scale: Tensor | None = None
+    ) -> tuple[Tensor, tuple | None]:
+        """``offset + LN(y_pre) ⊙ scale`` (norm; scale defaults to the LN weight w) or ``offset + y_pre``: :meth:`head`
+        with its weight-independent part (residual input, LN bias) precomputed in ``offset`` (None: 0). With
+        ``offset = v - x - b`` and ``scale = -w`` this is ``v - y`` (the negated l2 rows) in one op.
+        Returns (out, cache for :meth:`head_backward`); w, scale broadcast against y_pre (e.g. ``[B * H, 1, V]``)."""
+        if not self.norm:
+            return (y_pre if offset is None else offset + y_pre), None
+        xhat, mean, rstd = torch.native_layer_norm(y_pre, y_pre.shape[-1:], None, None, LN_EPS)
+        scale = w if scale is None else scale
+        return (xhat * scale if offset is None else torch.addcmul(offset, xhat, scale)), (y_pre, mean, rstd, w)
+
     def head_backward(self, R: Tensor, cache: tuple | None) -> Tensor:
-        """dL/dy_pre from dL/dy = R (the residual path does not depend on the weights)."""
+        """dL/dy_pre from dL/dy = R (the residual path does not depend on the weights): the LayerNorm backward
+        ``rstd (g - mean(g) - xhat mean(g xhat))``, ``g = R w``, as torch's fused (differentiable) kernel."""
         if not self.norm:
             return R
-        xhat, rstd, w = cache
-        g = R * w
-        return rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        y_pre, mean, rstd, w = cache
+        mask = [True, False, False]
+        return torch.ops.aten.native_layer_norm_backward(R * w, y_pre, y_pre.shape[-1:], mean, rstd, None, None, mask)[0]
+
+    def act_backward(self, grad: Tensor, z: Tensor) -> Tensor:
+        """``grad * act'(z)`` (one fused op for gelu)."""
+        return _gelu_vjp(grad, z) if self.activation == "gelu" else grad * self.act_grad(z)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, weights: list[Tensor], params: dict[str, Tensor] | None = None) -> Tensor:
@@ -220,7 +241,7 @@ class MLPMemory:
             da = d @ weights[i].transpose(-1, -2)  # [B, H, n, in_i]
             if scale is not None:
                 da = da * scale
-            d = da * self.act_grad(cache["zs"][i - 1])
+            d = self.act_backward(da, cache["zs"][i - 1])
             ds.append(d)
         return cache["acts"], ds[::-1]
 
