@@ -25,11 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from miras.spec import MemorySpec  # noqa: E402
 
-FAMILIES = {  # name -> MemorySpec overrides (linear memory, chunk 64)
+FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 64)
     "delta-gd (l2+decay+gd)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "gd"}),
     "titans (l2+decay+momentum)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
     "yaad (huber+decay+gd)": dict(bias="huber", retention={"kind": "decay", "grad_at": "decayed"}, learner={"kind": "gd"}),
     "lp3+momentum": dict(bias="lp", retention={"kind": "none"}, learner={"kind": "momentum"}),
+    "mlp2 titans (l2+decay+momentum, e=2)": dict(
+        memory={"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": False, "activation": "gelu"},
+        bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
 }
 
 
@@ -80,6 +83,17 @@ def make(spec, B, T, H, D, device, dtype):
         gates["huber_delta"] = (0.5 + torch.rand(B, T, H, generator=g)) * D**0.5
     gates = {n: x.to(device).requires_grad_(True) for n, x in gates.items()}
     return q, k, v, gates
+
+
+def init_state(spec, H, D, device) -> dict | None:
+    """A fixed random initial state for an MLP memory (zeros are a fixed point of its update: act(0) = 0), else None."""
+    if spec.memory.kind != "mlp":
+        return None
+    from miras.components.memory import state_shapes
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return {n: (torch.randn(H, *shp, generator=g) * (0.5 if n == "W1" else shp[0] ** -0.5)).to(device)
+            for n, shp in state_shapes(spec, D, D).items()}
 
 
 def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
@@ -191,14 +205,15 @@ def main() -> None:
         if wanted and not any(w in fam for w in wanted):
             continue
         learner = {**over["learner"], "chunk_size": BT}
-        spec = MemorySpec(memory="linear", **{**over, "learner": learner})
+        spec = MemorySpec(**{"memory": "linear", **over, "learner": learner})
         q, k, v, gates = make(spec, B, T, H, D, device, dtype)
         names = list(gates)
+        state0 = init_state(spec, H, D, device)
 
-        def run_triton(q, k, v, *g, spec=spec, names=names):
-            return triton_memory_scan(spec, q, k, v, dict(zip(names, g)))[0]
+        def run_triton(q, k, v, *g, spec=spec, names=names, state0=state0):
+            return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0)[0]
 
-        fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum")
+        fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         row = measure(f"triton {fam}", run_triton, (q, k, v, *gates.values()), device, fl, tokens)
         for variant in [w for w in args.variants.split(",") if w and "titans" in fam]:
             with _env(VARIANTS[variant]):
@@ -207,13 +222,13 @@ def main() -> None:
             try:
                 from miras.ops import memory_scan
 
-                def run_chunked(q, k, v, *g, spec=spec, names=names):
-                    return memory_scan(spec, q, k, v, dict(zip(names, g)), mode="chunked")[0]
+                def run_chunked(q, k, v, *g, spec=spec, names=names, state0=state0):
+                    return memory_scan(spec, q, k, v, dict(zip(names, g)), state0, mode="chunked")[0]
 
                 crow = measure(f"chunked {fam}", run_chunked, (q, k, v, *gates.values()), device, None, tokens)
                 with torch.no_grad():
                     o_t = run_triton(q, k, v, *gates.values()).float()
-                    o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, mode="chunked")[0]
+                    o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, state0, mode="chunked")[0]
                 row["err_vs_chunked"] = ((o_t - o_c).norm() / o_c.norm()).item()
             except ImportError as err:
                 crow = {"name": f"chunked {fam}", "error": f"miras.ops unavailable ({err})"}

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # GPU check of the Triton memory kernels in one call: correctness on CUDA, then the benchmark, then one table.
 # On the GPU box (torch + triton preinstalled, python 3.12, no network, no pydantic): wheels from .whl/ first.
-#   bash benchmarks/gpu_check.sh                  # GPU: warm-up <= 85 s, correctness <= 25 s, benchmark <= 40 s
+#   bash benchmarks/gpu_check.sh                  # GPU: warm-up <= 150 s, correctness <= 40 s, benchmark <= 90 s
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh  # CPU: the same steps through Triton's interpreter, tiny shapes
-# Steps (timeouts sum to 150 s): 1. compile every kernel at once, one process each (warm_kernels.py; fixed config
+# Steps (timeouts sum to 280 s): 1. compile every kernel at once, one process each (warm_kernels.py; fixed config
 # MIRAS_KERNEL_CONFIG=8,1 so each kernel compiles once); 2. correctness of the benchmark's exact kernels (titans and
-# delta, split, whole-V tile) against the fp32 chunked path, and of each variant, as parallel pytest processes;
+# delta, split, whole-V tile; the MLP memory's mlp2 titans row and its gd twin) against the fp32 chunked path, and of
+# each variant, as parallel pytest processes;
 # 3. the benchmark, with an extra titans row per variant that passed; 4. one summary table.
-# Knobs: GPU_CHECK_WARM_TIMEOUT (85; 0 skips), GPU_CHECK_TEST_TIMEOUT (25), GPU_CHECK_BENCH_TIMEOUT (40),
+# Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
-#   GPU_CHECK_BENCH_ARGS ("--families titans,delta"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
+#   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
 #   GPU_CHECK_VARIANTS ("bv64,fused": checked in parallel, then benchmarked as extra titans rows if correct),
 #   MIRAS_KERNEL_CONFIG (warps,stages; default 8,1: one compile per kernel, shared by the tests and the benchmark
 #   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
@@ -20,6 +21,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
 export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,1}"
+export MIRAS_KERNEL_MLP=1  # the experimental MLP-memory kernel is opt-in (miras/kernels/__init__.py)
 OUTDIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUTDIR"
 python3 - <<'PY'
@@ -36,9 +38,10 @@ if [ -n "${GPU_CHECK_CPU:-}" ]; then
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels.py::test_learned_initial_state_without_batch_dim}"
   BENCH_ARGS="--tiny"
 else
-  TESTS="${GPU_CHECK_TESTS:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]|tests/test_kernels_gpu.py::test_bf16_bench_shape[gd]}"
+  MLP_TEST="tests/test_kernels_mlp_gpu.py::test_bf16_vs_chunked_fp32 -k"
+  TESTS="${GPU_CHECK_TESTS:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]|tests/test_kernels_gpu.py::test_bf16_bench_shape[gd]|$MLP_TEST momentum-previous-64-gelu-1-1024|$MLP_TEST gd-previous-64-gelu-1-1024}"
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
-  BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta}"
+  BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta,mlp}"
 fi
 VARIANTS="${GPU_CHECK_VARIANTS-bv64,fused}"
 
@@ -53,15 +56,17 @@ variant_env() {  # the kernel settings of a benchmark variant (same table as ben
 
 # warm-up: every kernel the tests and the benchmark launch, compiled at once (one process per kernel, Triton's disk
 # cache keeps them), so the compile phase lasts about as long as the slowest single kernel
-if [ "${GPU_CHECK_WARM_TIMEOUT:-85}" != 0 ]; then
-  echo "== warm-up: compiling the kernels in parallel (<= ${GPU_CHECK_WARM_TIMEOUT:-85} s)"
+WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-150}"
+if [ "$WARM_TIMEOUT" != 0 ]; then
+  echo "== warm-up: compiling the kernels in parallel (<= $WARM_TIMEOUT s)"
   WPIDS=()
-  for job in "titans" "delta" $(for var in ${VARIANTS//,/ }; do echo "titans:$var"; done); do
+  for job in "titans" "delta" "mlp" "mlp-gd" $(for var in ${VARIANTS//,/ }; do echo "titans:$var"; done); do
     fam="${job%%:*}"; var="${job#*:}"; [ "$var" = "$job" ] && var=""
-    if [ "$var" = fused ]; then kernels="fwd:0 bwd:0"; else kernels="fwd:1 fwd:2 bwd:3 bwd:1 bwd:2"; fi
+    if [ "${fam%%-*}" = mlp ]; then kernels="fwd:1 fwd:2 bwd:0"
+    elif [ "$var" = fused ]; then kernels="fwd:0 bwd:0"; else kernels="fwd:1 fwd:2 bwd:3 bwd:1 bwd:2"; fi
     for kern in $kernels; do
       # shellcheck disable=SC2046
-      env $( [ -n "$var" ] && variant_env "$var") timeout "${GPU_CHECK_WARM_TIMEOUT:-85}" \
+      env $( [ -n "$var" ] && variant_env "$var") timeout "$WARM_TIMEOUT" \
         python3 benchmarks/warm_kernels.py "$fam" "${kern%%:*}" "${kern#*:}" ${GPU_CHECK_CPU:+--tiny} >> "$OUTDIR/warm.log" 2>&1 &
       WPIDS+=($!)
     done
@@ -78,21 +83,25 @@ IFS=',' read -r -a VARS <<< "$VARIANTS"
 PIDS=()
 for i in "${!PARTS[@]}"; do
   # shellcheck disable=SC2086  # word splitting of the pytest arguments is intended
-  timeout "${GPU_CHECK_TEST_TIMEOUT:-25}" python3 -m pytest ${PARTS[$i]} -q -s -p no:cacheprovider > "$OUTDIR/tests.$i.log" 2>&1 &
+  timeout "${GPU_CHECK_TEST_TIMEOUT:-40}" python3 -m pytest ${PARTS[$i]} -q -s -p no:cacheprovider > "$OUTDIR/tests.$i.log" 2>&1 &
   PIDS+=($!)
 done
 VPIDS=()
 for var in "${VARS[@]}"; do
   # shellcheck disable=SC2046,SC2086
-  env $(variant_env "$var") timeout "${GPU_CHECK_TEST_TIMEOUT:-25}" python3 -m pytest $VARIANT_TEST -q -s \
+  env $(variant_env "$var") timeout "${GPU_CHECK_TEST_TIMEOUT:-40}" python3 -m pytest $VARIANT_TEST -q -s \
     -p no:cacheprovider > "$OUTDIR/variant.$var.log" 2>&1 &
   VPIDS+=($!)
 done
 TEST_RC=0
+LINEAR_RC=0  # the linear kernels' parts alone decide the split -> fused fallback (the MLP kernel is separate)
 for i in "${!PIDS[@]}"; do
   wait "${PIDS[$i]}"
   rc=$?
   if [ "$rc" != 0 ] && { [ "$TEST_RC" = 0 ] || [ "$TEST_RC" = 124 ]; }; then TEST_RC=$rc; fi
+  if [ "$rc" != 0 ] && [[ "${PARTS[$i]}" != *mlp* ]] && { [ "$LINEAR_RC" = 0 ] || [ "$LINEAR_RC" = 124 ]; }; then
+    LINEAR_RC=$rc
+  fi
 done
 GOOD_VARS=()
 VAR_LINES=()
@@ -110,14 +119,14 @@ if [ "${#GOOD_VARS[@]}" -gt 0 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
   BENCH_ARGS="$BENCH_ARGS --variants $(IFS=,; echo "${GOOD_VARS[*]}")"
 fi
 NOTE=""
-if [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != 124 ] && [ "${MIRAS_KERNEL_SPLIT:-1}" != 0 ]; then
+if [ "$LINEAR_RC" != 0 ] && [ "$LINEAR_RC" != 124 ] && [ "${MIRAS_KERNEL_SPLIT:-1}" != 0 ]; then
   export MIRAS_KERNEL_SPLIT=0
   NOTE="split kernels FAILED the correctness step: the benchmark below ran the fused kernels (MIRAS_KERNEL_SPLIT=0)"
   echo "== $NOTE"
 fi
 
 echo "== benchmark: bench_kernels.py $BENCH_ARGS"
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-40}" python3 benchmarks/bench_kernels.py $BENCH_ARGS --table "$OUTDIR/bench_table.txt" 2>&1 | tee "$OUTDIR/bench.log"
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_kernels.py $BENCH_ARGS --table "$OUTDIR/bench_table.txt" 2>&1 | tee "$OUTDIR/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
 echo

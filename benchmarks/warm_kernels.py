@@ -1,12 +1,16 @@
 """Pre-compile ONE linear-memory kernel at the benchmark's launch signature, so that parallel processes fill Triton's
 cache before the tests and the benchmark run (benchmarks/gpu_check.sh starts one process per kernel).
 
-    python benchmarks/warm_kernels.py titans bwd 2      # family (titans | delta), direction, MODE (0 fused, 1, 2)
+    python benchmarks/warm_kernels.py titans bwd 2      # family (titans | delta | mlp), direction, MODE (0 fused, 1, 2)
+    python benchmarks/warm_kernels.py mlp fwd 1         # the MLP memory (mlp2 titans row): fwd MODE 0 | 1 | 2, bwd
+    python benchmarks/warm_kernels.py mlp-gd bwd 0      # the same with the gd learner (the GPU test's gd case)
     MIRAS_KERNEL_BV=64 python benchmarks/warm_kernels.py titans fwd 1
     TRITON_INTERPRET=1 python benchmarks/warm_kernels.py delta bwd 2 --tiny   # CPU smoke of the script
 
 The signature matches bench_kernels.py and tests/test_kernels_gpu.py::test_bf16_bench_shape: H=8, D=128, chunk 64,
 bf16 q/k/v, fp32 gates, no initial state, no final-state gradient; T=1024 has the integer specialisation of T=4096.
+mlp: bench_kernels.py's mlp2 titans row and tests/test_kernels_mlp_gpu.py's bench case (l2+decay+momentum, e=2, gelu,
+residual, chunk 64, H=8, D=128, bf16 in); its backward is one kernel (the MODE argument is ignored).
 Outputs are garbage (zeros in, state buffers not filled): only the compile matters.
 """
 
@@ -28,6 +32,8 @@ FAMILIES = {"titans": "momentum", "delta": "gd"}
 def main() -> None:
     fam, direction, mode = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tiny = "--tiny" in sys.argv
+    if fam in ("mlp", "mlp-gd"):
+        return warm_mlp(direction, mode, tiny, "momentum" if fam == "mlp" else "gd")
     from miras.kernels.linear import LinearConfig, linear_scan_bwd, linear_scan_fwd
 
     spec = MemorySpec(memory="linear", bias="l2", retention={"kind": "decay"},
@@ -50,6 +56,34 @@ def main() -> None:
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm {fam} {direction} MODE={mode}: {time.time() - t0:.1f}s")
+
+
+def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
+    """One MLP-memory kernel at the benchmark's signature (states always in [B*H, NS, ...] slots)."""
+    from miras.kernels.mlp import MLPConfig, mlp_scan_bwd, mlp_scan_fwd
+
+    spec = MemorySpec(memory={"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": False,
+                              "activation": "gelu"},
+                      bias="l2", retention={"kind": "decay"}, learner={"kind": learner, "chunk_size": 16 if tiny else 64})
+    B, T, H, D = (1, 64, 1, 16) if tiny else (1, 1024, 8, 128)
+    cfg = MLPConfig.from_spec(spec, D)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q, k, v = (torch.zeros(B, T, H, D, device=dev, dtype=dt) for _ in range(3))
+    eta, keep = (torch.full((B, T, H), 0.5, device=dev) for _ in range(2))
+    mu = torch.full((B, T, H), 0.5, device=dev) if cfg.momentum else None
+    t0 = time.time()
+    if direction == "fwd":
+        mlp_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None, None, None, keep_states=True, modes=(mode,))
+    else:
+        NS = -(-T // cfg.chunk) + 1
+        w1s = torch.zeros(B * H, NS, D, cfg.hidden, device=dev)
+        w2s = torch.zeros(B * H, NS, cfg.hidden, D, device=dev)
+        slots = (w1s, w2s, torch.zeros_like(w1s), torch.zeros_like(w2s)) if cfg.momentum else (w1s, w2s, w1s, w2s)
+        mlp_scan_bwd(cfg, q, k, v, eta, keep, mu, None, slots, torch.zeros_like(v), {})
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print(f"warm mlp-{learner} {direction} MODE={mode}: {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

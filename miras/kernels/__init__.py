@@ -9,11 +9,14 @@ kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before tr
 
 Knobs (environment, read at each call): ``MIRAS_KERNEL_SPLIT=0`` runs the fused chunk walk instead of the split
 kernels (state pass + chunk-parallel passes, miras/kernels/linear.py); ``MIRAS_KERNEL_BV=64`` a smaller V-tile (the
-default is the whole V; Huber always uses it); ``MIRAS_KERNEL_CONFIG=warps,stages`` skips autotuning on GPU.
+default is the whole V; Huber always uses it); ``MIRAS_KERNEL_CONFIG=warps,stages`` skips autotuning on GPU;
+``MIRAS_KERNEL_MLP=1`` enables the experimental
+2-layer MLP-memory kernels (miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from functools import cache, lru_cache
 
@@ -65,15 +68,32 @@ def _warn_once(msg: str) -> None:
 def kernel_support(spec) -> tuple[bool, str]:
     """Whether a Triton kernel exists for this MemorySpec: (True, "") or (False, "<the missing piece>").
 
-    Supported: linear memory x bias {dot, l2, lp, huber} x retention {none, decay (head/scalar gate, grad_at
-    previous|decayed)} x learner {gd, momentum}, chunk_size in (16, 32, 64), triton >= 3.0.
+    Supported: memory {linear, mlp (depth 2, residual or not, no LayerNorm head, act gelu|silu|tanh|relu)} x bias
+    {dot, l2, lp, huber} x retention {none, decay (head/scalar gate, grad_at previous|decayed)} x learner {gd, momentum},
+    chunk_size in (16, 32, 64), triton >= 3.0.
     """
     ok, why = triton_status()
     if not ok:
         return False, why
     mem, bias, ret, learner = spec.memory, spec.bias, spec.retention, spec.learner
-    if mem.kind != "linear":
-        return False, f"no Triton kernel for memory.kind={mem.kind!r} yet (only 'linear'); the chunked PyTorch path runs it"
+    if mem.kind not in ("linear", "mlp"):
+        return False, f"no Triton kernel for memory.kind={mem.kind!r} yet (only 'linear', 'mlp'); the chunked PyTorch " \
+                      "path runs it"
+    if mem.kind == "mlp":
+        if mem.depth != 2:
+            return False, f"no Triton kernel for memory.kind='mlp' with memory.depth={mem.depth} (only depth 2); the " \
+                          "chunked PyTorch path runs it"
+        if mem.norm:
+            return False, "no Triton kernel for memory.kind='mlp' with a LayerNorm head (memory.norm=True); set " \
+                          "norm: false or use the chunked PyTorch path"
+        if mem.activation not in ("gelu", "silu", "tanh", "relu"):
+            return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
+        if os.environ.get("MIRAS_KERNEL_MLP", "0").lower() not in ("1", "true", "yes"):
+            return False, (
+                "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H200 "
+                "it measured no faster than the chunked PyTorch path and gave NaN for gd at chunk 64 "
+                "(benchmarks/RESULTS.md); the chunked PyTorch path runs it"
+            )
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
     if ret.kind not in ("none", "decay"):
@@ -156,6 +176,8 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.is_cuda:
         _warn_known_bad(q.device)
 
+    if spec.memory.kind == "mlp":
+        return _mlp_scan(spec, q, k, v, gates, state)
     bias = spec.bias
     cfg = LinearConfig.from_spec(spec)
     eta = _gate(gates, "lr", B, T, H)
@@ -170,3 +192,25 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if cfg.momentum:
         final["S1"] = st
     return o, final
+
+
+def _mlp_scan(spec, q, k, v, gates, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The 2-layer MLP memory (miras/kernels/mlp.py): gates and per-layer states checked and laid out here."""
+    from miras.components.memory import hidden_width
+    from miras.kernels.mlp import mlp_memory_scan
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if spec.memory.residual and K != V:
+        raise ValueError(f"triton_memory_scan: a residual MLP memory needs K == V, but got K={K}, V={V}")
+    hd = hidden_width(spec, K)
+    momentum = spec.learner.kind == "momentum"
+    eta = _gate(gates, "lr", B, T, H)
+    keep = _gate(gates, "keep", B, T, H) if spec.retention.kind == "decay" else None
+    mu = _gate(gates, "momentum", B, T, H) if momentum else None
+    delta = _gate(gates, "huber_delta", B, T, H) if spec.bias.kind == "huber" else None
+    dims = {"W1": (K, hd), "W2": (hd, V)}
+    if momentum:
+        dims.update(S1=(K, hd), S2=(hd, V))
+    layers = {name: _state(state, name, B, H, *shape) for name, shape in dims.items()}
+    return mlp_memory_scan(spec, q, k, v, eta, keep, mu, delta, layers)

@@ -1,0 +1,790 @@
+"""Triton kernels of the 2-layer MLP memory (forward and backward) and their autograd Function.
+
+Memory ``M(x) = [x +] act(x W1) W2`` with W1: [K, Hd], W2: [Hd, V] per head (Titans §3.1, Miras §5.3; no LayerNorm
+head). Every gradient of a chunk is taken at the chunk-start state (Titans Eq. 16, Miras Eq. 28) and the reads with
+per-token weights are masked b x b products (the dual form, shared/reference/deep-memory-dual-form.md). Per chunk, with
+gamma = beta (grad_at decayed) or 1 and the gate coefficients beta, f, G (m, N for momentum) of common.gate_coeffs:
+
+    Z1 = gamma (k W1),  A1 = act(Z1),  Y = gamma (A1 W2) [+ k],  R = dl/dy (Y; v)           (forward at the chunk start)
+    D1 = gamma (R W2^T) * act'(Z1)                                        (hand backward; rank-one factors (k, D1), (A1, R))
+    H = beta (q W1) + f (q S1) - (G . q k^T) D1,  O = beta (act(H) W2) + f (act(H) S2) - (G . act(H) A1^T) R [+ q]
+    W1' = beta_L W1 + f_L S1 - k^T diag(g_L) D1,   W2' = beta_L W2 + f_L S2 - A1^T diag(g_L) R
+    S1' = m_L S1 - k^T diag(n_L) D1,               S2' = m_L S2 - A1^T diag(n_L) R               (momentum)
+
+The state is too large for registers at D=128 (W1, W2: 2 x 128 x 256 fp32), so it lives in global memory: every chunk
+reads the hidden dim in tiles of BH columns of W1 / rows of W2, twice (pass 1 sums Y over the tiles; pass 2 builds D1,
+the read and the end state per tile). The forward stores every chunk-start state ([B*H, NT+1, ...] fp32, slot NT is the
+final state); without gradients two ping-pong slots suffice.
+
+Kernels (one program per batch*head walks the chunks; MODE constexpr):
+  forward  MODE 0 fused walk (outputs + states), 1 state pass only, 2 outputs of one chunk per program (after MODE 1);
+           the default is 1 then 2 (``MIRAS_KERNEL_SPLIT=0``: 0).
+  backward one reverse walk: per chunk, pass 1 recomputes Y, pass 2 the read and every term that needs only R (the
+           chunk-start state gradients without the dY part, a [BT, Hd] scratch of the dZ1 part), then the bias'
+           vector-Jacobian product dR -> dY, and pass 3 adds the dY terms. The end-state gradients travel between
+           chunks in two ping-pong slots in global memory.
+The second-order terms (D1 depends on W1, W2 through act'(Z1) and R) use act''; the derivation was checked against
+torch.autograd on the PyTorch chunk body in float64.
+
+Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al. 2025, "It's All Connected"
+(Miras), arXiv:2504.13173 (Eq. 28); dual form: Sun et al. 2024 (TTT), arXiv:2407.04620.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from miras.kernels.common import (
+    BIAS_CODES,
+    _dot,
+    _row_select,
+    _tanh,
+    _vec_select,
+    bias_rows,
+    bias_rows_bwd,
+    gate_coeffs,
+    interpreting,
+    pow2_tile,
+)
+
+ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Static choices of one MLP-memory kernel call (all become constexprs)."""
+
+    chunk: int
+    bias: int  # common.BIAS_CODES
+    act: int  # ACT_CODES
+    residual: bool
+    hidden: int
+    p: float = 2.0
+    smoothing: float = 10.0
+    eps: float = 1e-6
+    has_keep: bool = False
+    decayed: bool = False
+    momentum: bool = False
+
+    @classmethod
+    def from_spec(cls, spec, d_key: int) -> MLPConfig:
+        """The kernel choices of a MemorySpec (2-layer MLP memory; see miras.kernels.kernel_support)."""
+        from miras.components.memory import hidden_width
+
+        mem, bias, ret, learner = spec.memory, spec.bias, spec.retention, spec.learner
+        return cls(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], act=ACT_CODES[mem.activation],
+                   residual=bool(mem.residual), hidden=hidden_width(spec, d_key),
+                   p=float(getattr(bias, "p", 2.0)), smoothing=float(getattr(bias, "smoothing", 10.0)),
+                   eps=float(getattr(bias, "eps", 1e-6)), has_keep=ret.kind == "decay",
+                   decayed=ret.kind == "decay" and ret.grad_at == "decayed", momentum=learner.kind == "momentum")
+
+
+# ------------------------------------------------------------------------------------------------------- activations
+
+
+@triton.jit
+def _tanh_acc(z):
+    """tanh with full relative precision near 0 (the one-exp form loses it to 1 - exp(-2|z|) for small |z|)."""
+    z2 = z * z
+    small = z * (1.0 + z2 * (-0.3333333333333333 + z2 * (0.13333333333333333 - 0.05396825396825397 * z2)))
+    return tl.where(tl.abs(z) < 0.125, small, _tanh(z))
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """act(z): 0 gelu (exact erf), 1 silu, 2 tanh, 3 relu."""
+    if ACT == 0:
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 1:
+        return z * tl.sigmoid(z)
+    elif ACT == 2:
+        return _tanh_acc(z)
+    else:
+        return tl.maximum(z, 0.0)
+
+
+@triton.jit
+def _act_d1(z, ACT: tl.constexpr):
+    """act'(z)."""
+    if ACT == 0:
+        return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 1:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    elif ACT == 2:
+        t = _tanh_acc(z)
+        return 1.0 - t * t
+    else:
+        return tl.where(z > 0, 1.0, 0.0)
+
+
+@triton.jit
+def _act_d2(z, ACT: tl.constexpr):
+    """act''(z) (the second-order term of the backward: D1 depends on Z1 through act')."""
+    if ACT == 0:
+        return 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z)
+    elif ACT == 1:
+        s = tl.sigmoid(z)
+        return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    elif ACT == 2:
+        t = _tanh_acc(z)
+        return -2.0 * t * (1.0 - t * t)
+    else:
+        return tl.zeros_like(z)
+
+
+# ---------------------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_chunk(
+    q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs, src1, src2, dst1, dst2, p_r,
+    c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    BH: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+    RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr,
+):
+    """One chunk of the forward from the state at src1/src2 (W1, W2; S at the same offsets of s1s/s2s): stores o
+    (WANT_O) and the end state at dst1/dst2 (WANT_STATE); rs + p_r: a [BT, BV] fp32 scratch for R."""
+    NH: tl.constexpr = (HD + BH - 1) // BH
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - t0, BT) - 1
+    causal = o_t[:, None] >= o_t[None, :]
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    if DECAYED:
+        gam = beta
+    else:
+        gam = tl.full([BT], 1.0, dtype=tl.float32)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+
+    # pass 1: the prediction at the chunk start, summed over hidden tiles
+    Y0 = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
+    for j in range(NH):
+        o_h = j * BH + o_hh
+        h_ok = o_h < HD
+        w1_off = o_k[:, None] * HD + o_h[None, :]
+        w1_ok = k_ok[:, None] & h_ok[None, :]
+        w2_off = o_h[:, None] * V + o_v[None, :]
+        w2_ok = h_ok[:, None] & v_ok[None, :]
+        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
+        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        A1 = _act(gam[:, None] * _dot(b_k, W1, PREC), ACT)
+        Y0 += _dot(A1, W2, PREC)
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    R = tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+
+    if WANT_O:
+        b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
+        SA = tl.zeros([BT, BT], dtype=tl.float32)
+        O = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
+    gL = _row_select(G, o_t, L)
+    betaL = _vec_select(beta, o_t, L)
+    if MOMENTUM:
+        nL = _row_select(NTm, o_t, L)
+        fL = _vec_select(f, o_t, L)
+        mL = _vec_select(m, o_t, L)
+
+    tl.store(rs + p_r + o_t[:, None] * BV + o_v[None, :], R)
+    tl.debug_barrier()  # pass 2 reloads R per hidden tile
+
+    # pass 2: rank-one factors, the dual-form read and the end state, per hidden tile
+    for j in range(NH):
+        o_h = j * BH + o_hh
+        h_ok = o_h < HD
+        w1_off = o_k[:, None] * HD + o_h[None, :]
+        w1_ok = k_ok[:, None] & h_ok[None, :]
+        w2_off = o_h[:, None] * V + o_v[None, :]
+        w2_ok = h_ok[:, None] & v_ok[None, :]
+        # k, q, R reloaded per tile (L1/L2 hits): a loop-variant mask keeps the compiler from hoisting them, whose
+        # shared-memory operand copies would then stay allocated through the whole loop (H100/H200 limit: 227 KB)
+        live = o_t < BT + T + j  # always true; depends on j
+        kj = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
+        Rj = tl.load(rs + p_r + o_t[:, None] * BV + o_v[None, :], mask=live[:, None], other=0.0)
+        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
+        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        if MOMENTUM:
+            S1 = tl.load(s1s + src1 + w1_off, mask=w1_ok, other=0.0)
+            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        Z1 = gam[:, None] * _dot(kj, W1, PREC)
+        A1 = _act(Z1, ACT)
+        D1 = gam[:, None] * _dot(Rj, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
+        if WANT_O:
+            qj = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None],
+                         other=0.0).to(tl.float32)
+            Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(C1, D1, PREC)
+            if MOMENTUM:
+                Hh += f[:, None] * _dot(qj, S1, PREC)
+            Ah = _act(Hh, ACT)
+            O += beta[:, None] * _dot(Ah, W2, PREC)
+            if MOMENTUM:
+                O += f[:, None] * _dot(Ah, S2, PREC)
+            SA += _dot(Ah, tl.trans(A1), PREC)
+        if WANT_STATE:
+            # the token weights scale the per-tile factor (D1, A1), so k^T and Rj are the only loop-invariant operands
+            W1n = betaL * W1 - _dot(tl.trans(kj), gL[:, None] * D1, PREC)
+            W2n = betaL * W2 - _dot(tl.trans(A1 * gL[:, None]), Rj, PREC)
+            if MOMENTUM:
+                W1n += fL * S1
+                W2n += fL * S2
+                tl.store(s1s + dst1 + w1_off, mL * S1 - _dot(tl.trans(kj), nL[:, None] * D1, PREC), mask=w1_ok)
+                tl.store(s2s + dst2 + w2_off, mL * S2 - _dot(tl.trans(A1 * nL[:, None]), Rj, PREC), mask=w2_ok)
+            tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
+            tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+    if WANT_O:
+        R = tl.load(rs + p_r + o_t[:, None] * BV + o_v[None, :])  # afresh, as in pass 2
+        O -= _dot(tl.where(causal, G * SA, 0.0), R, PREC)
+        if RES:
+            O += tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+        tl.store(o + p_v + t_idx[:, None] * H * V + o_v[None, :], O.to(o.dtype.element_ty), mask=tv_ok)
+
+
+@triton.jit
+def _mlp_fwd_kernel(
+    q, k, v, eta, keep, mu, delta, w1s, w2s, s1s, s2s, o, rs,
+    T, NT, NS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+    RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+    PREC: tl.constexpr, MODE: tl.constexpr,
+):
+    """State slots: w1s [B*H, NS, K, HD], w2s [B*H, NS, HD, V] (s1s, s2s alike), slot 0 = initial state. NS = NT + 1
+    (every chunk-start state kept; chunk c reads slot c, writes c + 1) or 2 (ping-pong, no backward). rs [B*H, NT, BT, BV]
+    fp32 scratch (R of each chunk)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_hh = tl.arange(0, BH)
+    k_ok, v_ok = o_k < K, o_v < V
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_w1 = i_bh.to(tl.int64) * NS * K * HD
+    p_w2 = i_bh.to(tl.int64) * NS * HD * V
+    if MODE == 2:
+        c = tl.program_id(1)
+        _fwd_chunk(q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs,
+                   p_w1 + c * K * HD, p_w2 + c * HD * V, p_w1, p_w2, (i_bh.to(tl.int64) * NT + c) * BT * BV,
+                   c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
+                   H, K, V, HD, BT, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False)
+    else:
+        for c in range(NT):
+            s_in = c % NS
+            s_out = (c + 1) % NS
+            _fwd_chunk(q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs,
+                       p_w1 + s_in * K * HD, p_w2 + s_in * HD * V, p_w1 + s_out * K * HD, p_w2 + s_out * HD * V,
+                       (i_bh.to(tl.int64) * NT + c) * BT * BV,
+                       c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
+                       H, K, V, HD, BT, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                       MODE == 0, True)
+            tl.debug_barrier()  # the next chunk reads the state tiles other threads just wrote
+
+
+# --------------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t,
+                MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Gate gradients from those of the coefficients (G = E N^T, f = E m, beta; papers.md §1.4.1): returns
+    (d eta, d log-alpha increments, d log-mu increments) per token; the caller takes the reverse cumsums.
+    dG must be causal; dmL / dnL are the gradients of m_L and of row L of N^T (momentum only)."""
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    if MOMENTUM:
+        ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
+        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
+        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
+        dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
+        dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
+        dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
+        d_eta = tl.sum(dNT * Pm, axis=0)
+        X = dNT * Pm * eta_t[None, :]
+        dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
+    else:
+        d_eta = tl.sum(dG * E, axis=0)
+        dE = dG * eta_t[None, :]
+        dlm_ = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+    Y2 = dE * E
+    dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
+    return d_eta, dlb, dlm_
+
+
+@triton.jit
+def _bwd_chunk(
+    q, k, v, eta, keep, mu, delta, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, xs,
+    dq, dk, dv, deta, dla, dlm, ddelta,
+    src1, src2, e1, e2, st1, st2, p_x,
+    c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    BH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+    RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """One chunk of the backward: chunk-start state at src (w*s / s*s), end-state gradient at e (dw*s / ds*s); writes
+    the start-state gradient at st and the chunk's dq, dk, dv and gate gradients."""
+    NH: tl.constexpr = (HD + BH - 1) // BH
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - t0, BT) - 1
+    at_L = o_t == L
+    p_r = p_x + BT * HD  # xs + p_x: [BT, HD] dZ1 scratch, then [BT, BV] for R
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    # G^T built directly (no tl.trans of [BT, BT] dot results: Hopper codegen hazard, fla #640)
+    ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
+    if MOMENTUM:
+        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
+        GT = _dot(Nm, ET, PREC)
+    else:
+        GT = ET * eta_t[:, None]
+    if DECAYED:
+        gam = beta
+    else:
+        gam = tl.full([BT], 1.0, dtype=tl.float32)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
+    C1T = tl.where(causal_t, GT * _dot(b_k, tl.trans(b_q), PREC), 0.0)
+
+    # pass 1: recompute the prediction at the chunk start and the bias rows
+    Y0 = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
+    for j in range(NH):
+        o_h = j * BH + o_hh
+        h_ok = o_h < HD
+        W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        W2 = tl.load(w2s + src2 + o_h[:, None] * V + o_v[None, :], mask=h_ok[:, None] & v_ok[None, :], other=0.0)
+        Y0 += _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    R = tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    gL = _row_select(G, o_t, L)
+    betaL = _vec_select(beta, o_t, L)
+    if MOMENTUM:
+        nL = _row_select(NTm, o_t, L)
+        fL = _vec_select(f, o_t, L)
+        mL = _vec_select(m, o_t, L)
+    M2 = -tl.where(causal, G * _dot(b_do, tl.trans(R), PREC), 0.0)  # d(G . Ah A1^T) . G
+    M2T = -tl.where(causal_t, GT * _dot(R, tl.trans(b_do), PREC), 0.0)
+
+    tl.store(xs + p_r + o_t[:, None] * BV + o_v[None, :], R)
+    tl.debug_barrier()  # pass 2 reloads R per hidden tile
+    SA = tl.zeros([BT, BT], dtype=tl.float32)
+    SAT = tl.zeros([BT, BT], dtype=tl.float32)
+    dC1 = tl.zeros([BT, BT], dtype=tl.float32)
+    dC1T = tl.zeros([BT, BT], dtype=tl.float32)
+    dR = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
+    b_dq = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
+    b_dk = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    df = tl.zeros([BT], dtype=tl.float32)
+    dgam = tl.zeros([BT], dtype=tl.float32)
+    dgL = tl.zeros([BT], dtype=tl.float32)
+    dnL = tl.zeros([BT], dtype=tl.float32)
+    dbL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    dfL = dbL
+    dmL = dbL
+
+    # pass 2: the read and every term that needs only R; the dY terms wait for pass 3
+    for j in range(NH):
+        o_h = j * BH + o_hh
+        h_ok = o_h < HD
+        w1_off = o_k[:, None] * HD + o_h[None, :]
+        w1_ok = k_ok[:, None] & h_ok[None, :]
+        w2_off = o_h[:, None] * V + o_v[None, :]
+        w2_ok = h_ok[:, None] & v_ok[None, :]
+        live = o_t < BT + T + j  # per-tile reloads as in the forward (always true; loop-variant: not hoisted)
+        qj = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
+        kj = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
+        doj = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok & live[:, None], other=0.0).to(tl.float32)
+        Rj = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :], mask=live[:, None], other=0.0)
+        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
+        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        dW1e = tl.load(dw1s + e1 + w1_off, mask=w1_ok, other=0.0)
+        dW2e = tl.load(dw2s + e2 + w2_off, mask=w2_ok, other=0.0)
+        Z1 = gam[:, None] * _dot(kj, W1, PREC)
+        A1 = _act(Z1, ACT)
+        s1 = _act_d1(Z1, ACT)
+        Pm = _dot(Rj, tl.trans(W2), PREC)
+        D1 = gam[:, None] * Pm * s1
+        QW1 = _dot(qj, W1, PREC)
+        Hh = beta[:, None] * QW1 - _dot(C1, D1, PREC)
+        dAh = beta[:, None] * _dot(doj, tl.trans(W2), PREC) + _dot(M2, A1, PREC)
+        if MOMENTUM:
+            S1 = tl.load(s1s + src1 + w1_off, mask=w1_ok, other=0.0)
+            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0)
+            dS1e = tl.load(ds1s + e1 + w1_off, mask=w1_ok, other=0.0)
+            dS2e = tl.load(ds2s + e2 + w2_off, mask=w2_ok, other=0.0)
+            QS1 = _dot(qj, S1, PREC)
+            Hh += f[:, None] * QS1
+            dAh += f[:, None] * _dot(doj, tl.trans(S2), PREC)
+        Ah = _act(Hh, ACT)
+        dH = dAh * _act_d1(Hh, ACT)
+        SA += _dot(Ah, tl.trans(A1), PREC)
+        SAT += _dot(A1, tl.trans(Ah), PREC)
+        dbeta += tl.sum(doj * _dot(Ah, W2, PREC), axis=1)
+        dA1 = _dot(M2T, Ah, PREC) - gL[:, None] * _dot(Rj, tl.trans(dW2e), PREC)
+        dC1 -= _dot(dH, tl.trans(D1), PREC)
+        dC1T -= _dot(D1, tl.trans(dH), PREC)
+        b_dq += beta[:, None] * _dot(dH, tl.trans(W1), PREC)
+        dbeta += tl.sum(dH * QW1, axis=1)
+        KdW1 = _dot(kj, dW1e, PREC)
+        AdW2 = _dot(A1, dW2e, PREC)
+        dD1 = -_dot(C1T, dH, PREC) - gL[:, None] * KdW1
+        b_dk -= gL[:, None] * _dot(D1, tl.trans(dW1e), PREC)
+        dR -= gL[:, None] * AdW2
+        dgL -= tl.sum(KdW1 * D1, axis=1) + tl.sum(AdW2 * Rj, axis=1)
+        dbL += tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
+        if MOMENTUM:
+            df += tl.sum(doj * _dot(Ah, S2, PREC), axis=1)
+            dA1 -= nL[:, None] * _dot(Rj, tl.trans(dS2e), PREC)
+            b_dq += f[:, None] * _dot(dH, tl.trans(S1), PREC)
+            df += tl.sum(dH * QS1, axis=1)
+            KdS1 = _dot(kj, dS1e, PREC)
+            AdS2 = _dot(A1, dS2e, PREC)
+            dD1 -= nL[:, None] * KdS1
+            b_dk -= nL[:, None] * _dot(D1, tl.trans(dS1e), PREC)
+            dR -= nL[:, None] * AdS2
+            dnL -= tl.sum(KdS1 * D1, axis=1) + tl.sum(AdS2 * Rj, axis=1)
+            dfL += tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
+            dmL += tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
+            tl.store(ds1s + st1 + w1_off, _dot(tl.trans(qj), f[:, None] * dH, PREC) + fL * dW1e + mL * dS1e,
+                     mask=w1_ok)
+            tl.store(ds2s + st2 + w2_off, _dot(tl.trans(Ah * f[:, None]), doj, PREC) + fL * dW2e + mL * dS2e,
+                     mask=w2_ok)
+        dP = dD1 * gam[:, None] * s1
+        if DECAYED:
+            dgam += tl.sum(dD1 * Pm * s1, axis=1)
+        dR += _dot(dP, W2, PREC)
+        # dZ1 without its dY part (pass 3 adds it)
+        X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
+        tl.store(xs + p_x + o_t[:, None] * HD + o_h[None, :], X, mask=h_ok[None, :])
+        tl.store(dw1s + st1 + w1_off, _dot(tl.trans(qj), beta[:, None] * dH, PREC) + betaL * dW1e, mask=w1_ok)
+        tl.store(dw2s + st2 + w2_off,
+                 _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + betaL * dW2e + _dot(tl.trans(dP), Rj, PREC),
+                 mask=w2_ok)
+    tl.debug_barrier()  # pass 3 reads the tiles just written by other threads
+    # q, k, do, R loaded afresh (the copies from before pass 2 would keep their shared-memory operands live through it)
+    p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    R = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :])
+
+    dR -= _dot(tl.where(causal_t, GT * SAT, 0.0), b_do, PREC)
+    dR = tl.where(t_ok[:, None], dR, 0.0)
+    # [BT, BT] products recomputed here rather than kept live through the hidden loop (register pressure)
+    QK = _dot(b_q, tl.trans(b_k), PREC)
+    dOR = _dot(b_do, tl.trans(R), PREC)
+    dG = tl.where(causal, dC1 * QK - dOR * SA, 0.0)
+    b_dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
+    b_dk += _dot(tl.where(causal_t, dC1T * GT, 0.0), b_q, PREC)
+    if RES:
+        b_dq += b_do
+    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+    dY = tl.where(t_ok[:, None], dY, 0.0)
+    if RES:
+        b_dk += dY
+    if DECAYED:
+        dgam += tl.sum(dY * Y0, axis=1)
+    gdY = gam[:, None] * dY
+
+    # pass 3: the dY terms (through A1 = act(Z1) and Y = gamma A1 W2)
+    for j in range(NH):
+        o_h = j * BH + o_hh
+        h_ok = o_h < HD
+        w1_off = o_k[:, None] * HD + o_h[None, :]
+        w1_ok = k_ok[:, None] & h_ok[None, :]
+        w2_off = o_h[:, None] * V + o_v[None, :]
+        w2_ok = h_ok[:, None] & v_ok[None, :]
+        live = o_t < BT + T + j
+        kj = tl.load(k + p_tk, mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
+        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
+        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        Zk = _dot(kj, W1, PREC)
+        Z1 = gam[:, None] * Zk
+        A1 = _act(Z1, ACT)
+        X = tl.load(xs + p_x + o_t[:, None] * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
+        dZ1 = X + _dot(gdY, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
+        gdZ1 = gam[:, None] * dZ1
+        b_dk += _dot(gdZ1, tl.trans(W1), PREC)
+        if DECAYED:
+            dgam += tl.sum(dZ1 * Zk, axis=1)
+        dW1 = tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + _dot(tl.trans(kj), gdZ1, PREC)
+        dW2 = tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + _dot(tl.trans(A1), gdY, PREC)
+        tl.store(dw1s + st1 + w1_off, dW1, mask=w1_ok)
+        tl.store(dw2s + st2 + w2_off, dW2, mask=w2_ok)
+
+    # gate gradients
+    if DECAYED:
+        dbeta += dgam
+    dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
+    dbeta += tl.where(at_L, dbL, 0.0)
+    if MOMENTUM:
+        df += tl.where(at_L, dfL, 0.0)
+    # the gate coefficients again (cheap) instead of keeping E live through the hidden loops
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
+    tl.store(dq + p_tk, b_dq, mask=qk_ok)
+    tl.store(dk + p_tk, b_dk, mask=qk_ok)
+    tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)
+    tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
+    if HAS_KEEP:
+        tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+    if MOMENTUM:
+        tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+    if BIAS == 3:
+        tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
+
+
+@triton.jit
+def _mlp_bwd_kernel(
+    q, k, v, eta, keep, mu, delta, w1s, w2s, s1s, s2s, do, dw1s, dw2s, ds1s, ds2s, xs,
+    dq, dk, dv, deta, dla, dlm, ddelta,
+    T, NT, NS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+    RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """Reverse walk of one batch*head. State slots as in the forward (NS = NT + 1); state-gradient slots dw1s
+    [B*H, 2, K, HD], ... (ping-pong: chunk c reads slot (c + 1) % 2, writes slot c % 2; slot NT % 2 holds the final
+    state's cotangent on entry, slot 0 the initial state's gradient on exit); xs [B*H, BT * (HD + BV)] fp32 scratch."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_hh = tl.arange(0, BH)
+    k_ok, v_ok = o_k < K, o_v < V
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_w1 = i_bh.to(tl.int64) * NS * K * HD
+    p_w2 = i_bh.to(tl.int64) * NS * HD * V
+    p_d1 = i_bh.to(tl.int64) * 2 * K * HD
+    p_d2 = i_bh.to(tl.int64) * 2 * HD * V
+    p_x = i_bh.to(tl.int64) * BT * (HD + BV)
+    for cc in range(NT):
+        c = NT - 1 - cc
+        e = (c + 1) % 2
+        s = c % 2
+        _bwd_chunk(q, k, v, eta, keep, mu, delta, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, xs,
+                   dq, dk, dv, deta, dla, dlm, ddelta,
+                   p_w1 + c * K * HD, p_w2 + c * HD * V, p_d1 + e * K * HD, p_d2 + e * HD * V,
+                   p_d1 + s * K * HD, p_d2 + s * HD * V, p_x,
+                   c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
+                   H, K, V, HD, BT, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC)
+        tl.debug_barrier()  # the next (earlier) chunk reads the state gradient just written
+
+
+# ------------------------------------------------------------------------------------------------ launch + autograd
+
+
+def _block_h(hidden: int, chunk: int) -> int:
+    """Hidden tile BH: ``MIRAS_KERNEL_BH`` (power of two >= 16), else 16 at chunk 64 and 32 below, at most the padded
+    hidden width. Every [K, BH] / [BH, V] state tile is staged in shared memory once or twice per use; at chunk 64,
+    D=128 with BH=32 the momentum backward asked for 272 KB of the 227 KB an H100/H200 has (sm_90 compile with triton
+    3.9, benchmarks/kernel_resources_mlp.py), 176 KB with BH=16."""
+    env = os.environ.get("MIRAS_KERNEL_BH")
+    bh = max(16, int(env)) if env else (16 if chunk >= 64 else 32)
+    return min(bh, pow2_tile(hidden))
+
+
+def tiles(hidden: int, chunk: int, momentum: bool, backward: bool) -> dict:
+    """Tile constexprs of one kernel launch (the same rule for every kernel of a config, so tools can ask for it)."""
+    return {"BH": _block_h(hidden, chunk)}
+
+
+def _split() -> bool:
+    return os.environ.get("MIRAS_KERNEL_SPLIT", "1") not in ("0", "false", "no")
+
+
+def _launch(kernel, grid, *args, **kw):
+    """Plain launch; ``MIRAS_KERNEL_CONFIG=warps,stages`` sets the config on GPU (default 8 warps, 1 stage)."""
+    if interpreting():
+        return kernel[grid](*args, **kw)
+    fixed = os.environ.get("MIRAS_KERNEL_CONFIG", "8,1")
+    warps, stages = (int(x) for x in fixed.split(","))
+    return kernel[grid](*args, num_warps=warps, num_stages=stages, **kw)
+
+
+def _prec(x: torch.Tensor) -> str:
+    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, TF32 for bf16/fp16 inputs.
+
+    Not bf16 operands (as the linear kernels use): on an H200 with triton 3.6, bf16 dots in these kernels at chunk 64,
+    D=128 read shared memory out of bounds (compute-sanitizer: invalid __shared__ read in _mlp_fwd_kernel) and gave
+    wrong outputs (rel. err 0.15), while the same kernels with fp32 operands were exact (benchmarks/RESULTS.md).
+    """
+    if interpreting():
+        return "ieee"
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+
+
+def _consts(cfg: MLPConfig, q: torch.Tensor, v: torch.Tensor) -> dict:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return dict(H=H, K=K, V=V, HD=cfg.hidden, BT=cfg.chunk, BK=pow2_tile(K), BV=pow2_tile(V),
+                BH=_block_h(cfg.hidden, cfg.chunk), BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+                ACT=cfg.act, RES=cfg.residual, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
+                PREC=_prec(q))
+
+
+def _slots(x0: torch.Tensor | None, B: int, H: int, NS: int, shape: tuple[int, int], device) -> torch.Tensor:
+    """[B*H, NS, *shape] fp32 slots with slot 0 = x0 (zeros when None)."""
+    buf = torch.empty(B * H, NS, *shape, device=device, dtype=torch.float32)
+    buf[:, 0] = 0.0 if x0 is None else x0.reshape(B * H, *shape)
+    return buf
+
+
+def mlp_scan_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool,
+                 modes: tuple[int, ...] | None = None):
+    """Forward: (o, final {W1, W2, S1, S2}, state slots (w1s, w2s, s1s, s2s) for the backward or None).
+
+    modes: the kernel MODEs to launch (default: 1 then 2 when the states are kept and split, else 0); the warm-up
+    script launches one at a time."""
+    B, T, H, K = q.shape
+    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
+    NT = triton.cdiv(T, BT)
+    NS = NT + 1 if keep_states else 2
+    w1s = _slots(w1, B, H, NS, (K, HD), q.device)
+    w2s = _slots(w2, B, H, NS, (HD, V), q.device)
+    s1s = _slots(s1, B, H, NS, (K, HD), q.device) if cfg.momentum else w1s
+    s2s = _slots(s2, B, H, NS, (HD, V), q.device) if cfg.momentum else w2s
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    kw = _consts(cfg, q, v)
+    rs = torch.empty(B * H, NT, BT, kw["BV"], device=q.device, dtype=torch.float32)
+    args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+            delta if delta is not None else eta, w1s, w2s, s1s, s2s, o, rs, T, NT, NS)
+    if modes is None:
+        modes = (1, 2) if keep_states and _split() else (0,)
+    for mode in modes:
+        _launch(_mlp_fwd_kernel, (B * H, NT) if mode == 2 else (B * H,), *args, **kw, MODE=mode)
+    last = NT % NS
+    final = {"W1": w1s[:, last].reshape(B, H, K, HD).clone(), "W2": w2s[:, last].reshape(B, H, HD, V).clone()}
+    if cfg.momentum:
+        final["S1"] = s1s[:, last].reshape(B, H, K, HD).clone()
+        final["S2"] = s2s[:, last].reshape(B, H, HD, V).clone()
+    return o, final, ((w1s, w2s, s1s, s2s) if keep_states else None)
+
+
+def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
+    """Backward: gradients of (q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) (None where absent)."""
+    B, T, H, K = q.shape
+    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
+    NT = triton.cdiv(T, BT)
+    w1s, w2s, s1s, s2s = slots
+    f32 = dict(device=q.device, dtype=torch.float32)
+
+    def grad_slots(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        buf = torch.zeros(B * H, 2, *shape, **f32)
+        if dfinal.get(name) is not None:
+            buf[:, NT % 2] = dfinal[name].reshape(B * H, *shape)
+        return buf
+
+    dw1s, dw2s = grad_slots("W1", (K, HD)), grad_slots("W2", (HD, V))
+    ds1s = grad_slots("S1", (K, HD)) if cfg.momentum else dw1s
+    ds2s = grad_slots("S2", (HD, V)) if cfg.momentum else dw2s
+    xs = torch.empty(B * H, BT * (HD + pow2_tile(V)), **f32)
+    dq = torch.empty(B, T, H, K, **f32)
+    dk = torch.empty(B, T, H, K, **f32)
+    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    deta = torch.empty(B, T, H, **f32)
+    dla = torch.empty(B, T, H, **f32) if cfg.has_keep else deta
+    dlm = torch.empty(B, T, H, **f32) if cfg.momentum else deta
+    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta
+    args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+            delta if delta is not None else eta, w1s, w2s, s1s, s2s, do, dw1s, dw2s, ds1s, ds2s, xs,
+            dq, dk, dv, deta, dla, dlm, ddelta, T, NT, w1s.shape[1])
+    _launch(_mlp_bwd_kernel, (B * H,), *args, **_consts(cfg, q, v))
+    dkeep = dla / keep if cfg.has_keep else None
+    dmu = dlm / mu if cfg.momentum else None
+    dd = ddelta if cfg.bias == 3 else None
+    dW1 = dw1s[:, 0].reshape(B, H, K, HD)
+    dW2 = dw2s[:, 0].reshape(B, H, HD, V)
+    dS1 = ds1s[:, 0].reshape(B, H, K, HD) if cfg.momentum else None
+    dS2 = ds2s[:, 0].reshape(B, H, HD, V) if cfg.momentum else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv, deta, dkeep, dmu, dd, dW1, dW2, dS1, dS2
+
+
+class MLPScanFunction(torch.autograd.Function):
+    """(q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) -> (o, W1_T, W2_T, S1_T, S2_T), Triton both ways.
+
+    Gates are fp32 [B, T, H]; keep / mu / delta and the states may be None; states are fp32 [B, H, in, out]. The
+    momentum outputs are None without momentum.
+    """
+
+    @staticmethod
+    def forward(ctx, cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2):
+        needs = any(ctx.needs_input_grad[1:])
+        o, final, slots = mlp_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states=needs)
+        ctx.cfg = cfg
+        if needs:
+            ctx.save_for_backward(q, k, v, eta, keep, mu, delta, *slots)
+        ctx.set_materialize_grads(False)
+        return o, final["W1"], final["W2"], final.get("S1"), final.get("S2")
+
+    @staticmethod
+    def backward(ctx, do, dw1, dw2, ds1, ds2):
+        q, k, v, eta, keep, mu, delta, *slots = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+        dfinal = {"W1": dw1, "W2": dw2, "S1": ds1, "S2": ds2}
+        dfinal = {n: (None if g is None else g.contiguous().float()) for n, g in dfinal.items()}
+        grads = mlp_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, slots, do.contiguous(), dfinal)
+        return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
+
+
+def mlp_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+                    keep: torch.Tensor | None, mu: torch.Tensor | None, delta: torch.Tensor | None,
+                    state: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The 2-layer MLP memory scan (inputs already validated and laid out by ``miras.kernels.triton_memory_scan``).
+
+    state: {"W1": [B, H, K, Hd], "W2": [B, H, Hd, V], "S1", "S2"} fp32 or None entries. Returns (o, final state).
+    """
+    cfg = MLPConfig.from_spec(spec, q.shape[-1])
+    o, w1, w2, s1, s2 = MLPScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu,
+                                              delta, state.get("W1"), state.get("W2"), state.get("S1"),
+                                              state.get("S2"))
+    final = {"W1": w1, "W2": w2}
+    if cfg.momentum:
+        final.update(S1=s1, S2=s2)
+    return o, final

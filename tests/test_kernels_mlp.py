@@ -1,0 +1,225 @@
+"""Triton kernels of the 2-layer MLP memory vs the float64 token-by-token oracle, on CPU through Triton's interpreter.
+
+Outputs, final state (W1, W2, S1, S2) and the gradients of q, k, v, every gate and the initial state; float32 kernels
+against ``miras.ops.memory_scan(mode="recurrent")`` in float64 (autograd through the per-token loop: independent of the
+hand-written backward of the kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels (triton reads it at @jit time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from miras.errors import KernelUnavailable  # noqa: E402
+from miras.spec import MemorySpec  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
+from miras.ops import memory_scan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 2e-5  # fp32 kernel vs float64 oracle; measured ~2e-7..2e-6 on these (well-conditioned) inputs
+E = 2  # hidden width = E * K
+
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    """The MLP-memory kernel is opt-in (MIRAS_KERNEL_MLP=1); these tests exercise it."""
+    monkeypatch.setenv("MIRAS_KERNEL_MLP", "1")
+
+
+def test_mlp_kernel_is_opt_in(monkeypatch):
+    """Without MIRAS_KERNEL_MLP the kernel is refused with the reason, so auto mode keeps the chunked path."""
+    monkeypatch.delenv("MIRAS_KERNEL_MLP")
+    spec = MemorySpec.model_validate({"memory": {"kind": "mlp", "depth": 2, "norm": False}, "bias": "l2",
+                                      "learner": {"kind": "gd", "chunk_size": 16}})
+    ok, why = kernel_support(spec)
+    assert not ok and "MIRAS_KERNEL_MLP=1" in why and "experimental" in why
+
+
+
+def mlp_spec(bias="l2", retention="decay", learner="momentum", grad_at="previous", chunk=16, residual=True,
+             act="gelu") -> MemorySpec:
+    ret = {"kind": retention, "grad_at": grad_at} if retention == "decay" else {"kind": retention}
+    return MemorySpec(memory={"kind": "mlp", "depth": 2, "expansion": E, "residual": residual, "norm": False,
+                              "activation": act},
+                      bias=bias, retention=ret, learner={"kind": learner, "chunk_size": chunk})
+
+
+def gate_names(spec) -> list[str]:
+    names = ["lr"]
+    if spec.retention.kind == "decay":
+        names.append("keep")
+    if spec.learner.kind == "momentum":
+        names.append("momentum")
+    if spec.bias.kind == "huber":
+        names.append("huber_delta")
+    return names
+
+
+def state_dims(spec, K: int, V: int) -> dict[str, tuple[int, int]]:
+    dims = {"W1": (K, E * K), "W2": (E * K, V)}
+    if spec.learner.kind == "momentum":
+        dims.update(S1=(K, E * K), S2=(E * K, V))
+    return dims
+
+
+def make_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, torch.Tensor]:
+    """Random leaves in ranges where the inner loop of a gelu MLP stays tame (outputs O(1); the Lp bias grows like
+    |r|^(p-1) and gets smaller steps), so that fp32 rounding is not amplified beyond the tolerance."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g)
+
+    x = {"q": r(B, T, H, K) / K**0.5, "k": torch.nn.functional.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, V)}
+    lr = (0.005, 0.02) if spec.bias.kind == "lp" else (0.02, 0.12)
+    ranges = {"lr": lr, "keep": (0.8, 1.0), "momentum": (0.3, 0.8), "huber_delta": (0.3 * V**0.5, 1.5 * V**0.5)}
+    for name in gate_names(spec):
+        lo, hi = ranges[name]
+        x[name] = lo + (hi - lo) * torch.rand(B, T, H, generator=g)
+    if init_state:
+        scales = {"W1": 0.5, "W2": (E * K) ** -0.5, "S1": 0.1, "S2": 0.1 * (E * K) ** -0.5}
+        for name, (i, o) in state_dims(spec, K, V).items():
+            x[name] = scales[name] * r(B, H, i, o)
+    return {n: t.to(DEVICE).requires_grad_(True) for n, t in x.items()}
+
+
+def split(spec, x):
+    gates = {n: x[n] for n in gate_names(spec)}
+    state = {n: x[n] for n in ("W1", "W2", "S1", "S2") if n in x} or None
+    return x["q"], x["k"], x["v"], gates, state
+
+
+def run_and_grads(fn, spec, x, cot):
+    q, k, v, gates, state = split(spec, x)
+    o, final = fn(spec, q, k, v, gates, state)
+    loss = (o * cot["o"].to(o.dtype)).sum() + sum((final[n] * cot[n].to(final[n].dtype)).sum() for n in final)
+    grads = torch.autograd.grad(loss, list(x.values()))
+    return o, final, dict(zip(x, grads))
+
+
+def oracle(spec, q, k, v, gates, state):
+    return memory_scan(spec, q, k, v, gates, state, mode="recurrent")
+
+
+def rel(a, b) -> float:
+    return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-30)
+
+
+def check_against_oracle(spec, B, T, H, K, V=None, *, init_state=True, seed=0, tol=TOL):
+    V = V or K
+    x = make_inputs(spec, B, T, H, K, V, init_state=init_state, seed=seed)
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    cot = {"o": torch.randn(B, T, H, V, generator=g, dtype=torch.float64)}
+    for n, d in state_dims(spec, K, V).items():
+        cot[n] = torch.randn(B, H, *d, generator=g, dtype=torch.float64)
+    cot = {n: c.to(DEVICE) for n, c in cot.items()}
+    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    o_ref, fin_ref, gr_ref = run_and_grads(oracle, spec, x64, cot)
+    assert set(fin) == set(fin_ref), (sorted(fin), sorted(fin_ref))
+    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
+            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
+    bad = {n: e for n, e in errs.items() if not e < tol}  # also catches NaN
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return errs
+
+
+# every bias x retention x learner once; residual / activation rotate so that each value meets each axis
+COMBOS = [(b, r, lr) for b in ("dot", "l2", "lp", "huber") for r in ("none", "decay-previous", "decay-decayed")
+          for lr in ("gd", "momentum")]
+HEADS = [(True, "gelu"), (False, "silu"), (True, "tanh"), (False, "relu"), (True, "silu"), (False, "gelu")]
+
+
+@pytest.mark.parametrize("i", range(len(COMBOS)), ids=["-".join(c) for c in COMBOS])
+def test_every_combination(i):
+    """Each bias x retention x learner at T=37 over chunks of 16 (a partial last chunk); K=16 (residual) or
+    K=16, V=24 (no residual: K != V), hidden 32 in two tiles of 16 or one of 32."""
+    bias, ret, learner = COMBOS[i]
+    residual, act = HEADS[i % len(HEADS)]
+    retention, _, grad_at = ret.partition("-")
+    spec = mlp_spec(bias, retention, learner, grad_at or "previous", residual=residual, act=act)
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=1, T=37, H=2, K=16, V=16 if residual else 24, seed=i)
+
+
+# every T in {1, 63, 100} with both head dims and both initial-state choices, each pair of values at least once
+SHAPES = [(1, 16, True), (1, 24, False), (63, 16, False), (63, 24, True), (100, 16, True), (100, 24, False)]
+
+
+@pytest.mark.parametrize("T,D,init", SHAPES, ids=[f"T{t}-D{d}-{'h0' if i else 'zero'}" for t, d, i in SHAPES])
+def test_shapes(T, D, init):
+    """T in {1, 63, 100}, head dims 16 and 24 (padded K tiles; hidden 48 = a full and a masked tile), with and
+    without an initial state; momentum, decay (decayed gradient point) and Huber alternate with their opposites."""
+    if D == 16:
+        spec = mlp_spec("l2", "decay", "momentum", "previous")
+    else:
+        spec = mlp_spec("huber", "decay", "gd", "decayed", act="silu")
+    check_against_oracle(spec, B=1, T=T, H=1, K=D, init_state=init, seed=T + D)
+
+
+@pytest.mark.parametrize("chunk,act", [(32, "tanh"), (64, "relu")])
+def test_chunk_sizes(chunk, act):
+    spec = mlp_spec("lp", "decay", "momentum", "decayed", chunk=chunk, act=act)
+    check_against_oracle(spec, B=1, T=chunk + 7, H=1, K=24)
+
+
+@pytest.mark.parametrize("bh,split_kernels", [(16, "0"), (64, "1")])
+def test_hidden_tiles_and_fused_walk(monkeypatch, bh, split_kernels):
+    """Hidden 48 in three tiles of 16 with the fused forward walk, and in one padded tile of 64 with the split one."""
+    monkeypatch.setenv("MIRAS_KERNEL_BH", str(bh))
+    monkeypatch.setenv("MIRAS_KERNEL_SPLIT", split_kernels)
+    check_against_oracle(mlp_spec("l2", "decay", "momentum"), B=2, T=40, H=1, K=24, seed=7)
+
+
+def test_forward_without_grad_matches_oracle():
+    """Under no_grad the forward keeps two ping-pong state slots instead of every chunk-start state."""
+    spec = mlp_spec("l2", "decay", "momentum")
+    x = {n: t.detach() for n, t in make_inputs(spec, 1, 50, 2, 16, 16).items()}
+    with torch.no_grad():
+        o, fin = triton_memory_scan(spec, *split(spec, x))
+        o2, fin2 = oracle(spec, *split(spec, {n: t.double() for n, t in x.items()}))
+    assert rel(o, o2) < TOL and all(rel(fin[n], fin2[n]) < TOL for n in fin2)
+
+
+def test_memory_scan_dispatch_and_unbatched_state():
+    """memory_scan(mode="triton") runs the MLP kernel; an [H, in, out] initial state broadcasts over the batch and
+    its gradient sums over the batch."""
+    spec = mlp_spec("l2", "none", "gd")
+    x = make_inputs(spec, 2, 20, 2, 16, 16, init_state=False)
+    w = {"W1": (0.5 * torch.randn(2, 16, 32)).requires_grad_(True), "W2": (0.2 * torch.randn(2, 32, 16)).requires_grad_(True)}
+    o, fin = memory_scan(spec, x["q"], x["k"], x["v"], {"lr": x["lr"]}, w, mode="triton")
+    w64 = {n: t.detach().double().requires_grad_(True) for n, t in w.items()}
+    o2, fin2 = oracle(spec, *(x[n].detach().double() for n in "qkv"), {"lr": x["lr"].detach().double()}, w64)
+    assert rel(o, o2) < TOL and rel(fin["W1"], fin2["W1"]) < TOL and rel(fin["W2"], fin2["W2"]) < TOL
+    g = torch.autograd.grad(o.sum(), [w["W1"], w["W2"]])
+    g2 = torch.autograd.grad(o2.sum(), [w64["W1"], w64["W2"]])
+    assert g[0].shape == (2, 16, 32) and rel(g[0], g2[0]) < TOL and rel(g[1], g2[1]) < TOL
+
+
+@pytest.mark.parametrize("memory,missing", [
+    ({"kind": "mlp", "depth": 2, "norm": True}, "LayerNorm head"),
+    ({"kind": "mlp", "depth": 3, "norm": False}, "memory.depth=3"),
+])
+def test_kernel_support_names_the_missing_piece(memory, missing):
+    spec = MemorySpec(memory=memory, bias="l2", retention="decay", learner="momentum")
+    ok, why = kernel_support(spec)
+    assert not ok and missing in why, why
+    x = make_inputs(mlp_spec(), 1, 4, 1, 16, 16, init_state=False)
+    with pytest.raises(KernelUnavailable, match="triton_memory_scan"):
+        triton_memory_scan(spec, x["q"], x["k"], x["v"], {n: x[n] for n in ("lr", "keep", "momentum")})
+
+
+def test_bad_state_shape_raises():
+    spec = mlp_spec("l2", "decay", "momentum")
+    x = make_inputs(spec, 1, 8, 2, 16, 16)
+    q, k, v, gates, state = split(spec, x)
+    with pytest.raises(ValueError, match=r"state\['W2'\] must have shape"):
+        triton_memory_scan(spec, q, k, v, gates, {**state, "W2": state["W2"][..., :8]})

@@ -1,0 +1,71 @@
+"""Triton MLP-memory kernels on a CUDA device at the bench head dim (skipped without CUDA).
+
+bf16 inputs (TF32 dots on fp32 operands, fp32 state; see mlp._prec): outputs, final state and every gradient within
+2e-2 relative of the PyTorch chunked path in fp32 on the same (rounded) inputs; fp32 inputs (3xTF32 dots) within 1e-3.
+The first case is the benchmark's mlp2 titans row at its launch signature (H=8, D=128, chunk 64, bf16; T=1024 has the
+integer specialisation of T=4096), so benchmarks/warm_kernels.py's compiles serve it; the second is its gd twin.
+Run: ``pytest tests/test_kernels_mlp_gpu.py -m gpu`` (benchmarks/gpu_check.sh runs the first two).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+triton = pytest.importorskip("triton")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_kernels_mlp import make_inputs, mlp_spec, rel, run_and_grads, state_dims  # noqa: E402
+
+from miras.kernels import triton_memory_scan  # noqa: E402
+from miras.ops import memory_scan  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    monkeypatch.setenv("MIRAS_KERNEL_MLP", "1")
+
+CASES = [  # (bias, retention, learner, grad_at, chunk, act, B, T, H, D)
+    ("l2", "decay", "momentum", "previous", 64, "gelu", 1, 1024, 8, 128),  # bench_kernels.py's mlp2 titans row
+    ("l2", "decay", "gd", "previous", 64, "gelu", 1, 1024, 8, 128),  # the same with gd (warm_kernels.py mlp-gd)
+    ("huber", "decay", "gd", "decayed", 32, "silu", 1, 256, 2, 128),
+    ("lp", "none", "momentum", "previous", 16, "gelu", 1, 200, 2, 64),
+]
+IDS = ["-".join(str(c) for c in case) for case in CASES]
+
+
+def chunked(spec, q, k, v, gates, state):
+    return memory_scan(spec, q, k, v, gates, state, mode="chunked")
+
+
+def _compare(case, dtype, tol):
+    bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
+    x = make_inputs(spec, B, T, H, D, D, seed=T)
+    x = {n: t.detach().to("cuda", dtype if n in "qkv" else torch.float32).requires_grad_(True) for n, t in x.items()}
+    x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
+    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    torch.cuda.synchronize()
+    o_ref, fin_ref, gr_ref = run_and_grads(chunked, spec, x32, cot)
+    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
+            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
+    print(f"{'-'.join(map(str, case))} {dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bf16_vs_chunked_fp32(case):
+    _compare(case, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
+def test_fp32_vs_chunked_fp32(case):
+    _compare(case, torch.float32, 1e-3)
