@@ -26,6 +26,7 @@ from torch import Tensor
 from miras.components.bias import L2Bias
 from miras.components.memory import masked_scores
 from miras.ops_common import final_state, prepare
+from miras.ops_delta import delta_rule_scan, exact_delta_applies
 from miras.spec import MemorySpec
 
 
@@ -256,6 +257,9 @@ def chunked_memory_scan(
     if uses_ext(spec):  # omega bias, muon / dgd learners (ATLAS, NL): miras.ops_ext
         return ext_chunked_memory_scan(spec, q, k, v, gates, state, params=params, reads=reads)
     p = prepare(spec, q, k, v, gates, state, params)
+    if exact_delta_applies(spec, p):  # chunk 1 delta rule (DeltaNet, Gated DeltaNet): solved exactly in blocks
+        o, A = delta_rule_scan(spec, p, reads=reads)
+        return (None if o is None else o.transpose(1, 2)), final_state([A], None)
     mem, bias, ret, learner = p.comp.memory, p.comp.bias, p.comp.retention, p.comp.learner
     B, H, T, _ = p.q.shape
     b = min(p.chunk, T)

@@ -1,0 +1,97 @@
+"""The exact online delta rule in blocks (DeltaNet, Gated DeltaNet): ``chunk_size: 1`` computed in parallel.
+
+With ``learner.chunk_size == 1`` every token takes its gradient at the state left by the token before it (the pure
+online rule). For a linear memory with the L2 bias and plain GD that rule is affine in the state, and a block of n
+tokens can be solved at once (the UT / WY form of Yang et al. 2024, "Parallelizing Linear Transformers with the Delta
+Rule", arXiv:2406.06484, §3; gated: Yang, Kautz, Hatamizadeh 2024, arXiv:2412.06464, Eq. 10). Row convention
+``y = k A`` with A ``[K, V]``; per token (Miras Eq. 9 with the decayed gradient point, or Titans Eq. 13 without):
+
+    P_t = alpha_t A_{t-1} (grad_at decayed)  |  A_{t-1} (grad_at previous)
+    A_t = alpha_t A_{t-1} + k_t^T u_t,   u_t = eta_t (v_t - k_t P_t),   o_t = q_t A_t
+
+Inside a block with start state A_0, c_t = sum_{s<=t} log alpha_s and d_t = c_t (decayed) or c_{t-1} (previous):
+
+    A_t = e^{c_t} A_0 + sum_{i<=t} e^{c_t - c_i} k_i^T u_i
+    (I + L) U = diag(eta) V - diag(eta e^{d}) K A_0,   L[j, i] = eta_j e^{d_j - c_i} (k_j . k_i)   (i < j)
+    O = diag(e^{c}) Q A_0 + (e^{c_t - c_i} q_t . k_i)_{i<=t} U ;   A_n = e^{c_n} A_0 + (e^{c_n - c} * K)^T U
+
+Everything but the three products with A_0 is computed for all blocks at once (one batched unit-triangular solve);
+the loop over blocks runs four matmuls. Tokens padded onto the last block have eta = 0 and alpha = 1, so they write
+nothing. Tested against the token-by-token oracle in float64 (tests/test_ops_delta.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from miras.ops_common import Prepared
+from miras.spec import MemorySpec
+
+BLOCK = 32  # tokens solved at once; any value gives the same result (up to rounding)
+
+
+def exact_delta_applies(spec: MemorySpec, p: Prepared) -> bool:
+    """True for the online (chunk 1) delta rule this module solves in blocks: linear memory, L2 bias, GD learner,
+    retention none or decay with one keep value per head (not channel-wise)."""
+    return (
+        spec.learner.chunk_size == 1
+        and spec.memory.kind == "linear"
+        and spec.bias.kind == "l2"
+        and spec.learner.kind == "gd"
+        and spec.retention.kind in ("none", "decay")
+        and (p.keep is None or p.keep.shape[-1] == 1)
+    )
+
+
+def _blocks(x: Tensor, nb: int, n: int) -> Tensor:
+    """``[B, H, T, ...]`` -> ``[NB, B, H, n, ...]``, zero-padding the last block."""
+    B, H, T = x.shape[:3]
+    pad = nb * n - T
+    if pad:
+        x = torch.cat([x, x.new_zeros(B, H, pad, *x.shape[3:])], dim=2)
+    return x.reshape(B, H, nb, n, *x.shape[3:]).movedim(2, 0)
+
+
+def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: int = BLOCK) -> tuple[Tensor | None, Tensor]:
+    """Blocked exact delta rule. Returns (o ``[B, H, T, V]`` or None, final A ``[B, H, K, V]``)."""
+    B, H, T, K = p.q.shape
+    n = min(block, T)
+    nb = -(-T // n)
+    kb, vb = _blocks(p.k, nb, n), _blocks(p.v, nb, n)  # [NB, B, H, n, K|V]
+    eta = _blocks(p.lr, nb, n)  # [NB, B, H, n]
+    if p.keep is not None:
+        log_a = _blocks(torch.log(p.keep[..., 0].clamp_min(torch.finfo(p.keep.dtype).tiny)), nb, n)
+    else:
+        log_a = torch.zeros_like(eta)
+    c = torch.cumsum(log_a, dim=-1)  # [NB, B, H, n]
+    d = c if getattr(spec.retention, "grad_at", "decayed") == "decayed" else c - log_a
+    strict = torch.ones(n, n, dtype=torch.bool, device=c.device).tril(-1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=c.device).tril()
+
+    def decay(rows: Tensor, mask: Tensor) -> Tensor:  # exp(rows_j - c_i) on the mask, else 0: [NB, B, H, n, n]
+        return torch.exp((rows[..., :, None] - c[..., None, :]).masked_fill(~mask, float("-inf")))
+
+    kk = kb @ kb.transpose(-1, -2)  # [NB, B, H, n, n]
+    L = eta[..., :, None] * decay(d, strict) * kk
+    eye = torch.eye(n, dtype=kk.dtype, device=kk.device)
+    rhs = torch.cat([eta[..., None] * vb, (eta * torch.exp(d))[..., None] * kb], dim=-1)  # [ηV | ηe^d K]
+    sol = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
+    U_v, W_k = sol[..., : vb.shape[-1]], sol[..., vb.shape[-1] :]  # U = U_v - W_k A_0
+    c_end = c[..., -1:]  # [NB, B, H, 1]
+    K_end = (torch.exp(c_end - c)[..., None] * kb).transpose(-1, -2)  # [NB, B, H, K, n]
+    g_end = torch.exp(c_end)[..., None]  # [NB, B, H, 1, 1]
+    if reads:
+        qb = _blocks(p.q, nb, n)
+        M = decay(c, causal) * (qb @ kb.transpose(-1, -2))  # [NB, B, H, n, n]
+        Qg = torch.exp(c)[..., None] * qb
+
+    A = p.W[0]
+    outs = []
+    for i in range(nb):
+        U = U_v[i] - W_k[i] @ A
+        if reads:
+            outs.append(Qg[i] @ A + M[i] @ U)
+        A = g_end[i] * A + K_end[i] @ U
+    o = torch.cat(outs, dim=2)[:, :, :T] if reads else None
+    return o, A
