@@ -32,11 +32,15 @@ NO_MIXING = {"name": "no-mixing", "vocab_size": 256, "d_model": 64, "n_layers": 
 def run(recipe: str, args: argparse.Namespace, out: Path) -> dict:
     spec = load_spec(NO_MIXING if recipe == "no-mixing" else recipe)
     options = {"num_kv_pairs": args.kv}
-    if args.vocab:
+    if args.train_kv:  # train on a mixture of pair counts (as zoology does), evaluate at --kv
+        options = {"num_kv_pairs": [int(x) for x in args.train_kv.split(",")], "test_kv_pairs": [args.kv]}
+    if args.vocab:  # the model's vocabulary is the task's (unused output classes slow MQAR's phase change a lot)
         options["vocab_size"] = args.vocab
+        spec = spec.with_overrides({"vocab_size": args.vocab})
     cfg = TrainSpec.model_validate({
         "task": {"name": "mqar", "options": options}, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup, "eval_every": args.eval_every,
+        "weight_decay": args.weight_decay,
         "eval_batches": 4, "seed": args.seed, "device": "cpu",
         "early_stop": {"metric": "accuracy", "target": args.stop} if args.stop else None,
     })
@@ -57,9 +61,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--kv", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=64, help="MQAR token range (task option vocab_size); 0: the model's")
+    ap.add_argument("--vocab", type=int, default=64, help="MQAR token range and model vocab_size; 0: the recipe's vocab")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--train-kv", default="", help="comma-separated pair counts to train on (default: --kv only)")
+    ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--stop", type=float, default=0.0, help="early-stop accuracy (0: run every step)")
     ap.add_argument("--seed", type=int, default=0)
