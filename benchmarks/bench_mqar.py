@@ -34,7 +34,7 @@ def run(recipe: str, args: argparse.Namespace, out: Path) -> dict:
     options = {"num_kv_pairs": args.kv}
     if args.train_kv:  # train on a mixture of pair counts (as zoology does), evaluate at --kv
         options = {"num_kv_pairs": [int(x) for x in args.train_kv.split(",")], "test_kv_pairs": [args.kv]}
-    if args.vocab:  # the model's vocabulary is the task's (unused output classes slow MQAR's phase change a lot)
+    if args.vocab:  # the model's vocabulary is the task's (no output classes the task never uses)
         options["vocab_size"] = args.vocab
         spec = spec.with_overrides({"vocab_size": args.vocab})
     cfg = TrainSpec.model_validate({
