@@ -124,7 +124,7 @@ def make_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0, device="cpu", d
 
 def split(spec, x):
     gates = {n: x[n] for n in gate_names(spec)}
-    state = {n: x[n] for n in ("W1", "S1") if n in x} or None
+    state = {n: x[n] for n in ("W1", "W2", "S1", "S2") if n in x} or None  # linear: W1 (S1); 2-layer MLP: W2, S2 too
     return x["q"], x["k"], x["v"], gates, state
 
 

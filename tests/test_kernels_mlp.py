@@ -8,6 +8,8 @@ hand-written backward of the kernels).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,9 @@ triton = pytest.importorskip("triton")
 
 from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _kernel_oracle import gate_names, rel, run_and_grads, split  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5  # fp32 kernel vs float64 oracle; measured ~2e-7..2e-6 on these (well-conditioned) inputs
@@ -50,17 +55,6 @@ def mlp_spec(bias="l2", retention="decay", learner="momentum", grad_at="previous
     return MemorySpec(memory={"kind": "mlp", "depth": 2, "expansion": E, "residual": residual, "norm": False,
                               "activation": act},
                       bias=bias, retention=ret, learner={"kind": learner, "chunk_size": chunk})
-
-
-def gate_names(spec) -> list[str]:
-    names = ["lr"]
-    if spec.retention.kind == "decay":
-        names.append("keep")
-    if spec.learner.kind == "momentum":
-        names.append("momentum")
-    if spec.bias.kind == "huber":
-        names.append("huber_delta")
-    return names
 
 
 def state_dims(spec, K: int, V: int) -> dict[str, tuple[int, int]]:
@@ -91,26 +85,8 @@ def make_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, to
     return {n: t.to(DEVICE).requires_grad_(True) for n, t in x.items()}
 
 
-def split(spec, x):
-    gates = {n: x[n] for n in gate_names(spec)}
-    state = {n: x[n] for n in ("W1", "W2", "S1", "S2") if n in x} or None
-    return x["q"], x["k"], x["v"], gates, state
-
-
-def run_and_grads(fn, spec, x, cot):
-    q, k, v, gates, state = split(spec, x)
-    o, final = fn(spec, q, k, v, gates, state)
-    loss = (o * cot["o"].to(o.dtype)).sum() + sum((final[n] * cot[n].to(final[n].dtype)).sum() for n in final)
-    grads = torch.autograd.grad(loss, list(x.values()))
-    return o, final, dict(zip(x, grads))
-
-
 def oracle(spec, q, k, v, gates, state):
     return memory_scan(spec, q, k, v, gates, state, mode="recurrent")
-
-
-def rel(a, b) -> float:
-    return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-30)
 
 
 def check_against_oracle(spec, B, T, H, K, V=None, *, init_state=True, seed=0, tol=TOL):
