@@ -25,7 +25,7 @@ from torch import Tensor
 
 from miras.components.bias import L2Bias
 from miras.components.memory import masked_scores
-from miras.ops_common import final_state, prepare
+from miras.ops_common import chunk_major, final_state, prepare
 from miras.ops_delta import delta_rule_scan, exact_delta_applies
 from miras.spec import MemorySpec
 
@@ -33,18 +33,6 @@ from miras.spec import MemorySpec
 def _end_state(base: Tensor, beta_e: Tensor, aG_t: Tensor, d: Tensor) -> Tensor:
     """``beta_e W_0 - sum_j G[e, j] outer(a_j, d_j)``; beta_e ``[B, H, R]``, aG_t = ``(a * G[e])^T`` ``[B, H, in, n]``."""
     return base * beta_e[..., :, None] - aG_t @ d
-
-
-def _chunks(x: Tensor, n_chunks: int, b: int, fill: float) -> Tensor:
-    """``[B, H, T, ...]`` -> chunk-major ``[n_chunks, B, H, b, ...]`` (contiguous), padding the last chunk with ``fill``.
-
-    Chunk-major so that the per-chunk slices of everything derived from it are free views of contiguous memory.
-    """
-    B, H, T = x.shape[:3]
-    pad = n_chunks * b - T
-    if pad:
-        x = torch.cat([x, x.new_full((B, H, pad, *x.shape[3:]), fill)], dim=2)
-    return x.reshape(B, H, n_chunks, b, *x.shape[3:]).movedim(2, 0).contiguous()
 
 
 def _linear_fast(spec: MemorySpec, mem) -> bool:
@@ -266,17 +254,17 @@ def chunked_memory_scan(
     NC = -(-T // b)
 
     # everything that does not depend on the state, for all chunks at once: [NC, B, H, b, ...]
-    qc, kc, vc = (_chunks(x, NC, b, 0.0) for x in (p.q, p.k, p.v))
-    lr = _chunks(p.lr, NC, b, 0.0)
+    qc, kc, vc = (chunk_major(x, NC, b, 0.0) for x in (p.q, p.k, p.v))
+    lr = chunk_major(p.lr, NC, b, 0.0)
     if p.keep is not None:
-        log_keep = _chunks(torch.log(p.keep.clamp_min(torch.finfo(p.keep.dtype).tiny)), NC, b, 0.0)
+        log_keep = chunk_major(torch.log(p.keep.clamp_min(torch.finfo(p.keep.dtype).tiny)), NC, b, 0.0)
     else:
         log_keep = qc.new_zeros(NC, B, H, b, 1)
-    mu = _chunks(p.mu, NC, b, 1.0) if p.mu is not None else None
-    delta = _chunks(p.delta, NC, b, 1.0) if p.delta is not None else None
+    mu = chunk_major(p.mu, NC, b, 1.0) if p.mu is not None else None
+    delta = chunk_major(p.delta, NC, b, 1.0) if p.delta is not None else None
     gamma = torch.exp(torch.cumsum(log_keep, dim=-2)) if ret.grad_at == "decayed" else None  # [NC, B, H, b, R]
     if ret.lag:  # the lag token steps non-linearly; the linear part of the chunk starts after it (Miras Eq. 30)
-        keep0, lr0 = _chunks(p.keep, NC, b, 1.0)[..., 0, :], lr[..., 0]  # [NC, B, H, R], [NC, B, H]
+        keep0, lr0 = chunk_major(p.keep, NC, b, 1.0)[..., 0, :], lr[..., 0]  # [NC, B, H, R], [NC, B, H]
         log_keep = torch.cat([torch.zeros_like(log_keep[..., :1, :]), log_keep[..., 1:, :]], dim=-2)
         lr = torch.cat([torch.zeros_like(lr[..., :1]), lr[..., 1:]], dim=-1)
     # the last token of each chunk: its row of the coefficients gives the end-of-chunk state

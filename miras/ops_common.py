@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from miras.components.bias import Bias
@@ -171,6 +172,18 @@ def prepare(spec, q, k, v, gates, state, params) -> Prepared:
     )
 
 
+def chunk_major(x: Tensor, n_chunks: int, b: int, fill: float) -> Tensor:
+    """``[B, H, T, ...]`` -> chunk-major ``[n_chunks, B, H, b, ...]`` (contiguous), padding the last chunk with ``fill``.
+
+    Chunk-major so that the per-chunk slices of everything derived from it are free views of contiguous memory.
+    """
+    B, H, T = x.shape[:3]
+    pad = n_chunks * b - T
+    if pad:
+        x = torch.cat([x, x.new_full((B, H, pad, *x.shape[3:]), fill)], dim=2)
+    return x.reshape(B, H, n_chunks, b, *x.shape[3:]).movedim(2, 0).contiguous()
+
+
 def final_state(W: list[Tensor], S: list[Tensor] | None) -> dict[str, Tensor]:
     out = {f"W{i + 1}": w for i, w in enumerate(W)}
     if S is not None:
@@ -183,4 +196,14 @@ def row_scale(x: Tensor, scale: Tensor) -> Tensor:
     return x * scale[..., :, None]
 
 
-__all__ = ["Components", "Prepared", "check_inputs", "components", "final_state", "prepare", "required_gates", "row_scale"]
+__all__ = [
+    "Components",
+    "Prepared",
+    "check_inputs",
+    "chunk_major",
+    "components",
+    "final_state",
+    "prepare",
+    "required_gates",
+    "row_scale",
+]

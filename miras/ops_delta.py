@@ -25,32 +25,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from miras.ops_common import Prepared
+from miras.ops_common import Prepared, chunk_major
 from miras.spec import MemorySpec
 
 BLOCK = 32  # tokens solved at once; any value gives the same result (up to rounding)
 
 
-def exact_delta_applies(spec: MemorySpec, p: Prepared) -> bool:
-    """True for the online (chunk 1) delta rule this module solves in blocks: linear memory, L2 bias, GD learner,
-    retention none or decay with one keep value per head (not channel-wise)."""
+def is_delta_rule(spec: MemorySpec) -> bool:
+    """The online (chunk 1) delta rule this module solves in blocks: linear memory, L2 bias, GD learner, retention none
+    or decay (DeltaNet, Gated DeltaNet)."""
     return (
         spec.learner.chunk_size == 1
         and spec.memory.kind == "linear"
         and spec.bias.kind == "l2"
         and spec.learner.kind == "gd"
         and spec.retention.kind in ("none", "decay")
-        and (p.keep is None or p.keep.shape[-1] == 1)
     )
 
 
-def _blocks(x: Tensor, nb: int, n: int) -> Tensor:
-    """``[B, H, T, ...]`` -> ``[NB, B, H, n, ...]``, zero-padding the last block."""
-    B, H, T = x.shape[:3]
-    pad = nb * n - T
-    if pad:
-        x = torch.cat([x, x.new_zeros(B, H, pad, *x.shape[3:])], dim=2)
-    return x.reshape(B, H, nb, n, *x.shape[3:]).movedim(2, 0)
+def exact_delta_applies(spec: MemorySpec, p: Prepared) -> bool:
+    """:func:`is_delta_rule` with one keep value per head (a channel-wise keep takes the generic chunk-1 loop)."""
+    return is_delta_rule(spec) and (p.keep is None or p.keep.shape[-1] == 1)
 
 
 def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: int = BLOCK) -> tuple[Tensor | None, Tensor]:
@@ -58,10 +53,10 @@ def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: in
     B, H, T, K = p.q.shape
     n = min(block, T)
     nb = -(-T // n)
-    kb, vb = _blocks(p.k, nb, n), _blocks(p.v, nb, n)  # [NB, B, H, n, K|V]
-    eta = _blocks(p.lr, nb, n)  # [NB, B, H, n]
+    kb, vb = chunk_major(p.k, nb, n, 0.0), chunk_major(p.v, nb, n, 0.0)  # [NB, B, H, n, K|V]
+    eta = chunk_major(p.lr, nb, n, 0.0)  # [NB, B, H, n]
     if p.keep is not None:
-        log_a = _blocks(torch.log(p.keep[..., 0].clamp_min(torch.finfo(p.keep.dtype).tiny)), nb, n)
+        log_a = chunk_major(torch.log(p.keep[..., 0].clamp_min(torch.finfo(p.keep.dtype).tiny)), nb, n, 0.0)
     else:
         log_a = torch.zeros_like(eta)
     c = torch.cumsum(log_a, dim=-1)  # [NB, B, H, n]
@@ -82,7 +77,7 @@ def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: in
     K_end = (torch.exp(c_end - c)[..., None] * kb).transpose(-1, -2)  # [NB, B, H, K, n]
     g_end = torch.exp(c_end)[..., None]  # [NB, B, H, 1, 1]
     if reads:
-        qb = _blocks(p.q, nb, n)
+        qb = chunk_major(p.q, nb, n, 0.0)
         M = decay(c, causal) * (qb @ kb.transpose(-1, -2))  # [NB, B, H, n, n]
         Qg = torch.exp(c)[..., None] * qb
 

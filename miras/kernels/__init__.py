@@ -103,8 +103,10 @@ def kernel_support(spec) -> tuple[bool, str]:
     if learner.kind not in ("gd", "momentum"):
         return False, f"no Triton kernel for learner.kind={learner.kind!r}; kernels cover gd, momentum"
     if learner.chunk_size not in CHUNK_SIZES:
+        from miras.ops_delta import is_delta_rule
+
         exact = " (the online delta rule runs exactly in blocks on the chunked path, miras/ops_delta.py)" if (
-            learner.chunk_size == 1 and mem.kind == "linear" and bias.kind == "l2" and learner.kind == "gd") else ""
+            is_delta_rule(spec)) else ""
         return False, f"learner.chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, but got " \
                       f"chunk_size={learner.chunk_size}{exact}"
     return True, ""
