@@ -33,7 +33,7 @@ def run(recipe: str, args: argparse.Namespace, out: Path) -> dict:
     spec = load_spec(NO_MIXING if recipe == "no-mixing" else recipe)
     options = {"num_kv_pairs": args.kv}
     if args.train_kv:  # train on a mixture of pair counts (as zoology does), evaluate at --kv
-        options = {"num_kv_pairs": [int(x) for x in args.train_kv.split(",")], "test_kv_pairs": [args.kv]}
+        options = {"num_kv_pairs": args.train_kv, "test_kv_pairs": [args.kv]}
     if args.vocab:  # the model's vocabulary is the task's (no output classes the task never uses)
         options["vocab_size"] = args.vocab
         spec = spec.with_overrides({"vocab_size": args.vocab})
@@ -54,6 +54,17 @@ def run(recipe: str, args: argparse.Namespace, out: Path) -> dict:
             "curve": [(m["step"], round(m["accuracy"], 3)) for m in rec["metrics"]]}
 
 
+def _pair_counts(text: str) -> list[int]:
+    """``"2,4,8"`` -> [2, 4, 8] (a usage error naming --train-kv otherwise)."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive pair counts such as 2,4,8, but got {text!r}")
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="*", default=["gated-deltanet", "titans-lmm", "no-mixing"])
@@ -64,7 +75,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=64, help="MQAR token range and model vocab_size; 0: the recipe's vocab")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--train-kv", default="", help="comma-separated pair counts to train on (default: --kv only)")
+    ap.add_argument("--train-kv", type=_pair_counts, default=None,
+                    help="comma-separated pair counts to train on, e.g. 2,4,8 (default: --kv only)")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--stop", type=float, default=0.0, help="early-stop accuracy (0: run every step)")
