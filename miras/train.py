@@ -11,6 +11,7 @@ over all labelled tokens of the global batch, however it is split over accumulat
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import platform
@@ -112,7 +113,17 @@ def dist_info() -> tuple[int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_close_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group before interpreter teardown: a live gloo group aborts the process at exit
+    ("terminate called without an active exception") on some runs."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -384,6 +395,10 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
         _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
         raise
     _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
+    if world > 1:  # every rank leaves together, after rank 0 has written the record
+        import torch.distributed as dist
+
+        dist.barrier()
     return record
 
 
