@@ -156,10 +156,13 @@ def _stacked_scan(
     G = co.G.squeeze(-1) if co.G.shape[-1] == 1 else co.G  # [NC, B, H, b, b(, R)]
     N_e = co.N_e[..., None] if momentum else None  # [NC, B, H, b, 1]
     decay = _state_decay(co, ins, per_chunk)
-    k_c, v_c, d_c, g_c = per_chunk(kc), per_chunk(vc), per_chunk(delta), per_chunk(gamma)
+    v_c, d_c, g_c = per_chunk(vc), per_chunk(delta), per_chunk(gamma)
+    # the first layer's state-independent factors for all chunks at once: gradient-point keys, write rows, read rows
+    kg_c = per_chunk(kc if gamma is None else kc * gamma)
+    aw0_c = per_chunk(weighted(kc, co.G_e, N_e).transpose(-1, -2))  # [B * H, in, b]
     Ge_c, Ne_c = per_chunk(co.G_e), per_chunk(N_e)  # write weights of the rows a_j [B * H, b, 1|R]
     if qc is not None:
-        q_c, sc0_c, G_c = per_chunk(qc), per_chunk(masked_scores(qc, kc, co.G)), per_chunk(G)
+        hx0_c, sc0_c, G_c = per_chunk(weighted(qc, co.beta, co.f)), per_chunk(masked_scores(qc, kc, co.G)), per_chunk(G)
         beta_c, f_c = per_chunk(co.beta), per_chunk(co.f)  # read weights of the rows h_t [B * H, b, 1|R]
     # the head's weight-independent part (residual input x, LN bias) for all chunks at once; l2 rows v - y in one op
     w = params["norm_weight"][None].expand(B, -1, -1).reshape(BH, 1, -1) if mem.norm else None  # [B * H, 1, V]
@@ -183,32 +186,33 @@ def _stacked_scan(
     for c in range(NC):
         A = [x[:, :n] for x, n in zip(X, ins)] if momentum else X
         # 1. forward at the gradient point, bias rows, hand backward -> rank-one factors (acts[l], ds[l])
-        acts, zs, h = [k_c[c]], [], k_c[c]
+        acts, slopes, h = [None], [], None
         for i in range(depth):
-            zs.append(torch.bmm(h if g_c[c] is None else h * g_c[c], A[i]))
+            z = torch.bmm(kg_c[c] if i == 0 else h if g_c[c] is None else h * g_c[c], A[i])
             if i < depth - 1:
-                h = mem.act(zs[-1])
+                h, slope = mem.act_with_grad(z)  # act'(z) for the hand backward below
                 acts.append(h)
+                slopes.append(slope)
         if l2:  # negated rows -R = v - y: the updates below add them
             if w is None:
-                nR = nv_c[c] - zs[-1]
+                nR = nv_c[c] - z
             else:
-                nR, cache = mem.head_folded(zs[-1], nv_c[c], w, neg_w)
+                nR, cache = mem.head_folded(z, nv_c[c], w, neg_w)
         else:
-            y, cache = mem.head_folded(zs[-1], k_off[c], w)
+            y, cache = mem.head_folded(z, k_off[c], w)
             nR = bias.neg_grad(y, v_c[c], d_c[c])
         d = mem.head_backward(nR, None if w is None else cache)
         ds = [d]
         for i in range(depth - 1, 0, -1):
             da = torch.bmm(d, A[i].transpose(-1, -2))
-            d = mem.act_backward(da if g_c[c] is None else da * g_c[c], zs[i - 1])
+            d = da * slopes[i - 1] if g_c[c] is None else da * g_c[c] * slopes[i - 1]
             ds.insert(0, d)
         # 2. reads with per-token weights (dual form) from the chunk-start state
         if qc is not None:
             h = None
             for i in range(depth):
                 if i == 0:
-                    hx, sc = weighted(q_c[c], beta_c[c], f_c[c]), sc0_c[c]
+                    hx, sc = hx0_c[c], sc0_c[c]
                 else:
                     hx = weighted(h, beta_c[c], f_c[c])
                     sc = torch.bmm(h, acts[i].transpose(-1, -2)) * G_c[c]
@@ -217,7 +221,7 @@ def _stacked_scan(
             outs.append(mem.head_folded(h, q_off[c], w)[0])
         # 3. end-of-chunk state
         for i in range(depth):
-            aw = weighted(acts[i], Ge_c[c], Ne_c[c]).transpose(-1, -2)
+            aw = aw0_c[c] if i == 0 else weighted(acts[i], Ge_c[c], Ne_c[c]).transpose(-1, -2)
             X[i] = torch.baddbmm(decay(X[i], i, c), aw, ds[i])
     X = [x.reshape(B, H, *x.shape[-2:]) for x in X]
     if qc is None:

@@ -48,6 +48,40 @@ def _relu_grad(z: Tensor) -> Tensor:
     return (z > 0).to(z.dtype)
 
 
+class _GeluWithGrad(torch.autograd.Function):
+    """``(gelu(z), gelu'(z))`` from one erf and one exp, for the hand backward of the chunked form (which needs both at
+    the gradient point). Backward: ``dz = dh gelu'(z) + dp gelu''(z)``, ``gelu''(z) = phi(z) (2 - z^2)``."""
+
+    @staticmethod
+    def forward(z: Tensor) -> tuple[Tensor, Tensor]:
+        cdf = torch.erf(z * math.sqrt(0.5)).add_(1.0).mul_(0.5)  # Phi(z)
+        pdf = torch.exp(z * z * -0.5).mul_(1.0 / math.sqrt(2.0 * math.pi))  # phi(z)
+        h = z * cdf
+        zpdf = z * pdf
+        pdf.mul_(2.0 - z * z)  # now gelu''(z)
+        return h, cdf.add_(zpdf), pdf
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        ctx.save_for_backward(output[1], output[2])
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh: Tensor | None, dp: Tensor | None, _: None) -> Tensor | None:
+        p, gpp = ctx.saved_tensors
+        dz = None if dh is None else dh * p
+        if dp is not None:
+            dz = dp * gpp if dz is None else dz.addcmul_(dp, gpp)
+        return dz
+
+
+def gelu_with_grad(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gelu(z), gelu'(z))`` (exact erf GELU), differentiable once in both outputs."""
+    h, p, _ = _GeluWithGrad.apply(z)
+    return h, p
+
+
 def _gelu_vjp(grad: Tensor, z: Tensor) -> Tensor:
     """``grad * gelu'(z)`` in one fused (twice differentiable) op."""
     return torch.ops.aten.gelu_backward(grad, z)
@@ -196,6 +230,12 @@ class MLPMemory:
         y_pre, mean, rstd, w = cache
         mask = [True, False, False]
         return torch.ops.aten.native_layer_norm_backward(R * w, y_pre, y_pre.shape[-1:], mean, rstd, None, None, mask)[0]
+
+    def act_with_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(act(z), act'(z))``; for gelu from one shared erf / exp (:func:`gelu_with_grad`)."""
+        if self.activation == "gelu":
+            return gelu_with_grad(z)
+        return self.act(z), self.act_grad(z)
 
     def act_backward(self, grad: Tensor, z: Tensor) -> Tensor:
         """``grad * act'(z)`` (one fused op for gelu)."""
