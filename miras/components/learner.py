@@ -73,59 +73,6 @@ def _decay_matrix(logc: Tensor) -> Tensor:
     return _DecayMatrix.apply(logc)
 
 
-class _MomentumMix(torch.autograd.Function):
-    """Scalar-gate (R = 1) momentum coefficients of chunks in one pass with the backward written out:
-
-        E[t, r] = exp(logc_t - logc_r),  M[r, j] = exp(logm_r - logm_j)   (r <= t, j <= r; else 0)
-        G = (E M) ⊙ eta_j ,  f = E m ,  G_e = G[last]                      (G = E N^T with N[j, r] = eta_j M[r, j])
-
-    logc, logm, lr ``[P, n]``; last ``[P]``. Returns G ``[P, t, j]``, f ``[P, n]``, G_e ``[P, j]`` (and E, M, P = E M, kept for the backward). Compared with
-    autograd through the generic form this forms no N, no [N^T, m] concatenation and no full-size zero tensor for the
-    end row, which roughly halves the passes over the n x n tensors (the chunked MLP memory's largest fixed cost)."""
-
-    @staticmethod
-    def forward(logc: Tensor, logm: Tensor, lr: Tensor, last: Tensor) -> tuple[Tensor, ...]:
-        E, M = _masked_exp_diff(logc), _masked_exp_diff(logm)
-        P = torch.bmm(E, M)  # sum_r E[t, r] M[r, j]
-        G = P * lr[:, None, :]
-        f = torch.bmm(E, torch.exp(logm)[:, :, None]).squeeze(-1)
-        return G, f, G[torch.arange(len(last), device=last.device), last], E, M, P
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        logm, lr, last = inputs[1:]
-        ctx.save_for_backward(logm, lr, last, *output[3:])
-        ctx.mark_non_differentiable(*output[3:])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dG: Tensor | None, df: Tensor | None, dG_e: Tensor | None, *_: None):
-        # every n x n temporary is a fresh allocation (and page faults) on CPU: in-place where possible
-        logm, lr, last, E, M, P = ctx.saved_tensors
-        ids = torch.arange(len(last), device=last.device)
-        dP = torch.zeros_like(P) if dG is None else dG * lr[:, None, :]  # G = P ⊙ eta_j
-        dlr = torch.zeros_like(lr) if dG is None else torch.linalg.vecdot(dG, P, dim=-2)
-        if dG_e is not None:  # G_e is row `last` of G
-            dP[ids, last] += dG_e * lr
-            dlr += dG_e * P[ids, last]
-        dE = torch.bmm(dP, M.transpose(-1, -2))
-        dM = torch.bmm(E.transpose(-1, -2), dP)
-        dlogm = torch.zeros_like(logm)
-        if df is not None:
-            m = torch.exp(logm)
-            dE.addcmul_(df[:, :, None], m[:, None, :])
-            dlogm += torch.bmm(E.transpose(-1, -2), df[:, :, None]).squeeze(-1) * m
-        gE, gM = dE.mul_(E), dM.mul_(M)  # through exp(x_t - x_r): d x_t += g[t, r], d x_r -= g[t, r]
-        return gE.sum(-1) - gE.sum(-2), dlogm + gM.sum(-1) - gM.sum(-2), dlr, None
-
-
-def _masked_exp_diff(x: Tensor) -> Tensor:
-    """``exp(x_t - x_r)`` for r <= t, 0 above the diagonal; x ``[P, n]`` -> ``[P, n, n]``."""
-    n = x.shape[-1]
-    D = torch.sub(x[:, :, None], x[:, None, :]).exp_()  # above the diagonal it may overflow: zeroed next
-    return D.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), 0.0)
-
-
 def _end_rows(logc: Tensor, last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """At the last token e of each chunk: ``logc_e`` ``[..., R]``, ``E[e, r]`` ``[..., r, R]``, mask r <= e ``[NC, 1, 1, n]``.
 
@@ -184,10 +131,8 @@ class MomentumLearner(Learner):
 
     def coefficients(self, log_keep, lr, mu=None, last=None):
         logc = torch.cumsum(log_keep, dim=-2)  # [..., n, R]
-        logm = torch.cumsum(torch.log(mu.clamp_min(torch.finfo(mu.dtype).tiny)), dim=-1)  # [..., n]
-        if last is not None and logc.shape[-1] == 1:  # the chunked path's scalar gates: fused, without N
-            return self._scalar_coefficients(logc, logm, lr, last)
         E = _decay_matrix(logc)  # [..., t, r, R]
+        logm = torch.cumsum(torch.log(mu.clamp_min(torch.finfo(mu.dtype).tiny)), dim=-1)  # [..., n]
         Mm = _decay_matrix(logm[..., None]).squeeze(-1)  # [..., r, j] = prod_{l=j+1..r} mu_l
         N = Mm.transpose(-1, -2) * lr[..., :, None]  # [..., j, r]
         m = torch.exp(logm)  # [..., n]
@@ -207,21 +152,6 @@ class MomentumLearner(Learner):
             # G_e[j] = sum_r N[j, r] E_e[r]: elementwise for R = 1 (a matrix-vector bmm is several times slower here)
             co.G_e = (N * E_e.transpose(-1, -2)).sum(-1, keepdim=True) if E_e.shape[-1] == 1 else N @ E_e  # [..., j, R]
         return co
-
-    @staticmethod
-    def _scalar_coefficients(logc: Tensor, logm: Tensor, lr: Tensor, last: Tensor) -> ChunkCoefficients:
-        """R = 1 with end rows, leading dims ``NC, B, H``: G, f and G_e from :class:`_MomentumMix` (N is not formed)."""
-        lead, n = logm.shape[:-1], logm.shape[-1]
-        last_p = last[:, None, None].expand(lead).reshape(-1)
-        G, f, G_e, *_ = _MomentumMix.apply(logc.reshape(-1, n), logm.reshape(-1, n), lr.reshape(-1, n), last_p)
-        ids = torch.arange(len(last), device=last.device)
-        logc_e, logm_e = logc[ids, :, :, last], logm[ids, :, :, last]  # [NC, B, H, 1], [NC, B, H]
-        valid = torch.arange(n, device=last.device) <= last[:, None, None, None]  # [NC, 1, 1, n]
-        return ChunkCoefficients(
-            beta=torch.exp(logc), G=G.view(*lead, n, n, 1), f=f.view(*lead, n, 1), m=torch.exp(logm),
-            beta_e=torch.exp(logc_e), G_e=G_e.view(*lead, n, 1), f_e=f.view(*lead, n, 1)[ids, :, :, last],
-            m_e=torch.exp(logm_e), N_e=lr * torch.exp((logm_e[..., None] - logm).masked_fill(~valid, float("-inf"))),
-        )  # fmt: skip
 
     def step(self, A, S, g, keep, lr, mu=None):
         S = mu * S - lr * g
