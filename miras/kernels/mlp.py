@@ -142,6 +142,34 @@ def _act_d2(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _start_rows(
+    w1s, w2s, src1, src2, delta, b_k, b_v, gam, p_g, t_idx, t_ok, o_k, o_v, o_hh, k_ok, v_ok,
+    H: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+    RES: tl.constexpr, PREC: tl.constexpr,
+):
+    """The prediction at the chunk-start state (W1, W2 at src1 / src2) and its bias rows, summed over hidden tiles:
+    ``Y0 = act(gamma (k W1)) W2``, ``Y = gamma Y0 [+ k]``, ``R = dl/dy (Y; v)`` (0 on padded rows).
+    Returns (Y0, the Huber deltas (1 unless BIAS == 3), R)."""
+    NH: tl.constexpr = (HD + BH - 1) // BH
+    Y0 = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
+    for j in range(NH):
+        o_h = j * BH + o_hh
+        h_ok = o_h < HD
+        W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        W2 = tl.load(w2s + src2 + o_h[:, None] * V + o_v[None, :], mask=h_ok[:, None] & v_ok[None, :], other=0.0)
+        Y0 += _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    return Y0, b_d, tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+
+
+@triton.jit
 def _fwd_chunk(
     q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs, src1, src2, dst1, dst2, p_r,
     c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
@@ -170,27 +198,9 @@ def _fwd_chunk(
     b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
 
-    # pass 1: the prediction at the chunk start, summed over hidden tiles
-    Y0 = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
-    for j in range(NH):
-        o_h = j * BH + o_hh
-        h_ok = o_h < HD
-        w1_off = o_k[:, None] * HD + o_h[None, :]
-        w1_ok = k_ok[:, None] & h_ok[None, :]
-        w2_off = o_h[:, None] * V + o_v[None, :]
-        w2_ok = h_ok[:, None] & v_ok[None, :]
-        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
-        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
-        A1 = _act(gam[:, None] * _dot(b_k, W1, PREC), ACT)
-        Y0 += _dot(A1, W2, PREC)
-    Y = gam[:, None] * Y0
-    if RES:
-        Y += b_k
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
-    R = tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    # pass 1: the prediction at the chunk start and the bias rows
+    Y0, b_d, R = _start_rows(w1s, w2s, src1, src2, delta, b_k, b_v, gam, p_g, t_idx, t_ok, o_k, o_v, o_hh, k_ok, v_ok,
+                             H, V, HD, BT, BH, BIAS, P, SMOOTH, EPS, ACT, RES, PREC)
 
     if WANT_O:
         b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
@@ -376,21 +386,8 @@ def _bwd_chunk(
     C1T = tl.where(causal_t, GT * _dot(b_k, tl.trans(b_q), PREC), 0.0)
 
     # pass 1: recompute the prediction at the chunk start and the bias rows
-    Y0 = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
-    for j in range(NH):
-        o_h = j * BH + o_hh
-        h_ok = o_h < HD
-        W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        W2 = tl.load(w2s + src2 + o_h[:, None] * V + o_v[None, :], mask=h_ok[:, None] & v_ok[None, :], other=0.0)
-        Y0 += _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
-    Y = gam[:, None] * Y0
-    if RES:
-        Y += b_k
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
-    R = tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    Y0, b_d, R = _start_rows(w1s, w2s, src1, src2, delta, b_k, b_v, gam, p_g, t_idx, t_ok, o_k, o_v, o_hh, k_ok, v_ok,
+                             H, V, HD, BT, BH, BIAS, P, SMOOTH, EPS, ACT, RES, PREC)
     gL = _row_select(G, o_t, L)
     betaL = _vec_select(beta, o_t, L)
     if MOMENTUM:
