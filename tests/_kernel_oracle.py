@@ -136,3 +136,16 @@ def run_and_grads(fn, spec, x, cot):
     names = list(x)
     grads = torch.autograd.grad(loss, [x[n] for n in names])
     return o, final, dict(zip(names, grads))
+
+
+def check_errors(got, ref, tol: float, label: str | None = None) -> dict[str, float]:
+    """Relative errors of the outputs, every final state and every gradient of two ``run_and_grads`` results; fails
+    when one is not below tol (which also catches NaN). With a label the errors are printed on one line."""
+    (o, fin, gr), (o_ref, fin_ref, gr_ref) = got, ref
+    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
+            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}  # fmt: skip
+    if label is not None:
+        print(f"{label}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return errs

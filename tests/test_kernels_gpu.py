@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 triton = pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import make_inputs, make_spec, oracle_scan, rel, run_and_grads  # noqa: E402
+from _kernel_oracle import check_errors, make_inputs, make_spec, oracle_scan, rel, run_and_grads  # noqa: E402
 
 from miras.kernels import triton_memory_scan  # noqa: E402
 
@@ -42,14 +42,9 @@ def _compare(case, dtype, tol):
     g = torch.Generator(device="cuda").manual_seed(1)
     cot = {n: torch.randn(*s, device="cuda", dtype=torch.float64, generator=g)
            for n, s in (("o", (B, T, H, D)), ("W1", (B, H, D, D)), ("S1", (B, H, D, D)))}
-    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    got = run_and_grads(triton_memory_scan, spec, x, cot)
     torch.cuda.synchronize()
-    o_ref, fin_ref, gr_ref = run_and_grads(oracle_scan, spec, x64, cot)
-    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
-            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
-    print(f"{'-'.join(map(str, case))} {dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
-    bad = {n: e for n, e in errs.items() if not e < tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
+    check_errors(got, run_and_grads(oracle_scan, spec, x64, cot), tol, label=f"{'-'.join(map(str, case))} {dtype}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -71,17 +66,13 @@ def test_bf16_large_vs_chunked(learner):
     x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
     cot = {"o": torch.randn(2, 1024, 4, 128, device="cuda"), "W1": torch.randn(2, 4, 128, 128, device="cuda"),
            "S1": torch.randn(2, 4, 128, 128, device="cuda")}
-    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    got = run_and_grads(triton_memory_scan, spec, x, cot)
 
     def chunked(*a):
         return ops.memory_scan(*a, mode="chunked")
 
-    o_ref, fin_ref, gr_ref = run_and_grads(chunked, spec, x32, cot)  # torch's default: no tf32 in matmuls
-    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
-            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
-    print(f"large {learner}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
-    bad = {n: e for n, e in errs.items() if not e < 2e-2}
-    assert not bad, f"relative errors above 2e-2: {bad}"
+    ref = run_and_grads(chunked, spec, x32, cot)  # torch's default: no tf32 in matmuls
+    check_errors(got, ref, 2e-2, label=f"large {learner}")
 
 
 

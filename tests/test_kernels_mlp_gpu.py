@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 triton = pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kernels_mlp import make_inputs, mlp_spec, rel, run_and_grads, state_dims  # noqa: E402
+from test_kernels_mlp import check_errors, make_inputs, mlp_spec, run_and_grads, state_dims  # noqa: E402
 
 from miras.kernels import triton_memory_scan  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
@@ -51,14 +51,9 @@ def _compare(case, dtype, tol):
     g = torch.Generator(device="cuda").manual_seed(1)
     cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
     cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
-    o, fin, gr = run_and_grads(triton_memory_scan, spec, x, cot)
+    got = run_and_grads(triton_memory_scan, spec, x, cot)
     torch.cuda.synchronize()
-    o_ref, fin_ref, gr_ref = run_and_grads(chunked, spec, x32, cot)
-    errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},
-            **{f"d{n}": rel(gr[n], gr_ref[n]) for n in gr_ref}}
-    print(f"{'-'.join(map(str, case))} {dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
-    bad = {n: e for n, e in errs.items() if not e < tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
+    check_errors(got, run_and_grads(chunked, spec, x32, cot), tol, label=f"{'-'.join(map(str, case))} {dtype}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
