@@ -33,6 +33,16 @@ except (ImportError, AttributeError):  # triton < 3.4 has no knobs
     _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def rule_choices(spec) -> dict:
+    """The kernel constexprs of the bias, retention and learner axes of a MemorySpec, shared by every kernel config:
+    chunk, bias code, Lp p / smoothing / eps, whether there is a keep gate, the decayed gradient point, momentum."""
+    bias, ret, learner = spec.bias, spec.retention, spec.learner
+    return dict(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
+                smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
+                has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
+                momentum=learner.kind == "momentum")  # fmt: skip
+
+
 def interpreting() -> bool:
     """True when these kernels were built for Triton's numpy interpreter (``TRITON_INTERPRET=1`` at import)."""
     return _INTERPRET

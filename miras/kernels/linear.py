@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from miras.kernels.common import (
-    BIAS_CODES,
     _dot,
     _row_select,
     _vec_select,
@@ -39,6 +38,7 @@ from miras.kernels.common import (
     gate_coeffs,
     interpreting,
     pow2_tile,
+    rule_choices,
 )
 
 
@@ -58,11 +58,7 @@ class LinearConfig:
     @classmethod
     def from_spec(cls, spec) -> LinearConfig:
         """The kernel choices of a MemorySpec (linear memory; see miras.kernels.kernel_support)."""
-        bias, ret, learner = spec.bias, spec.retention, spec.learner
-        return cls(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
-                   smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
-                   has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
-                   momentum=learner.kind == "momentum")
+        return cls(**rule_choices(spec))
 
 
 # ---------------------------------------------------------------------------------------------------------- forward

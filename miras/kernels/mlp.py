@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from miras.kernels.common import (
-    BIAS_CODES,
     _dot,
     _row_select,
     _tanh,
@@ -50,6 +49,7 @@ from miras.kernels.common import (
     gate_coeffs,
     interpreting,
     pow2_tile,
+    rule_choices,
 )
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
@@ -76,12 +76,9 @@ class MLPConfig:
         """The kernel choices of a MemorySpec (2-layer MLP memory; see miras.kernels.kernel_support)."""
         from miras.components.memory import hidden_width
 
-        mem, bias, ret, learner = spec.memory, spec.bias, spec.retention, spec.learner
-        return cls(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], act=ACT_CODES[mem.activation],
-                   residual=bool(mem.residual), hidden=hidden_width(spec, d_key),
-                   p=float(getattr(bias, "p", 2.0)), smoothing=float(getattr(bias, "smoothing", 10.0)),
-                   eps=float(getattr(bias, "eps", 1e-6)), has_keep=ret.kind == "decay",
-                   decayed=ret.kind == "decay" and ret.grad_at == "decayed", momentum=learner.kind == "momentum")
+        mem = spec.memory
+        return cls(act=ACT_CODES[mem.activation], residual=bool(mem.residual), hidden=hidden_width(spec, d_key),
+                   **rule_choices(spec))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- activations
