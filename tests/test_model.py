@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _model_steps import logits_in_pieces
 
 from miras.compiler import build
 from miras.components.gates import Gate
@@ -71,12 +72,7 @@ def test_decode_equals_full_forward(kind):
     ids = torch.randint(0, 61, (2, 21))
     with torch.no_grad():
         full = m(ids)
-        logits, states = m(ids[:, :7], return_states=True)
-        outs = [logits]
-        for t in range(7, 21, 3):  # steps of 3 tokens, crossing chunk (4) and segment (6) boundaries
-            logits, states = m(ids[:, t : t + 3], states, return_states=True)
-            outs.append(logits)
-    dec = torch.cat(outs, 1)
+        dec = logits_in_pieces(m, ids, [7, 3, 3, 3, 3, 2])  # steps of 3 tokens, crossing chunk (4) and segment (6) ends
     assert dec.shape == full.shape
     assert (dec - full).abs().max() < 1e-10
     # the state matters: decoding the tail from a fresh state gives different logits
