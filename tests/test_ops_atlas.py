@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from test_ops_equivalence import assert_match, rel_err, run  # the float64 chunked-vs-oracle comparison
 
 from miras.compiler import build
 from miras.components.feature_maps import exponential_features
@@ -81,35 +82,6 @@ def make_inputs(spec: MemorySpec, T: int = T, seed: int = 0, state: bool = True)
     for x in [q, k, v, *gates.values(), *st.values(), *params.values()]:
         x.requires_grad_(True)
     return {"q": q, "k": k, "v": v, "gates": gates, "state": st if state else None, "params": params}
-
-
-def run(spec: MemorySpec, inp: dict, mode: str, grads: bool = True) -> dict:
-    o, st = memory_scan(spec, inp["q"], inp["k"], inp["v"], inp["gates"], inp["state"], params=inp["params"], mode=mode)
-    res = {"o": o, **{f"final:{n}": s for n, s in st.items()}}
-    if grads:
-        gen = torch.Generator().manual_seed(1)
-        outs = list(res.values())
-        cot = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in outs]
-        named = {"q": inp["q"], "k": inp["k"], "v": inp["v"]}
-        named.update({f"gate:{n}": g for n, g in inp["gates"].items()})
-        named.update({f"state:{n}": s for n, s in (inp["state"] or {}).items()})
-        named.update({f"param:{n}": p for n, p in inp["params"].items()})
-        got = torch.autograd.grad(outs, list(named.values()), cot, allow_unused=True)
-        for name, g in zip(named, got):
-            res[f"grad:{name}"] = g if g is not None else torch.zeros_like(named[name])
-    return res
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def assert_match(ref: dict, got: dict, tol: float = TOL) -> None:
-    assert set(ref) == set(got)
-    assert all(torch.isfinite(x).all() for x in ref.values()), "non-finite reference"
-    errs = {n: rel_err(got[n], ref[n]) for n in ref}
-    worst = max(errs, key=errs.get)
-    assert errs[worst] < tol, f"{worst}: rel err {errs[worst]:.2e}"
 
 
 # ------------------------------------------------------------------------------------------- chunked vs oracle

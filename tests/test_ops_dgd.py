@@ -79,9 +79,9 @@ def test_dgd_mlp_form_none_is_gd_and_first_layer_differs(mode: str) -> None:
     spec_gd = mspec(mem, "l2", "decay", "gd")
     spec_first = mspec(mem, "l2", "decay", "dgd")
     inp = make_inputs(spec_gd)
-    a = run(spec_none, inp, mode, grads=False)
-    b = run(spec_gd, inp, mode, grads=False)
-    c = run(spec_first, inp, mode, grads=False)
+    a = run(spec_none, inp, mode, with_grads=False)
+    b = run(spec_gd, inp, mode, with_grads=False)
+    c = run(spec_first, inp, mode, with_grads=False)
     assert all(rel_err(a[n], b[n]) < 1e-14 for n in a)
     assert rel_err(c["o"], b["o"]) > 1e-4
     assert rel_err(c["final:W2"], b["final:W2"]) > 1e-6  # the projector on W1 changes the later layers through the chunks

@@ -110,7 +110,7 @@ def make_inputs(spec: MemorySpec, T: int = T, seed: int = 0, batched_state: bool
 def leaves(inp: dict) -> dict[str, torch.Tensor]:
     out = {"q": inp["q"], "k": inp["k"], "v": inp["v"]}
     out.update({f"gate:{n}": g for n, g in inp["gates"].items()})
-    out.update({f"state:{n}": s for n, s in inp["state"].items()})
+    out.update({f"state:{n}": s for n, s in (inp["state"] or {}).items()})
     out.update({f"param:{n}": p for n, p in inp["params"].items()})
     return out
 
