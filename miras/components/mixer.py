@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from miras.components.gates import Gate
 from miras.errors import SpecError
-from miras.spec import GateSpec, HuberBiasSpec, MemorySpec, OmegaBiasSpec
+from miras.spec import GateSpec, HuberBiasSpec, MemorySpec, OmegaBiasSpec, TrellisSpec
 
 
 def mixer_gate_specs(spec: MemorySpec) -> dict[str, GateSpec]:
@@ -51,6 +51,22 @@ def add_qkv_projections(module: nn.Module, *, d_model: int, inner: int, conv_siz
         setattr(module, f"conv_{name}", conv)
 
 
+def memory_params(spec: MemorySpec, d_key: int, d_value: int, n: int) -> nn.ParameterDict:
+    """The memory's outer-loop parameters for n memories (heads): LN weight 1, LN bias 0, elastic-net threshold
+    gamma > 0 stored as ``log_threshold`` = log(spec.retention.threshold)."""
+    from miras.components.memory import memory_param_shapes
+
+    params = nn.ParameterDict()
+    for name, shape in memory_param_shapes(spec, d_key, d_value).items():
+        if name == "norm_weight":
+            params[name] = nn.Parameter(torch.ones(n, *shape))
+        elif name == "threshold":
+            params["log_threshold"] = nn.Parameter(torch.full((n, *shape), math.log(spec.retention.threshold)))
+        else:
+            params[name] = nn.Parameter(torch.zeros(n, *shape))
+    return params
+
+
 class GatedOutput:
     """The output of every memory token mixer (Titans §4.4, Miras §5.3): ``W_o(RMSNorm(o) * sigmoid(x W_g))``.
 
@@ -60,6 +76,18 @@ class GatedOutput:
     out_norm: nn.Module | None
     w_g: nn.Module | None
     w_o: nn.Module
+    spec: MemorySpec | TrellisSpec
+
+    def add_output(self, *, d_model: int, inner: int, d_head: int) -> None:
+        """Create ``out_norm`` (RMSNorm per head, if ``spec.output_norm``), ``w_g`` (if ``spec.output_gate``), ``w_o``."""
+        self.out_norm = nn.RMSNorm(d_head, eps=1e-6) if self.spec.output_norm else None
+        self.w_g = nn.Linear(d_model, inner, bias=False) if self.spec.output_gate else None
+        self.w_o = nn.Linear(inner, d_model, bias=False)
+
+    @property
+    def conv_context(self) -> int:
+        """Tokens of left context the short conv (kernel ``spec.conv_size``) needs."""
+        return max(self.spec.conv_size - 1, 0)
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """Memory outputs ``o [B, T, H, d]`` and mixer inputs ``x [B, T, D]`` -> ``[B, T, D]``."""
@@ -83,7 +111,7 @@ class MemoryMixer(GatedOutput, nn.Module):
 
     def __init__(self, spec: MemorySpec, *, d_model: int, n_heads: int, d_head: int) -> None:
         super().__init__()
-        from miras.components.memory import memory_param_shapes, state_shapes
+        from miras.components.memory import state_shapes
 
         self.spec, self.n_heads, self.d_head = spec, n_heads, d_head
         from miras.components.feature_maps import MAX_FEATURE_DIM
@@ -115,18 +143,8 @@ class MemoryMixer(GatedOutput, nn.Module):
         for name, shape in self.state_shapes.items():
             if name.startswith("W"):
                 self.init_state[name] = nn.Parameter(torch.randn(n_heads, *shape) / math.sqrt(shape[0]))
-        self.mem_params = nn.ParameterDict()
-        for name, shape in memory_param_shapes(spec, self.d_key, d_head).items():
-            if name == "norm_weight":
-                self.mem_params[name] = nn.Parameter(torch.ones(n_heads, *shape))
-            elif name == "threshold":  # gamma > 0, stored as log gamma
-                log_gamma = math.log(spec.retention.threshold)
-                self.mem_params["log_threshold"] = nn.Parameter(torch.full((n_heads, *shape), log_gamma))
-            else:
-                self.mem_params[name] = nn.Parameter(torch.zeros(n_heads, *shape))
-        self.out_norm = nn.RMSNorm(d_head, eps=1e-6) if spec.output_norm else None
-        self.w_g = nn.Linear(d_model, inner, bias=False) if spec.output_gate else None
-        self.w_o = nn.Linear(inner, d_model, bias=False)
+        self.mem_params = memory_params(spec, self.d_key, d_head, n_heads)
+        self.add_output(d_model=d_model, inner=inner, d_head=d_head)
         # Memory Caching (the caching-policy axis): segment caches aggregated around the scan (components/caching.py)
         self.caching = None
         if spec.caching.kind != "none":
@@ -135,11 +153,6 @@ class MemoryMixer(GatedOutput, nn.Module):
             self.caching = MemoryCaching(spec.caching, d_model=d_model)
 
     # ------------------------------------------------------------------------------------------------ pieces
-    @property
-    def conv_context(self) -> int:
-        """Tokens of left context the short conv needs."""
-        return max(self.spec.conv_size - 1, 0)
-
     def initial_state(self) -> dict[str, Tensor]:
         """W_0 per head ``[H, in, out]`` (KL retention: ``scale * softmax(logits)``, positive rows summing to scale)."""
         state: dict[str, Tensor] = {}

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from miras.components.gates import Gate, gate_param_count
 from miras.components.memory import memory_param_shapes, state_shapes
-from miras.components.mixer import GatedOutput, mixer_gate_specs
+from miras.components.mixer import GatedOutput, memory_params, mixer_gate_specs
 from miras.registry import BLOCK
 from miras.spec import GateSpec, MemorySpec, SelfModSpec
 
@@ -125,24 +125,11 @@ class SelfModMixer(GatedOutput, nn.Module):
             if name.startswith("W"):
                 self.init_proj[name] = nn.Parameter(torch.randn(P * n_heads, *shape) / math.sqrt(shape[0]))
                 self.init_mem[name] = nn.Parameter(torch.randn(n_heads, *shape) / math.sqrt(shape[0]))
-        self.params_proj, self.params_mem = nn.ParameterDict(), nn.ParameterDict()
-        for name, shape in memory_param_shapes(spec, d_head, d_head).items():
-            for store, n in ((self.params_proj, P * n_heads), (self.params_mem, n_heads)):
-                if name == "norm_weight":
-                    store[name] = nn.Parameter(torch.ones(n, *shape))
-                elif name == "threshold":
-                    store["log_threshold"] = nn.Parameter(torch.full((n, *shape), math.log(spec.retention.threshold)))
-                else:
-                    store[name] = nn.Parameter(torch.zeros(n, *shape))
-        self.out_norm = nn.RMSNorm(d_head, eps=1e-6) if spec.output_norm else None
-        self.w_g = nn.Linear(d_model, inner, bias=False) if spec.output_gate else None
-        self.w_o = nn.Linear(inner, d_model, bias=False)
+        self.params_proj = memory_params(spec, d_head, d_head, P * n_heads)
+        self.params_mem = memory_params(spec, d_head, d_head, n_heads)
+        self.add_output(d_model=d_model, inner=inner, d_head=d_head)
 
     # ------------------------------------------------------------------------------------------------ pieces
-    @property
-    def conv_context(self) -> int:
-        return max(self.spec.conv_size - 1, 0)
-
     def _init(self, store: nn.ParameterDict) -> dict[str, Tensor]:
         out = {}
         for name, shape in self.state_shapes.items():

@@ -114,14 +114,7 @@ class TrellisMixer(GatedOutput, nn.Module):
         # learned initial slots: unit-norm keys spread over the sphere, small values
         self.K0 = nn.Parameter(F.normalize(torch.randn(n_heads, spec.slots, d_head), dim=-1))
         self.V0 = nn.Parameter(torch.randn(n_heads, spec.slots, d_head) * 0.02)
-        self.out_norm = nn.RMSNorm(d_head, eps=1e-6) if spec.output_norm else None
-        self.w_g = nn.Linear(d_model, inner, bias=False) if spec.output_gate else None
-        self.w_o = nn.Linear(inner, d_model, bias=False)
-
-    @property
-    def conv_context(self) -> int:
-        """Tokens of left context the short conv needs."""
-        return max(self.spec.conv_size - 1, 0)
+        self.add_output(d_model=d_model, inner=inner, d_head=d_head)
 
     def initial_state(self) -> dict[str, Tensor]:
         """Learned slots ``{"K": [H, m, d], "V": [H, m, d]}`` (broadcast over the batch by :meth:`scan`)."""
