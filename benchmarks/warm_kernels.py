@@ -29,6 +29,18 @@ from miras.spec import MemorySpec  # noqa: E402
 FAMILIES = {"titans": "momentum", "delta": "gd"}
 
 
+def _launch_inputs(tiny: bool, momentum: bool):
+    """The benchmark's launch signature with zero inputs: (B, T, H, D), the device, (q, k, v bf16 on CUDA / fp32
+    on CPU, eta, keep, mu fp32 or None)."""
+    B, T, H, D = (1, 64, 1, 16) if tiny else (1, 1024, 8, 128)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q, k, v = (torch.zeros(B, T, H, D, device=dev, dtype=dt) for _ in range(3))
+    eta, keep = (torch.full((B, T, H), 0.5, device=dev) for _ in range(2))
+    mu = torch.full((B, T, H), 0.5, device=dev) if momentum else None
+    return (B, T, H, D), dev, (q, k, v, eta, keep, mu)
+
+
 def main() -> None:
     fam, direction, mode = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tiny = "--tiny" in sys.argv
@@ -39,12 +51,7 @@ def main() -> None:
     spec = MemorySpec(memory="linear", bias="l2", retention={"kind": "decay"},
                       learner={"kind": FAMILIES[fam], "chunk_size": 16 if tiny else 64})
     cfg = LinearConfig.from_spec(spec)
-    B, T, H, D = (1, 64, 1, 16) if tiny else (1, 1024, 8, 128)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    q, k, v = (torch.zeros(B, T, H, D, device=dev, dtype=dt) for _ in range(3))
-    eta, keep = (torch.full((B, T, H), 0.5, device=dev) for _ in range(2))
-    mu = torch.full((B, T, H), 0.5, device=dev) if cfg.momentum else None
+    (B, T, H, D), dev, (q, k, v, eta, keep, mu) = _launch_inputs(tiny, cfg.momentum)
     t0 = time.time()
     if direction == "fwd":
         linear_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None, modes=(mode,))
@@ -65,13 +72,8 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     spec = MemorySpec(memory={"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": False,
                               "activation": "gelu"},
                       bias="l2", retention={"kind": "decay"}, learner={"kind": learner, "chunk_size": 16 if tiny else 64})
-    B, T, H, D = (1, 64, 1, 16) if tiny else (1, 1024, 8, 128)
+    (B, T, H, D), dev, (q, k, v, eta, keep, mu) = _launch_inputs(tiny, learner == "momentum")
     cfg = MLPConfig.from_spec(spec, D)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    q, k, v = (torch.zeros(B, T, H, D, device=dev, dtype=dt) for _ in range(3))
-    eta, keep = (torch.full((B, T, H), 0.5, device=dev) for _ in range(2))
-    mu = torch.full((B, T, H), 0.5, device=dev) if cfg.momentum else None
     t0 = time.time()
     if direction == "fwd":
         mlp_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None, None, None, keep_states=True, modes=(mode,))
