@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -109,8 +110,6 @@ def dist_info() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(_close_process_group)
@@ -120,16 +119,12 @@ def dist_info() -> tuple[int, int]:
 def _close_process_group() -> None:
     """Destroy the process group before interpreter teardown: a live gloo group aborts the process at exit
     ("terminate called without an active exception") on some runs."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(t)
     return t
 
@@ -396,8 +391,6 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
         raise
     _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
     if world > 1:  # every rank leaves together, after rank 0 has written the record
-        import torch.distributed as dist
-
         dist.barrier()
     return record
 
