@@ -198,16 +198,11 @@ class MLPMemory:
 
     def head(self, y_pre: Tensor, x: Tensor, params: dict[str, Tensor] | None) -> tuple[Tensor, tuple | None]:
         """LayerNorm (with affine) and residual on the last layer's output; returns (y, cache for the backward)."""
-        cache = None
-        y = y_pre
+        offset, w = (x if self.residual else None), None
         if self.norm:
             w, b = self._norm_params(params)
-            xhat, mean, rstd = torch.native_layer_norm(y_pre, y_pre.shape[-1:], None, None, LN_EPS)
-            y = torch.addcmul(b, xhat, w)
-            cache = (y_pre, mean, rstd, w)
-        if self.residual:
-            y = y + x
-        return y, cache
+            offset = b if offset is None else offset + b
+        return self.head_folded(y_pre, offset, w)
 
     def head_folded(
         self, y_pre: Tensor, offset: Tensor | None, w: Tensor | None, scale: Tensor | None = None
