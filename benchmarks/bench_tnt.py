@@ -13,15 +13,14 @@ median step time) and the speed-up over ``titans C=8``, the chunk size the paper
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without installing
+
+from bench_train import median_step_seconds  # noqa: E402  (the same timed training step)
 
 from miras.compiler import build
 from miras.spec import load_spec
@@ -40,23 +39,12 @@ def bench(overrides: dict, *, batch_size: int, seq_len: int, steps: int, device:
     spec = load_spec("titans-lmm", {**overrides, "max_seq_len": max(seq_len, 64)})
     torch.manual_seed(0)
     model = build(spec).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times = []
-    for step in range(steps + 1):
+
+    def batch(step: int):
         ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len + 1), device=device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if step >= 1:  # the first step is warm-up
-            times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+        return ids[:, :-1], ids[:, 1:]
+
+    dt = median_step_seconds(model, batch, steps=steps, warmup=1, device=device)
     return {"params": sum(p.numel() for p in model.parameters()), "step_ms": 1000 * dt,
             "tokens_per_s": batch_size * seq_len / dt}
 

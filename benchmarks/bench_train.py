@@ -24,16 +24,13 @@ from miras.spec import list_recipes, load_spec
 from miras.tasks import IGNORE, make_task
 
 
-def bench(recipe: str, *, batch_size: int, seq_len: int, steps: int, device: str) -> dict:
-    spec = load_spec(recipe)
-    torch.manual_seed(0)
-    model = build(spec).to(device).train()
+def median_step_seconds(model: torch.nn.Module, batch, *, steps: int, warmup: int, device: str) -> float:
+    """Median wall time of ``steps`` training steps (forward, cross-entropy, backward, AdamW at lr 1e-3) after
+    ``warmup`` untimed ones; ``batch(step)`` gives (input ids, labels) on ``device``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    task = make_task("mqar", vocab_size=spec.vocab_size, seq_len=min(seq_len, spec.max_seq_len), seed=0)
     times = []
-    for step in range(steps + 2):
-        b = task.train_batch(step, batch_size)
-        ids, labels = b.input_ids.to(device), b.labels.to(device)
+    for step in range(steps + warmup):
+        ids, labels = batch(step)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -44,9 +41,22 @@ def bench(recipe: str, *, batch_size: int, seq_len: int, steps: int, device: str
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        if step >= 2:
+        if step >= warmup:
             times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    return statistics.median(times)
+
+
+def bench(recipe: str, *, batch_size: int, seq_len: int, steps: int, device: str) -> dict:
+    spec = load_spec(recipe)
+    torch.manual_seed(0)
+    model = build(spec).to(device).train()
+    task = make_task("mqar", vocab_size=spec.vocab_size, seq_len=min(seq_len, spec.max_seq_len), seed=0)
+
+    def batch(step: int):
+        b = task.train_batch(step, batch_size)
+        return b.input_ids.to(device), b.labels.to(device)
+
+    dt = median_step_seconds(model, batch, steps=steps, warmup=2, device=device)
     return {"recipe": recipe, "params": sum(p.numel() for p in model.parameters()),
             "step_ms": 1000 * dt, "tokens_per_s": batch_size * task.seq_len / dt}
 
