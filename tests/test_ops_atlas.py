@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_ops_equivalence import assert_match, rel_err, run  # the float64 chunked-vs-oracle comparison
+from test_ops_equivalence import assert_match, rel_err, run, scan_slice  # the float64 chunked-vs-oracle comparison
 
 from miras.compiler import build
 from miras.components.feature_maps import exponential_features
@@ -140,22 +140,16 @@ def test_carried_window_equals_one_call(spec: MemorySpec, cut: int, mode: str) -
     """Two calls split at a chunk boundary reproduce one call: the state carries the last c - 1 keys, values, gammas
     (and Huber deltas) of the first call."""
     inp = make_inputs(spec, T=T)
-    whole_o, whole_s = memory_scan(spec, inp["q"], inp["k"], inp["v"], inp["gates"], inp["state"], params=inp["params"],
-                                   mode=mode)  # fmt: skip
+    whole_o, whole_s = scan_slice(spec, inp, slice(None), inp["state"], mode)
     assert "window_k" in whole_s and whole_s["window_k"].shape == (B, H, 2, K)
-
-    def part(sl, state):
-        g = {n: x[:, sl] for n, x in inp["gates"].items()}
-        return memory_scan(spec, inp["q"][:, sl], inp["k"][:, sl], inp["v"][:, sl], g, state, params=inp["params"], mode=mode)
-
-    o1, s1 = part(slice(0, cut), inp["state"])
-    o2, s2 = part(slice(cut, T), s1)
+    o1, s1 = scan_slice(spec, inp, slice(0, cut), inp["state"], mode)
+    o2, s2 = scan_slice(spec, inp, slice(cut, T), s1, mode)
     assert rel_err(torch.cat([o1, o2], 1), whole_o) < 1e-12
     for n in whole_s:
         assert rel_err(s2[n], whole_s[n]) < 1e-12
     # the carried window matters: dropping it changes the outputs
     s1_no_window = {n: (torch.zeros_like(x) if n.startswith("window") else x) for n, x in s1.items()}
-    o3, _ = part(slice(cut, T), s1_no_window)
+    o3, _ = scan_slice(spec, inp, slice(cut, T), s1_no_window, mode)
     assert rel_err(o3, o2) > 1e-6
 
 

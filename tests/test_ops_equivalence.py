@@ -129,6 +129,12 @@ def run(spec: MemorySpec, inp: dict, mode: str, with_grads: bool = True, seed: i
     return res
 
 
+def scan_slice(spec: MemorySpec, inp: dict, sl: slice, state: dict | None, mode: str):
+    """``memory_scan`` over the tokens ``sl`` of ``inp`` (q, k, v and the gates sliced), from ``state``."""
+    g = {n: x[:, sl] for n, x in inp["gates"].items()}
+    return memory_scan(spec, inp["q"][:, sl], inp["k"][:, sl], inp["v"][:, sl], g, state, params=inp["params"], mode=mode)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -175,17 +181,10 @@ def test_carried_state_equals_one_call(case, mode: str) -> None:
     _, mem, bias, ret, learner = case
     spec = _spec(mem, bias, ret, learner)
     inp = make_inputs(spec, T=T)
-    whole_o, whole_s = memory_scan(
-        spec, inp["q"], inp["k"], inp["v"], inp["gates"], inp["state"], params=inp["params"], mode=mode
-    )
+    whole_o, whole_s = scan_slice(spec, inp, slice(None), inp["state"], mode)
     cut = 2 * CHUNK
-
-    def part(sl, state):
-        g = {n: x[:, sl] for n, x in inp["gates"].items()}
-        return memory_scan(spec, inp["q"][:, sl], inp["k"][:, sl], inp["v"][:, sl], g, state, params=inp["params"], mode=mode)
-
-    o1, s1 = part(slice(0, cut), inp["state"])
-    o2, s2 = part(slice(cut, T), s1)
+    o1, s1 = scan_slice(spec, inp, slice(0, cut), inp["state"], mode)
+    o2, s2 = scan_slice(spec, inp, slice(cut, T), s1, mode)
     assert rel_err(torch.cat([o1, o2], dim=1), whole_o) < 1e-12
     for n in whole_s:
         assert rel_err(s2[n], whole_s[n]) < 1e-12
