@@ -168,19 +168,12 @@ def _stacked_scan(
     w = params["norm_weight"][None].expand(B, -1, -1).reshape(BH, 1, -1) if mem.norm else None  # [B * H, 1, V]
     neg_w = None if w is None else -w
 
-    def offset(x: Tensor) -> Tensor | None:  # [NC, B, H, b, V]
-        off = x if mem.residual else None
-        if mem.norm:
-            bias_ln = params["norm_bias"][:, None, :]  # [H, 1, V]
-            off = bias_ln.expand_as(vc) if off is None else off + bias_ln
-        return off
-
-    l2, k_off = isinstance(bias, L2Bias), offset(kc)
+    l2, k_off = isinstance(bias, L2Bias), mem.head_offset(kc, params)  # [NC, B, H, b, V]
     if l2:  # v - y = (v - x - b) - LN(z) w
         nv_c = per_chunk(vc if k_off is None else vc - k_off)
     k_off = per_chunk(k_off)
     if qc is not None:
-        q_off = per_chunk(offset(qc))
+        q_off = per_chunk(mem.head_offset(qc, params))
     X = [x.reshape(BH, *x.shape[-2:]) for x in X]
     outs = []
     for c in range(NC):

@@ -198,11 +198,17 @@ class MLPMemory:
 
     def head(self, y_pre: Tensor, x: Tensor, params: dict[str, Tensor] | None) -> tuple[Tensor, tuple | None]:
         """LayerNorm (with affine) and residual on the last layer's output; returns (y, cache for the backward)."""
-        offset, w = (x if self.residual else None), None
+        w = self._norm_params(params)[0] if self.norm else None
+        return self.head_folded(y_pre, self.head_offset(x, params), w)
+
+    def head_offset(self, x: Tensor, params: dict[str, Tensor] | None) -> Tensor | None:
+        """The head's weight-independent part ``[..., H, n, V]`` for inputs x ``[..., H, n, K]``: the residual input x
+        plus the LN bias (either alone; None when there is neither)."""
+        offset = x if self.residual else None
         if self.norm:
-            w, b = self._norm_params(params)
-            offset = b if offset is None else offset + b
-        return self.head_folded(y_pre, offset, w)
+            b = self._norm_params(params)[1]  # [1, H, 1, V]
+            offset = b.expand(*x.shape[:-1], b.shape[-1]) if offset is None else offset + b
+        return offset
 
     def head_folded(
         self, y_pre: Tensor, offset: Tensor | None, w: Tensor | None, scale: Tensor | None = None
