@@ -129,6 +129,21 @@ def test_matches_project_oracle_and_memory_scan_dispatch():
     assert rel(o_t, o_r) < TOL and rel(f_t["W1"], f_r["W1"]) < TOL and rel(f_t["S1"], f_r["S1"]) < TOL
 
 
+def test_auto_mode_keeps_float32_on_the_chunked_path_on_cuda():
+    """mode="auto" uses the kernels on CUDA for bf16 / fp16 only: float32 inputs gave wrong gradients on an H200 with
+    triton 3.6 (FP32_CUDA_ISSUE); CPU and float64 always run chunked."""
+    from miras.kernels import FP32_CUDA_ISSUE
+    from miras.ops import resolve_mode
+
+    spec = make_spec("l2", "decay", "momentum")
+    assert resolve_mode(spec, "cuda", torch.bfloat16) == "triton"
+    assert resolve_mode(spec, "cuda", torch.float16) == "triton"
+    assert resolve_mode(spec, "cuda", torch.float32) == "chunked"
+    assert resolve_mode(spec, "cuda", torch.float64) == "chunked"
+    assert resolve_mode(spec, "cpu", torch.bfloat16) == "chunked"
+    assert "float32" in FP32_CUDA_ISSUE and "test_fp32_vs_float64_oracle" in FP32_CUDA_ISSUE
+
+
 def test_learned_initial_state_without_batch_dim():
     """A [H, K, V] initial state broadcasts over the batch; its gradient sums over the batch."""
     spec = make_spec("l2", "none", "gd")
