@@ -18,6 +18,7 @@ R = p tanh(a r) (r^2 + eps)^((p-1)/2)), 3 huber (Miras Eq. 16: R = r if ||r||_2 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import triton
 import triton.language as tl
@@ -33,14 +34,29 @@ except (ImportError, AttributeError):  # triton < 3.4 has no knobs
     _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def rule_choices(spec) -> dict:
-    """The kernel constexprs of the bias, retention and learner axes of a MemorySpec, shared by every kernel config:
-    chunk, bias code, Lp p / smoothing / eps, whether there is a keep gate, the decayed gradient point, momentum."""
-    bias, ret, learner = spec.bias, spec.retention, spec.learner
-    return dict(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
-                smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
-                has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
-                momentum=learner.kind == "momentum")  # fmt: skip
+@dataclass(frozen=True)
+class RuleConfig:
+    """The static choices of the bias, retention and learner axes that every memory kernel takes as constexprs:
+    chunk, bias code (BIAS_CODES), Lp p / smoothing / eps, whether there is a keep gate, the decayed gradient point,
+    momentum. The kernel configs (``LinearConfig``, ``MLPConfig``) extend it."""
+
+    chunk: int
+    bias: int  # BIAS_CODES
+    p: float = 2.0
+    smoothing: float = 10.0
+    eps: float = 1e-6
+    has_keep: bool = False
+    decayed: bool = False
+    momentum: bool = False
+
+    @staticmethod
+    def choices(spec) -> dict:
+        """The fields above from a MemorySpec."""
+        bias, ret, learner = spec.bias, spec.retention, spec.learner
+        return dict(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
+                    smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
+                    has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
+                    momentum=learner.kind == "momentum")  # fmt: skip
 
 
 def interpreting() -> bool:

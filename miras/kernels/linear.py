@@ -23,13 +23,13 @@ Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from miras.kernels.common import (
+    RuleConfig,
     _dot,
     _row_select,
     _vec_select,
@@ -38,27 +38,16 @@ from miras.kernels.common import (
     gate_coeffs,
     interpreting,
     pow2_tile,
-    rule_choices,
 )
 
 
-@dataclass(frozen=True)
-class LinearConfig:
-    """Static choices of one linear-memory kernel call (all become constexprs)."""
-
-    chunk: int
-    bias: int  # common.BIAS_CODES
-    p: float = 2.0
-    smoothing: float = 10.0
-    eps: float = 1e-6
-    has_keep: bool = False
-    decayed: bool = False
-    momentum: bool = False
+class LinearConfig(RuleConfig):
+    """Static choices of one linear-memory kernel call (all become constexprs): the fields of RuleConfig."""
 
     @classmethod
     def from_spec(cls, spec) -> LinearConfig:
         """The kernel choices of a MemorySpec (linear memory; see miras.kernels.kernel_support)."""
-        return cls(**rule_choices(spec))
+        return cls(**cls.choices(spec))
 
 
 # ---------------------------------------------------------------------------------------------------------- forward

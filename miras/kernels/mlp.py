@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from miras.kernels.common import (
+    RuleConfig,
     _dot,
     _row_select,
     _tanh,
@@ -49,27 +50,18 @@ from miras.kernels.common import (
     gate_coeffs,
     interpreting,
     pow2_tile,
-    rule_choices,
 )
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
 
 
-@dataclass(frozen=True)
-class MLPConfig:
-    """Static choices of one MLP-memory kernel call (all become constexprs)."""
+@dataclass(frozen=True, kw_only=True)
+class MLPConfig(RuleConfig):
+    """Static choices of one MLP-memory kernel call (all become constexprs): RuleConfig's fields plus the memory's."""
 
-    chunk: int
-    bias: int  # common.BIAS_CODES
     act: int  # ACT_CODES
     residual: bool
     hidden: int
-    p: float = 2.0
-    smoothing: float = 10.0
-    eps: float = 1e-6
-    has_keep: bool = False
-    decayed: bool = False
-    momentum: bool = False
 
     @classmethod
     def from_spec(cls, spec, d_key: int) -> MLPConfig:
@@ -78,7 +70,7 @@ class MLPConfig:
 
         mem = spec.memory
         return cls(act=ACT_CODES[mem.activation], residual=bool(mem.residual), hidden=hidden_width(spec, d_key),
-                   **rule_choices(spec))  # fmt: skip
+                   **cls.choices(spec))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- activations
