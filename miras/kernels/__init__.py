@@ -131,6 +131,15 @@ def _gate(gates: dict, name: str, B: int, T: int, H: int) -> torch.Tensor:
     return g.expand(B, T, H).to(torch.float32).contiguous()
 
 
+def _kernel_gates(spec, gates: dict, B: int, T: int, H: int) -> tuple[torch.Tensor, ...]:
+    """(eta, keep, mu, delta) as contiguous fp32 [B, T, H] (None where the spec has no such gate)."""
+    eta = _gate(gates, "lr", B, T, H)
+    keep = _gate(gates, "keep", B, T, H) if spec.retention.kind == "decay" else None
+    mu = _gate(gates, "momentum", B, T, H) if spec.learner.kind == "momentum" else None
+    delta = _gate(gates, "huber_delta", B, T, H) if spec.bias.kind == "huber" else None
+    return eta, keep, mu, delta
+
+
 def _state(state: dict | None, name: str, B: int, H: int, K: int, V: int) -> torch.Tensor | None:
     if state is None or state.get(name) is None:
         return None
@@ -192,12 +201,8 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state)
-    bias = spec.bias
     cfg = LinearConfig.from_spec(spec)
-    eta = _gate(gates, "lr", B, T, H)
-    keep = _gate(gates, "keep", B, T, H) if cfg.has_keep else None
-    mu = _gate(gates, "momentum", B, T, H) if cfg.momentum else None
-    delta = _gate(gates, "huber_delta", B, T, H) if bias.kind == "huber" else None
+    eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H)
     h0 = _state(state, "W1", B, H, K, V)
     s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
     o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta,
@@ -210,21 +215,12 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def _mlp_scan(spec, q, k, v, gates, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The 2-layer MLP memory (miras/kernels/mlp.py): gates and per-layer states checked and laid out here."""
-    from miras.components.memory import hidden_width
+    from miras.components.memory import state_shapes
     from miras.kernels.mlp import mlp_memory_scan
 
     B, T, H, K = q.shape
     V = v.shape[-1]
     if spec.memory.residual and K != V:
         raise ValueError(f"triton_memory_scan: a residual MLP memory needs K == V, but got K={K}, V={V}")
-    hd = hidden_width(spec, K)
-    momentum = spec.learner.kind == "momentum"
-    eta = _gate(gates, "lr", B, T, H)
-    keep = _gate(gates, "keep", B, T, H) if spec.retention.kind == "decay" else None
-    mu = _gate(gates, "momentum", B, T, H) if momentum else None
-    delta = _gate(gates, "huber_delta", B, T, H) if spec.bias.kind == "huber" else None
-    dims = {"W1": (K, hd), "W2": (hd, V)}
-    if momentum:
-        dims.update(S1=(K, hd), S2=(hd, V))
-    layers = {name: _state(state, name, B, H, *shape) for name, shape in dims.items()}
-    return mlp_memory_scan(spec, q, k, v, eta, keep, mu, delta, layers)
+    layers = {name: _state(state, name, B, H, *shape) for name, shape in state_shapes(spec, K, V).items()}
+    return mlp_memory_scan(spec, q, k, v, *_kernel_gates(spec, gates, B, T, H), layers)
