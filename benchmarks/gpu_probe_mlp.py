@@ -32,9 +32,15 @@ def main() -> None:
     ap.add_argument("--learner", default="gd")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--what", default="fwd", choices=["fwd", "bwd"])
+    ap.add_argument("--zero-empty", action="store_true",
+                    help="make torch.empty return zeros (does a NaN come from reading an unwritten buffer?)")
     a = ap.parse_args()
+    if a.zero_empty:
+        empty = torch.empty
+        torch.empty = lambda *s, **kw: empty(*s, **kw).zero_()
     env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MIRAS_KERNEL"))
-    tag = f"D={a.D} T={a.T} chunk={a.chunk} {a.learner} {a.dtype} {a.what} {env}"
+    tag = f"D={a.D} T={a.T} H={a.H} chunk={a.chunk} {a.learner} {a.dtype} {a.what} {env}" + (
+        " zero-empty" if a.zero_empty else "")
     spec = MemorySpec.model_validate({"memory": {"kind": "mlp", "depth": 2, "expansion": 2.0, "norm": False},
                                       "bias": "l2",
                                       "retention": {"kind": "decay"},
@@ -69,7 +75,7 @@ def main() -> None:
     q32, k32, v32 = (t.detach().float().requires_grad_(a.what == "bwd") for t in (q, k, v))
     g32 = {n: t.detach().requires_grad_(a.what == "bwd") for n, t in gates.items()}
     o_ref, _ = memory_scan(spec, q32, k32, v32, g32, state, mode="chunked")
-    errs = [f"o {rel(o, o_ref):.1e}"]
+    errs = [f"o {rel(o, o_ref):.1e}", f"o finite {bool(torch.isfinite(o).all())}"]
     if a.what == "bwd":
         ref = torch.autograd.grad(o_ref.square().sum(), [q32, k32, v32, *g32.values()])
         errs += [f"d{n} {rel(x, y):.1e}" for n, x, y in zip(["q", "k", "v", *gates], grads, ref)]

@@ -96,6 +96,43 @@ def test_several_v_tiles(monkeypatch, bias, ret, learner, grad_at, split):
     check_against_oracle(spec, B=2, T=37, H=1, K=24, V=48, seed=5)
 
 
+def _autotuner_like_launch(restore: bool):
+    """A stand-in for ``linear._launch`` that does what triton's autotuner does on the first call of a new shape: run
+    the kernel once per candidate config on the real arguments (restoring the arguments named in the tuned kernel's
+    ``restore_value`` after each timing run, when ``restore``), then once more for the result."""
+
+    def launch(kernel_raw, kernel_tuned, grid, *args, **kw):
+        named = dict(zip(kernel_raw.arg_names, args))
+        names = kernel_tuned.restore_value if restore else []
+        for _ in range(2):  # two candidate configs
+            saved = {n: named[n].clone() for n in names}
+            kernel_raw[grid](*args, **kw)
+            for n in names:
+                named[n].copy_(saved[n])
+        return kernel_raw[grid](*args, **kw)
+
+    return launch
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["restored", "control-not-restored"])
+def test_backward_survives_autotuning(monkeypatch, restore):
+    """The split backward's state pass overwrites its own input (dhs / dss: U in, state gradients out), so autotuning
+    it on the real arguments corrupts the first backward of every new shape unless those buffers are restored between
+    timing runs (``linear.BWD_IN_PLACE``). Control: without the restore, the repeated launches give wrong gradients,
+    so this test does detect the hazard."""
+    from miras.kernels import linear
+
+    monkeypatch.setenv("MIRAS_KERNEL_SPLIT", "1")
+    monkeypatch.setattr(linear, "_launch", _autotuner_like_launch(restore))
+    assert linear._linear_bwd_tuned.restore_value == linear.BWD_IN_PLACE == ["dhs", "dss"]
+    spec = make_spec("l2", "decay", "momentum")
+    if restore:
+        check_against_oracle(spec, B=1, T=37, H=1, K=16, V=16, seed=9)
+    else:
+        with pytest.raises(AssertionError):
+            check_against_oracle(spec, B=1, T=37, H=1, K=16, V=16, seed=9)
+
+
 def test_huber_keeps_the_whole_v_tile(monkeypatch):
     """Huber's switch needs ||r|| over all of V: a smaller MIRAS_KERNEL_BV is ignored for it (and results stay exact)."""
     from miras.kernels.linear import _block_v

@@ -402,7 +402,12 @@ _KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTU
 # keep the list short, each config of the backward compiles for ~10-40 s
 _CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
 _linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kernel)
-_linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_bwd_kernel)
+# the autotuner times every config by running the kernel several times on the real arguments; the backward state pass
+# (MODE 1) is not idempotent: it reads the pre-pass terms U / U_f from dhs / dss and leaves the end-of-chunk state
+# gradients in their place, so those two buffers must be restored between timing runs (else the first backward of
+# every new shape returns wrong gradients: tests/test_kernels.py::test_backward_survives_autotuning)
+BWD_IN_PLACE = ["dhs", "dss"]
+_linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
 
 
 def _block_v(V: int, bias: int) -> int:
