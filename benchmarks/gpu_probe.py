@@ -1,6 +1,7 @@
 """Probe one kernel configuration on CUDA in a fresh process (an illegal address kills the CUDA context).
 
-    MIRAS_KERNEL_CONFIG=8,1 MIRAS_KERNEL_BV=64 MIRAS_KERNEL_SPLIT=1 python benchmarks/gpu_probe.py [D] [bias] [learner]
+    MIRAS_KERNEL_CONFIG=8,1 MIRAS_KERNEL_BV=64 MIRAS_KERNEL_SPLIT=1 python benchmarks/gpu_probe.py [D] [bias] [learner] \
+        [chunk] [retention] [dtype]     # defaults: 128 l2 momentum 64 decay bf16
 
 Runs the linear-memory Triton kernel forward, then backward, synchronising after each, and compares outputs and
 gradients with the PyTorch chunked path (fp32). Prints one line: PROBE <config> fwd=<ok|error> bwd=<...> errors.
@@ -25,16 +26,21 @@ def main() -> None:
     D = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     bias = sys.argv[2] if len(sys.argv) > 2 else "l2"
     learner = sys.argv[3] if len(sys.argv) > 3 else "momentum"
-    tag = (f"D={D} {bias} {learner} cfg={os.environ.get('MIRAS_KERNEL_CONFIG', 'auto')} "
+    chunk = int(sys.argv[4]) if len(sys.argv) > 4 else 64
+    retention = sys.argv[5] if len(sys.argv) > 5 else "decay"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[6] if len(sys.argv) > 6 else "bf16"]
+    tag = (f"D={D} {bias} {retention} {learner} chunk={chunk} {dtype} cfg={os.environ.get('MIRAS_KERNEL_CONFIG', 'auto')} "
            f"BV={os.environ.get('MIRAS_KERNEL_BV', 'whole V')} split={os.environ.get('MIRAS_KERNEL_SPLIT', '1')}")
-    spec = MemorySpec(memory={"kind": "linear"}, bias={"kind": bias}, retention={"kind": "decay"},
-                      learner={"kind": learner, "chunk_size": 64})
+    spec = MemorySpec(memory={"kind": "linear"}, bias={"kind": bias}, retention={"kind": retention},
+                      learner={"kind": learner, "chunk_size": chunk})
     g = torch.Generator().manual_seed(0)
     B, T, H = 1, 130, 2
     q = torch.randn(B, T, H, D, generator=g) / D**0.5
     k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
     v = torch.randn(B, T, H, D, generator=g)
-    gates = {"lr": 0.05 + 0.5 * torch.rand(B, T, H, generator=g), "keep": 0.9 + 0.1 * torch.rand(B, T, H, generator=g)}
+    gates = {"lr": 0.05 + 0.5 * torch.rand(B, T, H, generator=g)}
+    if retention == "decay":
+        gates["keep"] = 0.9 + 0.1 * torch.rand(B, T, H, generator=g)
     if learner == "momentum":
         gates["momentum"] = 0.5 + 0.45 * torch.rand(B, T, H, generator=g)
     if bias == "huber":
@@ -52,7 +58,7 @@ def main() -> None:
     ref_o.backward(cot.cuda())
     status = {}
     try:
-        o, xs, _ = run("triton", torch.bfloat16)
+        o, xs, _ = run("triton", dtype)
         status["fwd"] = f"ok rel_o={rel(o, ref_o):.1e}"
     except Exception as err:  # noqa: BLE001 - a probe reports whatever broke
         print(f"PROBE {tag} fwd=ERROR {type(err).__name__}: {str(err).splitlines()[0][:80]}")

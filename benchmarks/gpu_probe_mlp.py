@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--learner", default="gd")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--what", default="fwd", choices=["fwd", "bwd"])
+    ap.add_argument("--keep-lo", type=float, default=0.8, help="keep gate drawn from [keep-lo, 1]")
     ap.add_argument("--zero-empty", action="store_true",
                     help="make torch.empty return zeros (does a NaN come from reading an unwritten buffer?)")
     a = ap.parse_args()
@@ -40,7 +41,7 @@ def main() -> None:
         torch.empty = lambda *s, **kw: empty(*s, **kw).zero_()
     env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MIRAS_KERNEL"))
     tag = f"D={a.D} T={a.T} H={a.H} chunk={a.chunk} {a.learner} {a.dtype} {a.what} {env}" + (
-        " zero-empty" if a.zero_empty else "")
+        " zero-empty" if a.zero_empty else "") + f" keep>={a.keep_lo}"
     spec = MemorySpec.model_validate({"memory": {"kind": "mlp", "depth": 2, "expansion": 2.0, "norm": False},
                                       "bias": "l2",
                                       "retention": {"kind": "decay"},
@@ -52,11 +53,13 @@ def main() -> None:
     k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1).to(dt)
     v = torch.randn(B, T, H, D, device="cuda", generator=g).to(dt)
     gates = {"lr": 0.02 + 0.1 * torch.rand(B, T, H, device="cuda", generator=g),
-             "keep": 0.8 + 0.2 * torch.rand(B, T, H, device="cuda", generator=g)}
+             "keep": a.keep_lo + (1 - a.keep_lo) * torch.rand(B, T, H, device="cuda", generator=g)}
     if a.learner == "momentum":
         gates["momentum"] = 0.3 + 0.5 * torch.rand(B, T, H, device="cuda", generator=g)
     state = {"W1": 0.5 * torch.randn(B, H, D, 2 * D, device="cuda", generator=g),
              "W2": (2 * D) ** -0.5 * torch.randn(B, H, 2 * D, D, device="cuda", generator=g)}
+    if a.learner == "momentum":
+        state.update(S1=torch.zeros_like(state["W1"]), S2=torch.zeros_like(state["W2"]))
     leaves = [q, k, v, *gates.values()]
     for t in leaves:
         t.requires_grad_(a.what == "bwd")

@@ -16,8 +16,8 @@ unfinished chunk, as ``MemoryMixer`` does). Outputs never depend on later tokens
 Biases l: dot, l2, lp, huber (``miras.components.bias``); memories M: linear, MLP (``miras.components.memory``).
 The ATLAS / Nested-Learning options (omega bias, muon and dgd learners) run in ``miras.ops_ext`` (same modes).
 Modes: ``recurrent`` (token-by-token oracle, ``miras.ops_recurrent``), ``chunked`` (the dual form, ``miras.ops_chunked``),
-``triton`` (fused kernels from ``miras.kernels``), ``auto`` (triton on CUDA for bf16 / fp16 inputs when a kernel covers
-the spec, with a one-time warning naming the missing piece otherwise; chunked on CPU and for float32 / float64).
+``triton`` (fused kernels from ``miras.kernels``), ``auto`` (triton on CUDA for float32 / bf16 / fp16 inputs when a
+kernel covers the spec, with a one-time warning naming the missing piece otherwise; chunked on CPU and for float64).
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def _warn_fallback(reason: str) -> None:
 
 
 def resolve_mode(spec: MemorySpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """The implementation ``mode="auto"`` picks: ``triton`` on CUDA for bf16 / fp16 inputs when a kernel covers the
-    spec, else ``chunked`` (float32 inputs too: ``miras.kernels.FP32_CUDA_ISSUE``)."""
-    if device != "cuda" or dtype in (torch.float64, torch.float32):
+    """The implementation ``mode="auto"`` picks: ``triton`` on CUDA (float32, bf16, fp16 inputs) when a kernel covers
+    the spec, else ``chunked`` (always on CPU and for float64)."""
+    if device != "cuda" or dtype == torch.float64:
         return "chunked"
     try:
         from miras.kernels import kernel_support, triton_status
@@ -77,10 +77,10 @@ def _auto_mode(spec: MemorySpec, q: Tensor) -> str:
     mode = resolve_mode(spec, "cuda", q.dtype)
     if mode == "chunked":
         try:
-            from miras.kernels import FP32_CUDA_ISSUE, kernel_support, triton_status
+            from miras.kernels import kernel_support, triton_status
 
             usable, why = triton_status()
-            reason = why if not usable else FP32_CUDA_ISSUE if q.dtype == torch.float32 else kernel_support(spec)[1]
+            reason = kernel_support(spec)[1] if usable else why
         except ImportError as err:
             reason = f"miras.kernels could not be imported: {err}"
         _warn_fallback(reason)

@@ -29,8 +29,6 @@ def _fmt_int(n: int) -> str:
 
 def _paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
     """(layer, block kind, memory path) for each layer: which implementation runs the memory update."""
-    import torch
-
     from miras.ops import resolve_mode
 
     rows = []
@@ -39,7 +37,7 @@ def _paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
             rows.append((i, block, "sdpa"))
         else:
             rows.append((i, block, resolve_mode(spec.memory, device="cpu") + " (cpu) / "
-                         + resolve_mode(spec.memory, device="cuda", dtype=torch.bfloat16) + " (cuda, bf16)"))
+                         + resolve_mode(spec.memory, device="cuda") + " (cuda)"))
     return rows
 
 

@@ -60,13 +60,6 @@ def _warn_known_bad(device: torch.device) -> None:
         )
 
 
-# measured on an NVIDIA H200 with triton 3.6 (benchmarks/RESULTS.md, session 5): float32 inputs (tf32x3 dots) give
-# wrong gradients in the split linear kernels (tests/test_kernels_gpu.py::test_fp32_vs_float64_oracle, dk rel. err ~1);
-# bf16 / fp16 inputs are correct at the benchmark shape. mode="auto" therefore keeps float32 on the chunked path.
-FP32_CUDA_ISSUE = ("float32 inputs on CUDA: the kernels' tf32x3 path gave wrong gradients on an H200 with triton 3.6 "
-                   "(tests/test_kernels_gpu.py::test_fp32_vs_float64_oracle); bf16 / fp16 inputs use the kernels")
-
-
 @cache
 def _warn_once(msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
@@ -195,9 +188,6 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"triton_memory_scan: the sequence must not be empty, but got T={T}")
     if q.is_cuda:
         _warn_known_bad(q.device)
-        if q.dtype == torch.float32:
-            _warn_once(f"miras.kernels: {FP32_CUDA_ISSUE}; mode='triton' was asked for explicitly, so it runs, but "
-                       "check its gradients or use mode='auto' / 'chunked'.")
 
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state)
