@@ -133,6 +133,29 @@ def test_backward_survives_autotuning(monkeypatch, restore):
             check_against_oracle(spec, B=1, T=37, H=1, K=16, V=16, seed=9)
 
 
+@pytest.mark.parametrize("bv,bv_state", [("32", "16"), ("16", "64")])
+def test_state_pass_tile_differs_from_the_parallel_passes(monkeypatch, bv, bv_state):
+    """The sequential state passes run their own V-tile (MIRAS_KERNEL_BV_STATE; default min(tile, 64)): V=48 in two
+    tiles of 32 for the chunk-parallel passes and three of 16 for the state passes, and the other way round."""
+    from miras.kernels.linear import _block_v
+
+    monkeypatch.setenv("MIRAS_KERNEL_BV", bv)
+    monkeypatch.setenv("MIRAS_KERNEL_BV_STATE", bv_state)
+    assert (_block_v(48, 1), _block_v(48, 1, state_pass=True)) == (int(bv), int(bv_state))
+    check_against_oracle(make_spec("l2", "decay", "momentum"), B=1, T=37, H=2, K=24, V=48, seed=4)
+    check_against_oracle(make_spec("dot", "decay", "gd", "decayed"), B=1, T=37, H=1, K=16, V=48, seed=6)
+
+
+def test_default_state_pass_tile(monkeypatch):
+    from miras.kernels.linear import _block_v
+
+    monkeypatch.delenv("MIRAS_KERNEL_BV", raising=False)
+    monkeypatch.delenv("MIRAS_KERNEL_BV_STATE", raising=False)
+    assert (_block_v(128, 1), _block_v(128, 1, state_pass=True)) == (128, 64)
+    assert (_block_v(40, 1), _block_v(40, 1, state_pass=True)) == (64, 64)
+    assert (_block_v(128, 3), _block_v(128, 3, state_pass=True)) == (128, 128)  # huber: always the whole V
+
+
 def test_huber_keeps_the_whole_v_tile(monkeypatch):
     """Huber's switch needs ||r|| over all of V: a smaller MIRAS_KERNEL_BV is ignored for it (and results stay exact)."""
     from miras.kernels.linear import _block_v

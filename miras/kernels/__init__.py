@@ -9,7 +9,8 @@ kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before tr
 
 Knobs (environment, read at each call): ``MIRAS_KERNEL_SPLIT=0`` runs the fused chunk walk instead of the split
 kernels (state pass + chunk-parallel passes, miras/kernels/linear.py); ``MIRAS_KERNEL_BV=64`` a smaller V-tile (the
-default is the whole V; Huber always uses it); ``MIRAS_KERNEL_CONFIG=warps,stages`` skips autotuning on GPU;
+default is the whole V; Huber always uses it); ``MIRAS_KERNEL_BV_STATE`` the V-tile of the sequential state passes
+(default: that tile, at most 64); ``MIRAS_KERNEL_CONFIG=warps,stages`` skips autotuning on GPU;
 ``MIRAS_KERNEL_MLP=1`` enables the experimental
 2-layer MLP-memory kernels (miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32).
 """
@@ -91,8 +92,9 @@ def kernel_support(spec) -> tuple[bool, str]:
         if os.environ.get("MIRAS_KERNEL_MLP", "0").lower() not in ("1", "true", "yes"):
             return False, (
                 "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H200 "
-                "it measured no faster than the chunked PyTorch path and gave NaN for gd at chunk 64 "
-                "(benchmarks/RESULTS.md); the chunked PyTorch path runs it"
+                "it measured no faster than the chunked PyTorch path, and its gd variant is wrong at head dim 128 "
+                "(NaN, or an illegal address with float32 inputs; correct at 64) (benchmarks/RESULTS.md, GPU session 6); "
+                "the chunked PyTorch path runs it"
             )
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"

@@ -410,8 +410,15 @@ BWD_IN_PLACE = ["dhs", "dss"]
 _linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
 
 
-def _block_v(V: int, bias: int) -> int:
+def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
     """V-tile: the whole (padded) V by default and always for Huber (its switch needs the row norm over all of V).
+
+    ``state_pass``: the tile of the two sequential state passes (MODE 1), at most 64 unless
+    ``MIRAS_KERNEL_BV_STATE`` says otherwise: they hold only the state tiles and their parallelism is the number of
+    V-tiles, so smaller tiles pay there (H200, D=128, titans row: bwd state pass 1.07 ms at 64 vs 2.51 ms at 128, fwd
+    0.67 vs 1.11), while the chunk-parallel gradient pass is faster with the whole V (2.77 vs 3.05 ms: its dq / dk
+    work does not split over V-tiles; benchmarks/profile_passes.py, RESULTS.md "GPU session 6"). The state slots do
+    not depend on the tiling, so the passes of one call may use different tiles.
 
     ``MIRAS_KERNEL_BV`` overrides it (powers of two >= 16; also in the interpreter, where the tests use it to cover
     several V-tiles). The whole V is the default on GPU because it is the only tile measured correct on Hopper
@@ -420,10 +427,14 @@ def _block_v(V: int, bias: int) -> int:
     benchmarks/RESULTS.md). The split kernels get their parallelism from the chunk axis instead.
     """
     full = pow2_tile(V)
-    env = os.environ.get("MIRAS_KERNEL_BV")
-    if bias == 3 or not env:
+    if bias == 3:
         return full
-    return min(full, max(16, int(env)))
+    env = os.environ.get("MIRAS_KERNEL_BV")
+    tile = min(full, max(16, int(env))) if env else full
+    if state_pass:
+        env_state = os.environ.get("MIRAS_KERNEL_BV_STATE")
+        tile = min(full, max(16, int(env_state))) if env_state else min(tile, 64)
+    return tile
 
 
 def _split() -> bool:
@@ -463,7 +474,7 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    NT = triton.cdiv(T, BT)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     hs = torch.empty(B, H, NT, K, V, **f32)
@@ -476,9 +487,11 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
               HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q))
+    BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:
-        _launch(_linear_fwd_kernel, _linear_fwd_tuned, (NV, B * H, NT) if mode == 2 else (NV, B * H), *args, **kw,
-                MODE=mode)
+        bv = BV_S if mode == 1 else BV
+        grid = (triton.cdiv(V, bv), B * H, NT) if mode == 2 else (triton.cdiv(V, bv), B * H)
+        _launch(_linear_fwd_kernel, _linear_fwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode)
     return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None)
 
 
@@ -513,9 +526,11 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
               HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q))
-    for mode in modes:
-        _launch(_linear_bwd_kernel, _linear_bwd_tuned, (NV, B * H, NT) if mode in (2, 3) else (NV, B * H), *args, **kw,
-                MODE=mode)
+    BV_S = _block_v(V, cfg.bias, state_pass=True)
+    for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
+        bv = BV_S if mode == 1 else BV
+        grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
+        _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode)
     dkeep = dla.sum(0) / keep if cfg.has_keep else None
     dmu = dlm.sum(0) / mu if cfg.momentum else None
     dd = ddelta.sum(0) if cfg.bias == 3 else None
