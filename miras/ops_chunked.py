@@ -10,10 +10,12 @@ Per chunk of n tokens with chunk-start state (A_0, S_0) and read weights W_0 (= 
    rest linearly from it (Miras Eq. 30)
 4. end-of-chunk state from the last row of the coefficients.
 
-Nothing of size n x |W| is formed; the Python loop runs over chunks only. Three loops share the precomputed
+Nothing of size n x |W| is formed; the Python loop runs over chunks only. Four loops share the precomputed
 (chunk-major ``[NC, B, H, b, ...]``) coefficients: ``_linear_scan`` (linear memory with an l2 / dot bias: the chunk
-step is affine in the state, four small ops per chunk), ``_stacked_scan`` (any memory and bias with retention none /
-decay, on the stacked state [A; S] per layer) and the general loop below (lq, kl, elastic).
+step is affine in the state, four small ops per chunk), ``mlp2_scan`` (miras/ops_chunked_mlp.py: a depth-2 GELU MLP
+with an l2 bias, Titans' default memory, as one autograd node with a hand-written backward), ``_stacked_scan`` (any
+other memory and bias with retention none / decay, on the stacked state [A; S] per layer) and the general loop below
+(lq, kl, elastic).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from miras.components.bias import L2Bias
 from miras.components.memory import masked_scores
+from miras.ops_chunked_mlp import mlp2_applies, mlp2_scan
 from miras.ops_common import chunk_major, final_state, prepare
 from miras.ops_delta import delta_rule_scan, exact_delta_applies
 from miras.spec import MemorySpec
@@ -274,6 +277,8 @@ def chunked_memory_scan(
         if _linear_fast(spec, mem):
             o, X = _linear_scan(kc, vc, qc if reads else None, co, gamma, spec.bias.kind == "l2", X[0], T)
             X = [X]
+        elif mlp2_applies(spec, mem, co):  # depth-2 GELU MLP with an l2 bias: the loop as one autograd node
+            o, X = mlp2_scan(mem, kc, vc, qc if reads else None, co, gamma, X, p.params, T)
         else:
             o, X = _stacked_scan(mem, bias, kc, vc, qc if reads else None, delta, co, gamma, X, p.params, T)
         W = [x[..., : w.shape[-2], :] for x, w in zip(X, p.W)]
