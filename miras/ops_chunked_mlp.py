@@ -46,7 +46,11 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def mlp2_applies(spec: MemorySpec, mem: MLPMemory, co: ChunkCoefficients) -> bool:
     """Whether :func:`mlp2_scan` computes this chunked scan: a depth-2 GELU MLP memory (norm and residual either way),
-    an l2 bias, retention none / decay with one keep per head (R = 1), learner gd / momentum."""
+    an l2 bias, retention none / decay with one keep per head (R = 1), learner gd / momentum, on CPU tensors.
+
+    CPU only: it wins there by not page-faulting (benchmarks/RESULTS.md), while on an H200 the chunked mlp2 row of
+    bench_kernels.py measured 132 ms with a pre-final version of this path against 104 ms with the generic loop (one
+    run, not yet repeated), so CUDA keeps the generic loop until this path is measured faster there."""
     return (
         getattr(spec.memory, "kind", None) == "mlp"
         and mem.depth == 2
@@ -55,6 +59,7 @@ def mlp2_applies(spec: MemorySpec, mem: MLPMemory, co: ChunkCoefficients) -> boo
         and spec.retention.kind in ("none", "decay")
         and spec.learner.kind in ("gd", "momentum")
         and co.beta_e.shape[-1] == 1
+        and co.beta_e.device.type == "cpu"
     )
 
 
