@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_kernels import make  # noqa: E402  (benchmarks/ is this script's directory)
+
 from miras.spec import MemorySpec  # noqa: E402
 
 PASSES = [("fwd", 1, "fwd state pass (sequential over chunks)"), ("fwd", 2, "fwd output pass (chunk-parallel)"),
@@ -39,14 +41,9 @@ def main() -> None:
     B, T, H, D = (1, 64, 1, 16) if tiny else (4, 4096, 8, 128)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(B, T, H, D, device=dev, generator=g).to(dt)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=dev, generator=g), dim=-1).to(dt)
-    v = torch.randn(B, T, H, D, device=dev, generator=g).to(dt)
-    eta = 0.1 * torch.rand(B, T, H, device=dev, generator=g)
-    keep = 0.9 + 0.1 * torch.rand(B, T, H, device=dev, generator=g)
-    mu = 0.5 + 0.4 * torch.rand(B, T, H, device=dev, generator=g) if cfg.momentum else None
-    do = torch.randn(B, T, H, D, device=dev, generator=g).to(dt)
+    q, k, v, gates = (x if isinstance(x, dict) else x.detach() for x in make(spec, B, T, H, D, dev, dt))
+    eta, keep, mu = (gates[n].detach() if n in gates else None for n in ("lr", "keep", "momentum"))
+    do = torch.randn_like(v)
     o, ht, st, hs, ss = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None)
 
     if dev == "cuda":

@@ -28,7 +28,7 @@ from torch import Tensor
 from miras.components.bias import L2Bias
 from miras.components.memory import masked_scores
 from miras.ops_chunked_mlp import mlp2_applies, mlp2_scan
-from miras.ops_common import chunk_major, final_state, prepare
+from miras.ops_common import chunk_major, final_state, prepare, stacked_decay, stacked_rows
 from miras.ops_delta import delta_rule_scan, exact_delta_applies
 from miras.spec import MemorySpec
 
@@ -61,8 +61,7 @@ def _state_decay(co, ins: list[int], per_chunk) -> Callable[[Tensor, int, int], 
         scale = [per_chunk(co.beta_e[..., None].expand(NC, B, H, n, 1)) for n in ins]
         return lambda X, i, c: X * scale[i][c]
     if R == 1:
-        beta_e, f_e, m_e = co.beta_e[..., 0], co.f_e[..., 0], co.m_e
-        D2 = per_chunk(torch.stack([beta_e, f_e, torch.zeros_like(m_e), m_e], -1).unflatten(-1, (2, 2)))
+        D2 = per_chunk(stacked_decay(co))
         return lambda X, i, c: torch.bmm(D2[c], X.view(X.shape[0], 2, -1)).view(X.shape)
     f_e, m_e = co.f_e[..., None], co.m_e[..., None, None]
     dself = [per_chunk(torch.cat([co.beta_e[..., None].expand(NC, B, H, n, 1), m_e.expand(NC, B, H, n, 1)], -2)) for n in ins]
@@ -153,19 +152,16 @@ def _stacked_scan(
     def per_chunk(x: Tensor | None) -> tuple[Tensor, ...] | list[None]:  # [NC, B, H, ...] -> NC tensors [B * H, ...]
         return [None] * NC if x is None else x.reshape(NC, BH, *x.shape[3:]).unbind(0)
 
-    def weighted(x: Tensor, w: Tensor, w_s: Tensor | None) -> Tensor:  # [x ⊙ w, x ⊙ w_s] (the rows of A, then of S)
-        return x * w if w_s is None else torch.cat([x * w, x * w_s], dim=-1)  # (cat of products: cheaper backward)
-
     G = co.G.squeeze(-1) if co.G.shape[-1] == 1 else co.G  # [NC, B, H, b, b(, R)]
     N_e = co.N_e[..., None] if momentum else None  # [NC, B, H, b, 1]
     decay = _state_decay(co, ins, per_chunk)
     v_c, d_c, g_c = per_chunk(vc), per_chunk(delta), per_chunk(gamma)
     # the first layer's state-independent factors for all chunks at once: gradient-point keys, write rows, read rows
     kg_c = per_chunk(kc if gamma is None else kc * gamma)
-    aw0_c = per_chunk(weighted(kc, co.G_e, N_e).transpose(-1, -2))  # [B * H, in, b]
+    aw0_c = per_chunk(stacked_rows(kc, co.G_e, N_e).transpose(-1, -2))  # [B * H, in, b]
     Ge_c, Ne_c = per_chunk(co.G_e), per_chunk(N_e)  # write weights of the rows a_j [B * H, b, 1|R]
     if qc is not None:
-        hx0_c, sc0_c, G_c = per_chunk(weighted(qc, co.beta, co.f)), per_chunk(masked_scores(qc, kc, co.G)), per_chunk(G)
+        hx0_c, sc0_c, G_c = per_chunk(stacked_rows(qc, co.beta, co.f)), per_chunk(masked_scores(qc, kc, co.G)), per_chunk(G)
         beta_c, f_c = per_chunk(co.beta), per_chunk(co.f)  # read weights of the rows h_t [B * H, b, 1|R]
     # the head's weight-independent part (residual input x, LN bias) for all chunks at once; l2 rows v - y in one op
     w = params["norm_weight"][None].expand(B, -1, -1).reshape(BH, 1, -1) if mem.norm else None  # [B * H, 1, V]
@@ -210,14 +206,14 @@ def _stacked_scan(
                 if i == 0:
                     hx, sc = hx0_c[c], sc0_c[c]
                 else:
-                    hx = weighted(h, beta_c[c], f_c[c])
+                    hx = stacked_rows(h, beta_c[c], f_c[c])
                     sc = torch.bmm(h, acts[i].transpose(-1, -2)) * G_c[c]
                 Hl = torch.baddbmm(torch.bmm(hx, X[i]), sc, ds[i])
                 h = mem.act(Hl) if i < depth - 1 else Hl
             outs.append(mem.head_folded(h, q_off[c], w)[0])
         # 3. end-of-chunk state
         for i in range(depth):
-            aw = aw0_c[c] if i == 0 else weighted(acts[i], Ge_c[c], Ne_c[c]).transpose(-1, -2)
+            aw = aw0_c[c] if i == 0 else stacked_rows(acts[i], Ge_c[c], Ne_c[c]).transpose(-1, -2)
             X[i] = torch.baddbmm(decay(X[i], i, c), aw, ds[i])
     X = [x.reshape(B, H, *x.shape[-2:]) for x in X]
     if qc is None:

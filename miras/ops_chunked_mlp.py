@@ -38,6 +38,7 @@ from torch import Tensor
 
 from miras.components.learner import ChunkCoefficients
 from miras.components.memory import LN_EPS, MLPMemory
+from miras.ops_common import stacked_decay, stacked_rows
 from miras.spec import MemorySpec
 
 _LN_MASK = [True, False, False]
@@ -77,11 +78,6 @@ def _gelu_curvature(z: Tensor) -> Tensor:
 def _ln_backward(grad: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
     """``rstd P grad`` (the LayerNorm backward without affine, torch's fused kernel)."""
     return torch.ops.aten.native_layer_norm_backward(grad, z, z.shape[-1:], mean, rstd, None, None, _LN_MASK)[0]
-
-
-def _rows(x: Tensor, w: Tensor, w_s: Tensor | None) -> Tensor:
-    """``[x ⊙ w, x ⊙ w_s]`` along the last axis (``x ⊙ w`` for gd): the rows of A, then of S."""
-    return x * w if w_s is None else torch.cat([x * w, x * w_s], dim=-1)
 
 
 def _chunks(x: Tensor | None, n: int) -> tuple[Tensor, ...] | list[None]:
@@ -148,7 +144,7 @@ class _MLP2Scan(torch.autograd.Function):
             P1 = P2 = None
             if reads:
                 qc, Gc, bc, fc = qs[c], Gs[c], betas[c], fs[c]
-                P1 = torch.bmm(_rows(qc, bc, fc), X1).baddbmm_(torch.bmm(qc, kc.transpose(-1, -2)).mul_(Gc), d1)
+                P1 = torch.bmm(stacked_rows(qc, bc, fc), X1).baddbmm_(torch.bmm(qc, kc.transpose(-1, -2)).mul_(Gc), d1)
                 r = torch.nn.functional.gelu(P1)
                 P2 = torch.bmm(r, A2).mul_(bc)
                 if fc is not None:
@@ -161,7 +157,7 @@ class _MLP2Scan(torch.autograd.Function):
                     torch.add(q_offs[c], P2, out=oc)
                 else:
                     oc.copy_(P2)
-            X1 = torch.bmm(Ds[c], X1.view(BH, m, -1)).view(X1.shape).baddbmm_(_rows(kc, Gec, Nc).transpose(-1, -2), d1)
+            X1 = torch.bmm(Ds[c], X1.view(BH, m, -1)).view(X1.shape).baddbmm_(stacked_rows(kc, Gec, Nc).transpose(-1, -2), d1)
             X2 = torch.bmm(Ds[c], X2.view(BH, m, -1)).view(X2.shape)
             ht = h.transpose(-1, -2)
             X2[:, :Hd].add_(torch.bmm(ht, d2 * Gec))  # (baddbmm_ into a slice would loop over the batch)
@@ -211,7 +207,7 @@ class _MLP2Scan(torch.autograd.Function):
             # end of chunk: X1' = D X1 + [k G_e, k N_e]^T d1, X2' = D X2 + [h G_e, h N_e]^T d2
             torch.bmm(g_X1.view(BH, m, -1), X1.view(BH, m, -1).transpose(-1, -2), out=g_Ds[c])
             g_Ds[c].baddbmm_(g_X2.view(BH, m, -1), X2.view(BH, m, -1).transpose(-1, -2))
-            g_d1 = torch.bmm(_rows(kc, Gec, Nc), g_X1)
+            g_d1 = torch.bmm(stacked_rows(kc, Gec, Nc), g_X1)
             g_kw = torch.bmm(d1, g_X1.transpose(-1, -2))  # [BH, b, mK]: the gradient of [k G_e, k N_e]
             torch.mul(g_kw[..., :K], Gec, out=g_kc)
             torch.sum(g_kw[..., :K] * kc, -1, keepdim=True, out=g_Ges[c])
@@ -257,7 +253,7 @@ class _MLP2Scan(torch.autograd.Function):
                 g_r.baddbmm_(g_sc, h)
                 g_P1 = torch.ops.aten.gelu_backward(g_r, P1)
                 g_qw = torch.bmm(g_P1, X1.transpose(-1, -2))  # the gradient of [q beta, q f]
-                g_X1.baddbmm_(_rows(qc, bc, fc).transpose(-1, -2), g_P1)
+                g_X1.baddbmm_(stacked_rows(qc, bc, fc).transpose(-1, -2), g_P1)
                 torch.mul(g_qw[..., :K], bc, out=g_qc)
                 g_betas[c].add_((g_qw[..., :K] * qc).sum(-1, keepdim=True))
                 if fc is not None:
@@ -336,11 +332,7 @@ def mlp2_scan(
     def flat(x: Tensor | None) -> Tensor | None:  # [NC, B, H, ...] -> [NC, B * H, ...]
         return None if x is None else x.reshape(NC, BH, *x.shape[3:])
 
-    if momentum:  # D = [[beta_e, f_e], [0, m_e]] per chunk and head
-        beta_e, f_e, m_e = co.beta_e[..., 0], co.f_e[..., 0], co.m_e
-        D = torch.stack([beta_e, f_e, torch.zeros_like(m_e), m_e], -1).unflatten(-1, (2, 2))
-    else:
-        D = co.beta_e[..., None]  # [NC, B, H, 1, 1]
+    D = stacked_decay(co)  # [NC, B, H, m, m]
     w = params["norm_weight"][None].expand(B, -1, -1).reshape(BH, 1, -1) if mem.norm else None  # [B * H, 1, V]
     k_off = mem.head_offset(kc, params)  # [NC, B, H, b, V] | None
     nv = vc if k_off is None else vc - k_off

@@ -191,6 +191,21 @@ def final_state(W: list[Tensor], S: list[Tensor] | None) -> dict[str, Tensor]:
     return out
 
 
+def stacked_rows(x: Tensor, w: Tensor, w_s: Tensor | None) -> Tensor:
+    """``[x ⊙ w, x ⊙ w_s]`` along the last axis (``x ⊙ w`` for gd, w_s None): the row factors of the stacked state
+    ``X = [A; S]``, those of A first (a cat of products: cheaper in the backward than a product of a cat)."""
+    return x * w if w_s is None else torch.cat([x * w, x * w_s], dim=-1)
+
+
+def stacked_decay(co) -> Tensor:
+    """``D = [[beta_e, f_e], [0, m_e]]`` per chunk and head, ``[NC, B, H, 2, 2]`` (``[[beta_e]]``, ``[.., 1, 1]`` for
+    gd): the end-of-chunk map ``X_e = D X + ...`` of the stacked state ``X = [A; S]`` with one keep per head (R = 1)."""
+    if co.f is None:
+        return co.beta_e[..., None]
+    beta_e, f_e, m_e = co.beta_e[..., 0], co.f_e[..., 0], co.m_e
+    return torch.stack([beta_e, f_e, torch.zeros_like(m_e), m_e], -1).unflatten(-1, (2, 2))
+
+
 def row_scale(x: Tensor, scale: Tensor) -> Tensor:
     """``diag(scale) x`` on the rows (input axis) of weights ``[B, H, in, out]``; scale ``[B, H, 1|in]``."""
     return x * scale[..., :, None]
@@ -206,4 +221,6 @@ __all__ = [
     "prepare",
     "required_gates",
     "row_scale",
+    "stacked_decay",
+    "stacked_rows",
 ]
