@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from miras.components.learner import ChunkCoefficients
-from miras.components.memory import LN_EPS, MLPMemory
+from miras.components.memory import LN_EPS, MLPMemory, gelu_grad
 from miras.ops_common import stacked_decay, stacked_rows
 from miras.spec import MemorySpec
 
@@ -62,11 +62,6 @@ def mlp2_applies(spec: MemorySpec, mem: MLPMemory, co: ChunkCoefficients) -> boo
         and co.beta_e.shape[-1] == 1
         and co.beta_e.device.type == "cpu"
     )
-
-
-def _gelu_slope(z: Tensor) -> Tensor:
-    """``phi'(z) = Phi(z) + z pdf(z)`` in one op (torch's GELU backward with a unit upstream gradient)."""
-    return torch.ops.aten.gelu_backward(z.new_ones(()).expand_as(z), z)
 
 
 def _gelu_curvature(z: Tensor) -> Tensor:
@@ -132,7 +127,7 @@ class _MLP2Scan(torch.autograd.Function):
             A1, A2, S2 = X1[:, :K], X2[:, :Hd], X2[:, Hd:]
             kc, gc, Gec, Nc = ks[c], gs[c], Ges[c], Nes[c]
             z1 = _mul_(torch.bmm(kc, A1), gc)
-            h, slope = torch.nn.functional.gelu(z1), _gelu_slope(z1)
+            h, slope = torch.nn.functional.gelu(z1), gelu_grad(z1)
             z2 = _mul_(torch.bmm(h, A2), gc)
             if w is None:
                 d2 = nvs[c] - z2
@@ -203,7 +198,7 @@ class _MLP2Scan(torch.autograd.Function):
             A1, A2, S2 = X1[:, :K], X2[:, :Hd], X2[:, Hd:]
             gA2n, gS2n = g_X2[:, :Hd], g_X2[:, Hd:]  # the gradient of the end-of-chunk state X2'
             kc, gc, Gec, Nc, g_kc, g_gc = ks[c], gs[c], Ges[c], Nes[c], g_ks[c], g_gs[c]
-            h, slope = torch.nn.functional.gelu(z1), _gelu_slope(z1)
+            h, slope = torch.nn.functional.gelu(z1), gelu_grad(z1)
             # end of chunk: X1' = D X1 + [k G_e, k N_e]^T d1, X2' = D X2 + [h G_e, h N_e]^T d2
             torch.bmm(g_X1.view(BH, m, -1), X1.view(BH, m, -1).transpose(-1, -2), out=g_Ds[c])
             g_Ds[c].baddbmm_(g_X2.view(BH, m, -1), X2.view(BH, m, -1).transpose(-1, -2))
