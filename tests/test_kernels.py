@@ -146,6 +146,16 @@ def test_state_pass_tile_differs_from_the_parallel_passes(monkeypatch, bv, bv_st
     check_against_oracle(make_spec("dot", "decay", "gd", "decayed"), B=1, T=37, H=1, K=16, V=48, seed=6)
 
 
+@pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE"])
+@pytest.mark.parametrize("value", ["abc", "48", "8"])
+def test_bad_tile_env_is_a_clear_error(monkeypatch, name, value):
+    from miras.kernels.linear import _block_v
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be a power of two >= 16.*{value!r}"):
+        _block_v(128, 1, state_pass=True)
+
+
 def test_default_state_pass_tile(monkeypatch):
     from miras.kernels.linear import _block_v
 

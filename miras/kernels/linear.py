@@ -429,12 +429,22 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
     full = pow2_tile(V)
     if bias == 3:
         return full
-    env = os.environ.get("MIRAS_KERNEL_BV")
-    tile = min(full, max(16, int(env))) if env else full
+    env = _env_tile("MIRAS_KERNEL_BV")
+    tile = min(full, env) if env else full
     if state_pass:
-        env_state = os.environ.get("MIRAS_KERNEL_BV_STATE")
-        tile = min(full, max(16, int(env_state))) if env_state else min(tile, 64)
+        env_state = _env_tile("MIRAS_KERNEL_BV_STATE")
+        tile = min(full, env_state) if env_state else min(tile, 64)
     return tile
+
+
+def _env_tile(name: str) -> int | None:
+    """A tile size from the environment variable ``name`` (a power of two >= 16), or None when it is unset."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (a V-tile of the memory kernels), but got {name}={value!r}")
+    return int(value)
 
 
 def _split() -> bool:
