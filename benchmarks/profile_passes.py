@@ -32,6 +32,8 @@ PASSES = [("fwd", 1, "fwd state pass (sequential over chunks)"), ("fwd", 2, "fwd
 
 def main() -> None:
     family = sys.argv[1] if len(sys.argv) > 1 else "titans"
+    if family not in ("titans", "delta"):
+        sys.exit(f"profile_passes.py: the family must be 'titans' or 'delta', but got {family!r}")
     tiny = "--tiny" in sys.argv
     from miras.kernels.linear import LinearConfig, LinearScanFunction, linear_scan_bwd, linear_scan_fwd
 
