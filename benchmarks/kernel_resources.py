@@ -3,12 +3,20 @@ register spills (cuobjdump's resource report). A free check before spending devi
 
     python benchmarks/kernel_resources.py fwd bf16 --warps 8 --bv 32 --d 128 --momentum
     python benchmarks/kernel_resources.py bwd tf32x3 --warps 8 --bv 32 --d 64 --bias 3
+    python benchmarks/kernel_resources.py bwd bf16 --bv 128 --bvl 64 --mode 2 --momentum --sass
+
+``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
+shared / local (spill) / global memory ops and special-function ops, for the whole kernel and for each outermost loop
+body (e.g. one chunk step of a state pass, one V sub-block of the gradient pass). No timing: a proxy to compare
+variants of one kernel before a GPU run.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +44,8 @@ def main() -> None:
     ap.add_argument("--bias", type=int, default=1, help="0 dot, 1 l2, 2 lp, 3 huber")
     ap.add_argument("--momentum", action="store_true")
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
+    ap.add_argument("--bvl", type=int, default=0, help="bwd gradient pass: V sub-block (default: the whole tile)")
+    ap.add_argument("--sass", action="store_true", help="also print the static SASS profile")
     a = ap.parse_args()
     io = "bf16" if a.prec == "bf16" else "fp32"
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv, BIAS=a.bias, P=2.0,
@@ -46,7 +56,7 @@ def main() -> None:
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
     else:
         fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv")
-        consts.update(HAS_DHT=True, HAS_DST=a.momentum)
+        consts.update(HAS_DHT=True, HAS_DST=a.momentum, BVL=a.bvl or a.bv)
     sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*" + (io if n in io_names else "fp32")
            for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
@@ -59,7 +69,37 @@ def main() -> None:
     out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     usage = " ".join(line.strip() for line in out.splitlines() if "REG" in line)
     print(f"{a.which} mode={a.mode} prec={a.prec} warps={a.warps} stages={a.stages} BV={a.bv} D={a.d} bias={a.bias} "
-          f"momentum={a.momentum}: compile {dt:.1f}s, shared {kern.metadata.shared / 1024:.0f} KB | {usage}")
+          f"momentum={a.momentum} BVL={consts.get('BVL', '-')}: compile {dt:.1f}s, "
+          f"shared {kern.metadata.shared / 1024:.0f} KB | {usage}")
+    if a.sass:
+        sass_profile(f.name)
+
+
+SASS_CLASSES = {"HGMMA": r"\bHGMMA", "BAR": r"\bBAR\.", "LDS": r"\bLDS", "STS": r"\bSTS", "LDL": r"\bLDL",
+                "STL": r"\bSTL", "LDG": r"\bLDG", "STG": r"\bSTG", "MUFU": r"\bMUFU", "SHFL": r"\bSHFL"}
+
+
+def sass_profile(cubin: str) -> None:
+    """Print opcode-class counts of the kernel and of each outermost loop (a backward branch to an earlier label)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    text = subprocess.run([tool, "-c", cubin], capture_output=True, text=True).stdout
+    ins, labels = [], {}
+    for line in text.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[m.group(1)] = len(ins)
+        elif m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+            ins.append(m.group(1))
+    loops = [(labels[m.group(1)], i) for i, op in enumerate(ins)
+             if (m := re.search(r"BRA\s+`?\(?(\.L_x_\d+)", op)) and labels.get(m.group(1), i + 1) < i]
+    outer = [lo for lo in loops if not any(o != lo and o[0] <= lo[0] and lo[1] <= o[1] for o in loops)]
+
+    def counts(a: int, b: int) -> str:
+        c = collections.Counter(k for op in ins[a:b] for k, pat in SASS_CLASSES.items() if re.search(pat, op))
+        return f"{b - a:6d} instr | " + " ".join(f"{k} {c[k]}" for k in SASS_CLASSES)
+
+    print(f"  kernel      {counts(0, len(ins))}")
+    for a, b in outer:
+        print(f"  loop body   {counts(a, b + 1)}")
 
 
 if __name__ == "__main__":

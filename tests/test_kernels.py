@@ -146,14 +146,41 @@ def test_state_pass_tile_differs_from_the_parallel_passes(monkeypatch, bv, bv_st
     check_against_oracle(make_spec("dot", "decay", "gd", "decayed"), B=1, T=37, H=1, K=16, V=48, seed=6)
 
 
-@pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE"])
+GRAD_LOOP = [("64", "16", "l2", "decay", "momentum", "previous"), ("32", "16", "lp", "decay", "gd", "decayed"),
+             ("64", "32", "dot", "none", "momentum", "previous")]
+
+
+@pytest.mark.parametrize("bv,bvl,bias,ret,learner,grad_at", GRAD_LOOP, ids=["-".join(c) for c in GRAD_LOOP])
+def test_gradient_pass_walks_its_tile_in_sub_blocks(monkeypatch, bv, bvl, bias, ret, learner, grad_at):
+    """The gradient pass reads its V-tile's states in sub-blocks of MIRAS_KERNEL_BV_LOOP columns and adds up their
+    sums (dq, dk, d(A.G), the gate rows) before finishing: V=48 (padded to 64) in one tile of 64 walked in blocks of 16
+    or 32 (the last one all padding), and in two tiles of 32 walked in blocks of 16."""
+    from miras.kernels.linear import _block_v, _block_v_loop
+
+    monkeypatch.setenv("MIRAS_KERNEL_SPLIT", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_BV", bv)
+    monkeypatch.setenv("MIRAS_KERNEL_BV_LOOP", bvl)
+    assert _block_v_loop(_block_v(48, 1), 1) == int(bvl)
+    check_against_oracle(make_spec(bias, ret, learner, grad_at), B=1, T=37, H=2, K=24, V=48, seed=8)
+
+
+def test_huber_gradient_pass_takes_the_whole_tile(monkeypatch):
+    from miras.kernels.linear import _block_v_loop
+
+    monkeypatch.setenv("MIRAS_KERNEL_BV_LOOP", "16")
+    assert (_block_v_loop(64, 3), _block_v_loop(64, 1), _block_v_loop(16, 1)) == (64, 16, 16)
+    monkeypatch.delenv("MIRAS_KERNEL_BV_LOOP")
+    assert _block_v_loop(128, 1) == 128  # default: one block, the whole tile
+
+
+@pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE", "MIRAS_KERNEL_BV_LOOP"])
 @pytest.mark.parametrize("value", ["abc", "48", "8"])
 def test_bad_tile_env_is_a_clear_error(monkeypatch, name, value):
-    from miras.kernels.linear import _block_v
+    from miras.kernels.linear import _block_v, _block_v_loop
 
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"{name} must be a power of two >= 16.*{value!r}"):
-        _block_v(128, 1, state_pass=True)
+        _block_v_loop(_block_v(128, 1, state_pass=True), 1)
 
 
 def test_default_state_pass_tile(monkeypatch):

@@ -202,57 +202,47 @@ def _bwd_pre_chunk(
 
 
 @triton.jit
-def _bwd_chunk(
-    q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
-    W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-    WANT_GRADS: tl.constexpr, WANT_STATE: tl.constexpr, USE_PRE: tl.constexpr,
-):
-    """One chunk of the backward. (W, S): its start state; (dW, dS): the gradient of its end state.
-
-    Stores dq, dk, dv and the gate partial sums (WANT_GRADS); returns the gradient of the start state (WANT_STATE).
-    USE_PRE: take Xd (from ``xd``), U and Uf from the pre-pass (``_bwd_pre_chunk``) instead of computing them.
-    """
-    causal = o_t[:, None] >= o_t[None, :]
-    causal_t = o_t[:, None] <= o_t[None, :]
+def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
+               H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+               HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """What the backward of chunk c needs whatever V-range it works on: gate coefficients (and transposes), the last
+    real token L with its coefficient rows g_L = G[L, :] and n_L = N[:, L], and the chunk's q, k in fp32."""
     t0 = c * BT
     t_idx = t0 + o_t
     t_ok = t_idx < T
     L = tl.minimum(T - t0, BT) - 1
-    at_L = o_t == L
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     qk_ok = t_ok[:, None] & k_ok[None, :]
-    tv_ok = t_ok[:, None] & v_ok[None, :]
     b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    gL = _row_select(G, o_t, L)
+    nL = _row_select(NTm, o_t, L)
+    return t_idx, t_ok, L, eta_t, lb, beta, E, lm, m, NTm, G, f, ET, Nm, GT, gL, nL, b_q, b_k
 
-    # recompute the chunk's forward pieces
-    b_yk = _dot(b_k, W, PREC)
+
+@triton.jit
+def _bwd_rows(b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
+              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+              DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """The backward of one chunk restricted to one V-range (columns of W, S, dW, dS, v, do and Xd).
+
+    o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = beta_L W + f_L S - K^T (g_L R) ;  S_end = m_L S - K^T (n_L R), with
+    R = dl/dy (y = kW [beta]) and Xd = -(A^T.G^T) dO the output rows' part of dR. Returns dV and dY (dYk = dY at the
+    undecayed prediction) of the range, and its contributions to sums over V that ``_bwd_grads`` finishes: all of them
+    are linear in these, so V-ranges (sub-blocks of one program or V-tiles of several) simply add up.
+    """
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    b_yk = _dot(b_k, W, PREC)  # recompute the chunk's predictions at its start state
     b_y = b_yk
     if DECAYED:
         b_y = b_yk * beta[:, None]
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
     R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
-    AT = _dot(b_k, tl.trans(b_q), PREC)  # AT[j, t] = q_t . k_j
-    gL = _row_select(G, o_t, L)
-
-    # o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = betaL W + fL S - K^T (gL R) ;  S_end = mL S - K^T (nL R)
     KdW = _dot(b_k, dW, PREC)  # [BT, BV] rows k_j dW_end
-    if USE_PRE:
-        dR = tl.load(xd + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0) - gL[:, None] * KdW
-    else:
-        dR = -_dot(AT * GT, b_do, PREC) - gL[:, None] * KdW
+    dR = Xd - gL[:, None] * KdW
     if MOMENTUM:
-        nL = _row_select(NTm, o_t, L)
         KdS = _dot(b_k, dS, PREC)
         dR -= nL[:, None] * KdS
     dR = tl.where(t_ok[:, None], dR, 0.0)
@@ -261,64 +251,201 @@ def _bwd_chunk(
     if DECAYED:
         dYk = dY * beta[:, None]
 
-    if WANT_GRADS:
-        A = _dot(b_q, tl.trans(b_k), PREC)   # A[t, j]
-        dAG = -tl.where(causal, _dot(b_do, tl.trans(R), PREC), 0.0)        # d(A.G)[t, j]
-        dAGT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)     # its transpose
-        dG = dAG * A
-        dgL = -tl.sum(KdW * R, axis=1)
-        b_dq = beta[:, None] * _dot(b_do, tl.trans(W), PREC) \
-            + _dot(dAG * G, b_k, PREC)
-        b_dk = _dot(dAGT * GT, b_q, PREC) \
-            - _dot(gL[:, None] * R, tl.trans(dW), PREC) \
-            + _dot(dYk, tl.trans(W), PREC)
-        dbeta = tl.sum(b_do * _dot(b_q, W, PREC), axis=1)
-        if DECAYED:
-            dbeta += tl.sum(dY * b_yk, axis=1)
-        dbeta += tl.where(at_L, tl.sum(tl.sum(dW * W, axis=1), axis=0), 0.0)
-        dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
-        if MOMENTUM:
-            dnL = -tl.sum(KdS * R, axis=1)
-            b_dq += f[:, None] * _dot(b_do, tl.trans(S), PREC)
-            b_dk -= _dot(nL[:, None] * R, tl.trans(dS), PREC)
-            df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
-            df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
-            dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
-            # G = E NT, f = E m  ->  dNT = E^T dG (+ the S_end row), dE = dG NT^T + df m^T, dm = E^T df
-            dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
-            dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
-            dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
-            Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
-            d_eta = tl.sum(dNT * Pm, axis=0)
-            X = dNT * Pm * eta_t[None, :]
-            dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
-            tl.store(dlm + p_part + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
-        else:
-            d_eta = tl.sum(dG * E, axis=0)
-            dE = dG * eta_t[None, :]
-        Y2 = dE * E
-        dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
+    dAG = -tl.where(causal, _dot(b_do, tl.trans(R), PREC), 0.0)     # d(A.G)[t, j]
+    dAGT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)  # its transpose, built directly (no tl.trans)
+    dgL = -tl.sum(KdW * R, axis=1)
+    b_dq = beta[:, None] * _dot(b_do, tl.trans(W), PREC)
+    b_dk = _dot(dYk, tl.trans(W), PREC) - _dot(gL[:, None] * R, tl.trans(dW), PREC)
+    dbeta = tl.sum(b_do * _dot(b_q, W, PREC), axis=1)
+    if DECAYED:
+        dbeta += tl.sum(dY * b_yk, axis=1)
+    dbeta += tl.where(at_L, tl.sum(tl.sum(dW * W, axis=1), axis=0), 0.0)
+    dnL = tl.zeros_like(dgL)
+    df = tl.zeros_like(dgL)
+    dmL = tl.sum(tl.zeros_like(dgL), axis=0)
+    if MOMENTUM:
+        dnL = -tl.sum(KdS * R, axis=1)
+        b_dq += f[:, None] * _dot(b_do, tl.trans(S), PREC)
+        b_dk -= _dot(nL[:, None] * R, tl.trans(dS), PREC)
+        df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
+        df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
+        dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
+    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL
 
+
+@triton.jit
+def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
+               eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_gate, o_t,
+               H: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Finish the chunk's input gradients from the sums of ``_bwd_rows`` and store dq, dk and the gate gradients.
+
+    G = E N^T and f = E m (common.gate_coeffs) carry the gates: dG = dAG.A (+ the W_end row), then
+    dN^T = E^T dG (+ the S_end row), dE = dG N^T^T + df m^T, dm = E^T df, and the log-cumsum chains to eta, alpha, mu.
+    """
+    causal = o_t[:, None] >= o_t[None, :]
+    A = _dot(b_q, tl.trans(b_k), PREC)  # A[t, j] = q_t . k_j
+    dG = dAG * A + tl.where(at_L[:, None], dgL[None, :], 0.0)
+    b_dq += _dot(dAG * G, b_k, PREC)
+    b_dk += _dot(dAGT * GT, b_q, PREC)
+    if MOMENTUM:
+        dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
+        dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
+        dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
+        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
+        d_eta = tl.sum(dNT * Pm, axis=0)
+        X = dNT * Pm * eta_t[None, :]
+        dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
+        tl.store(dlm + p_gate + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+    else:
+        d_eta = tl.sum(dG * E, axis=0)
+        dE = dG * eta_t[None, :]
+    Y2 = dE * E
+    dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
+    tl.store(dq + p_tk, b_dq, mask=qk_ok)
+    tl.store(dk + p_tk, b_dk, mask=qk_ok)
+    tl.store(deta + p_gate + t_idx * H, d_eta, mask=t_ok)
+    if HAS_KEEP:
+        tl.store(dla + p_gate + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+
+
+@triton.jit
+def _bwd_chunk(
+    q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+    W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr,
+):
+    """One chunk of the sequential backward walk with the states on chip. (W, S): its start state; (dW, dS): the
+    gradient of its end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk) it also
+    stores dq, dk, dv and the gate partial sums. USE_PRE (the split state pass): Xd from ``xd``, U and Uf from the
+    pre-pass (``_bwd_pre_chunk``) instead of computing them."""
+    t_idx, t_ok, L, eta_t, lb, beta, E, lm, m, NTm, G, f, ET, Nm, GT, gL, nL, b_q, b_k = _bwd_setup(
+        q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, HAS_KEEP, MOMENTUM, PREC)
+    at_L = o_t == L
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
+    b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    if USE_PRE:
+        Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
+    else:
+        Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL = _bwd_rows(
+        b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
+        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC)
+    if WANT_GRADS:
         p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
-        tl.store(dq + p_tk, b_dq, mask=qk_ok)
-        tl.store(dk + p_tk, b_dk, mask=qk_ok)
-        tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)
-        tl.store(deta + p_part + p_g + t_idx * H, d_eta, mask=t_ok)
-        if HAS_KEEP:
-            tl.store(dla + p_part + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+        _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
+                   eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_part + p_g, o_t,
+                   H, HAS_KEEP, MOMENTUM, PREC)
+        tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
         if BIAS == 3:
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
-
-    if WANT_STATE:  # gradient of the chunk-start state
-        if not USE_PRE:
-            U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
-            if MOMENTUM:
-                Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
-        dW_new = _vec_select(beta, o_t, L) * dW + U + _dot(tl.trans(b_k), dYk, PREC)
+    # gradient of the chunk-start state
+    if not USE_PRE:
+        U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
         if MOMENTUM:
-            dS = _vec_select(f, o_t, L) * dW + _vec_select(m, o_t, L) * dS + Uf
-        dW = dW_new
-    return dW, dS
+            Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
+    dW_new = _vec_select(beta, o_t, L) * dW + U + _dot(tl.trans(b_k), dYk, PREC)
+    if MOMENTUM:
+        dS = _vec_select(f, o_t, L) * dW + _vec_select(m, o_t, L) * dS + Uf
+    return dW_new, dS
+
+
+@triton.jit
+def _bwd_grad_block(
+    v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
+    p_c, p_v, p_g, p_part, o_t, o_k, k_ok, v0,
+    H: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVL: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """``_bwd_rows`` of the BVL columns from v0 with that block's states read from global memory (chunk-start W, S
+    from the forward, end-of-chunk dW, dS from the backward state pass); stores dv (and Huber's ddelta)."""
+    o_v = v0 + tl.arange(0, BVL)
+    v_ok = o_v < V
+    s_off = o_k[:, None] * V + o_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
+    W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+    dW = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
+    S = tl.zeros([BK, BVL], dtype=tl.float32)
+    dS = tl.zeros([BK, BVL], dtype=tl.float32)
+    if MOMENTUM:
+        S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+        dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
+    b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL = _bwd_rows(
+        b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
+        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC)
+    tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
+    if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (see _block_v_loop)
+        tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
+    return b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL
+
+
+@triton.jit
+def _bwd_grad_chunk(
+    q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+    c, T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BVL: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """The chunk-parallel gradient pass of chunk c over the program's V-tile (BV columns) in sub-blocks of BVL < BV
+    columns whose ``_bwd_rows`` sums add up, so the gate coefficients and q, k are built once per chunk and only
+    [K, BVL] state blocks are live at a time; then ``_bwd_grads`` finishes. (BVL == BV: ``_bwd_chunk`` on the whole
+    tile, see the kernel.)"""
+    t_idx, t_ok, L, _, _, beta, _, _, _, _, _, f, _, _, _, gL, nL, b_q, b_k = _bwd_setup(
+        q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, HAS_KEEP, MOMENTUM, PREC)
+    at_L = o_t == L
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    p_c = p_s * NT + c.to(tl.int64) * K * V  # chunk slot of [B, H, NT, K, V]
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    dAG = tl.zeros([BT, BT], dtype=tl.float32)
+    dAGT = tl.zeros([BT, BT], dtype=tl.float32)
+    dgL = tl.zeros([BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    dnL = tl.zeros([BT], dtype=tl.float32)
+    df = tl.zeros([BT], dtype=tl.float32)
+    dmL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    for i in range(BV // BVL):
+        dq_i, dk_i, dAG_i, dAGT_i, dgL_i, dbeta_i, dnL_i, df_i, dmL_i = _bwd_grad_block(
+            v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
+            p_c, p_v, p_g, p_part, o_t, o_k, k_ok, i_v * BV + i * BVL,
+            H, V, BK, BVL, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC)
+        b_dq += dq_i
+        b_dk += dk_i
+        dAG += dAG_i
+        dAGT += dAGT_i
+        dgL += dgL_i
+        dbeta += dbeta_i
+        dnL += dnL_i
+        df += df_i
+        dmL += dmL_i
+    # the [BT, BT] gate coefficients again rather than kept live through the loop (they would spill)
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
+    _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
+               eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_part + p_g, o_t,
+               H, HAS_KEEP, MOMENTUM, PREC)
 
 
 @triton.jit
@@ -330,6 +457,7 @@ def _linear_bwd_kernel(
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
+    BVL: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -350,6 +478,10 @@ def _linear_bwd_kernel(
         p_c = p_s * NT + c.to(tl.int64) * K * V
         _bwd_pre_chunk(q, k, eta, keep, mu, do, xd, dhs, dss, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok,
                        o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, HAS_KEEP, MOMENTUM, PREC)
+    elif MODE == 2 and BVL < BV:  # one chunk, its V-tile in sub-blocks (states read block by block)
+        _bwd_grad_chunk(q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+                        tl.program_id(2), T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
+                        H, K, V, BT, BK, BV, BVL, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
     elif MODE == 2:  # one chunk: start state from the forward, end-state gradient from the backward state pass
         c = tl.program_id(2)
         p_c = p_s * NT + c.to(tl.int64) * K * V
@@ -362,7 +494,7 @@ def _linear_bwd_kernel(
             dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
         _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
                    W, S, dW, dS, dW, dS, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
+                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -388,7 +520,7 @@ def _linear_bwd_kernel(
             dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
                                 W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
                                 H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                                MODE == 0, True, MODE == 1)
+                                MODE == 0, MODE == 1)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
             tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
@@ -397,6 +529,7 @@ def _linear_bwd_kernel(
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
 _KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE"]
+_BWD_KEY = [*_KEY, "BVL"]
 # 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
 # wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
 # keep the list short, each config of the backward compiles for ~10-40 s
@@ -407,7 +540,7 @@ _linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kern
 # gradients in their place, so those two buffers must be restored between timing runs (else the first backward of
 # every new shape returns wrong gradients: tests/test_kernels.py::test_backward_survives_autotuning)
 BWD_IN_PLACE = ["dhs", "dss"]
-_linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
+_linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_BWD_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
 
 
 def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
@@ -435,6 +568,15 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
         env_state = _env_tile("MIRAS_KERNEL_BV_STATE")
         tile = min(full, env_state) if env_state else min(tile, 64)
     return tile
+
+
+def _block_v_loop(BV: int, bias: int) -> int:
+    """Sub-block of the gradient pass (MODE 2 of the backward): each program walks its V-tile in blocks of this many
+    columns, reading only [K, sub-block] pieces of the four states at a time, while the gate coefficients, q, k and
+    the [BT, K] / [BT, BT] sums stay on chip (``_bwd_grad_chunk``). ``MIRAS_KERNEL_BV_LOOP`` (a power of two >= 16);
+    default the whole tile (one block: the layout measured on the H200 so far). Huber: always the whole tile."""
+    env = _env_tile("MIRAS_KERNEL_BV_LOOP")
+    return BV if bias == 3 or not env else min(BV, env)
 
 
 def _env_tile(name: str) -> int | None:
@@ -540,7 +682,8 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
-        _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode)
+        _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
+                BVL=_block_v_loop(bv, cfg.bias))
     dkeep = dla.sum(0) / keep if cfg.has_keep else None
     dmu = dlm.sum(0) / mu if cfg.momentum else None
     dd = ddelta.sum(0) if cfg.bias == 3 else None
