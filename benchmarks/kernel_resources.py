@@ -46,13 +46,14 @@ def main() -> None:
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     ap.add_argument("--bvl", type=int, default=0, help="bwd gradient pass: V sub-block (default: the whole tile)")
     ap.add_argument("--sass", action="store_true", help="also print the static SASS profile")
+    ap.add_argument("--no-cf", action="store_true", help="state passes build the gate coefficients in the loop")
     a = ap.parse_args()
     io = "bf16" if a.prec == "bf16" else "fp32"
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv, BIAS=a.bias, P=2.0,
                   SMOOTH=10.0, EPS=1e-6, HAS_KEEP=True, DECAYED=False, MOMENTUM=a.momentum, PREC=a.prec,
-                  MODE=a.mode)
+                  MODE=a.mode, CF=not a.no_cf)
     if a.which == "fwd":
-        fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT"}, ("q", "k", "v", "o")
+        fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
     else:
         fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv")

@@ -173,6 +173,18 @@ def test_huber_gradient_pass_takes_the_whole_tile(monkeypatch):
     assert _block_v_loop(128, 1) == 128  # default: one block, the whole tile
 
 
+@pytest.mark.parametrize("coeffs", ["1", "0"], ids=["coefficient-rows", "in-loop"])
+@pytest.mark.parametrize("bias,ret,learner,grad_at",
+                         [("l2", "decay", "momentum", "decayed"), ("huber", "decay", "gd", "previous")])
+def test_state_pass_coefficients(monkeypatch, coeffs, bias, ret, learner, grad_at):
+    """The split state passes read beta, g_L, n_L (vectors) and beta_L, f_L, m_L (scalars) from the per-chunk
+    coefficient kernel (default) or build them at every step (MIRAS_KERNEL_COEFFS=0): both match the oracle, with a
+    padded last chunk (T=37, chunk 16) where L is not the chunk's last row."""
+    monkeypatch.setenv("MIRAS_KERNEL_SPLIT", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_COEFFS", coeffs)
+    check_against_oracle(make_spec(bias, ret, learner, grad_at), B=2, T=37, H=2, K=16, V=24, seed=11)
+
+
 @pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE", "MIRAS_KERNEL_BV_LOOP"])
 @pytest.mark.parametrize("value", ["abc", "48", "8"])
 def test_bad_tile_env_is_a_clear_error(monkeypatch, name, value):

@@ -10,9 +10,10 @@ kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before tr
 Knobs (environment, read at each call): ``MIRAS_KERNEL_SPLIT=0`` runs the fused chunk walk instead of the split
 kernels (state pass + chunk-parallel passes, miras/kernels/linear.py); ``MIRAS_KERNEL_BV=64`` a smaller V-tile (the
 default is the whole V; Huber always uses it); ``MIRAS_KERNEL_BV_STATE`` the V-tile of the sequential state passes
-(default: that tile, at most 64); ``MIRAS_KERNEL_CONFIG=warps,stages`` skips autotuning on GPU;
-``MIRAS_KERNEL_MLP=1`` enables the experimental
-2-layer MLP-memory kernels (miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32).
+(default: that tile, at most 64); ``MIRAS_KERNEL_BV_LOOP`` the sub-block in which the backward's gradient pass walks
+its V-tile (default: one block); ``MIRAS_KERNEL_COEFFS=0`` makes the state passes build the gate coefficients at every
+step instead of reading them from the per-chunk coefficient kernel; ``MIRAS_KERNEL_CONFIG=warps,stages`` skips
+autotuning on GPU; ``MIRAS_KERNEL_MLP=1`` enables the experimental 2-layer MLP-memory kernels (miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32).
 """
 
 from __future__ import annotations

@@ -57,20 +57,73 @@ class LinearConfig(RuleConfig):
 
 
 @triton.jit
+def _coeff_kernel(eta, keep, mu, cf, T, BTH, H: tl.constexpr, BT: tl.constexpr,
+                  HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Per-token gate coefficients of one chunk for the sequential state passes, one program per (b*h, chunk), so
+    that those passes only load vectors instead of building the [BT, BT] coefficients at every step. Rows of cf
+    ([5, B, T, H] fp32, row stride BTH = B*T*H; L = the chunk's last real token):
+    0 beta_t,  1 g_L[t] = G[L, t],  2 f_t,  3 m_t,  4 n_L[t] = N[t, L]   (2-4 with momentum; common.gate_coeffs)."""
+    i_bh, c = tl.program_id(0), tl.program_id(1)
+    p_g = (i_bh // H).to(tl.int64) * T * H + (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    t0 = c * BT
+    t_ok = t0 + o_t < T
+    L = tl.minimum(T - t0, BT) - 1
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    p_t = cf + p_g + (t0 + o_t) * H
+    tl.store(p_t, beta, mask=t_ok)
+    tl.store(p_t + BTH, _row_select(G, o_t, L), mask=t_ok)
+    if MOMENTUM:
+        tl.store(p_t + 2 * BTH, f, mask=t_ok)
+        tl.store(p_t + 3 * BTH, m, mask=t_ok)
+        tl.store(p_t + 4 * BTH, _row_select(NTm, o_t, L), mask=t_ok)
+
+
+@triton.jit
+def _state_coeffs(cf, BTH, p_g, t_idx, t_ok, L_idx, H: tl.constexpr, MOMENTUM: tl.constexpr):
+    """What a state-pass step needs, from ``_coeff_kernel``'s rows: the vectors beta, g_L, n_L over the chunk and the
+    scalars beta_L, f_L, m_L at its last real token (global index L_idx). GD: n_L = 0, f_L = 0, m_L = 1 (unused)."""
+    p_t = cf + p_g + t_idx * H
+    p_L = cf + p_g + L_idx * H
+    beta = tl.load(p_t, mask=t_ok, other=1.0)
+    gL = tl.load(p_t + BTH, mask=t_ok, other=0.0)
+    betaL = tl.load(p_L)
+    if MOMENTUM:
+        nL = tl.load(p_t + 4 * BTH, mask=t_ok, other=0.0)
+        fL = tl.load(p_L + 2 * BTH)
+        mL = tl.load(p_L + 3 * BTH)
+    else:
+        nL = tl.zeros_like(gL)
+        fL = betaL * 0.0
+        mL = betaL * 0.0 + 1.0
+    return beta, gL, nL, betaL, fL, mL
+
+
+@triton.jit
 def _fwd_chunk(
-    q, k, v, eta, keep, mu, delta, o, W, S, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+    q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr,
+    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr,
 ):
-    """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE)."""
+    """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE).
+    USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf."""
     t0 = c * BT
     t_idx = t0 + o_t
     t_ok = t_idx < T
     L = tl.minimum(T - t0, BT) - 1  # last real token of the chunk
-    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    if USE_CF:
+        beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
+    else:
+        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        gL = _row_select(G, o_t, L)
+        nL = _row_select(NTm, o_t, L)
+        betaL = _vec_select(beta, o_t, L)
+        fL = _vec_select(f, o_t, L)
+        mL = _vec_select(m, o_t, L)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
     b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
@@ -96,25 +149,23 @@ def _fwd_chunk(
             b_o += f[:, None] * _dot(b_q, S, PREC)
         tl.store(o + p_v + t_idx[:, None] * H * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=tv_ok)
 
-    if WANT_STATE:  # end-of-chunk state: last row of the coefficients
-        gL = _row_select(G, o_t, L)
-        W_new = _vec_select(beta, o_t, L) * W - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
+    if WANT_STATE:  # end-of-chunk state: W_L = beta_L W + f_L S - K^T (g_L R),  S_L = m_L S - K^T (n_L R)
+        W_new = betaL * W - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
         if MOMENTUM:
-            nL = _row_select(NTm, o_t, L)
-            W_new += _vec_select(f, o_t, L) * S
-            S = _vec_select(m, o_t, L) * S - _dot(tl.trans(b_k * nL[:, None]), R, PREC)
+            W_new += fL * S
+            S = mL * S - _dot(tl.trans(b_k * nL[:, None]), R, PREC)
         W = W_new
     return W, S
 
 
 @triton.jit
 def _linear_fwd_kernel(
-    q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st,
-    T, NT,
+    q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf,
+    T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, CF: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -136,8 +187,8 @@ def _linear_fwd_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
         if MOMENTUM:
             S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
-        _fwd_chunk(q, k, v, eta, keep, mu, delta, o, W, S, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False)
+        _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
     else:
         W = tl.zeros([BK, BV], dtype=tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -150,8 +201,9 @@ def _linear_fwd_kernel(
             tl.store(hs + p_c + s_off, W, mask=s_ok)
             if MOMENTUM:
                 tl.store(ss + p_c + s_off, S, mask=s_ok)
-            W, S = _fwd_chunk(q, k, v, eta, keep, mu, delta, o, W, S, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
-                              H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, MODE == 0, True)
+            W, S = _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
+                              k_ok, v_ok, H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                              MODE == 0, True, MODE == 1 and CF)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -310,32 +362,47 @@ def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbe
 
 @triton.jit
 def _bwd_chunk(
-    q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
-    W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+    q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
+    W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-    WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr,
+    WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr,
 ):
-    """One chunk of the sequential backward walk with the states on chip. (W, S): its start state; (dW, dS): the
-    gradient of its end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk) it also
-    stores dq, dk, dv and the gate partial sums. USE_PRE (the split state pass): Xd from ``xd``, U and Uf from the
-    pre-pass (``_bwd_pre_chunk``) instead of computing them."""
-    t_idx, t_ok, L, eta_t, lb, beta, E, lm, m, NTm, G, f, ET, Nm, GT, gL, nL, b_q, b_k = _bwd_setup(
-        q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, HAS_KEEP, MOMENTUM, PREC)
+    """One chunk of the backward with the states on chip. (W, S): its start state; (dW, dS): the gradient of its
+    end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk, and the gradient pass on a
+    whole V-tile) it also stores dq, dk, dv and the gate partial sums. USE_PRE (the split state pass, no input
+    gradients): Xd from ``xd``, U and Uf from the pre-pass (``_bwd_pre_chunk``) instead of computing them; USE_CF
+    (only with USE_PRE) the gate coefficients from ``_coeff_kernel``'s rows in cf."""
+    if USE_CF:
+        t_idx = c * BT + o_t
+        t_ok = t_idx < T
+        L = tl.minimum(T - c * BT, BT) - 1
+        beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
+        f = tl.zeros_like(beta)  # f, q and dO only feed the input gradients, which this pass does not take
+        b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :],
+                      mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b_q = b_k
+    else:
+        t_idx, t_ok, L, eta_t, lb, beta, E, lm, m, NTm, G, f, ET, Nm, GT, gL, nL, b_q, b_k = _bwd_setup(
+            q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, HAS_KEEP, MOMENTUM, PREC)
+        betaL = _vec_select(beta, o_t, L)
+        fL = _vec_select(f, o_t, L)
+        mL = _vec_select(m, o_t, L)
     at_L = o_t == L
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
     p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if BIAS == 3:
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
     if USE_PRE:
+        b_do = b_v
         Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
     else:
+        b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
     dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL = _bwd_rows(
         b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
@@ -353,9 +420,9 @@ def _bwd_chunk(
         U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
         if MOMENTUM:
             Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
-    dW_new = _vec_select(beta, o_t, L) * dW + U + _dot(tl.trans(b_k), dYk, PREC)
+    dW_new = betaL * dW + U + _dot(tl.trans(b_k), dYk, PREC)
     if MOMENTUM:
-        dS = _vec_select(f, o_t, L) * dW + _vec_select(m, o_t, L) * dS + Uf
+        dS = fL * dW + mL * dS + Uf
     return dW_new, dS
 
 
@@ -450,14 +517,14 @@ def _bwd_grad_chunk(
 
 @triton.jit
 def _linear_bwd_kernel(
-    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd,
+    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf,
     dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
-    BVL: tl.constexpr,
+    BVL: tl.constexpr, CF: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -492,9 +559,9 @@ def _linear_bwd_kernel(
         if MOMENTUM:
             S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
             dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
-        _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
-                   W, S, dW, dS, dW, dS, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False)
+        _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
+                   W, S, dW, dS, dW, dS, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -517,10 +584,10 @@ def _linear_bwd_kernel(
             W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
             if MOMENTUM:
                 S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
-            dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd,
-                                W, S, dW, dS, U, Uf, c, T, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+            dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
+                                W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
                                 H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                                MODE == 0, MODE == 1)
+                                MODE == 0, MODE == 1, MODE == 1 and CF)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
             tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
@@ -528,7 +595,7 @@ def _linear_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
-_KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE"]
+_KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF"]
 _BWD_KEY = [*_KEY, "BVL"]
 # 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
 # wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
@@ -594,6 +661,12 @@ def _split() -> bool:
     return os.environ.get("MIRAS_KERNEL_SPLIT", "1") not in ("0", "false", "no")
 
 
+def _coeff_rows() -> bool:
+    """The sequential state passes load per-token gate coefficients from ``_coeff_kernel`` (the default) or build
+    the [BT, BT] coefficients at every step as the other passes do (``MIRAS_KERNEL_COEFFS=0``; kept to compare)."""
+    return os.environ.get("MIRAS_KERNEL_COEFFS", "1") not in ("0", "false", "no")
+
+
 def _launch(kernel_raw, kernel_tuned, grid, *args, **kw):
     """Autotuned launch on GPU; the plain kernel in the interpreter or when ``MIRAS_KERNEL_CONFIG=warps,stages``
     fixes the config (skips autotuning, e.g. for quick correctness runs)."""
@@ -620,6 +693,17 @@ def _modes(modes: tuple[int, ...] | None) -> tuple[int, ...]:
     return modes if modes is not None else (3, 1, 2) if _split() else (0,)
 
 
+def _coefficients(cfg: LinearConfig, eta, keep, mu) -> torch.Tensor:
+    """``_coeff_kernel``'s per-token coefficient rows [5, B, T, H] fp32 for the state passes (one program per
+    (b*h, chunk); a few microseconds, so the backward builds its own rather than keeping the forward's)."""
+    B, T, H = eta.shape
+    cf = torch.empty(5, B, T, H, device=eta.device, dtype=torch.float32)
+    _coeff_kernel[(B * H, triton.cdiv(T, cfg.chunk))](
+        eta, keep if keep is not None else eta, mu if mu is not None else eta, cf, T, B * T * H,
+        H=H, BT=cfg.chunk, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum, PREC=_prec(eta))
+    return cf
+
+
 def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, modes: tuple[int, ...] | None = None):
     """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states). Split: state pass, then outputs per chunk."""
     modes = tuple(m for m in _modes(modes) if m != 3)
@@ -633,12 +717,14 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     ss = torch.empty(B, H, NT, K, V, **f32) if cfg.momentum else hs
     ht = torch.empty(B, H, K, V, **f32)
     st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
+    use_cf = 1 in modes and _coeff_rows()
+    cf = _coefficients(cfg, eta, keep, mu) if use_cf else ht
     args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
-            o, hs, ss, ht, st, T, NT)
+            o, hs, ss, ht, st, cf, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q))
+              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:
         bv = BV_S if mode == 1 else BV
@@ -671,13 +757,15 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     dhs = torch.empty_like(hs) if split else hs  # pre-pass U, then the end-of-chunk state gradients
     dss = torch.empty_like(hs) if split and cfg.momentum else dhs
     xd = torch.empty(B, T, H, V, **f32) if split else dh0  # pre-pass Xd
+    use_cf = 1 in modes and _coeff_rows()
+    cf = _coefficients(cfg, eta, keep, mu) if use_cf else dh0
     args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
-            dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd,
+            dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf,
             dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q))
+              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         bv = BV_S if mode == 1 else BV
