@@ -13,7 +13,8 @@ default is the whole V; Huber always uses it); ``MIRAS_KERNEL_BV_STATE`` the V-t
 (default: that tile, at most 64); ``MIRAS_KERNEL_BV_LOOP`` the sub-block in which the backward's gradient pass walks
 its V-tile (default: one block); ``MIRAS_KERNEL_COEFFS=0`` makes the state passes build the gate coefficients at every
 step instead of reading them from the per-chunk coefficient kernel; ``MIRAS_KERNEL_CONFIG=warps,stages`` skips
-autotuning on GPU; ``MIRAS_KERNEL_MLP=1`` enables the experimental 2-layer MLP-memory kernels (miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32).
+autotuning on GPU; ``MIRAS_KERNEL_MLP=1`` enables the experimental 2-layer MLP-memory kernels (miras/kernels/mlp.py),
+``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32).
 """
 
 from __future__ import annotations

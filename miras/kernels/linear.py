@@ -58,7 +58,7 @@ class LinearConfig(RuleConfig):
 
 @triton.jit
 def _coeff_kernel(eta, keep, mu, cf, T, BTH, H: tl.constexpr, BT: tl.constexpr,
-                  HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+                  HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr):
     """Per-token gate coefficients of one chunk for the sequential state passes, one program per (b*h, chunk), so
     that those passes only load vectors instead of building the [BT, BT] coefficients at every step. Rows of cf
     ([5, B, T, H] fp32, row stride BTH = B*T*H; L = the chunk's last real token):
@@ -70,10 +70,12 @@ def _coeff_kernel(eta, keep, mu, cf, T, BTH, H: tl.constexpr, BT: tl.constexpr,
     t_ok = t0 + o_t < T
     L = tl.minimum(T - t0, BT) - 1
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, "ieee")
+    # g_L = E[L, :] N^T in fp32 FMAs (no tl.dot: G itself is not needed, and this small kernel stays off tensor cores)
+    gL = tl.sum(_row_select(E, o_t, L)[:, None] * NTm, axis=0)
     p_t = cf + p_g + (t0 + o_t) * H
     tl.store(p_t, beta, mask=t_ok)
-    tl.store(p_t + BTH, _row_select(G, o_t, L), mask=t_ok)
+    tl.store(p_t + BTH, gL, mask=t_ok)
     if MOMENTUM:
         tl.store(p_t + 2 * BTH, f, mask=t_ok)
         tl.store(p_t + 3 * BTH, m, mask=t_ok)
@@ -700,7 +702,7 @@ def _coefficients(cfg: LinearConfig, eta, keep, mu) -> torch.Tensor:
     cf = torch.empty(5, B, T, H, device=eta.device, dtype=torch.float32)
     _coeff_kernel[(B * H, triton.cdiv(T, cfg.chunk))](
         eta, keep if keep is not None else eta, mu if mu is not None else eta, cf, T, B * T * H,
-        H=H, BT=cfg.chunk, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum, PREC=_prec(eta))
+        H=H, BT=cfg.chunk, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum)
     return cf
 
 
