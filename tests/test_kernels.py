@@ -31,9 +31,14 @@ from _kernel_oracle import check_errors, make_inputs, make_spec, oracle_scan, re
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5  # fp32 kernel (ieee dots) vs float64 oracle; measured ~1e-7..1e-6
+# Huber (smoothing a = 10) amplifies fp32 rounding through a tanh'(a r) = a sech^2 slope and its norm switch: with
+# momentum its gradients measure 6e-6..4e-5 on seeds 0-8 at T=37 (l2 on the same inputs: 3e-7), with the state
+# passes' gate coefficients built in the loop or read from the coefficient kernel alike
+TOL_HUBER = 1e-4
 
 
-def check_against_oracle(spec, B, T, H, K, V, *, init_state=True, seed=0, tol=TOL, oracle=reference_scan):
+def check_against_oracle(spec, B, T, H, K, V, *, init_state=True, seed=0, tol=None, oracle=reference_scan):
+    tol = tol if tol is not None else TOL_HUBER if spec.bias.kind == "huber" else TOL
     x = make_inputs(spec, B, T, H, K, V, init_state=init_state, seed=seed, device=DEVICE)
     x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
     g = torch.Generator().manual_seed(seed + 1)
