@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU probe, one call (<= ~6 min): 1. the float32 oracle tests with autotuning ON (the split backward's state pass is
-# not idempotent; linear.BWD_IN_PLACE restores its buffers between timing runs), 2. where the time of the linear
-# kernels goes, pass by pass (benchmarks/profile_passes.py) for the titans row at V-tiles 128 / 64 / 32 and delta-gd,
-# 3. whether the MLP kernel's gd NaN comes from reading an unwritten (torch.empty) buffer, 4. BV=32 correctness.
+# GPU probe, one call (<= ~6 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
+# time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant: by default the state
+# passes with the gate coefficients built in the loop (MIRAS_KERNEL_COEFFS=0, the layout of GPU session 6) vs read
+# from the coefficient kernel (the default since), and the gradient pass walking its V-tile in sub-blocks of 64 / 32
+# (MIRAS_KERNEL_BV_LOOP), for titans and delta-gd, 3. the MLP kernel's gd failure at D=128 under compute-sanitizer
+# (memcheck, then racecheck) when the box has it (the interpreter finds that kernel exact at the failing shape),
+# 4. bench-shape correctness of every variant.
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
-# Knobs: GPU_PASSES_VARIANTS (family:BV:warps,stages list; default the four above at 8,1), GPU_PASSES_PROBES=0 skips
-#   steps 1, 3 and 4; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
-VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1 titans:64:8,1 titans:32:8,1 delta:128:8,1}"
+# Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
+#   skips steps 1, 3 and 4; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
+VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1:MIRAS_KERNEL_COEFFS=0 titans:128:8,1 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=32 delta:128:8,1:MIRAS_KERNEL_COEFFS=0 delta:128:8,1}"
 PROBES="${GPU_PASSES_PROBES:-1}"
 if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 cd "$(dirname "$0")/.." || exit 1
@@ -32,19 +35,24 @@ done
     > "$OUTDIR/fp32.$i.log" 2>&1 &
   PIDS+=($!)
 done
-# 3. MLP gd at the bench shape, plain and with zeroed empty buffers
-[ "$PROBES" = 1 ] && for z in "" "--zero-empty"; do
-  MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG=8,1 timeout 270 python3 benchmarks/gpu_probe_mlp.py --D 128 --T 1024 --H 8 \
-    --chunk 64 --learner gd --dtype bf16 --what bwd $z > "$OUTDIR/mlp_gd$z.log" 2>&1 &
+# 3. MLP gd at D=128 (fp32: an illegal address on the H200) under compute-sanitizer, memcheck then racecheck
+SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+if [ "$PROBES" = 1 ] && [ -n "$SAN" ]; then
+  (for tool in memcheck racecheck; do
+     echo "== $tool"
+     MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_SPLIT=0 MIRAS_KERNEL_CONFIG=8,1 timeout 130 "$SAN" --tool $tool --print-limit 5 \
+       python3 benchmarks/gpu_probe_mlp.py --D 128 --T 256 --H 8 --chunk 64 --learner gd --dtype fp32 --what fwd 2>&1 \
+       | grep -E "^(OK|FAIL)|ERROR SUMMARY|Invalid|Race|hazard|at 0x|in _mlp" | head -12
+   done) > "$OUTDIR/mlp_gd_sanitizer.log" 2>&1 &
   PIDS+=($!)
-done
+elif [ "$PROBES" = 1 ]; then echo "   (no compute-sanitizer on this box: MLP gd probe skipped)" > "$OUTDIR/mlp_gd_sanitizer.log"; fi
 # 2. compile the profiled kernels in parallel (fixed config 8 warps, 1 stage), one process per kernel
 WPIDS=()
 for var in $VARIANTS; do
-  IFS=: read -r fam bv cfg <<< "$var"
+  IFS=: read -r fam bv cfg envs <<< "$var"
   for kern in fwd:1 fwd:2 bwd:3 bwd:1 bwd:2; do
-    MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 240 python3 benchmarks/warm_kernels.py "$fam" "${kern%%:*}" \
-      "${kern#*:}" >> "$OUTDIR/warm.log" 2>&1 &
+    env ${envs//,/ } MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 240 python3 benchmarks/warm_kernels.py \
+      "$fam" "${kern%%:*}" "${kern#*:}" >> "$OUTDIR/warm.log" 2>&1 &
     WPIDS+=($!)
   done
 done
@@ -52,9 +60,9 @@ for pid in "${WPIDS[@]}"; do wait "$pid"; done
 echo "== compiled $(grep -c '^warm ' "$OUTDIR/warm.log") of ${#WPIDS[@]} kernels after $(( $(date +%s) - T0 )) s"
 # 4. correctness of every profiled variant at the bench shape (their kernels are compiled now)
 for var in $VARIANTS; do
-  IFS=: read -r fam bv cfg <<< "$var"
+  IFS=: read -r fam bv cfg envs <<< "$var"
   [ "$fam" = titans ] && sel="momentum" || sel="gd"
-  MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 60 python3 -m pytest \
+  env ${envs//,/ } MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 60 python3 -m pytest \
     "tests/test_kernels_gpu.py::test_bf16_bench_shape[$sel]" -q -s -p no:cacheprovider > "$OUTDIR/bench_shape.log" 2>&1
   echo "   $var bench-shape correctness: $(grep -hE "^large|passed|failed|^E .*Error" "$OUTDIR/bench_shape.log" | head -3 | tr '\n' ' ' | cut -c1-300)"
 done
@@ -62,12 +70,12 @@ for pid in "${PIDS[@]}"; do wait "$pid"; done
 echo "== tests done after $(( $(date +%s) - T0 )) s"
 grep -hE "passed|failed|Error|relative errors" "$OUTDIR"/extra.*.log 2>/dev/null | sed 's/^/   extra: /' | cut -c1-400
 grep -hE "passed|failed|Error|relative errors" "$OUTDIR"/fp32.*.log 2>/dev/null | sed 's/^/   fp32 autotuned: /' | cut -c1-400
-grep -hE "^(OK|FAIL)" "$OUTDIR"/mlp_gd*.log 2>/dev/null | sed 's/^/   /'
+sed 's/^/   mlp gd: /' "$OUTDIR/mlp_gd_sanitizer.log" 2>/dev/null
 # 2. the pass-by-pass timings, one after another (nothing else on the GPU now)
 for var in $VARIANTS; do
-  IFS=: read -r fam bv cfg <<< "$var"
+  IFS=: read -r fam bv cfg envs <<< "$var"
   echo "-- $var"
-  MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 60 python3 benchmarks/profile_passes.py "$fam" \
+  env ${envs//,/ } MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 60 python3 benchmarks/profile_passes.py "$fam" \
     2>&1 | tee -a "$OUTDIR/passes.log" | grep -E "^\| (fwd|bwd|sum|autograd)|Error"
 done
 echo "== total $(( $(date +%s) - T0 )) s"

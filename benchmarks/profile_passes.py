@@ -77,8 +77,8 @@ def main() -> None:
         torch.autograd.grad(out, leaves, do)
 
     whole = timed(fwd_bwd)
-    bv = os.environ.get("MIRAS_KERNEL_BV", "V")
-    print(f"profile_passes {family} BV={bv} B={B} T={T} H={H} D={D} chunk={cfg.chunk} {dt} on "
+    knobs = " ".join(f"{n[13:]}={os.environ[n]}" for n in sorted(os.environ) if n.startswith("MIRAS_KERNEL_"))
+    print(f"profile_passes {family} [{knobs or 'defaults'}] B={B} T={T} H={H} D={D} chunk={cfg.chunk} {dt} on "
           f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}")
     print("| pass | what | ms |")
     print("|---|---|---|")

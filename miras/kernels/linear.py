@@ -383,7 +383,7 @@ def _bwd_chunk(
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
         f = tl.zeros_like(beta)  # f, q and dO only feed the input gradients, which this pass does not take
         b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :],
-                      mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                      mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         b_q = b_k
     else:
         t_idx, t_ok, L, eta_t, lb, beta, E, lm, m, NTm, G, f, ET, Nm, GT, gL, nL, b_q, b_k = _bwd_setup(
