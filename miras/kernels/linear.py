@@ -429,6 +429,20 @@ def _bwd_chunk(
 
 
 @triton.jit
+def _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK: tl.constexpr, BV: tl.constexpr, MOMENTUM: tl.constexpr):
+    """A chunk's start state (W, S: forward state pass) and end-state gradient (dW, dS: backward state pass) over
+    one block of columns of its [K, V] slots; S, dS are zeros without momentum."""
+    W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+    dW = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if MOMENTUM:
+        S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+        dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
+    return W, S, dW, dS
+
+
+@triton.jit
 def _bwd_grad_block(
     v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
     p_c, p_v, p_g, p_part, o_t, o_k, k_ok, v0,
@@ -444,13 +458,7 @@ def _bwd_grad_block(
     s_ok = k_ok[:, None] & v_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
     p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
-    W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
-    dW = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
-    S = tl.zeros([BK, BVL], dtype=tl.float32)
-    dS = tl.zeros([BK, BVL], dtype=tl.float32)
-    if MOMENTUM:
-        S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
-        dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
+    W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BVL, MOMENTUM)
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
@@ -554,13 +562,7 @@ def _linear_bwd_kernel(
     elif MODE == 2:  # one chunk: start state from the forward, end-state gradient from the backward state pass
         c = tl.program_id(2)
         p_c = p_s * NT + c.to(tl.int64) * K * V
-        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
-        dW = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-        if MOMENTUM:
-            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
-            dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
+        W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BV, MOMENTUM)
         _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
                    W, S, dW, dS, dW, dS, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
                    H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
