@@ -5,7 +5,7 @@
 # from the coefficient kernel (the default since), and the gradient pass walking its V-tile in sub-blocks of 64 / 32
 # (MIRAS_KERNEL_BV_LOOP), for titans and delta-gd, 3. the MLP kernel's gd failure at D=128 under compute-sanitizer
 # (memcheck, then racecheck) when the box has it (the interpreter finds that kernel exact at the failing shape),
-# 4. bench-shape correctness of every variant.
+# 4. bench-shape correctness of every variant, 5. the chunked MLP memory: generic loop vs one-node loop.
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
 #   skips steps 1, 3 and 4; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
@@ -77,5 +77,10 @@ for var in $VARIANTS; do
   echo "-- $var"
   env ${envs//,/ } MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 60 python3 benchmarks/profile_passes.py "$fam" \
     2>&1 | tee -a "$OUTDIR/passes.log" | grep -E "^\| (fwd|bwd|sum|autograd)|Error"
+done
+# 5. the chunked PyTorch MLP memory on the GPU: generic loop vs the one-node loop of miras/ops_chunked_mlp.py
+[ "$PROBES" = 1 ] && for n in 0 1; do
+  MIRAS_MLP2_ONE_NODE=$n timeout 100 python3 benchmarks/bench_kernels.py --families mlp 2>&1 \
+    | grep -E "^ROW chunked|Error" | sed "s/^/   MIRAS_MLP2_ONE_NODE=$n: /" | cut -c1-200
 done
 echo "== total $(( $(date +%s) - T0 )) s"

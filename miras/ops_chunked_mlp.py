@@ -32,6 +32,7 @@ and GELU's ``phi''(z) = pdf(z) (2 - z^2)``. The Function is differentiable once.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -49,18 +50,23 @@ def mlp2_applies(spec: MemorySpec, mem: MLPMemory, co: ChunkCoefficients) -> boo
     """Whether :func:`mlp2_scan` computes this chunked scan: a depth-2 GELU MLP memory (norm and residual either way),
     an l2 bias, retention none / decay with one keep per head (R = 1), learner gd / momentum, on CPU tensors.
 
-    CPU only: it wins there by not page-faulting (benchmarks/RESULTS.md), while on an H200 the chunked mlp2 row of
-    bench_kernels.py measured 132 ms with a pre-final version of this path against 104 ms with the generic loop (one
-    run, not yet repeated), so CUDA keeps the generic loop until this path is measured faster there."""
+    CPU only by default: it wins there by not page-faulting (benchmarks/RESULTS.md), while on an H200 the chunked mlp2
+    row of bench_kernels.py measured 132 ms with a pre-final version of this path against 104 ms with the generic
+    loop (one run, not yet repeated), so CUDA keeps the generic loop until this path is measured faster there.
+    ``MIRAS_MLP2_ONE_NODE=1`` takes it on any device (to measure that), ``=0`` never."""
+    choice = os.environ.get("MIRAS_MLP2_ONE_NODE", "auto")
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"MIRAS_MLP2_ONE_NODE must be auto, 0 or 1, but got {choice!r}")
     return (
-        getattr(spec.memory, "kind", None) == "mlp"
+        choice != "0"
+        and getattr(spec.memory, "kind", None) == "mlp"
         and mem.depth == 2
         and mem.activation == "gelu"
         and spec.bias.kind == "l2"
         and spec.retention.kind in ("none", "decay")
         and spec.learner.kind in ("gd", "momentum")
         and co.beta_e.shape[-1] == 1
-        and co.beta_e.device.type == "cpu"
+        and (co.beta_e.device.type == "cpu" or choice == "1")
     )
 
 

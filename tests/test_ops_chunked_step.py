@@ -239,3 +239,20 @@ def test_dispatch(overrides: dict, applies: bool) -> None:
     # the coefficients of a momentum learner (muon's dispatch happens before, in chunked_memory_scan)
     co = components(_spec(True, True, "decay", "momentum")).learner.coefficients(log_keep, lr, mu, torch.tensor([n - 1]))
     assert mlp2_applies(spec, comp.memory, co) is applies
+
+
+def test_one_node_path_switch(monkeypatch):
+    """MIRAS_MLP2_ONE_NODE: auto (CPU tensors only), 1 (any device), 0 (never); anything else is a clear error."""
+    spec = _spec(True, True, "decay", "momentum")
+    comp = components(spec)
+    n = CHUNK
+    log_keep = torch.full((1, 1, 1, n, 1), -0.1, dtype=DT)
+    lr, mu = torch.full((1, 1, 1, n), 0.1, dtype=DT), torch.full((1, 1, 1, n), 0.5, dtype=DT)
+    co = comp.learner.coefficients(log_keep, lr, mu, torch.tensor([n - 1]))
+    meta = comp.learner.coefficients(*(x.to("meta") for x in (log_keep, lr, mu, torch.tensor([n - 1]))))
+    for choice, on_cpu, elsewhere in (("auto", True, False), ("1", True, True), ("0", False, False)):
+        monkeypatch.setenv("MIRAS_MLP2_ONE_NODE", choice)
+        assert (mlp2_applies(spec, comp.memory, co), mlp2_applies(spec, comp.memory, meta)) == (on_cpu, elsewhere)
+    monkeypatch.setenv("MIRAS_MLP2_ONE_NODE", "yes")
+    with pytest.raises(ValueError, match="MIRAS_MLP2_ONE_NODE must be auto, 0 or 1.*'yes'"):
+        mlp2_applies(spec, comp.memory, co)
