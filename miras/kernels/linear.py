@@ -334,7 +334,7 @@ def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbe
     """Finish the chunk's input gradients from the sums of ``_bwd_rows`` and store dq, dk and the gate gradients.
 
     G = E N^T and f = E m (common.gate_coeffs) carry the gates: dG = dAG.A (+ the W_end row), then
-    dN^T = E^T dG (+ the S_end row), dE = dG N^T^T + df m^T, dm = E^T df, and the log-cumsum chains to eta, alpha, mu.
+    dN^T = E^T dG (+ the S_end row), dE = dG N + df m^T, dm = E^T df, and the log-cumsum chains to eta, alpha, mu.
     """
     causal = o_t[:, None] >= o_t[None, :]
     A = _dot(b_q, tl.trans(b_k), PREC)  # A[t, j] = q_t . k_j
