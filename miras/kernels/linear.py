@@ -400,7 +400,7 @@ def _bwd_chunk(
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
-    if USE_PRE:
+    if USE_PRE:  # the state pass: dO enters only through Xd and U (pre-pass); b_do feeds nothing it keeps
         b_do = b_v
         Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
     else:
