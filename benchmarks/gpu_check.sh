@@ -11,8 +11,8 @@
 # Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
 #   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
-#   GPU_CHECK_VARIANTS ("inloop,bvl64": checked in parallel, then benchmarked as extra titans rows if correct; also
-#   bv64, bv32, fused, bvl32: see variant_env and bench_kernels.VARIANTS),
+#   GPU_CHECK_VARIANTS ("inloop,bvl64,bvs32": checked in parallel, then benchmarked as extra titans rows if correct;
+#   also bv64, bv32, fused, bvl32: see variant_env and bench_kernels.VARIANTS),
 #   MIRAS_KERNEL_CONFIG (warps,stages; default 8,1: one compile per kernel, shared by the tests and the benchmark
 #   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
 # The correctness step runs the benchmark's exact kernels (H=8, D=128, chunk 64, bf16) against the fp32 chunked path;
@@ -44,7 +44,7 @@ else
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
   BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta,mlp}"
 fi
-VARIANTS="${GPU_CHECK_VARIANTS-inloop,bvl64}"
+VARIANTS="${GPU_CHECK_VARIANTS-inloop,bvl64,bvs32}"
 
 variant_env() {  # the kernel settings of a benchmark variant (same table as bench_kernels.VARIANTS)
   case "$1" in
@@ -54,6 +54,7 @@ variant_env() {  # the kernel settings of a benchmark variant (same table as ben
     bvl64) echo "MIRAS_KERNEL_BV_LOOP=64" ;;
     bvl32) echo "MIRAS_KERNEL_BV_LOOP=32" ;;
     inloop) echo "MIRAS_KERNEL_COEFFS=0" ;;
+    bvs32) echo "MIRAS_KERNEL_BV_STATE=32" ;;
     *) echo "UNKNOWN_VARIANT=$1" ;;
   esac
 }

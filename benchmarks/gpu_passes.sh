@@ -4,13 +4,14 @@
 # passes with the gate coefficients built in the loop (MIRAS_KERNEL_COEFFS=0, the layout of GPU session 6) vs read
 # from the coefficient kernel (the default since), and the gradient pass walking its V-tile in sub-blocks of 64 / 32
 # (MIRAS_KERNEL_BV_LOOP; at 2 stages its block loads can be pipelined: 216 KB of shared memory at 64), for titans
-# and delta-gd, 3. the MLP kernel's gd failure at D=128 under compute-sanitizer
+# and the state passes at a V-tile of 32 (128 programs instead of 64; nearly spill-free since their gate math moved
+# out; session 6 saw an illegal address at BV=32 in the old kernels), for titans and delta-gd, 3. the MLP kernel's gd failure at D=128 under compute-sanitizer
 # (memcheck, then racecheck) when the box has it (the interpreter finds that kernel exact at the failing shape),
 # 4. bench-shape correctness of every variant, 5. the chunked MLP memory: generic loop vs one-node loop.
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
 #   skips steps 1, 3 and 4; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
-VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1:MIRAS_KERNEL_COEFFS=0 titans:128:8,1 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,2:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=32 delta:128:8,1:MIRAS_KERNEL_COEFFS=0 delta:128:8,1}"
+VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1:MIRAS_KERNEL_COEFFS=0 titans:128:8,1 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,2:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=32 titans:128:8,1:MIRAS_KERNEL_BV_STATE=32 delta:128:8,1:MIRAS_KERNEL_COEFFS=0 delta:128:8,1}"
 PROBES="${GPU_PASSES_PROBES:-1}"
 if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 cd "$(dirname "$0")/.." || exit 1
@@ -54,6 +55,7 @@ for var in $VARIANTS; do
   kernels="fwd:1 fwd:2 bwd:3 bwd:1 bwd:2"
   # a sub-block variant at the default config changes only the gradient pass (the others are in the cache then)
   [[ "$envs" == *BV_LOOP* && "$cfg" == 8,1 ]] && kernels="bwd:2"
+  [[ "$envs" == *BV_STATE* && "$cfg" == 8,1 ]] && kernels="fwd:1 bwd:1"  # only the state passes take that tile
   for kern in $kernels; do
     env ${envs//,/ } MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 240 python3 benchmarks/warm_kernels.py \
       "$fam" "${kern%%:*}" "${kern#*:}" >> "$OUTDIR/warm.log" 2>&1 &
