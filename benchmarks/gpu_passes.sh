@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# GPU probe, one call (<= ~6 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
-# time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant: by default the state
-# passes with the gate coefficients built in the loop (MIRAS_KERNEL_COEFFS=0, the layout of GPU session 6) vs read
-# from the coefficient kernel (the default since), and the gradient pass walking its V-tile in sub-blocks of 64
-# (MIRAS_KERNEL_BV_LOOP; at 2 stages its block loads can be pipelined: 216 KB of shared memory at 64), for titans
-# and the state passes at a V-tile of 32 (128 programs instead of 64; nearly spill-free since their gate math moved
-# out; session 6 saw an illegal address at BV=32 in the old kernels), for titans and delta-gd, 3. the MLP kernel's gd failure at D=128 under compute-sanitizer
-# (memcheck, then racecheck) when the box has it (the interpreter finds that kernel exact at the failing shape),
-# 4. bench-shape correctness of every variant, 5. the chunked MLP memory: generic loop vs one-node loop.
+# GPU probe, one call (<= ~7 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
+# time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant: the state passes with the
+# gate coefficients built in the loop (MIRAS_KERNEL_COEFFS=0, the layout of GPU session 6) vs read from the
+# coefficient kernel (the default since); the gradient pass walking its V-tile in sub-blocks of 64
+# (MIRAS_KERNEL_BV_LOOP; at 2 stages its block loads can be pipelined: 216 KB of shared memory); the state passes at
+# a V-tile of 32 (128 programs instead of 64, nearly spill-free since their gate math moved out; session 6 saw an
+# illegal address at BV=32 in the old kernels); delta-gd at the default, 3. the MLP kernel's gd failure at D=128 under
+# compute-sanitizer (memcheck, then racecheck) when the box has it (the interpreter finds that kernel exact at the
+# failing shape), 4. bench-shape correctness of every variant, 5. the chunked MLP memory: generic vs one-node loop.
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
 #   skips steps 1, 3 and 4; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
