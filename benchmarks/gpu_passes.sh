@@ -10,7 +10,7 @@
 # failing shape), 4. bench-shape correctness of every variant, 5. the chunked MLP memory: generic vs one-node loop.
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
-#   skips steps 1, 3 and 4; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
+#   skips steps 1, 3, 4 and 5; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
 VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1:MIRAS_KERNEL_COEFFS=0 titans:128:8,1 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,2:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,1:MIRAS_KERNEL_BV_STATE=32 delta:128:8,1}"
 PROBES="${GPU_PASSES_PROBES:-1}"
 if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
