@@ -129,7 +129,14 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
 
 VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"},
             "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
-            "inloop": {"MIRAS_KERNEL_COEFFS": "0"}, "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"}}
+            "inloop": {"MIRAS_KERNEL_COEFFS": "0"}, "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"},
+            "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}}
+
+
+def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
+    """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*) to the MLP."""
+    mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") for name in VARIANTS[variant])
+    return "titans" in fam and (memory_kind == "mlp") == mlp_variant
 
 
 @contextlib.contextmanager
@@ -217,7 +224,7 @@ def main() -> None:
 
         fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         row = measure(f"triton {fam}", run_triton, (q, k, v, *gates.values()), device, fl, tokens)
-        for variant in [w for w in args.variants.split(",") if w and "titans" in fam and spec.memory.kind == "linear"]:
+        for variant in [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]:
             with _env(VARIANTS[variant]):
                 add(measure(f"triton {fam} [{variant}]", run_triton, (q, k, v, *gates.values()), device, fl, tokens))
         if not args.no_chunked:

@@ -55,6 +55,7 @@ variant_env() {  # the kernel settings of a benchmark variant (same table as ben
     bvl32) echo "MIRAS_KERNEL_BV_LOOP=32" ;;
     inloop) echo "MIRAS_KERNEL_COEFFS=0" ;;
     bvs32) echo "MIRAS_KERNEL_BV_STATE=32" ;;
+    walk) echo "MIRAS_KERNEL_MLP_LAYOUT=walk" ;;
     *) echo "UNKNOWN_VARIANT=$1" ;;
   esac
 }

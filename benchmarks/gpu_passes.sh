@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# GPU probe, one call (<= ~7 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
+# GPU probe, one call (<= ~9 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
 # time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant: the state passes with the
 # gate coefficients built in the loop (MIRAS_KERNEL_COEFFS=0, the layout of GPU session 6) vs read from the
-# coefficient kernel (the default since); the gradient pass walking its V-tile in sub-blocks of 64
-# (MIRAS_KERNEL_BV_LOOP; at 2 stages its block loads can be pipelined: 216 KB of shared memory); the state passes at
+# coefficient kernel (the default since); the gradient pass walking its V-tile in sub-blocks of 64 at 2 stages
+# (MIRAS_KERNEL_BV_LOOP; its block loads can be pipelined: 216 KB of shared memory); the state passes at
 # a V-tile of 32 (128 programs instead of 64, nearly spill-free since their gate math moved out; session 6 saw an
 # illegal address at BV=32 in the old kernels); delta-gd at the default, 3. the MLP kernel's gd failure at D=128 under
 # compute-sanitizer (memcheck, then racecheck) when the box has it (the interpreter finds that kernel exact at the
-# failing shape), 4. bench-shape correctness of every variant, 5. the chunked MLP memory: generic vs one-node loop.
+# failing shape), 4. bench-shape correctness of every variant, 5. the MLP memory: Triton tiles vs walk layout vs the
+# chunked PyTorch path (generic and one-node loop).
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
 #   skips steps 1, 3, 4 and 5; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
-VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1:MIRAS_KERNEL_COEFFS=0 titans:128:8,1 titans:128:8,1:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,2:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,1:MIRAS_KERNEL_BV_STATE=32 delta:128:8,1}"
+VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,1:MIRAS_KERNEL_COEFFS=0 titans:128:8,1 titans:128:8,2:MIRAS_KERNEL_BV_LOOP=64 titans:128:8,1:MIRAS_KERNEL_BV_STATE=32 delta:128:8,1}"
 PROBES="${GPU_PASSES_PROBES:-1}"
 if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 cd "$(dirname "$0")/.." || exit 1
@@ -62,6 +63,13 @@ for var in $VARIANTS; do
     WPIDS+=($!)
   done
 done
+# the MLP kernels of step 5, both layouts
+[ "$PROBES" = 1 ] && for job in tiles:fwd:1 tiles:bwd:0 walk:fwd:1 walk:fwd:2 walk:bwd:0; do
+  IFS=: read -r lay dir mode <<< "$job"
+  MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_MLP_LAYOUT=$lay MIRAS_KERNEL_CONFIG=8,1 timeout 240 python3 benchmarks/warm_kernels.py \
+    mlp "$dir" "$mode" >> "$OUTDIR/warm.log" 2>&1 &
+  WPIDS+=($!)
+done
 for pid in "${WPIDS[@]}"; do wait "$pid"; done
 echo "== compiled $(grep -c '^warm ' "$OUTDIR/warm.log") of ${#WPIDS[@]} kernels after $(( $(date +%s) - T0 )) s"
 # 4. correctness of every profiled variant at the bench shape (their kernels are compiled now)
@@ -84,9 +92,12 @@ for var in $VARIANTS; do
   env ${envs//,/ } MIRAS_KERNEL_BV=$bv MIRAS_KERNEL_CONFIG=$cfg timeout 60 python3 benchmarks/profile_passes.py "$fam" \
     2>&1 | tee -a "$OUTDIR/passes.log" | grep -E "^\| (fwd|bwd|sum|autograd)|Error"
 done
-# 5. the chunked PyTorch MLP memory on the GPU: generic loop vs the one-node loop of miras/ops_chunked_mlp.py
-[ "$PROBES" = 1 ] && for n in 0 1; do
-  MIRAS_MLP2_ONE_NODE=$n timeout 100 python3 benchmarks/bench_kernels.py --families mlp 2>&1 \
-    | grep -E "^ROW chunked|Error" | sed "s/^/   MIRAS_MLP2_ONE_NODE=$n: /" | cut -c1-200
-done
+# 5. the MLP memory at the bench shape: Triton tiles layout (default) vs walk layout vs the chunked PyTorch path, then
+#    the chunked path's one-node loop (miras/ops_chunked_mlp.py) instead of its generic loop
+if [ "$PROBES" = 1 ]; then
+  MIRAS_KERNEL_MLP=1 timeout 240 python3 benchmarks/bench_kernels.py --families mlp --variants walk 2>&1 \
+    | grep -E "^ROW|Error" | sed "s/^/   /" | cut -c1-200
+  MIRAS_MLP2_ONE_NODE=1 timeout 100 python3 benchmarks/bench_kernels.py --families mlp 2>&1 \
+    | grep -E "^ROW chunked" | sed "s/^/   MIRAS_MLP2_ONE_NODE=1: /" | cut -c1-200
+fi
 echo "== total $(( $(date +%s) - T0 )) s"

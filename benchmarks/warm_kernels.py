@@ -10,7 +10,8 @@ cache before the tests and the benchmark run (benchmarks/gpu_check.sh starts one
 The signature matches bench_kernels.py and tests/test_kernels_gpu.py::test_bf16_bench_shape: H=8, D=128, chunk 64,
 bf16 q/k/v, fp32 gates, no initial state, no final-state gradient; T=1024 has the integer specialisation of T=4096.
 mlp: bench_kernels.py's mlp2 titans row and tests/test_kernels_mlp_gpu.py's bench case (l2+decay+momentum, e=2, gelu,
-residual, chunk 64, H=8, D=128, bf16 in); its backward is one kernel (the MODE argument is ignored).
+residual, chunk 64, H=8, D=128, bf16 in), in the layout of MIRAS_KERNEL_MLP_LAYOUT (tiles: fwd MODE 1 compiles its
+two forward kernels, bwd its five; walk: its backward is one kernel, the MODE argument ignored).
 Outputs are garbage (zeros in, state buffers not filled): only the compile matters.
 """
 
@@ -67,7 +68,13 @@ def main() -> None:
 
 def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     """One MLP-memory kernel at the benchmark's signature (states always in [B*H, NS, ...] slots)."""
-    from miras.kernels.mlp import MLPConfig, mlp_scan_bwd, mlp_scan_fwd
+    from miras.kernels.mlp import MLPConfig, layout, mlp_scan_bwd, mlp_scan_fwd
+    from miras.kernels.mlp_tiles import mlp_tiles_bwd, mlp_tiles_fwd
+
+    tiles = layout() == "tiles"  # its forward is two kernels launched together (MODE 1 compiles both, 2 nothing)
+    if tiles and direction == "fwd" and mode != 1:
+        print(f"warm mlp-{learner} {direction} MODE={mode}: nothing (tiles layout)")
+        return
 
     spec = MemorySpec(memory={"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": False,
                               "activation": "gelu"},
@@ -75,14 +82,16 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     (B, T, H, D), dev, (q, k, v, eta, keep, mu) = _launch_inputs(tiny, learner == "momentum")
     cfg = MLPConfig.from_spec(spec, D)
     t0 = time.time()
-    if direction == "fwd":
+    if direction == "fwd" and tiles:
+        mlp_tiles_fwd(cfg, q, k, v, eta, keep, mu, None, None, None, None, None, keep_states=True)
+    elif direction == "fwd":
         mlp_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None, None, None, keep_states=True, modes=(mode,))
     else:
         NS = -(-T // cfg.chunk) + 1
         w1s = torch.zeros(B * H, NS, D, cfg.hidden, device=dev)
         w2s = torch.zeros(B * H, NS, cfg.hidden, D, device=dev)
         slots = (w1s, w2s, torch.zeros_like(w1s), torch.zeros_like(w2s)) if cfg.momentum else (w1s, w2s, w1s, w2s)
-        mlp_scan_bwd(cfg, q, k, v, eta, keep, mu, None, slots, torch.zeros_like(v), {})
+        (mlp_tiles_bwd if tiles else mlp_scan_bwd)(cfg, q, k, v, eta, keep, mu, None, slots, torch.zeros_like(v), {})
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm mlp-{learner} {direction} MODE={mode}: {time.time() - t0:.1f}s")

@@ -33,10 +33,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5  # fp32 kernel vs float64 oracle; measured ~2e-7..2e-6 on these (well-conditioned) inputs
 E = 2  # hidden width = E * K
 
-@pytest.fixture(autouse=True)
-def _opt_in(monkeypatch):
-    """The MLP-memory kernel is opt-in (MIRAS_KERNEL_MLP=1); these tests exercise it."""
+@pytest.fixture(autouse=True, params=["tiles", "walk"])
+def _opt_in(request, monkeypatch):
+    """The MLP-memory kernel is opt-in (MIRAS_KERNEL_MLP=1); every test runs in both kernel layouts (hidden tiles
+    across programs, miras/kernels/mlp_tiles.py, and one walking program per batch*head, miras/kernels/mlp.py)."""
     monkeypatch.setenv("MIRAS_KERNEL_MLP", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_LAYOUT", request.param)
+    return request.param
 
 
 def test_mlp_kernel_is_opt_in(monkeypatch):
@@ -186,6 +189,14 @@ def test_kernel_support_names_the_missing_piece(memory, missing):
     x = make_inputs(mlp_spec(), 1, 4, 1, 16, 16, init_state=False)
     with pytest.raises(KernelUnavailable, match="triton_memory_scan"):
         triton_memory_scan(spec, x["q"], x["k"], x["v"], {n: x[n] for n in ("lr", "keep", "momentum")})
+
+
+def test_bad_layout_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_LAYOUT", "fast")
+    spec = mlp_spec("l2", "none", "gd")
+    x = make_inputs(spec, 1, 8, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_LAYOUT must be one of \('tiles', 'walk'\).*'fast'"):
+        triton_memory_scan(spec, *split(spec, x))
 
 
 def test_bad_state_shape_raises():

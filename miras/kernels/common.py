@@ -135,6 +135,21 @@ def gate_coeffs(p_eta, p_keep, p_mu, t0, T, stride_t, o_t,
 
 
 @triton.jit
+def gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Transposed gate coefficients (ET[r, t] = E[t, r], Nm[j, r] = N[j, r], GT[j, t] = G[t, j]), built directly:
+    no tl.trans of dot results (Hopper codegen hazard, fla #640)."""
+    causal_t = o_t[:, None] <= o_t[None, :]
+    ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
+    if MOMENTUM:
+        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
+        GT = _dot(Nm, ET, PREC)
+    else:
+        Nm = ET
+        GT = ET * eta_t[:, None]
+    return ET, Nm, GT
+
+
+@triton.jit
 def bias_rows(Y, Vv, delta, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
     """R = dl/dy row-wise for the bias code BIAS. Y, Vv: [BT, BV] fp32; delta: [BT] (huber only)."""
     if BIAS == 0:

@@ -36,6 +36,7 @@ from miras.kernels.common import (
     bias_rows,
     bias_rows_bwd,
     gate_coeffs,
+    gate_coeffs_t,
     interpreting,
     pow2_tile,
 )
@@ -215,21 +216,6 @@ def _linear_fwd_kernel(
 
 
 @triton.jit
-def _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Transposed gate coefficients (ET[r, t] = E[t, r], Nm[j, r] = N[j, r], GT[j, t] = G[t, j]), built directly:
-    no tl.trans of dot results (Hopper codegen hazard, fla #640)."""
-    causal_t = o_t[:, None] <= o_t[None, :]
-    ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
-    if MOMENTUM:
-        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
-        GT = _dot(Nm, ET, PREC)
-    else:
-        Nm = ET
-        GT = ET * eta_t[:, None]
-    return ET, Nm, GT
-
-
-@triton.jit
 def _bwd_pre_chunk(
     q, k, eta, keep, mu, do, xd, up, ufp, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -242,7 +228,7 @@ def _bwd_pre_chunk(
     t_ok = t_idx < T
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
     b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
@@ -267,7 +253,7 @@ def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
     L = tl.minimum(T - t0, BT) - 1
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
@@ -518,7 +504,7 @@ def _bwd_grad_chunk(
     # the [BT, BT] gate coefficients again rather than kept live through the loop (they would spill)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    ET, Nm, GT = _coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
     _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
                eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_part + p_g, o_t,

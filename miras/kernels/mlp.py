@@ -16,7 +16,9 @@ reads the hidden dim in tiles of BH columns of W1 / rows of W2, twice (pass 1 su
 the read and the end state per tile). The forward stores every chunk-start state ([B*H, NT+1, ...] fp32, slot NT is the
 final state); without gradients two ping-pong slots suffice.
 
-Kernels (one program per batch*head walks the chunks; MODE constexpr):
+Two layouts of the same math (``layout()``, env ``MIRAS_KERNEL_MLP_LAYOUT``): "tiles", the default, in
+miras/kernels/mlp_tiles.py (the hidden tiles of the loops below become a grid dimension, a few launches per chunk),
+and "walk", the kernels of this module (one program per batch*head walks the chunks; MODE constexpr):
   forward  MODE 0 fused walk (outputs + states), 1 state pass only, 2 outputs of one chunk per program (after MODE 1);
            the default is 1 then 2 (``MIRAS_KERNEL_SPLIT=0``: 0).
   backward one reverse walk: per chunk, pass 1 recomputes Y, pass 2 the read and every term that needs only R (the
@@ -127,6 +129,140 @@ def _act_d2(z, ACT: tl.constexpr):
         return tl.zeros_like(z)
 
 
+# ------------------------------------------------------------------------------------- one hidden tile (both layouts)
+# The math of one hidden tile j of a chunk (W1_j = W1[:, tile], W2_j = W2[tile, :]), shared by the walk (which loops
+# over the tiles and sums) and the tiles layout (one program per tile, sums across launches, mlp_tiles.py).
+
+
+@triton.jit
+def _state_tiles(w1s, w2s, s1s, s2s, o1, o2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM: tl.constexpr):
+    """Tile j of (W1, W2) at slot offsets o1 / o2 and of (S1, S2) at the same offsets of s1s / s2s (momentum; else
+    W1, W2 stand in, unread). Also serves the state-gradient slots."""
+    W1 = tl.load(w1s + o1 + w1_off, mask=w1_ok, other=0.0)
+    W2 = tl.load(w2s + o2 + w2_off, mask=w2_ok, other=0.0)
+    S1, S2 = W1, W2
+    if MOMENTUM:
+        S1 = tl.load(s1s + o1 + w1_off, mask=w1_ok, other=0.0)
+        S2 = tl.load(s2s + o2 + w2_off, mask=w2_ok, other=0.0)
+    return W1, W2, S1, S2
+
+
+@triton.jit
+def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL, mL,
+                   ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, WANT_O: tl.constexpr):
+    """Forward of tile j: A1 = act(Z1), Z1 = gamma (k W1_j); D1 = gamma (R W2_j^T) act'(Z1); the read
+    H = beta q W1_j + f q S1_j - C1 D1 (C1 = G . q k^T), Ah = act(H), its tile part Ah (beta W2_j + f S2_j) of o (the
+    G . Ah A1^T R term is summed over tiles by the caller) and the tile's end state (W1', W2', S1', S2')."""
+    Z1 = gam[:, None] * _dot(kj, W1, PREC)
+    A1 = _act(Z1, ACT)
+    D1 = gam[:, None] * _dot(Rj, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
+    Ah = tl.zeros_like(D1)
+    O = tl.zeros_like(Rj)
+    if WANT_O:
+        Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(C1, D1, PREC)
+        if MOMENTUM:
+            Hh += f[:, None] * _dot(qj, S1, PREC)
+        Ah = _act(Hh, ACT)
+        O = beta[:, None] * _dot(Ah, W2, PREC)
+        if MOMENTUM:
+            O += f[:, None] * _dot(Ah, S2, PREC)
+    # the token weights scale the per-tile factor (D1, A1), so k^T and Rj are the only loop-invariant operands
+    W1n = betaL * W1 - _dot(tl.trans(kj), gL[:, None] * D1, PREC)
+    W2n = betaL * W2 - _dot(tl.trans(A1 * gL[:, None]), Rj, PREC)
+    S1n = S1
+    S2n = S2
+    if MOMENTUM:
+        W1n += fL * S1
+        W2n += fL * S2
+        S1n = mL * S1 - _dot(tl.trans(kj), nL[:, None] * D1, PREC)
+        S2n = mL * S2 - _dot(tl.trans(A1 * nL[:, None]), Rj, PREC)
+    return A1, Ah, O, W1n, W2n, S1n, S2n
+
+
+@triton.jit
+def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
+                   gL, nL, betaL, fL, mL,
+                   ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Backward of tile j, every term that needs only R (pass 2); (dW1e, dW2e, dS1e, dS2e): the tile of the end
+    state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's parts of the sums over tiles
+    (SA = Ah A1^T, SAT, dC1, dC1T, dR, dq, dk, dbeta, df, dgamma, d g_L, d n_L rows and the d beta_L, d f_L, d m_L
+    scalars), X = dZ1 without its dY part, and the start-state gradient tiles without their dY parts."""
+    Z1 = gam[:, None] * _dot(kj, W1, PREC)
+    A1 = _act(Z1, ACT)
+    s1 = _act_d1(Z1, ACT)
+    Pm = _dot(Rj, tl.trans(W2), PREC)
+    D1 = gam[:, None] * Pm * s1
+    QW1 = _dot(qj, W1, PREC)
+    Hh = beta[:, None] * QW1 - _dot(C1, D1, PREC)
+    dAh = beta[:, None] * _dot(doj, tl.trans(W2), PREC) + _dot(M2, A1, PREC)
+    if MOMENTUM:
+        QS1 = _dot(qj, S1, PREC)
+        Hh += f[:, None] * QS1
+        dAh += f[:, None] * _dot(doj, tl.trans(S2), PREC)
+    Ah = _act(Hh, ACT)
+    dH = dAh * _act_d1(Hh, ACT)
+    SA = _dot(Ah, tl.trans(A1), PREC)
+    SAT = _dot(A1, tl.trans(Ah), PREC)
+    dbeta = tl.sum(doj * _dot(Ah, W2, PREC), axis=1)
+    dA1 = _dot(M2T, Ah, PREC) - gL[:, None] * _dot(Rj, tl.trans(dW2e), PREC)
+    dC1 = -_dot(dH, tl.trans(D1), PREC)
+    dC1T = -_dot(D1, tl.trans(dH), PREC)
+    dq = beta[:, None] * _dot(dH, tl.trans(W1), PREC)
+    dbeta += tl.sum(dH * QW1, axis=1)
+    KdW1 = _dot(kj, dW1e, PREC)
+    AdW2 = _dot(A1, dW2e, PREC)
+    dD1 = -_dot(C1T, dH, PREC) - gL[:, None] * KdW1
+    dk = -gL[:, None] * _dot(D1, tl.trans(dW1e), PREC)
+    dR = -gL[:, None] * AdW2
+    dgL = -(tl.sum(KdW1 * D1, axis=1) + tl.sum(AdW2 * Rj, axis=1))
+    dbL = tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
+    df = tl.zeros_like(dbeta)
+    dnL = tl.zeros_like(dbeta)
+    dfL = dbL * 0.0
+    dmL = dbL * 0.0
+    dS1s = S1
+    dS2s = S2
+    if MOMENTUM:
+        df += tl.sum(doj * _dot(Ah, S2, PREC), axis=1)
+        dA1 -= nL[:, None] * _dot(Rj, tl.trans(dS2e), PREC)
+        dq += f[:, None] * _dot(dH, tl.trans(S1), PREC)
+        df += tl.sum(dH * QS1, axis=1)
+        KdS1 = _dot(kj, dS1e, PREC)
+        AdS2 = _dot(A1, dS2e, PREC)
+        dD1 -= nL[:, None] * KdS1
+        dk -= nL[:, None] * _dot(D1, tl.trans(dS1e), PREC)
+        dR -= nL[:, None] * AdS2
+        dnL -= tl.sum(KdS1 * D1, axis=1) + tl.sum(AdS2 * Rj, axis=1)
+        dfL = tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
+        dmL = tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
+        dS1s = _dot(tl.trans(qj), f[:, None] * dH, PREC) + fL * dW1e + mL * dS1e
+        dS2s = _dot(tl.trans(Ah * f[:, None]), doj, PREC) + fL * dW2e + mL * dS2e
+    dP = dD1 * gam[:, None] * s1
+    dgam = tl.zeros_like(dbeta)
+    if DECAYED:
+        dgam += tl.sum(dD1 * Pm * s1, axis=1)
+    dR += _dot(dP, W2, PREC)
+    X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
+    dW1s = _dot(tl.trans(qj), beta[:, None] * dH, PREC) + betaL * dW1e
+    dW2s = _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + betaL * dW2e + _dot(tl.trans(dP), Rj, PREC)
+    return (SA, SAT, dC1, dC1T, dR, dq, dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s, dW2s, dS1s, dS2s)
+
+
+@triton.jit
+def _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT: tl.constexpr, DECAYED: tl.constexpr, PREC: tl.constexpr):
+    """Backward of tile j, the dY terms (pass 3, gdY = gamma dY): dZ1 = X + (gdY W2_j^T) act'(Z1). Returns the tile's
+    part of dk and of dgamma, and what it adds to the start-state gradient tiles (k^T gamma dZ1, A1^T gdY)."""
+    Zk = _dot(kj, W1, PREC)
+    Z1 = gam[:, None] * Zk
+    A1 = _act(Z1, ACT)
+    dZ1 = X + _dot(gdY, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
+    gdZ1 = gam[:, None] * dZ1
+    dgam = tl.zeros([X.shape[0]], dtype=tl.float32)
+    if DECAYED:
+        dgam = tl.sum(dZ1 * Zk, axis=1)
+    return _dot(gdZ1, tl.trans(W1), PREC), dgam, _dot(tl.trans(kj), gdZ1, PREC), _dot(tl.trans(A1), gdY, PREC)
+
+
 # ---------------------------------------------------------------------------------------------------------- forward
 
 
@@ -191,6 +327,7 @@ def _fwd_chunk(
     Y0, b_d, R = _start_rows(w1s, w2s, src1, src2, delta, b_k, b_v, gam, p_g, t_idx, t_ok, o_k, o_v, o_hh, k_ok, v_ok,
                              H, V, HD, BT, BH, BIAS, P, SMOOTH, EPS, ACT, RES, PREC)
 
+    C1 = tl.zeros([BT, BT], dtype=tl.float32)
     if WANT_O:
         b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
         C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
@@ -198,10 +335,7 @@ def _fwd_chunk(
         O = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
     gL = _row_select(G, o_t, L)
     betaL = _vec_select(beta, o_t, L)
-    if MOMENTUM:
-        nL = _row_select(NTm, o_t, L)
-        fL = _vec_select(f, o_t, L)
-        mL = _vec_select(m, o_t, L)
+    nL, fL, mL = _row_select(NTm, o_t, L), _vec_select(f, o_t, L), _vec_select(m, o_t, L)  # (momentum only)
 
     tl.store(rs + p_r + o_t[:, None] * BV + o_v[None, :], R)
     tl.debug_barrier()  # pass 2 reloads R per hidden tile
@@ -219,34 +353,20 @@ def _fwd_chunk(
         live = o_t < BT + T + j  # always true; depends on j
         kj = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
         Rj = tl.load(rs + p_r + o_t[:, None] * BV + o_v[None, :], mask=live[:, None], other=0.0)
-        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
-        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
-        if MOMENTUM:
-            S1 = tl.load(s1s + src1 + w1_off, mask=w1_ok, other=0.0)
-            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0)
-        Z1 = gam[:, None] * _dot(kj, W1, PREC)
-        A1 = _act(Z1, ACT)
-        D1 = gam[:, None] * _dot(Rj, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        qj = kj  # (read only with outputs)
         if WANT_O:
             qj = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None],
                          other=0.0).to(tl.float32)
-            Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(C1, D1, PREC)
-            if MOMENTUM:
-                Hh += f[:, None] * _dot(qj, S1, PREC)
-            Ah = _act(Hh, ACT)
-            O += beta[:, None] * _dot(Ah, W2, PREC)
-            if MOMENTUM:
-                O += f[:, None] * _dot(Ah, S2, PREC)
+        A1, Ah, Oj, W1n, W2n, S1n, S2n = _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
+                                                        fL, mL, ACT, MOMENTUM, PREC, WANT_O)
+        if WANT_O:
+            O += Oj
             SA += _dot(Ah, tl.trans(A1), PREC)
         if WANT_STATE:
-            # the token weights scale the per-tile factor (D1, A1), so k^T and Rj are the only loop-invariant operands
-            W1n = betaL * W1 - _dot(tl.trans(kj), gL[:, None] * D1, PREC)
-            W2n = betaL * W2 - _dot(tl.trans(A1 * gL[:, None]), Rj, PREC)
             if MOMENTUM:
-                W1n += fL * S1
-                W2n += fL * S2
-                tl.store(s1s + dst1 + w1_off, mL * S1 - _dot(tl.trans(kj), nL[:, None] * D1, PREC), mask=w1_ok)
-                tl.store(s2s + dst2 + w2_off, mL * S2 - _dot(tl.trans(A1 * nL[:, None]), Rj, PREC), mask=w2_ok)
+                tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
+                tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
             tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
             tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
     if WANT_O:
@@ -379,10 +499,7 @@ def _bwd_chunk(
                              H, V, HD, BT, BH, BIAS, P, SMOOTH, EPS, ACT, RES, PREC)
     gL = _row_select(G, o_t, L)
     betaL = _vec_select(beta, o_t, L)
-    if MOMENTUM:
-        nL = _row_select(NTm, o_t, L)
-        fL = _vec_select(f, o_t, L)
-        mL = _vec_select(m, o_t, L)
+    nL, fL, mL = _row_select(NTm, o_t, L), _vec_select(f, o_t, L), _vec_select(m, o_t, L)  # (momentum only)
     M2 = -tl.where(causal, G * _dot(b_do, tl.trans(R), PREC), 0.0)  # d(G . Ah A1^T) . G
     M2T = -tl.where(causal_t, GT * _dot(R, tl.trans(b_do), PREC), 0.0)
 
@@ -417,71 +534,34 @@ def _bwd_chunk(
         kj = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
         doj = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok & live[:, None], other=0.0).to(tl.float32)
         Rj = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :], mask=live[:, None], other=0.0)
-        W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
-        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
-        dW1e = tl.load(dw1s + e1 + w1_off, mask=w1_ok, other=0.0)
-        dW2e = tl.load(dw2s + e2 + w2_off, mask=w2_ok, other=0.0)
-        Z1 = gam[:, None] * _dot(kj, W1, PREC)
-        A1 = _act(Z1, ACT)
-        s1 = _act_d1(Z1, ACT)
-        Pm = _dot(Rj, tl.trans(W2), PREC)
-        D1 = gam[:, None] * Pm * s1
-        QW1 = _dot(qj, W1, PREC)
-        Hh = beta[:, None] * QW1 - _dot(C1, D1, PREC)
-        dAh = beta[:, None] * _dot(doj, tl.trans(W2), PREC) + _dot(M2, A1, PREC)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        (SA_j, SAT_j, dC1_j, dC1T_j, dR_j, dq_j, dk_j, dbeta_j, df_j, dgam_j, dgL_j, dnL_j, dbL_j, dfL_j, dmL_j,
+         X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
+                                                     f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
+                                                     ACT, DECAYED, MOMENTUM, PREC)
+        SA += SA_j
+        SAT += SAT_j
+        dC1 += dC1_j
+        dC1T += dC1T_j
+        dR += dR_j
+        b_dq += dq_j
+        b_dk += dk_j
+        dbeta += dbeta_j
+        df += df_j
+        dgam += dgam_j
+        dgL += dgL_j
+        dnL += dnL_j
+        dbL += dbL_j
+        dfL += dfL_j
+        dmL += dmL_j
         if MOMENTUM:
-            S1 = tl.load(s1s + src1 + w1_off, mask=w1_ok, other=0.0)
-            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0)
-            dS1e = tl.load(ds1s + e1 + w1_off, mask=w1_ok, other=0.0)
-            dS2e = tl.load(ds2s + e2 + w2_off, mask=w2_ok, other=0.0)
-            QS1 = _dot(qj, S1, PREC)
-            Hh += f[:, None] * QS1
-            dAh += f[:, None] * _dot(doj, tl.trans(S2), PREC)
-        Ah = _act(Hh, ACT)
-        dH = dAh * _act_d1(Hh, ACT)
-        SA += _dot(Ah, tl.trans(A1), PREC)
-        SAT += _dot(A1, tl.trans(Ah), PREC)
-        dbeta += tl.sum(doj * _dot(Ah, W2, PREC), axis=1)
-        dA1 = _dot(M2T, Ah, PREC) - gL[:, None] * _dot(Rj, tl.trans(dW2e), PREC)
-        dC1 -= _dot(dH, tl.trans(D1), PREC)
-        dC1T -= _dot(D1, tl.trans(dH), PREC)
-        b_dq += beta[:, None] * _dot(dH, tl.trans(W1), PREC)
-        dbeta += tl.sum(dH * QW1, axis=1)
-        KdW1 = _dot(kj, dW1e, PREC)
-        AdW2 = _dot(A1, dW2e, PREC)
-        dD1 = -_dot(C1T, dH, PREC) - gL[:, None] * KdW1
-        b_dk -= gL[:, None] * _dot(D1, tl.trans(dW1e), PREC)
-        dR -= gL[:, None] * AdW2
-        dgL -= tl.sum(KdW1 * D1, axis=1) + tl.sum(AdW2 * Rj, axis=1)
-        dbL += tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
-        if MOMENTUM:
-            df += tl.sum(doj * _dot(Ah, S2, PREC), axis=1)
-            dA1 -= nL[:, None] * _dot(Rj, tl.trans(dS2e), PREC)
-            b_dq += f[:, None] * _dot(dH, tl.trans(S1), PREC)
-            df += tl.sum(dH * QS1, axis=1)
-            KdS1 = _dot(kj, dS1e, PREC)
-            AdS2 = _dot(A1, dS2e, PREC)
-            dD1 -= nL[:, None] * KdS1
-            b_dk -= nL[:, None] * _dot(D1, tl.trans(dS1e), PREC)
-            dR -= nL[:, None] * AdS2
-            dnL -= tl.sum(KdS1 * D1, axis=1) + tl.sum(AdS2 * Rj, axis=1)
-            dfL += tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
-            dmL += tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
-            tl.store(ds1s + st1 + w1_off, _dot(tl.trans(qj), f[:, None] * dH, PREC) + fL * dW1e + mL * dS1e,
-                     mask=w1_ok)
-            tl.store(ds2s + st2 + w2_off, _dot(tl.trans(Ah * f[:, None]), doj, PREC) + fL * dW2e + mL * dS2e,
-                     mask=w2_ok)
-        dP = dD1 * gam[:, None] * s1
-        if DECAYED:
-            dgam += tl.sum(dD1 * Pm * s1, axis=1)
-        dR += _dot(dP, W2, PREC)
+            tl.store(ds1s + st1 + w1_off, dS1s, mask=w1_ok)
+            tl.store(ds2s + st2 + w2_off, dS2s, mask=w2_ok)
         # dZ1 without its dY part (pass 3 adds it)
-        X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
         tl.store(xs + p_x + o_t[:, None] * HD + o_h[None, :], X, mask=h_ok[None, :])
-        tl.store(dw1s + st1 + w1_off, _dot(tl.trans(qj), beta[:, None] * dH, PREC) + betaL * dW1e, mask=w1_ok)
-        tl.store(dw2s + st2 + w2_off,
-                 _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + betaL * dW2e + _dot(tl.trans(dP), Rj, PREC),
-                 mask=w2_ok)
+        tl.store(dw1s + st1 + w1_off, dW1s, mask=w1_ok)
+        tl.store(dw2s + st2 + w2_off, dW2s, mask=w2_ok)
     tl.debug_barrier()  # pass 3 reads the tiles just written by other threads
     # q, k, do, R loaded afresh (the copies from before pass 2 would keep their shared-memory operands live through it)
     p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
@@ -524,19 +604,12 @@ def _bwd_chunk(
         kj = tl.load(k + p_tk, mask=qk_ok & live[:, None], other=0.0).to(tl.float32)
         W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
         W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
-        Zk = _dot(kj, W1, PREC)
-        Z1 = gam[:, None] * Zk
-        A1 = _act(Z1, ACT)
         X = tl.load(xs + p_x + o_t[:, None] * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
-        dZ1 = X + _dot(gdY, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
-        gdZ1 = gam[:, None] * dZ1
-        b_dk += _dot(gdZ1, tl.trans(W1), PREC)
-        if DECAYED:
-            dgam += tl.sum(dZ1 * Zk, axis=1)
-        dW1 = tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + _dot(tl.trans(kj), gdZ1, PREC)
-        dW2 = tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + _dot(tl.trans(A1), gdY, PREC)
-        tl.store(dw1s + st1 + w1_off, dW1, mask=w1_ok)
-        tl.store(dw2s + st2 + w2_off, dW2, mask=w2_ok)
+        dk_j, dgam_j, dW1_j, dW2_j = _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
+        b_dk += dk_j
+        dgam += dgam_j
+        tl.store(dw1s + st1 + w1_off, tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + dW1_j, mask=w1_ok)
+        tl.store(dw2s + st2 + w2_off, tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + dW2_j, mask=w2_ok)
 
     # gate gradients
     if DECAYED:
@@ -622,6 +695,18 @@ def tiles(hidden: int, chunk: int, momentum: bool, backward: bool) -> dict:
 
 def _split() -> bool:
     return os.environ.get("MIRAS_KERNEL_SPLIT", "1") not in ("0", "false", "no")
+
+
+LAYOUTS = ("tiles", "walk")
+
+
+def layout() -> str:
+    """``MIRAS_KERNEL_MLP_LAYOUT``: "tiles" (default; miras/kernels/mlp_tiles.py: the hidden dimension split across
+    programs, a few launches per chunk) or "walk" (this module: one program per batch*head walks the chunks)."""
+    value = os.environ.get("MIRAS_KERNEL_MLP_LAYOUT", "tiles")
+    if value not in LAYOUTS:
+        raise ValueError(f"MIRAS_KERNEL_MLP_LAYOUT must be one of {LAYOUTS}, but got {value!r}")
+    return value
 
 
 def _launch(kernel, grid, *args, **kw):
@@ -732,7 +817,8 @@ def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfina
 
 
 class MLPScanFunction(torch.autograd.Function):
-    """(q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) -> (o, W1_T, W2_T, S1_T, S2_T), Triton both ways.
+    """(q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) -> (o, W1_T, W2_T, S1_T, S2_T), Triton both ways, in
+    the kernel layout of ``layout()`` (both layouts keep the same state slots).
 
     Gates are fp32 [B, T, H]; keep / mu / delta and the states may be None; states are fp32 [B, H, in, out]. The
     momentum outputs are None without momentum.
@@ -741,7 +827,12 @@ class MLPScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2):
         needs = any(ctx.needs_input_grad[1:])
-        o, final, slots = mlp_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states=needs)
+        ctx.layout = layout()
+        if ctx.layout == "tiles":
+            from miras.kernels.mlp_tiles import mlp_tiles_fwd as fwd
+        else:
+            fwd = mlp_scan_fwd
+        o, final, slots = fwd(cfg, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states=needs)
         ctx.cfg = cfg
         if needs:
             ctx.save_for_backward(q, k, v, eta, keep, mu, delta, *slots)
@@ -755,7 +846,11 @@ class MLPScanFunction(torch.autograd.Function):
             do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
         dfinal = {"W1": dw1, "W2": dw2, "S1": ds1, "S2": ds2}
         dfinal = {n: (None if g is None else g.contiguous().float()) for n, g in dfinal.items()}
-        grads = mlp_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, slots, do.contiguous(), dfinal)
+        if ctx.layout == "tiles":
+            from miras.kernels.mlp_tiles import mlp_tiles_bwd as bwd
+        else:
+            bwd = mlp_scan_bwd
+        grads = bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, slots, do.contiguous(), dfinal)
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
 
 

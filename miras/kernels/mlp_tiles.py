@@ -1,0 +1,517 @@
+"""Triton kernels of the 2-layer MLP memory with the hidden dimension split across programs (the default layout).
+
+Same memory, gradients and dual-form reads as miras/kernels/mlp.py (its docstring has the equations; the per-tile
+math below is its hidden-tile loop bodies), but every chunk is a few launches over the grid (hidden tiles NH,
+batch*head) instead of one program per batch*head walking all chunks: at D=128, hidden 256, tiles of 16 that is
+16 x B*H programs per launch instead of B*H. Whatever crosses hidden tiles (the prediction Y0 = sum_j Yp_j, and in the
+backward dR, the [BT, BT] sums and the gate inputs) goes through small per-chunk scratch buffers from one launch to
+the next, so no program reads what another wrote within a launch (the walk needs intra-program barriers for that).
+
+Forward, per chunk c:   _y_part (Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_tile (R from sum_j Yp_j, D1_j, the
+                        read's tile part O_j, the tile's end state). o = sum_j O_j [+ q].
+Backward, per chunk, in reverse: _y_part ; _bwd_tile2 (the walk's pass 2 for one tile: partial sums, tile-local
+                        start-state gradients, dZ1's R part) ; _bwd_mid (one program per batch*head: the sums, dR ->
+                        dY, dq, dk's intra-chunk part, the gate inputs) ; _bwd_tile3 (pass 3: the dY terms) ;
+                        _bwd_end (dk, the gate gradients).
+State slots as in mlp.py: [B*H, NS, in, out] fp32, the backward's state gradients in two ping-pong slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from miras.kernels.common import (
+    _dot,
+    _row_select,
+    _vec_select,
+    bias_rows,
+    bias_rows_bwd,
+    gate_coeffs,
+    gate_coeffs_t,
+    pow2_tile,
+)
+from miras.kernels.mlp import (
+    MLPConfig,
+    _act,
+    _block_h,
+    _bwd_tile_dy,
+    _bwd_tile_math,
+    _fwd_tile_math,
+    _gate_grads,
+    _launch,
+    _prec,
+    _slots,
+    _state_tiles,
+)
+
+
+@triton.jit
+def _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V: tl.constexpr, HD: tl.constexpr, BH: tl.constexpr):
+    """Hidden tile j: its columns o_h (mask h_ok), and the offsets / masks of W1[:, tile] and W2[tile, :] in a slot."""
+    o_h = j * BH + o_hh
+    h_ok = o_h < HD
+    return (o_h, h_ok, o_k[:, None] * HD + o_h[None, :], k_ok[:, None] & h_ok[None, :],
+            o_h[:, None] * V + o_v[None, :], h_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DECAYED: tl.constexpr):
+    """Program (hidden tile j, batch*head) of chunk c: its ids and offsets, the chunk's keys (fp32) and gamma (beta at
+    the decayed gradient point, else 1), the tile's columns and state-tile offsets (``_tile_offsets``)."""
+    j, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
+    k_ok, v_ok = o_k < K, o_v < V
+    t_idx = c * BT + o_t
+    t_ok = t_idx < T
+    p_g = i_b * T * H + i_h
+    gam = tl.full([BT], 1.0, dtype=tl.float32)
+    if DECAYED:
+        alpha = tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+        gam = tl.exp(tl.cumsum(tl.log(alpha), axis=0))
+    b_k = tl.load(k + (i_b * T * H + i_h) * K + t_idx[:, None] * H * K + o_k[None, :],
+                  mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+    return j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok
+
+
+@triton.jit
+def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
+            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
+            PREC: tl.constexpr):
+    """Yp_j = act(gamma (k W1_j)) W2_j for chunk c, state slot s_in (gamma = beta at the decayed gradient point);
+    -> yp [NH, B*H, BT, BV]."""
+    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam,
+     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
+    src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
+    src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
+    W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
+    W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+    Yp = _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
+    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], Yp)
+
+
+@triton.jit
+def _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN,
+                BT: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+                SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr):
+    """Y0 = sum_j Yp_j (tiles in order, as the walk sums them), Y = gamma Y0 [+ k], R = dl/dy(Y; v) (0 on padding)."""
+    Y0 = tl.zeros([BT, BV], dtype=tl.float32)
+    for jj in range(NH):
+        Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    return Y0, tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+
+
+@triton.jit
+def _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                 BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+                 PREC: tl.constexpr):
+    """What every backward program of chunk c needs: offsets, gate coefficients, gamma, q / k / v / dO rows, deltas."""
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - t0, BT) - 1
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    return (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
+            b_q, b_k, b_v, b_do, b_d)
+
+
+@triton.jit
+def _fwd_tile(q, k, v, eta, keep, mu, delta, w1s, w2s, s1s, s2s, yp, op, c, s_in, s_out, T, NS, BHN, BTH,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, NH: tl.constexpr,
+              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+              RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+              PREC: tl.constexpr, WANT_O: tl.constexpr):
+    """Chunk c, hidden tile j, from state slot s_in: R, D1_j = gamma (R W2_j^T) act'(Z1_j); the read's tile part
+    O_j = beta act(H_j) W2_j + f act(H_j) S2_j - (G . act(H_j) A1_j^T) R  with  H_j = beta q W1_j + f q S1_j
+    - (G . q k^T) D1_j (-> op[j]; the residual q in tile 0); the tile's end state into slot s_out."""
+    j, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
+    k_ok, v_ok = o_k < K, o_v < V
+    causal = o_t[:, None] >= o_t[None, :]
+    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
+     b_q, b_k, b_v, _, b_d) = _chunk_setup(q, k, v, v, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
+                                           H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)  # (no dO here)
+    Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
+    o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+    src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
+    src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
+    dst1 = (i_bh.to(tl.int64) * NS + s_out) * K * HD
+    dst2 = (i_bh.to(tl.int64) * NS + s_out) * HD * V
+    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
+    gL, betaL = _row_select(G, o_t, L), _vec_select(beta, o_t, L)
+    nL, fL, mL = _row_select(NTm, o_t, L), _vec_select(f, o_t, L), _vec_select(m, o_t, L)  # (momentum only)
+    A1, Ah, O, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
+                                                   mL, ACT, MOMENTUM, PREC, WANT_O)
+    if WANT_O:
+        O -= _dot(tl.where(causal, G * _dot(Ah, tl.trans(A1), PREC), 0.0), R, PREC)
+        if RES:
+            if j == 0:
+                O += b_q  # the residual once (K == V)
+        tl.store(op + j * BTH * V + p_v + t_idx[:, None] * H * V + o_v[None, :], O, mask=tv_ok)
+    if MOMENTUM:
+        tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
+        tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
+    tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
+    tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+
+
+def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
+    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); two launches per
+    chunk, the outputs summed over hidden tiles at the end."""
+    B, T, H, K = q.shape
+    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
+    NT = triton.cdiv(T, BT)
+    NS = NT + 1 if keep_states else 2
+    w1s = _slots(w1, B, H, NS, (K, HD), q.device)
+    w2s = _slots(w2, B, H, NS, (HD, V), q.device)
+    s1s = _slots(s1, B, H, NS, (K, HD), q.device) if cfg.momentum else w1s
+    s2s = _slots(s2, B, H, NS, (HD, V), q.device) if cfg.momentum else w2s
+    BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
+    NH = triton.cdiv(HD, BH)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
+    op = torch.empty(NH, B, T, H, V, **f32)  # the tiles' parts of o
+    gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
+    tiles = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, PREC=_prec(q))
+    rule = dict(NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
+                MOMENTUM=cfg.momentum)
+    grid = (NH, B * H)
+    for c in range(NT):
+        s_in, s_out = c % NS, (c + 1) % NS
+        _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
+        _launch(_fwd_tile, grid, q, k, v, *gates, delta if delta is not None else eta, w1s, w2s, s1s, s2s, yp, op,
+                c, s_in, s_out, T, NS, B * H, B * T * H, **tiles, **rule, HAS_KEEP=cfg.has_keep, WANT_O=True)
+    o = op.sum(0).to(q.dtype)
+    last = NT % NS
+    final = {"W1": w1s[:, last].reshape(B, H, K, HD).clone(), "W2": w2s[:, last].reshape(B, H, HD, V).clone()}
+    if cfg.momentum:
+        final["S1"] = s1s[:, last].reshape(B, H, K, HD).clone()
+        final["S2"] = s2s[:, last].reshape(B, H, HD, V).clone()
+    return o, final, ((w1s, w2s, s1s, s2s) if keep_states else None)
+
+
+# ------------------------------------------------------------------------------------------------------------ backward
+
+
+@triton.jit
+def _bwd_tile2(q, k, v, do, eta, keep, mu, delta, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, yp, xs,
+               pbb, prv, pqk, prow, psc, c, s_src, e, s, T, NS, BHN,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, NH: tl.constexpr,
+               BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
+               RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+               PREC: tl.constexpr):
+    """Pass 2 of hidden tile j. Partials (slot j * BHN + i_bh): pbb [.., 4, BT, BT] = SA, SAT, dC1, dC1T; prv [.., BT, BV]
+    = dR; pqk [.., 2, BT, BK] = dq, dk; prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
+    j, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
+    k_ok, v_ok = o_k < K, o_v < V
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
+     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
+                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
+    _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
+    C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
+    C1T = tl.where(causal_t, GT * _dot(b_k, tl.trans(b_q), PREC), 0.0)
+    M2 = -tl.where(causal, G * _dot(b_do, tl.trans(R), PREC), 0.0)
+    M2T = -tl.where(causal_t, GT * _dot(R, tl.trans(b_do), PREC), 0.0)
+    gL = _row_select(G, o_t, L)
+    betaL = _vec_select(beta, o_t, L)
+    o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
+    src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
+    e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
+    e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
+    st1 = (i_bh.to(tl.int64) * 2 + s) * K * HD
+    st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
+    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    nL, fL, mL = _row_select(NTm, o_t, L), _vec_select(f, o_t, L), _vec_select(m, o_t, L)  # (momentum only)
+    (SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
+     X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
+                                                 f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
+                                                 ACT, DECAYED, MOMENTUM, PREC)
+    if MOMENTUM:
+        tl.store(ds1s + st1 + w1_off, dS1s, mask=w1_ok)
+        tl.store(ds2s + st2 + w2_off, dS2s, mask=w2_ok)
+    tl.store(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], X, mask=h_ok[None, :])
+    tl.store(dw1s + st1 + w1_off, dW1s, mask=w1_ok)
+    tl.store(dw2s + st2 + w2_off, dW2s, mask=w2_ok)
+    slot = (j * BHN + i_bh).to(tl.int64)
+    bb = (slot * 4 * BT + o_t[:, None]) * BT + o_t[None, :]
+    tl.store(pbb + bb, SA)
+    tl.store(pbb + bb + BT * BT, SAT)
+    tl.store(pbb + bb + 2 * BT * BT, dC1)
+    tl.store(pbb + bb + 3 * BT * BT, dC1T)
+    tl.store(prv + (slot * BT + o_t[:, None]) * BV + o_v[None, :], dR)
+    qk2 = (slot * 2 * BT + o_t[:, None]) * BK + o_k[None, :]
+    tl.store(pqk + qk2, b_dq)
+    tl.store(pqk + qk2 + BT * BK, b_dk)
+    rw = slot * 5 * BT + o_t
+    tl.store(prow + rw, dbeta)
+    tl.store(prow + rw + BT, df)
+    tl.store(prow + rw + 2 * BT, dgam)
+    tl.store(prow + rw + 3 * BT, dgL)
+    tl.store(prow + rw + 4 * BT, dnL)
+    tl.store(psc + slot * 4, dbL)
+    tl.store(psc + slot * 4 + 1, dfL)
+    tl.store(psc + slot * 4 + 2, dmL)
+
+
+@triton.jit
+def _bwd_mid(q, k, v, do, eta, keep, mu, delta, yp, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
+             dq, dv, ddelta, c, T, BHN,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
+             BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+             RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+             PREC: tl.constexpr):
+    """Sums of the tile partials; the bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY (-> gdy);
+    the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
+    i_bh = tl.program_id(0)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
+     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
+                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
+    _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    at_L = o_t == L
+    Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
+    SA = tl.zeros([BT, BT], dtype=tl.float32)
+    SAT = tl.zeros([BT, BT], dtype=tl.float32)
+    dC1 = tl.zeros([BT, BT], dtype=tl.float32)
+    dC1T = tl.zeros([BT, BT], dtype=tl.float32)
+    dR = tl.zeros([BT, BV], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    df = tl.zeros([BT], dtype=tl.float32)
+    dgam = tl.zeros([BT], dtype=tl.float32)
+    dgL = tl.zeros([BT], dtype=tl.float32)
+    dnL = tl.zeros([BT], dtype=tl.float32)
+    dbL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    dfL = dbL
+    dmL = dbL
+    for jj in range(NH):
+        slot = (jj * BHN + i_bh).to(tl.int64)
+        bb = (slot * 4 * BT + o_t[:, None]) * BT + o_t[None, :]
+        SA += tl.load(pbb + bb)
+        SAT += tl.load(pbb + bb + BT * BT)
+        dC1 += tl.load(pbb + bb + 2 * BT * BT)
+        dC1T += tl.load(pbb + bb + 3 * BT * BT)
+        dR += tl.load(prv + (slot * BT + o_t[:, None]) * BV + o_v[None, :])
+        qk2 = (slot * 2 * BT + o_t[:, None]) * BK + o_k[None, :]
+        b_dq += tl.load(pqk + qk2)
+        b_dk += tl.load(pqk + qk2 + BT * BK)
+        rw = slot * 5 * BT + o_t
+        dbeta += tl.load(prow + rw)
+        df += tl.load(prow + rw + BT)
+        dgam += tl.load(prow + rw + 2 * BT)
+        dgL += tl.load(prow + rw + 3 * BT)
+        dnL += tl.load(prow + rw + 4 * BT)
+        dbL += tl.load(psc + slot * 4)
+        dfL += tl.load(psc + slot * 4 + 1)
+        dmL += tl.load(psc + slot * 4 + 2)
+    dR -= _dot(tl.where(causal_t, GT * SAT, 0.0), b_do, PREC)
+    dR = tl.where(t_ok[:, None], dR, 0.0)
+    QK = _dot(b_q, tl.trans(b_k), PREC)
+    dOR = _dot(b_do, tl.trans(R), PREC)
+    dG = tl.where(causal, dC1 * QK - dOR * SA, 0.0)
+    b_dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
+    b_dk += _dot(tl.where(causal_t, dC1T * GT, 0.0), b_q, PREC)
+    if RES:
+        b_dq += b_do
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+    dY = tl.where(t_ok[:, None], dY, 0.0)
+    if RES:
+        b_dk += dY
+    if DECAYED:
+        dgam += tl.sum(dY * Y0, axis=1)
+        dbeta += dgam
+    dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
+    dbeta += tl.where(at_L, dbL, 0.0)
+    if MOMENTUM:
+        df += tl.where(at_L, dfL, 0.0)
+    p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
+    tl.store(dq + p_tk, b_dq, mask=qk_ok)
+    tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)
+    if BIAS == 3:
+        tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
+    tl.store(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], gam[:, None] * dY)
+    tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+    tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
+    tl.store(gin + g0 + BT * BT + o_t, dbeta)
+    tl.store(gin + g0 + BT * BT + BT + o_t, df)
+    tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
+    tl.store(gin + g0 + BT * BT + 3 * BT, dmL)
+
+
+@triton.jit
+def _bwd_tile3(k, keep, w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, s_src, s, T, NS, BHN,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
+               PREC: tl.constexpr):
+    """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1); its dk partial (-> pk3) and dgam (-> pg3);
+    dW1 += k^T gam dZ1, dW2 += A1^T gam dY."""
+    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam,
+     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
+    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
+    src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
+    st1 = (i_bh.to(tl.int64) * 2 + s) * K * HD
+    st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
+    W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
+    W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+    gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
+    X = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
+    dk_j, dgam_j, dW1_j, dW2_j = _bwd_tile_dy(b_k, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
+    slot = (j * BHN + i_bh).to(tl.int64)
+    tl.store(pk3 + (slot * BT + o_t[:, None]) * BK + o_k[None, :], dk_j)
+    if DECAYED:
+        tl.store(pg3 + slot * BT + o_t, dgam_j)
+    tl.store(dw1s + st1 + w1_off, tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + dW1_j, mask=w1_ok)
+    tl.store(dw2s + st2 + w2_off, tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + dW2_j, mask=w2_ok)
+
+
+@triton.jit
+def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN,
+             H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NH: tl.constexpr,
+             HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """dk = its intra-chunk part + pass 3's tile parts; the gate gradients from the gate inputs (+ pass 3's dgam)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    k_ok = o_k < K
+    t0 = c * BT
+    t_idx = t0 + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - t0, BT) - 1
+    at_L = o_t == L
+    p_g = i_b * T * H + i_h
+    b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
+    dgam = tl.zeros([BT], dtype=tl.float32)
+    for jj in range(NH):
+        slot = (jj * BHN + i_bh).to(tl.int64)
+        b_dk += tl.load(pk3 + (slot * BT + o_t[:, None]) * BK + o_k[None, :])
+        if DECAYED:
+            dgam += tl.load(pg3 + slot * BT + o_t)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+    dG = tl.load(gin + g0 + o_t[:, None] * BT + o_t[None, :])
+    dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam
+    df = tl.load(gin + g0 + BT * BT + BT + o_t)
+    dnL = tl.load(gin + g0 + BT * BT + 2 * BT + o_t)
+    dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
+    p_tk = (i_b * T * H + i_h) * K + t_idx[:, None] * H * K + o_k[None, :]
+    tl.store(dk + p_tk, b_dk, mask=t_ok[:, None] & k_ok[None, :])
+    tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
+    if HAS_KEEP:
+        tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+    if MOMENTUM:
+        tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+
+
+def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
+    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; five launches per chunk, chunks in reverse."""
+    B, T, H, K = q.shape
+    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
+    NT = triton.cdiv(T, BT)
+    w1s, w2s, s1s, s2s = slots
+    NS = w1s.shape[1]
+    BHN = B * H
+    BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
+    NH = triton.cdiv(HD, BH)
+    f32 = dict(device=q.device, dtype=torch.float32)
+
+    def grad_slots(name, shape):
+        buf = torch.zeros(BHN, 2, *shape, **f32)
+        if dfinal.get(name) is not None:
+            buf[:, NT % 2] = dfinal[name].reshape(BHN, *shape)
+        return buf
+
+    dw1s, dw2s = grad_slots("W1", (K, HD)), grad_slots("W2", (HD, V))
+    ds1s = grad_slots("S1", (K, HD)) if cfg.momentum else dw1s
+    ds2s = grad_slots("S2", (HD, V)) if cfg.momentum else dw2s
+    # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part; pass 2's partial sums over tiles
+    # (pbb: SA, SAT, dC1, dC1T; prv: dR; pqk: dq, dk; prow: dbeta, df, dgam, dgL, dnL; psc: dbL, dfL, dmL); gamma dY;
+    # dk's intra-chunk part; pass 3's dk and dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL)
+    yp = torch.empty(NH, BHN, BT, BV, **f32)
+    xs = torch.empty(BHN, BT, HD, **f32)
+    pbb = torch.empty(NH, BHN, 4, BT, BT, **f32)
+    prv = torch.empty(NH, BHN, BT, BV, **f32)
+    pqk = torch.empty(NH, BHN, 2, BT, BK, **f32)
+    prow = torch.empty(NH, BHN, 5, BT, **f32)
+    psc = torch.empty(NH, BHN, 4, **f32)
+    gdy = torch.empty(BHN, BT, BV, **f32)
+    dkacc = torch.empty(BHN, BT, BK, **f32)
+    pk3 = torch.empty(NH, BHN, BT, BK, **f32)
+    pg3 = torch.empty(NH, BHN, BT, **f32)
+    gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
+    dq = torch.empty(B, T, H, K, **f32)
+    dk = torch.empty(B, T, H, K, **f32)
+    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    deta = torch.empty(B, T, H, **f32)
+    dla = torch.empty(B, T, H, **f32) if cfg.has_keep else deta
+    dlm = torch.empty(B, T, H, **f32) if cfg.momentum else deta
+    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta
+    gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
+    delta_ = delta if delta is not None else eta
+    base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, PREC=_prec(q))
+    rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
+    tile = dict(HD=HD, BH=BH, ACT=cfg.act)
+    base_y = {n: x for n, x in base.items() if n != "HAS_KEEP"}  # the tile kernels without gate coefficients
+    for c in range(NT - 1, -1, -1):
+        e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
+        _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
+        _launch(_bwd_tile2, (NH, BHN), q, k, v, do, *gates, delta_, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, yp, xs,
+                pbb, prv, pqk, prow, psc, c, c, e, s, T, NS, BHN, NH=NH, **tile, **base, **rule)
+        _launch(_bwd_mid, (BHN,), q, k, v, do, *gates, delta_, yp, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
+                dq, dv, ddelta, c, T, BHN, NH=NH, **base, **rule)
+        _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, c, s, T, NS, BHN,
+                **tile, **base_y)
+        _launch(_bwd_end, (BHN,), *gates, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN, H=H, K=K, BT=BT, BK=BK,
+                NH=NH, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
+    dkeep = dla / keep if cfg.has_keep else None
+    dmu = dlm / mu if cfg.momentum else None
+    dd = ddelta if cfg.bias == 3 else None
+    dW1 = dw1s[:, 0].reshape(B, H, K, HD)
+    dW2 = dw2s[:, 0].reshape(B, H, HD, V)
+    dS1 = ds1s[:, 0].reshape(B, H, K, HD) if cfg.momentum else None
+    dS2 = ds2s[:, 0].reshape(B, H, HD, V) if cfg.momentum else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv, deta, dkeep, dmu, dd, dW1, dW2, dS1, dS2
