@@ -1,18 +1,19 @@
 """Triton kernels of the 2-layer MLP memory with the hidden dimension split across programs (the default layout).
 
-Same memory, gradients and dual-form reads as miras/kernels/mlp.py (its docstring has the equations; the per-tile
-math below is its hidden-tile loop bodies), but every chunk is a few launches over the grid (hidden tiles NH,
-batch*head) instead of one program per batch*head walking all chunks: at D=128, hidden 256, tiles of 16 that is
-16 x B*H programs per launch instead of B*H. Whatever crosses hidden tiles (the prediction Y0 = sum_j Yp_j, and in the
-backward dR, the [BT, BT] sums and the gate inputs) goes through small per-chunk scratch buffers from one launch to
-the next, so no program reads what another wrote within a launch (the walk needs intra-program barriers for that).
+Same memory, gradients and dual-form reads as miras/kernels/mlp.py (its docstring has the equations; both layouts
+run the same per-tile math, ``_fwd_tile_math`` / ``_bwd_tile_math`` / ``_bwd_tile_dy`` there), but every chunk is a
+few launches over the grid (hidden tiles NH, batch*head) instead of one program per batch*head walking all chunks: at
+D=128, hidden 256, tiles of 16 that is 16 x B*H programs per launch instead of B*H. Whatever crosses hidden tiles goes
+through small per-chunk scratch buffers from one launch to the next, so no program reads what another thread of it
+wrote to global memory (the walk needs intra-program barriers for that).
 
-Forward, per chunk c:   _y_part (Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_tile (R from sum_j Yp_j, D1_j, the
-                        read's tile part O_j, the tile's end state). o = sum_j O_j [+ q].
-Backward, per chunk, in reverse: _y_part ; _bwd_tile2 (the walk's pass 2 for one tile: partial sums, tile-local
-                        start-state gradients, dZ1's R part) ; _bwd_mid (one program per batch*head: the sums, dR ->
-                        dY, dq, dk's intra-chunk part, the gate inputs) ; _bwd_tile3 (pass 3: the dY terms) ;
-                        _bwd_end (dk, the gate gradients).
+Forward, per chunk c:   _y_part (Yp_j = act(gamma (k W1_j)) W2_j) ; _prep (once per batch*head: R from sum_j Yp_j,
+                        the masked G and the gate rows) ; _fwd_tile (D1_j, the read's tile part O_j, the tile's end
+                        state). o = sum_j O_j [+ q] at the end.
+Backward, per chunk, in reverse: _y_part ; _prep (also G^T) ; _bwd_tile2 (the walk's pass 2 for one tile: partial
+                        sums, tile-local start-state gradients, dZ1's R part) ; _bwd_mid (one program per batch*head:
+                        the sums, dR -> dY, dq, dk's intra-chunk part, the gate inputs) ; _bwd_tile3 (pass 3: the dY
+                        terms) ; _bwd_end (dk, the gate gradients).
 State slots as in mlp.py: [B*H, NS, in, out] fp32, the backward's state gradients in two ping-pong slots.
 """
 
@@ -59,8 +60,9 @@ def _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V: tl.constexpr, HD: tl.constex
 @triton.jit
 def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DECAYED: tl.constexpr):
-    """Program (hidden tile j, batch*head) of chunk c: its ids and offsets, the chunk's keys (fp32) and gamma (beta at
-    the decayed gradient point, else 1), the tile's columns and state-tile offsets (``_tile_offsets``)."""
+    """Program (hidden tile j, batch*head) of chunk c: its ids, the chunk's keys (fp32), gamma (beta at the decayed
+    gradient point, else 1), the [BT, BK] / [BT, BV] token offsets and masks (p_tk, qk_ok, p_tv, tv_ok: for q, dO, o)
+    and the tile's columns and state-tile offsets (``_tile_offsets``)."""
     j, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
@@ -72,10 +74,14 @@ def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constex
     if DECAYED:
         alpha = tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
         gam = tl.exp(tl.cumsum(tl.log(alpha), axis=0))
-    b_k = tl.load(k + (i_b * T * H + i_h) * K + t_idx[:, None] * H * K + o_k[None, :],
-                  mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    p_tk = p_g * K + t_idx[:, None] * H * K + o_k[None, :]
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    p_tv = p_g * V + t_idx[:, None] * H * V + o_v[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
-    return j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok
+    return (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
+            o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok)
 
 
 @triton.jit
@@ -85,7 +91,7 @@ def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
             PREC: tl.constexpr):
     """Yp_j = act(gamma (k W1_j)) W2_j for chunk c, state slot s_in (gamma = beta at the decayed gradient point);
     -> yp [NH, B*H, BT, BV]."""
-    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam,
+    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
@@ -141,40 +147,88 @@ def _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k
 
 
 @triton.jit
-def _fwd_tile(q, k, v, eta, keep, mu, delta, w1s, w2s, s1s, s2s, yp, op, c, s_in, s_out, T, NS, BHN, BTH,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, NH: tl.constexpr,
-              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
-              RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-              PREC: tl.constexpr, WANT_O: tl.constexpr):
-    """Chunk c, hidden tile j, from state slot s_in: R, D1_j = gamma (R W2_j^T) act'(Z1_j); the read's tile part
-    O_j = beta act(H_j) W2_j + f act(H_j) S2_j - (G . act(H_j) A1_j^T) R  with  H_j = beta q W1_j + f q S1_j
-    - (G . q k^T) D1_j (-> op[j]; the residual q in tile 0); the tile's end state into slot s_out."""
-    j, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
+def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
+          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+          NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+          RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+          PREC: tl.constexpr, WANT_BWD: tl.constexpr):
+    """What every hidden tile of chunk c needs and no tile changes, built once per batch*head (grid B*H) instead of
+    by each of the NH tile programs: pre[i_bh] = [G, (backward) G^T] as causal-masked [BT, BT] blocks, then R
+    [BT, BV], then the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L) (``_load_prep``)."""
+    i_bh = tl.program_id(0)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     k_ok, v_ok = o_k < K, o_v < V
     causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
     (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
-     b_q, b_k, b_v, _, b_d) = _chunk_setup(q, k, v, v, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
-                                           H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)  # (no dO here)
+     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
+                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
     Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
-    o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 6 * BT)
+    bb = o_t[:, None] * BT + o_t[None, :]
+    tl.store(base + bb, tl.where(causal, G, 0.0))
+    if WANT_BWD:
+        _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+        tl.store(base + BT * BT + bb, tl.where(causal_t, GT, 0.0))
+    rows = base + 2 * BT * BT + BT * BV
+    tl.store(base + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :], R)
+    tl.store(rows + o_t, beta)
+    tl.store(rows + BT + o_t, f)
+    tl.store(rows + 2 * BT + o_t, gam)
+    tl.store(rows + 3 * BT + o_t, _row_select(G, o_t, L))
+    tl.store(rows + 4 * BT + o_t, _row_select(NTm, o_t, L))
+    scal = tl.where(o_t == 0, _vec_select(beta, o_t, L), tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
+    tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
+
+
+@triton.jit
+def _load_prep(pre, i_bh, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_BWD: tl.constexpr):
+    """``_prep``'s blocks for batch*head i_bh: (G, G^T (G without WANT_BWD), R, beta, f, gamma, g_L, n_L, beta_L, f_L,
+    m_L); G and G^T causal-masked."""
+    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 6 * BT)
+    bb = o_t[:, None] * BT + o_t[None, :]
+    G = tl.load(base + bb)
+    GT = G
+    if WANT_BWD:
+        GT = tl.load(base + BT * BT + bb)
+    R = tl.load(base + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
+    rows = base + 2 * BT * BT + BT * BV
+    beta = tl.load(rows + o_t)
+    f = tl.load(rows + BT + o_t)
+    gam = tl.load(rows + 2 * BT + o_t)
+    gL = tl.load(rows + 3 * BT + o_t)
+    nL = tl.load(rows + 4 * BT + o_t)
+    betaL = tl.load(rows + 5 * BT)
+    fL = tl.load(rows + 5 * BT + 1)
+    mL = tl.load(rows + 5 * BT + 2)
+    return G, GT, R, beta, f, gam, gL, nL, betaL, fL, mL
+
+
+@triton.jit
+def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+              MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Chunk c, hidden tile j, from state slot s_in (R, G and the gate rows from ``_prep``): D1_j and the read's
+    tile part O_j = beta act(H_j) W2_j + f act(H_j) S2_j - (G . act(H_j) A1_j^T) R  with  H_j = beta q W1_j
+    + f q S1_j - C1 D1_j (-> op[j]; the residual q in tile 0); the tile's end state into slot s_out."""
+    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
+     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    G, _, R, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, False)
+    C1 = G * _dot(b_q, tl.trans(b_k), PREC)
     src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
     dst1 = (i_bh.to(tl.int64) * NS + s_out) * K * HD
     dst2 = (i_bh.to(tl.int64) * NS + s_out) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
-    gL, betaL = _row_select(G, o_t, L), _vec_select(beta, o_t, L)
-    nL, fL, mL = _row_select(NTm, o_t, L), _vec_select(f, o_t, L), _vec_select(m, o_t, L)  # (momentum only)
     A1, Ah, O, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
-                                                   mL, ACT, MOMENTUM, PREC, WANT_O)
-    if WANT_O:
-        O -= _dot(tl.where(causal, G * _dot(Ah, tl.trans(A1), PREC), 0.0), R, PREC)
-        if RES:
-            if j == 0:
-                O += b_q  # the residual once (K == V)
-        tl.store(op + j * BTH * V + p_v + t_idx[:, None] * H * V + o_v[None, :], O, mask=tv_ok)
+                                                   mL, ACT, MOMENTUM, PREC, True)
+    O -= _dot(G * _dot(Ah, tl.trans(A1), PREC), R, PREC)
+    if RES:
+        if j == 0:
+            O += b_q  # the residual once (K == V)
+    tl.store(op + j * BTH * V + p_tv, O, mask=tv_ok)
     if MOMENTUM:
         tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
         tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
@@ -200,14 +254,20 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     op = torch.empty(NH, B, T, H, V, **f32)  # the tiles' parts of o
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     tiles = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, PREC=_prec(q))
-    rule = dict(NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
-                MOMENTUM=cfg.momentum)
+    prep_kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
+                   EPS=cfg.eps, RES=cfg.residual, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
+                   PREC=_prec(q))
+    tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, RES=cfg.residual,
+                     MOMENTUM=cfg.momentum, PREC=_prec(q))
+    pre = torch.empty(B * H, 2 * BT * BT + BT * BV + 6 * BT, **f32)  # per-chunk scratch of _prep
     grid = (NH, B * H)
     for c in range(NT):
         s_in, s_out = c % NS, (c + 1) % NS
         _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
-        _launch(_fwd_tile, grid, q, k, v, *gates, delta if delta is not None else eta, w1s, w2s, s1s, s2s, yp, op,
-                c, s_in, s_out, T, NS, B * H, B * T * H, **tiles, **rule, HAS_KEEP=cfg.has_keep, WANT_O=True)
+        _launch(_prep, (B * H,), q, k, v, v, *gates, delta if delta is not None else eta, yp, pre, c, T, B * H,
+                **prep_kw, WANT_BWD=False)
+        _launch(_fwd_tile, grid, q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, B * T * H,
+                **tiles_fwd)
     o = op.sum(0).to(q.dtype)
     last = NT % NS
     final = {"W1": w1s[:, last].reshape(B, H, K, HD).clone(), "W2": w2s[:, last].reshape(B, H, HD, V).clone()}
@@ -221,32 +281,23 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 
 
 @triton.jit
-def _bwd_tile2(q, k, v, do, eta, keep, mu, delta, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, yp, xs,
+def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
                pbb, prv, pqk, prow, psc, c, s_src, e, s, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, NH: tl.constexpr,
-               BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
-               RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-               PREC: tl.constexpr):
-    """Pass 2 of hidden tile j. Partials (slot j * BHN + i_bh): pbb [.., 4, BT, BT] = SA, SAT, dC1, dC1T; prv [.., BT, BV]
-    = dR; pqk [.., 2, BT, BK] = dq, dk; prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
-    j, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
-    k_ok, v_ok = o_k < K, o_v < V
-    causal = o_t[:, None] >= o_t[None, :]
-    causal_t = o_t[:, None] <= o_t[None, :]
-    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
-     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
-                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
-    _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
-    Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
-    C1 = tl.where(causal, G * _dot(b_q, tl.trans(b_k), PREC), 0.0)
-    C1T = tl.where(causal_t, GT * _dot(b_k, tl.trans(b_q), PREC), 0.0)
-    M2 = -tl.where(causal, G * _dot(b_do, tl.trans(R), PREC), 0.0)
-    M2T = -tl.where(causal_t, GT * _dot(R, tl.trans(b_do), PREC), 0.0)
-    gL = _row_select(G, o_t, L)
-    betaL = _vec_select(beta, o_t, L)
-    o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2 of hidden tile j (R, G, G^T and the gate rows from ``_prep``). Partials (slot j * BHN + i_bh):
+    pbb [.., 4, BT, BT] = SA, SAT, dC1, dC1T; prv [.., BT, BV] = dR; pqk [.., 2, BT, BK] = dq, dk; prow [.., 5, BT] =
+    dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
+    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
+     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    G, GT, R, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
+    C1 = G * _dot(b_q, tl.trans(b_k), PREC)
+    C1T = GT * _dot(b_k, tl.trans(b_q), PREC)
+    M2 = -G * _dot(b_do, tl.trans(R), PREC)
+    M2T = -GT * _dot(R, tl.trans(b_do), PREC)
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
     e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
@@ -255,7 +306,6 @@ def _bwd_tile2(q, k, v, do, eta, keep, mu, delta, w1s, w2s, s1s, s2s, dw1s, dw2s
     st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    nL, fL, mL = _row_select(NTm, o_t, L), _vec_select(f, o_t, L), _vec_select(m, o_t, L)  # (momentum only)
     (SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
      X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
                                                  f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
@@ -388,7 +438,7 @@ def _bwd_tile3(k, keep, w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, s_src, s, T,
                PREC: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1); its dk partial (-> pk3) and dgam (-> pg3);
     dW1 += k^T gam dZ1, dW2 += A1^T gam dY."""
-    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam,
+    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
@@ -483,6 +533,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     pk3 = torch.empty(NH, BHN, BT, BK, **f32)
     pg3 = torch.empty(NH, BHN, BT, **f32)
     gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
+    pre = torch.empty(BHN, 2 * BT * BT + BT * BV + 6 * BT, **f32)
     dq = torch.empty(B, T, H, K, **f32)
     dk = torch.empty(B, T, H, K, **f32)
     dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
@@ -499,8 +550,9 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
         _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
-        _launch(_bwd_tile2, (NH, BHN), q, k, v, do, *gates, delta_, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, yp, xs,
-                pbb, prv, pqk, prow, psc, c, c, e, s, T, NS, BHN, NH=NH, **tile, **base, **rule)
+        _launch(_prep, (BHN,), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
+        _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
+                pbb, prv, pqk, prow, psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
         _launch(_bwd_mid, (BHN,), q, k, v, do, *gates, delta_, yp, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base, **rule)
         _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, c, s, T, NS, BHN,
