@@ -746,6 +746,67 @@ def _slots(x0: torch.Tensor | None, B: int, H: int, NS: int, shape: tuple[int, i
     return buf
 
 
+def _state_slots(cfg: MLPConfig, q, v, w1, w2, s1, s2, NS: int) -> tuple[torch.Tensor, ...]:
+    """(w1s, w2s, s1s, s2s) state slots of both layouts ([B*H, NS, in, out] fp32, slot 0 = the initial state); without
+    momentum s1s / s2s are w1s / w2s (never read)."""
+    B, _, H, K = q.shape
+    V, HD = v.shape[-1], cfg.hidden
+    w1s = _slots(w1, B, H, NS, (K, HD), q.device)
+    w2s = _slots(w2, B, H, NS, (HD, V), q.device)
+    s1s = _slots(s1, B, H, NS, (K, HD), q.device) if cfg.momentum else w1s
+    s2s = _slots(s2, B, H, NS, (HD, V), q.device) if cfg.momentum else w2s
+    return w1s, w2s, s1s, s2s
+
+
+def _final_state(cfg: MLPConfig, slots, last: int, q, v) -> dict[str, torch.Tensor]:
+    """The final state {W1, W2 (, S1, S2)} [B, H, in, out] from slot ``last``."""
+    B, _, H, K = q.shape
+    V, HD = v.shape[-1], cfg.hidden
+    names = ("W1", "W2", "S1", "S2") if cfg.momentum else ("W1", "W2")
+    shapes = {"W1": (K, HD), "W2": (HD, V), "S1": (K, HD), "S2": (HD, V)}
+    return {n: x[:, last].reshape(B, H, *shapes[n]).clone() for n, x in zip(names, slots)}
+
+
+def _grad_slots(cfg: MLPConfig, q, v, dfinal: dict) -> tuple[torch.Tensor, ...]:
+    """(dw1s, dw2s, ds1s, ds2s): the backward's state-gradient ping-pong slots [B*H, 2, in, out] fp32, the final state's
+    cotangent (``dfinal``, zeros where None) in slot NT % 2."""
+    B, T, H, K = q.shape
+    V, HD = v.shape[-1], cfg.hidden
+    NT = triton.cdiv(T, cfg.chunk)
+
+    def slots(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        buf = torch.zeros(B * H, 2, *shape, device=q.device, dtype=torch.float32)
+        if dfinal.get(name) is not None:
+            buf[:, NT % 2] = dfinal[name].reshape(B * H, *shape)
+        return buf
+
+    dw1s, dw2s = slots("W1", (K, HD)), slots("W2", (HD, V))
+    ds1s = slots("S1", (K, HD)) if cfg.momentum else dw1s
+    ds2s = slots("S2", (HD, V)) if cfg.momentum else dw2s
+    return dw1s, dw2s, ds1s, ds2s
+
+
+def _input_grad_buffers(cfg: MLPConfig, q, v) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, deta, dla, dlm, ddelta) for the kernels to fill (dla / dlm / ddelta alias deta when absent)."""
+    B, T, H, K = q.shape
+    f32 = dict(device=q.device, dtype=torch.float32)
+    deta = torch.empty(B, T, H, **f32)
+    return (torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32),
+            torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=v.dtype), deta,
+            torch.empty(B, T, H, **f32) if cfg.has_keep else deta, torch.empty(B, T, H, **f32) if cfg.momentum else deta,
+            torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta)
+
+
+def _input_grads(cfg: MLPConfig, q, k, keep, mu, bufs, grad_slots) -> tuple:
+    """``mlp_scan_bwd``'s results from the filled buffers: (dq, dk, dv, deta, dkeep, dmu, ddelta, dW1_0, dW2_0, dS1_0,
+    dS2_0); the kernels write d log(keep) / d log(mu), hence the division."""
+    dq, dk, dv, deta, dla, dlm, ddelta = bufs
+    starts = _final_state(cfg, grad_slots, 0, q, dv)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv, deta, dla / keep if cfg.has_keep else None,
+            dlm / mu if cfg.momentum else None, ddelta if cfg.bias == 3 else None,
+            starts["W1"], starts["W2"], starts.get("S1"), starts.get("S2"))
+
+
 def mlp_scan_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool,
                  modes: tuple[int, ...] | None = None):
     """Forward: (o, final {W1, W2, S1, S2}, state slots (w1s, w2s, s1s, s2s) for the backward or None).
@@ -753,13 +814,10 @@ def mlp_scan_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, 
     modes: the kernel MODEs to launch (default: 1 then 2 when the states are kept and split, else 0); the warm-up
     script launches one at a time."""
     B, T, H, K = q.shape
-    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
+    V, BT = v.shape[-1], cfg.chunk
     NT = triton.cdiv(T, BT)
     NS = NT + 1 if keep_states else 2
-    w1s = _slots(w1, B, H, NS, (K, HD), q.device)
-    w2s = _slots(w2, B, H, NS, (HD, V), q.device)
-    s1s = _slots(s1, B, H, NS, (K, HD), q.device) if cfg.momentum else w1s
-    s2s = _slots(s2, B, H, NS, (HD, V), q.device) if cfg.momentum else w2s
+    w1s, w2s, s1s, s2s = _state_slots(cfg, q, v, w1, w2, s1, s2, NS)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     kw = _consts(cfg, q, v)
     rs = torch.empty(B * H, NT, BT, kw["BV"], device=q.device, dtype=torch.float32)
@@ -769,12 +827,8 @@ def mlp_scan_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, 
         modes = (1, 2) if keep_states and _split() else (0,)
     for mode in modes:
         _launch(_mlp_fwd_kernel, (B * H, NT) if mode == 2 else (B * H,), *args, **kw, MODE=mode)
-    last = NT % NS
-    final = {"W1": w1s[:, last].reshape(B, H, K, HD).clone(), "W2": w2s[:, last].reshape(B, H, HD, V).clone()}
-    if cfg.momentum:
-        final["S1"] = s1s[:, last].reshape(B, H, K, HD).clone()
-        final["S2"] = s2s[:, last].reshape(B, H, HD, V).clone()
-    return o, final, ((w1s, w2s, s1s, s2s) if keep_states else None)
+    slots = (w1s, w2s, s1s, s2s)
+    return o, _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
 
 
 def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
@@ -783,37 +837,14 @@ def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfina
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
     w1s, w2s, s1s, s2s = slots
-    f32 = dict(device=q.device, dtype=torch.float32)
-
-    def grad_slots(name: str, shape: tuple[int, int]) -> torch.Tensor:
-        buf = torch.zeros(B * H, 2, *shape, **f32)
-        if dfinal.get(name) is not None:
-            buf[:, NT % 2] = dfinal[name].reshape(B * H, *shape)
-        return buf
-
-    dw1s, dw2s = grad_slots("W1", (K, HD)), grad_slots("W2", (HD, V))
-    ds1s = grad_slots("S1", (K, HD)) if cfg.momentum else dw1s
-    ds2s = grad_slots("S2", (HD, V)) if cfg.momentum else dw2s
-    xs = torch.empty(B * H, BT * (HD + pow2_tile(V)), **f32)
-    dq = torch.empty(B, T, H, K, **f32)
-    dk = torch.empty(B, T, H, K, **f32)
-    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
-    deta = torch.empty(B, T, H, **f32)
-    dla = torch.empty(B, T, H, **f32) if cfg.has_keep else deta
-    dlm = torch.empty(B, T, H, **f32) if cfg.momentum else deta
-    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta
+    dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
+    xs = torch.empty(B * H, BT * (HD + pow2_tile(V)), device=q.device, dtype=torch.float32)
+    bufs = _input_grad_buffers(cfg, q, v)
     args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, w1s, w2s, s1s, s2s, do, dw1s, dw2s, ds1s, ds2s, xs,
-            dq, dk, dv, deta, dla, dlm, ddelta, T, NT, w1s.shape[1])
+            *bufs, T, NT, w1s.shape[1])
     _launch(_mlp_bwd_kernel, (B * H,), *args, **_consts(cfg, q, v))
-    dkeep = dla / keep if cfg.has_keep else None
-    dmu = dlm / mu if cfg.momentum else None
-    dd = ddelta if cfg.bias == 3 else None
-    dW1 = dw1s[:, 0].reshape(B, H, K, HD)
-    dW2 = dw2s[:, 0].reshape(B, H, HD, V)
-    dS1 = ds1s[:, 0].reshape(B, H, K, HD) if cfg.momentum else None
-    dS2 = ds2s[:, 0].reshape(B, H, HD, V) if cfg.momentum else None
-    return dq.to(q.dtype), dk.to(k.dtype), dv, deta, dkeep, dmu, dd, dW1, dW2, dS1, dS2
+    return _input_grads(cfg, q, k, keep, mu, bufs, grad)
 
 
 class MLPScanFunction(torch.autograd.Function):

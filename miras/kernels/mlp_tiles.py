@@ -39,11 +39,15 @@ from miras.kernels.mlp import (
     _block_h,
     _bwd_tile_dy,
     _bwd_tile_math,
+    _final_state,
     _fwd_tile_math,
     _gate_grads,
+    _grad_slots,
+    _input_grad_buffers,
+    _input_grads,
     _launch,
     _prec,
-    _slots,
+    _state_slots,
     _state_tiles,
 )
 
@@ -237,16 +241,13 @@ def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
 
 
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
-    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); two launches per
+    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); three launches per
     chunk, the outputs summed over hidden tiles at the end."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
     NS = NT + 1 if keep_states else 2
-    w1s = _slots(w1, B, H, NS, (K, HD), q.device)
-    w2s = _slots(w2, B, H, NS, (HD, V), q.device)
-    s1s = _slots(s1, B, H, NS, (K, HD), q.device) if cfg.momentum else w1s
-    s2s = _slots(s2, B, H, NS, (HD, V), q.device) if cfg.momentum else w2s
+    w1s, w2s, s1s, s2s = slots = _state_slots(cfg, q, v, w1, w2, s1, s2, NS)
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -268,13 +269,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                 **prep_kw, WANT_BWD=False)
         _launch(_fwd_tile, grid, q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, B * T * H,
                 **tiles_fwd)
-    o = op.sum(0).to(q.dtype)
-    last = NT % NS
-    final = {"W1": w1s[:, last].reshape(B, H, K, HD).clone(), "W2": w2s[:, last].reshape(B, H, HD, V).clone()}
-    if cfg.momentum:
-        final["S1"] = s1s[:, last].reshape(B, H, K, HD).clone()
-        final["S2"] = s2s[:, last].reshape(B, H, HD, V).clone()
-    return o, final, ((w1s, w2s, s1s, s2s) if keep_states else None)
+    return op.sum(0).to(q.dtype), _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
 
 
 # ------------------------------------------------------------------------------------------------------------ backward
@@ -498,7 +493,7 @@ def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN,
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
-    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; five launches per chunk, chunks in reverse."""
+    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; six launches per chunk, chunks in reverse."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -508,16 +503,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
-
-    def grad_slots(name, shape):
-        buf = torch.zeros(BHN, 2, *shape, **f32)
-        if dfinal.get(name) is not None:
-            buf[:, NT % 2] = dfinal[name].reshape(BHN, *shape)
-        return buf
-
-    dw1s, dw2s = grad_slots("W1", (K, HD)), grad_slots("W2", (HD, V))
-    ds1s = grad_slots("S1", (K, HD)) if cfg.momentum else dw1s
-    ds2s = grad_slots("S2", (HD, V)) if cfg.momentum else dw2s
+    dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
     # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part; pass 2's partial sums over tiles
     # (pbb: SA, SAT, dC1, dC1T; prv: dR; pqk: dq, dk; prow: dbeta, df, dgam, dgL, dnL; psc: dbL, dfL, dmL); gamma dY;
     # dk's intra-chunk part; pass 3's dk and dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL)
@@ -534,13 +520,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     pg3 = torch.empty(NH, BHN, BT, **f32)
     gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
     pre = torch.empty(BHN, 2 * BT * BT + BT * BV + 6 * BT, **f32)
-    dq = torch.empty(B, T, H, K, **f32)
-    dk = torch.empty(B, T, H, K, **f32)
-    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
-    deta = torch.empty(B, T, H, **f32)
-    dla = torch.empty(B, T, H, **f32) if cfg.has_keep else deta
-    dlm = torch.empty(B, T, H, **f32) if cfg.momentum else deta
-    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta
+    dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
     base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, PREC=_prec(q))
@@ -559,11 +539,4 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
                 **tile, **base_y)
         _launch(_bwd_end, (BHN,), *gates, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN, H=H, K=K, BT=BT, BK=BK,
                 NH=NH, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
-    dkeep = dla / keep if cfg.has_keep else None
-    dmu = dlm / mu if cfg.momentum else None
-    dd = ddelta if cfg.bias == 3 else None
-    dW1 = dw1s[:, 0].reshape(B, H, K, HD)
-    dW2 = dw2s[:, 0].reshape(B, H, HD, V)
-    dS1 = ds1s[:, 0].reshape(B, H, K, HD) if cfg.momentum else None
-    dS2 = ds2s[:, 0].reshape(B, H, HD, V) if cfg.momentum else None
-    return dq.to(q.dtype), dk.to(k.dtype), dv, deta, dkeep, dmu, dd, dW1, dW2, dS1, dS2
+    return _input_grads(cfg, q, k, keep, mu, bufs, grad)
