@@ -62,26 +62,36 @@ def _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V: tl.constexpr, HD: tl.constex
 
 
 @triton.jit
+def _token_offsets(i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk c of batch*head i_bh: ranges, the tokens t_idx (mask t_ok), the gate offset p_g and the [BT, BK] /
+    [BT, BV] offsets and masks of its q / k rows (p_tk, qk_ok) and v / dO / o rows (p_tv, tv_ok)."""
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    t_idx = c * BT + o_t
+    t_ok = t_idx < T
+    p_g = i_b * T * H + i_h
+    p_tk = p_g * K + t_idx[:, None] * H * K + o_k[None, :]
+    p_tv = p_g * V + t_idx[:, None] * H * V + o_v[None, :]
+    return (o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, t_ok[:, None] & k_ok[None, :], p_tv,
+            t_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
 def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DECAYED: tl.constexpr):
     """Program (hidden tile j, batch*head) of chunk c: its ids, the chunk's keys (fp32), gamma (beta at the decayed
     gradient point, else 1), the [BT, BK] / [BT, BV] token offsets and masks (p_tk, qk_ok, p_tv, tv_ok: for q, dO, o)
     and the tile's columns and state-tile offsets (``_tile_offsets``)."""
     j, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
-    k_ok, v_ok = o_k < K, o_v < V
-    t_idx = c * BT + o_t
-    t_ok = t_idx < T
-    p_g = i_b * T * H + i_h
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    o_hh = tl.arange(0, BH)
     gam = tl.full([BT], 1.0, dtype=tl.float32)
     if DECAYED:
         alpha = tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
         gam = tl.exp(tl.cumsum(tl.log(alpha), axis=0))
-    p_tk = p_g * K + t_idx[:, None] * H * K + o_k[None, :]
-    qk_ok = t_ok[:, None] & k_ok[None, :]
-    p_tv = p_g * V + t_idx[:, None] * H * V + o_v[None, :]
-    tv_ok = t_ok[:, None] & v_ok[None, :]
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
     return (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
@@ -124,7 +134,7 @@ def _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                  BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
                  PREC: tl.constexpr):
-    """What every backward program of chunk c needs: offsets, gate coefficients, gamma, q / k / v / dO rows, deltas."""
+    """What ``_prep`` needs of chunk c: offsets, gate coefficients, gamma, the q / k / v / dO rows, the Huber deltas."""
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     t0 = c * BT
     t_idx = t0 + o_t
@@ -157,8 +167,9 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
           PREC: tl.constexpr, WANT_BWD: tl.constexpr):
     """What every hidden tile of chunk c needs and no tile changes, built once per batch*head (grid B*H) instead of
-    by each of the NH tile programs: pre[i_bh] = [G, (backward) G^T] as causal-masked [BT, BT] blocks, then R
-    [BT, BV], then the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L) (``_load_prep``)."""
+    by each of the NH tile programs (and ``_bwd_mid``): pre[i_bh] = [G, (backward) G^T] as causal-masked [BT, BT]
+    blocks, R and (backward) Y0 [BT, BV], then the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L)
+    (``_load_prep``; PRE_SIZE = 2 BT^2 + 2 BT BV + 6 BT)."""
     i_bh = tl.program_id(0)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     k_ok, v_ok = o_k < K, o_v < V
@@ -168,14 +179,16 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
      b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
                                               H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
     Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
-    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 6 * BT)
+    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + 2 * BT * BV + 6 * BT)
     bb = o_t[:, None] * BT + o_t[None, :]
+    rv = o_t[:, None] * BV + o_v[None, :]
     tl.store(base + bb, tl.where(causal, G, 0.0))
+    tl.store(base + 2 * BT * BT + rv, R)
     if WANT_BWD:
         _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
         tl.store(base + BT * BT + bb, tl.where(causal_t, GT, 0.0))
-    rows = base + 2 * BT * BT + BT * BV
-    tl.store(base + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :], R)
+        tl.store(base + 2 * BT * BT + BT * BV + rv, Y0)
+    rows = base + 2 * BT * BT + 2 * BT * BV
     tl.store(rows + o_t, beta)
     tl.store(rows + BT + o_t, f)
     tl.store(rows + 2 * BT + o_t, gam)
@@ -187,16 +200,18 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
 
 @triton.jit
 def _load_prep(pre, i_bh, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_BWD: tl.constexpr):
-    """``_prep``'s blocks for batch*head i_bh: (G, G^T (G without WANT_BWD), R, beta, f, gamma, g_L, n_L, beta_L, f_L,
-    m_L); G and G^T causal-masked."""
-    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 6 * BT)
+    """``_prep``'s blocks for batch*head i_bh: (G, G^T, R, Y0, beta, f, gamma, g_L, n_L, beta_L, f_L, m_L), G and G^T
+    causal-masked; without WANT_BWD, G^T and Y0 are G and R (unread)."""
+    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + 2 * BT * BV + 6 * BT)
     bb = o_t[:, None] * BT + o_t[None, :]
+    rv = o_t[:, None] * BV + o_v[None, :]
     G = tl.load(base + bb)
-    GT = G
+    R = tl.load(base + 2 * BT * BT + rv)
+    GT, Y0 = G, R
     if WANT_BWD:
         GT = tl.load(base + BT * BT + bb)
-    R = tl.load(base + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
-    rows = base + 2 * BT * BT + BT * BV
+        Y0 = tl.load(base + 2 * BT * BT + BT * BV + rv)
+    rows = base + 2 * BT * BT + 2 * BT * BV
     beta = tl.load(rows + o_t)
     f = tl.load(rows + BT + o_t)
     gam = tl.load(rows + 2 * BT + o_t)
@@ -205,7 +220,7 @@ def _load_prep(pre, i_bh, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_BWD
     betaL = tl.load(rows + 5 * BT)
     fL = tl.load(rows + 5 * BT + 1)
     mL = tl.load(rows + 5 * BT + 2)
-    return G, GT, R, beta, f, gam, gL, nL, betaL, fL, mL
+    return G, GT, R, Y0, beta, f, gam, gL, nL, betaL, fL, mL
 
 
 @triton.jit
@@ -219,7 +234,7 @@ def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    G, _, R, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, False)
+    G, _, R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, False)
     C1 = G * _dot(b_q, tl.trans(b_k), PREC)
     src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
@@ -260,7 +275,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                    PREC=_prec(q))
     tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, RES=cfg.residual,
                      MOMENTUM=cfg.momentum, PREC=_prec(q))
-    pre = torch.empty(B * H, 2 * BT * BT + BT * BV + 6 * BT, **f32)  # per-chunk scratch of _prep
+    pre = torch.empty(B * H, 2 * BT * BT + 2 * BT * BV + 6 * BT, **f32)  # per-chunk scratch of _prep
     grid = (NH, B * H)
     for c in range(NT):
         s_in, s_out = c % NS, (c + 1) % NS
@@ -288,7 +303,7 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    G, GT, R, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
+    G, GT, R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
     C1 = G * _dot(b_q, tl.trans(b_k), PREC)
     C1T = GT * _dot(b_k, tl.trans(b_q), PREC)
     M2 = -G * _dot(b_do, tl.trans(R), PREC)
@@ -333,26 +348,30 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
 
 
 @triton.jit
-def _bwd_mid(q, k, v, do, eta, keep, mu, delta, yp, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
+def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
              dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-             RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-             PREC: tl.constexpr):
-    """Sums of the tile partials; the bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY (-> gdy);
-    the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
+             RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Sums of the tile partials (G, G^T, R, Y0 and gamma from ``_prep``); the bias VJP; dq; dk's intra-chunk part
+    (-> dkacc); gdY = gam dY (-> gdy); the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG,
+    dbeta, df, dnL, dmL)."""
     i_bh = tl.program_id(0)
-    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
-    k_ok, v_ok = o_k < K, o_v < V
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
-    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
-     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
-                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
-    _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
-    at_L = o_t == L
-    Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
+    at_L = o_t == tl.minimum(T - c * BT, BT) - 1
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    G, GT, R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
     SA = tl.zeros([BT, BT], dtype=tl.float32)
     SAT = tl.zeros([BT, BT], dtype=tl.float32)
     dC1 = tl.zeros([BT, BT], dtype=tl.float32)
@@ -411,9 +430,8 @@ def _bwd_mid(q, k, v, do, eta, keep, mu, delta, yp, pbb, prv, pqk, prow, psc, gd
     dbeta += tl.where(at_L, dbL, 0.0)
     if MOMENTUM:
         df += tl.where(at_L, dfL, 0.0)
-    p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
     tl.store(dq + p_tk, b_dq, mask=qk_ok)
-    tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)
+    tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:
         tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
     tl.store(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], gam[:, None] * dY)
@@ -519,7 +537,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     pk3 = torch.empty(NH, BHN, BT, BK, **f32)
     pg3 = torch.empty(NH, BHN, BT, **f32)
     gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
-    pre = torch.empty(BHN, 2 * BT * BT + BT * BV + 6 * BT, **f32)
+    pre = torch.empty(BHN, 2 * BT * BT + 2 * BT * BV + 6 * BT, **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
@@ -533,8 +551,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
         _launch(_prep, (BHN,), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
         _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
                 pbb, prv, pqk, prow, psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_mid, (BHN,), q, k, v, do, *gates, delta_, yp, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
-                dq, dv, ddelta, c, T, BHN, NH=NH, **base, **rule)
+        _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
+                dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, c, s, T, NS, BHN,
                 **tile, **base_y)
         _launch(_bwd_end, (BHN,), *gates, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN, H=H, K=K, BT=BT, BK=BK,
