@@ -249,6 +249,34 @@ def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
 
 
 @triton.jit
+def _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, dq, dk, b_q, b_k, b_do, b_v, b_d, R, Y0, G, GT, gam, t_ok, o_t,
+                  BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
+                  DECAYED: tl.constexpr, PREC: tl.constexpr):
+    """Between the two tile passes of the backward, from pass 2's sums over tiles: the read's part of dR, the
+    gradient dG of the coefficient matrix, dq and dk's intra-chunk parts, and the bias' vector-Jacobian product
+    dR -> dY at Y = gamma Y0 [+ k]. Returns (dG, dq, dk, dY, dV, the Huber deltas' gradient, dY's part of dgamma)."""
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    dR -= _dot(tl.where(causal_t, GT * SAT, 0.0), b_do, PREC)
+    dR = tl.where(t_ok[:, None], dR, 0.0)
+    dG = tl.where(causal, dC1 * _dot(b_q, tl.trans(b_k), PREC) - _dot(b_do, tl.trans(R), PREC) * SA, 0.0)
+    dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
+    dk += _dot(tl.where(causal_t, dC1T * GT, 0.0), b_q, PREC)
+    Y = gam[:, None] * Y0
+    if RES:
+        dq += b_do
+        Y += b_k
+    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+    dY = tl.where(t_ok[:, None], dY, 0.0)
+    if RES:
+        dk += dY
+    dgam = tl.zeros_like(gam)
+    if DECAYED:
+        dgam = tl.sum(dY * Y0, axis=1)
+    return dG, dq, dk, dY, dV, dd, dgam
+
+
+@triton.jit
 def _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT: tl.constexpr, DECAYED: tl.constexpr, PREC: tl.constexpr):
     """Backward of tile j, the dY terms (pass 3, gdY = gamma dY): dZ1 = X + (gdY W2_j^T) act'(Z1). Returns the tile's
     part of dk and of dgamma, and what it adds to the start-state gradient tiles (k^T gamma dZ1, A1^T gdY)."""
@@ -569,27 +597,12 @@ def _bwd_chunk(
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
     R = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :])
-
-    dR -= _dot(tl.where(causal_t, GT * SAT, 0.0), b_do, PREC)
-    dR = tl.where(t_ok[:, None], dR, 0.0)
-    # [BT, BT] products recomputed here rather than kept live through the hidden loop (register pressure)
-    QK = _dot(b_q, tl.trans(b_k), PREC)
-    dOR = _dot(b_do, tl.trans(R), PREC)
-    dG = tl.where(causal, dC1 * QK - dOR * SA, 0.0)
-    b_dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
-    b_dk += _dot(tl.where(causal_t, dC1T * GT, 0.0), b_q, PREC)
-    if RES:
-        b_dq += b_do
     b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-    Y = gam[:, None] * Y0
-    if RES:
-        Y += b_k
-    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
-    dY = tl.where(t_ok[:, None], dY, 0.0)
-    if RES:
-        b_dk += dY
-    if DECAYED:
-        dgam += tl.sum(dY * Y0, axis=1)
+    # ([BT, BT] products recomputed in there rather than kept live through the hidden loop: register pressure)
+    dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, b_dq, b_dk, b_q, b_k, b_do, b_v, b_d, R,
+                                                       Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED,
+                                                       PREC)
+    dgam += dgam_y
     gdY = gam[:, None] * dY
 
     # pass 3: the dY terms (through A1 = act(Z1) and Y = gamma A1 W2)

@@ -28,7 +28,6 @@ from miras.kernels.common import (
     _row_select,
     _vec_select,
     bias_rows,
-    bias_rows_bwd,
     gate_coeffs,
     gate_coeffs_t,
     pow2_tile,
@@ -37,6 +36,7 @@ from miras.kernels.mlp import (
     MLPConfig,
     _act,
     _block_h,
+    _bwd_chunk_dy,
     _bwd_tile_dy,
     _bwd_tile_math,
     _final_state,
@@ -360,8 +360,6 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
     i_bh = tl.program_id(0)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    causal = o_t[:, None] >= o_t[None, :]
-    causal_t = o_t[:, None] <= o_t[None, :]
     at_L = o_t == tl.minimum(T - c * BT, BT) - 1
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -407,25 +405,11 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
         dbL += tl.load(psc + slot * 4)
         dfL += tl.load(psc + slot * 4 + 1)
         dmL += tl.load(psc + slot * 4 + 2)
-    dR -= _dot(tl.where(causal_t, GT * SAT, 0.0), b_do, PREC)
-    dR = tl.where(t_ok[:, None], dR, 0.0)
-    QK = _dot(b_q, tl.trans(b_k), PREC)
-    dOR = _dot(b_do, tl.trans(R), PREC)
-    dG = tl.where(causal, dC1 * QK - dOR * SA, 0.0)
-    b_dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
-    b_dk += _dot(tl.where(causal_t, dC1T * GT, 0.0), b_q, PREC)
-    if RES:
-        b_dq += b_do
-    Y = gam[:, None] * Y0
-    if RES:
-        Y += b_k
-    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
-    dY = tl.where(t_ok[:, None], dY, 0.0)
-    if RES:
-        b_dk += dY
+    dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, b_dq, b_dk, b_q, b_k, b_do, b_v, b_d, R,
+                                                       Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED,
+                                                       PREC)
     if DECAYED:
-        dgam += tl.sum(dY * Y0, axis=1)
-        dbeta += dgam
+        dbeta += dgam + dgam_y
     dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
     dbeta += tl.where(at_L, dbL, 0.0)
     if MOMENTUM:
