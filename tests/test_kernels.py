@@ -190,6 +190,14 @@ def test_state_pass_coefficients(monkeypatch, coeffs, bias, ret, learner, grad_a
     check_against_oracle(make_spec(bias, ret, learner, grad_at), B=2, T=37, H=2, K=16, V=24, seed=11)
 
 
+def test_bad_coefficient_switch_is_a_clear_error(monkeypatch):
+    from miras.kernels.linear import _coeff_rows
+
+    monkeypatch.setenv("MIRAS_KERNEL_COEFFS", "no")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_COEFFS must be 0 or 1.*'no'"):
+        _coeff_rows()
+
+
 @pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE", "MIRAS_KERNEL_BV_LOOP"])
 @pytest.mark.parametrize("value", ["abc", "48", "8"])
 def test_bad_tile_env_is_a_clear_error(monkeypatch, name, value):

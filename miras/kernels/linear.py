@@ -654,7 +654,10 @@ def _split() -> bool:
 def _coeff_rows() -> bool:
     """The sequential state passes load per-token gate coefficients from ``_coeff_kernel`` (the default) or build
     the [BT, BT] coefficients at every step as the other passes do (``MIRAS_KERNEL_COEFFS=0``; kept to compare)."""
-    return os.environ.get("MIRAS_KERNEL_COEFFS", "1") not in ("0", "false", "no")
+    value = os.environ.get("MIRAS_KERNEL_COEFFS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MIRAS_KERNEL_COEFFS must be 0 or 1, but got MIRAS_KERNEL_COEFFS={value!r}")
+    return value == "1"
 
 
 def _launch(kernel_raw, kernel_tuned, grid, *args, **kw):
