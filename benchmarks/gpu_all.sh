@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
+# left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory and for
+# titans linear (device ms per kernel), 3. gpu_passes.sh without its probes (the linear kernels pass by pass, per
+# variant). Logs: $OUT/check.log, $OUT/profile.log, $OUT/passes.log and every step's own logs in $OUT/logs.tgz.
+#   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
+cd "$(dirname "$0")/.." || exit 1
+OUTDIR="${OUT:-/tmp/gpu_all}"
+mkdir -p "$OUTDIR"
+END=$(( $(date +%s) + ${GPU_ALL_SECONDS:-540} ))
+left() { echo $(( END - $(date +%s) )); }
+
+GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-80}" \
+  GPU_CHECK_BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-120}" OUT=/tmp/gpu_check \
+  timeout "$(left)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1
+echo "gpu_check.sh rc=$? ($(left) s left)" | tee -a "$OUTDIR/check.log"
+sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
+
+# gpu_check.sh installed the wheels into /tmp/site
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,1}"
+for fam in mlp titans; do
+  [ "$(left)" -gt 60 ] || break
+  timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$fam" 2>&1 \
+    | grep -vE "^(STAGE|USDT)" | tee -a "$OUTDIR/profile.log"
+done
+
+if [ "$(left)" -gt 90 ]; then
+  GPU_PASSES_PROBES=0 OUT=/tmp/gpu_passes timeout "$(left)" bash benchmarks/gpu_passes.sh > "$OUTDIR/passes.log" 2>&1
+  echo "gpu_passes.sh rc=$?" >> "$OUTDIR/passes.log"
+  cat "$OUTDIR/passes.log"
+fi
+tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check /tmp/gpu_passes 2>/dev/null
+echo "== gpu_all done, $(left) s left"
