@@ -129,7 +129,8 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
 
 VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"},
             "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
-            "inloop": {"MIRAS_KERNEL_COEFFS": "0"}, "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"},
+            "bvl128": {"MIRAS_KERNEL_BV_LOOP": "128"}, "inloop": {"MIRAS_KERNEL_COEFFS": "0"},
+            "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"},
             "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}}
 
 

@@ -17,7 +17,7 @@ echo "gpu_check.sh rc=$? ($(left) s left)" | tee -a "$OUTDIR/check.log"
 sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
 
 # gpu_check.sh installed the wheels into /tmp/site
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,1}"
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
 for fam in mlp titans; do
   [ "$(left)" -gt 60 ] || break
   timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$fam" 2>&1 \

@@ -4,16 +4,18 @@
 #   bash benchmarks/gpu_check.sh                  # GPU: warm-up <= 150 s, correctness <= 40 s, benchmark <= 90 s
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh  # CPU: the same steps through Triton's interpreter, tiny shapes
 # Steps (timeouts sum to 280 s): 1. compile every kernel at once, one process each (warm_kernels.py; fixed config
-# MIRAS_KERNEL_CONFIG=8,1 so each kernel compiles once); 2. correctness of the benchmark's exact kernels (titans and
+# MIRAS_KERNEL_CONFIG=8,2 so each kernel compiles once); 2. correctness of the benchmark's exact kernels (titans and
 # delta, split, whole-V tile; the MLP memory's mlp2 titans row and its gd twin) against the fp32 chunked path, and of
 # each variant, as parallel pytest processes;
 # 3. the benchmark, with an extra titans row per variant that passed; 4. one summary table.
 # Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
 #   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
-#   GPU_CHECK_VARIANTS ("inloop,bvl64,bvs32": checked in parallel, then benchmarked as extra titans rows if correct;
-#   also bv64, bv32, fused, bvl32: see variant_env and bench_kernels.VARIANTS),
-#   MIRAS_KERNEL_CONFIG (warps,stages; default 8,1: one compile per kernel, shared by the tests and the benchmark
+#   GPU_CHECK_VARIANTS ("bvl128,inloop": the gradient pass in one block, the in-loop gate coefficients; checked in
+#   parallel, then benchmarked as extra titans rows if correct; also bv64, bv32, fused, bvl64, bvl32, bvs32: see
+#   variant_env and bench_kernels.VARIANTS; 32-wide tiles crash or go wrong on an H200 with triton 3.6),
+#   MIRAS_KERNEL_CONFIG (warps,stages of the linear kernels; default 8,2, the faster of the two autotune configs on an
+#   H200: one compile per kernel, shared by the tests and the benchmark
 #   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
 # The correctness step runs the benchmark's exact kernels (H=8, D=128, chunk 64, bf16) against the fp32 chunked path;
 # if it FAILS (not a timeout), the benchmark runs the fused kernels instead (measured correct on H200 before).
@@ -21,7 +23,7 @@ if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-d
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
-export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,1}"
+export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
 export MIRAS_KERNEL_MLP=1  # the experimental MLP-memory kernel is opt-in (miras/kernels/__init__.py)
 OUTDIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUTDIR"
@@ -44,7 +46,7 @@ else
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
   BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta,mlp}"
 fi
-VARIANTS="${GPU_CHECK_VARIANTS-inloop,bvl64,bvs32}"
+VARIANTS="${GPU_CHECK_VARIANTS-bvl128,inloop}"
 
 variant_env() {  # the kernel settings of a benchmark variant (same table as bench_kernels.VARIANTS)
   case "$1" in
@@ -53,6 +55,7 @@ variant_env() {  # the kernel settings of a benchmark variant (same table as ben
     fused) echo "MIRAS_KERNEL_SPLIT=0" ;;
     bvl64) echo "MIRAS_KERNEL_BV_LOOP=64" ;;
     bvl32) echo "MIRAS_KERNEL_BV_LOOP=32" ;;
+    bvl128) echo "MIRAS_KERNEL_BV_LOOP=128" ;;
     inloop) echo "MIRAS_KERNEL_COEFFS=0" ;;
     bvs32) echo "MIRAS_KERNEL_BV_STATE=32" ;;
     walk) echo "MIRAS_KERNEL_MLP_LAYOUT=walk" ;;

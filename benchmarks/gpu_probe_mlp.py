@@ -73,7 +73,11 @@ def main() -> None:
         grads = torch.autograd.grad(o.float().square().sum(), leaves) if a.what == "bwd" else []
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - the probe reports any failure in one line
-        print(f"FAIL {tag}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+        import traceback
+
+        where = [f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in traceback.extract_tb(e.__traceback__)
+                 if "miras" in f.filename][-1:]  # the launch that failed (exact under CUDA_LAUNCH_BLOCKING=1)
+        print(f"FAIL {tag}: {type(e).__name__}: {str(e).splitlines()[0][:160]} at {where}", flush=True)
         return
     q32, k32, v32 = (t.detach().float().requires_grad_(a.what == "bwd") for t in (q, k, v))
     g32 = {n: t.detach().requires_grad_(a.what == "bwd") for n, t in gates.items()}

@@ -5,8 +5,8 @@ bf16, chunk 64), warms up, then profiles a few forward+backward steps and prints
 device ms per step, and its share of the step's kernel time. Kernels of PyTorch itself (casts, zero-fills, sums in
 the autograd wrapper) are listed too, since they are part of the cost.
 
-    MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG=8,1 python benchmarks/profile_kernels.py mlp
-    MIRAS_KERNEL_CONFIG=8,1 python benchmarks/profile_kernels.py titans --steps 5
+    MIRAS_KERNEL_MLP=1 python benchmarks/profile_kernels.py mlp      # MLP kernels at MIRAS_KERNEL_MLP_CONFIG (4,1)
+    MIRAS_KERNEL_CONFIG=8,2 python benchmarks/profile_kernels.py titans --steps 5
 """
 
 from __future__ import annotations

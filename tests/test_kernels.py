@@ -175,7 +175,40 @@ def test_huber_gradient_pass_takes_the_whole_tile(monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_BV_LOOP", "16")
     assert (_block_v_loop(64, 3), _block_v_loop(64, 1), _block_v_loop(16, 1)) == (64, 16, 16)
     monkeypatch.delenv("MIRAS_KERNEL_BV_LOOP")
-    assert _block_v_loop(128, 1) == 128  # default: one block, the whole tile
+    assert (_block_v_loop(128, 1), _block_v_loop(32, 1), _block_v_loop(128, 3)) == (64, 32, 128)  # default: 64
+
+
+def test_head_dim_tiles_are_at_least_64_on_gpu(monkeypatch):
+    """On GPU the linear kernels pad head dims below 64 to tiles of 64 (32-wide tiles miscompile on an H200 with
+    triton 3.6); the interpreter keeps the narrow power-of-two tiles, so these tests cover the padding masks."""
+    from miras.kernels import linear
+
+    assert [linear._tile(n) for n in (1, 16, 24, 33, 100)] == [16, 16, 32, 64, 128]
+    monkeypatch.setattr(linear, "interpreting", lambda: False)
+    assert [linear._tile(n) for n in (1, 16, 24, 33, 64, 100, 128)] == [64, 64, 64, 64, 64, 128, 128]
+    monkeypatch.delenv("MIRAS_KERNEL_BV", raising=False)
+    monkeypatch.delenv("MIRAS_KERNEL_BV_STATE", raising=False)
+    assert (linear._block_v(24, 1), linear._block_v(24, 1, state_pass=True), linear._block_v(24, 3)) == (64, 64, 64)
+
+
+@pytest.mark.parametrize("value,expected", [("8,2", (8, 2)), ("4,1", (4, 1)), (" 16, 3", (16, 3))])
+def test_launch_config(monkeypatch, value, expected):
+    from miras.kernels.common import launch_config
+
+    monkeypatch.setenv("MIRAS_TEST_CONFIG", value)
+    assert launch_config("MIRAS_TEST_CONFIG") == expected
+    monkeypatch.delenv("MIRAS_TEST_CONFIG")
+    assert launch_config("MIRAS_TEST_CONFIG") is None
+    assert launch_config("MIRAS_TEST_CONFIG", "4,1") == (4, 1)
+
+
+@pytest.mark.parametrize("value", ["8", "3,1", "8,0", "a,b", "8,1,1"])
+def test_bad_launch_config_is_a_clear_error(monkeypatch, value):
+    from miras.kernels.common import launch_config
+
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG", value)
+    with pytest.raises(ValueError, match=f"MIRAS_KERNEL_MLP_CONFIG must be 'warps,stages'.*{value!r}"):
+        launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
 
 
 @pytest.mark.parametrize("coeffs", ["1", "0"], ids=["coefficient-rows", "in-loop"])

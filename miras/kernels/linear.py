@@ -38,6 +38,7 @@ from miras.kernels.common import (
     gate_coeffs,
     gate_coeffs_t,
     interpreting,
+    launch_config,
     pow2_tile,
 )
 
@@ -616,7 +617,7 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
     while the same multi-tile kernels match the float64 oracle in the interpreter: a codegen problem, see
     benchmarks/RESULTS.md). The split kernels get their parallelism from the chunk axis instead.
     """
-    full = pow2_tile(V)
+    full = _tile(V)
     if bias == 3:
         return full
     env = _env_tile("MIRAS_KERNEL_BV")
@@ -631,9 +632,24 @@ def _block_v_loop(BV: int, bias: int) -> int:
     """Sub-block of the gradient pass (MODE 2 of the backward): each program walks its V-tile in blocks of this many
     columns, reading only [K, sub-block] pieces of the four states at a time, while the gate coefficients, q, k and
     the [BT, K] / [BT, BT] sums stay on chip (``_bwd_grad_chunk``). ``MIRAS_KERNEL_BV_LOOP`` (a power of two >= 16);
-    default the whole tile (one block: the layout measured on the H200 so far). Huber: always the whole tile."""
+    default 64. Huber: always the whole tile.
+
+    H200, triton 3.6, titans row (B=4 T=4096 H=8 D=128 bf16, 8 warps): the gradient pass takes 3.33 ms in one block
+    of 128 and 2.63 ms in blocks of 64 at 2 stages; fwd+bwd 4.77 -> 4.10 ms at 1 stage, 4.65 -> 3.95 ms at 2 stages,
+    correct at both (RESULTS.md, session 8). Blocks of 32 crashed (illegal address) at 1 stage: see ``_tile``."""
     env = _env_tile("MIRAS_KERNEL_BV_LOOP")
-    return BV if bias == 3 or not env else min(BV, env)
+    return BV if bias == 3 else min(BV, env or 64)
+
+
+def _tile(n: int) -> int:
+    """Tile of a head dim (K or V): ``pow2_tile``, and at least 64 on GPU, where narrower heads are padded (masked).
+
+    On the H200 with triton 3.6 every 32-wide V-tile of these kernels went wrong: V-tiles of 32 at 4 warps (GPU run 2,
+    older kernels: wrong outputs, illegal addresses), state-pass tiles of 32 at 8 warps (wrong outputs, 0.43 relative)
+    and gradient-pass sub-blocks of 32 at 8 warps, 1 stage (illegal address), while tiles of 64 and 128 always
+    matched (RESULTS.md, GPU run 2 and sessions 6 and 8). The interpreter keeps the narrow tiles, so the CPU tests cover the
+    padding masks at small head dims."""
+    return pow2_tile(n) if interpreting() else max(64, pow2_tile(n))
 
 
 def _env_tile(name: str) -> int | None:
@@ -665,9 +681,9 @@ def _launch(kernel_raw, kernel_tuned, grid, *args, **kw):
     fixes the config (skips autotuning, e.g. for quick correctness runs)."""
     if interpreting():
         return kernel_raw[grid](*args, **kw)
-    fixed = os.environ.get("MIRAS_KERNEL_CONFIG")
+    fixed = launch_config("MIRAS_KERNEL_CONFIG")
     if fixed:
-        warps, stages = (int(x) for x in fixed.split(","))
+        warps, stages = fixed
         return kernel_raw[grid](*args, num_warps=warps, num_stages=stages, **kw)
     return kernel_tuned[grid](*args, **kw)
 
@@ -702,7 +718,7 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     modes = tuple(m for m in _modes(modes) if m != 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
+    BT, BK, BV = cfg.chunk, _tile(K), _block_v(V, cfg.bias)
     NT = triton.cdiv(T, BT)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
@@ -735,7 +751,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     split = modes != (0,)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = cfg.chunk, pow2_tile(K), _block_v(V, cfg.bias)
+    BT, BK, BV = cfg.chunk, _tile(K), _block_v(V, cfg.bias)
     NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(NV, B, T, H, K, **f32)

@@ -51,6 +51,7 @@ from miras.kernels.common import (
     bias_rows_bwd,
     gate_coeffs,
     interpreting,
+    launch_config,
     pow2_tile,
 )
 
@@ -723,11 +724,19 @@ def layout() -> str:
 
 
 def _launch(kernel, grid, *args, **kw):
-    """Plain launch; ``MIRAS_KERNEL_CONFIG=warps,stages`` sets the config on GPU (default 8 warps, 1 stage)."""
+    """Plain launch; on GPU with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages`` (default 4 warps, 1 stage; the
+    linear kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here).
+
+    4 warps, not 8: on an H200 with triton 3.6, at 8 warps and chunk 64 (hidden tile 16) both layouts read shared
+    memory out of bounds at a tl.dot (compute-sanitizer: invalid __shared__ read in ``_fwd_tile``; an illegal address,
+    or NaN / wrong outputs as in the walk layout's gd case), while chunk 16 / 32 (hidden tile 32, smaller dots) ran
+    right. At 4 warps the tiles layout matched the fp32 chunked path in every probed case (fp32 D=64 T=256 gd; bf16
+    D=128 T=1024 H=8 momentum and gd: outputs and all gradients within 1e-2), and so did 8 warps with Triton's
+    wgmma turned off (DISABLE_MMA_V3=1): a Hopper wgmma code-generation problem with narrow tiles (RESULTS.md,
+    session 8), of the kind reported in triton #10629 / #11366."""
     if interpreting():
         return kernel[grid](*args, **kw)
-    fixed = os.environ.get("MIRAS_KERNEL_CONFIG", "8,1")
-    warps, stages = (int(x) for x in fixed.split(","))
+    warps, stages = launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
     return kernel[grid](*args, num_warps=warps, num_stages=stages, **kw)
 
 

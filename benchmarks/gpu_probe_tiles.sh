@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU probe of the MLP kernel's tiles layout: small to bench shapes, one process each (in parallel, launches blocking
+# so a failure names its kernel), then one case under compute-sanitizer memcheck. Logs under $OUT.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG=8,1 CUDA_LAUNCH_BLOCKING=1 PYTHONUNBUFFERED=1
+OUTDIR="${OUT:-/tmp/probe_tiles}"; mkdir -p "$OUTDIR"
+CASES=("--D 16 --T 37 --chunk 16 --what fwd" "--D 16 --T 37 --chunk 16 --what bwd" "--D 64 --T 100 --chunk 16 --what bwd"
+       "--D 64 --T 256 --chunk 64 --what fwd" "--D 64 --T 256 --chunk 64 --what bwd" "--D 128 --T 256 --chunk 64 --what fwd"
+       "--D 128 --T 256 --chunk 64 --what bwd" "--D 128 --T 256 --chunk 64 --what bwd --learner momentum --dtype bf16")
+for i in "${!CASES[@]}"; do
+  # shellcheck disable=SC2086
+  timeout 100 python3 benchmarks/gpu_probe_mlp.py ${CASES[$i]} > "$OUTDIR/case.$i.log" 2>&1 &
+done
+wait
+for i in "${!CASES[@]}"; do echo "== ${CASES[$i]}: $(grep -hE "^(OK|FAIL)" "$OUTDIR/case.$i.log" | cut -c1-400)"; done
+SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+echo "sanitizer: ${SAN:-none}"
+[ -n "$SAN" ] && timeout 150 "$SAN" --tool memcheck --print-limit 4 python3 benchmarks/gpu_probe_mlp.py --D 64 --T 100 \
+  --chunk 16 --what bwd 2>&1 | tee "$OUTDIR/memcheck.log" | grep -E "^(OK|FAIL)|ERROR SUMMARY|Invalid|at 0x|by thread|Address|in _" | head -24
