@@ -131,7 +131,7 @@ VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}
             "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
             "bvl128": {"MIRAS_KERNEL_BV_LOOP": "128"}, "inloop": {"MIRAS_KERNEL_COEFFS": "0"},
             "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"},
-            "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}}
+            "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"}}
 
 
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:

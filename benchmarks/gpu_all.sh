@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
 # left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory and for
-# titans linear (device ms per kernel), 3. gpu_passes.sh without its probes (the linear kernels pass by pass, per
-# variant). Logs: $OUT/check.log, $OUT/profile.log, $OUT/passes.log and every step's own logs in $OUT/logs.tgz.
+# titans linear (device ms per kernel), 3. the MLP kernels' GPU test file, and bf16 dot operands for them (tests, then
+# a benchmark row), 4. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
+# Logs: $OUT/check.log, profile.log, mlp.log, passes.log, and every step's own logs in $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
 cd "$(dirname "$0")/.." || exit 1
 OUTDIR="${OUT:-/tmp/gpu_all}"
@@ -23,6 +24,20 @@ for fam in mlp titans; do
   timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$fam" 2>&1 \
     | grep -vE "^(STAGE|USDT)" | tee -a "$OUTDIR/profile.log"
 done
+
+# the MLP kernels: the whole GPU test file at the defaults, then bf16 dot operands (MIRAS_KERNEL_MLP_PREC=bf16) on
+# the two bench-shape cases and, if they pass, their benchmark row
+if [ "$(left)" -gt 150 ]; then
+  timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
+    | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
+  MIRAS_KERNEL_MLP_PREC=bf16 timeout 100 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider \
+    -k "bf16 and 1024" > /tmp/mlp_bf16.log 2>&1
+  rc=$?
+  grep -E "^(l2|huber|lp)|passed|failed|^E  " /tmp/mlp_bf16.log | sed 's/^/bf16 operands: /' | cut -c1-300 \
+    | tee -a "$OUTDIR/mlp.log"
+  [ "$rc" = 0 ] && timeout 100 python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants mlpbf16 \
+    2>&1 | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
+fi
 
 if [ "$(left)" -gt 90 ]; then
   GPU_PASSES_PROBES=0 OUT=/tmp/gpu_passes timeout "$(left)" bash benchmarks/gpu_passes.sh > "$OUTDIR/passes.log" 2>&1

@@ -191,6 +191,22 @@ def test_kernel_support_names_the_missing_piece(memory, missing):
         triton_memory_scan(spec, x["q"], x["k"], x["v"], {n: x[n] for n in ("lr", "keep", "momentum")})
 
 
+def test_dot_precision_switch(monkeypatch):
+    """bf16 inputs on GPU: TF32 dots by default, bf16 operands with MIRAS_KERNEL_MLP_PREC=bf16, anything else a clear
+    error; fp32 inputs always 3xTF32, and the interpreter always exact fp32."""
+    from miras.kernels import mlp
+
+    x16, x32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert mlp._prec(x16) == "ieee"
+    monkeypatch.setattr(mlp, "interpreting", lambda: False)
+    assert (mlp._prec(x16), mlp._prec(x32)) == ("tf32", "tf32x3")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_PREC", "bf16")
+    assert (mlp._prec(x16), mlp._prec(x32)) == ("bf16", "tf32x3")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_PREC", "fp8")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_PREC must be one of \('tf32', 'bf16'\).*'fp8'"):
+        mlp._prec(x16)
+
+
 def test_bad_layout_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_MLP_LAYOUT", "fast")
     spec = mlp_spec("l2", "none", "gd")

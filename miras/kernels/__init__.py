@@ -16,7 +16,8 @@ step instead of reading them from the per-chunk coefficient kernel; ``MIRAS_KERN
 autotuning on GPU; ``MIRAS_KERNEL_MLP=1`` enables the experimental 2-layer MLP-memory kernels,
 ``MIRAS_KERNEL_MLP_LAYOUT`` their layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``:
 miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32), ``MIRAS_KERNEL_MLP_CONFIG``
-their launch config (``warps,stages``, default ``4,1``: 8 warps miscompile on Hopper, see ``mlp._launch``).
+their launch config (``warps,stages``, default ``4,1``: 8 warps miscompile on Hopper, see ``mlp._launch``),
+``MIRAS_KERNEL_MLP_PREC=bf16`` bf16 dot operands for bf16 inputs (default tf32).
 """
 
 from __future__ import annotations

@@ -740,16 +740,23 @@ def _launch(kernel, grid, *args, **kw):
     return kernel[grid](*args, num_warps=warps, num_stages=stages, **kw)
 
 
-def _prec(x: torch.Tensor) -> str:
-    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, TF32 for bf16/fp16 inputs.
+PRECISIONS = ("tf32", "bf16")
 
-    Not bf16 operands (as the linear kernels use): on an H200 with triton 3.6, bf16 dots in these kernels at chunk 64,
-    D=128 read shared memory out of bounds (compute-sanitizer: invalid __shared__ read in _mlp_fwd_kernel) and gave
-    wrong outputs (rel. err 0.15), while the same kernels with fp32 operands were exact (benchmarks/RESULTS.md).
-    """
+
+def _prec(x: torch.Tensor) -> str:
+    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, and for bf16/fp16 inputs TF32,
+    or bf16 operands (fp32 accumulation, as the linear kernels use) with ``MIRAS_KERNEL_MLP_PREC=bf16``.
+
+    TF32 by default: bf16 dots were seen reading shared memory out of bounds on an H200 (triton 3.6), but at 8 warps,
+    where the TF32 dots fail too (``_launch``); at 4 warps bf16 operands are unmeasured, hence the switch."""
     if interpreting():
         return "ieee"
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+    if x.dtype == torch.float32:
+        return "tf32x3"
+    value = os.environ.get("MIRAS_KERNEL_MLP_PREC", "tf32")
+    if value not in PRECISIONS:
+        raise ValueError(f"MIRAS_KERNEL_MLP_PREC must be one of {PRECISIONS}, but got {value!r}")
+    return value
 
 
 def _consts(cfg: MLPConfig, q: torch.Tensor, v: torch.Tensor) -> dict:
