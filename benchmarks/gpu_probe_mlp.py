@@ -76,7 +76,7 @@ def main() -> None:
         import traceback
 
         where = [f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in traceback.extract_tb(e.__traceback__)
-                 if "miras" in f.filename][-1:]  # the launch that failed (exact under CUDA_LAUNCH_BLOCKING=1)
+                 if "miras" in f.filename][-2:]  # the launch that failed and its caller (CUDA_LAUNCH_BLOCKING=1)
         print(f"FAIL {tag}: {type(e).__name__}: {str(e).splitlines()[0][:160]} at {where}", flush=True)
         return
     q32, k32, v32 = (t.detach().float().requires_grad_(a.what == "bwd") for t in (q, k, v))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU probe of the MLP kernel's tiles layout: small to bench shapes, one process each (in parallel, launches blocking
-# so a failure names its kernel), then one case under compute-sanitizer memcheck. Logs under $OUT.
+# so a failure names its kernel), then one case under compute-sanitizer memcheck. Logs under $OUT. Session 8 ran it at
+# 8 warps (the default then, and still here: MIRAS_KERNEL_MLP_CONFIG overrides).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG=8,1 CUDA_LAUNCH_BLOCKING=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_MLP_CONFIG="${MIRAS_KERNEL_MLP_CONFIG:-8,1}" CUDA_LAUNCH_BLOCKING=1 PYTHONUNBUFFERED=1
 OUTDIR="${OUT:-/tmp/probe_tiles}"; mkdir -p "$OUTDIR"
 CASES=("--D 16 --T 37 --chunk 16 --what fwd" "--D 16 --T 37 --chunk 16 --what bwd" "--D 64 --T 100 --chunk 16 --what bwd"
        "--D 64 --T 256 --chunk 64 --what fwd" "--D 64 --T 256 --chunk 64 --what bwd" "--D 128 --T 256 --chunk 64 --what fwd"
