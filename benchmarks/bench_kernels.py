@@ -130,7 +130,7 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
 VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"},
             "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
             "bvl128": {"MIRAS_KERNEL_BV_LOOP": "128"}, "inloop": {"MIRAS_KERNEL_COEFFS": "0"},
-            "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"},
+            "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"}, "reg128": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1,128"},
             "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"}}
 
 

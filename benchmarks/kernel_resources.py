@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     ap.add_argument("--bvl", type=int, default=0, help="bwd gradient pass: V sub-block (default: the whole tile)")
     ap.add_argument("--sass", action="store_true", help="also print the static SASS profile")
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap on registers per thread (ptx .maxnreg)")
     ap.add_argument("--no-cf", action="store_true", help="state passes build the gate coefficients in the loop")
     a = ap.parse_args()
     io = "bf16" if a.prec == "bf16" else "fp32"
@@ -62,7 +63,8 @@ def main() -> None:
            for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     t0 = time.time()
-    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.warps, "num_stages": a.stages})
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.warps, "num_stages": a.stages,
+                                                                       "maxnreg": a.maxnreg})
     dt = time.time() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kern.asm["cubin"])

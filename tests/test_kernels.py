@@ -191,23 +191,41 @@ def test_head_dim_tiles_are_at_least_64_on_gpu(monkeypatch):
     assert (linear._block_v(24, 1), linear._block_v(24, 1, state_pass=True), linear._block_v(24, 3)) == (64, 64, 64)
 
 
-@pytest.mark.parametrize("value,expected", [("8,2", (8, 2)), ("4,1", (4, 1)), (" 16, 3", (16, 3))])
+@pytest.mark.parametrize("value,expected", [("8,2", dict(num_warps=8, num_stages=2)),
+                                            (" 16, 3", dict(num_warps=16, num_stages=3)),
+                                            ("8,1,128", dict(num_warps=8, num_stages=1, maxnreg=128))])
 def test_launch_config(monkeypatch, value, expected):
-    from miras.kernels.common import launch_config
+    from miras.kernels.settings import launch_config
 
     monkeypatch.setenv("MIRAS_TEST_CONFIG", value)
     assert launch_config("MIRAS_TEST_CONFIG") == expected
     monkeypatch.delenv("MIRAS_TEST_CONFIG")
     assert launch_config("MIRAS_TEST_CONFIG") is None
-    assert launch_config("MIRAS_TEST_CONFIG", "4,1") == (4, 1)
+    assert launch_config("MIRAS_TEST_CONFIG", "4,1") == dict(num_warps=4, num_stages=1)
 
 
-@pytest.mark.parametrize("value", ["8", "3,1", "8,0", "a,b", "8,1,1"])
+def test_switch_settings(monkeypatch):
+    """On/off knobs take 1/true/yes or 0/false/no; anything else is an error naming the variable (it was read as 'on')."""
+    from miras.kernels import linear
+    from miras.kernels.settings import env_switch
+
+    for value, on in [("1", True), ("YES", True), ("false", False), ("0", False), ("", True)]:
+        monkeypatch.setenv("MIRAS_KERNEL_SPLIT", value)
+        assert linear._split() is on
+    monkeypatch.setenv("MIRAS_KERNEL_SPLIT", "fused")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_SPLIT must be one of 1, true, yes, 0, false, no.*'fused'"):
+        linear._split()
+    monkeypatch.setenv("MIRAS_KERNEL_MLP", "on")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP must be one of"):
+        env_switch("MIRAS_KERNEL_MLP", False)
+
+
+@pytest.mark.parametrize("value", ["8", "3,1", "8,0", "a,b", "8,1,1", "8,1,300", "8,1,128,2"])
 def test_bad_launch_config_is_a_clear_error(monkeypatch, value):
-    from miras.kernels.common import launch_config
+    from miras.kernels.settings import launch_config
 
     monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG", value)
-    with pytest.raises(ValueError, match=f"MIRAS_KERNEL_MLP_CONFIG must be 'warps,stages'.*{value!r}"):
+    with pytest.raises(ValueError, match=f"MIRAS_KERNEL_MLP_CONFIG must be 'warps,stages' or.*{value!r}"):
         launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
 
 

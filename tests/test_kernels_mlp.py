@@ -207,6 +207,19 @@ def test_dot_precision_switch(monkeypatch):
         mlp._prec(x16)
 
 
+def test_hidden_tile_setting(monkeypatch):
+    """MIRAS_KERNEL_BH: a power of two >= 16, at most the padded hidden width; a bad value names the variable."""
+    from miras.kernels.mlp import _block_h
+
+    monkeypatch.delenv("MIRAS_KERNEL_BH", raising=False)
+    assert (_block_h(256, 64), _block_h(256, 32), _block_h(24, 16)) == (16, 32, 32)
+    monkeypatch.setenv("MIRAS_KERNEL_BH", "64")
+    assert (_block_h(256, 64), _block_h(40, 64)) == (64, 64)
+    monkeypatch.setenv("MIRAS_KERNEL_BH", "24")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_BH must be a power of two >= 16.*'24'"):
+        _block_h(256, 64)
+
+
 def test_bad_layout_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_MLP_LAYOUT", "fast")
     spec = mlp_spec("l2", "none", "gd")

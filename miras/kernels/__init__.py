@@ -7,28 +7,32 @@ kernel is answered by ``kernel_support``; everything else falls back to the PyTo
 Triton is imported lazily (only when a kernel runs), so ``import miras.kernels`` works without it. On a CPU machine the
 kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported.
 
-Knobs (environment, read at each call): ``MIRAS_KERNEL_SPLIT=0`` runs the fused chunk walk instead of the split
-kernels (state pass + chunk-parallel passes, miras/kernels/linear.py); ``MIRAS_KERNEL_BV=64`` a smaller V-tile (the
-default is the whole V; Huber always uses it); ``MIRAS_KERNEL_BV_STATE`` the V-tile of the sequential state passes
-(default: that tile, at most 64); ``MIRAS_KERNEL_BV_LOOP`` the sub-block in which the backward's gradient pass walks
-its V-tile (default: 64 columns); ``MIRAS_KERNEL_COEFFS=0`` makes the state passes build the gate coefficients at every
-step instead of reading them from the per-chunk coefficient kernel; ``MIRAS_KERNEL_CONFIG=warps,stages`` skips
-autotuning on GPU; ``MIRAS_KERNEL_MLP=1`` enables the experimental 2-layer MLP-memory kernels,
-``MIRAS_KERNEL_MLP_LAYOUT`` their layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``:
-miras/kernels/mlp.py), ``MIRAS_KERNEL_BH`` their hidden tile (16 at chunk 64, else 32), ``MIRAS_KERNEL_MLP_CONFIG``
-their launch config (``warps,stages``, default ``4,1``: 8 warps miscompile on Hopper, see ``mlp._launch``),
-``MIRAS_KERNEL_MLP_PREC=bf16`` bf16 dot operands for bf16 inputs (default tf32).
+Knobs (environment, read at each call; a malformed value is a ValueError naming the variable):
+- ``MIRAS_KERNEL_SPLIT=0``: the fused chunk walk instead of the split kernels (state pass + chunk-parallel passes,
+  miras/kernels/linear.py).
+- ``MIRAS_KERNEL_BV``: a smaller V-tile (default the whole V; Huber always uses it); ``MIRAS_KERNEL_BV_STATE``: the
+  V-tile of the sequential state passes (default: that tile, at most 64); ``MIRAS_KERNEL_BV_LOOP``: the sub-block in
+  which the backward's gradient pass walks its V-tile (default 64 columns). On GPU, tiles are at least 64 wide.
+- ``MIRAS_KERNEL_COEFFS=0``: the state passes build the gate coefficients at every step instead of reading them from
+  the per-chunk coefficient kernel.
+- ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
+  ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
+- ``MIRAS_KERNEL_MLP=1``: enables the experimental 2-layer MLP-memory kernels; ``MIRAS_KERNEL_MLP_LAYOUT``: their
+  layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
+  their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
+  8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC=bf16``: bf16 dot operands for bf16
+  inputs (default tf32).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from functools import cache, lru_cache
 
 import torch
 
 from miras.errors import KernelUnavailable
+from miras.kernels.settings import env_switch
 
 __all__ = ["kernel_support", "triton_memory_scan", "triton_status"]
 
@@ -94,7 +98,7 @@ def kernel_support(spec) -> tuple[bool, str]:
                           "norm: false or use the chunked PyTorch path"
         if mem.activation not in ("gelu", "silu", "tanh", "relu"):
             return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
-        if os.environ.get("MIRAS_KERNEL_MLP", "0").lower() not in ("1", "true", "yes"):
+        if not env_switch("MIRAS_KERNEL_MLP", False):
             return False, (
                 "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H200 "
                 "its default layout (hidden tiles across programs, miras/kernels/mlp_tiles.py, 4 warps) matched the "

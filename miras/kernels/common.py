@@ -64,21 +64,6 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
-WARPS = (1, 2, 4, 8, 16)
-
-
-def launch_config(name: str, default: str | None = None) -> tuple[int, int] | None:
-    """``(num_warps, num_stages)`` from the environment variable ``name`` ("warps,stages", e.g. "8,2"), else from
-    ``default``; None when both are unset. A malformed value is a ValueError naming the variable."""
-    value = os.environ.get(name) or default
-    if not value:
-        return None
-    parts = value.split(",")
-    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts) or int(parts[0]) not in WARPS or int(parts[1]) < 1:
-        raise ValueError(f"{name} must be 'warps,stages' with warps in {WARPS} and stages >= 1, but got {name}={value!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def pow2_tile(n: int) -> int:
     """Tile size for a head dim: the next power of two, at least 16 (tl.dot needs dims >= 16)."""
     return max(16, triton.next_power_of_2(n))

@@ -38,9 +38,9 @@ from miras.kernels.common import (
     gate_coeffs,
     gate_coeffs_t,
     interpreting,
-    launch_config,
     pow2_tile,
 )
+from miras.kernels.settings import env_switch, env_tile, launch_config
 
 
 class LinearConfig(RuleConfig):
@@ -620,10 +620,10 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
     full = _tile(V)
     if bias == 3:
         return full
-    env = _env_tile("MIRAS_KERNEL_BV")
+    env = env_tile("MIRAS_KERNEL_BV")
     tile = min(full, env) if env else full
     if state_pass:
-        env_state = _env_tile("MIRAS_KERNEL_BV_STATE")
+        env_state = env_tile("MIRAS_KERNEL_BV_STATE")
         tile = min(full, env_state) if env_state else min(tile, 64)
     return tile
 
@@ -637,7 +637,7 @@ def _block_v_loop(BV: int, bias: int) -> int:
     H200, triton 3.6, titans row (B=4 T=4096 H=8 D=128 bf16, 8 warps): the gradient pass takes 3.33 ms in one block
     of 128 and 2.63 ms in blocks of 64 at 2 stages; fwd+bwd 4.77 -> 4.10 ms at 1 stage, 4.65 -> 3.95 ms at 2 stages,
     correct at both (RESULTS.md, session 8). Blocks of 32 crashed (illegal address) at 1 stage: see ``_tile``."""
-    env = _env_tile("MIRAS_KERNEL_BV_LOOP")
+    env = env_tile("MIRAS_KERNEL_BV_LOOP")
     return BV if bias == 3 else min(BV, env or 64)
 
 
@@ -652,19 +652,9 @@ def _tile(n: int) -> int:
     return pow2_tile(n) if interpreting() else max(64, pow2_tile(n))
 
 
-def _env_tile(name: str) -> int | None:
-    """A tile size from the environment variable ``name`` (a power of two >= 16), or None when it is unset."""
-    value = os.environ.get(name)
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (a V-tile of the memory kernels), but got {name}={value!r}")
-    return int(value)
-
-
 def _split() -> bool:
     """Split kernels (state pass + chunk-parallel pass, the default) or the fused walk (``MIRAS_KERNEL_SPLIT=0``)."""
-    return os.environ.get("MIRAS_KERNEL_SPLIT", "1") not in ("0", "false", "no")
+    return env_switch("MIRAS_KERNEL_SPLIT", True)
 
 
 def _coeff_rows() -> bool:
@@ -676,15 +666,16 @@ def _coeff_rows() -> bool:
     return value == "1"
 
 
-def _launch(kernel_raw, kernel_tuned, grid, *args, **kw):
+def _launch(kernel_raw, kernel_tuned, grid, *args, grad_pass: bool = False, **kw):
     """Autotuned launch on GPU; the plain kernel in the interpreter or when ``MIRAS_KERNEL_CONFIG=warps,stages``
-    fixes the config (skips autotuning, e.g. for quick correctness runs)."""
+    fixes the config (skips autotuning, e.g. for quick correctness runs). The backward's gradient pass takes
+    ``MIRAS_KERNEL_GRAD_CONFIG`` first (e.g. "8,1,128": 8 warps, 1 stage, at most 128 registers per thread, so that
+    two programs share an SM: the pass is latency-bound at one program per SM, RESULTS.md session 8)."""
     if interpreting():
         return kernel_raw[grid](*args, **kw)
-    fixed = launch_config("MIRAS_KERNEL_CONFIG")
+    fixed = (grad_pass and launch_config("MIRAS_KERNEL_GRAD_CONFIG")) or launch_config("MIRAS_KERNEL_CONFIG")
     if fixed:
-        warps, stages = fixed
-        return kernel_raw[grid](*args, num_warps=warps, num_stages=stages, **kw)
+        return kernel_raw[grid](*args, **fixed, **kw)
     return kernel_tuned[grid](*args, **kw)
 
 
@@ -780,7 +771,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
         _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
-                BVL=_block_v_loop(bv, cfg.bias))
+                BVL=_block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
     dkeep = dla.sum(0) / keep if cfg.has_keep else None
     dmu = dlm.sum(0) / mu if cfg.momentum else None
     dd = ddelta.sum(0) if cfg.bias == 3 else None

@@ -51,9 +51,9 @@ from miras.kernels.common import (
     bias_rows_bwd,
     gate_coeffs,
     interpreting,
-    launch_config,
     pow2_tile,
 )
+from miras.kernels.settings import env_switch, env_tile, launch_config
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
 
@@ -697,8 +697,7 @@ def _block_h(hidden: int, chunk: int) -> int:
     hidden width. Every [K, BH] / [BH, V] state tile is staged in shared memory once or twice per use; at chunk 64,
     D=128 with BH=32 the momentum backward asked for 272 KB of the 227 KB an H100/H200 has (sm_90 compile with triton
     3.9, benchmarks/kernel_resources_mlp.py), 176 KB with BH=16."""
-    env = os.environ.get("MIRAS_KERNEL_BH")
-    bh = max(16, int(env)) if env else (16 if chunk >= 64 else 32)
+    bh = env_tile("MIRAS_KERNEL_BH") or (16 if chunk >= 64 else 32)
     return min(bh, pow2_tile(hidden))
 
 
@@ -708,7 +707,8 @@ def tiles(hidden: int, chunk: int, momentum: bool, backward: bool) -> dict:
 
 
 def _split() -> bool:
-    return os.environ.get("MIRAS_KERNEL_SPLIT", "1") not in ("0", "false", "no")
+    """Walk layout: forward in two launches (state pass, then outputs; the default) or one (``MIRAS_KERNEL_SPLIT=0``)."""
+    return env_switch("MIRAS_KERNEL_SPLIT", True)
 
 
 LAYOUTS = ("tiles", "walk")
@@ -724,8 +724,8 @@ def layout() -> str:
 
 
 def _launch(kernel, grid, *args, **kw):
-    """Plain launch; on GPU with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages`` (default 4 warps, 1 stage; the
-    linear kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here).
+    """Plain launch; on GPU with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps,
+    1 stage; the linear kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here).
 
     4 warps, not 8: on an H200 with triton 3.6, at 8 warps and chunk 64 (hidden tile 16) both layouts read shared
     memory out of bounds at a tl.dot (compute-sanitizer: invalid __shared__ read in ``_fwd_tile``; an illegal address,
@@ -736,8 +736,7 @@ def _launch(kernel, grid, *args, **kw):
     session 8), of the kind reported in triton #10629 / #11366."""
     if interpreting():
         return kernel[grid](*args, **kw)
-    warps, stages = launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
-    return kernel[grid](*args, num_warps=warps, num_stages=stages, **kw)
+    return kernel[grid](*args, **launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1"), **kw)
 
 
 PRECISIONS = ("tf32", "bf16")

@@ -1,0 +1,53 @@
+"""Environment settings of the memory kernels (no Triton import, so ``miras.kernels`` can read them without it).
+
+Every reader raises a ValueError naming the variable and the allowed values for a malformed setting; the knobs
+themselves are listed in miras/kernels/__init__.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+WARPS = (1, 2, 4, 8, 16)
+
+
+def launch_config(name: str, default: str | None = None) -> dict | None:
+    """Launch options from the environment variable ``name`` ("warps,stages" or "warps,stages,maxnreg", e.g. "8,2"
+    or "8,1,128"), else from ``default``: ``{"num_warps", "num_stages"[, "maxnreg"]}``; None when both are unset.
+    maxnreg caps the registers per thread (ptx .maxnreg; fewer registers, more programs per SM, more spills).
+    A malformed value is a ValueError naming the variable."""
+    value = os.environ.get(name) or default
+    if not value:
+        return None
+    parts = [x.strip() for x in value.split(",")]
+    ok = len(parts) in (2, 3) and all(x.isdigit() for x in parts)
+    if not ok or int(parts[0]) not in WARPS or int(parts[1]) < 1 or (len(parts) == 3 and not 32 <= int(parts[2]) <= 255):
+        raise ValueError(f"{name} must be 'warps,stages' or 'warps,stages,maxnreg' with warps in {WARPS}, stages >= 1 "
+                         f"and 32 <= maxnreg <= 255, but got {name}={value!r}")
+    config = {"num_warps": int(parts[0]), "num_stages": int(parts[1])}
+    if len(parts) == 3:
+        config["maxnreg"] = int(parts[2])
+    return config
+
+
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off setting from the environment variable ``name`` (1/true/yes or 0/false/no), else ``default``."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    if value.lower() not in SWITCH_VALUES:
+        raise ValueError(f"{name} must be one of 1, true, yes, 0, false, no, but got {name}={value!r}")
+    return SWITCH_VALUES[value.lower()]
+
+
+def env_tile(name: str) -> int | None:
+    """A tile size from the environment variable ``name`` (a power of two >= 16), or None when it is unset."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (a tile of the memory kernels), but got {name}={value!r}")
+    return int(value)
