@@ -644,11 +644,11 @@ def _block_v_loop(BV: int, bias: int) -> int:
 def _tile(n: int) -> int:
     """Tile of a head dim (K or V): ``pow2_tile``, and at least 64 on GPU, where narrower heads are padded (masked).
 
-    On the H200 with triton 3.6 every 32-wide V-tile of these kernels went wrong: V-tiles of 32 at 4 warps (GPU run 2,
-    older kernels: wrong outputs, illegal addresses), state-pass tiles of 32 at 8 warps (wrong outputs, 0.43 relative)
-    and gradient-pass sub-blocks of 32 at 8 warps, 1 stage (illegal address), while tiles of 64 and 128 always
-    matched (RESULTS.md, GPU run 2 and sessions 6 and 8). The interpreter keeps the narrow tiles, so the CPU tests cover the
-    padding masks at small head dims."""
+    On the H200 with triton 3.6 every 32-wide V-tile of these kernels went wrong: V-tiles of 32 at 4 warps (GPU run
+    2, older kernels: wrong outputs, illegal addresses), state-pass tiles of 32 at 8 warps (wrong outputs, 0.43
+    relative) and gradient-pass sub-blocks of 32 at 8 warps, 1 stage (illegal address), while tiles of 64 and 128
+    always matched (RESULTS.md, GPU run 2 and sessions 6 and 8). Head dims below 64 have not run on a GPU since. The
+    interpreter keeps the narrow tiles, so the CPU tests cover the padding masks at small head dims."""
     return pow2_tile(n) if interpreting() else max(64, pow2_tile(n))
 
 

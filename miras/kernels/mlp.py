@@ -732,8 +732,8 @@ def _launch(kernel, grid, *args, **kw):
     or NaN / wrong outputs as in the walk layout's gd case), while chunk 16 / 32 (hidden tile 32, smaller dots) ran
     right. At 4 warps the tiles layout matched the fp32 chunked path in every probed case (fp32 D=64 T=256 gd; bf16
     D=128 T=1024 H=8 momentum and gd: outputs and all gradients within 1e-2), and so did 8 warps with Triton's
-    wgmma turned off (DISABLE_MMA_V3=1): a Hopper wgmma code-generation problem with narrow tiles (RESULTS.md,
-    session 8), of the kind reported in triton #10629 / #11366."""
+    wgmma turned off (DISABLE_MMA_V3=1) in both bf16 cases: a Hopper wgmma code-generation problem with narrow tiles
+    (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
     if interpreting():
         return kernel[grid](*args, **kw)
     return kernel[grid](*args, **launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1"), **kw)
