@@ -278,6 +278,19 @@ def _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, dq, dk, b_q, b_k, b_do, b_v, b_d, R, Y
 
 
 @triton.jit
+def _bwd_sums_zero(BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Zeroed accumulators of the backward's cross-tile sums, in ``_bwd_tile_math``'s output order: SA, SAT, dC1, dC1T
+    ([BT, BT]), dR ([BT, BV]), dq, dk ([BT, BK]), dbeta, df, dgam, dgL, dnL ([BT]), dbL, dfL, dmL (scalars)."""
+    zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    return (tl.zeros([BT, BT], dtype=tl.float32), tl.zeros([BT, BT], dtype=tl.float32),
+            tl.zeros([BT, BT], dtype=tl.float32), tl.zeros([BT, BT], dtype=tl.float32),
+            tl.zeros([BT, BV], dtype=tl.float32), tl.zeros([BT, BK], dtype=tl.float32),
+            tl.zeros([BT, BK], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32),
+            tl.zeros([BT], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32),
+            zero, zero, zero)
+
+
+@triton.jit
 def _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT: tl.constexpr, DECAYED: tl.constexpr, PREC: tl.constexpr):
     """Backward of tile j, the dY terms (pass 3, gdY = gamma dY): dZ1 = X + (gdY W2_j^T) act'(Z1). Returns the tile's
     part of dk and of dgamma, and what it adds to the start-state gradient tiles (k^T gamma dZ1, A1^T gdY)."""
@@ -534,21 +547,8 @@ def _bwd_chunk(
 
     tl.store(xs + p_r + o_t[:, None] * BV + o_v[None, :], R)
     tl.debug_barrier()  # pass 2 reloads R per hidden tile
-    SA = tl.zeros([BT, BT], dtype=tl.float32)
-    SAT = tl.zeros([BT, BT], dtype=tl.float32)
-    dC1 = tl.zeros([BT, BT], dtype=tl.float32)
-    dC1T = tl.zeros([BT, BT], dtype=tl.float32)
-    dR = tl.zeros([BT, o_v.shape[0]], dtype=tl.float32)
-    b_dq = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
-    b_dk = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
-    dbeta = tl.zeros([BT], dtype=tl.float32)
-    df = tl.zeros([BT], dtype=tl.float32)
-    dgam = tl.zeros([BT], dtype=tl.float32)
-    dgL = tl.zeros([BT], dtype=tl.float32)
-    dnL = tl.zeros([BT], dtype=tl.float32)
-    dbL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
-    dfL = dbL
-    dmL = dbL
+    SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL = _bwd_sums_zero(
+        BT, o_k.shape[0], o_v.shape[0])
 
     # pass 2: the read and every term that needs only R; the dY terms wait for pass 3
     for j in range(NH):

@@ -37,6 +37,7 @@ from miras.kernels.mlp import (
     _act,
     _block_h,
     _bwd_chunk_dy,
+    _bwd_sums_zero,
     _bwd_tile_dy,
     _bwd_tile_math,
     _final_state,
@@ -370,21 +371,7 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
     G, GT, R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
-    SA = tl.zeros([BT, BT], dtype=tl.float32)
-    SAT = tl.zeros([BT, BT], dtype=tl.float32)
-    dC1 = tl.zeros([BT, BT], dtype=tl.float32)
-    dC1T = tl.zeros([BT, BT], dtype=tl.float32)
-    dR = tl.zeros([BT, BV], dtype=tl.float32)
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    dbeta = tl.zeros([BT], dtype=tl.float32)
-    df = tl.zeros([BT], dtype=tl.float32)
-    dgam = tl.zeros([BT], dtype=tl.float32)
-    dgL = tl.zeros([BT], dtype=tl.float32)
-    dnL = tl.zeros([BT], dtype=tl.float32)
-    dbL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
-    dfL = dbL
-    dmL = dbL
+    SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL = _bwd_sums_zero(BT, BK, BV)
     for jj in range(NH):
         slot = (jj * BHN + i_bh).to(tl.int64)
         bb = (slot * 4 * BT + o_t[:, None]) * BT + o_t[None, :]
