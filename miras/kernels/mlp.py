@@ -34,7 +34,6 @@ Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,7 @@ from miras.kernels.common import (
     interpreting,
     pow2_tile,
 )
-from miras.kernels.settings import env_switch, env_tile, launch_config
+from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
 
@@ -717,10 +716,7 @@ LAYOUTS = ("tiles", "walk")
 def layout() -> str:
     """``MIRAS_KERNEL_MLP_LAYOUT``: "tiles" (default; miras/kernels/mlp_tiles.py: the hidden dimension split across
     programs, a few launches per chunk) or "walk" (this module: one program per batch*head walks the chunks)."""
-    value = os.environ.get("MIRAS_KERNEL_MLP_LAYOUT", "tiles")
-    if value not in LAYOUTS:
-        raise ValueError(f"MIRAS_KERNEL_MLP_LAYOUT must be one of {LAYOUTS}, but got {value!r}")
-    return value
+    return env_choice("MIRAS_KERNEL_MLP_LAYOUT", LAYOUTS, "tiles")
 
 
 def _launch(kernel, grid, *args, **kw):
@@ -752,10 +748,7 @@ def _prec(x: torch.Tensor) -> str:
         return "ieee"
     if x.dtype == torch.float32:
         return "tf32x3"
-    value = os.environ.get("MIRAS_KERNEL_MLP_PREC", "tf32")
-    if value not in PRECISIONS:
-        raise ValueError(f"MIRAS_KERNEL_MLP_PREC must be one of {PRECISIONS}, but got {value!r}")
-    return value
+    return env_choice("MIRAS_KERNEL_MLP_PREC", PRECISIONS, "tf32")
 
 
 def _consts(cfg: MLPConfig, q: torch.Tensor, v: torch.Tensor) -> dict:

@@ -51,3 +51,11 @@ def env_tile(name: str) -> int | None:
     if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
         raise ValueError(f"{name} must be a power of two >= 16 (a tile of the memory kernels), but got {name}={value!r}")
     return int(value)
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices`` from the environment variable ``name``, else ``default``."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, but got {value!r}")
+    return value
