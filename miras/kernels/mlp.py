@@ -148,18 +148,30 @@ def _state_tiles(w1s, w2s, s1s, s2s, o1, o2, w1_off, w1_ok, w2_off, w2_ok, MOMEN
 
 
 @triton.jit
+def _operand(x, DEFER: tl.constexpr):
+    """x, or (DEFER) the block that the pointer tensor x points to, loaded here, where a dot uses it: a block loaded at
+    the top of a kernel keeps its shared-memory copy from there to its use (+16 KB per [64, 64] fp32 block at sm_90)."""
+    if DEFER:
+        return tl.load(x)
+    else:
+        return x
+
+
+@triton.jit
 def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL, mL,
-                   ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, WANT_O: tl.constexpr):
+                   ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, WANT_O: tl.constexpr,
+                   DEFER: tl.constexpr):
     """Forward of tile j: A1 = act(Z1), Z1 = gamma (k W1_j); D1 = gamma (R W2_j^T) act'(Z1); the read
     H = beta q W1_j + f q S1_j - C1 D1 (C1 = G . q k^T), Ah = act(H), its tile part Ah (beta W2_j + f S2_j) of o (the
-    G . Ah A1^T R term is summed over tiles by the caller) and the tile's end state (W1', W2', S1', S2')."""
+    G . Ah A1^T R term is summed over tiles by the caller) and the tile's end state (W1', W2', S1', S2').
+    DEFER: C1 is a pointer tensor to the block (``_operand``)."""
     Z1 = gam[:, None] * _dot(kj, W1, PREC)
     A1 = _act(Z1, ACT)
     D1 = gam[:, None] * _dot(Rj, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
     Ah = tl.zeros_like(D1)
     O = tl.zeros_like(Rj)
     if WANT_O:
-        Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(C1, D1, PREC)
+        Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(_operand(C1, DEFER), D1, PREC)
         if MOMENTUM:
             Hh += f[:, None] * _dot(qj, S1, PREC)
         Ah = _act(Hh, ACT)
@@ -182,39 +194,44 @@ def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, 
 @triton.jit
 def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
                    gL, nL, betaL, fL, mL,
-                   ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+                   ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+                   DEFER: tl.constexpr):
     """Backward of tile j, every term that needs only R (pass 2); (dW1e, dW2e, dS1e, dS2e): the tile of the end
     state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's parts of the sums over tiles
     (SA = Ah A1^T, SAT, dC1, dC1T, dR, dq, dk, dbeta, df, dgamma, d g_L, d n_L rows and the d beta_L, d f_L, d m_L
-    scalars), X = dZ1 without its dY part, and the start-state gradient tiles without their dY parts."""
+    scalars), X = dZ1 without its dY part, and the start-state gradient tiles without their dY parts.
+    DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``)."""
+    # Every row sum over V is taken as a row sum over the tile's hidden columns of a product already formed, e.g.
+    # sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries besides the dq, dk, dR accumulators.
     Z1 = gam[:, None] * _dot(kj, W1, PREC)
     A1 = _act(Z1, ACT)
     s1 = _act_d1(Z1, ACT)
     Pm = _dot(Rj, tl.trans(W2), PREC)
     D1 = gam[:, None] * Pm * s1
     QW1 = _dot(qj, W1, PREC)
-    Hh = beta[:, None] * QW1 - _dot(C1, D1, PREC)
-    dAh = beta[:, None] * _dot(doj, tl.trans(W2), PREC) + _dot(M2, A1, PREC)
+    Hh = beta[:, None] * QW1 - _dot(_operand(C1, DEFER), D1, PREC)
+    dOW2 = _dot(doj, tl.trans(W2), PREC)
+    dAh = beta[:, None] * dOW2 + _dot(_operand(M2, DEFER), A1, PREC)
     if MOMENTUM:
         QS1 = _dot(qj, S1, PREC)
         Hh += f[:, None] * QS1
-        dAh += f[:, None] * _dot(doj, tl.trans(S2), PREC)
+        dOS2 = _dot(doj, tl.trans(S2), PREC)
+        dAh += f[:, None] * dOS2
     Ah = _act(Hh, ACT)
     dH = dAh * _act_d1(Hh, ACT)
     SA = _dot(Ah, tl.trans(A1), PREC)
     SAT = _dot(A1, tl.trans(Ah), PREC)
-    dbeta = tl.sum(doj * _dot(Ah, W2, PREC), axis=1)
-    dA1 = _dot(M2T, Ah, PREC) - gL[:, None] * _dot(Rj, tl.trans(dW2e), PREC)
+    dbeta = tl.sum(Ah * dOW2 + dH * QW1, axis=1)
+    RdW2 = _dot(Rj, tl.trans(dW2e), PREC)
+    dA1 = _dot(_operand(M2T, DEFER), Ah, PREC) - gL[:, None] * RdW2
     dC1 = -_dot(dH, tl.trans(D1), PREC)
     dC1T = -_dot(D1, tl.trans(dH), PREC)
     dq = beta[:, None] * _dot(dH, tl.trans(W1), PREC)
-    dbeta += tl.sum(dH * QW1, axis=1)
     KdW1 = _dot(kj, dW1e, PREC)
-    AdW2 = _dot(A1, dW2e, PREC)
-    dD1 = -_dot(C1T, dH, PREC) - gL[:, None] * KdW1
-    dk = -gL[:, None] * _dot(D1, tl.trans(dW1e), PREC)
-    dR = -gL[:, None] * AdW2
-    dgL = -(tl.sum(KdW1 * D1, axis=1) + tl.sum(AdW2 * Rj, axis=1))
+    dD1 = -_dot(_operand(C1T, DEFER), dH, PREC) - gL[:, None] * KdW1
+    dk = -_dot(gL[:, None] * D1, tl.trans(dW1e), PREC)
+    dR = -_dot(gL[:, None] * A1, dW2e, PREC)
+    dgL = -tl.sum(KdW1 * D1 + A1 * RdW2, axis=1)
     dbL = tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
     df = tl.zeros_like(dbeta)
     dnL = tl.zeros_like(dbeta)
@@ -223,16 +240,15 @@ def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
     dS1s = S1
     dS2s = S2
     if MOMENTUM:
-        df += tl.sum(doj * _dot(Ah, S2, PREC), axis=1)
-        dA1 -= nL[:, None] * _dot(Rj, tl.trans(dS2e), PREC)
+        df += tl.sum(Ah * dOS2 + dH * QS1, axis=1)
+        RdS2 = _dot(Rj, tl.trans(dS2e), PREC)
+        dA1 -= nL[:, None] * RdS2
         dq += f[:, None] * _dot(dH, tl.trans(S1), PREC)
-        df += tl.sum(dH * QS1, axis=1)
         KdS1 = _dot(kj, dS1e, PREC)
-        AdS2 = _dot(A1, dS2e, PREC)
         dD1 -= nL[:, None] * KdS1
-        dk -= nL[:, None] * _dot(D1, tl.trans(dS1e), PREC)
-        dR -= nL[:, None] * AdS2
-        dnL -= tl.sum(KdS1 * D1, axis=1) + tl.sum(AdS2 * Rj, axis=1)
+        dk -= _dot(nL[:, None] * D1, tl.trans(dS1e), PREC)
+        dR -= _dot(nL[:, None] * A1, dS2e, PREC)
+        dnL -= tl.sum(KdS1 * D1 + A1 * RdS2, axis=1)
         dfL = tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
         dmL = tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
         dS1s = _dot(tl.trans(qj), f[:, None] * dH, PREC) + fL * dW1e + mL * dS1e
@@ -400,7 +416,7 @@ def _fwd_chunk(
             qj = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None],
                          other=0.0).to(tl.float32)
         A1, Ah, Oj, W1n, W2n, S1n, S2n = _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
-                                                        fL, mL, ACT, MOMENTUM, PREC, WANT_O)
+                                                        fL, mL, ACT, MOMENTUM, PREC, WANT_O, False)
         if WANT_O:
             O += Oj
             SA += _dot(Ah, tl.trans(A1), PREC)
@@ -567,7 +583,7 @@ def _bwd_chunk(
         (SA_j, SAT_j, dC1_j, dC1T_j, dR_j, dq_j, dk_j, dbeta_j, df_j, dgam_j, dgL_j, dnL_j, dbL_j, dfL_j, dmL_j,
          X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
                                                      f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                     ACT, DECAYED, MOMENTUM, PREC)
+                                                     ACT, DECAYED, MOMENTUM, PREC, False)
         SA += SA_j
         SAT += SAT_j
         dC1 += dC1_j

@@ -29,7 +29,6 @@ from miras.kernels.common import (
     _vec_select,
     bias_rows,
     gate_coeffs,
-    gate_coeffs_t,
     pow2_tile,
 )
 from miras.kernels.mlp import (
@@ -168,28 +167,34 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
           PREC: tl.constexpr, WANT_BWD: tl.constexpr):
     """What every hidden tile of chunk c needs and no tile changes, built once per batch*head (grid B*H) instead of
-    by each of the NH tile programs (and ``_bwd_mid``): pre[i_bh] = [G, (backward) G^T] as causal-masked [BT, BT]
-    blocks, R and (backward) Y0 [BT, BV], then the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L)
-    (``_load_prep``; PRE_SIZE = 2 BT^2 + 2 BT BV + 6 BT)."""
+    by each of the NH tile programs: the causal-masked [BT, BT] blocks G, C1 = G . q k^T and (backward)
+    M2 = -G . dO R^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R and
+    (backward) Y0 [BT, BV]; the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``."""
     i_bh = tl.program_id(0)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     k_ok, v_ok = o_k < K, o_v < V
     causal = o_t[:, None] >= o_t[None, :]
-    causal_t = o_t[:, None] <= o_t[None, :]
     (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
      b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
                                               H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
     Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
-    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + 2 * BT * BV + 6 * BT)
+    base = _pre_base(pre, i_bh, BT, BV)
     bb = o_t[:, None] * BT + o_t[None, :]
+    bbt = o_t[None, :] * BT + o_t[:, None]
     rv = o_t[:, None] * BV + o_v[None, :]
-    tl.store(base + bb, tl.where(causal, G, 0.0))
-    tl.store(base + 2 * BT * BT + rv, R)
+    G = tl.where(causal, G, 0.0)
+    C1 = G * _dot(b_q, tl.trans(b_k), PREC)
+    tl.store(base + bb, G)
+    tl.store(base + bbt + BT * BT, G)
+    tl.store(base + bb + 2 * BT * BT, C1)
+    tl.store(base + bbt + 3 * BT * BT, C1)
+    tl.store(base + 6 * BT * BT + rv, R)
     if WANT_BWD:
-        _, _, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
-        tl.store(base + BT * BT + bb, tl.where(causal_t, GT, 0.0))
-        tl.store(base + 2 * BT * BT + BT * BV + rv, Y0)
-    rows = base + 2 * BT * BT + 2 * BT * BV
+        M2 = -G * _dot(b_do, tl.trans(R), PREC)
+        tl.store(base + bb + 4 * BT * BT, M2)
+        tl.store(base + bbt + 5 * BT * BT, M2)
+        tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
+    rows = base + 6 * BT * BT + 2 * BT * BV
     tl.store(rows + o_t, beta)
     tl.store(rows + BT + o_t, f)
     tl.store(rows + 2 * BT + o_t, gam)
@@ -199,20 +204,34 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
     tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
 
 
+def pre_size(BT: int, BV: int) -> int:
+    """Floats of one batch*head's ``_prep`` record (``_pre_base``)."""
+    return 6 * BT * BT + 2 * BT * BV + 6 * BT
+
+
 @triton.jit
-def _load_prep(pre, i_bh, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_BWD: tl.constexpr):
-    """``_prep``'s blocks for batch*head i_bh: (G, G^T, R, Y0, beta, f, gamma, g_L, n_L, beta_L, f_L, m_L), G and G^T
-    causal-masked; without WANT_BWD, G^T and Y0 are G and R (unread)."""
-    base = pre + i_bh.to(tl.int64) * (2 * BT * BT + 2 * BT * BV + 6 * BT)
-    bb = o_t[:, None] * BT + o_t[None, :]
+def _pre_base(pre, i_bh, BT: tl.constexpr, BV: tl.constexpr):
+    """Batch*head i_bh's ``_prep`` record: six [BT, BT] blocks (0 G, 1 G^T, 2 C1, 3 C1^T, 4 M2, 5 M2^T), R and Y0
+    [BT, BV], six rows of BT (beta, f, gamma, g_L, n_L, then beta_L, f_L, m_L): ``pre_size`` floats."""
+    return pre + i_bh.to(tl.int64) * (6 * BT * BT + 2 * BT * BV + 6 * BT)
+
+
+@triton.jit
+def _pre_block(base, i: tl.constexpr, o_t, BT: tl.constexpr):
+    """[BT, BT] block i of a ``_prep`` record (``_pre_base``)."""
+    return tl.load(base + i * BT * BT + o_t[:, None] * BT + o_t[None, :])
+
+
+@triton.jit
+def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.constexpr):
+    """A ``_prep`` record's R, Y0 (R stands in without WANT_Y0) and rows: (R, Y0, beta, f, gamma, g_L, n_L, beta_L,
+    f_L, m_L)."""
     rv = o_t[:, None] * BV + o_v[None, :]
-    G = tl.load(base + bb)
-    R = tl.load(base + 2 * BT * BT + rv)
-    GT, Y0 = G, R
-    if WANT_BWD:
-        GT = tl.load(base + BT * BT + bb)
-        Y0 = tl.load(base + 2 * BT * BT + BT * BV + rv)
-    rows = base + 2 * BT * BT + 2 * BT * BV
+    R = tl.load(base + 6 * BT * BT + rv)
+    Y0 = R
+    if WANT_Y0:
+        Y0 = tl.load(base + 6 * BT * BT + BT * BV + rv)
+    rows = base + 6 * BT * BT + 2 * BT * BV
     beta = tl.load(rows + o_t)
     f = tl.load(rows + BT + o_t)
     gam = tl.load(rows + 2 * BT + o_t)
@@ -221,7 +240,7 @@ def _load_prep(pre, i_bh, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_BWD
     betaL = tl.load(rows + 5 * BT)
     fL = tl.load(rows + 5 * BT + 1)
     mL = tl.load(rows + 5 * BT + 2)
-    return G, GT, R, Y0, beta, f, gam, gL, nL, betaL, fL, mL
+    return R, Y0, beta, f, gam, gL, nL, betaL, fL, mL
 
 
 @triton.jit
@@ -235,16 +254,17 @@ def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    G, _, R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, False)
-    C1 = G * _dot(b_q, tl.trans(b_k), PREC)
+    base = _pre_base(pre, i_bh, BT, BV)
+    R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
+    C1 = base + 2 * BT * BT + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
     dst1 = (i_bh.to(tl.int64) * NS + s_out) * K * HD
     dst2 = (i_bh.to(tl.int64) * NS + s_out) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     A1, Ah, O, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
-                                                   mL, ACT, MOMENTUM, PREC, True)
-    O -= _dot(G * _dot(Ah, tl.trans(A1), PREC), R, PREC)
+                                                   mL, ACT, MOMENTUM, PREC, True, True)
+    O -= _dot(_pre_block(base, 0, o_t, BT) * _dot(Ah, tl.trans(A1), PREC), R, PREC)
     if RES:
         if j == 0:
             O += b_q  # the residual once (K == V)
@@ -276,7 +296,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                    PREC=_prec(q))
     tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, RES=cfg.residual,
                      MOMENTUM=cfg.momentum, PREC=_prec(q))
-    pre = torch.empty(B * H, 2 * BT * BT + 2 * BT * BV + 6 * BT, **f32)  # per-chunk scratch of _prep
+    pre = torch.empty(B * H, pre_size(BT, BV), **f32)  # per-chunk scratch of _prep
     grid = (NH, B * H)
     for c in range(NT):
         s_in, s_out = c % NS, (c + 1) % NS
@@ -297,18 +317,17 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Pass 2 of hidden tile j (R, G, G^T and the gate rows from ``_prep``). Partials (slot j * BHN + i_bh):
-    pbb [.., 4, BT, BT] = SA, SAT, dC1, dC1T; prv [.., BT, BV] = dR; pqk [.., 2, BT, BK] = dq, dk; prow [.., 5, BT] =
-    dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
+    """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``). Partials (slot
+    j * BHN + i_bh): pbb [.., 2, BT, BT] = SA, dC1; prv [.., BT, BV] = dR; pqk [.., 2, BT, BK] = dq, dk;
+    prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    G, GT, R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
-    C1 = G * _dot(b_q, tl.trans(b_k), PREC)
-    C1T = GT * _dot(b_k, tl.trans(b_q), PREC)
-    M2 = -G * _dot(b_do, tl.trans(R), PREC)
-    M2T = -GT * _dot(R, tl.trans(b_do), PREC)
+    base = _pre_base(pre, i_bh, BT, BV)
+    R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
+    bb = base + o_t[:, None] * BT + o_t[None, :]  # C1, C1T, M2, M2T loaded where used (mlp._operand)
+    C1, C1T, M2, M2T = bb + 2 * BT * BT, bb + 3 * BT * BT, bb + 4 * BT * BT, bb + 5 * BT * BT
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
     e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
@@ -317,10 +336,11 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
     st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    (SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
+    # (SA^T and dC1^T, unused here, are dead code: _bwd_mid reads SA and dC1 transposed)
+    (SA, _, dC1, _, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
      X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
                                                  f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                 ACT, DECAYED, MOMENTUM, PREC)
+                                                 ACT, DECAYED, MOMENTUM, PREC, True)
     if MOMENTUM:
         tl.store(ds1s + st1 + w1_off, dS1s, mask=w1_ok)
         tl.store(ds2s + st2 + w2_off, dS2s, mask=w2_ok)
@@ -328,11 +348,9 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
     tl.store(dw1s + st1 + w1_off, dW1s, mask=w1_ok)
     tl.store(dw2s + st2 + w2_off, dW2s, mask=w2_ok)
     slot = (j * BHN + i_bh).to(tl.int64)
-    bb = (slot * 4 * BT + o_t[:, None]) * BT + o_t[None, :]
+    bb = (slot * 2 * BT + o_t[:, None]) * BT + o_t[None, :]
     tl.store(pbb + bb, SA)
-    tl.store(pbb + bb + BT * BT, SAT)
-    tl.store(pbb + bb + 2 * BT * BT, dC1)
-    tl.store(pbb + bb + 3 * BT * BT, dC1T)
+    tl.store(pbb + bb + BT * BT, dC1)
     tl.store(prv + (slot * BT + o_t[:, None]) * BV + o_v[None, :], dR)
     qk2 = (slot * 2 * BT + o_t[:, None]) * BK + o_k[None, :]
     tl.store(pqk + qk2, b_dq)
@@ -355,9 +373,9 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Sums of the tile partials (G, G^T, R, Y0 and gamma from ``_prep``); the bias VJP; dq; dk's intra-chunk part
-    (-> dkacc); gdY = gam dY (-> gdy); the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG,
-    dbeta, df, dnL, dmL)."""
+    """Sums of the tile partials (SA^T and dC1^T by transposed reads; G, G^T, R, Y0 and gamma from ``_prep``); the
+    bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY (-> gdy); the gate inputs except pass 3's dgam
+    (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
     i_bh = tl.program_id(0)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -370,15 +388,19 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
-    G, GT, R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(pre, i_bh, o_t, o_v, BT, BV, True)
+    base = _pre_base(pre, i_bh, BT, BV)
+    R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(base, o_t, o_v, BT, BV, True)
+    G, GT = _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT)
     SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL = _bwd_sums_zero(BT, BK, BV)
+    bb = o_t[:, None] * BT + o_t[None, :]
+    bbt = o_t[None, :] * BT + o_t[:, None]  # SA^T, dC1^T: the partials read transposed
     for jj in range(NH):
         slot = (jj * BHN + i_bh).to(tl.int64)
-        bb = (slot * 4 * BT + o_t[:, None]) * BT + o_t[None, :]
-        SA += tl.load(pbb + bb)
-        SAT += tl.load(pbb + bb + BT * BT)
-        dC1 += tl.load(pbb + bb + 2 * BT * BT)
-        dC1T += tl.load(pbb + bb + 3 * BT * BT)
+        p_bb = pbb + slot * 2 * BT * BT
+        SA += tl.load(p_bb + bb)
+        SAT += tl.load(p_bb + bbt)
+        dC1 += tl.load(p_bb + BT * BT + bb)
+        dC1T += tl.load(p_bb + BT * BT + bbt)
         dR += tl.load(prv + (slot * BT + o_t[:, None]) * BV + o_v[None, :])
         qk2 = (slot * 2 * BT + o_t[:, None]) * BK + o_k[None, :]
         b_dq += tl.load(pqk + qk2)
@@ -494,11 +516,11 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     f32 = dict(device=q.device, dtype=torch.float32)
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
     # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part; pass 2's partial sums over tiles
-    # (pbb: SA, SAT, dC1, dC1T; prv: dR; pqk: dq, dk; prow: dbeta, df, dgam, dgL, dnL; psc: dbL, dfL, dmL); gamma dY;
+    # (pbb: SA, dC1; prv: dR; pqk: dq, dk; prow: dbeta, df, dgam, dgL, dnL; psc: dbL, dfL, dmL); gamma dY;
     # dk's intra-chunk part; pass 3's dk and dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL)
     yp = torch.empty(NH, BHN, BT, BV, **f32)
     xs = torch.empty(BHN, BT, HD, **f32)
-    pbb = torch.empty(NH, BHN, 4, BT, BT, **f32)
+    pbb = torch.empty(NH, BHN, 2, BT, BT, **f32)
     prv = torch.empty(NH, BHN, BT, BV, **f32)
     pqk = torch.empty(NH, BHN, 2, BT, BK, **f32)
     prow = torch.empty(NH, BHN, 5, BT, **f32)
@@ -508,7 +530,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     pk3 = torch.empty(NH, BHN, BT, BK, **f32)
     pg3 = torch.empty(NH, BHN, BT, **f32)
     gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
-    pre = torch.empty(BHN, 2 * BT * BT + 2 * BT * BV + 6 * BT, **f32)
+    pre = torch.empty(BHN, pre_size(BT, BV), **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
