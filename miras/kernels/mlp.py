@@ -192,17 +192,18 @@ def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, 
 
 
 @triton.jit
-def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
-                   gL, nL, betaL, fL, mL,
-                   ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-                   DEFER: tl.constexpr):
-    """Backward of tile j, every term that needs only R (pass 2); (dW1e, dW2e, dS1e, dS2e): the tile of the end
-    state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's parts of the sums over tiles
-    (SA = Ah A1^T, SAT, dC1, dC1T, dR, dq, dk, dbeta, df, dgamma, d g_L, d n_L rows and the d beta_L, d f_L, d m_L
-    scalars), X = dZ1 without its dY part, and the start-state gradient tiles without their dY parts.
-    DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``)."""
-    # Every row sum over V is taken as a row sum over the tile's hidden columns of a product already formed, e.g.
-    # sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries besides the dq, dk, dR accumulators.
+def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
+                      gL, nL, betaL, fL, mL,
+                      ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+                      DEFER: tl.constexpr):
+    """Backward of hidden tile j, every term that needs only R (pass 2) and only this tile; (dW1e, dW2e, dS1e, dS2e):
+    the tile of the end state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's factors of the
+    sums over tiles (A1, Ah, D1, dH, dP: ``_bwd_tile_sums``), its parts of the row sums (dbeta, df, dgamma, d g_L,
+    d n_L rows and the d beta_L, d f_L, d m_L scalars), X = dZ1 without its dY part, and the start-state gradient
+    tiles without their dY parts. DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``).
+
+    Every row sum over V is a row sum over the tile's columns of a [BT, BH] product already formed, e.g.
+    sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries."""
     Z1 = gam[:, None] * _dot(kj, W1, PREC)
     A1 = _act(Z1, ACT)
     s1 = _act_d1(Z1, ACT)
@@ -219,18 +220,11 @@ def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
         dAh += f[:, None] * dOS2
     Ah = _act(Hh, ACT)
     dH = dAh * _act_d1(Hh, ACT)
-    SA = _dot(Ah, tl.trans(A1), PREC)
-    SAT = _dot(A1, tl.trans(Ah), PREC)
     dbeta = tl.sum(Ah * dOW2 + dH * QW1, axis=1)
     RdW2 = _dot(Rj, tl.trans(dW2e), PREC)
     dA1 = _dot(_operand(M2T, DEFER), Ah, PREC) - gL[:, None] * RdW2
-    dC1 = -_dot(dH, tl.trans(D1), PREC)
-    dC1T = -_dot(D1, tl.trans(dH), PREC)
-    dq = beta[:, None] * _dot(dH, tl.trans(W1), PREC)
     KdW1 = _dot(kj, dW1e, PREC)
     dD1 = -_dot(_operand(C1T, DEFER), dH, PREC) - gL[:, None] * KdW1
-    dk = -_dot(gL[:, None] * D1, tl.trans(dW1e), PREC)
-    dR = -_dot(gL[:, None] * A1, dW2e, PREC)
     dgL = -tl.sum(KdW1 * D1 + A1 * RdW2, axis=1)
     dbL = tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
     df = tl.zeros_like(dbeta)
@@ -243,11 +237,8 @@ def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
         df += tl.sum(Ah * dOS2 + dH * QS1, axis=1)
         RdS2 = _dot(Rj, tl.trans(dS2e), PREC)
         dA1 -= nL[:, None] * RdS2
-        dq += f[:, None] * _dot(dH, tl.trans(S1), PREC)
         KdS1 = _dot(kj, dS1e, PREC)
         dD1 -= nL[:, None] * KdS1
-        dk -= _dot(nL[:, None] * D1, tl.trans(dS1e), PREC)
-        dR -= _dot(nL[:, None] * A1, dS2e, PREC)
         dnL -= tl.sum(KdS1 * D1 + A1 * RdS2, axis=1)
         dfL = tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
         dmL = tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
@@ -257,27 +248,50 @@ def _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
     dgam = tl.zeros_like(dbeta)
     if DECAYED:
         dgam += tl.sum(dD1 * Pm * s1, axis=1)
-    dR += _dot(dP, W2, PREC)
     X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
     dW1s = _dot(tl.trans(qj), beta[:, None] * dH, PREC) + betaL * dW1e
     dW2s = _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + betaL * dW2e + _dot(tl.trans(dP), Rj, PREC)
-    return (SA, SAT, dC1, dC1T, dR, dq, dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s, dW2s, dS1s, dS2s)
+    return (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s, dW2s, dS1s, dS2s)
+
+
+@triton.jit
+def _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, beta, f, gL, nL,
+                   MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Hidden tile j's parts of the backward's sums over the hidden dim, from its factors (``_bwd_tile_factors``):
+    SA = Ah A1^T, SAT, dC1 = -dH D1^T, dC1T ([BT, BT]); dR = dP W2 - g_L A1 dW2e - n_L A1 dS2e ([BT, V]);
+    dq = beta dH W1^T + f dH S1^T, dk = -g_L D1 dW1e^T - n_L D1 dS1e^T ([BT, K]). A caller that uses a few of them
+    gets only those (the rest is dead code)."""
+    SA = _dot(Ah, tl.trans(A1), PREC)
+    SAT = _dot(A1, tl.trans(Ah), PREC)
+    dC1 = -_dot(dH, tl.trans(D1), PREC)
+    dC1T = -_dot(D1, tl.trans(dH), PREC)
+    dq = beta[:, None] * _dot(dH, tl.trans(W1), PREC)
+    dk = -_dot(gL[:, None] * D1, tl.trans(dW1e), PREC)
+    dR = _dot(dP, W2, PREC) - _dot(gL[:, None] * A1, dW2e, PREC)
+    if MOMENTUM:
+        dq += f[:, None] * _dot(dH, tl.trans(S1), PREC)
+        dk -= _dot(nL[:, None] * D1, tl.trans(dS1e), PREC)
+        dR -= _dot(nL[:, None] * A1, dS2e, PREC)
+    return SA, SAT, dC1, dC1T, dR, dq, dk
 
 
 @triton.jit
 def _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, dq, dk, b_q, b_k, b_do, b_v, b_d, R, Y0, G, GT, gam, t_ok, o_t,
                   BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
-                  DECAYED: tl.constexpr, PREC: tl.constexpr):
+                  DECAYED: tl.constexpr, PREC: tl.constexpr, DEFER: tl.constexpr):
     """Between the two tile passes of the backward, from pass 2's sums over tiles: the read's part of dR, the
     gradient dG of the coefficient matrix, dq and dk's intra-chunk parts, and the bias' vector-Jacobian product
-    dR -> dY at Y = gamma Y0 [+ k]. Returns (dG, dq, dk, dY, dV, the Huber deltas' gradient, dY's part of dgamma)."""
+    dR -> dY at Y = gamma Y0 [+ k]. Returns (dG, dq, dk, dY, dV, the Huber deltas' gradient, dY's part of dgamma).
+    DEFER: SA, SAT, dC1, dC1T are pointer tensors to the blocks (``_operand``)."""
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
-    dR -= _dot(tl.where(causal_t, GT * SAT, 0.0), b_do, PREC)
+    dR -= _dot(tl.where(causal_t, GT * _operand(SAT, DEFER), 0.0), b_do, PREC)
     dR = tl.where(t_ok[:, None], dR, 0.0)
-    dG = tl.where(causal, dC1 * _dot(b_q, tl.trans(b_k), PREC) - _dot(b_do, tl.trans(R), PREC) * SA, 0.0)
+    dC1 = _operand(dC1, DEFER)
+    dG = tl.where(causal, dC1 * _dot(b_q, tl.trans(b_k), PREC) - _dot(b_do, tl.trans(R), PREC) * _operand(SA, DEFER),
+                  0.0)
     dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
-    dk += _dot(tl.where(causal_t, dC1T * GT, 0.0), b_q, PREC)
+    dk += _dot(tl.where(causal_t, _operand(dC1T, DEFER) * GT, 0.0), b_q, PREC)
     Y = gam[:, None] * Y0
     if RES:
         dq += b_do
@@ -294,8 +308,9 @@ def _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, dq, dk, b_q, b_k, b_do, b_v, b_d, R, Y
 
 @triton.jit
 def _bwd_sums_zero(BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Zeroed accumulators of the backward's cross-tile sums, in ``_bwd_tile_math``'s output order: SA, SAT, dC1, dC1T
-    ([BT, BT]), dR ([BT, BV]), dq, dk ([BT, BK]), dbeta, df, dgam, dgL, dnL ([BT]), dbL, dfL, dmL (scalars)."""
+    """Zeroed accumulators of the backward's cross-tile sums (``_bwd_tile_sums``'s, then ``_bwd_tile_factors``' rows):
+    SA, SAT, dC1, dC1T ([BT, BT]), dR ([BT, BV]), dq, dk ([BT, BK]), dbeta, df, dgam, dgL, dnL ([BT]), dbL, dfL, dmL
+    (scalars)."""
     zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
     return (tl.zeros([BT, BT], dtype=tl.float32), tl.zeros([BT, BT], dtype=tl.float32),
             tl.zeros([BT, BT], dtype=tl.float32), tl.zeros([BT, BT], dtype=tl.float32),
@@ -580,10 +595,12 @@ def _bwd_chunk(
         Rj = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :], mask=live[:, None], other=0.0)
         W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
         dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-        (SA_j, SAT_j, dC1_j, dC1T_j, dR_j, dq_j, dk_j, dbeta_j, df_j, dgam_j, dgL_j, dnL_j, dbL_j, dfL_j, dmL_j,
-         X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
-                                                     f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                     ACT, DECAYED, MOMENTUM, PREC, False)
+        (A1, Ah, D1, dH, dP, dbeta_j, df_j, dgam_j, dgL_j, dnL_j, dbL_j, dfL_j, dmL_j,
+         X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
+                                                        beta, f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
+                                                        ACT, DECAYED, MOMENTUM, PREC, False)
+        SA_j, SAT_j, dC1_j, dC1T_j, dR_j, dq_j, dk_j = _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e,
+                                                                      dS1e, dS2e, beta, f, gL, nL, MOMENTUM, PREC)
         SA += SA_j
         SAT += SAT_j
         dC1 += dC1_j
@@ -617,7 +634,7 @@ def _bwd_chunk(
     # ([BT, BT] products recomputed in there rather than kept live through the hidden loop: register pressure)
     dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, b_dq, b_dk, b_q, b_k, b_do, b_v, b_d, R,
                                                        Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED,
-                                                       PREC)
+                                                       PREC, False)
     dgam += dgam_y
     gdY = gam[:, None] * dY
 

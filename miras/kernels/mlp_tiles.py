@@ -38,7 +38,8 @@ from miras.kernels.mlp import (
     _bwd_chunk_dy,
     _bwd_sums_zero,
     _bwd_tile_dy,
-    _bwd_tile_math,
+    _bwd_tile_factors,
+    _bwd_tile_sums,
     _final_state,
     _fwd_tile_math,
     _gate_grads,
@@ -312,13 +313,13 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 
 
 @triton.jit
-def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
-               pbb, prv, pqk, prow, psc, c, s_src, e, s, T, NS, BHN,
+def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, psc, c, s_src, e, s, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``). Partials (slot
-    j * BHN + i_bh): pbb [.., 2, BT, BT] = SA, dC1; prv [.., BT, BV] = dR; pqk [.., 2, BT, BK] = dq, dk;
+    """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
+    A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them), X into xs, the
+    start-state gradient tiles without their dY parts, and the row partials (slot j * BHN + i_bh):
     prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
@@ -336,25 +337,23 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
     st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    # (SA^T and dC1^T, unused here, are dead code: _bwd_mid reads SA and dC1 transposed)
-    (SA, _, dC1, _, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
-     X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_math(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta,
-                                                 f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                 ACT, DECAYED, MOMENTUM, PREC, True)
+    (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
+     X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
+                                                    beta, f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
+                                                    ACT, DECAYED, MOMENTUM, PREC, True)
     if MOMENTUM:
         tl.store(ds1s + st1 + w1_off, dS1s, mask=w1_ok)
         tl.store(ds2s + st2 + w2_off, dS2s, mask=w2_ok)
-    tl.store(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], X, mask=h_ok[None, :])
+    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+    tl.store(xs + th, X, mask=h_ok[None, :])
+    tl.store(fs + th, A1, mask=h_ok[None, :])
+    tl.store(fs + BHN * BT * HD + th, Ah, mask=h_ok[None, :])
+    tl.store(fs + 2 * BHN * BT * HD + th, D1, mask=h_ok[None, :])
+    tl.store(fs + 3 * BHN * BT * HD + th, dH, mask=h_ok[None, :])
+    tl.store(fs + 4 * BHN * BT * HD + th, dP, mask=h_ok[None, :])
     tl.store(dw1s + st1 + w1_off, dW1s, mask=w1_ok)
     tl.store(dw2s + st2 + w2_off, dW2s, mask=w2_ok)
     slot = (j * BHN + i_bh).to(tl.int64)
-    bb = (slot * 2 * BT + o_t[:, None]) * BT + o_t[None, :]
-    tl.store(pbb + bb, SA)
-    tl.store(pbb + bb + BT * BT, dC1)
-    tl.store(prv + (slot * BT + o_t[:, None]) * BV + o_v[None, :], dR)
-    qk2 = (slot * 2 * BT + o_t[:, None]) * BK + o_k[None, :]
-    tl.store(pqk + qk2, b_dq)
-    tl.store(pqk + qk2 + BT * BK, b_dk)
     rw = slot * 5 * BT + o_t
     tl.store(prow + rw, dbeta)
     tl.store(prow + rw + BT, df)
@@ -367,15 +366,83 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
 
 
 @triton.jit
-def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
+def _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t, o_k, o_v,
+               k_ok, v_ok, o_hh, beta, f, gL, nL, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+               BT: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """``_bwd_tile_sums`` of hidden columns [jj BHC, (jj + 1) BHC): factors from fs, tiles of the chunk-start state
+    (src) and of the end state's gradient (e). Loads that the caller's outputs do not need are dead code."""
+    o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
+    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+    A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0)
+    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    D1 = tl.load(fs + 2 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    return _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, beta, f, gL, nL, MOMENTUM, PREC)
+
+
+@triton.jit
+def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
+              K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs), on hidden
+    tiles of BHC: program (p, i_bh) writes p = 0: SA, dC1; 1: dq; 2: dk; 3: dR into
+    sums[i_bh] = [SA, dC1 ([BT, BT]) | dR [BT, BV] | dq, dk [BT, BK]] (one output group per program: the registers
+    of one group, not of all)."""
+    p, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BHC)
+    k_ok, v_ok = o_k < K, o_v < V
+    rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, o_v, BT, BV, False)
+    beta, f, gL, nL = rows[2], rows[3], rows[5], rows[6]
+    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
+    src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
+    e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
+    e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
+    out = sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK)
+    NHC: tl.constexpr = (HD + BHC - 1) // BHC
+    bb = o_t[:, None] * BT + o_t[None, :]
+    if p == 0:
+        SA = tl.zeros([BT, BT], dtype=tl.float32)
+        dC1 = tl.zeros([BT, BT], dtype=tl.float32)
+        for jj in range(NHC):
+            part = _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
+                                o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)
+            SA += part[0]
+            dC1 += part[2]
+        tl.store(out + bb, SA)
+        tl.store(out + BT * BT + bb, dC1)
+    elif p == 1:
+        dq = tl.zeros([BT, BK], dtype=tl.float32)
+        for jj in range(NHC):
+            dq += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
+                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[5]
+        tl.store(out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :], dq)
+    elif p == 2:
+        dk = tl.zeros([BT, BK], dtype=tl.float32)
+        for jj in range(NHC):
+            dk += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
+                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[6]
+        tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_k[None, :], dk)
+    else:
+        dR = tl.zeros([BT, BV], dtype=tl.float32)
+        for jj in range(NHC):
+            dR += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
+                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[4]
+        tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :], dR)
+
+
+@triton.jit
+def _bwd_mid(q, k, v, do, delta, pre, sums, prow, psc, gdy, dkacc, gin,
              dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Sums of the tile partials (SA^T and dC1^T by transposed reads; G, G^T, R, Y0 and gamma from ``_prep``); the
-    bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY (-> gdy); the gate inputs except pass 3's dgam
-    (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
+    """From ``_bwd_sums``' contractions (SA^T and dC1^T by transposed reads) and the sums of the tiles' row partials
+    (G, G^T, R, Y0 and gamma from ``_prep``): the bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY
+    (-> gdy); the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
     i_bh = tl.program_id(0)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -391,20 +458,9 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
     base = _pre_base(pre, i_bh, BT, BV)
     R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(base, o_t, o_v, BT, BV, True)
     G, GT = _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT)
-    SA, SAT, dC1, dC1T, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL = _bwd_sums_zero(BT, BK, BV)
-    bb = o_t[:, None] * BT + o_t[None, :]
-    bbt = o_t[None, :] * BT + o_t[:, None]  # SA^T, dC1^T: the partials read transposed
+    _, _, _, _, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL = _bwd_sums_zero(BT, BK, BV)
     for jj in range(NH):
         slot = (jj * BHN + i_bh).to(tl.int64)
-        p_bb = pbb + slot * 2 * BT * BT
-        SA += tl.load(p_bb + bb)
-        SAT += tl.load(p_bb + bbt)
-        dC1 += tl.load(p_bb + BT * BT + bb)
-        dC1T += tl.load(p_bb + BT * BT + bbt)
-        dR += tl.load(prv + (slot * BT + o_t[:, None]) * BV + o_v[None, :])
-        qk2 = (slot * 2 * BT + o_t[:, None]) * BK + o_k[None, :]
-        b_dq += tl.load(pqk + qk2)
-        b_dk += tl.load(pqk + qk2 + BT * BK)
         rw = slot * 5 * BT + o_t
         dbeta += tl.load(prow + rw)
         df += tl.load(prow + rw + BT)
@@ -414,9 +470,17 @@ def _bwd_mid(q, k, v, do, delta, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
         dbL += tl.load(psc + slot * 4)
         dfL += tl.load(psc + slot * 4 + 1)
         dmL += tl.load(psc + slot * 4 + 2)
-    dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, b_dq, b_dk, b_q, b_k, b_do, b_v, b_d, R,
-                                                       Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED,
-                                                       PREC)
+    # _bwd_sums' results, the [BT, BT] blocks loaded where used (SA^T, dC1^T read transposed); dq and dk added last
+    out = sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK)
+    bb = out + o_t[:, None] * BT + o_t[None, :]
+    bbt = out + o_t[None, :] * BT + o_t[:, None]
+    dR += tl.load(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
+    dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(bb, bbt, bb + BT * BT, bbt + BT * BT, dR, b_dq, b_dk, b_q, b_k,
+                                                       b_do, b_v, b_d, R, Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH,
+                                                       EPS, RES, DECAYED, PREC, True)
+    qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]
+    b_dq += tl.load(qk)
+    b_dk += tl.load(qk + BT * BK)
     if DECAYED:
         dbeta += dgam + dgam_y
     dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
@@ -503,8 +567,13 @@ def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN,
         tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
 
 
+def _block_sums(hidden: int) -> int:
+    """Hidden tile of ``_bwd_sums``' contractions: 32 (at most the padded hidden width)."""
+    return min(32, pow2_tile(hidden))
+
+
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
-    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; six launches per chunk, chunks in reverse."""
+    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; seven launches per chunk, chunks in reverse."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -515,14 +584,14 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
-    # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part; pass 2's partial sums over tiles
-    # (pbb: SA, dC1; prv: dR; pqk: dq, dk; prow: dbeta, df, dgam, dgL, dnL; psc: dbL, dfL, dmL); gamma dY;
-    # dk's intra-chunk part; pass 3's dk and dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL)
+    # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part; pass 2's factors (A1, Ah, D1,
+    # dH, dP) and their contractions (SA, dC1, dR, dq, dk); pass 2's row partials (prow: dbeta, df, dgam, dgL, dnL;
+    # psc: dbL, dfL, dmL); gamma dY; dk's intra-chunk part; pass 3's dk and dgam parts; the gate inputs (dG, dbeta,
+    # df, dnL, dmL)
     yp = torch.empty(NH, BHN, BT, BV, **f32)
     xs = torch.empty(BHN, BT, HD, **f32)
-    pbb = torch.empty(NH, BHN, 2, BT, BT, **f32)
-    prv = torch.empty(NH, BHN, BT, BV, **f32)
-    pqk = torch.empty(NH, BHN, 2, BT, BK, **f32)
+    fs = torch.empty(5, BHN, BT, HD, **f32)
+    sums = torch.empty(BHN, 2 * BT * BT + BT * BV + 2 * BT * BK, **f32)
     prow = torch.empty(NH, BHN, 5, BT, **f32)
     psc = torch.empty(NH, BHN, 4, **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
@@ -542,9 +611,11 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
         _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
         _launch(_prep, (BHN,), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
-        _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs,
-                pbb, prv, pqk, prow, psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, pbb, prv, pqk, prow, psc, gdy, dkacc, gin,
+        _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
+                prow, psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+        _launch(_bwd_sums, (4, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
+                K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), MOMENTUM=cfg.momentum, PREC=_prec(q))
+        _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, sums, prow, psc, gdy, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, c, s, T, NS, BHN,
                 **tile, **base_y)
