@@ -161,23 +161,19 @@ def _operand(x, DEFER: tl.constexpr):
 def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL, mL,
                    ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, WANT_O: tl.constexpr,
                    DEFER: tl.constexpr):
-    """Forward of tile j: A1 = act(Z1), Z1 = gamma (k W1_j); D1 = gamma (R W2_j^T) act'(Z1); the read
-    H = beta q W1_j + f q S1_j - C1 D1 (C1 = G . q k^T), Ah = act(H), its tile part Ah (beta W2_j + f S2_j) of o (the
-    G . Ah A1^T R term is summed over tiles by the caller) and the tile's end state (W1', W2', S1', S2').
+    """Forward of tile j: A1 = act(Z1), Z1 = gamma (k W1_j); D1 = gamma (R W2_j^T) act'(Z1); the read's
+    H = beta q W1_j + f q S1_j - C1 D1 (C1 = G . q k^T) and Ah = act(H) (WANT_O; its parts of o: ``_fwd_tile_out``)
+    and the tile's end state (W1', W2', S1', S2').
     DEFER: C1 is a pointer tensor to the block (``_operand``)."""
     Z1 = gam[:, None] * _dot(kj, W1, PREC)
     A1 = _act(Z1, ACT)
     D1 = gam[:, None] * _dot(Rj, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
     Ah = tl.zeros_like(D1)
-    O = tl.zeros_like(Rj)
     if WANT_O:
         Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(_operand(C1, DEFER), D1, PREC)
         if MOMENTUM:
             Hh += f[:, None] * _dot(qj, S1, PREC)
         Ah = _act(Hh, ACT)
-        O = beta[:, None] * _dot(Ah, W2, PREC)
-        if MOMENTUM:
-            O += f[:, None] * _dot(Ah, S2, PREC)
     # the token weights scale the per-tile factor (D1, A1), so k^T and Rj are the only loop-invariant operands
     W1n = betaL * W1 - _dot(tl.trans(kj), gL[:, None] * D1, PREC)
     W2n = betaL * W2 - _dot(tl.trans(A1 * gL[:, None]), Rj, PREC)
@@ -188,7 +184,17 @@ def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, 
         W2n += fL * S2
         S1n = mL * S1 - _dot(tl.trans(kj), nL[:, None] * D1, PREC)
         S2n = mL * S2 - _dot(tl.trans(A1 * nL[:, None]), Rj, PREC)
-    return A1, Ah, O, W1n, W2n, S1n, S2n
+    return A1, Ah, W1n, W2n, S1n, S2n
+
+
+@triton.jit
+def _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Hidden tile j's parts of the read's sums over the hidden dim: Ah (beta W2_j + f S2_j) and SA = Ah A1^T (the
+    read is O = sum_j Ah (beta W2_j + f S2_j) - (G . sum_j SA_j) R [+ q])."""
+    O = beta[:, None] * _dot(Ah, W2, PREC)
+    if MOMENTUM:
+        O += f[:, None] * _dot(Ah, S2, PREC)
+    return O, _dot(Ah, tl.trans(A1), PREC)
 
 
 @triton.jit
@@ -430,11 +436,12 @@ def _fwd_chunk(
         if WANT_O:
             qj = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None],
                          other=0.0).to(tl.float32)
-        A1, Ah, Oj, W1n, W2n, S1n, S2n = _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
-                                                        fL, mL, ACT, MOMENTUM, PREC, WANT_O, False)
+        A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
+                                                    fL, mL, ACT, MOMENTUM, PREC, WANT_O, False)
         if WANT_O:
+            Oj, SAj = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
             O += Oj
-            SA += _dot(Ah, tl.trans(A1), PREC)
+            SA += SAj
         if WANT_STATE:
             if MOMENTUM:
                 tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)

@@ -42,6 +42,7 @@ from miras.kernels.mlp import (
     _bwd_tile_sums,
     _final_state,
     _fwd_tile_math,
+    _fwd_tile_out,
     _gate_grads,
     _grad_slots,
     _input_grad_buffers,
@@ -245,13 +246,13 @@ def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.c
 
 
 @triton.jit
-def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
+def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, fs, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
-              MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Chunk c, hidden tile j, from state slot s_in (R, G and the gate rows from ``_prep``): D1_j and the read's
-    tile part O_j = beta act(H_j) W2_j + f act(H_j) S2_j - (G . act(H_j) A1_j^T) R  with  H_j = beta q W1_j
-    + f q S1_j - C1 D1_j (-> op[j]; the residual q in tile 0); the tile's end state into slot s_out."""
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
+              PREC: tl.constexpr):
+    """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
+    A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
+    contracts them) and the tile's end state into slot s_out."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -263,13 +264,11 @@ def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
     dst1 = (i_bh.to(tl.int64) * NS + s_out) * K * HD
     dst2 = (i_bh.to(tl.int64) * NS + s_out) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    A1, Ah, O, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
-                                                   mL, ACT, MOMENTUM, PREC, True, True)
-    O -= _dot(_pre_block(base, 0, o_t, BT) * _dot(Ah, tl.trans(A1), PREC), R, PREC)
-    if RES:
-        if j == 0:
-            O += b_q  # the residual once (K == V)
-    tl.store(op + j * BTH * V + p_tv, O, mask=tv_ok)
+    A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
+                                                mL, ACT, MOMENTUM, PREC, True, True)
+    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+    tl.store(fs + th, A1, mask=h_ok[None, :])
+    tl.store(fs + BHN * BT * HD + th, Ah, mask=h_ok[None, :])
     if MOMENTUM:
         tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
         tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
@@ -277,9 +276,52 @@ def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, BTH,
     tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
 
 
+@triton.jit
+def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, MOMENTUM: tl.constexpr,
+             PREC: tl.constexpr):
+    """The read of chunk c for batch*head i_bh, contracted over the whole hidden dim on tiles of BHC from
+    ``_fwd_tile``'s factors: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]
+    (``_fwd_tile_out``; W2, S2 of the chunk-start slot s_in)."""
+    i_bh = tl.program_id(0)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    o_hh = tl.arange(0, BHC)
+    base = _pre_base(pre, i_bh, BT, BV)
+    rows = _load_prep(base, o_t, o_v, BT, BV, False)
+    beta, f = rows[2], rows[3]
+    src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
+    O = tl.zeros([BT, BV], dtype=tl.float32)
+    SA = tl.zeros([BT, BT], dtype=tl.float32)
+    NHC: tl.constexpr = (HD + BHC - 1) // BHC
+    for jj in range(NHC):
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
+        th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+        A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0)
+        Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        S2 = W2
+        if MOMENTUM:
+            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        O_j, SA_j = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
+        O += O_j
+        SA += SA_j
+    O -= _dot(_pre_block(base, 0, o_t, BT) * SA, rows[0], PREC)
+    if RES:
+        O += tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)  # K == V
+    tl.store(o + p_tv, O.to(o.dtype.element_ty), mask=tv_ok)
+
+
+def _block_sums(hidden: int) -> int:
+    """Hidden tile of the contractions over the hidden dim (``_fwd_out``, ``_bwd_sums``): 32, at most the padded
+    hidden width."""
+    return min(32, pow2_tile(hidden))
+
+
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
-    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); three launches per
-    chunk, the outputs summed over hidden tiles at the end."""
+    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); four launches per
+    chunk."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -289,14 +331,17 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
     yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
-    op = torch.empty(NH, B, T, H, V, **f32)  # the tiles' parts of o
+    fs = torch.empty(2, B * H, BT, HD, **f32)  # per-chunk scratch: the read's factors A1, Ah
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     tiles = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, PREC=_prec(q))
     prep_kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
                    EPS=cfg.eps, RES=cfg.residual, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
                    PREC=_prec(q))
-    tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, RES=cfg.residual,
-                     MOMENTUM=cfg.momentum, PREC=_prec(q))
+    tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum,
+                     PREC=_prec(q))
+    out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), RES=cfg.residual,
+                  MOMENTUM=cfg.momentum, PREC=_prec(q))
     pre = torch.empty(B * H, pre_size(BT, BV), **f32)  # per-chunk scratch of _prep
     grid = (NH, B * H)
     for c in range(NT):
@@ -304,9 +349,9 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
         _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
         _launch(_prep, (B * H,), q, k, v, v, *gates, delta if delta is not None else eta, yp, pre, c, T, B * H,
                 **prep_kw, WANT_BWD=False)
-        _launch(_fwd_tile, grid, q, k, w1s, w2s, s1s, s2s, pre, op, c, s_in, s_out, T, NS, B * T * H,
-                **tiles_fwd)
-    return op.sum(0).to(q.dtype), _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
+        _launch(_fwd_tile, grid, q, k, w1s, w2s, s1s, s2s, pre, fs, c, s_in, s_out, T, NS, B * H, **tiles_fwd)
+        _launch(_fwd_out, (B * H,), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
+    return o, _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
 
 
 # ------------------------------------------------------------------------------------------------------------ backward
@@ -565,11 +610,6 @@ def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN,
         tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
     if MOMENTUM:
         tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
-
-
-def _block_sums(hidden: int) -> int:
-    """Hidden tile of ``_bwd_sums``' contractions: 32 (at most the padded hidden width)."""
-    return min(32, pow2_tile(hidden))
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
