@@ -198,15 +198,37 @@ def _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM: tl.constexpr, PREC: tl.cons
 
 
 @triton.jit
+def _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM: tl.constexpr):
+    """What the end state's gradient (tile j) carries into the start state's, through W' = beta_L W + f_L S and
+    S' = m_L S: (beta_L dW1e, beta_L dW2e, f_L dW1e + m_L dS1e, f_L dW2e + m_L dS2e) and the tile's parts of the
+    scalar gradients d beta_L = <dW', W>, d f_L = <dW', S>, d m_L = <dS', S> (momentum; else S1, S2 and the zero
+    scalars stand in)."""
+    dbL = tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
+    dfL = dbL * 0.0
+    dmL = dbL * 0.0
+    dS1 = S1
+    dS2 = S2
+    if MOMENTUM:
+        dfL = tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
+        dmL = tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
+        dS1 = fL * dW1e + mL * dS1e
+        dS2 = fL * dW2e + mL * dS2e
+    return betaL * dW1e, betaL * dW2e, dS1, dS2, dbL, dfL, dmL
+
+
+@triton.jit
 def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
                       gL, nL, betaL, fL, mL,
                       ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-                      DEFER: tl.constexpr):
+                      DEFER: tl.constexpr, CARRY: tl.constexpr):
     """Backward of hidden tile j, every term that needs only R (pass 2) and only this tile; (dW1e, dW2e, dS1e, dS2e):
     the tile of the end state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's factors of the
     sums over tiles (A1, Ah, D1, dH, dP: ``_bwd_tile_sums``), its parts of the row sums (dbeta, df, dgamma, d g_L,
     d n_L rows and the d beta_L, d f_L, d m_L scalars), X = dZ1 without its dY part, and the start-state gradient
     tiles without their dY parts. DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``).
+    CARRY: the start-state gradient tiles include the end gradient's carried terms and d beta_L, d f_L, d m_L are
+    formed (``_end_grad_terms``); without it they hold only this chunk's q / Ah terms and the scalars are 0 (the
+    tiles layout adds them in pass 3, so that the end-gradient tiles are only dot operands here: fewer registers).
 
     Every row sum over V is a row sum over the tile's columns of a [BT, BH] product already formed, e.g.
     sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries."""
@@ -232,11 +254,15 @@ def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, g
     KdW1 = _dot(kj, dW1e, PREC)
     dD1 = -_dot(_operand(C1T, DEFER), dH, PREC) - gL[:, None] * KdW1
     dgL = -tl.sum(KdW1 * D1 + A1 * RdW2, axis=1)
-    dbL = tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
     df = tl.zeros_like(dbeta)
     dnL = tl.zeros_like(dbeta)
-    dfL = dbL * 0.0
-    dmL = dbL * 0.0
+    if CARRY:
+        dW1c, dW2c, dS1c, dS2c, dbL, dfL, dmL = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL,
+                                                                MOMENTUM)
+    else:
+        dW1c, dW2c, dS1c, dS2c = tl.zeros_like(W1), tl.zeros_like(W2), tl.zeros_like(W1), tl.zeros_like(W2)
+        dbL = tl.sum(tl.zeros_like(dbeta), axis=0)
+        dfL, dmL = dbL, dbL
     dS1s = S1
     dS2s = S2
     if MOMENTUM:
@@ -246,17 +272,15 @@ def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, g
         KdS1 = _dot(kj, dS1e, PREC)
         dD1 -= nL[:, None] * KdS1
         dnL -= tl.sum(KdS1 * D1 + A1 * RdS2, axis=1)
-        dfL = tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
-        dmL = tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
-        dS1s = _dot(tl.trans(qj), f[:, None] * dH, PREC) + fL * dW1e + mL * dS1e
-        dS2s = _dot(tl.trans(Ah * f[:, None]), doj, PREC) + fL * dW2e + mL * dS2e
+        dS1s = _dot(tl.trans(qj), f[:, None] * dH, PREC) + dS1c
+        dS2s = _dot(tl.trans(Ah * f[:, None]), doj, PREC) + dS2c
     dP = dD1 * gam[:, None] * s1
     dgam = tl.zeros_like(dbeta)
     if DECAYED:
         dgam += tl.sum(dD1 * Pm * s1, axis=1)
     X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
-    dW1s = _dot(tl.trans(qj), beta[:, None] * dH, PREC) + betaL * dW1e
-    dW2s = _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + betaL * dW2e + _dot(tl.trans(dP), Rj, PREC)
+    dW1s = _dot(tl.trans(qj), beta[:, None] * dH, PREC) + dW1c
+    dW2s = _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + dW2c + _dot(tl.trans(dP), Rj, PREC)
     return (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s, dW2s, dS1s, dS2s)
 
 
@@ -605,7 +629,7 @@ def _bwd_chunk(
         (A1, Ah, D1, dH, dP, dbeta_j, df_j, dgam_j, dgL_j, dnL_j, dbL_j, dfL_j, dmL_j,
          X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
                                                         beta, f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                        ACT, DECAYED, MOMENTUM, PREC, False)
+                                                        ACT, DECAYED, MOMENTUM, PREC, False, True)
         SA_j, SAT_j, dC1_j, dC1T_j, dR_j, dq_j, dk_j = _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e,
                                                                       dS1e, dS2e, beta, f, gL, nL, MOMENTUM, PREC)
         SA += SA_j

@@ -40,6 +40,7 @@ from miras.kernels.mlp import (
     _bwd_tile_dy,
     _bwd_tile_factors,
     _bwd_tile_sums,
+    _end_grad_terms,
     _final_state,
     _fwd_tile_math,
     _fwd_tile_out,
@@ -358,14 +359,14 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 
 
 @triton.jit
-def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, psc, c, s_src, e, s, T, NS, BHN,
+def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, s, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
     A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them), X into xs, the
-    start-state gradient tiles without their dY parts, and the row partials (slot j * BHN + i_bh):
-    prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL; psc [.., 4] = dbL, dfL, dmL."""
+    start-state gradient tiles' q / Ah terms (pass 3 adds the dY terms and the end gradient's carried terms), and the
+    row partials (slot j * BHN + i_bh): prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -382,10 +383,10 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
     st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL,
+    (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, _, _, _,
      X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
                                                     beta, f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                    ACT, DECAYED, MOMENTUM, PREC, True)
+                                                    ACT, DECAYED, MOMENTUM, PREC, True, False)
     if MOMENTUM:
         tl.store(ds1s + st1 + w1_off, dS1s, mask=w1_ok)
         tl.store(ds2s + st2 + w2_off, dS2s, mask=w2_ok)
@@ -405,9 +406,6 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
     tl.store(prow + rw + 2 * BT, dgam)
     tl.store(prow + rw + 3 * BT, dgL)
     tl.store(prow + rw + 4 * BT, dnL)
-    tl.store(psc + slot * 4, dbL)
-    tl.store(psc + slot * 4 + 1, dfL)
-    tl.store(psc + slot * 4 + 2, dmL)
 
 
 @triton.jit
@@ -479,7 +477,7 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
 
 
 @triton.jit
-def _bwd_mid(q, k, v, do, delta, pre, sums, prow, psc, gdy, dkacc, gin,
+def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dkacc, gin,
              dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
@@ -487,7 +485,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, psc, gdy, dkacc, gin,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """From ``_bwd_sums``' contractions (SA^T and dC1^T by transposed reads) and the sums of the tiles' row partials
     (G, G^T, R, Y0 and gamma from ``_prep``): the bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY
-    (-> gdy); the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
+    (-> gdy); the gate inputs without pass 3's parts (-> gin [BHN, BT * BT + 3 * BT]: dG, dbeta, df, dnL)."""
     i_bh = tl.program_id(0)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -503,7 +501,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, psc, gdy, dkacc, gin,
     base = _pre_base(pre, i_bh, BT, BV)
     R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(base, o_t, o_v, BT, BV, True)
     G, GT = _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT)
-    _, _, _, _, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL = _bwd_sums_zero(BT, BK, BV)
+    _, _, _, _, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, _, _, _ = _bwd_sums_zero(BT, BK, BV)
     for jj in range(NH):
         slot = (jj * BHN + i_bh).to(tl.int64)
         rw = slot * 5 * BT + o_t
@@ -512,9 +510,6 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, psc, gdy, dkacc, gin,
         dgam += tl.load(prow + rw + 2 * BT)
         dgL += tl.load(prow + rw + 3 * BT)
         dnL += tl.load(prow + rw + 4 * BT)
-        dbL += tl.load(psc + slot * 4)
-        dfL += tl.load(psc + slot * 4 + 1)
-        dmL += tl.load(psc + slot * 4 + 2)
     # _bwd_sums' results, the [BT, BT] blocks loaded where used (SA^T, dC1^T read transposed); dq and dk added last
     out = sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK)
     bb = out + o_t[:, None] * BT + o_t[None, :]
@@ -529,38 +524,36 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, psc, gdy, dkacc, gin,
     if DECAYED:
         dbeta += dgam + dgam_y
     dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
-    dbeta += tl.where(at_L, dbL, 0.0)
-    if MOMENTUM:
-        df += tl.where(at_L, dfL, 0.0)
     tl.store(dq + p_tk, b_dq, mask=qk_ok)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:
         tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
     tl.store(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], gam[:, None] * dY)
     tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
-    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT)
     tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
     tl.store(gin + g0 + BT * BT + o_t, dbeta)
     tl.store(gin + g0 + BT * BT + BT + o_t, df)
     tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
-    tl.store(gin + g0 + BT * BT + 3 * BT, dmL)
 
 
 @triton.jit
-def _bwd_tile3(k, keep, w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, s_src, s, T, NS, BHN,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+def _bwd_tile3(k, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, gdy, pk3, pg3, psc, c, s_src, e, s, T,
+               NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
-               PREC: tl.constexpr):
+               MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1); its dk partial (-> pk3) and dgam (-> pg3);
-    dW1 += k^T gam dZ1, dW2 += A1^T gam dY."""
+    dW1 += k^T gam dZ1, dW2 += A1^T gam dY, and the end gradient's carried terms into the start-state gradient tiles
+    with their scalar parts d beta_L, d f_L, d m_L (-> psc [NH, BHN, 4]; ``_end_grad_terms``)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
+    e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
+    e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
     st1 = (i_bh.to(tl.int64) * 2 + s) * K * HD
     st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
-    W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
-    W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
     X = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
     dk_j, dgam_j, dW1_j, dW2_j = _bwd_tile_dy(b_k, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
@@ -568,15 +561,26 @@ def _bwd_tile3(k, keep, w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, s_src, s, T,
     tl.store(pk3 + (slot * BT + o_t[:, None]) * BK + o_k[None, :], dk_j)
     if DECAYED:
         tl.store(pg3 + slot * BT + o_t, dgam_j)
-    tl.store(dw1s + st1 + w1_off, tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + dW1_j, mask=w1_ok)
-    tl.store(dw2s + st2 + w2_off, tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + dW2_j, mask=w2_ok)
+    rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, o_v, BT, BV, False)
+    dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    dW1c, dW2c, dS1c, dS2c, dbL, dfL, dmL = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, rows[7], rows[8],
+                                                            rows[9], MOMENTUM)
+    tl.store(dw1s + st1 + w1_off, tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + dW1_j + dW1c, mask=w1_ok)
+    tl.store(dw2s + st2 + w2_off, tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + dW2_j + dW2c, mask=w2_ok)
+    if MOMENTUM:
+        tl.store(ds1s + st1 + w1_off, tl.load(ds1s + st1 + w1_off, mask=w1_ok, other=0.0) + dS1c, mask=w1_ok)
+        tl.store(ds2s + st2 + w2_off, tl.load(ds2s + st2 + w2_off, mask=w2_ok, other=0.0) + dS2c, mask=w2_ok)
+    tl.store(psc + slot * 4, dbL)
+    tl.store(psc + slot * 4 + 1, dfL)
+    tl.store(psc + slot * 4 + 2, dmL)
 
 
 @triton.jit
-def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN,
+def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, psc, gin, dk, deta, dla, dlm, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NH: tl.constexpr,
              HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """dk = its intra-chunk part + pass 3's tile parts; the gate gradients from the gate inputs (+ pass 3's dgam)."""
+    """dk = its intra-chunk part + pass 3's tile parts; the gate gradients from the gate inputs (+ pass 3's dgam and
+    d beta_L, d f_L, d m_L)."""
     i_bh = tl.program_id(0)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
@@ -589,17 +593,23 @@ def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN,
     p_g = i_b * T * H + i_h
     b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
     dgam = tl.zeros([BT], dtype=tl.float32)
+    dbL = tl.sum(dgam, axis=0)
+    dfL, dmL = dbL, dbL
     for jj in range(NH):
         slot = (jj * BHN + i_bh).to(tl.int64)
         b_dk += tl.load(pk3 + (slot * BT + o_t[:, None]) * BK + o_k[None, :])
         if DECAYED:
             dgam += tl.load(pg3 + slot * BT + o_t)
-    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+        dbL += tl.load(psc + slot * 4)
+        dfL += tl.load(psc + slot * 4 + 1)
+        dmL += tl.load(psc + slot * 4 + 2)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT)
     dG = tl.load(gin + g0 + o_t[:, None] * BT + o_t[None, :])
-    dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam
+    dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam + tl.where(at_L, dbL, 0.0)
     df = tl.load(gin + g0 + BT * BT + BT + o_t)
+    if MOMENTUM:
+        df += tl.where(at_L, dfL, 0.0)
     dnL = tl.load(gin + g0 + BT * BT + 2 * BT + o_t)
-    dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
@@ -638,7 +648,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     dkacc = torch.empty(BHN, BT, BK, **f32)
     pk3 = torch.empty(NH, BHN, BT, BK, **f32)
     pg3 = torch.empty(NH, BHN, BT, **f32)
-    gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
+    gin = torch.empty(BHN, BT * BT + 3 * BT, **f32)
     pre = torch.empty(BHN, pre_size(BT, BV), **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
@@ -652,13 +662,13 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
         _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
         _launch(_prep, (BHN,), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
         _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
-                prow, psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+                prow, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
         _launch(_bwd_sums, (4, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
                 K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), MOMENTUM=cfg.momentum, PREC=_prec(q))
-        _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, sums, prow, psc, gdy, dkacc, gin,
+        _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, sums, prow, gdy, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
-        _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, dw1s, dw2s, xs, gdy, pk3, pg3, c, c, s, T, NS, BHN,
-                **tile, **base_y)
-        _launch(_bwd_end, (BHN,), *gates, dkacc, pk3, pg3, gin, dk, deta, dla, dlm, c, T, BHN, H=H, K=K, BT=BT, BK=BK,
+        _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, gdy, pk3, pg3,
+                psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+        _launch(_bwd_end, (BHN,), *gates, dkacc, pk3, pg3, psc, gin, dk, deta, dla, dlm, c, T, BHN, H=H, K=K, BT=BT, BK=BK,
                 NH=NH, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
