@@ -200,35 +200,70 @@ def _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM: tl.constexpr, PREC: tl.cons
 @triton.jit
 def _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM: tl.constexpr):
     """What the end state's gradient (tile j) carries into the start state's, through W' = beta_L W + f_L S and
-    S' = m_L S: (beta_L dW1e, beta_L dW2e, f_L dW1e + m_L dS1e, f_L dW2e + m_L dS2e) and the tile's parts of the
-    scalar gradients d beta_L = <dW', W>, d f_L = <dW', S>, d m_L = <dS', S> (momentum; else S1, S2 and the zero
-    scalars stand in)."""
-    dbL = tl.sum(tl.sum(dW1e * W1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * W2, axis=1), axis=0)
-    dfL = dbL * 0.0
-    dmL = dbL * 0.0
+    S' = m_L S: (beta_L dW1e, beta_L dW2e, f_L dW1e + m_L dS1e, f_L dW2e + m_L dS2e); without momentum S1, S2 stand
+    in for the last two. The scalars' gradients: ``_end_grad_products``."""
     dS1 = S1
     dS2 = S2
     if MOMENTUM:
-        dfL = tl.sum(tl.sum(dW1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dW2e * S2, axis=1), axis=0)
-        dmL = tl.sum(tl.sum(dS1e * S1, axis=1), axis=0) + tl.sum(tl.sum(dS2e * S2, axis=1), axis=0)
         dS1 = fL * dW1e + mL * dS1e
         dS2 = fL * dW2e + mL * dS2e
-    return betaL * dW1e, betaL * dW2e, dS1, dS2, dbL, dfL, dmL
+    return betaL * dW1e, betaL * dW2e, dS1, dS2
+
+
+@triton.jit
+def _end_grad_products(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e):
+    """The elementwise products whose sums over all tiles are the gradients of the carry scalars:
+    d beta_L = <dW', W>, d f_L = <dW', S>, d m_L = <dS', S> (W1 and W2 parts of each; ``_end_grad_scalars``)."""
+    return dW1e * W1, dW2e * W2, dW1e * S1, dW2e * S2, dS1e * S1, dS2e * S2
+
+
+@triton.jit
+def _full_sum(x):
+    """Sum of every element of a 2-D tile."""
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM: tl.constexpr):
+    """Tile j's parts of (d beta_L, d f_L, d m_L) (``_end_grad_products``; 0, 0 for f_L, m_L without momentum)."""
+    bL1, bL2, fL1, fL2, mL1, mL2 = _end_grad_products(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e)
+    dbL = _full_sum(bL1) + _full_sum(bL2)
+    dfL = dbL * 0.0
+    dmL = dbL * 0.0
+    if MOMENTUM:
+        dfL = _full_sum(fL1) + _full_sum(fL2)
+        dmL = _full_sum(mL1) + _full_sum(mL2)
+    return dbL, dfL, dmL
+
+
+@triton.jit
+def _state_grad_terms(qj, doj, Rj, Ah, dH, dP, beta, f, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Tile j's start-state gradient terms through the chunk's read and R (pass 2's factors Ah, dH, dP):
+    dW1 = q^T (beta dH), dW2 = (beta Ah)^T dO + dP^T R, dS1 = q^T (f dH), dS2 = (f Ah)^T dO (momentum; else dW1, dW2
+    stand in)."""
+    dW1 = _dot(tl.trans(qj), beta[:, None] * dH, PREC)
+    dW2 = _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + _dot(tl.trans(dP), Rj, PREC)
+    dS1 = dW1
+    dS2 = dW2
+    if MOMENTUM:
+        dS1 = _dot(tl.trans(qj), f[:, None] * dH, PREC)
+        dS2 = _dot(tl.trans(Ah * f[:, None]), doj, PREC)
+    return dW1, dW2, dS1, dS2
 
 
 @triton.jit
 def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
                       gL, nL, betaL, fL, mL,
                       ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-                      DEFER: tl.constexpr, CARRY: tl.constexpr):
+                      DEFER: tl.constexpr):
     """Backward of hidden tile j, every term that needs only R (pass 2) and only this tile; (dW1e, dW2e, dS1e, dS2e):
     the tile of the end state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's factors of the
     sums over tiles (A1, Ah, D1, dH, dP: ``_bwd_tile_sums``), its parts of the row sums (dbeta, df, dgamma, d g_L,
     d n_L rows and the d beta_L, d f_L, d m_L scalars), X = dZ1 without its dY part, and the start-state gradient
     tiles without their dY parts. DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``).
-    CARRY: the start-state gradient tiles include the end gradient's carried terms and d beta_L, d f_L, d m_L are
-    formed (``_end_grad_terms``); without it they hold only this chunk's q / Ah terms and the scalars are 0 (the
-    tiles layout adds them in pass 3, so that the end-gradient tiles are only dot operands here: fewer registers).
+    The tiles layout uses only the factors, X and the rows here (the rest is dead code there) and forms the
+    start-state gradient tiles in pass 3 (``_state_grad_terms``, ``_end_grad_terms``), so that q, dO, R and the
+    end-gradient tiles are not live through all of pass 2.
 
     Every row sum over V is a row sum over the tile's columns of a [BT, BH] product already formed, e.g.
     sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries."""
@@ -256,15 +291,8 @@ def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, g
     dgL = -tl.sum(KdW1 * D1 + A1 * RdW2, axis=1)
     df = tl.zeros_like(dbeta)
     dnL = tl.zeros_like(dbeta)
-    if CARRY:
-        dW1c, dW2c, dS1c, dS2c, dbL, dfL, dmL = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL,
-                                                                MOMENTUM)
-    else:
-        dW1c, dW2c, dS1c, dS2c = tl.zeros_like(W1), tl.zeros_like(W2), tl.zeros_like(W1), tl.zeros_like(W2)
-        dbL = tl.sum(tl.zeros_like(dbeta), axis=0)
-        dfL, dmL = dbL, dbL
-    dS1s = S1
-    dS2s = S2
+    dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
+    dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
     if MOMENTUM:
         df += tl.sum(Ah * dOS2 + dH * QS1, axis=1)
         RdS2 = _dot(Rj, tl.trans(dS2e), PREC)
@@ -272,16 +300,14 @@ def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, g
         KdS1 = _dot(kj, dS1e, PREC)
         dD1 -= nL[:, None] * KdS1
         dnL -= tl.sum(KdS1 * D1 + A1 * RdS2, axis=1)
-        dS1s = _dot(tl.trans(qj), f[:, None] * dH, PREC) + dS1c
-        dS2s = _dot(tl.trans(Ah * f[:, None]), doj, PREC) + dS2c
     dP = dD1 * gam[:, None] * s1
     dgam = tl.zeros_like(dbeta)
     if DECAYED:
         dgam += tl.sum(dD1 * Pm * s1, axis=1)
     X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
-    dW1s = _dot(tl.trans(qj), beta[:, None] * dH, PREC) + dW1c
-    dW2s = _dot(tl.trans(Ah * beta[:, None]), doj, PREC) + dW2c + _dot(tl.trans(dP), Rj, PREC)
-    return (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s, dW2s, dS1s, dS2s)
+    dW1s, dW2s, dS1s, dS2s = _state_grad_terms(qj, doj, Rj, Ah, dH, dP, beta, f, MOMENTUM, PREC)
+    return (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s + dW1c, dW2s + dW2c, dS1s + dS1c,
+            dS2s + dS2c)
 
 
 @triton.jit
@@ -352,8 +378,9 @@ def _bwd_sums_zero(BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
 
 @triton.jit
 def _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT: tl.constexpr, DECAYED: tl.constexpr, PREC: tl.constexpr):
-    """Backward of tile j, the dY terms (pass 3, gdY = gamma dY): dZ1 = X + (gdY W2_j^T) act'(Z1). Returns the tile's
-    part of dk and of dgamma, and what it adds to the start-state gradient tiles (k^T gamma dZ1, A1^T gdY)."""
+    """Backward of tile j, the dY terms (pass 3, gdY = gamma dY): dZ1 = X + (gdY W2_j^T) act'(Z1). Returns gamma dZ1
+    (the tile's part of dk is gamma dZ1 W1_j^T), the tile's part of dgamma, and what it adds to the start-state
+    gradient tiles (k^T gamma dZ1, A1^T gdY)."""
     Zk = _dot(kj, W1, PREC)
     Z1 = gam[:, None] * Zk
     A1 = _act(Z1, ACT)
@@ -362,7 +389,7 @@ def _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT: tl.constexpr, DECAYED: tl.constex
     dgam = tl.zeros([X.shape[0]], dtype=tl.float32)
     if DECAYED:
         dgam = tl.sum(dZ1 * Zk, axis=1)
-    return _dot(gdZ1, tl.trans(W1), PREC), dgam, _dot(tl.trans(kj), gdZ1, PREC), _dot(tl.trans(A1), gdY, PREC)
+    return gdZ1, dgam, _dot(tl.trans(kj), gdZ1, PREC), _dot(tl.trans(A1), gdY, PREC)
 
 
 # ---------------------------------------------------------------------------------------------------------- forward
@@ -629,7 +656,7 @@ def _bwd_chunk(
         (A1, Ah, D1, dH, dP, dbeta_j, df_j, dgam_j, dgL_j, dnL_j, dbL_j, dfL_j, dmL_j,
          X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
                                                         beta, f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                        ACT, DECAYED, MOMENTUM, PREC, False, True)
+                                                        ACT, DECAYED, MOMENTUM, PREC, False)
         SA_j, SAT_j, dC1_j, dC1T_j, dR_j, dq_j, dk_j = _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e,
                                                                       dS1e, dS2e, beta, f, gL, nL, MOMENTUM, PREC)
         SA += SA_j
@@ -682,8 +709,8 @@ def _bwd_chunk(
         W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
         W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
         X = tl.load(xs + p_x + o_t[:, None] * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
-        dk_j, dgam_j, dW1_j, dW2_j = _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
-        b_dk += dk_j
+        gdZ1, dgam_j, dW1_j, dW2_j = _bwd_tile_dy(kj, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
+        b_dk += _dot(gdZ1, tl.trans(W1), PREC)
         dgam += dgam_j
         tl.store(dw1s + st1 + w1_off, tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + dW1_j, mask=w1_ok)
         tl.store(dw2s + st2 + w2_off, tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + dW2_j, mask=w2_ok)

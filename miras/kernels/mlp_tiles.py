@@ -40,8 +40,10 @@ from miras.kernels.mlp import (
     _bwd_tile_dy,
     _bwd_tile_factors,
     _bwd_tile_sums,
+    _end_grad_products,
     _end_grad_terms,
     _final_state,
+    _full_sum,
     _fwd_tile_math,
     _fwd_tile_out,
     _gate_grads,
@@ -50,6 +52,7 @@ from miras.kernels.mlp import (
     _input_grads,
     _launch,
     _prec,
+    _state_grad_terms,
     _state_slots,
     _state_tiles,
 )
@@ -359,14 +362,14 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 
 
 @triton.jit
-def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, s, T, NS, BHN,
+def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
-    A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them), X into xs, the
-    start-state gradient tiles' q / Ah terms (pass 3 adds the dY terms and the end gradient's carried terms), and the
-    row partials (slot j * BHN + i_bh): prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL."""
+    A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them, pass 3 forms the
+    start-state gradient tiles from them), X into xs and the row partials (slot j * BHN + i_bh):
+    prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -379,17 +382,12 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
     src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
     e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
     e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
-    st1 = (i_bh.to(tl.int64) * 2 + s) * K * HD
-    st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    # (the start-state gradient tiles and the end-gradient scalars it also returns are dead code here: pass 3)
     (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, _, _, _,
-     X, dW1s, dW2s, dS1s, dS2s) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam,
-                                                    beta, f, C1, C1T, M2, M2T, gL, nL, betaL, fL, mL,
-                                                    ACT, DECAYED, MOMENTUM, PREC, True, False)
-    if MOMENTUM:
-        tl.store(ds1s + st1 + w1_off, dS1s, mask=w1_ok)
-        tl.store(ds2s + st2 + w2_off, dS2s, mask=w2_ok)
+     X, _, _, _, _) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1,
+                                        C1T, M2, M2T, gL, nL, betaL, fL, mL, ACT, DECAYED, MOMENTUM, PREC, True)
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
     tl.store(xs + th, X, mask=h_ok[None, :])
     tl.store(fs + th, A1, mask=h_ok[None, :])
@@ -397,8 +395,6 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
     tl.store(fs + 2 * BHN * BT * HD + th, D1, mask=h_ok[None, :])
     tl.store(fs + 3 * BHN * BT * HD + th, dH, mask=h_ok[None, :])
     tl.store(fs + 4 * BHN * BT * HD + th, dP, mask=h_ok[None, :])
-    tl.store(dw1s + st1 + w1_off, dW1s, mask=w1_ok)
-    tl.store(dw2s + st2 + w2_off, dW2s, mask=w2_ok)
     slot = (j * BHN + i_bh).to(tl.int64)
     rw = slot * 5 * BT + o_t
     tl.store(prow + rw, dbeta)
@@ -406,6 +402,18 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
     tl.store(prow + rw + 2 * BT, dgam)
     tl.store(prow + rw + 3 * BT, dgL)
     tl.store(prow + rw + 4 * BT, dnL)
+
+
+def sums_size(BT: int, BK: int, BV: int) -> int:
+    """Floats of one batch*head's ``_bwd_sums`` record (``_sums_base``)."""
+    return 2 * BT * BT + BT * BV + 2 * BT * BK + 4
+
+
+@triton.jit
+def _sums_base(sums, i_bh, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Batch*head i_bh's ``_bwd_sums`` record: SA, dC1 [BT, BT], dR [BT, BV], dq, dk [BT, BK], then the scalars
+    d beta_L, d f_L, d m_L (and a pad): ``sums_size`` floats."""
+    return sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK + 4)
 
 
 @triton.jit
@@ -427,13 +435,34 @@ def _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, s
 
 
 @triton.jit
+def _scalar_sum(dst, WHICH: tl.constexpr, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v,
+                k_ok, v_ok, o_hh, V: tl.constexpr, HD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                BHC: tl.constexpr):
+    """Stores at dst the carry scalar's gradient WHICH (0 d beta_L, 1 d f_L, 2 d m_L; -1: 0, no momentum): its two
+    ``_end_grad_products`` summed elementwise over hidden tiles of BHC, then reduced once."""
+    acc1 = tl.zeros([BK, BHC], dtype=tl.float32)
+    acc2 = tl.zeros([BHC, BV], dtype=tl.float32)
+    if WHICH >= 0:
+        NHC: tl.constexpr = (HD + BHC - 1) // BHC
+        for jj in range(NHC):
+            o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
+            W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, WHICH > 0)
+            dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok,
+                                                  WHICH > 1)
+            products = _end_grad_products(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e)
+            acc1 += products[2 * WHICH]
+            acc2 += products[2 * WHICH + 1]
+    tl.store(dst, _full_sum(acc1) + _full_sum(acc2))
+
+
+@triton.jit
 def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
               K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs), on hidden
-    tiles of BHC: program (p, i_bh) writes p = 0: SA, dC1; 1: dq; 2: dk; 3: dR into
-    sums[i_bh] = [SA, dC1 ([BT, BT]) | dR [BT, BV] | dq, dk [BT, BK]] (one output group per program: the registers
-    of one group, not of all)."""
+    tiles of BHC: program (p, i_bh) writes p = 0: SA, dC1; 1: dq; 2: dk; 3: dR; 4, 5, 6: the scalar d beta_L,
+    d f_L, d m_L into batch*head i_bh's record (``_sums_base``; one output group per program: the registers of one group,
+    not of all)."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BHC)
     k_ok, v_ok = o_k < K, o_v < V
@@ -443,7 +472,7 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
     e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
     e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
-    out = sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK)
+    out = _sums_base(sums, i_bh, BT, BK, BV)
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
     bb = o_t[:, None] * BT + o_t[None, :]
     if p == 0:
@@ -468,12 +497,21 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
             dk += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
                               o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[6]
         tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_k[None, :], dk)
-    else:
+    elif p == 3:
         dR = tl.zeros([BT, BV], dtype=tl.float32)
         for jj in range(NHC):
             dR += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
                               o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[4]
         tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :], dR)
+    elif p == 4:
+        _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK, 0, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1,
+                    src2, e1, e2, o_k, o_v, k_ok, v_ok, o_hh, V, HD, BK, BV, BHC)
+    elif p == 5:
+        _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK + 1, 1 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s,
+                    dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v, k_ok, v_ok, o_hh, V, HD, BK, BV, BHC)
+    else:
+        _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK + 2, 2 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s,
+                    dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v, k_ok, v_ok, o_hh, V, HD, BK, BV, BHC)
 
 
 @triton.jit
@@ -485,7 +523,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dkacc, gin,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """From ``_bwd_sums``' contractions (SA^T and dC1^T by transposed reads) and the sums of the tiles' row partials
     (G, G^T, R, Y0 and gamma from ``_prep``): the bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY
-    (-> gdy); the gate inputs without pass 3's parts (-> gin [BHN, BT * BT + 3 * BT]: dG, dbeta, df, dnL)."""
+    (-> gdy); the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
     i_bh = tl.program_id(0)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -511,7 +549,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dkacc, gin,
         dgL += tl.load(prow + rw + 3 * BT)
         dnL += tl.load(prow + rw + 4 * BT)
     # _bwd_sums' results, the [BT, BT] blocks loaded where used (SA^T, dC1^T read transposed); dq and dk added last
-    out = sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK)
+    out = _sums_base(sums, i_bh, BT, BK, BV)
     bb = out + o_t[:, None] * BT + o_t[None, :]
     bbt = out + o_t[None, :] * BT + o_t[:, None]
     dR += tl.load(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
@@ -524,27 +562,33 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dkacc, gin,
     if DECAYED:
         dbeta += dgam + dgam_y
     dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
+    p_sc = out + 2 * BT * BT + BT * BV + 2 * BT * BK
+    dbeta += tl.where(at_L, tl.load(p_sc), 0.0)
+    if MOMENTUM:
+        df += tl.where(at_L, tl.load(p_sc + 1), 0.0)
     tl.store(dq + p_tk, b_dq, mask=qk_ok)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:
         tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
     tl.store(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], gam[:, None] * dY)
     tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
-    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
     tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
     tl.store(gin + g0 + BT * BT + o_t, dbeta)
     tl.store(gin + g0 + BT * BT + BT + o_t, df)
     tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
+    tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))
 
 
 @triton.jit
-def _bwd_tile3(k, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, gdy, pk3, pg3, psc, c, s_src, e, s, T,
-               NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
-               MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1); its dk partial (-> pk3) and dgam (-> pg3);
-    dW1 += k^T gam dZ1, dW2 += A1^T gam dY, and the end gradient's carried terms into the start-state gradient tiles
-    with their scalar parts d beta_L, d f_L, d m_L (-> psc [NH, BHN, 4]; ``_end_grad_terms``)."""
+def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, s_src,
+               e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
+    with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
+    A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
+    gradient's carried terms (``_end_grad_terms``)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
@@ -555,35 +599,40 @@ def _bwd_tile3(k, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, gdy
     st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
-    X = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
-    dk_j, dgam_j, dW1_j, dW2_j = _bwd_tile_dy(b_k, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
+    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+    X = tl.load(xs + th, mask=h_ok[None, :], other=0.0)
+    gdZ1, dgam_j, dW1, dW2 = _bwd_tile_dy(b_k, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
+    tl.store(xs + th, gdZ1, mask=h_ok[None, :])  # (this program's own columns, read just above)
     slot = (j * BHN + i_bh).to(tl.int64)
-    tl.store(pk3 + (slot * BT + o_t[:, None]) * BK + o_k[None, :], dk_j)
     if DECAYED:
         tl.store(pg3 + slot * BT + o_t, dgam_j)
-    rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, o_v, BT, BV, False)
+    base = _pre_base(pre, i_bh, BT, BV)
+    R, _, beta, f, _, _, _, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    dW1r, dW2r, dS1r, dS2r = _state_grad_terms(b_q, b_do, R, Ah, dH, dP, beta, f, MOMENTUM, PREC)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    dW1c, dW2c, dS1c, dS2c, dbL, dfL, dmL = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, rows[7], rows[8],
-                                                            rows[9], MOMENTUM)
-    tl.store(dw1s + st1 + w1_off, tl.load(dw1s + st1 + w1_off, mask=w1_ok, other=0.0) + dW1_j + dW1c, mask=w1_ok)
-    tl.store(dw2s + st2 + w2_off, tl.load(dw2s + st2 + w2_off, mask=w2_ok, other=0.0) + dW2_j + dW2c, mask=w2_ok)
+    dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
+    tl.store(dw1s + st1 + w1_off, dW1 + dW1r + dW1c, mask=w1_ok)
+    tl.store(dw2s + st2 + w2_off, dW2 + dW2r + dW2c, mask=w2_ok)
     if MOMENTUM:
-        tl.store(ds1s + st1 + w1_off, tl.load(ds1s + st1 + w1_off, mask=w1_ok, other=0.0) + dS1c, mask=w1_ok)
-        tl.store(ds2s + st2 + w2_off, tl.load(ds2s + st2 + w2_off, mask=w2_ok, other=0.0) + dS2c, mask=w2_ok)
-    tl.store(psc + slot * 4, dbL)
-    tl.store(psc + slot * 4 + 1, dfL)
-    tl.store(psc + slot * 4 + 2, dmL)
+        tl.store(ds1s + st1 + w1_off, dS1r + dS1c, mask=w1_ok)
+        tl.store(ds2s + st2 + w2_off, dS2r + dS2c, mask=w2_ok)
 
 
 @triton.jit
-def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, psc, gin, dk, deta, dla, dlm, c, T, BHN,
-             H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NH: tl.constexpr,
-             HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """dk = its intra-chunk part + pass 3's tile parts; the gate gradients from the gate inputs (+ pass 3's dgam and
-    d beta_L, d f_L, d m_L)."""
+def _bwd_end(eta, keep, mu, w1s, dkacc, xs, pg3, gin, dk, deta, dla, dlm, c, s_src, T, NS, BHN,
+             H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             NH: tl.constexpr, BHC: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
+             MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """dk = its intra-chunk part + sum over the hidden dim of gam dZ1 W1^T (pass 3's gam dZ1 in xs, W1 of the
+    chunk-start slot s_src, on hidden tiles of BHC); the gate gradients from the gate inputs (+ pass 3's dgam)."""
     i_bh = tl.program_id(0)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    o_t, o_k, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BHC)
     k_ok = o_k < K
     t0 = c * BT
     t_idx = t0 + o_t
@@ -592,24 +641,24 @@ def _bwd_end(eta, keep, mu, dkacc, pk3, pg3, psc, gin, dk, deta, dla, dlm, c, T,
     at_L = o_t == L
     p_g = i_b * T * H + i_h
     b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
+    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
+    NHC: tl.constexpr = (HD + BHC - 1) // BHC
+    for jj in range(NHC):
+        o_h = jj * BHC + o_hh
+        h_ok = o_h < HD
+        gdZ1 = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
+        W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        b_dk += _dot(gdZ1, tl.trans(W1), PREC)
     dgam = tl.zeros([BT], dtype=tl.float32)
-    dbL = tl.sum(dgam, axis=0)
-    dfL, dmL = dbL, dbL
-    for jj in range(NH):
-        slot = (jj * BHN + i_bh).to(tl.int64)
-        b_dk += tl.load(pk3 + (slot * BT + o_t[:, None]) * BK + o_k[None, :])
-        if DECAYED:
-            dgam += tl.load(pg3 + slot * BT + o_t)
-        dbL += tl.load(psc + slot * 4)
-        dfL += tl.load(psc + slot * 4 + 1)
-        dmL += tl.load(psc + slot * 4 + 2)
-    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT)
+    if DECAYED:
+        for jj in range(NH):
+            dgam += tl.load(pg3 + (jj * BHN + i_bh).to(tl.int64) * BT + o_t)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
     dG = tl.load(gin + g0 + o_t[:, None] * BT + o_t[None, :])
-    dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam + tl.where(at_L, dbL, 0.0)
+    dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam
     df = tl.load(gin + g0 + BT * BT + BT + o_t)
-    if MOMENTUM:
-        df += tl.where(at_L, dfL, 0.0)
     dnL = tl.load(gin + g0 + BT * BT + 2 * BT + o_t)
+    dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
@@ -634,21 +683,19 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
-    # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part; pass 2's factors (A1, Ah, D1,
-    # dH, dP) and their contractions (SA, dC1, dR, dq, dk); pass 2's row partials (prow: dbeta, df, dgam, dgL, dnL;
-    # psc: dbL, dfL, dmL); gamma dY; dk's intra-chunk part; pass 3's dk and dgam parts; the gate inputs (dG, dbeta,
-    # df, dnL, dmL)
+    # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part (pass 3: gamma dZ1); pass 2's
+    # factors (A1, Ah, D1, dH, dP) and their contractions (SA, dC1, dR, dq, dk, d beta_L, d f_L, d m_L); pass 2's
+    # row partials (dbeta, df, dgam, dgL, dnL); gamma dY; dk's intra-chunk part; pass 3's dgam parts; the gate
+    # inputs (dG, dbeta, df, dnL, dmL)
     yp = torch.empty(NH, BHN, BT, BV, **f32)
     xs = torch.empty(BHN, BT, HD, **f32)
     fs = torch.empty(5, BHN, BT, HD, **f32)
-    sums = torch.empty(BHN, 2 * BT * BT + BT * BV + 2 * BT * BK, **f32)
+    sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
     prow = torch.empty(NH, BHN, 5, BT, **f32)
-    psc = torch.empty(NH, BHN, 4, **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
     dkacc = torch.empty(BHN, BT, BK, **f32)
-    pk3 = torch.empty(NH, BHN, BT, BK, **f32)
     pg3 = torch.empty(NH, BHN, BT, **f32)
-    gin = torch.empty(BHN, BT * BT + 3 * BT, **f32)
+    gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
     pre = torch.empty(BHN, pre_size(BT, BV), **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
@@ -662,13 +709,14 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
         _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
         _launch(_prep, (BHN,), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
         _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
-                prow, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_sums, (4, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
+                prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+        _launch(_bwd_sums, (7, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
                 K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), MOMENTUM=cfg.momentum, PREC=_prec(q))
         _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, sums, prow, gdy, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
-        _launch(_bwd_tile3, (NH, BHN), k, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, gdy, pk3, pg3,
-                psc, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_end, (BHN,), *gates, dkacc, pk3, pg3, psc, gin, dk, deta, dla, dlm, c, T, BHN, H=H, K=K, BT=BT, BK=BK,
-                NH=NH, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
+        _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
+                gdy, pg3, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+        _launch(_bwd_end, (BHN,), *gates, w1s, dkacc, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K, HD=HD,
+                BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed,
+                MOMENTUM=cfg.momentum, PREC=_prec(q))
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
