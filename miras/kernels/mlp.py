@@ -332,34 +332,43 @@ def _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, b
 
 
 @triton.jit
-def _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, dq, dk, b_q, b_k, b_do, b_v, b_d, R, Y0, G, GT, gam, t_ok, o_t,
+def _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_t,
                   BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
                   DECAYED: tl.constexpr, PREC: tl.constexpr, DEFER: tl.constexpr):
-    """Between the two tile passes of the backward, from pass 2's sums over tiles: the read's part of dR, the
-    gradient dG of the coefficient matrix, dq and dk's intra-chunk parts, and the bias' vector-Jacobian product
-    dR -> dY at Y = gamma Y0 [+ k]. Returns (dG, dq, dk, dY, dV, the Huber deltas' gradient, dY's part of dgamma).
-    DEFER: SA, SAT, dC1, dC1T are pointer tensors to the blocks (``_operand``)."""
-    causal = o_t[:, None] >= o_t[None, :]
+    """Between the two tile passes of the backward, from pass 2's sums over tiles (dR without the read's part, SA^T):
+    dR -= (G . SA)^T dO, then the bias' vector-Jacobian product dR -> dY at Y = gamma Y0 [+ k]. Returns (dY, dV, the
+    Huber deltas' gradient, dY's part of dgamma); with the residual, dk gets dY too (the caller's). DEFER: SAT is a
+    pointer tensor to the block (``_operand``)."""
     causal_t = o_t[:, None] <= o_t[None, :]
     dR -= _dot(tl.where(causal_t, GT * _operand(SAT, DEFER), 0.0), b_do, PREC)
     dR = tl.where(t_ok[:, None], dR, 0.0)
+    Y = gam[:, None] * Y0
+    if RES:
+        Y += b_k
+    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+    dY = tl.where(t_ok[:, None], dY, 0.0)
+    dgam = tl.zeros_like(gam)
+    if DECAYED:
+        dgam = tl.sum(dY * Y0, axis=1)
+    return dY, dV, dd, dgam
+
+
+@triton.jit
+def _bwd_chunk_dg(SA, dC1, dC1T, dq, dk, b_q, b_k, b_do, R, G, GT, o_t, RES: tl.constexpr, PREC: tl.constexpr,
+                  DEFER: tl.constexpr):
+    """Between the two tile passes of the backward, from pass 2's sums over tiles: the gradient dG of the
+    coefficient matrix and dq, dk's intra-chunk parts (dq also the residual's dO). Returns (dG, dq, dk). DEFER: SA,
+    dC1, dC1T are pointer tensors to the blocks (``_operand``)."""
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
     dC1 = _operand(dC1, DEFER)
     dG = tl.where(causal, dC1 * _dot(b_q, tl.trans(b_k), PREC) - _dot(b_do, tl.trans(R), PREC) * _operand(SA, DEFER),
                   0.0)
     dq += _dot(tl.where(causal, dC1 * G, 0.0), b_k, PREC)
     dk += _dot(tl.where(causal_t, _operand(dC1T, DEFER) * GT, 0.0), b_q, PREC)
-    Y = gam[:, None] * Y0
     if RES:
         dq += b_do
-        Y += b_k
-    dY, dV, dd = bias_rows_bwd(Y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
-    dY = tl.where(t_ok[:, None], dY, 0.0)
-    if RES:
-        dk += dY
-    dgam = tl.zeros_like(gam)
-    if DECAYED:
-        dgam = tl.sum(dY * Y0, axis=1)
-    return dG, dq, dk, dY, dV, dd, dgam
+    return dG, dq, dk
 
 
 @triton.jit
@@ -690,9 +699,11 @@ def _bwd_chunk(
     R = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :])
     b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
     # ([BT, BT] products recomputed in there rather than kept live through the hidden loop: register pressure)
-    dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(SA, SAT, dC1, dC1T, dR, b_dq, b_dk, b_q, b_k, b_do, b_v, b_d, R,
-                                                       Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED,
-                                                       PREC, False)
+    dY, dV, dd, dgam_y = _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES,
+                                       DECAYED, PREC, False)
+    dG, b_dq, b_dk = _bwd_chunk_dg(SA, dC1, dC1T, b_dq, b_dk, b_q, b_k, b_do, R, G, GT, o_t, RES, PREC, False)
+    if RES:
+        b_dk += dY
     dgam += dgam_y
     gdY = gam[:, None] * dY
 

@@ -35,8 +35,8 @@ from miras.kernels.mlp import (
     MLPConfig,
     _act,
     _block_h,
+    _bwd_chunk_dg,
     _bwd_chunk_dy,
-    _bwd_sums_zero,
     _bwd_tile_dy,
     _bwd_tile_factors,
     _bwd_tile_sums,
@@ -515,69 +515,85 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
 
 
 @triton.jit
-def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dkacc, gin,
-             dq, dv, ddelta, c, T, BHN,
+def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr):
+    """Pass 2's row partials summed over the NH hidden tiles: (dbeta, df, dgam, dgL, dnL) (a caller's unused rows are
+    dead code)."""
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    df, dgam, dgL, dnL = dbeta, dbeta, dbeta, dbeta
+    for jj in range(NH):
+        rw = prow + (jj * BHN + i_bh).to(tl.int64) * 5 * BT + o_t
+        dbeta += tl.load(rw)
+        df += tl.load(rw + BT)
+        dgam += tl.load(rw + 2 * BT)
+        dgL += tl.load(rw + 3 * BT)
+        dnL += tl.load(rw + 4 * BT)
+    return dbeta, df, dgam, dgL, dnL
+
+
+@triton.jit
+def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """From ``_bwd_sums``' contractions (SA^T and dC1^T by transposed reads) and the sums of the tiles' row partials
-    (G, G^T, R, Y0 and gamma from ``_prep``): the bias VJP; dq; dk's intra-chunk part (-> dkacc); gdY = gam dY
-    (-> gdy); the gate inputs except pass 3's dgam (-> gin [BHN, BT * BT + 3 * BT + 1]: dG, dbeta, df, dnL, dmL)."""
-    i_bh = tl.program_id(0)
+    """Between the tile passes, from ``_bwd_sums``' contractions (SA^T and dC1^T read transposed), the sums of the
+    tiles' row partials and ``_prep``'s record; two programs per batch*head:
+    p = 0: the bias VJP (``_bwd_chunk_dy``): dv, the Huber deltas' gradient, gdY = gam dY (-> gdy), dY (-> dyb, with
+           the residual) and the gate inputs dbeta, df, dnL, dmL (-> gin; pass 3 adds dgam);
+    p = 1: ``_bwd_chunk_dg``: dq, dk's intra-chunk part (-> dkacc) and the gate input dG (-> gin).
+    gin [BHN, BT * BT + 3 * BT + 1] = dG, dbeta, df, dnL, dmL."""
+    p, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
     at_L = o_t == tl.minimum(T - c * BT, BT) - 1
-    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
-    R, Y0, _, _, gam, _, _, _, _, _ = _load_prep(base, o_t, o_v, BT, BV, True)
-    G, GT = _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT)
-    _, _, _, _, dR, b_dq, b_dk, dbeta, df, dgam, dgL, dnL, _, _, _ = _bwd_sums_zero(BT, BK, BV)
-    for jj in range(NH):
-        slot = (jj * BHN + i_bh).to(tl.int64)
-        rw = slot * 5 * BT + o_t
-        dbeta += tl.load(prow + rw)
-        df += tl.load(prow + rw + BT)
-        dgam += tl.load(prow + rw + 2 * BT)
-        dgL += tl.load(prow + rw + 3 * BT)
-        dnL += tl.load(prow + rw + 4 * BT)
-    # _bwd_sums' results, the [BT, BT] blocks loaded where used (SA^T, dC1^T read transposed); dq and dk added last
     out = _sums_base(sums, i_bh, BT, BK, BV)
     bb = out + o_t[:, None] * BT + o_t[None, :]
     bbt = out + o_t[None, :] * BT + o_t[:, None]
-    dR += tl.load(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
-    dG, b_dq, b_dk, dY, dV, dd, dgam_y = _bwd_chunk_dy(bb, bbt, bb + BT * BT, bbt + BT * BT, dR, b_dq, b_dk, b_q, b_k,
-                                                       b_do, b_v, b_d, R, Y0, G, GT, gam, t_ok, o_t, BIAS, P, SMOOTH,
-                                                       EPS, RES, DECAYED, PREC, True)
-    qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]
-    b_dq += tl.load(qk)
-    b_dk += tl.load(qk + BT * BK)
-    if DECAYED:
-        dbeta += dgam + dgam_y
-    dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
-    p_sc = out + 2 * BT * BT + BT * BV + 2 * BT * BK
-    dbeta += tl.where(at_L, tl.load(p_sc), 0.0)
-    if MOMENTUM:
-        df += tl.where(at_L, tl.load(p_sc + 1), 0.0)
-    tl.store(dq + p_tk, b_dq, mask=qk_ok)
-    tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
-    if BIAS == 3:
-        tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
-    tl.store(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], gam[:, None] * dY)
-    tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
+    p_sc = out + 2 * BT * BT + BT * BV + 2 * BT * BK  # d beta_L, d f_L, d m_L
     g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
-    tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
-    tl.store(gin + g0 + BT * BT + o_t, dbeta)
-    tl.store(gin + g0 + BT * BT + BT + o_t, df)
-    tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
-    tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    if p == 0:
+        b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+        if BIAS == 3:
+            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+        else:
+            b_d = tl.zeros([BT], dtype=tl.float32)
+        _, Y0, _, _, gam, _, _, _, _, _ = _load_prep(base, o_t, o_v, BT, BV, True)
+        dbeta, df, dgam, _, dnL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)
+        dR = tl.load(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
+        dY, dV, dd, dgam_y = _bwd_chunk_dy(bbt, dR, b_do, b_v, b_d, b_k, Y0, _pre_block(base, 1, o_t, BT), gam, t_ok,
+                                           o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED, PREC, True)
+        if DECAYED:
+            dbeta += dgam + dgam_y
+        dbeta += tl.where(at_L, tl.load(p_sc), 0.0)
+        if MOMENTUM:
+            df += tl.where(at_L, tl.load(p_sc + 1), 0.0)
+        tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
+        if BIAS == 3:
+            tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
+        rv = (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :]
+        tl.store(gdy + rv, gam[:, None] * dY)
+        if RES:
+            tl.store(dyb + rv, dY)
+        tl.store(gin + g0 + BT * BT + o_t, dbeta)
+        tl.store(gin + g0 + BT * BT + BT + o_t, df)
+        tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
+        tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))
+    else:
+        b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+        R = _load_prep(base, o_t, o_v, BT, BV, False)[0]
+        qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]
+        dG, b_dq, b_dk = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, tl.load(qk), tl.load(qk + BT * BK), b_q, b_k,
+                                       b_do, R, _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT), o_t, RES,
+                                       PREC, True)
+        dgL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)[3]
+        dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
+        tl.store(dq + p_tk, b_dq, mask=qk_ok)
+        tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
+        tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
 
 
 @triton.jit
@@ -624,12 +640,13 @@ def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, 
 
 
 @triton.jit
-def _bwd_end(eta, keep, mu, w1s, dkacc, xs, pg3, gin, dk, deta, dla, dlm, c, s_src, T, NS, BHN,
+def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, s_src, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-             NH: tl.constexpr, BHC: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
+             NH: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """dk = its intra-chunk part + sum over the hidden dim of gam dZ1 W1^T (pass 3's gam dZ1 in xs, W1 of the
-    chunk-start slot s_src, on hidden tiles of BHC); the gate gradients from the gate inputs (+ pass 3's dgam)."""
+    """dk = its intra-chunk part [+ dY, the residual's] + sum over the hidden dim of gam dZ1 W1^T (pass 3's gam dZ1
+    in xs, W1 of the chunk-start slot s_src, on hidden tiles of BHC); the gate gradients from the gate inputs
+    (+ pass 3's dgam)."""
     i_bh = tl.program_id(0)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BHC)
@@ -641,6 +658,8 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, xs, pg3, gin, dk, deta, dla, dlm, c, s_s
     at_L = o_t == L
     p_g = i_b * T * H + i_h
     b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
+    if RES:
+        b_dk += tl.load(dyb + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])  # K == V
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
     for jj in range(NHC):
@@ -693,6 +712,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
     prow = torch.empty(NH, BHN, 5, BT, **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
+    dyb = torch.empty(BHN, BT, BV, **f32) if cfg.residual else gdy  # dY itself (the residual's part of dk)
     dkacc = torch.empty(BHN, BT, BK, **f32)
     pg3 = torch.empty(NH, BHN, BT, **f32)
     gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
@@ -712,11 +732,11 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
                 prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
         _launch(_bwd_sums, (7, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
                 K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), MOMENTUM=cfg.momentum, PREC=_prec(q))
-        _launch(_bwd_mid, (BHN,), q, k, v, do, delta_, pre, sums, prow, gdy, dkacc, gin,
+        _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre, sums, prow, gdy, dyb, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
                 gdy, pg3, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_end, (BHN,), *gates, w1s, dkacc, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K, HD=HD,
-                BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed,
-                MOMENTUM=cfg.momentum, PREC=_prec(q))
+        _launch(_bwd_end, (BHN,), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K,
+                HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
+                DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
