@@ -131,12 +131,13 @@ VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}
             "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
             "bvl128": {"MIRAS_KERNEL_BV_LOOP": "128"}, "inloop": {"MIRAS_KERNEL_COEFFS": "0"},
             "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"}, "reg128": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1,128"},
-            "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"}}
+            "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},
+            "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"}}
 
 
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
     """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*) to the MLP."""
-    mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") for name in VARIANTS[variant])
+    mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name == "MIRAS_KERNEL_BH" for name in VARIANTS[variant])
     return "titans" in fam and (memory_kind == "mlp") == mlp_variant
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
 # left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory and for
-# titans linear (device ms per kernel), 3. the MLP kernels' GPU test file, and bf16 dot operands for them (tests, then
-# a benchmark row), 4. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
+# titans linear (device ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (hidden tiles of 32,
+# bf16 dot operands, both: the bench-shape tests, then a benchmark row for each that passed), 4. gpu_passes.sh
+# without its probes (the linear kernels pass by pass, per variant).
 # Logs: $OUT/check.log, profile.log, mlp.log, passes.log, and every step's own logs in $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
 cd "$(dirname "$0")/.." || exit 1
@@ -25,18 +26,29 @@ for fam in mlp titans; do
     | grep -vE "^(STAGE|USDT)" | tee -a "$OUTDIR/profile.log"
 done
 
-# the MLP kernels: the whole GPU test file at the defaults, then bf16 dot operands (MIRAS_KERNEL_MLP_PREC=bf16) on
-# the two bench-shape cases and, if they pass, their benchmark row
+# the MLP kernels: the whole GPU test file at the defaults, then each MLP variant (bench_kernels.VARIANTS) on the two
+# bench-shape cases and, for those that pass, their benchmark rows
+mlp_variant_env() {
+  case "$1" in
+    mlpbh32) echo "MIRAS_KERNEL_BH=32" ;;
+    mlpbf16) echo "MIRAS_KERNEL_MLP_PREC=bf16" ;;
+    mlpbh32bf16) echo "MIRAS_KERNEL_BH=32 MIRAS_KERNEL_MLP_PREC=bf16" ;;
+  esac
+}
 if [ "$(left)" -gt 150 ]; then
   timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
     | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
-  MIRAS_KERNEL_MLP_PREC=bf16 timeout 100 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider \
-    -k "bf16 and 1024" > /tmp/mlp_bf16.log 2>&1
-  rc=$?
-  grep -E "^(l2|huber|lp)|passed|failed|^E  " /tmp/mlp_bf16.log | sed 's/^/bf16 operands: /' | cut -c1-300 \
-    | tee -a "$OUTDIR/mlp.log"
-  [ "$rc" = 0 ] && timeout 100 python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants mlpbf16 \
-    2>&1 | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
+  GOOD=""
+  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbh32,mlpbf16,mlpbh32bf16}" | tr , " "); do
+    [ "$(left)" -gt 120 ] || break
+    env $(mlp_variant_env "$var") timeout 90 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
+      -p no:cacheprovider -k "bf16 and 1024" > "/tmp/mlp_$var.log" 2>&1 && GOOD="$GOOD${GOOD:+,}$var"
+    grep -E "^(l2|huber|lp)|passed|failed|^E  " "/tmp/mlp_$var.log" | sed "s/^/$var: /" | cut -c1-300 \
+      | tee -a "$OUTDIR/mlp.log"
+  done
+  [ -n "$GOOD" ] && [ "$(left)" -gt 60 ] && timeout $(( $(left) < 150 ? $(left) : 150 )) \
+    python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants "$GOOD" 2>&1 \
+    | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
 fi
 
 if [ "$(left)" -gt 90 ]; then

@@ -103,8 +103,9 @@ def kernel_support(spec) -> tuple[bool, str]:
                 "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H200 "
                 "its default layout (hidden tiles across programs, miras/kernels/mlp_tiles.py, 4 warps) matched the "
                 "chunked path in three probe cases and ran fwd+bwd in 73.7 ms against 104-132 ms for the chunked "
-                "path at B=4 T=4096 H=8 D=128, but its GPU test file has not run in full (benchmarks/RESULTS.md, "
-                "session 8); the chunked PyTorch path runs it"
+                "path at B=4 T=4096 H=8 D=128 (benchmarks/RESULTS.md, session 8); it has been restructured since "
+                "(session 9, checked against the float64 oracle on CPU only) and its GPU test file has not run in "
+                "full; the chunked PyTorch path runs it"
             )
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"

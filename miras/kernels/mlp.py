@@ -131,7 +131,8 @@ def _act_d2(z, ACT: tl.constexpr):
 
 # ------------------------------------------------------------------------------------- one hidden tile (both layouts)
 # The math of one hidden tile j of a chunk (W1_j = W1[:, tile], W2_j = W2[tile, :]), shared by the walk (which loops
-# over the tiles and sums) and the tiles layout (one program per tile, sums across launches, mlp_tiles.py).
+# over the tiles and sums) and the tiles layout (one program per tile; its sums over the hidden dim are contractions
+# by separate kernels on the stored factors, mlp_tiles.py).
 
 
 @triton.jit
@@ -796,8 +797,9 @@ def _mlp_bwd_kernel(
 def _block_h(hidden: int, chunk: int) -> int:
     """Hidden tile BH: ``MIRAS_KERNEL_BH`` (power of two >= 16), else 16 at chunk 64 and 32 below, at most the padded
     hidden width. Every [K, BH] / [BH, V] state tile is staged in shared memory once or twice per use; at chunk 64,
-    D=128 with BH=32 the momentum backward asked for 272 KB of the 227 KB an H100/H200 has (sm_90 compile with triton
-    3.9, benchmarks/kernel_resources_mlp.py), 176 KB with BH=16."""
+    D=128 with BH=32 the walk's momentum backward asks for 272 KB of the 227 KB an H100/H200 has, 176 KB with BH=16
+    (sm_90 compile with triton 3.9, benchmarks/kernel_resources_mlp.py). The tiles layout's largest kernel asks for
+    112 KB at BH=16 and 176 KB at BH=32 (tf32, 4 warps); which is faster there is unmeasured (gpu_all.sh A/Bs it)."""
     bh = env_tile("MIRAS_KERNEL_BH") or (16 if chunk >= 64 else 32)
     return min(bh, pow2_tile(hidden))
 

@@ -1,20 +1,28 @@
 """Triton kernels of the 2-layer MLP memory with the hidden dimension split across programs (the default layout).
 
 Same memory, gradients and dual-form reads as miras/kernels/mlp.py (its docstring has the equations; both layouts
-run the same per-tile math, ``_fwd_tile_math`` / ``_bwd_tile_math`` / ``_bwd_tile_dy`` there), but every chunk is a
-few launches over the grid (hidden tiles NH, batch*head) instead of one program per batch*head walking all chunks: at
-D=128, hidden 256, tiles of 16 that is 16 x B*H programs per launch instead of B*H. Whatever crosses hidden tiles goes
-through small per-chunk scratch buffers from one launch to the next, so no program reads what another thread of it
-wrote to global memory (the walk needs intra-program barriers for that).
+run the same per-tile math there: ``_fwd_tile_math`` / ``_fwd_tile_out``, ``_bwd_tile_factors`` / ``_bwd_tile_sums``,
+``_bwd_chunk_dy`` / ``_bwd_chunk_dg``, ``_bwd_tile_dy``, ``_state_grad_terms``, ``_end_grad_terms``), but every chunk
+is a few launches instead of one program per batch*head walking all chunks. The hidden-tile kernels run on the grid
+(hidden tiles NH, batch*head): at D=128, hidden 256, tiles of 16 that is 16 x B*H programs. They keep only
+per-tile work: whatever is summed over the hidden dim is stored as per-tile factors ([BT, HD] scratch) and
+contracted over the whole hidden dim by a small kernel afterwards, and whatever every tile needs (C1 = G . q k^T,
+M2 = -G . dO R^T, the gate rows) is built once per batch*head by ``_prep``. Data cross programs only through global
+scratch between launches, so no program reads what another thread of it wrote (the walk needs barriers for that).
 
-Forward, per chunk c:   _y_part (Yp_j = act(gamma (k W1_j)) W2_j) ; _prep (once per batch*head: R from sum_j Yp_j,
-                        the masked G and the gate rows) ; _fwd_tile (D1_j, the read's tile part O_j, the tile's end
-                        state). o = sum_j O_j [+ q] at the end.
-Backward, per chunk, in reverse: _y_part ; _prep (also G^T) ; _bwd_tile2 (the walk's pass 2 for one tile: partial
-                        sums, tile-local start-state gradients, dZ1's R part) ; _bwd_mid (one program per batch*head:
-                        the sums, dR -> dY, dq, dk's intra-chunk part, the gate inputs) ; _bwd_tile3 (pass 3: the dY
-                        terms) ; _bwd_end (dk, the gate gradients).
+Forward, per chunk c:  _y_part (Yp_j = act(gamma (k W1_j)) W2_j) ; _prep (once per batch*head: R from sum_j Yp_j,
+                       G, C1 and the gate rows) ; _fwd_tile (per tile: the read's factors A1_j, Ah_j and the tile's
+                       end state) ; _fwd_out (per batch*head: o = sum_j Ah_j (beta W2_j + f S2_j)
+                       - (G . sum_j Ah_j A1_j^T) R [+ q]).
+Backward, per chunk, in reverse:
+                       _y_part ; _prep (also M2, Y0) ; _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP,
+                       dZ1's R part, row partials) ; _bwd_sums (per batch*head and output group: SA, dC1, dq, dk, dR
+                       and the carry scalars' gradients, contracted over the hidden dim) ; _bwd_mid (two programs per
+                       batch*head: dR -> dY, dv; dG, dq, dk's intra-chunk part) ; _bwd_tile3 (pass 3 per tile: the dY
+                       terms, the whole start-state gradient tile) ; _bwd_end (dk's dZ1 part contracted over the
+                       hidden dim, the gate gradients).
 State slots as in mlp.py: [B*H, NS, in, out] fp32, the backward's state gradients in two ping-pong slots.
+Static sm_90 resources of every kernel: benchmarks/kernel_resources_mlp.py.
 """
 
 from __future__ import annotations
