@@ -3,7 +3,9 @@
 Runs one family of bench_kernels.py (default: the MLP memory) at the benchmark's shape (B=4, T=4096, H=8, D=128,
 bf16, chunk 64), warms up, then profiles a few forward+backward steps and prints, per GPU kernel name: launches and
 device ms per step, and its share of the step's kernel time. Kernels of PyTorch itself (casts, zero-fills, sums in
-the autograd wrapper) are listed too, since they are part of the cost.
+the autograd wrapper) are listed too, since they are part of the cost. A last line compares, per step, the host time
+to issue every launch, the wall time and the summed kernel time: when issuing takes about as long as the wall time
+and the kernels much less, the step is bound by launch overhead, not by the kernels.
 
     MIRAS_KERNEL_MLP=1 python benchmarks/profile_kernels.py mlp      # MLP kernels at MIRAS_KERNEL_MLP_CONFIG (4,1)
     MIRAS_KERNEL_CONFIG=8,2 python benchmarks/profile_kernels.py titans --steps 5
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -66,6 +69,16 @@ def main() -> None:
     for name, (n, ms) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
         print(f"| `{name}` | {n / args.steps:g} | {ms / args.steps:.3f} | {100 * ms / total:.1f}% |")
     print(f"| all kernels | {sum(n for n, _ in per_kernel.values()) / args.steps:g} | {total / args.steps:.3f} | 100% |")
+    issue = wall = 0.0
+    for _ in range(args.steps):  # without the profiler
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        issue += time.perf_counter() - t0
+        torch.cuda.synchronize()
+        wall += time.perf_counter() - t0
+    print(f"per step: host issue {1e3 * issue / args.steps:.3f} ms, wall {1e3 * wall / args.steps:.3f} ms, "
+          f"kernels {total / args.steps:.3f} ms")
 
 
 if __name__ == "__main__":
