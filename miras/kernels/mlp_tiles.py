@@ -183,39 +183,43 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
     """What every hidden tile of chunk c needs and no tile changes, built once per batch*head (grid B*H) instead of
     by each of the NH tile programs: the causal-masked [BT, BT] blocks G, C1 = G . q k^T and (backward)
     M2 = -G . dO R^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R and
-    (backward) Y0 [BT, BV]; the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``."""
-    i_bh = tl.program_id(0)
+    (backward) Y0 [BT, BV]; the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``.
+    Two programs per batch*head: p = 0 the gate blocks, C1 and the rows; p = 1 R, M2 and Y0 (G built again there)."""
+    p, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     k_ok, v_ok = o_k < K, o_v < V
     causal = o_t[:, None] >= o_t[None, :]
-    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
-     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
-                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
-    Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
     base = _pre_base(pre, i_bh, BT, BV)
     bb = o_t[:, None] * BT + o_t[None, :]
     bbt = o_t[None, :] * BT + o_t[:, None]
-    rv = o_t[:, None] * BV + o_v[None, :]
+    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
+     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
+                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
     G = tl.where(causal, G, 0.0)
-    C1 = G * _dot(b_q, tl.trans(b_k), PREC)
-    tl.store(base + bb, G)
-    tl.store(base + bbt + BT * BT, G)
-    tl.store(base + bb + 2 * BT * BT, C1)
-    tl.store(base + bbt + 3 * BT * BT, C1)
-    tl.store(base + 6 * BT * BT + rv, R)
-    if WANT_BWD:
-        M2 = -G * _dot(b_do, tl.trans(R), PREC)
-        tl.store(base + bb + 4 * BT * BT, M2)
-        tl.store(base + bbt + 5 * BT * BT, M2)
-        tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
-    rows = base + 6 * BT * BT + 2 * BT * BV
-    tl.store(rows + o_t, beta)
-    tl.store(rows + BT + o_t, f)
-    tl.store(rows + 2 * BT + o_t, gam)
-    tl.store(rows + 3 * BT + o_t, _row_select(G, o_t, L))
-    tl.store(rows + 4 * BT + o_t, _row_select(NTm, o_t, L))
-    scal = tl.where(o_t == 0, _vec_select(beta, o_t, L), tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
-    tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
+    if p == 0:
+        C1 = G * _dot(b_q, tl.trans(b_k), PREC)
+        tl.store(base + bb, G)
+        tl.store(base + bbt + BT * BT, G)
+        tl.store(base + bb + 2 * BT * BT, C1)
+        tl.store(base + bbt + 3 * BT * BT, C1)
+        rows = base + 6 * BT * BT + 2 * BT * BV
+        tl.store(rows + o_t, beta)
+        tl.store(rows + BT + o_t, f)
+        tl.store(rows + 2 * BT + o_t, gam)
+        tl.store(rows + 3 * BT + o_t, _row_select(G, o_t, L))
+        tl.store(rows + 4 * BT + o_t, _row_select(NTm, o_t, L))
+        scal = tl.where(o_t == 0, _vec_select(beta, o_t, L),
+                        tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
+        tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
+    else:
+        Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
+        rv = o_t[:, None] * BV + o_v[None, :]
+        tl.store(base + 6 * BT * BT + rv, R)
+        if WANT_BWD:
+            M2 = -G * _dot(b_do, tl.trans(R), PREC)
+            tl.store(base + bb + 4 * BT * BT, M2)
+            tl.store(base + bbt + 5 * BT * BT, M2)
+            tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
 
 
 def pre_size(BT: int, BV: int) -> int:
@@ -359,7 +363,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     for c in range(NT):
         s_in, s_out = c % NS, (c + 1) % NS
         _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
-        _launch(_prep, (B * H,), q, k, v, v, *gates, delta if delta is not None else eta, yp, pre, c, T, B * H,
+        _launch(_prep, (2, B * H), q, k, v, v, *gates, delta if delta is not None else eta, yp, pre, c, T, B * H,
                 **prep_kw, WANT_BWD=False)
         _launch(_fwd_tile, grid, q, k, w1s, w2s, s1s, s2s, pre, fs, c, s_in, s_out, T, NS, B * H, **tiles_fwd)
         _launch(_fwd_out, (B * H,), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
@@ -652,10 +656,10 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c
              H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              NH: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """dk = its intra-chunk part [+ dY, the residual's] + sum over the hidden dim of gam dZ1 W1^T (pass 3's gam dZ1
-    in xs, W1 of the chunk-start slot s_src, on hidden tiles of BHC); the gate gradients from the gate inputs
-    (+ pass 3's dgam)."""
-    i_bh = tl.program_id(0)
+    """Two programs per batch*head: p = 0: dk = its intra-chunk part [+ dY, the residual's] + sum over the hidden dim
+    of gam dZ1 W1^T (pass 3's gam dZ1 in xs, W1 of the chunk-start slot s_src, on hidden tiles of BHC); p = 1: the
+    gate gradients from the gate inputs (+ pass 3's dgam)."""
+    p, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BHC)
     k_ok = o_k < K
@@ -665,37 +669,41 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c
     L = tl.minimum(T - t0, BT) - 1
     at_L = o_t == L
     p_g = i_b * T * H + i_h
-    b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
-    if RES:
-        b_dk += tl.load(dyb + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])  # K == V
-    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
-    NHC: tl.constexpr = (HD + BHC - 1) // BHC
-    for jj in range(NHC):
-        o_h = jj * BHC + o_hh
-        h_ok = o_h < HD
-        gdZ1 = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :], other=0.0)
-        W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        b_dk += _dot(gdZ1, tl.trans(W1), PREC)
-    dgam = tl.zeros([BT], dtype=tl.float32)
-    if DECAYED:
-        for jj in range(NH):
-            dgam += tl.load(pg3 + (jj * BHN + i_bh).to(tl.int64) * BT + o_t)
-    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
-    dG = tl.load(gin + g0 + o_t[:, None] * BT + o_t[None, :])
-    dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam
-    df = tl.load(gin + g0 + BT * BT + BT + o_t)
-    dnL = tl.load(gin + g0 + BT * BT + 2 * BT + o_t)
-    dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
-    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
-    p_tk = (i_b * T * H + i_h) * K + t_idx[:, None] * H * K + o_k[None, :]
-    tl.store(dk + p_tk, b_dk, mask=t_ok[:, None] & k_ok[None, :])
-    tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
-    if HAS_KEEP:
-        tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
-    if MOMENTUM:
-        tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+    if p == 0:
+        b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
+        if RES:
+            b_dk += tl.load(dyb + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])  # K == V
+        src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
+        NHC: tl.constexpr = (HD + BHC - 1) // BHC
+        for jj in range(NHC):
+            o_h = jj * BHC + o_hh
+            h_ok = o_h < HD
+            gdZ1 = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :],
+                           other=0.0)
+            W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :],
+                         other=0.0)
+            b_dk += _dot(gdZ1, tl.trans(W1), PREC)
+        p_tk = (i_b * T * H + i_h) * K + t_idx[:, None] * H * K + o_k[None, :]
+        tl.store(dk + p_tk, b_dk, mask=t_ok[:, None] & k_ok[None, :])
+    else:
+        dgam = tl.zeros([BT], dtype=tl.float32)
+        if DECAYED:
+            for jj in range(NH):
+                dgam += tl.load(pg3 + (jj * BHN + i_bh).to(tl.int64) * BT + o_t)
+        g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+        dG = tl.load(gin + g0 + o_t[:, None] * BT + o_t[None, :])
+        dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam
+        df = tl.load(gin + g0 + BT * BT + BT + o_t)
+        dnL = tl.load(gin + g0 + BT * BT + 2 * BT + o_t)
+        dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
+        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
+        tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
+        if HAS_KEEP:
+            tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+        if MOMENTUM:
+            tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
@@ -735,7 +743,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
         _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
-        _launch(_prep, (BHN,), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
+        _launch(_prep, (2, BHN), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
         _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
                 prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
         _launch(_bwd_sums, (7, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
@@ -744,7 +752,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
                 gdy, pg3, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_end, (BHN,), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K,
+        _launch(_bwd_end, (2, BHN), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K,
                 HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
                 DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
