@@ -597,10 +597,13 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
         b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
         b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
         R = _load_prep(base, o_t, o_v, BT, BV, False)[0]
-        qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]
-        dG, b_dq, b_dk = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, tl.load(qk), tl.load(qk + BT * BK), b_q, b_k,
-                                       b_do, R, _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT), o_t, RES,
-                                       PREC, True)
+        zero = tl.zeros([BT, BK], dtype=tl.float32)
+        dG, b_dq, b_dk = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, zero, zero, b_q, b_k, b_do, R,
+                                       _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT), o_t, RES, PREC,
+                                       True)
+        qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]  # _bwd_sums' dq, dk, added last
+        b_dq += tl.load(qk)
+        b_dk += tl.load(qk + BT * BK)
         dgL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)[3]
         dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
         tl.store(dq + p_tk, b_dq, mask=qk_ok)
