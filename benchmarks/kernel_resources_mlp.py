@@ -12,6 +12,10 @@ starting with "_" are the tiles layout's kernels (miras/kernels/mlp_tiles.py). T
 rules a launch uses (``--bh`` overrides the hidden tile, like MIRAS_KERNEL_BH), so the table describes what the GPU
 will be asked to run. prec bf16 means bf16 dot operands (MIRAS_KERNEL_MLP_PREC=bf16) on bf16 inputs. Each kernel
 compiles in its own process (``--jobs`` at once). Every combination also checks that the kernel compiles at all.
+
+Under the GPU box's Triton (3.6.0) rather than this machine's, with its wheel from PyPI kept out of the environment:
+    python -m pip install --no-deps --target /tmp/tri36 triton==3.6.0
+    PYTHONPATH=/tmp/tri36 TRITON_CACHE_DIR=/tmp/tri36cache python benchmarks/kernel_resources_mlp.py --sass
 """
 
 from __future__ import annotations
