@@ -220,6 +220,24 @@ def test_hidden_tile_setting(monkeypatch):
         _block_h(256, 64)
 
 
+def test_hopper_config_warning():
+    """8 warps with hidden tiles of 16 on Hopper crashed an H200 (session 8): warned once, naming the knob; 4 warps,
+    hidden tiles of 32 or another GPU generation pass silently."""
+    import warnings
+
+    from miras.kernels.mlp import _warn_config
+
+    _warn_config.cache_clear()
+    with pytest.warns(UserWarning, match=r"MIRAS_KERNEL_MLP_CONFIG asks for 8 warps with hidden tiles of 16"):
+        _warn_config(8, 16, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_config(4, 16, 9)
+        _warn_config(8, 32, 9)
+        _warn_config(8, 16, 8)
+        _warn_config(8, 16, 9)  # once
+
+
 def test_bad_layout_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_MLP_LAYOUT", "fast")
     spec = mlp_spec("l2", "none", "gd")

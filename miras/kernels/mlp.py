@@ -34,7 +34,9 @@ Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -836,7 +838,26 @@ def _launch(kernel, grid, *args, **kw):
     (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
     if interpreting():
         return kernel[grid](*args, **kw)
-    return kernel[grid](*args, **launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1"), **kw)
+    config = launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
+    if "BH" in kw:
+        _warn_config(config["num_warps"], kw["BH"], _capability_major(torch.cuda.current_device()))
+    return kernel[grid](*args, **config, **kw)
+
+
+@cache
+def _capability_major(device_index: int) -> int:
+    """The compute capability's major number of a CUDA device (9: Hopper), asked once per device."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+@cache
+def _warn_config(num_warps: int, hidden_tile: int, capability_major: int) -> None:
+    """Warn once about a launch config known to go wrong: 8 or more warps with hidden tiles of 16 on Hopper read
+    shared memory out of bounds on an H200 with triton 3.6 (``_launch``)."""
+    if num_warps >= 8 and hidden_tile <= 16 and capability_major == 9:
+        warnings.warn(f"MIRAS_KERNEL_MLP_CONFIG asks for {num_warps} warps with hidden tiles of {hidden_tile} on a "
+                      "Hopper GPU: this read shared memory out of bounds on an H200 with triton 3.6 (illegal address "
+                      "or wrong outputs, benchmarks/RESULTS.md session 8); the default is 4 warps", stacklevel=3)
 
 
 PRECISIONS = ("tf32", "bf16")

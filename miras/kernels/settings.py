@@ -7,6 +7,7 @@ themselves are listed in miras/kernels/__init__.py.
 from __future__ import annotations
 
 import os
+from functools import cache
 
 WARPS = (1, 2, 4, 8, 16)
 
@@ -15,10 +16,13 @@ def launch_config(name: str, default: str | None = None) -> dict | None:
     """Launch options from the environment variable ``name`` ("warps,stages" or "warps,stages,maxnreg", e.g. "8,2"
     or "8,1,128"), else from ``default``: ``{"num_warps", "num_stages"[, "maxnreg"]}``; None when both are unset.
     maxnreg caps the registers per thread (ptx .maxnreg; fewer registers, more programs per SM, more spills).
-    A malformed value is a ValueError naming the variable."""
+    A malformed value is a ValueError naming the variable. (Read at every launch; parsed once per value.)"""
     value = os.environ.get(name) or default
-    if not value:
-        return None
+    return dict(_parse_config(name, value)) if value else None
+
+
+@cache
+def _parse_config(name: str, value: str) -> dict:
     parts = [x.strip() for x in value.split(",")]
     ok = len(parts) in (2, 3) and all(x.isdigit() for x in parts)
     if not ok or int(parts[0]) not in WARPS or int(parts[1]) < 1 or (len(parts) == 3 and not 32 <= int(parts[2]) <= 255):
