@@ -492,7 +492,7 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
         dC1 = tl.zeros([BT, BT], dtype=tl.float32)
         for jj in range(NHC):
             part = _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                                o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)
+                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)
             SA += part[0]
             dC1 += part[2]
         tl.store(out + bb, SA)
@@ -501,19 +501,19 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
         dq = tl.zeros([BT, BK], dtype=tl.float32)
         for jj in range(NHC):
             dq += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[5]
+                             o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[5]
         tl.store(out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :], dq)
     elif p == 2:
         dk = tl.zeros([BT, BK], dtype=tl.float32)
         for jj in range(NHC):
             dk += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[6]
+                             o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[6]
         tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_k[None, :], dk)
     elif p == 3:
         dR = tl.zeros([BT, BV], dtype=tl.float32)
         for jj in range(NHC):
             dR += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[4]
+                             o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[4]
         tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :], dR)
     elif p == 4:
         _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK, 0, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1,
