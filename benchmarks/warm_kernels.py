@@ -71,7 +71,7 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     from miras.kernels.mlp import MLPConfig, layout, mlp_scan_bwd, mlp_scan_fwd
     from miras.kernels.mlp_tiles import mlp_tiles_bwd, mlp_tiles_fwd
 
-    tiles = layout() == "tiles"  # its forward is two kernels launched together (MODE 1 compiles both, 2 nothing)
+    tiles = layout() == "tiles"  # one call launches all its forward kernels (MODE 1 compiles them, the others nothing)
     if tiles and direction == "fwd" and mode != 1:
         print(f"warm mlp-{learner} {direction} MODE={mode}: nothing (tiles layout)")
         return
