@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
-# left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory and for
-# titans linear (device ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (hidden tiles of 32,
-# bf16 dot operands, both: the bench-shape tests, then a benchmark row for each that passed), 4. gpu_passes.sh
-# without its probes (the linear kernels pass by pass, per variant).
+# left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory (device
+# ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (hidden tiles of 32, bf16 dot operands,
+# both: the bench-shape tests, then a benchmark row for each that passed), 4. profile_kernels.py for titans linear,
+# 5. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
 # Logs: $OUT/check.log, profile.log, mlp.log, passes.log, and every step's own logs in $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
 cd "$(dirname "$0")/.." || exit 1
@@ -20,11 +20,12 @@ sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
 
 # gpu_check.sh installed the wheels into /tmp/site
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
-for fam in mlp titans; do
-  [ "$(left)" -gt 60 ] || break
-  timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$fam" 2>&1 \
+profile() {  # device ms per kernel of one family (profile_kernels.py), within the time left
+  [ "$(left)" -gt 60 ] || return
+  timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$1" 2>&1 \
     | grep -vE "^(STAGE|USDT)" | tee -a "$OUTDIR/profile.log"
-done
+}
+profile mlp
 
 # the MLP kernels: the whole GPU test file at the defaults, then each MLP variant (bench_kernels.VARIANTS) on the two
 # bench-shape cases and, for those that pass, their benchmark rows
@@ -50,6 +51,8 @@ if [ "$(left)" -gt 150 ]; then
     python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants "$GOOD" 2>&1 \
     | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
 fi
+
+profile titans  # (the linear kernels did not change in session 9: after the MLP steps)
 
 if [ "$(left)" -gt 90 ]; then
   GPU_PASSES_PROBES=0 OUT=/tmp/gpu_passes timeout "$(left)" bash benchmarks/gpu_passes.sh > "$OUTDIR/passes.log" 2>&1
