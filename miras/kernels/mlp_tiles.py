@@ -10,10 +10,10 @@ contracted over the whole hidden dim by a small kernel afterwards, and whatever 
 M2 = -G . dO R^T, the gate rows) is built once per batch*head by ``_prep``. Data cross programs only through global
 scratch between launches, so no program reads what another thread of it wrote (the walk needs barriers for that).
 
-Forward, per chunk c:  _y_part (Yp_j = act(gamma (k W1_j)) W2_j) ; _prep (once per batch*head: R from sum_j Yp_j,
-                       G, C1 and the gate rows) ; _fwd_tile (per tile: the read's factors A1_j, Ah_j and the tile's
-                       end state) ; _fwd_out (per batch*head: o = sum_j Ah_j (beta W2_j + f S2_j)
-                       - (G . sum_j Ah_j A1_j^T) R [+ q]).
+Forward, per chunk c:  _prep (per batch*head: R from Y0 = sum_j Yp_j, G, C1 and the gate rows) ; _fwd_tile (per
+                       tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next chunk's
+                       Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_out (per batch*head: o = sum_j Ah_j (beta W2_j
+                       + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]). _y_part forms the first chunk's Yp_j.
 Backward, per chunk, in reverse:
                        _y_part ; _prep (also M2, Y0) ; _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP,
                        dZ1's R part, row partials) ; _bwd_sums (per batch*head and output group: SA, dC1, dq, dk, dR
@@ -93,23 +93,35 @@ def _token_offsets(i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
 
 
 @triton.jit
-def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DECAYED: tl.constexpr):
-    """Program (hidden tile j, batch*head) of chunk c: its ids, the chunk's keys (fp32), gamma (beta at the decayed
-    gradient point, else 1), the [BT, BK] / [BT, BV] token offsets and masks (p_tk, qk_ok, p_tv, tv_ok: for q, dO, o)
-    and the tile's columns and state-tile offsets (``_tile_offsets``)."""
-    j, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
-    o_hh = tl.arange(0, BH)
+def _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H: tl.constexpr, BT: tl.constexpr, DECAYED: tl.constexpr):
+    """A chunk's keys (fp32) and gamma (beta at the decayed gradient point, else 1)."""
     gam = tl.full([BT], 1.0, dtype=tl.float32)
     if DECAYED:
         alpha = tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
         gam = tl.exp(tl.cumsum(tl.log(alpha), axis=0))
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    return tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32), gam
+
+
+@triton.jit
+def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DECAYED: tl.constexpr):
+    """Program (hidden tile j, batch*head) of chunk c: its ids, the chunk's keys and gamma (``_chunk_keys``), the
+    [BT, BK] / [BT, BV] token offsets and masks (p_tk, qk_ok, p_tv, tv_ok: for q, dO, o) and the tile's columns and
+    state-tile offsets (``_tile_offsets``)."""
+    j, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    o_hh = tl.arange(0, BH)
+    b_k, gam = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
     return (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
             o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok)
+
+
+@triton.jit
+def _y_tile(b_k, gam, W1, W2, ACT: tl.constexpr, PREC: tl.constexpr):
+    """Tile j's part of the chunk's prediction at a state: Yp_j = act(gamma (k W1_j)) W2_j."""
+    return _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
 
 
 @triton.jit
@@ -118,15 +130,15 @@ def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
             BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
             PREC: tl.constexpr):
     """Yp_j = act(gamma (k W1_j)) W2_j for chunk c, state slot s_in (gamma = beta at the decayed gradient point);
-    -> yp [NH, B*H, BT, BV]."""
+    -> yp [NH, B*H, BT, BV]. (The forward launches it for the first chunk only: ``_fwd_tile`` forms the next.)"""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
     src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
     W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
     W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
-    Yp = _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
-    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], Yp)
+    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
+             _y_tile(b_k, gam, W1, W2, ACT, PREC))
 
 
 @triton.jit
@@ -262,13 +274,14 @@ def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.c
 
 
 @triton.jit
-def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, fs, c, s_in, s_out, T, NS, BHN,
+def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              PREC: tl.constexpr):
+              DECAYED: tl.constexpr, PREC: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
-    contracts them) and the tile's end state into slot s_out."""
+    contracts them), the tile's end state into slot s_out and, from it, the next chunk's Yp_j into yp (``_y_part``'s
+    work for chunk c + 1: no launch; past the last chunk its keys are masked to 0 and nobody reads it)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -290,6 +303,11 @@ def _fwd_tile(q, k, w1s, w2s, s1s, s2s, pre, fs, c, s_in, s_out, T, NS, BHN,
         tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
     tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
     tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c + 1, T, H, K, V, BT, BK, BV)
+    k_next, gam_next = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
+    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
+             _y_tile(k_next, gam_next, W1n, W2n, ACT, PREC))
 
 
 @triton.jit
@@ -336,8 +354,8 @@ def _block_sums(hidden: int) -> int:
 
 
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
-    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); four launches per
-    chunk."""
+    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); three launches per
+    chunk (and ``_y_part`` once)."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -355,17 +373,19 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                    EPS=cfg.eps, RES=cfg.residual, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
                    PREC=_prec(q))
     tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum,
-                     PREC=_prec(q))
+                     DECAYED=cfg.decayed, PREC=_prec(q))
     out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), RES=cfg.residual,
                   MOMENTUM=cfg.momentum, PREC=_prec(q))
     pre = torch.empty(B * H, pre_size(BT, BV), **f32)  # per-chunk scratch of _prep
     grid = (NH, B * H)
     for c in range(NT):
         s_in, s_out = c % NS, (c + 1) % NS
-        _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
+        if c == 0:  # (later chunks' Yp come from the previous _fwd_tile)
+            _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
         _launch(_prep, (2, B * H), q, k, v, v, *gates, delta if delta is not None else eta, yp, pre, c, T, B * H,
                 **prep_kw, WANT_BWD=False)
-        _launch(_fwd_tile, grid, q, k, w1s, w2s, s1s, s2s, pre, fs, c, s_in, s_out, T, NS, B * H, **tiles_fwd)
+        _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, B * H,
+                **tiles_fwd)
         _launch(_fwd_out, (B * H,), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
     return o, _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
 
