@@ -14,8 +14,8 @@ Forward, per chunk c:  _prep (per batch*head: R from Y0 = sum_j Yp_j, G, C1 and 
                        tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next chunk's
                        Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_out (per batch*head: o = sum_j Ah_j (beta W2_j
                        + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]). _y_part forms the first chunk's Yp_j.
-Backward, per chunk, in reverse:
-                       _y_part ; _prep (also M2, Y0) ; _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP,
+Backward, per chunk, in reverse (_y_part for the last chunk only; each pass 3 forms the previous chunk's Yp):
+                       _prep (also M2, Y0) ; _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP,
                        dZ1's R part, row partials) ; _bwd_sums (per batch*head and output group: SA, dC1, dq, dk, dR
                        and the carry scalars' gradients, contracted over the hidden dim) ; _bwd_mid (two programs per
                        batch*head: dR -> dY, dv; dG, dq, dk's intra-chunk part) ; _bwd_tile3 (pass 3 per tile: the dY
@@ -632,14 +632,15 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
 
 
 @triton.jit
-def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, s_src,
-               e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, yp, c, c_prev,
+               s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
     with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
     A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
-    gradient's carried terms (``_end_grad_terms``)."""
+    gradient's carried terms (``_end_grad_terms``); then the previous chunk's Yp_j (chunk c_prev, its start-state slot;
+    ``_y_part``'s work without a launch; c_prev = c at chunk 0, unread)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
@@ -672,6 +673,13 @@ def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, 
     if MOMENTUM:
         tl.store(ds1s + st1 + w1_off, dS1r + dS1c, mask=w1_ok)
         tl.store(ds2s + st2 + w2_off, dS2r + dS2c, mask=w2_ok)
+    W1p = tl.load(w1s + (i_bh.to(tl.int64) * NS + c_prev) * K * HD + w1_off, mask=w1_ok, other=0.0)
+    W2p = tl.load(w2s + (i_bh.to(tl.int64) * NS + c_prev) * HD * V + w2_off, mask=w2_ok, other=0.0)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c_prev, T, H, K, V, BT, BK, BV)
+    k_prev, gam_prev = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
+    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
+             _y_tile(k_prev, gam_prev, W1p, W2p, ACT, PREC))
 
 
 @triton.jit
@@ -730,7 +738,8 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
-    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; seven launches per chunk, chunks in reverse."""
+    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; six launches per chunk (and ``_y_part`` once),
+    chunks in reverse."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -765,7 +774,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     base_y = {n: x for n, x in base.items() if n != "HAS_KEEP"}  # the tile kernels without gate coefficients
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
+        if c == NT - 1:  # (earlier chunks' Yp come from the later chunk's pass 3)
+            _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
         _launch(_prep, (2, BHN), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
         _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
                 prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
@@ -774,7 +784,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
         _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre, sums, prow, gdy, dyb, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
-                gdy, pg3, c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+                gdy, pg3, yp, c, max(c - 1, 0), c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
         _launch(_bwd_end, (2, BHN), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K,
                 HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
                 DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
