@@ -156,37 +156,6 @@ def _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN,
 
 
 @triton.jit
-def _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                 BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-                 PREC: tl.constexpr):
-    """What ``_prep`` needs of chunk c: offsets, gate coefficients, gamma, the q / k / v / dO rows, the Huber deltas."""
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - t0, BT) - 1
-    p_qk = (i_b * T * H + i_h) * K
-    p_v = (i_b * T * H + i_h) * V
-    p_g = i_b * T * H + i_h
-    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
-    qk_ok = t_ok[:, None] & k_ok[None, :]
-    tv_ok = t_ok[:, None] & v_ok[None, :]
-    b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
-    return (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
-            b_q, b_k, b_v, b_do, b_d)
-
-
-@triton.jit
 def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
@@ -198,17 +167,19 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
     (backward) Y0 [BT, BV]; the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``.
     Two programs per batch*head: p = 0 the gate blocks, C1 and the rows; p = 1 R, M2 and Y0 (G built again there)."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
-    k_ok, v_ok = o_k < K, o_v < V
-    causal = o_t[:, None] >= o_t[None, :]
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    L = tl.minimum(T - c * BT, BT) - 1
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    G = tl.where(o_t[:, None] >= o_t[None, :], G, 0.0)
+    gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
     bb = o_t[:, None] * BT + o_t[None, :]
     bbt = o_t[None, :] * BT + o_t[:, None]
-    (t_idx, t_ok, L, p_qk, p_v, p_g, eta_t, lb, beta, E, lm, m, NTm, G, f, gam, qk_ok, tv_ok,
-     b_q, b_k, b_v, b_do, b_d) = _chunk_setup(q, k, v, do, eta, keep, mu, delta, c, T, i_bh, o_t, o_k, o_v, k_ok, v_ok,
-                                              H, K, V, BT, BIAS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
-    G = tl.where(causal, G, 0.0)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     if p == 0:
+        b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
         C1 = G * _dot(b_q, tl.trans(b_k), PREC)
         tl.store(base + bb, G)
         tl.store(base + bbt + BT * BT, G)
@@ -224,10 +195,16 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     else:
+        b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        if BIAS == 3:
+            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+        else:
+            b_d = tl.zeros([BT], dtype=tl.float32)
         Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
         rv = o_t[:, None] * BV + o_v[None, :]
         tl.store(base + 6 * BT * BT + rv, R)
         if WANT_BWD:
+            b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
             M2 = -G * _dot(b_do, tl.trans(R), PREC)
             tl.store(base + bb + 4 * BT * BT, M2)
             tl.store(base + bbt + 5 * BT * BT, M2)
