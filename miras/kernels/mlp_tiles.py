@@ -76,6 +76,14 @@ def _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V: tl.constexpr, HD: tl.constex
 
 
 @triton.jit
+def _slot_offsets(i_bh, slot, n_slots, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr):
+    """Offsets of batch*head i_bh's slot ``slot`` in [B*H, n_slots, K, HD] (W1, S1 and their gradients) and
+    [B*H, n_slots, HD, V] (W2, S2, ...) buffers."""
+    first = i_bh.to(tl.int64) * n_slots + slot
+    return first * K * HD, first * HD * V
+
+
+@triton.jit
 def _token_offsets(i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr):
     """Chunk c of batch*head i_bh: ranges, the tokens t_idx (mask t_ok), the gate offset p_g and the [BT, BK] /
@@ -133,8 +141,7 @@ def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
     -> yp [NH, B*H, BT, BV]. (The forward launches it for the first chunk only: ``_fwd_tile`` forms the next.)"""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
-    src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
-    src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
+    src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
     W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
     W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
     tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
@@ -265,10 +272,8 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
     base = _pre_base(pre, i_bh, BT, BV)
     R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
     C1 = base + 2 * BT * BT + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
-    src1 = (i_bh.to(tl.int64) * NS + s_in) * K * HD
-    src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
-    dst1 = (i_bh.to(tl.int64) * NS + s_out) * K * HD
-    dst2 = (i_bh.to(tl.int64) * NS + s_out) * HD * V
+    src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
+    dst1, dst2 = _slot_offsets(i_bh, s_out, NS, K, V, HD)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
                                                 mL, ACT, MOMENTUM, PREC, True, True)
@@ -302,7 +307,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
     base = _pre_base(pre, i_bh, BT, BV)
     rows = _load_prep(base, o_t, o_v, BT, BV, False)
     beta, f = rows[2], rows[3]
-    src2 = (i_bh.to(tl.int64) * NS + s_in) * HD * V
+    src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
     O = tl.zeros([BT, BV], dtype=tl.float32)
     SA = tl.zeros([BT, BT], dtype=tl.float32)
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
@@ -387,10 +392,8 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
     R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
     bb = base + o_t[:, None] * BT + o_t[None, :]  # C1, C1T, M2, M2T loaded where used (mlp._operand)
     C1, C1T, M2, M2T = bb + 2 * BT * BT, bb + 3 * BT * BT, bb + 4 * BT * BT, bb + 5 * BT * BT
-    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
-    src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
-    e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
-    e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
+    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
+    e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     # (the start-state gradient tiles and the end-gradient scalars it also returns are dead code here: pass 3)
@@ -477,10 +480,8 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     k_ok, v_ok = o_k < K, o_v < V
     rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, o_v, BT, BV, False)
     beta, f, gL, nL = rows[2], rows[3], rows[5], rows[6]
-    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
-    src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
-    e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
-    e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
+    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
+    e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     out = _sums_base(sums, i_bh, BT, BK, BV)
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
     bb = o_t[:, None] * BT + o_t[None, :]
@@ -620,12 +621,9 @@ def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, 
     ``_y_part``'s work without a launch; c_prev = c at chunk 0, unread)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
-    src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
-    src2 = (i_bh.to(tl.int64) * NS + s_src) * HD * V
-    e1 = (i_bh.to(tl.int64) * 2 + e) * K * HD
-    e2 = (i_bh.to(tl.int64) * 2 + e) * HD * V
-    st1 = (i_bh.to(tl.int64) * 2 + s) * K * HD
-    st2 = (i_bh.to(tl.int64) * 2 + s) * HD * V
+    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
+    e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
+    st1, st2 = _slot_offsets(i_bh, s, 2, K, V, HD)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
@@ -650,8 +648,9 @@ def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, 
     if MOMENTUM:
         tl.store(ds1s + st1 + w1_off, dS1r + dS1c, mask=w1_ok)
         tl.store(ds2s + st2 + w2_off, dS2r + dS2c, mask=w2_ok)
-    W1p = tl.load(w1s + (i_bh.to(tl.int64) * NS + c_prev) * K * HD + w1_off, mask=w1_ok, other=0.0)
-    W2p = tl.load(w2s + (i_bh.to(tl.int64) * NS + c_prev) * HD * V + w2_off, mask=w2_ok, other=0.0)
+    prev1, prev2 = _slot_offsets(i_bh, c_prev, NS, K, V, HD)
+    W1p = tl.load(w1s + prev1 + w1_off, mask=w1_ok, other=0.0)
+    W2p = tl.load(w2s + prev2 + w2_off, mask=w2_ok, other=0.0)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c_prev, T, H, K, V, BT, BK, BV)
     k_prev, gam_prev = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
@@ -681,7 +680,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c
         b_dk = tl.load(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])
         if RES:
             b_dk += tl.load(dyb + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :])  # K == V
-        src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD
+        src1 = (i_bh.to(tl.int64) * NS + s_src) * K * HD  # (only W1 here: _slot_offsets' first offset)
         NHC: tl.constexpr = (HD + BHC - 1) // BHC
         for jj in range(NHC):
             o_h = jj * BHC + o_hh
