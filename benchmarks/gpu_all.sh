@@ -34,6 +34,7 @@ mlp_variant_env() {
     mlpbh32) echo "MIRAS_KERNEL_BH=32" ;;
     mlpbf16) echo "MIRAS_KERNEL_MLP_PREC=bf16" ;;
     mlpbh32bf16) echo "MIRAS_KERNEL_BH=32 MIRAS_KERNEL_MLP_PREC=bf16" ;;
+    *) echo "gpu_all.sh: unknown MLP variant '$1' (mlpbh32, mlpbf16, mlpbh32bf16)" >&2; return 1 ;;
   esac
 }
 if [ "$(left)" -gt 150 ]; then
@@ -42,7 +43,8 @@ if [ "$(left)" -gt 150 ]; then
   GOOD=""
   for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbh32,mlpbf16,mlpbh32bf16}" | tr , " "); do
     [ "$(left)" -gt 120 ] || break
-    env $(mlp_variant_env "$var") timeout 90 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
+    settings="$(mlp_variant_env "$var")" || continue
+    env $settings timeout 90 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
       -p no:cacheprovider -k "bf16 and 1024" > "/tmp/mlp_$var.log" 2>&1 && GOOD="$GOOD${GOOD:+,}$var"
     grep -E "^(l2|huber|lp)|passed|failed|^E  " "/tmp/mlp_$var.log" | sed "s/^/$var: /" | cut -c1-300 \
       | tee -a "$OUTDIR/mlp.log"
