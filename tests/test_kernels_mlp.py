@@ -67,9 +67,10 @@ def state_dims(spec, K: int, V: int) -> dict[str, tuple[int, int]]:
     return dims
 
 
-def make_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, torch.Tensor]:
+def make_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0, gate_ranges=None) -> dict[str, torch.Tensor]:
     """Random leaves in ranges where the inner loop of a gelu MLP stays tame (outputs O(1); the Lp bias grows like
-    |r|^(p-1) and gets smaller steps), so that fp32 rounding is not amplified beyond the tolerance."""
+    |r|^(p-1) and gets smaller steps), so that fp32 rounding is not amplified beyond the tolerance. ``gate_ranges``
+    replaces some gates' (low, high) ranges (long sequences need keep gates nearer 1: tests/test_kernels_mlp_gpu.py)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*s):
@@ -77,7 +78,8 @@ def make_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, to
 
     x = {"q": r(B, T, H, K) / K**0.5, "k": torch.nn.functional.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, V)}
     lr = (0.005, 0.02) if spec.bias.kind == "lp" else (0.02, 0.12)
-    ranges = {"lr": lr, "keep": (0.8, 1.0), "momentum": (0.3, 0.8), "huber_delta": (0.3 * V**0.5, 1.5 * V**0.5)}
+    ranges = {"lr": lr, "keep": (0.8, 1.0), "momentum": (0.3, 0.8), "huber_delta": (0.3 * V**0.5, 1.5 * V**0.5),
+              **(gate_ranges or {})}
     for name in gate_names(spec):
         lo, hi = ranges[name]
         x[name] = lo + (hi - lo) * torch.rand(B, T, H, generator=g)
