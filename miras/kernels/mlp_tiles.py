@@ -66,6 +66,13 @@ from miras.kernels.mlp import (
 )
 
 
+def _chunk_kernel(*index_args: str):
+    """``@triton.jit`` for a kernel launched once per chunk, its chunk and state-slot indices (index_args) left
+    unspecialised: Triton would otherwise compile a variant for an index of 1 and for multiples of 16 (a handful of
+    compiles per kernel at T=4096 instead of one)."""
+    return triton.jit(do_not_specialize=index_args)
+
+
 @triton.jit
 def _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V: tl.constexpr, HD: tl.constexpr, BH: tl.constexpr):
     """Hidden tile j: its columns o_h (mask h_ok), and the offsets / masks of W1[:, tile] and W2[tile, :] in a slot."""
@@ -132,7 +139,7 @@ def _y_tile(b_k, gam, W1, W2, ACT: tl.constexpr, PREC: tl.constexpr):
     return _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
 
 
-@triton.jit
+@_chunk_kernel("c", "s_in")
 def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
@@ -162,7 +169,7 @@ def _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN,
     return Y0, tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
 
 
-@triton.jit
+@_chunk_kernel("c")
 def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
@@ -257,7 +264,7 @@ def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.c
     return R, Y0, beta, f, gam, gL, nL, betaL, fL, mL
 
 
-@triton.jit
+@_chunk_kernel("c", "s_in", "s_out")
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -292,7 +299,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
              _y_tile(k_next, gam_next, W1n, W2n, ACT, PREC))
 
 
-@triton.jit
+@_chunk_kernel("c", "s_in")
 def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -375,7 +382,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 # ------------------------------------------------------------------------------------------------------------ backward
 
 
-@triton.jit
+@_chunk_kernel("c", "s_src", "e")
 def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
@@ -467,7 +474,7 @@ def _scalar_sum(dst, WHICH: tl.constexpr, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, 
     tl.store(dst, _full_sum(acc1) + _full_sum(acc2))
 
 
-@triton.jit
+@_chunk_kernel("s_src", "e")
 def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
               K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
@@ -540,7 +547,7 @@ def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr):
     return dbeta, df, dgam, dgL, dnL
 
 
-@triton.jit
+@_chunk_kernel("c")
 def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
@@ -609,7 +616,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
         tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
 
 
-@triton.jit
+@_chunk_kernel("c", "c_prev", "s_src", "e", "s")
 def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, yp, c, c_prev,
                s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
@@ -658,7 +665,7 @@ def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, 
              _y_tile(k_prev, gam_prev, W1p, W2p, ACT, PREC))
 
 
-@triton.jit
+@_chunk_kernel("c", "s_src")
 def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, s_src, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              NH: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
