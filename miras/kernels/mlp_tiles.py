@@ -302,24 +302,26 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
 @_chunk_kernel("c", "s_in")
 def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, MOMENTUM: tl.constexpr,
-             PREC: tl.constexpr):
-    """The read of chunk c for batch*head i_bh, contracted over the whole hidden dim on tiles of BHC from
-    ``_fwd_tile``'s factors: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]
-    (``_fwd_tile_out``; W2, S2 of the chunk-start slot s_in)."""
-    i_bh = tl.program_id(0)
+             BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
+             MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Program (column block i_v of BVO, batch*head i_bh): the read of chunk c, contracted over the whole hidden dim
+    on tiles of BHC from ``_fwd_tile``'s factors: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]
+    (``_fwd_tile_out``; W2, S2 of the chunk-start slot s_in). Each column block forms the [BT, BT] sum itself."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
+    o_vb = i_v * BVO + tl.arange(0, BVO)  # this program's columns of o, R, W2 (and of q: K == V with the residual)
+    vb_ok = o_vb < V
     o_hh = tl.arange(0, BHC)
     base = _pre_base(pre, i_bh, BT, BV)
-    rows = _load_prep(base, o_t, o_v, BT, BV, False)
-    beta, f = rows[2], rows[3]
+    beta = tl.load(base + 6 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_prep
+    f = tl.load(base + 6 * BT * BT + 2 * BT * BV + BT + o_t)
     src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
-    O = tl.zeros([BT, BV], dtype=tl.float32)
+    O = tl.zeros([BT, BVO], dtype=tl.float32)
     SA = tl.zeros([BT, BT], dtype=tl.float32)
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
     for jj in range(NHC):
-        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_vb, o_hh, k_ok, vb_ok, V, HD, BHC)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0)
         Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
@@ -330,10 +332,19 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
         O_j, SA_j = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
         O += O_j
         SA += SA_j
-    O -= _dot(_pre_block(base, 0, o_t, BT) * SA, rows[0], PREC)
-    if RES:
-        O += tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)  # K == V
-    tl.store(o + p_tv, O.to(o.dtype.element_ty), mask=tv_ok)
+    R = tl.load(base + 6 * BT * BT + o_t[:, None] * BV + o_vb[None, :], mask=vb_ok[None, :], other=0.0)
+    O -= _dot(_pre_block(base, 0, o_t, BT) * SA, R, PREC)
+    tok = t_ok[:, None] & vb_ok[None, :]
+    if RES:  # K == V
+        O += tl.load(q + p_g * K + t_idx[:, None] * H * K + o_vb[None, :], mask=tok, other=0.0).to(tl.float32)
+    tl.store(o + p_g * V + t_idx[:, None] * H * V + o_vb[None, :], O.to(o.dtype.element_ty), mask=tok)
+
+
+def _block_out(width: int) -> int:
+    """Column block of ``_fwd_out``'s programs: 32, or half the padded width below 64 (at least 16), so that a
+    batch*head's read spreads over several programs (4 at the bench's V = 128)."""
+    tile = pow2_tile(width)
+    return min(32, max(16, tile // 2))
 
 
 def _block_sums(hidden: int) -> int:
@@ -363,8 +374,8 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                    PREC=_prec(q))
     tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum,
                      DECAYED=cfg.decayed, PREC=_prec(q))
-    out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), RES=cfg.residual,
-                  MOMENTUM=cfg.momentum, PREC=_prec(q))
+    out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BVO=_block_out(V),
+                  RES=cfg.residual, MOMENTUM=cfg.momentum, PREC=_prec(q))
     pre = torch.empty(B * H, pre_size(BT, BV), **f32)  # per-chunk scratch of _prep
     grid = (NH, B * H)
     for c in range(NT):
@@ -375,7 +386,8 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                 **prep_kw, WANT_BWD=False)
         _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, B * H,
                 **tiles_fwd)
-        _launch(_fwd_out, (B * H,), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
+        _launch(_fwd_out, (triton.cdiv(V, out_kw["BVO"]), B * H), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H,
+                **out_kw)
     return o, _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
 
 
