@@ -62,8 +62,8 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         consts["BH"] = bh
     if which.startswith("_"):
         fn = getattr(mlp_tiles, which)
-        consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BVO=mlp_tiles._block_out(d),
-                      WANT_BWD=True)
+        consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
+                      BVO=mlp_tiles._block_out(d), WANT_BWD=True)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:

@@ -149,7 +149,7 @@ def check_errors(got, ref, tol: float, label: str | None = None) -> dict[str, fl
     """Relative errors of the outputs, every final state and every gradient of two ``run_and_grads`` results; fails
     when one is not below tol (which also catches NaN). With a label the errors are printed on one line."""
     (o, fin, gr), (o_ref, fin_ref, gr_ref) = got, ref
-    size = max(float(o_ref.abs().max()), *(float(s.abs().max()) for s in fin_ref.values()))
+    size = max(float(o_ref.detach().abs().max()), *(float(s.detach().abs().max()) for s in fin_ref.values()))
     assert size < REFERENCE_BOUND, (f"the reference itself diverged (max |o|, |state| = {size:.3g}): the test inputs "
                                     "must keep the memory bounded, or the comparison checks nothing")
     errs = {"o": rel(o, o_ref), **{f"state.{n}": rel(fin[n], fin_ref[n]) for n in fin_ref},

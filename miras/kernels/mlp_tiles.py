@@ -341,8 +341,9 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
 
 
 def _block_out(width: int) -> int:
-    """Column block of ``_fwd_out``'s programs: 32, or half the padded width below 64 (at least 16), so that a
-    batch*head's read spreads over several programs (4 at the bench's V = 128)."""
+    """Column block of the contraction kernels' outputs (``_fwd_out``'s o, ``_bwd_sums``' dq, dk, dR): 32, or half
+    the padded width below 64 (at least 16), so that a batch*head's contraction spreads over several programs (4
+    per output at the bench's head dim of 128)."""
     tile = pow2_tile(width)
     return min(32, max(16, tile // 2))
 
@@ -489,58 +490,81 @@ def _scalar_sum(dst, WHICH: tl.constexpr, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, 
 @_chunk_kernel("s_src", "e")
 def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
               K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+              BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr, MOMENTUM: tl.constexpr,
+              PREC: tl.constexpr):
     """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs), on hidden
-    tiles of BHC: program (p, i_bh) writes p = 0: SA, dC1; 1: dq; 2: dk; 3: dR; 4, 5, 6: the scalar d beta_L,
-    d f_L, d m_L into batch*head i_bh's record (``_sums_base``; one output group per program: the registers of one group,
-    not of all)."""
+    tiles of BHC, into batch*head i_bh's record (``_sums_base``). Program (p, i_bh) forms one output block:
+    p = 0: SA; 1: dC1; then column blocks of BKO of dq (BK / BKO programs) and of dk, of BVO of dR (BV / BVO), and the
+    scalars d beta_L, d f_L, d m_L (one program each). Padded columns are written too (as 0)."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BHC)
-    k_ok, v_ok = o_k < K, o_v < V
-    rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, o_v, BT, BV, False)
+    NKO: tl.constexpr = BK // BKO
+    NVO: tl.constexpr = BV // BVO
+    o_t, o_hh = tl.arange(0, BT), tl.arange(0, BHC)
+    rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, tl.arange(0, BV), BT, BV, False)
     beta, f, gL, nL = rows[2], rows[3], rows[5], rows[6]
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     out = _sums_base(sums, i_bh, BT, BK, BV)
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
+    q_blk = p - 2  # dq / dk column block
+    v_blk = p - 2 - 2 * NKO  # dR column block
+    o_kb = (q_blk % NKO) * BKO + tl.arange(0, BKO)
+    o_vb = v_blk * BVO + tl.arange(0, BVO)
+    kb_ok, vb_ok = o_kb < K, o_vb < V
     bb = o_t[:, None] * BT + o_t[None, :]
     if p == 0:
         SA = tl.zeros([BT, BT], dtype=tl.float32)
+        for jj in range(NHC):
+            SA += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
+                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
+                             PREC)[0]
+        tl.store(out + bb, SA)
+    elif p == 1:
         dC1 = tl.zeros([BT, BT], dtype=tl.float32)
         for jj in range(NHC):
-            part = _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                              o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)
-            SA += part[0]
-            dC1 += part[2]
-        tl.store(out + bb, SA)
+            dC1 += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
+                              o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
+                              PREC)[2]
         tl.store(out + BT * BT + bb, dC1)
-    elif p == 1:
-        dq = tl.zeros([BT, BK], dtype=tl.float32)
+    elif q_blk < NKO:
+        dq = tl.zeros([BT, BKO], dtype=tl.float32)
         for jj in range(NHC):
             dq += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[5]
-        tl.store(out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :], dq)
-    elif p == 2:
-        dk = tl.zeros([BT, BK], dtype=tl.float32)
+                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
+                             PREC)[5]
+        tl.store(out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_kb[None, :], dq)
+    elif q_blk < 2 * NKO:
+        dk = tl.zeros([BT, BKO], dtype=tl.float32)
         for jj in range(NHC):
             dk += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[6]
-        tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_k[None, :], dk)
-    elif p == 3:
-        dR = tl.zeros([BT, BV], dtype=tl.float32)
+                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
+                             PREC)[6]
+        tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_kb[None, :], dk)
+    elif v_blk < NVO:
+        dR = tl.zeros([BT, BVO], dtype=tl.float32)
         for jj in range(NHC):
             dR += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_k, o_v, k_ok, v_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[4]
-        tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :], dR)
-    elif p == 4:
-        _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK, 0, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1,
-                    src2, e1, e2, o_k, o_v, k_ok, v_ok, o_hh, V, HD, BK, BV, BHC)
-    elif p == 5:
-        _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK + 1, 1 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s,
-                    dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v, k_ok, v_ok, o_hh, V, HD, BK, BV, BHC)
+                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
+                             PREC)[4]
+        tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_vb[None, :], dR)
     else:
-        _scalar_sum(out + 2 * BT * BT + BT * BV + 2 * BT * BK + 2, 2 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s,
-                    dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v, k_ok, v_ok, o_hh, V, HD, BK, BV, BHC)
+        o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+        which = v_blk - NVO  # 0 d beta_L, 1 d f_L, 2 d m_L
+        dst = out + 2 * BT * BT + BT * BV + 2 * BT * BK + which
+        if which == 0:
+            _scalar_sum(dst, 0, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v, o_k < K,
+                        o_v < V, o_hh, V, HD, BK, BV, BHC)
+        elif which == 1:
+            _scalar_sum(dst, 1 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2,
+                        o_k, o_v, o_k < K, o_v < V, o_hh, V, HD, BK, BV, BHC)
+        else:
+            _scalar_sum(dst, 2 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2,
+                        o_k, o_v, o_k < K, o_v < V, o_hh, V, HD, BK, BV, BHC)
+
+
+def sums_programs(BK: int, BV: int) -> int:
+    """Programs per batch*head of ``_bwd_sums``: SA, dC1, the column blocks of dq, dk and dR, three scalars."""
+    return 2 + 2 * (BK // _block_out(BK)) + BV // _block_out(BV) + 3
 
 
 @triton.jit
@@ -774,8 +798,9 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
         _launch(_prep, (2, BHN), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
         _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
                 prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_sums, (7, BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, c, e, NS, BHN,
-                K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), MOMENTUM=cfg.momentum, PREC=_prec(q))
+        _launch(_bwd_sums, (sums_programs(BK, BV), BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums,
+                c, e, NS, BHN, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK),
+                BVO=_block_out(BV), MOMENTUM=cfg.momentum, PREC=_prec(q))
         _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre, sums, prow, gdy, dyb, dkacc, gin,
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
