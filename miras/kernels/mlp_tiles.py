@@ -508,8 +508,9 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
     q_blk = p - 2  # dq / dk column block
     v_blk = p - 2 - 2 * NKO  # dR column block
-    o_kb = (q_blk % NKO) * BKO + tl.arange(0, BKO)
-    o_vb = v_blk * BVO + tl.arange(0, BVO)
+    # (block offsets clamped into range for every program: a branch's unused outputs read in-bounds memory)
+    o_kb = (tl.maximum(q_blk, 0) % NKO) * BKO + tl.arange(0, BKO)
+    o_vb = tl.minimum(tl.maximum(v_blk, 0), NVO - 1) * BVO + tl.arange(0, BVO)
     kb_ok, vb_ok = o_kb < K, o_vb < V
     bb = o_t[:, None] * BT + o_t[None, :]
     if p == 0:
