@@ -91,7 +91,11 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
         w1s = torch.zeros(B * H, NS, D, cfg.hidden, device=dev)
         w2s = torch.zeros(B * H, NS, cfg.hidden, D, device=dev)
         slots = (w1s, w2s, torch.zeros_like(w1s), torch.zeros_like(w2s)) if cfg.momentum else (w1s, w2s, w1s, w2s)
-        (mlp_tiles_bwd if tiles else mlp_scan_bwd)(cfg, q, k, v, eta, keep, mu, None, slots, torch.zeros_like(v), {})
+        if tiles:  # (the tiles layout also keeps every chunk's Y0)
+            y0s = torch.zeros(NS - 1, B * H, cfg.chunk, D, device=dev)
+            mlp_tiles_bwd(cfg, q, k, v, eta, keep, mu, None, (*slots, y0s), torch.zeros_like(v), {})
+        else:
+            mlp_scan_bwd(cfg, q, k, v, eta, keep, mu, None, slots, torch.zeros_like(v), {})
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm mlp-{learner} {direction} MODE={mode}: {time.time() - t0:.1f}s")

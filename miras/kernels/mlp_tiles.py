@@ -10,17 +10,19 @@ contracted over the whole hidden dim by a small kernel afterwards, and whatever 
 M2 = -G . dO R^T, the gate rows) is built once per batch*head by ``_prep``. Data cross programs only through global
 scratch between launches, so no program reads what another thread of it wrote (the walk needs barriers for that).
 
-Forward, per chunk c:  _prep (per batch*head: R from Y0 = sum_j Yp_j, G, C1 and the gate rows) ; _fwd_tile (per
-                       tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next chunk's
-                       Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_out (per batch*head: o = sum_j Ah_j (beta W2_j
-                       + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]). _y_part forms the first chunk's Yp_j.
-Backward, per chunk, in reverse (_y_part for the last chunk only; each pass 3 forms the previous chunk's Yp):
-                       _prep (also M2, Y0) ; _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP,
-                       dZ1's R part, row partials) ; _bwd_sums (per batch*head and output group: SA, dC1, dq, dk, dR
-                       and the carry scalars' gradients, contracted over the hidden dim) ; _bwd_mid (two programs per
-                       batch*head: dR -> dY, dv; dG, dq, dk's intra-chunk part) ; _bwd_tile3 (pass 3 per tile: the dY
-                       terms, the whole start-state gradient tile) ; _bwd_end (dk's dZ1 part contracted over the
-                       hidden dim, the gate gradients).
+Forward, per chunk c:  _prep (per batch*head: R from Y0 = sum_j Yp_j, G, C1 and the gate rows; Y0 kept for the
+                       backward) ; _fwd_tile (per tile: the read's factors A1_j, Ah_j, the tile's end state and, from
+                       it, the next chunk's Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_out (per output block and
+                       batch*head: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
+                       _y_part forms the first chunk's Yp_j.
+Backward: _prep once for every chunk (its records, with M2, from the kept Y0), then per chunk, in reverse:
+                       _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP, dZ1's R part, row partials) ;
+                       _bwd_sums (per batch*head and output block: SA, dC1, dq, dk, dR and the carry scalars'
+                       gradients, contracted over the hidden dim) ; _bwd_mid (two programs per batch*head: dR -> dY,
+                       dv; dG, dq, dk's intra-chunk part) ; _bwd_tile3 (pass 3 per tile: the dY terms, the whole
+                       start-state gradient tile); then _bwd_end once for every chunk (dk's dZ1 part contracted over
+                       the hidden dim, the gate gradients), from the per-chunk records the loop left.
+Only what carries the recurrence stays in the chunk loop: 3 launches per chunk forward, 4 backward.
 State slots as in mlp.py: [B*H, NS, in, out] fp32, the backward's state gradients in two ping-pong slots.
 Static sm_90 resources of every kernel: benchmarks/kernel_resources_mlp.py.
 """
@@ -156,31 +158,30 @@ def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
 
 
 @triton.jit
-def _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN,
-                BT: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
-                SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr):
-    """Y0 = sum_j Yp_j (tiles in order, as the walk sums them), Y = gamma Y0 [+ k], R = dl/dy(Y; v) (0 on padding)."""
-    Y0 = tl.zeros([BT, BV], dtype=tl.float32)
-    for jj in range(NH):
-        Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
+def _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
+                EPS: tl.constexpr, RES: tl.constexpr):
+    """Y = gamma Y0 [+ k], R = dl/dy(Y; v) (0 on padding)."""
     Y = gam[:, None] * Y0
     if RES:
         Y += b_k
-    return Y0, tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    return tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
 
 
-@_chunk_kernel("c")
-def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
+@_chunk_kernel("c0")
+def _prep(q, k, v, do, eta, keep, mu, delta, yp, y0s, pre, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, WANT_BWD: tl.constexpr):
-    """What every hidden tile of chunk c needs and no tile changes, built once per batch*head (grid B*H) instead of
-    by each of the NH tile programs: the causal-masked [BT, BT] blocks G, C1 = G . q k^T and (backward)
-    M2 = -G . dO R^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R and
-    (backward) Y0 [BT, BV]; the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``.
-    Two programs per batch*head: p = 0 the gate blocks, C1 and the rows; p = 1 R, M2 and Y0 (G built again there)."""
-    p, i_bh = tl.program_id(0), tl.program_id(1)
+          PREC: tl.constexpr, Y0_MODE: tl.constexpr, WANT_BWD: tl.constexpr):
+    """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
+    the NH tile programs: the causal-masked [BT, BT] blocks G, C1 = G . q k^T and (backward) M2 = -G . dO R^T, each
+    also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R and (backward) Y0 [BT, BV];
+    the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``.
+    Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: p = 0 the gate blocks, C1 and the rows;
+    p = 1 R, M2 and Y0 (G built again there). Y0 = sum_j Yp_j from yp (Y0_MODE 0; 1: also saved into
+    y0s [NT, BHN, BT, BV] for the backward), or read back from y0s (2: the backward, all chunks in one launch)."""
+    p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = c0 + r
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
     L = tl.minimum(T - c * BT, BT) - 1
@@ -188,7 +189,7 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
         eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     G = tl.where(o_t[:, None] >= o_t[None, :], G, 0.0)
     gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
-    base = _pre_base(pre, i_bh, BT, BV)
+    base = _pre_base(pre, r * BHN + i_bh, BT, BV)
     bb = o_t[:, None] * BT + o_t[None, :]
     bbt = o_t[None, :] * BT + o_t[:, None]
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -214,8 +215,17 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, pre, c, T, BHN,
             b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
         else:
             b_d = tl.zeros([BT], dtype=tl.float32)
-        Y0, R = _start_rows(yp, b_k, b_v, b_d, gam, t_ok, i_bh, o_t, o_v, BHN, BT, BV, NH, BIAS, P, SMOOTH, EPS, RES)
         rv = o_t[:, None] * BV + o_v[None, :]
+        p_y0 = y0s + (c * BHN + i_bh).to(tl.int64) * BT * BV + rv
+        if Y0_MODE == 2:
+            Y0 = tl.load(p_y0)
+        else:  # the tiles' parts in order, as the walk sums them
+            Y0 = tl.zeros([BT, BV], dtype=tl.float32)
+            for jj in range(NH):
+                Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
+            if Y0_MODE == 1:
+                tl.store(p_y0, Y0)
+        R = _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS, P, SMOOTH, EPS, RES)
         tl.store(base + 6 * BT * BT + rv, R)
         if WANT_BWD:
             b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
@@ -231,10 +241,11 @@ def pre_size(BT: int, BV: int) -> int:
 
 
 @triton.jit
-def _pre_base(pre, i_bh, BT: tl.constexpr, BV: tl.constexpr):
-    """Batch*head i_bh's ``_prep`` record: six [BT, BT] blocks (0 G, 1 G^T, 2 C1, 3 C1^T, 4 M2, 5 M2^T), R and Y0
-    [BT, BV], six rows of BT (beta, f, gamma, g_L, n_L, then beta_L, f_L, m_L): ``pre_size`` floats."""
-    return pre + i_bh.to(tl.int64) * (6 * BT * BT + 2 * BT * BV + 6 * BT)
+def _pre_base(pre, rec, BT: tl.constexpr, BV: tl.constexpr):
+    """``_prep`` record rec (a batch*head; chunk * BHN + batch*head where pre holds every chunk's): six [BT, BT]
+    blocks (0 G, 1 G^T, 2 C1, 3 C1^T, 4 M2, 5 M2^T), R and Y0 [BT, BV], six rows of BT (beta, f, gamma, g_L, n_L,
+    then beta_L, f_L, m_L): ``pre_size`` floats."""
+    return pre + rec.to(tl.int64) * (6 * BT * BT + 2 * BT * BV + 6 * BT)
 
 
 @triton.jit
@@ -355,8 +366,9 @@ def _block_sums(hidden: int) -> int:
 
 
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
-    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd: (o, final state, slots or None); three launches per
-    chunk (and ``_y_part`` once)."""
+    """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd, except that what it keeps for the backward is the
+    state slots and every chunk's Y0: (o, final state, (w1s, w2s, s1s, s2s, y0s) or None); three launches per chunk
+    (and ``_y_part`` once)."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -378,18 +390,19 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BVO=_block_out(V),
                   RES=cfg.residual, MOMENTUM=cfg.momentum, PREC=_prec(q))
     pre = torch.empty(B * H, pre_size(BT, BV), **f32)  # per-chunk scratch of _prep
+    y0s = torch.empty(NT, B * H, BT, BV, **f32) if keep_states else yp  # every chunk's Y0, for the backward
     grid = (NH, B * H)
     for c in range(NT):
         s_in, s_out = c % NS, (c + 1) % NS
         if c == 0:  # (later chunks' Yp come from the previous _fwd_tile)
             _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
-        _launch(_prep, (2, B * H), q, k, v, v, *gates, delta if delta is not None else eta, yp, pre, c, T, B * H,
-                **prep_kw, WANT_BWD=False)
+        _launch(_prep, (2, B * H, 1), q, k, v, v, *gates, delta if delta is not None else eta, yp, y0s, pre, c, T,
+                B * H, **prep_kw, Y0_MODE=1 if keep_states else 0, WANT_BWD=False)
         _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, B * H,
                 **tiles_fwd)
         _launch(_fwd_out, (triton.cdiv(V, out_kw["BVO"]), B * H), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H,
                 **out_kw)
-    return o, _final_state(cfg, slots, NT % NS, q, v), (slots if keep_states else None)
+    return o, _final_state(cfg, slots, NT % NS, q, v), ((*slots, y0s) if keep_states else None)
 
 
 # ------------------------------------------------------------------------------------------------------------ backward
@@ -653,16 +666,15 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
         tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
 
 
-@_chunk_kernel("c", "c_prev", "s_src", "e", "s")
-def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, yp, c, c_prev,
+@_chunk_kernel("c", "s_src", "e", "s")
+def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
                s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
     with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
     A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
-    gradient's carried terms (``_end_grad_terms``); then the previous chunk's Yp_j (chunk c_prev, its start-state slot;
-    ``_y_part``'s work without a launch; c_prev = c at chunk 0, unread)."""
+    gradient's carried terms (``_end_grad_terms``)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
@@ -692,25 +704,26 @@ def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, 
     if MOMENTUM:
         tl.store(ds1s + st1 + w1_off, dS1r + dS1c, mask=w1_ok)
         tl.store(ds2s + st2 + w2_off, dS2r + dS2c, mask=w2_ok)
-    prev1, prev2 = _slot_offsets(i_bh, c_prev, NS, K, V, HD)
-    W1p = tl.load(w1s + prev1 + w1_off, mask=w1_ok, other=0.0)
-    W2p = tl.load(w2s + prev2 + w2_off, mask=w2_ok, other=0.0)
-    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c_prev, T, H, K, V, BT, BK, BV)
-    k_prev, gam_prev = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
-    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
-             _y_tile(k_prev, gam_prev, W1p, W2p, ACT, PREC))
 
 
-@_chunk_kernel("c", "s_src")
-def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, s_src, T, NS, BHN,
+@triton.jit
+def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              NH: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Two programs per batch*head: p = 0: dk = its intra-chunk part [+ dY, the residual's] + sum over the hidden dim
-    of gam dZ1 W1^T (pass 3's gam dZ1 in xs, W1 of the chunk-start slot s_src, on hidden tiles of BHC); p = 1: the
-    gate gradients from the gate inputs (+ pass 3's dgam)."""
-    p, i_bh = tl.program_id(0), tl.program_id(1)
+    """Every chunk at once, after the chunk loop: program (p, i_bh, c) reads chunk c's records of the per-chunk
+    buffers dkacc, dyb [NT, BHN, BT, BK], xs [NT, BHN, BT, HD], pg3 [NT, NH, BHN, BT], gin [NT, BHN, ..] and
+    writes: p = 0: dk = its intra-chunk part [+ dY, the residual's] + sum over the hidden dim of gam dZ1 W1^T (pass
+    3's gam dZ1 in xs, W1 of the chunk-start slot c, on hidden tiles of BHC); p = 1: the gate gradients from the gate
+    inputs (+ pass 3's dgam)."""
+    p, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s_src = c
+    rec = c.to(tl.int64) * BHN
+    dkacc += rec * BT * BK
+    dyb += rec * BT * BK
+    xs += rec * BT * HD
+    pg3 += rec * NH * BT
+    gin += rec * (BT * BT + 3 * BT + 1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BHC)
     k_ok = o_k < K
@@ -757,34 +770,33 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c
             tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
 
 
-def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
-    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd; six launches per chunk (and ``_y_part`` once),
-    chunks in reverse."""
+def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
+    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd (saved: ``mlp_tiles_fwd``'s slots and Y0s): one
+    ``_prep`` launch for every chunk, four launches per chunk in reverse, one ``_bwd_end`` launch for every chunk."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
-    w1s, w2s, s1s, s2s = slots
+    w1s, w2s, s1s, s2s, y0s = saved
     NS = w1s.shape[1]
     BHN = B * H
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
-    # per-chunk scratch (reused by every chunk): tile parts of Y0; dZ1's pass-2 part (pass 3: gamma dZ1); pass 2's
-    # factors (A1, Ah, D1, dH, dP) and their contractions (SA, dC1, dR, dq, dk, d beta_L, d f_L, d m_L); pass 2's
-    # row partials (dbeta, df, dgam, dgL, dnL); gamma dY; dk's intra-chunk part; pass 3's dgam parts; the gate
-    # inputs (dG, dbeta, df, dnL, dmL)
-    yp = torch.empty(NH, BHN, BT, BV, **f32)
-    xs = torch.empty(BHN, BT, HD, **f32)
+    # every chunk's record: _prep's; dZ1's pass-2 part (pass 3: gamma dZ1); pass 3's dgam parts; the gate inputs
+    # (dG, dbeta, df, dnL, dmL); dk's intra-chunk part; dY itself (the residual's part of dk). _bwd_end reads them
+    # after the loop. Scratch of one chunk, reused: pass 2's factors (A1, Ah, D1, dH, dP) and their contractions
+    # (SA, dC1, dR, dq, dk, d beta_L, d f_L, d m_L); pass 2's row partials (dbeta, df, dgam, dgL, dnL); gamma dY.
+    pre = torch.empty(NT, BHN, pre_size(BT, BV), **f32)
+    xs = torch.empty(NT, BHN, BT, HD, **f32)
+    pg3 = torch.empty(NT, NH, BHN, BT, **f32)
+    gin = torch.empty(NT, BHN, BT * BT + 3 * BT + 1, **f32)
+    dkacc = torch.empty(NT, BHN, BT, BK, **f32)
+    dyb = torch.empty(NT, BHN, BT, BV, **f32) if cfg.residual else dkacc
     fs = torch.empty(5, BHN, BT, HD, **f32)
     sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
     prow = torch.empty(NH, BHN, 5, BT, **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
-    dyb = torch.empty(BHN, BT, BV, **f32) if cfg.residual else gdy  # dY itself (the residual's part of dk)
-    dkacc = torch.empty(BHN, BT, BK, **f32)
-    pg3 = torch.empty(NH, BHN, BT, **f32)
-    gin = torch.empty(BHN, BT * BT + 3 * BT + 1, **f32)
-    pre = torch.empty(BHN, pre_size(BT, BV), **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
@@ -792,21 +804,21 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfin
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
     tile = dict(HD=HD, BH=BH, ACT=cfg.act)
     base_y = {n: x for n, x in base.items() if n != "HAS_KEEP"}  # the tile kernels without gate coefficients
+    _launch(_prep, (2, BHN, NT), q, k, v, do, *gates, delta_, y0s, y0s, pre, 0, T, BHN, NH=NH, **base, **rule,
+            Y0_MODE=2, WANT_BWD=True)
+    pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        if c == NT - 1:  # (earlier chunks' Yp come from the later chunk's pass 3)
-            _launch(_y_part, (NH, BHN), k, gates[1], w1s, w2s, yp, c, c, T, NS, BHN, **tile, **base_y)
-        _launch(_prep, (2, BHN), q, k, v, do, *gates, delta_, yp, pre, c, T, BHN, NH=NH, **base, **rule, WANT_BWD=True)
-        _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
+        _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], xs_c[c], fs,
                 prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_sums, (sums_programs(BK, BV), BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums,
-                c, e, NS, BHN, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK),
+        _launch(_bwd_sums, (sums_programs(BK, BV), BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs,
+                sums, c, e, NS, BHN, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK),
                 BVO=_block_out(BV), MOMENTUM=cfg.momentum, PREC=_prec(q))
-        _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre, sums, prow, gdy, dyb, dkacc, gin,
+        _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
-        _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs,
-                gdy, pg3, yp, c, max(c - 1, 0), c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
-        _launch(_bwd_end, (2, BHN), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, c, c, T, NS, BHN, H=H, K=K,
-                HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
-                DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
+        _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
+                xs_c[c], fs, gdy, pg3_c[c], c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+    _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN, H=H, K=K,
+            HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
+            DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
