@@ -110,13 +110,20 @@ def _token_offsets(i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
 
 
 @triton.jit
-def _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H: tl.constexpr, BT: tl.constexpr, DECAYED: tl.constexpr):
-    """A chunk's keys (fp32) and gamma (beta at the decayed gradient point, else 1)."""
+def _chunk_gamma(keep, p_g, t_idx, t_ok, H: tl.constexpr, BT: tl.constexpr, DECAYED: tl.constexpr):
+    """A chunk's gamma: beta_t = prod of its keep gates up to t at the decayed gradient point, else 1."""
     gam = tl.full([BT], 1.0, dtype=tl.float32)
     if DECAYED:
         alpha = tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
         gam = tl.exp(tl.cumsum(tl.log(alpha), axis=0))
-    return tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32), gam
+    return gam
+
+
+@triton.jit
+def _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H: tl.constexpr, BT: tl.constexpr, DECAYED: tl.constexpr):
+    """A chunk's keys (fp32) and gamma (``_chunk_gamma``)."""
+    return (tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32),
+            _chunk_gamma(keep, p_g, t_idx, t_ok, H, BT, DECAYED))
 
 
 @triton.jit
@@ -167,33 +174,30 @@ def _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS: tl.constexpr, P: tl.constexp
     return tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
 
 
-@_chunk_kernel("c0")
-def _prep(q, k, v, do, eta, keep, mu, delta, yp, y0s, pre, c0, T, BHN,
+@_chunk_kernel("c")
+def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, Y0_MODE: tl.constexpr, WANT_BWD: tl.constexpr):
-    """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
-    the NH tile programs: the causal-masked [BT, BT] blocks G, C1 = G . q k^T and (backward) M2 = -G . dO R^T, each
-    also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R and (backward) Y0 [BT, BV];
-    the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L). Layout: ``_pre_base``.
-    Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: p = 0 the gate blocks, C1 and the rows;
-    p = 1 R, M2 and Y0 (G built again there). Y0 = sum_j Yp_j from yp (Y0_MODE 0; 1: also saved into
-    y0s [NT, BHN, BT, BV] for the backward), or read back from y0s (2: the backward, all chunks in one launch)."""
-    p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = c0 + r
+          PREC: tl.constexpr, STORE_Y0: tl.constexpr):
+    """What every hidden tile of chunk c needs and no tile changes, built once per batch*head instead of by each of
+    the NH tile programs, into record i_bh of pre (``_pre_base``): the causal-masked [BT, BT] blocks G and
+    C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R from
+    Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward); the rows beta, f, gamma, g_L, n_L and (beta_L,
+    f_L, m_L). Two programs per batch*head: p = 0 the gate blocks, C1 and the rows; p = 1 R (and Y0)."""
+    p, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    L = tl.minimum(T - c * BT, BT) - 1
-    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    G = tl.where(o_t[:, None] >= o_t[None, :], G, 0.0)
-    gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
-    base = _pre_base(pre, r * BHN + i_bh, BT, BV)
-    bb = o_t[:, None] * BT + o_t[None, :]
-    bbt = o_t[None, :] * BT + o_t[:, None]
+    base = _pre_base(pre, i_bh, BT, BV)
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     if p == 0:
+        L = tl.minimum(T - c * BT, BT) - 1
+        eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+            eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        G = tl.where(o_t[:, None] >= o_t[None, :], G, 0.0)
+        gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
+        bb = o_t[:, None] * BT + o_t[None, :]
+        bbt = o_t[None, :] * BT + o_t[:, None]
         b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
         C1 = G * _dot(b_q, tl.trans(b_k), PREC)
         tl.store(base + bb, G)
@@ -210,29 +214,35 @@ def _prep(q, k, v, do, eta, keep, mu, delta, yp, y0s, pre, c0, T, BHN,
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     else:
+        gam = _chunk_gamma(keep, p_g, t_idx, t_ok, H, BT, DECAYED)
         b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         if BIAS == 3:
             b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
         else:
             b_d = tl.zeros([BT], dtype=tl.float32)
+        Y0 = tl.zeros([BT, BV], dtype=tl.float32)
+        for jj in range(NH):  # the tiles' parts in order, as the walk sums them
+            Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
         rv = o_t[:, None] * BV + o_v[None, :]
-        p_y0 = y0s + (c * BHN + i_bh).to(tl.int64) * BT * BV + rv
-        if Y0_MODE == 2:
-            Y0 = tl.load(p_y0)
-        else:  # the tiles' parts in order, as the walk sums them
-            Y0 = tl.zeros([BT, BV], dtype=tl.float32)
-            for jj in range(NH):
-                Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
-            if Y0_MODE == 1:
-                tl.store(p_y0, Y0)
-        R = _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS, P, SMOOTH, EPS, RES)
-        tl.store(base + 6 * BT * BT + rv, R)
-        if WANT_BWD:
-            b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-            M2 = -G * _dot(b_do, tl.trans(R), PREC)
-            tl.store(base + bb + 4 * BT * BT, M2)
-            tl.store(base + bbt + 5 * BT * BT, M2)
+        tl.store(base + 6 * BT * BT + rv, _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS, P, SMOOTH, EPS, RES))
+        if STORE_Y0:
             tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
+
+
+@triton.jit
+def _prep_m2(do, pre, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The backward's addition to every chunk's ``_prep`` record, all chunks in one launch: program (i_bh, c) stores
+    M2 = -G . dO R^T and M2^T (a transposed store) from the record's G and R (record c * BHN + i_bh)."""
+    i_bh, c = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    base = _pre_base(pre, c * BHN + i_bh, BT, BV)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    R = tl.load(base + 6 * BT * BT + o_t[:, None] * BV + o_v[None, :])
+    M2 = -_pre_block(base, 0, o_t, BT) * _dot(b_do, tl.trans(R), PREC)
+    tl.store(base + 4 * BT * BT + o_t[:, None] * BT + o_t[None, :], M2)
+    tl.store(base + 5 * BT * BT + o_t[None, :] * BT + o_t[:, None], M2)
 
 
 def pre_size(BT: int, BV: int) -> int:
@@ -310,21 +320,25 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
              _y_tile(k_next, gam_next, W1n, W2n, ACT, PREC))
 
 
-@_chunk_kernel("c", "s_in")
-def _fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, BHN,
+@_chunk_kernel("c0", "s0")
+def _fwd_out(q, o, w2s, s2s, pre, fs, c0, s0, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Program (column block i_v of BVO, batch*head i_bh): the read of chunk c, contracted over the whole hidden dim
-    on tiles of BHC from ``_fwd_tile``'s factors: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]
-    (``_fwd_tile_out``; W2, S2 of the chunk-start slot s_in). Each column block forms the [BT, BT] sum itself."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    """Program (column block i_v of BVO, batch*head i_bh, r): the read of chunk c = c0 + r, contracted over the whole
+    hidden dim on tiles of BHC from ``_fwd_tile``'s factors (fs [NR, 2, BHN, BT, HD], record r):
+    o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q] (``_fwd_tile_out``; W2, S2 of the
+    chunk-start slot s0 + r; ``_prep`` record r * BHN + i_bh). Each column block forms the [BT, BT] sum itself.
+    One launch per chunk (r = 0), or for every chunk after the loop (c0 = s0 = 0, r = c)."""
+    i_v, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, s_in = c0 + r, s0 + r
+    fs += r.to(tl.int64) * 2 * BHN * BT * HD
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
     o_vb = i_v * BVO + tl.arange(0, BVO)  # this program's columns of o, R, W2 (and of q: K == V with the residual)
     vb_ok = o_vb < V
     o_hh = tl.arange(0, BHC)
-    base = _pre_base(pre, i_bh, BT, BV)
+    base = _pre_base(pre, r * BHN + i_bh, BT, BV)
     beta = tl.load(base + 6 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_prep
     f = tl.load(base + 6 * BT * BT + 2 * BT * BV + BT + o_t)
     src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
@@ -367,8 +381,8 @@ def _block_sums(hidden: int) -> int:
 
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
     """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd, except that what it keeps for the backward is the
-    state slots and every chunk's Y0: (o, final state, (w1s, w2s, s1s, s2s, y0s) or None); three launches per chunk
-    (and ``_y_part`` once)."""
+    state slots and every chunk's ``_prep`` record: (o, final state, (w1s, w2s, s1s, s2s, pre) or None). Two launches
+    per chunk, and ``_y_part`` and ``_fwd_out`` once (three per chunk without keep_states)."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -378,7 +392,6 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
     yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
-    fs = torch.empty(2, B * H, BT, HD, **f32)  # per-chunk scratch: the read's factors A1, Ah
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     tiles = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, PREC=_prec(q))
@@ -389,20 +402,27 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
                      DECAYED=cfg.decayed, PREC=_prec(q))
     out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BVO=_block_out(V),
                   RES=cfg.residual, MOMENTUM=cfg.momentum, PREC=_prec(q))
-    pre = torch.empty(B * H, pre_size(BT, BV), **f32)  # per-chunk scratch of _prep
-    y0s = torch.empty(NT, B * H, BT, BV, **f32) if keep_states else yp  # every chunk's Y0, for the backward
+    # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
+    # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
+    NR = NT if keep_states else 1
+    pre = torch.empty(NR, B * H, pre_size(BT, BV), **f32)
+    fs = torch.empty(NR, 2, B * H, BT, HD, **f32)
+    pre_c, fs_c = pre.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
+    NVO = triton.cdiv(V, out_kw["BVO"])
     for c in range(NT):
-        s_in, s_out = c % NS, (c + 1) % NS
+        s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
         if c == 0:  # (later chunks' Yp come from the previous _fwd_tile)
             _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
-        _launch(_prep, (2, B * H, 1), q, k, v, v, *gates, delta if delta is not None else eta, yp, y0s, pre, c, T,
-                B * H, **prep_kw, Y0_MODE=1 if keep_states else 0, WANT_BWD=False)
-        _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, B * H,
-                **tiles_fwd)
-        _launch(_fwd_out, (triton.cdiv(V, out_kw["BVO"]), B * H), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H,
-                **out_kw)
-    return o, _final_state(cfg, slots, NT % NS, q, v), ((*slots, y0s) if keep_states else None)
+        _launch(_prep, (2, B * H), q, k, v, *gates, delta if delta is not None else eta, yp, pre_c[r], c, T, B * H,
+                **prep_kw, STORE_Y0=keep_states)
+        _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS,
+                B * H, **tiles_fwd)
+        if not keep_states:
+            _launch(_fwd_out, (NVO, B * H, 1), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
+    if keep_states:
+        _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, 0, 0, T, NS, B * H, **out_kw)
+    return o, _final_state(cfg, slots, NT % NS, q, v), ((*slots, pre) if keep_states else None)
 
 
 # ------------------------------------------------------------------------------------------------------------ backward
@@ -771,23 +791,24 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
-    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd (saved: ``mlp_tiles_fwd``'s slots and Y0s): one
-    ``_prep`` launch for every chunk, four launches per chunk in reverse, one ``_bwd_end`` launch for every chunk."""
+    """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd (saved: ``mlp_tiles_fwd``'s slots and ``_prep``
+    records): one ``_prep_m2`` launch for every chunk, four launches per chunk in reverse, one ``_bwd_end`` launch
+    for every chunk."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
-    w1s, w2s, s1s, s2s, y0s = saved
+    w1s, w2s, s1s, s2s, pre = saved
     NS = w1s.shape[1]
     BHN = B * H
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
-    # every chunk's record: _prep's; dZ1's pass-2 part (pass 3: gamma dZ1); pass 3's dgam parts; the gate inputs
-    # (dG, dbeta, df, dnL, dmL); dk's intra-chunk part; dY itself (the residual's part of dk). _bwd_end reads them
-    # after the loop. Scratch of one chunk, reused: pass 2's factors (A1, Ah, D1, dH, dP) and their contractions
-    # (SA, dC1, dR, dq, dk, d beta_L, d f_L, d m_L); pass 2's row partials (dbeta, df, dgam, dgL, dnL); gamma dY.
-    pre = torch.empty(NT, BHN, pre_size(BT, BV), **f32)
+    # every chunk's records (besides pre, the forward's _prep records that _prep_m2 completes): dZ1's pass-2 part
+    # (pass 3: gamma dZ1); pass 3's dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL); dk's intra-chunk part; dY
+    # itself (the residual's part of dk). _bwd_end reads them after the loop. Scratch of one chunk, reused: pass 2's
+    # factors (A1, Ah, D1, dH, dP) and their contractions (SA, dC1, dR, dq, dk, d beta_L, d f_L, d m_L); pass 2's
+    # row partials (dbeta, df, dgam, dgL, dnL); gamma dY.
     xs = torch.empty(NT, BHN, BT, HD, **f32)
     pg3 = torch.empty(NT, NH, BHN, BT, **f32)
     gin = torch.empty(NT, BHN, BT * BT + 3 * BT + 1, **f32)
@@ -804,8 +825,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
     tile = dict(HD=HD, BH=BH, ACT=cfg.act)
     base_y = {n: x for n, x in base.items() if n != "HAS_KEEP"}  # the tile kernels without gate coefficients
-    _launch(_prep, (2, BHN, NT), q, k, v, do, *gates, delta_, y0s, y0s, pre, 0, T, BHN, NH=NH, **base, **rule,
-            Y0_MODE=2, WANT_BWD=True)
+    _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
     pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
