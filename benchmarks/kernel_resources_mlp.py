@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KERNELS = ("fwd0", "fwd1", "fwd2", "bwd")
-TILES_KERNELS = ("_y_part", "_prep", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_mid", "_bwd_tile3",
+TILES_KERNELS = ("_y_part", "_prep", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_mid", "_bwd_tile32",
                  "_bwd_end")
 INT_NAMES = {"T", "NT", "NS", "c", "c0", "s0", "s_in", "s_out", "BHN", "BTH", "s_src", "e", "s"}
 FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "dw1s", "dw2s", "ds1s", "ds2s", "xs", "dq",
@@ -63,7 +63,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     if which.startswith("_"):
         fn = getattr(mlp_tiles, which)
         consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
-                      BVO=mlp_tiles._block_out(d), STORE_Y0=True)
+                      BVO=mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:

@@ -155,6 +155,15 @@ def test_hidden_tiles_and_fused_walk(monkeypatch, bh, split_kernels):
     check_against_oracle(mlp_spec("l2", "decay", "momentum"), B=2, T=40, H=1, K=24, seed=7)
 
 
+def test_unfused_backward_passes(monkeypatch, _opt_in):
+    """MIRAS_KERNEL_MLP_FUSE_PASSES=0: the tiles layout launches each chunk's pass 2 on its own instead of behind the
+    next chunk's pass 3 (the walk layout has no such launches)."""
+    if _opt_in == "walk":
+        pytest.skip("tiles layout only")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "0")
+    check_against_oracle(mlp_spec("huber", "decay", "momentum", "decayed"), B=1, T=50, H=2, K=24, seed=3)
+
+
 def test_forward_without_grad_matches_oracle():
     """Under no_grad the forward keeps two ping-pong state slots instead of every chunk-start state."""
     spec = mlp_spec("l2", "decay", "momentum")

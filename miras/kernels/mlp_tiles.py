@@ -66,6 +66,7 @@ from miras.kernels.mlp import (
     _state_slots,
     _state_tiles,
 )
+from miras.kernels.settings import env_switch
 
 
 def _chunk_kernel(*index_args: str):
@@ -433,6 +434,16 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2 of the last chunk (``_pass2``); the others run in ``_bwd_tile32`` behind the next chunk's pass 3."""
+    _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
+           H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+
+
+@triton.jit
+def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
+           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+           BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
     A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them, pass 3 forms the
     start-state gradient tiles from them), X into xs and the row partials (slot j * BHN + i_bh):
@@ -686,11 +697,30 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
         tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
 
 
-@_chunk_kernel("c", "s_src", "e", "s")
-def _bwd_tile3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
-               s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+@_chunk_kernel("c", "e", "s")
+def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, xs, xs_prev, fs, gdy,
+                pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr):
+    """Hidden tile j's pass 3 of chunk c (``_pass3``: the start-state gradient tile into slot s), then, for c > 0 and
+    with PASS2 (``fuse_passes()``),
+    its pass 2 of chunk c - 1 (``_pass2``: records pre_prev, xs_prev), which reads that tile back as chunk c - 1's
+    end-state gradient: a tile-local dependency, so one launch instead of two (a barrier orders the store and the
+    reload among the program's threads). Pass 3 reads pass 2's factors of chunk c from fs before pass 2 of c - 1
+    overwrites the same columns."""
+    _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, c, e, s, T, NS,
+           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+    if PASS2 and c > 0:
+        tl.debug_barrier()
+        _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, xs_prev, fs, prow, c - 1, c - 1, s,
+               T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+
+
+@triton.jit
+def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
+           s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
     with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
     A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
@@ -790,10 +820,17 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
             tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
 
 
+def fuse_passes() -> bool:
+    """Whether the backward runs chunk c - 1's pass 2 in the launch of chunk c's pass 3 (``_bwd_tile32``; default),
+    or launches it on its own (``MIRAS_KERNEL_MLP_FUSE_PASSES=0``: one launch more per chunk, but the fused kernel
+    spills more, 1592 against 800 + 800 B per thread on sm_90 under triton 3.6; an A/B for a GPU)."""
+    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", True)
+
+
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
     """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd (saved: ``mlp_tiles_fwd``'s slots and ``_prep``
-    records): one ``_prep_m2`` launch for every chunk, four launches per chunk in reverse, one ``_bwd_end`` launch
-    for every chunk."""
+    records): one ``_prep_m2`` launch for every chunk, the last chunk's pass 2, three launches per chunk in reverse
+    (``_bwd_sums``, ``_bwd_mid``, ``_bwd_tile32``), one ``_bwd_end`` launch for every chunk."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -827,17 +864,23 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     base_y = {n: x for n, x in base.items() if n != "HAS_KEEP"}  # the tile kernels without gate coefficients
     _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
     pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
+    fused = fuse_passes()
+    _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
+            xs_c[NT - 1], fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], xs_c[c], fs,
-                prow, c, c, e, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
         _launch(_bwd_sums, (sums_programs(BK, BV), BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs,
                 sums, c, e, NS, BHN, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK),
                 BVO=_block_out(BV), MOMENTUM=cfg.momentum, PREC=_prec(q))
         _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
-        _launch(_bwd_tile3, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
-                xs_c[c], fs, gdy, pg3_c[c], c, c, e, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+        prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
+        _launch(_bwd_tile32, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
+                pre_c[prev], xs_c[c], xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN, **tile, **base_y,
+                MOMENTUM=cfg.momentum, PASS2=fused)
+        if c > 0 and not fused:
+            _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev],
+                    xs_c[prev], fs, prow, prev, prev, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
     _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
             DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
