@@ -175,23 +175,26 @@ def _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS: tl.constexpr, P: tl.constexp
     return tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
 
 
-@_chunk_kernel("c")
-def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c, T, BHN,
+@_chunk_kernel("c0")
+def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, STORE_Y0: tl.constexpr):
-    """What every hidden tile of chunk c needs and no tile changes, built once per batch*head instead of by each of
-    the NH tile programs, into record i_bh of pre (``_pre_base``): the causal-masked [BT, BT] blocks G and
-    C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640); R from
-    Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward); the rows beta, f, gamma, g_L, n_L and (beta_L,
-    f_L, m_L). Two programs per batch*head: p = 0 the gate blocks, C1 and the rows; p = 1 R (and Y0)."""
-    p, i_bh = tl.program_id(0), tl.program_id(1)
+          PREC: tl.constexpr, PARTS: tl.constexpr, STORE_Y0: tl.constexpr):
+    """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
+    the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
+    and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
+    the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L); it does not depend on the memory's state. The state
+    part: R from Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward).
+    Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
+    state part (one chunk); 1: the gate part (every chunk at once, before the loop); 2: the state part."""
+    p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = c0 + r
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    base = _pre_base(pre, i_bh, BT, BV)
+    base = _pre_base(pre, r * BHN + i_bh, BT, BV)
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    if p == 0:
+    if PARTS == 1 or (PARTS == 0 and p == 0):
         L = tl.minimum(T - c * BT, BT) - 1
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
             eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
@@ -214,7 +217,7 @@ def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c, T, BHN,
         scal = tl.where(o_t == 0, _vec_select(beta, o_t, L),
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
-    else:
+    if PARTS == 2 or (PARTS == 0 and p == 1):
         gam = _chunk_gamma(keep, p_g, t_idx, t_ok, H, BT, DECAYED)
         b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         if BIAS == 3:
@@ -383,7 +386,8 @@ def _block_sums(hidden: int) -> int:
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
     """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd, except that what it keeps for the backward is the
     state slots and every chunk's ``_prep`` record: (o, final state, (w1s, w2s, s1s, s2s, pre) or None). Two launches
-    per chunk, and ``_y_part`` and ``_fwd_out`` once (three per chunk without keep_states)."""
+    per chunk (``_prep``'s state part, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and ``_fwd_out`` once
+    for every chunk (without keep_states: three launches per chunk)."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -411,12 +415,16 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     pre_c, fs_c = pre.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
+    delta_ = delta if delta is not None else eta
+    if keep_states:  # the records' gate part, which the state does not change, for every chunk at once
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
+                STORE_Y0=False)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
         if c == 0:  # (later chunks' Yp come from the previous _fwd_tile)
             _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
-        _launch(_prep, (2, B * H), q, k, v, *gates, delta if delta is not None else eta, yp, pre_c[r], c, T, B * H,
-                **prep_kw, STORE_Y0=keep_states)
+        _launch(_prep, (1 if keep_states else 2, B * H, 1), q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H,
+                **prep_kw, PARTS=2 if keep_states else 0, STORE_Y0=keep_states)
         _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS,
                 B * H, **tiles_fwd)
         if not keep_states:
