@@ -2,7 +2,8 @@
 # One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
 # left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory (device
 # ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (GPU_ALL_MLP_VARIANTS, default: pass 2
-# launched on its own, bf16 dot operands: the bench-shape tests, then a benchmark row for each that passed),
+# launched on its own, hidden tiles of 32 at 8 warps, bf16 dot operands: the bench-shape tests, then a benchmark row
+# for each that passed),
 # 4. profile_kernels.py for titans linear, 5. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
 # Logs: $OUT/check.log, profile.log, mlp.log, passes.log, and every step's own logs in $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
@@ -35,14 +36,16 @@ mlp_variant_env() {
     mlpbf16) echo "MIRAS_KERNEL_MLP_PREC=bf16" ;;
     mlpbh32bf16) echo "MIRAS_KERNEL_BH=32 MIRAS_KERNEL_MLP_PREC=bf16" ;;
     mlpunfused) echo "MIRAS_KERNEL_MLP_FUSE_PASSES=0" ;;
-    *) echo "gpu_all.sh: unknown MLP variant '$1' (mlpbh32, mlpbf16, mlpbh32bf16, mlpunfused)" >&2; return 1 ;;
+    mlpbh32w8) echo "MIRAS_KERNEL_BH=32 MIRAS_KERNEL_MLP_CONFIG=8,1" ;;
+    *) echo "gpu_all.sh: unknown MLP variant '$1' (mlpbh32, mlpbf16, mlpbh32bf16, mlpunfused, mlpbh32w8)" >&2
+       return 1 ;;
   esac
 }
 if [ "$(left)" -gt 150 ]; then
   timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
     | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
   GOOD=""
-  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpunfused,mlpbf16}" | tr , " "); do
+  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpunfused,mlpbh32w8,mlpbf16}" | tr , " "); do
     [ "$(left)" -gt 120 ] || break
     settings="$(mlp_variant_env "$var")" || continue
     env $settings timeout 90 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
