@@ -643,10 +643,10 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Between the tile passes, from ``_bwd_sums``' contractions (SA^T and dC1^T read transposed), the sums of the
-    tiles' row partials and ``_prep``'s record; two programs per batch*head:
+    tiles' row partials and ``_prep``'s record; four programs per batch*head:
     p = 0: the bias VJP (``_bwd_chunk_dy``): dv, the Huber deltas' gradient, gdY = gam dY (-> gdy), dY (-> dyb, with
            the residual) and the gate inputs dbeta, df, dnL, dmL (-> gin; pass 3 adds dgam);
-    p = 1: ``_bwd_chunk_dg``: dq, dk's intra-chunk part (-> dkacc) and the gate input dG (-> gin).
+    p = 1, 2, 3: ``_bwd_chunk_dg``'s gate input dG (-> gin), dq, dk's intra-chunk part (-> dkacc).
     gin [BHN, BT * BT + 3 * BT + 1] = dG, dbeta, df, dnL, dmL."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
@@ -687,22 +687,28 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
         tl.store(gin + g0 + BT * BT + BT + o_t, df)
         tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
         tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))
-    else:
-        b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-        R = _load_prep(base, o_t, o_v, BT, BV, False)[0]
-        zero = tl.zeros([BT, BK], dtype=tl.float32)
-        dG, b_dq, b_dk = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, zero, zero, b_q, b_k, b_do, R,
-                                       _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT), o_t, RES, PREC,
-                                       True)
+    else:  # one output of _bwd_chunk_dg per program, its operands loaded in its branch: the registers of one
         qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]  # _bwd_sums' dq, dk, added last
-        b_dq += tl.load(qk)
-        b_dk += tl.load(qk + BT * BK)
-        dgL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)[3]
-        dG += tl.where(at_L[:, None], dgL[None, :], 0.0)
-        tl.store(dq + p_tk, b_dq, mask=qk_ok)
-        tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
-        tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG)
+        G, GT = _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT)
+        if p == 1:
+            b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+            R = _load_prep(base, o_t, o_v, BT, BV, False)[0]
+            zero = tl.zeros([BT, BK], dtype=tl.float32)
+            dG = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, zero, zero, b_q, b_k, b_do, R, G, GT, o_t, RES,
+                               PREC, True)[0]
+            dgL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)[3]
+            tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG + tl.where(at_L[:, None], dgL[None, :], 0.0))
+        elif p == 2:
+            b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+            b_dq = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, tl.load(qk), tl.load(qk), b_k, b_k, b_do, b_do,
+                                 G, GT, o_t, RES, PREC, True)[1]
+            tl.store(dq + p_tk, b_dq, mask=qk_ok)
+        else:
+            b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+            b_dk = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, tl.load(qk + BT * BK), tl.load(qk + BT * BK), b_q,
+                                 b_q, b_do, b_do, G, GT, o_t, RES, PREC, True)[2]
+            tl.store(dkacc + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BK + o_k[None, :], b_dk)
 
 
 @_chunk_kernel("c", "e", "s")
@@ -880,7 +886,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         _launch(_bwd_sums, (sums_programs(BK, BV), BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs,
                 sums, c, e, NS, BHN, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK),
                 BVO=_block_out(BV), MOMENTUM=cfg.momentum, PREC=_prec(q))
-        _launch(_bwd_mid, (2, BHN), q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
+        _launch(_bwd_mid, (4, BHN), q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
                 dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
         _launch(_bwd_tile32, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
