@@ -647,7 +647,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
     p = 0: the bias VJP (``_bwd_chunk_dy``): dv, the Huber deltas' gradient, gdY = gam dY (-> gdy), dY (-> dyb, with
            the residual) and the gate inputs dbeta, df, dnL, dmL (-> gin; pass 3 adds dgam);
     p = 1, 2, 3: ``_bwd_chunk_dg``'s gate input dG (-> gin), dq, dk's intra-chunk part (-> dkacc).
-    gin [BHN, BT * BT + 3 * BT + 1] = dG, dbeta, df, dnL, dmL."""
+    gin [BHN, BT * BT + 4 * BT] = dG, dbeta, df, dnL, dmL (padded to keep each record 16-byte aligned)."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -657,7 +657,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
     bb = out + o_t[:, None] * BT + o_t[None, :]
     bbt = out + o_t[None, :] * BT + o_t[:, None]
     p_sc = out + 2 * BT * BT + BT * BV + 2 * BT * BK  # d beta_L, d f_L, d m_L
-    g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+    g0 = i_bh.to(tl.int64) * (BT * BT + 4 * BT)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if p == 0:
         b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
@@ -787,7 +787,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
     dyb += rec * BT * BK
     xs += rec * BT * HD
     pg3 += rec * NH * BT
-    gin += rec * (BT * BT + 3 * BT + 1)
+    gin += rec * (BT * BT + 4 * BT)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BHC)
     k_ok = o_k < K
@@ -818,7 +818,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
         if DECAYED:
             for jj in range(NH):
                 dgam += tl.load(pg3 + (jj * BHN + i_bh).to(tl.int64) * BT + o_t)
-        g0 = i_bh.to(tl.int64) * (BT * BT + 3 * BT + 1)
+        g0 = i_bh.to(tl.int64) * (BT * BT + 4 * BT)
         dG = tl.load(gin + g0 + o_t[:, None] * BT + o_t[None, :])
         dbeta = tl.load(gin + g0 + BT * BT + o_t) + dgam
         df = tl.load(gin + g0 + BT * BT + BT + o_t)
@@ -862,7 +862,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     # row partials (dbeta, df, dgam, dgL, dnL); gamma dY.
     xs = torch.empty(NT, BHN, BT, HD, **f32)
     pg3 = torch.empty(NT, NH, BHN, BT, **f32)
-    gin = torch.empty(NT, BHN, BT * BT + 3 * BT + 1, **f32)
+    gin = torch.empty(NT, BHN, BT * BT + 4 * BT, **f32)
     dkacc = torch.empty(NT, BHN, BT, BK, **f32)
     dyb = torch.empty(NT, BHN, BT, BV, **f32) if cfg.residual else dkacc
     fs = torch.empty(5, BHN, BT, HD, **f32)
