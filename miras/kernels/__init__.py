@@ -21,7 +21,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
   their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
   8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC=bf16``: bf16 dot operands for bf16
-  inputs (default tf32).
+  inputs (default tf32); ``MIRAS_KERNEL_MLP_FUSE_PASSES=0``: the tiles layout launches each chunk's backward pass 2
+  on its own instead of behind the next chunk's pass 3 (``mlp_tiles.fuse_passes``).
 """
 
 from __future__ import annotations
@@ -100,12 +101,13 @@ def kernel_support(spec) -> tuple[bool, str]:
             return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
         if not env_switch("MIRAS_KERNEL_MLP", False):
             return False, (
-                "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H200 "
+                "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H100 "
                 "its default layout (hidden tiles across programs, miras/kernels/mlp_tiles.py, 4 warps) matched the "
-                "chunked path in three probe cases and ran fwd+bwd in 73.7 ms against 104-132 ms for the chunked "
-                "path at B=4 T=4096 H=8 D=128 (benchmarks/RESULTS.md, session 8); it has been restructured since "
-                "(session 9, checked against the float64 oracle on CPU only) and its GPU test file has not run in "
-                "full; the chunked PyTorch path runs it"
+                "fp32 chunked path at the benchmark shape (bf16, outputs and gradients within 4.1e-3) and ran "
+                "fwd+bwd in 25.9 ms against 143 ms for the chunked path at B=4 T=4096 H=8 D=128 (benchmarks/"
+                "RESULTS.md, session 10); it has been restructured since (launches per step 607 -> ~330, checked "
+                "against the float64 oracle on CPU only) and its GPU test file has not run in full; the chunked "
+                "PyTorch path runs it"
             )
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
