@@ -164,6 +164,29 @@ def test_unfused_backward_passes(monkeypatch, _opt_in):
     check_against_oracle(mlp_spec("huber", "decay", "momentum", "decayed"), B=1, T=50, H=2, K=24, seed=3)
 
 
+def test_tiles_launches_per_chunk(monkeypatch, _opt_in):
+    """The tiles layout keeps only the recurrence's steps in its chunk loops: forward 2 launches per chunk (+ _y_part,
+    the records' gate part and _fwd_out once), backward 3 (+ _prep_m2, the last chunk's pass 2 and _bwd_end once);
+    without grad the forward launches 3 per chunk. Counted, not run (the launcher is replaced)."""
+    if _opt_in == "walk":
+        pytest.skip("tiles layout only")
+    from miras.kernels import mlp_tiles
+
+    launched = []
+    monkeypatch.setattr(mlp_tiles, "_launch", lambda kernel, grid, *a, **kw: launched.append(kernel.fn.__name__))
+    spec = mlp_spec("l2", "decay", "momentum", chunk=16)
+    x = make_inputs(spec, 1, 16 * 5 - 3, 2, 16, 16)  # NT = 5 chunks
+    o, _ = triton_memory_scan(spec, *split(spec, x))
+    assert len(launched) == 2 * 5 + 3 and launched.count("_fwd_out") == 1
+    launched.clear()
+    o.sum().backward()
+    assert len(launched) == 3 * 5 + 3 and launched.count("_bwd_end") == 1, launched
+    launched.clear()
+    with torch.no_grad():
+        triton_memory_scan(spec, *split(spec, {n: t.detach() for n, t in x.items()}))
+    assert len(launched) == 3 * 5 + 1
+
+
 def test_forward_without_grad_matches_oracle():
     """Under no_grad the forward keeps two ping-pong state slots instead of every chunk-start state."""
     spec = mlp_spec("l2", "decay", "momentum")
