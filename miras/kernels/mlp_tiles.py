@@ -872,30 +872,34 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
-    base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, PREC=_prec(q))
+    prec = _prec(q)
+    # every launch's settings, built once (in the loop, each launch costs host time: ~325 per step at T=4096)
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
-    tile = dict(HD=HD, BH=BH, ACT=cfg.act)
-    base_y = {n: x for n, x in base.items() if n != "HAS_KEEP"}  # the tile kernels without gate coefficients
-    _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
+    tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum)
+    sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK), BVO=_block_out(BV),
+                   MOMENTUM=cfg.momentum, PREC=prec)
+    mid_kw = dict(dims, **rule, NH=NH)
+    tile_grid, sums_grid, mid_grid = (NH, BHN), (sums_programs(BK, BV), BHN), (4, BHN)
+    _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
     pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
     fused = fuse_passes()
-    _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
-            xs_c[NT - 1], fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+    _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1], xs_c[NT - 1],
+            fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        _launch(_bwd_sums, (sums_programs(BK, BV), BHN), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs,
-                sums, c, e, NS, BHN, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK),
-                BVO=_block_out(BV), MOMENTUM=cfg.momentum, PREC=_prec(q))
-        _launch(_bwd_mid, (4, BHN), q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
-                dq, dv, ddelta, c, T, BHN, NH=NH, **base_y, **rule)
+        _launch(_bwd_sums, sums_grid, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs, sums, c, e, NS, BHN,
+                **sums_kw)
+        _launch(_bwd_mid, mid_grid, q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
+                dq, dv, ddelta, c, T, BHN, **mid_kw)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
-        _launch(_bwd_tile32, (NH, BHN), q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
-                pre_c[prev], xs_c[c], xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN, **tile, **base_y,
-                MOMENTUM=cfg.momentum, PASS2=fused)
+        _launch(_bwd_tile32, tile_grid, q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
+                pre_c[prev], xs_c[c], xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN, **tile_kw,
+                PASS2=fused)
         if c > 0 and not fused:
-            _launch(_bwd_tile2, (NH, BHN), q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev],
-                    xs_c[prev], fs, prow, prev, prev, s, T, NS, BHN, **tile, **base_y, MOMENTUM=cfg.momentum)
+            _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev],
+                    xs_c[prev], fs, prow, prev, prev, s, T, NS, BHN, **tile_kw)
     _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
-            DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=_prec(q))
+            DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=prec)
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
