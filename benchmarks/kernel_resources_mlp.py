@@ -63,7 +63,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     if which.startswith("_"):
         fn = getattr(mlp_tiles, which)
         consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
-                      BVO=mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0)
+                      BVO=mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0, BTR=chunk)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:

@@ -180,14 +180,15 @@ def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, PARTS: tl.constexpr, STORE_Y0: tl.constexpr):
+          PREC: tl.constexpr, PARTS: tl.constexpr, STORE_Y0: tl.constexpr, BTR: tl.constexpr):
     """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
     the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L); it does not depend on the memory's state. The state
     part: R from Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward).
     Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
-    state part (one chunk); 1: the gate part (every chunk at once, before the loop); 2: the state part."""
+    state part (one chunk; BTR = BT); 1: the gate part (every chunk at once, before the loop); 2: the state part, rows
+    [p BTR, (p + 1) BTR) (``_prep_state_rows``)."""
     p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = c0 + r
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
@@ -218,19 +219,45 @@ def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     if PARTS == 2 or (PARTS == 0 and p == 1):
-        gam = _chunk_gamma(keep, p_g, t_idx, t_ok, H, BT, DECAYED)
-        b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-        if BIAS == 3:
-            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-        else:
-            b_d = tl.zeros([BT], dtype=tl.float32)
-        Y0 = tl.zeros([BT, BV], dtype=tl.float32)
-        for jj in range(NH):  # the tiles' parts in order, as the walk sums them
-            Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
-        rv = o_t[:, None] * BV + o_v[None, :]
-        tl.store(base + 6 * BT * BT + rv, _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS, P, SMOOTH, EPS, RES))
-        if STORE_Y0:
-            tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
+        _prep_state_rows(k, v, keep, delta, yp, base, i_bh, p if PARTS == 2 else 0, c, T, BHN, H, K, V, BT, BTR, BK,
+                         BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, STORE_Y0)
+
+
+@triton.jit
+def _prep_state_rows(k, v, keep, delta, yp, base, i_bh, rb, c, T, BHN, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+                     RES: tl.constexpr, DECAYED: tl.constexpr, STORE_Y0: tl.constexpr):
+    """``_prep``'s state part for the rows [rb BTR, (rb + 1) BTR) of chunk c (rows are independent: R is row-wise in
+    Y, and so is every bias' gradient): R from Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)
+    into the record at base, and Y0 itself with STORE_Y0."""
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t, o_r, o_k, o_v = tl.arange(0, BT), rb * BTR + tl.arange(0, BTR), tl.arange(0, BK), tl.arange(0, BV)
+    p_g = i_b * T * H + i_h
+    r_idx = c * BT + o_r
+    r_ok = r_idx < T
+    gam = _chunk_gamma(keep, p_g, c * BT + o_t, c * BT + o_t < T, H, BT, DECAYED)  # [BT]: a prefix product
+    gam = tl.sum(tl.where(o_r[:, None] == o_t[None, :], gam[None, :], 0.0), axis=1)  # its rows
+    b_k = tl.load(k + p_g * K + r_idx[:, None] * H * K + o_k[None, :], mask=r_ok[:, None] & (o_k < K)[None, :],
+                  other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_g * V + r_idx[:, None] * H * V + o_v[None, :], mask=r_ok[:, None] & (o_v < V)[None, :],
+                  other=0.0).to(tl.float32)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + r_idx * H, mask=r_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BTR], dtype=tl.float32)
+    Y0 = tl.zeros([BTR, BV], dtype=tl.float32)
+    for jj in range(NH):
+        Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :])
+    rv = o_r[:, None] * BV + o_v[None, :]
+    tl.store(base + 6 * BT * BT + rv, _start_rows(Y0, b_k, b_v, b_d, gam, r_ok, BIAS, P, SMOOTH, EPS, RES))
+    if STORE_Y0:
+        tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
+
+
+def _block_rows(BT: int) -> int:
+    """Rows per program of ``_prep``'s state part when it runs on its own: a quarter of the chunk, at least 16."""
+    return max(16, BT // 4)
 
 
 @triton.jit
@@ -416,15 +443,19 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
     delta_ = delta if delta is not None else eta
+    # the loop's _prep: the state part alone, in row blocks, when the gate part is built before the loop
+    if keep_states:
+        prep_grid, state_kw = (BT // _block_rows(BT), B * H, 1), dict(PARTS=2, STORE_Y0=True, BTR=_block_rows(BT))
+    else:
+        prep_grid, state_kw = (2, B * H, 1), dict(PARTS=0, STORE_Y0=False, BTR=BT)
     if keep_states:  # the records' gate part, which the state does not change, for every chunk at once
         _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
-                STORE_Y0=False)
+                STORE_Y0=False, BTR=BT)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
         if c == 0:  # (later chunks' Yp come from the previous _fwd_tile)
             _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
-        _launch(_prep, (1 if keep_states else 2, B * H, 1), q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H,
-                **prep_kw, PARTS=2 if keep_states else 0, STORE_Y0=keep_states)
+        _launch(_prep, prep_grid, q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H, **prep_kw, **state_kw)
         _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS,
                 B * H, **tiles_fwd)
         if not keep_states:
