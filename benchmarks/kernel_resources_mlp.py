@@ -63,7 +63,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     if which.startswith("_"):
         fn = getattr(mlp_tiles, which)
         consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
-                      BVO=mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0, BTR=chunk)
+                      BVO=mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0, BTR=mlp_tiles._block_rows(chunk))
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:
@@ -81,7 +81,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         kern = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps, "num_stages": stages})
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table
         return {**row, "compile_s": time.time() - t0, "shared_kb": -1, "usage": f"FAIL {type(e).__name__}: "
-                f"{str(e).splitlines()[0][:100] if str(e) else ''}", "sass": ""}
+                f"{' '.join(str(e).split())[:300]}", "sass": ""}
     dt = time.time() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kern.asm["cubin"])

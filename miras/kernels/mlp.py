@@ -335,14 +335,15 @@ def _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, b
 
 
 @triton.jit
-def _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_t,
+def _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_r, o_t,
                   BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
                   DECAYED: tl.constexpr, PREC: tl.constexpr, DEFER: tl.constexpr):
     """Between the two tile passes of the backward, from pass 2's sums over tiles (dR without the read's part, SA^T):
     dR -= (G . SA)^T dO, then the bias' vector-Jacobian product dR -> dY at Y = gamma Y0 [+ k]. Returns (dY, dV, the
-    Huber deltas' gradient, dY's part of dgamma); with the residual, dk gets dY too (the caller's). DEFER: SAT is a
-    pointer tensor to the block (``_operand``)."""
-    causal_t = o_t[:, None] <= o_t[None, :]
+    Huber deltas' gradient, dY's part of dgamma); with the residual, dk gets dY too (the caller's). On the rows o_r of
+    the chunk (o_t: all its tokens; dR, v, k, Y0, gamma, t_ok and the rows of SAT, GT are those rows'; dO is the whole
+    chunk's). DEFER: SAT is a pointer tensor to the block (``_operand``)."""
+    causal_t = o_r[:, None] <= o_t[None, :]
     dR -= _dot(tl.where(causal_t, GT * _operand(SAT, DEFER), 0.0), b_do, PREC)
     dR = tl.where(t_ok[:, None], dR, 0.0)
     Y = gam[:, None] * Y0
@@ -702,8 +703,8 @@ def _bwd_chunk(
     R = tl.load(xs + p_r + o_t[:, None] * BV + o_v[None, :])
     b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
     # ([BT, BT] products recomputed in there rather than kept live through the hidden loop: register pressure)
-    dY, dV, dd, dgam_y = _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_t, BIAS, P, SMOOTH, EPS, RES,
-                                       DECAYED, PREC, False)
+    dY, dV, dd, dgam_y = _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_t, o_t, BIAS, P, SMOOTH,
+                                       EPS, RES, DECAYED, PREC, False)
     dG, b_dq, b_dk = _bwd_chunk_dg(SA, dC1, dC1T, b_dq, b_dk, b_q, b_k, b_do, R, G, GT, o_t, RES, PREC, False)
     if RES:
         b_dk += dY

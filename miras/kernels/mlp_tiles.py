@@ -652,10 +652,10 @@ def sums_programs(BK: int, BV: int) -> int:
 
 
 @triton.jit
-def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr):
-    """Pass 2's row partials summed over the NH hidden tiles: (dbeta, df, dgam, dgL, dnL) (a caller's unused rows are
-    dead code)."""
-    dbeta = tl.zeros([BT], dtype=tl.float32)
+def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr, BR: tl.constexpr):
+    """Pass 2's row partials summed over the NH hidden tiles: (dbeta, df, dgam, dgL, dnL) at the BR rows o_t of the
+    chunk (a caller's unused ones are dead code)."""
+    dbeta = tl.zeros([BR], dtype=tl.float32)
     df, dgam, dgL, dnL = dbeta, dbeta, dbeta, dbeta
     for jj in range(NH):
         rw = prow + (jj * BHN + i_bh).to(tl.int64) * 5 * BT + o_t
@@ -667,22 +667,78 @@ def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr):
     return dbeta, df, dgam, dgL, dnL
 
 
+@triton.jit
+def _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, rb, i_bh, c, T, BHN, L, g0, p_sc,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+                  SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr,
+                  MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """``_bwd_mid``'s bias VJP (``_bwd_chunk_dy``) on the rows [rb BTR, (rb + 1) BTR) of chunk c: row-wise but for
+    (G . SA)^T dO's sum over the chunk's tokens (b_do: all of them)."""
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    p_g = i_b * T * H + i_h
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    o_r = rb * BTR + tl.arange(0, BTR)
+    r_idx = c * BT + o_r
+    r_ok = r_idx < T
+    rtv = p_g * V + r_idx[:, None] * H * V + o_v[None, :]
+    rtv_ok = r_ok[:, None] & v_ok[None, :]
+    b_v = tl.load(v + rtv, mask=rtv_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_g * K + r_idx[:, None] * H * K + o_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                  other=0.0).to(tl.float32)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + r_idx * H, mask=r_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BTR], dtype=tl.float32)
+    rv = o_r[:, None] * BV + o_v[None, :]
+    Y0 = tl.load(base + 6 * BT * BT + BT * BV + rv)
+    gam = tl.load(base + 6 * BT * BT + 2 * BT * BV + 2 * BT + o_r)
+    dbeta, df, dgam, _, dnL = _row_sums(prow, i_bh, o_r, BHN, BT, NH, BTR)
+    dR = tl.load(out + 2 * BT * BT + rv)
+    SAT = out + o_t[None, :] * BT + o_r[:, None]
+    GT = tl.load(base + BT * BT + o_r[:, None] * BT + o_t[None, :])
+    dY, dV, dd, dgam_y = _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, r_ok, o_r, o_t, BIAS, P, SMOOTH,
+                                       EPS, RES, DECAYED, PREC, True)
+    if DECAYED:
+        dbeta += dgam + dgam_y
+    r_L = o_r == L
+    dbeta += tl.where(r_L, tl.load(p_sc), 0.0)
+    if MOMENTUM:
+        df += tl.where(r_L, tl.load(p_sc + 1), 0.0)
+    tl.store(dv + rtv, dV.to(dv.dtype.element_ty), mask=rtv_ok)
+    if BIAS == 3:
+        tl.store(ddelta + p_g + r_idx * H, dd, mask=r_ok)
+    rows = (i_bh.to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :]
+    tl.store(gdy + rows, gam[:, None] * dY)
+    if RES:
+        tl.store(dyb + rows, dY)
+    tl.store(gin + g0 + BT * BT + o_r, dbeta)
+    tl.store(gin + g0 + BT * BT + BT + o_r, df)
+    tl.store(gin + g0 + BT * BT + 2 * BT + o_r, dnL)
+    tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))  # (the same scalar from every row block)
+
+
 @_chunk_kernel("c")
 def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-             RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+             RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+             BTR: tl.constexpr):
     """Between the tile passes, from ``_bwd_sums``' contractions (SA^T and dC1^T read transposed), the sums of the
-    tiles' row partials and ``_prep``'s record; four programs per batch*head:
-    p = 0: the bias VJP (``_bwd_chunk_dy``): dv, the Huber deltas' gradient, gdY = gam dY (-> gdy), dY (-> dyb, with
-           the residual) and the gate inputs dbeta, df, dnL, dmL (-> gin; pass 3 adds dgam);
-    p = 1, 2, 3: ``_bwd_chunk_dg``'s gate input dG (-> gin), dq, dk's intra-chunk part (-> dkacc).
+    tiles' row partials and ``_prep``'s record; BT / BTR + 3 programs per batch*head:
+    p < BT / BTR: the bias VJP (``_bwd_chunk_dy``) on rows [p BTR, (p + 1) BTR): dv, the Huber deltas' gradient,
+           gdY = gam dY (-> gdy), dY (-> dyb, with the residual) and the gate inputs dbeta, df, dnL, dmL (-> gin;
+           pass 3 adds dgam);
+    then 3 programs: ``_bwd_chunk_dg``'s gate input dG (-> gin), dq, dk's intra-chunk part (-> dkacc).
     gin [BHN, BT * BT + 4 * BT] = dG, dbeta, df, dnL, dmL (padded to keep each record 16-byte aligned)."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
+    NRB: tl.constexpr = BT // BTR
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    at_L = o_t == tl.minimum(T - c * BT, BT) - 1
+    L = tl.minimum(T - c * BT, BT) - 1
+    at_L = o_t == L
     base = _pre_base(pre, i_bh, BT, BV)
     out = _sums_base(sums, i_bh, BT, BK, BV)
     bb = out + o_t[:, None] * BT + o_t[None, :]
@@ -690,47 +746,23 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
     p_sc = out + 2 * BT * BT + BT * BV + 2 * BT * BK  # d beta_L, d f_L, d m_L
     g0 = i_bh.to(tl.int64) * (BT * BT + 4 * BT)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    if p == 0:
-        b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-        if BIAS == 3:
-            b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-        else:
-            b_d = tl.zeros([BT], dtype=tl.float32)
-        _, Y0, _, _, gam, _, _, _, _, _ = _load_prep(base, o_t, o_v, BT, BV, True)
-        dbeta, df, dgam, _, dnL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)
-        dR = tl.load(out + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
-        dY, dV, dd, dgam_y = _bwd_chunk_dy(bbt, dR, b_do, b_v, b_d, b_k, Y0, _pre_block(base, 1, o_t, BT), gam, t_ok,
-                                           o_t, BIAS, P, SMOOTH, EPS, RES, DECAYED, PREC, True)
-        if DECAYED:
-            dbeta += dgam + dgam_y
-        dbeta += tl.where(at_L, tl.load(p_sc), 0.0)
-        if MOMENTUM:
-            df += tl.where(at_L, tl.load(p_sc + 1), 0.0)
-        tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
-        if BIAS == 3:
-            tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
-        rv = (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :]
-        tl.store(gdy + rv, gam[:, None] * dY)
-        if RES:
-            tl.store(dyb + rv, dY)
-        tl.store(gin + g0 + BT * BT + o_t, dbeta)
-        tl.store(gin + g0 + BT * BT + BT + o_t, df)
-        tl.store(gin + g0 + BT * BT + 2 * BT + o_t, dnL)
-        tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))
+    if p < NRB:  # the bias VJP on the rows [p BTR, (p + 1) BTR)
+        _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, p, i_bh, c, T, BHN, L, g0, p_sc,
+                      H, K, V, BT, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC)
     else:  # one output of _bwd_chunk_dg per program, its operands loaded in its branch: the registers of one
+        which = p - NRB  # 0 dG, 1 dq, 2 dk
         qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]  # _bwd_sums' dq, dk, added last
         G, GT = _pre_block(base, 0, o_t, BT), _pre_block(base, 1, o_t, BT)
-        if p == 1:
+        if which == 0:
             b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
             R = _load_prep(base, o_t, o_v, BT, BV, False)[0]
             zero = tl.zeros([BT, BK], dtype=tl.float32)
             dG = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, zero, zero, b_q, b_k, b_do, R, G, GT, o_t, RES,
                                PREC, True)[0]
-            dgL = _row_sums(prow, i_bh, o_t, BHN, BT, NH)[3]
+            dgL = _row_sums(prow, i_bh, o_t, BHN, BT, NH, BT)[3]
             tl.store(gin + g0 + o_t[:, None] * BT + o_t[None, :], dG + tl.where(at_L[:, None], dgL[None, :], 0.0))
-        elif p == 2:
+        elif which == 1:
             b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
             b_dq = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, tl.load(qk), tl.load(qk), b_k, b_k, b_do, b_do,
                                  G, GT, o_t, RES, PREC, True)[1]
@@ -910,8 +942,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum)
     sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK), BVO=_block_out(BV),
                    MOMENTUM=cfg.momentum, PREC=prec)
-    mid_kw = dict(dims, **rule, NH=NH)
-    tile_grid, sums_grid, mid_grid = (NH, BHN), (sums_programs(BK, BV), BHN), (4, BHN)
+    mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT))
+    tile_grid, sums_grid, mid_grid = (NH, BHN), (sums_programs(BK, BV), BHN), (BT // _block_rows(BT) + 3, BHN)
     _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
     pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
     fused = fuse_passes()
