@@ -8,21 +8,24 @@ is a few launches instead of one program per batch*head walking all chunks. The 
 per-tile work: whatever is summed over the hidden dim is stored as per-tile factors ([BT, HD] scratch) and
 contracted over the whole hidden dim by a small kernel afterwards, and whatever every tile needs (C1 = G . q k^T,
 M2 = -G . dO R^T, the gate rows) is built once per batch*head by ``_prep``. Data cross programs only through global
-scratch between launches, so no program reads what another thread of it wrote (the walk needs barriers for that).
+scratch between launches; one program reads back what its own threads wrote only in ``_bwd_tile32``, behind a
+barrier (the walk needs barriers throughout).
 
-Forward, per chunk c:  _prep (per batch*head: R from Y0 = sum_j Yp_j, G, C1 and the gate rows; Y0 kept for the
-                       backward) ; _fwd_tile (per tile: the read's factors A1_j, Ah_j, the tile's end state and, from
-                       it, the next chunk's Yp_j = act(gamma (k W1_j)) W2_j) ; _fwd_out (per output block and
-                       batch*head: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
-                       _y_part forms the first chunk's Yp_j.
-Backward: _prep once for every chunk (its records, with M2, from the kept Y0), then per chunk, in reverse:
-                       _bwd_tile2 (pass 2 per tile: the factors A1, Ah, D1, dH, dP, dZ1's R part, row partials) ;
-                       _bwd_sums (per batch*head and output block: SA, dC1, dq, dk, dR and the carry scalars'
-                       gradients, contracted over the hidden dim) ; _bwd_mid (two programs per batch*head: dR -> dY,
-                       dv; dG, dq, dk's intra-chunk part) ; _bwd_tile3 (pass 3 per tile: the dY terms, the whole
-                       start-state gradient tile); then _bwd_end once for every chunk (dk's dZ1 part contracted over
-                       the hidden dim, the gate gradients), from the per-chunk records the loop left.
-Only what carries the recurrence stays in the chunk loop: 3 launches per chunk forward, 4 backward.
+Only what carries the recurrence runs in the chunk loops; the rest runs once for every chunk, over per-chunk
+records (when the backward needs the forward; without grad the forward runs 3 launches per chunk).
+Forward:  _prep's gate part (every chunk: G, C1 = G . q k^T, the gate rows, into the _prep records) ; _y_part (the
+          first chunk's Yp_j) ; per chunk c: _prep's state part (rows of R from Y0 = sum_j Yp_j; Y0 kept) ;
+          _fwd_tile (per tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next chunk's
+          Yp_j = act(gamma (k W1_j)) W2_j) ; then _fwd_out (every chunk, per output block and batch*head:
+          o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
+Backward: _prep_m2 (every chunk: M2 = -G . dO R^T into the forward's records) ; _bwd_tile2 (pass 2 of the last
+          chunk) ; per chunk c, in reverse: _bwd_sums (per batch*head and output block: SA, dC1, dq, dk, dR and the
+          carry scalars' gradients, contracted over the hidden dim) ; _bwd_mid (per batch*head: dR -> dY, dv in row
+          blocks; dG; dq; dk's intra-chunk part) ; _bwd_tile32 (per tile: pass 3 of chunk c, the dY terms and the
+          whole start-state gradient tile, then pass 2 of chunk c - 1, the factors A1, Ah, D1, dH, dP, dZ1's R part
+          and row partials, which reads that tile back) ; then _bwd_end (every chunk: dk's dZ1 part contracted over
+          the hidden dim, the gate gradients).
+2 launches per chunk forward, 3 backward (benchmarks/RESULTS.md, session 10).
 State slots as in mlp.py: [B*H, NS, in, out] fp32, the backward's state gradients in two ping-pong slots.
 Static sm_90 resources of every kernel: benchmarks/kernel_resources_mlp.py.
 """
