@@ -143,7 +143,7 @@ BENCH_RC=${PIPESTATUS[0]}
 echo
 echo "================================ gpu_check summary ================================"
 echo "correctness (rc=$TEST_RC$([ "$TEST_RC" = 124 ] && echo ', TIMEOUT')): ${SUMMARY:-no pytest summary (timeout?)}"
-grep -hE "^(l2|huber|lp|dot|large)" "$OUTDIR/tests.log" "$OUTDIR"/variant.*.log | sed 's/^/  /' || true
+grep -hsE "^(l2|huber|lp|dot|large)" "$OUTDIR/tests.log" "$OUTDIR"/variant.*.log | sed 's/^/  /' || true
 for line in "${VAR_LINES[@]}"; do echo "  $line"; done
 grep -E "^(FAILED|E  )" "$OUTDIR/tests.log" | head -8 | sed 's/^/  /' || true
 [ -n "$NOTE" ] && echo "NOTE: $NOTE"
