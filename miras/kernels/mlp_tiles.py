@@ -553,6 +553,21 @@ def _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, s
 
 
 @triton.jit
+def _hidden_sum(tiles, WHICH: tl.constexpr, COLS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                HD: tl.constexpr, BT: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Output WHICH of ``_bwd_tile_sums`` (0 SA, 2 dC1, 4 dR, 5 dq, 6 dk; [BT, COLS]) summed over every hidden tile
+    of BHC (``tiles``: ``_sums_tile``'s arguments but the tile's index and the constants)."""
+    (fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, src1, src2, e1, e2, BHN, o_t, o_kb, o_vb, kb_ok, vb_ok,
+     o_hh, beta, f, gL, nL) = tiles
+    acc = tl.zeros([BT, COLS], dtype=tl.float32)
+    NHC: tl.constexpr = (HD + BHC - 1) // BHC
+    for jj in range(NHC):
+        acc += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t,
+                          o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[WHICH]
+    return acc
+
+
+@triton.jit
 def _scalar_sum(dst, WHICH: tl.constexpr, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v,
                 k_ok, v_ok, o_hh, V: tl.constexpr, HD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BHC: tl.constexpr):
@@ -591,7 +606,6 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     out = _sums_base(sums, i_bh, BT, BK, BV)
-    NHC: tl.constexpr = (HD + BHC - 1) // BHC
     q_blk = p - 2  # dq / dk column block
     v_blk = p - 2 - 2 * NKO  # dR column block
     # (block offsets clamped into range for every program: a branch's unused outputs read in-bounds memory)
@@ -599,41 +613,21 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     o_vb = tl.minimum(tl.maximum(v_blk, 0), NVO - 1) * BVO + tl.arange(0, BVO)
     kb_ok, vb_ok = o_kb < K, o_vb < V
     bb = o_t[:, None] * BT + o_t[None, :]
+    tiles = (fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, src1, src2, e1, e2, BHN, o_t, o_kb, o_vb, kb_ok,
+             vb_ok, o_hh, beta, f, gL, nL)
     if p == 0:
-        SA = tl.zeros([BT, BT], dtype=tl.float32)
-        for jj in range(NHC):
-            SA += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
-                             PREC)[0]
-        tl.store(out + bb, SA)
+        tl.store(out + bb, _hidden_sum(tiles, 0, BT, K, V, HD, BT, BHC, MOMENTUM, PREC))
     elif p == 1:
-        dC1 = tl.zeros([BT, BT], dtype=tl.float32)
-        for jj in range(NHC):
-            dC1 += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                              o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
-                              PREC)[2]
-        tl.store(out + BT * BT + bb, dC1)
+        tl.store(out + BT * BT + bb, _hidden_sum(tiles, 2, BT, K, V, HD, BT, BHC, MOMENTUM, PREC))
     elif q_blk < NKO:
-        dq = tl.zeros([BT, BKO], dtype=tl.float32)
-        for jj in range(NHC):
-            dq += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
-                             PREC)[5]
-        tl.store(out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_kb[None, :], dq)
+        tl.store(out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_kb[None, :],
+                 _hidden_sum(tiles, 5, BKO, K, V, HD, BT, BHC, MOMENTUM, PREC))
     elif q_blk < 2 * NKO:
-        dk = tl.zeros([BT, BKO], dtype=tl.float32)
-        for jj in range(NHC):
-            dk += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
-                             PREC)[6]
-        tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_kb[None, :], dk)
+        tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_kb[None, :],
+                 _hidden_sum(tiles, 6, BKO, K, V, HD, BT, BHC, MOMENTUM, PREC))
     elif v_blk < NVO:
-        dR = tl.zeros([BT, BVO], dtype=tl.float32)
-        for jj in range(NHC):
-            dR += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN,
-                             o_t, o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM,
-                             PREC)[4]
-        tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_vb[None, :], dR)
+        tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_vb[None, :],
+                 _hidden_sum(tiles, 4, BVO, K, V, HD, BT, BHC, MOMENTUM, PREC))
     else:
         o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
         which = v_blk - NVO  # 0 d beta_L, 1 d f_L, 2 d m_L
