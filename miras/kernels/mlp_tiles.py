@@ -197,8 +197,8 @@ def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
     base = _pre_base(pre, r * BHN + i_bh, BT, BV)
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     if PARTS == 1 or (PARTS == 0 and p == 0):
+        b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
         L = tl.minimum(T - c * BT, BT) - 1
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
             eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
@@ -227,6 +227,29 @@ def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
 
 
 @triton.jit
+def _row_inputs(k, v, delta, i_bh, rb, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr):
+    """The rows [rb BTR, (rb + 1) BTR) of chunk c for batch*head i_bh: (gate offset p_g, rows o_r within the chunk,
+    their tokens r_idx (mask r_ok), the [BTR, BV] offsets and mask of their v / dv rows, and k, v, the Huber deltas
+    (1 elsewhere) at them, fp32)."""
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    p_g = i_b * T * H + i_h
+    o_r, o_k, o_v = rb * BTR + tl.arange(0, BTR), tl.arange(0, BK), tl.arange(0, BV)
+    r_idx = c * BT + o_r
+    r_ok = r_idx < T
+    rtv = p_g * V + r_idx[:, None] * H * V + o_v[None, :]
+    rtv_ok = r_ok[:, None] & (o_v < V)[None, :]
+    b_k = tl.load(k + p_g * K + r_idx[:, None] * H * K + o_k[None, :], mask=r_ok[:, None] & (o_k < K)[None, :],
+                  other=0.0).to(tl.float32)
+    b_v = tl.load(v + rtv, mask=rtv_ok, other=0.0).to(tl.float32)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + r_idx * H, mask=r_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BTR], dtype=tl.float32)
+    return p_g, o_r, r_idx, r_ok, rtv, rtv_ok, b_k, b_v, b_d
+
+
+@triton.jit
 def _prep_state_rows(k, v, keep, delta, yp, base, i_bh, rb, c, T, BHN, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
@@ -234,21 +257,11 @@ def _prep_state_rows(k, v, keep, delta, yp, base, i_bh, rb, c, T, BHN, H: tl.con
     """``_prep``'s state part for the rows [rb BTR, (rb + 1) BTR) of chunk c (rows are independent: R is row-wise in
     Y, and so is every bias' gradient): R from Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)
     into the record at base, and Y0 itself with STORE_Y0."""
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t, o_r, o_k, o_v = tl.arange(0, BT), rb * BTR + tl.arange(0, BTR), tl.arange(0, BK), tl.arange(0, BV)
-    p_g = i_b * T * H + i_h
-    r_idx = c * BT + o_r
-    r_ok = r_idx < T
+    p_g, o_r, r_idx, r_ok, _, _, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, BTR, BK, BV,
+                                                              BIAS)
+    o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
     gam = _chunk_gamma(keep, p_g, c * BT + o_t, c * BT + o_t < T, H, BT, DECAYED)  # [BT]: a prefix product
     gam = tl.sum(tl.where(o_r[:, None] == o_t[None, :], gam[None, :], 0.0), axis=1)  # its rows
-    b_k = tl.load(k + p_g * K + r_idx[:, None] * H * K + o_k[None, :], mask=r_ok[:, None] & (o_k < K)[None, :],
-                  other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_g * V + r_idx[:, None] * H * V + o_v[None, :], mask=r_ok[:, None] & (o_v < V)[None, :],
-                  other=0.0).to(tl.float32)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + r_idx * H, mask=r_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BTR], dtype=tl.float32)
     Y0 = tl.zeros([BTR, BV], dtype=tl.float32)
     for jj in range(NH):
         Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :])
@@ -672,22 +685,9 @@ def _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do,
                   MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """``_bwd_mid``'s bias VJP (``_bwd_chunk_dy``) on the rows [rb BTR, (rb + 1) BTR) of chunk c: row-wise but for
     (G . SA)^T dO's sum over the chunk's tokens (b_do: all of them)."""
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    p_g = i_b * T * H + i_h
-    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
-    k_ok, v_ok = o_k < K, o_v < V
-    o_r = rb * BTR + tl.arange(0, BTR)
-    r_idx = c * BT + o_r
-    r_ok = r_idx < T
-    rtv = p_g * V + r_idx[:, None] * H * V + o_v[None, :]
-    rtv_ok = r_ok[:, None] & v_ok[None, :]
-    b_v = tl.load(v + rtv, mask=rtv_ok, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_g * K + r_idx[:, None] * H * K + o_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                  other=0.0).to(tl.float32)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + r_idx * H, mask=r_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BTR], dtype=tl.float32)
+    p_g, o_r, r_idx, r_ok, rtv, rtv_ok, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, BTR,
+                                                                     BK, BV, BIAS)
+    o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
     rv = o_r[:, None] * BV + o_v[None, :]
     Y0 = tl.load(base + 6 * BT * BT + BT * BV + rv)
     gam = tl.load(base + 6 * BT * BT + 2 * BT * BV + 2 * BT + o_r)
