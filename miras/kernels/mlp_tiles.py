@@ -442,14 +442,12 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
-    tiles = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, PREC=_prec(q))
-    prep_kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
-                   EPS=cfg.eps, RES=cfg.residual, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-                   PREC=_prec(q))
-    tiles_fwd = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum,
-                     DECAYED=cfg.decayed, PREC=_prec(q))
-    out_kw = dict(H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BVO=_block_out(V),
-                  RES=cfg.residual, MOMENTUM=cfg.momentum, PREC=_prec(q))
+    delta_ = delta if delta is not None else eta
+    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
+    tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed)
+    prep_kw = dict(dims, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
+                   HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum)
+    out_kw = dict(dims, HD=HD, BHC=_block_sums(HD), BVO=_block_out(V), RES=cfg.residual, MOMENTUM=cfg.momentum)
     # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
     # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
     NR = NT if keep_states else 1
@@ -458,22 +456,20 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     pre_c, fs_c = pre.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
-    delta_ = delta if delta is not None else eta
-    # the loop's _prep: the state part alone, in row blocks, when the gate part is built before the loop
-    if keep_states:
+    if keep_states:  # the records' gate part, which the state does not change, for every chunk at once; the loop's
+        # _prep then builds the state part alone, in row blocks
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
+                STORE_Y0=False, BTR=BT)
         prep_grid, state_kw = (BT // _block_rows(BT), B * H, 1), dict(PARTS=2, STORE_Y0=True, BTR=_block_rows(BT))
     else:
         prep_grid, state_kw = (2, B * H, 1), dict(PARTS=0, STORE_Y0=False, BTR=BT)
-    if keep_states:  # the records' gate part, which the state does not change, for every chunk at once
-        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
-                STORE_Y0=False, BTR=BT)
+    # the first chunk's Yp parts (each later chunk's come from the previous chunk's _fwd_tile)
+    _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
-        if c == 0:  # (later chunks' Yp come from the previous _fwd_tile)
-            _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, c, s_in, T, NS, B * H, **tiles)
         _launch(_prep, prep_grid, q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H, **prep_kw, **state_kw)
         _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS,
-                B * H, **tiles_fwd)
+                B * H, **tiles, MOMENTUM=cfg.momentum)
         if not keep_states:
             _launch(_fwd_out, (NVO, B * H, 1), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
     if keep_states:
