@@ -164,6 +164,17 @@ def test_unfused_backward_passes(monkeypatch, _opt_in):
     check_against_oracle(mlp_spec("huber", "decay", "momentum", "decayed"), B=1, T=50, H=2, K=24, seed=3)
 
 
+def test_fuse_passes_switch_rejects_bad_values(monkeypatch):
+    """A value that is not on/off is an error naming the variable and the allowed values, not a silent default."""
+    from miras.kernels.mlp_tiles import fuse_passes
+
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "maybe")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_FUSE_PASSES must be one of 1, true, yes, 0, false, no.*'maybe'"):
+        fuse_passes()
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "no")
+    assert fuse_passes() is False
+
+
 def test_tiles_launches_per_chunk(monkeypatch, _opt_in):
     """The tiles layout keeps only the recurrence's steps in its chunk loops: forward 2 launches per chunk (+ _y_part,
     the records' gate part and _fwd_out once), backward 3 (+ _prep_m2, the last chunk's pass 2 and _bwd_end once);
