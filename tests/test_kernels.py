@@ -157,16 +157,74 @@ GRAD_LOOP = [("64", "16", "l2", "decay", "momentum", "previous"), ("32", "16", "
 
 @pytest.mark.parametrize("bv,bvl,bias,ret,learner,grad_at", GRAD_LOOP, ids=["-".join(c) for c in GRAD_LOOP])
 def test_gradient_pass_walks_its_tile_in_sub_blocks(monkeypatch, bv, bvl, bias, ret, learner, grad_at):
-    """The gradient pass reads its V-tile's states in sub-blocks of MIRAS_KERNEL_BV_LOOP columns and adds up their
-    sums (dq, dk, d(A.G), the gate rows) before finishing: V=48 (padded to 64) in one tile of 64 walked in blocks of 16
-    or 32 (the last one all padding), and in two tiles of 32 walked in blocks of 16."""
+    """The one-kernel gradient pass (MIRAS_KERNEL_GRAD_SPLIT=0) reads its V-tile's states in sub-blocks of
+    MIRAS_KERNEL_BV_LOOP columns and adds up their sums (dq, dk, d(A.G), the gate rows) before finishing: V=48
+    (padded to 64) in one tile of 64 walked in blocks of 16 or 32 (the last one all padding), and in two tiles of 32
+    walked in blocks of 16. (The two-kernel default: test_gradient_pass_in_k_blocks.)"""
     from miras.kernels.linear import _block_v, _block_v_loop
 
     monkeypatch.setenv("MIRAS_KERNEL_SPLIT", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_GRAD_SPLIT", "0")
     monkeypatch.setenv("MIRAS_KERNEL_BV", bv)
     monkeypatch.setenv("MIRAS_KERNEL_BV_LOOP", bvl)
     assert _block_v_loop(_block_v(48, 1), 1) == int(bvl)
     check_against_oracle(make_spec(bias, ret, learner, grad_at), B=1, T=37, H=2, K=24, V=48, seed=8)
+
+
+GRAD_K_BLOCKS = [("l2", "decay", "momentum", "previous", 24), ("lp", "decay", "gd", "decayed", 24),
+                 ("huber", "decay", "momentum", "decayed", 40), ("dot", "none", "momentum", "previous", 48)]
+
+
+@pytest.mark.parametrize("bias,ret,learner,grad_at,K", GRAD_K_BLOCKS, ids=["-".join(map(str, c)) for c in GRAD_K_BLOCKS])
+def test_gradient_pass_in_k_blocks(monkeypatch, bias, ret, learner, grad_at, K):
+    """The two-kernel gradient pass (the default): the first kernel walks V in sub-blocks with the whole K (dv, the
+    gate gradients, R, dYk, dAG . G), the second owns a block of MIRAS_KERNEL_BK_GRAD columns of dq / dk. K=24 / 40 /
+    48 (padded to 32 / 64 / 64) in blocks of 16, the last one partly or wholly padding; V=40 in sub-blocks of 16."""
+    from miras.kernels.linear import _block_k_grad
+
+    monkeypatch.setenv("MIRAS_KERNEL_BK_GRAD", "16")
+    monkeypatch.setenv("MIRAS_KERNEL_BV_LOOP", "16")
+    assert _block_k_grad(K) == 16
+    check_against_oracle(make_spec(bias, ret, learner, grad_at), B=1, T=37, H=2, K=K, V=40, seed=K)
+
+
+ONE_KERNEL = [("32", "16", "l2", "decay", "momentum", "previous"), ("64", "64", "huber", "decay", "gd", "decayed"),
+              ("16", "16", "lp", "decay", "momentum", "decayed")]
+
+
+@pytest.mark.parametrize("bv,bvl,bias,ret,learner,grad_at", ONE_KERNEL, ids=["-".join(c) for c in ONE_KERNEL])
+def test_one_kernel_gradient_pass(monkeypatch, bv, bvl, bias, ret, learner, grad_at):
+    """MIRAS_KERNEL_GRAD_SPLIT=0: the gradient pass as one kernel (MODE 2: dq / dk partial over V-tiles, sub-blocks
+    inside a tile), kept to compare with the two-kernel default on GPU."""
+    monkeypatch.setenv("MIRAS_KERNEL_GRAD_SPLIT", "0")
+    monkeypatch.setenv("MIRAS_KERNEL_BV", bv)
+    monkeypatch.setenv("MIRAS_KERNEL_BV_LOOP", bvl)
+    check_against_oracle(make_spec(bias, ret, learner, grad_at), B=1, T=37, H=2, K=24, V=48, seed=3)
+
+
+STATE_SLOTS = [("l2", "decay", "momentum", "previous", "1"), ("huber", "decay", "gd", "decayed", "1"),
+               ("lp", "none", "momentum", "previous", "0")]
+
+
+@pytest.mark.parametrize("bias,ret,learner,grad_at,grad_split", STATE_SLOTS, ids=["-".join(c) for c in STATE_SLOTS])
+def test_bf16_state_slots(monkeypatch, bias, ret, learner, grad_at, grad_split):
+    """MIRAS_KERNEL_STATES=bf16 (the default for bf16 inputs): the forward's chunk-start states pass to the other
+    kernels in bf16 while the walks keep fp32 on chip. The interpreter rounds to bf16 by truncation (relative error
+    up to 2^-7, twice the GPU's), so this checks the plumbing against the float64 oracle at a bf16 bound; fp32
+    inputs keep fp32 slots."""
+    from miras.kernels.linear import _state_dtype
+
+    spec = make_spec(bias, ret, learner, grad_at)
+    monkeypatch.setenv("MIRAS_KERNEL_GRAD_SPLIT", grad_split)
+    monkeypatch.setenv("MIRAS_KERNEL_STATES", "bf16")
+    assert _state_dtype(torch.zeros(1)) == torch.bfloat16
+    errs = check_against_oracle(spec, B=1, T=37, H=2, K=24, V=40, seed=2, tol=3e-2)
+    assert max(errs.values()) > 1e-4  # the slots did go through bf16
+    monkeypatch.setenv("MIRAS_KERNEL_STATES", "auto")
+    assert _state_dtype(torch.zeros(1)) == torch.float32
+    monkeypatch.setenv("MIRAS_KERNEL_STATES", "bf")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_STATES must be one of .*'auto', 'fp32', 'bf16'.*'bf'"):
+        _state_dtype(torch.zeros(1))
 
 
 def test_huber_gradient_pass_takes_the_whole_tile(monkeypatch):
@@ -249,14 +307,15 @@ def test_bad_coefficient_switch_is_a_clear_error(monkeypatch):
         _coeff_rows()
 
 
-@pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE", "MIRAS_KERNEL_BV_LOOP"])
+@pytest.mark.parametrize("name", ["MIRAS_KERNEL_BV", "MIRAS_KERNEL_BV_STATE", "MIRAS_KERNEL_BV_LOOP",
+                                  "MIRAS_KERNEL_BK_GRAD"])
 @pytest.mark.parametrize("value", ["abc", "48", "8"])
 def test_bad_tile_env_is_a_clear_error(monkeypatch, name, value):
-    from miras.kernels.linear import _block_v, _block_v_loop
+    from miras.kernels.linear import _block_k_grad, _block_v, _block_v_loop
 
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"{name} must be a power of two >= 16.*{value!r}"):
-        _block_v_loop(_block_v(128, 1, state_pass=True), 1)
+        _block_v_loop(_block_v(128, 1, state_pass=True), 1) + _block_k_grad(128)
 
 
 def test_default_state_pass_tile(monkeypatch):

@@ -13,6 +13,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
 - ``MIRAS_KERNEL_BV``: a smaller V-tile (default the whole V; Huber always uses it); ``MIRAS_KERNEL_BV_STATE``: the
   V-tile of the sequential state passes (default: that tile, at most 64); ``MIRAS_KERNEL_BV_LOOP``: the sub-block in
   which the backward's gradient pass walks its V-tile (default 64 columns). On GPU, tiles are at least 64 wide.
+- ``MIRAS_KERNEL_GRAD_SPLIT=0``: the backward's gradient pass as one kernel instead of two (a whole-K kernel for dv
+  and the gates, then dq / dk in K-blocks); ``MIRAS_KERNEL_BK_GRAD``: that K-block (default 64).
+- ``MIRAS_KERNEL_STATES``: dtype of the chunk-start state slots the forward hands to the other passes (``auto``, the
+  default: bf16 for bf16 inputs, else fp32; or ``fp32``, ``bf16``).
 - ``MIRAS_KERNEL_COEFFS=0``: the state passes build the gate coefficients at every step instead of reading them from
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;

@@ -8,13 +8,18 @@ Linear memory ``y = k W`` (W: [K, V] per head), gradient taken at the chunk-star
 
 Split kernels (the default, fla-style; ``MIRAS_KERNEL_SPLIT=0`` selects the fused walk):
   forward   1. state pass: one program per (V-tile, batch*head) walks the chunks in order with W (and the momentum S)
-               on chip in fp32 and stores every chunk-start state ([B, H, NT, K, V] fp32; the backward reuses them);
+               on chip in fp32 and stores every chunk-start state ([B, H, NT, K, V], bf16 for bf16 inputs, else fp32:
+               ``_state_dtype``; the backward reuses them);
             2. output pass: one program per (V-tile, batch*head, chunk) computes the chunk's outputs from its state.
-  backward  1. state pass: the chunks in reverse with dW (dS) on chip; stores every end-of-chunk state gradient;
-            2. gradient pass: one program per (V-tile, batch*head, chunk) computes dq, dk, dv and the gate gradients.
+  backward  0. pre-pass: one program per (V-tile, batch*head, chunk): the terms that do not need the state gradient;
+            1. state pass: the chunks in reverse with dW (dS) on chip; stores every end-of-chunk state gradient (fp32);
+            2. gradient pass, two kernels (``MIRAS_KERNEL_GRAD_SPLIT=0``: one, MODE 2): ``_grad_rows_kernel``, one
+               program per (batch*head, chunk) with the whole K: dv, the gate gradients and what the second needs;
+               ``_grad_qk_kernel``, one program per (K-block, batch*head, chunk): dq, dk.
 Both passes of a direction run the same chunk body (``_fwd_chunk`` / ``_bwd_chunk``) with constexpr switches, and the
-fused mode (MODE 0) runs it once per chunk inside the walk. dq, dk and the gate gradients are partial sums over
-V-tiles (reduced in PyTorch); dv and the state gradients are exact per tile.
+fused mode (MODE 0) runs it once per chunk inside the walk. In the one-kernel gradient pass and the fused walk, dq,
+dk and the gate gradients are partial sums over V-tiles (reduced in PyTorch); dv and the state gradients are exact
+per tile.
 
 Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al. 2025, "It's All Connected"
 (Miras), arXiv:2504.13173; dual form: Sun et al. 2024, arXiv:2407.04620.
@@ -40,7 +45,7 @@ from miras.kernels.common import (
     interpreting,
     pow2_tile,
 )
-from miras.kernels.settings import env_switch, env_tile, launch_config
+from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
 
 
 class LinearConfig(RuleConfig):
@@ -187,10 +192,10 @@ def _linear_fwd_kernel(
     if MODE == 2:  # one chunk, start state from the state pass
         c = tl.program_id(2)
         p_c = p_s * NT + c.to(tl.int64) * K * V  # chunk-start state slot [B, H, NT, K, V]
-        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
         if MOMENTUM:
-            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
         _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
                    H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
     else:
@@ -202,9 +207,9 @@ def _linear_fwd_kernel(
             S = tl.load(s0 + p_s + s_off, mask=s_ok, other=0.0).to(tl.float32)
         for c in range(NT):
             p_c = p_s * NT + c * K * V
-            tl.store(hs + p_c + s_off, W, mask=s_ok)
+            tl.store(hs + p_c + s_off, W.to(hs.dtype.element_ty), mask=s_ok)
             if MOMENTUM:
-                tl.store(ss + p_c + s_off, S, mask=s_ok)
+                tl.store(ss + p_c + s_off, S.to(ss.dtype.element_ty), mask=s_ok)
             W, S = _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
                               k_ok, v_ok, H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
                               MODE == 0, True, MODE == 1 and CF)
@@ -318,16 +323,29 @@ def _bwd_rows(b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok,
 def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
                eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_gate, o_t,
                H: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Finish the chunk's input gradients from the sums of ``_bwd_rows`` and store dq, dk and the gate gradients.
+    """Finish the chunk's input gradients from the sums of ``_bwd_rows``: dq += (dAG . G) k, dk += (dAG . G)^T q,
+    store them, and the gate gradients (``_gate_grads``)."""
+    A = _dot(b_q, tl.trans(b_k), PREC)  # A[t, j] = q_t . k_j
+    b_dq += _dot(dAG * G, b_k, PREC)
+    b_dk += _dot(dAGT * GT, b_q, PREC)
+    tl.store(dq + p_tk, b_dq, mask=qk_ok)
+    tl.store(dk + p_tk, b_dk, mask=qk_ok)
+    _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L,
+                t_idx, t_ok, p_gate, o_t, H, HAS_KEEP, MOMENTUM, PREC)
+
+
+@triton.jit
+def _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L,
+                t_idx, t_ok, p_gate, o_t, H: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr,
+                PREC: tl.constexpr):
+    """Store the gate gradients of a chunk (d eta, and d log alpha, d log mu as reverse cumsums) from the sums of the
+    backward: dAG (d(A.G)), the rows of the end states (dgL, dnL, dmL) and dbeta, df.
 
     G = E N^T and f = E m (common.gate_coeffs) carry the gates: dG = dAG.A (+ the W_end row), then
     dN^T = E^T dG (+ the S_end row), dE = dG N + df m^T, dm = E^T df, and the log-cumsum chains to eta, alpha, mu.
     """
     causal = o_t[:, None] >= o_t[None, :]
-    A = _dot(b_q, tl.trans(b_k), PREC)  # A[t, j] = q_t . k_j
     dG = dAG * A + tl.where(at_L[:, None], dgL[None, :], 0.0)
-    b_dq += _dot(dAG * G, b_k, PREC)
-    b_dk += _dot(dAGT * GT, b_q, PREC)
     if MOMENTUM:
         dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
         dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
@@ -342,8 +360,6 @@ def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbe
         dE = dG * eta_t[None, :]
     Y2 = dE * E
     dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
-    tl.store(dq + p_tk, b_dq, mask=qk_ok)
-    tl.store(dk + p_tk, b_dk, mask=qk_ok)
     tl.store(deta + p_gate + t_idx * H, d_eta, mask=t_ok)
     if HAS_KEEP:
         tl.store(dla + p_gate + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
@@ -419,12 +435,12 @@ def _bwd_chunk(
 def _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK: tl.constexpr, BV: tl.constexpr, MOMENTUM: tl.constexpr):
     """A chunk's start state (W, S: forward state pass) and end-state gradient (dW, dS: backward state pass) over
     one block of columns of its [K, V] slots; S, dS are zeros without momentum."""
-    W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+    W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
     dW = tl.load(dhs + p_c + s_off, mask=s_ok, other=0.0)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if MOMENTUM:
-        S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+        S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
         dS = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
     return W, S, dW, dS
 
@@ -512,6 +528,168 @@ def _bwd_grad_chunk(
                H, HAS_KEEP, MOMENTUM, PREC)
 
 
+# The gradient pass in two kernels (the default; ``MIRAS_KERNEL_GRAD_SPLIT=0`` runs the one-kernel MODE 2 instead),
+# after fla's split of chunk_delta_rule's backward: what needs the whole K (the predictions y = kW, the bias rows, the
+# gate gradients) and what needs only a block of K columns (dq, dk) run as separate programs, each light enough to
+# keep its tiles in registers.
+
+
+@triton.jit
+def _grad_rows_kernel(
+    q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm, rr, dyk, mg,
+    T, NT, BTH,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVL: tl.constexpr,
+    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """Gradient pass, part 1: one program per (b*h, chunk) walks V in blocks of BVL columns with the chunk-start
+    W, S (forward) and end-of-chunk dW, dS (backward state pass), y = k W [beta]:
+
+        R = dl/dy (y; v),   dR = Xd - g_L k dW - n_L k dS,   (dY, dv, ddelta) = VJP of the bias rows at dR,
+        dAG = -mask(dO R^T),  dbeta = sum_v dO . q W [+ dY . k W] [+ W_end row],  df = sum_v dO . q S [+ S_end row].
+
+    Stores dv (and Huber's ddelta), every gate gradient (``_gate_grads``), and for part 2: R, dYk = dY [beta]
+    (rr, dyk) and the chunk's dAG . G (mg [B, H, NT, BT, BT])."""
+    i_bh, c = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    k_ok = o_k < K
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_c = (i_bh.to(tl.int64) * NT + c) * K * V
+    t_idx = c * BT + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - c * BT, BT) - 1
+    at_L = o_t == L
+    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    # q and k only enter dots here: kept in the input dtype (bf16 halves their registers; _dot casts anyway)
+    b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
+    b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    dAG = tl.zeros([BT, BT], dtype=tl.float32)
+    dgL = tl.zeros([BT], dtype=tl.float32)
+    dnL = tl.zeros([BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    df = tl.zeros([BT], dtype=tl.float32)
+    sWW = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # <dW_end, W>, <dW_end, S>, <dS_end, S>
+    sWS = sWW
+    sSS = sWW
+    for i in range((V + BVL - 1) // BVL):
+        o_v = i * BVL + tl.arange(0, BVL)
+        v_ok = o_v < V
+        s_off = o_k[:, None] * V + o_v[None, :]
+        s_ok = k_ok[:, None] & v_ok[None, :]
+        tv_ok = t_ok[:, None] & v_ok[None, :]
+        p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
+        W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BVL, MOMENTUM)
+        b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        b_yk = _dot(b_k, W, PREC)
+        b_y = b_yk
+        if DECAYED:
+            b_y = b_yk * beta[:, None]
+        R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+        KdW = _dot(b_k, dW, PREC)
+        dR = tl.load(xd + p_tv, mask=tv_ok, other=0.0) - gL[:, None] * KdW
+        dgL -= tl.sum(KdW * R, axis=1)
+        dbeta += tl.sum(b_do * _dot(b_q, W, PREC), axis=1)
+        sWW += tl.sum(tl.sum(dW * W, axis=1), axis=0)
+        if MOMENTUM:
+            KdS = _dot(b_k, dS, PREC)
+            dR -= nL[:, None] * KdS
+            dnL -= tl.sum(KdS * R, axis=1)
+            df += tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
+            sWS += tl.sum(tl.sum(dW * S, axis=1), axis=0)
+            sSS += tl.sum(tl.sum(dS * S, axis=1), axis=0)
+        dR = tl.where(t_ok[:, None], dR, 0.0)
+        dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+        dYk = dY
+        if DECAYED:
+            dYk = dY * beta[:, None]
+            dbeta += tl.sum(dY * b_yk, axis=1)
+        dAG += _dot(b_do, tl.trans(R), PREC)
+        tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
+        tl.store(rr + p_tv, R.to(rr.dtype.element_ty), mask=tv_ok)
+        tl.store(dyk + p_tv, dYk.to(dyk.dtype.element_ty), mask=tv_ok)
+        if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (one block)
+            tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
+    eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
+        eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+    ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    dAG = -tl.where(o_t[:, None] >= o_t[None, :], dAG, 0.0)
+    dbeta += tl.where(at_L, sWW, 0.0)
+    df += tl.where(at_L, sWS, 0.0)
+    tl.store(mg + (i_bh.to(tl.int64) * NT + c) * BT * BT + o_t[:, None] * BT + o_t[None, :], dAG * G)
+    _gate_grads(deta, dla, dlm, _dot(b_q, tl.trans(b_k), PREC), dAG, dgL, dbeta, dnL, df, sSS,
+                eta_t, lb, beta, E, lm, m, ET, Nm, at_L, t_idx, t_ok, p_g, o_t, H, HAS_KEEP, MOMENTUM, PREC)
+
+
+@triton.jit
+def _grad_qk_kernel(
+    q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk,
+    T, NT, BTH,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr, BVL: tl.constexpr,
+    MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """Gradient pass, part 2: one program per (K-block of BKB columns, b*h, chunk) walks V in blocks of BVL:
+
+        dq = beta dO W^T + f dO S^T + (dAG . G) k,   dk = dYk W^T - (g_L R) dW^T - (n_L R) dS^T + (dAG . G)^T q
+
+    on the block's columns of q, k, dq, dk (rows of the states), from part 1's R, dYk and dAG . G."""
+    i_kb, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_kb * BKB + tl.arange(0, BKB)
+    k_ok = o_k < K
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_c = (i_bh.to(tl.int64) * NT + c) * K * V
+    t_idx = c * BT + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - c * BT, BT) - 1
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
+    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
+    dOW = tl.zeros([BT, BKB], dtype=tl.float32)  # dO W^T
+    dOS = tl.zeros([BT, BKB], dtype=tl.float32)  # dO S^T
+    b_dk = tl.zeros([BT, BKB], dtype=tl.float32)
+    for i in range((V + BVL - 1) // BVL):
+        o_v = i * BVL + tl.arange(0, BVL)
+        v_ok = o_v < V
+        s_off = o_k[:, None] * V + o_v[None, :]
+        s_ok = k_ok[:, None] & v_ok[None, :]
+        tv_ok = t_ok[:, None] & v_ok[None, :]
+        p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
+        W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BKB, BVL, MOMENTUM)
+        b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        R = tl.load(rr + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        dYk = tl.load(dyk + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        dOW += _dot(b_do, tl.trans(W), PREC)
+        b_dk += _dot(dYk, tl.trans(W), PREC) - _dot(gL[:, None] * R, tl.trans(dW), PREC)
+        if MOMENTUM:
+            dOS += _dot(b_do, tl.trans(S), PREC)
+            b_dk -= _dot(nL[:, None] * R, tl.trans(dS), PREC)
+    p_m = mg + (i_bh.to(tl.int64) * NT + c) * BT * BT
+    M = tl.load(p_m + o_t[:, None] * BT + o_t[None, :])  # dAG . G
+    MT = tl.load(p_m + o_t[None, :] * BT + o_t[:, None])  # its transpose, read transposed (no tl.trans)
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_dq = beta[:, None] * dOW + _dot(M, b_k, PREC)
+    if MOMENTUM:
+        f = tl.load(cf + 2 * BTH + p_g + t_idx * H, mask=t_ok, other=0.0)
+        b_dq += f[:, None] * dOS
+    b_dk += _dot(MT, b_q, PREC)
+    tl.store(dq + p_tk, b_dq, mask=qk_ok)
+    tl.store(dk + p_tk, b_dk, mask=qk_ok)
+
+
 @triton.jit
 def _linear_bwd_kernel(
     q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf,
@@ -572,9 +750,9 @@ def _linear_bwd_kernel(
                 if MOMENTUM:
                     Uf = tl.load(dss + p_c + s_off, mask=s_ok, other=0.0)
                     tl.store(dss + p_c + s_off, dS, mask=s_ok)
-            W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+            W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
             if MOMENTUM:
-                S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+                S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
             dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
                                 W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
                                 H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
@@ -599,6 +777,9 @@ _linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kern
 # every new shape returns wrong gradients: tests/test_kernels.py::test_backward_survives_autotuning)
 BWD_IN_PLACE = ["dhs", "dss"]
 _linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_BWD_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
+_grad_rows_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:4], "BVL", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM"])(
+    _grad_rows_kernel)
+_grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:4], "BKB", "BVL", "MOMENTUM"])(_grad_qk_kernel)
 
 
 def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
@@ -629,16 +810,29 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
 
 
 def _block_v_loop(BV: int, bias: int) -> int:
-    """Sub-block of the gradient pass (MODE 2 of the backward): each program walks its V-tile in blocks of this many
-    columns, reading only [K, sub-block] pieces of the four states at a time, while the gate coefficients, q, k and
-    the [BT, K] / [BT, BT] sums stay on chip (``_bwd_grad_chunk``). ``MIRAS_KERNEL_BV_LOOP`` (a power of two >= 16);
-    default 64. Huber: always the whole tile.
+    """Sub-block of the gradient pass: each program walks its V-tile (the two-kernel pass: all of V) in blocks of
+    this many columns, reading only [K, sub-block] pieces of the states at a time, while q, k and the [BT, K] /
+    [BT, BT] sums stay on chip (``_bwd_grad_chunk``, ``_grad_rows_kernel``, ``_grad_qk_kernel``).
+    ``MIRAS_KERNEL_BV_LOOP`` (a power of two >= 16); default 64. Huber: always the whole tile (its switch needs the
+    row norm over V; only where the bias rows are computed).
 
     H200, triton 3.6, titans row (B=4 T=4096 H=8 D=128 bf16, 8 warps): the gradient pass takes 3.33 ms in one block
     of 128 and 2.63 ms in blocks of 64 at 2 stages; fwd+bwd 4.77 -> 4.10 ms at 1 stage, 4.65 -> 3.95 ms at 2 stages,
     correct at both (RESULTS.md, session 8). Blocks of 32 crashed (illegal address) at 1 stage: see ``_tile``."""
     env = env_tile("MIRAS_KERNEL_BV_LOOP")
     return BV if bias == 3 else min(BV, env or 64)
+
+
+def _grad_split() -> bool:
+    """The backward's gradient pass as two kernels (``_grad_rows_kernel`` then ``_grad_qk_kernel``, the default) or
+    as one (MODE 2 of ``_linear_bwd_kernel``; ``MIRAS_KERNEL_GRAD_SPLIT=0``)."""
+    return env_switch("MIRAS_KERNEL_GRAD_SPLIT", True)
+
+
+def _block_k_grad(K: int) -> int:
+    """K-block of the gradient pass's second kernel (``_grad_qk_kernel``): ``MIRAS_KERNEL_BK_GRAD`` (a power of two
+    >= 16), default 64, at most the K-tile."""
+    return min(_tile(K), env_tile("MIRAS_KERNEL_BK_GRAD") or 64)
 
 
 def _tile(n: int) -> int:
@@ -687,6 +881,18 @@ def _prec(x: torch.Tensor) -> str:
     return "tf32x3" if x.dtype == torch.float32 else "bf16"
 
 
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the forward's chunk-start state slots (hs, ss; the walks keep fp32 states on chip): bf16 for bf16
+    inputs, as fla stores its chunk states, since the passes that read them use them as bf16 dot operands there
+    anyway (and in the gradient pass's few state inner products); else fp32. ``MIRAS_KERNEL_STATES`` = ``auto``
+    (that rule, the default), ``fp32`` or ``bf16``. The backward's state-gradient slots stay fp32: in bf16 the
+    sequential backward state pass compiles to ~40% more instructions per step (static sm_90 profile, triton 3.6)."""
+    choice = env_choice("MIRAS_KERNEL_STATES", ("auto", "fp32", "bf16"), "auto")
+    if choice == "auto":
+        return torch.bfloat16 if _prec(x) == "bf16" else torch.float32
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
 def _modes(modes: tuple[int, ...] | None) -> tuple[int, ...]:
     """Kernel launches of one direction: split (default; the backward adds its pre-pass 3 before the state pass 1)
     or (0,) fused; one mode alone only to pre-compile (benchmarks/warm_kernels.py)."""
@@ -713,8 +919,8 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     NT = triton.cdiv(T, BT)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    hs = torch.empty(B, H, NT, K, V, **f32)
-    ss = torch.empty(B, H, NT, K, V, **f32) if cfg.momentum else hs
+    hs = torch.empty(B, H, NT, K, V, device=q.device, dtype=_state_dtype(q))
+    ss = torch.empty_like(hs) if cfg.momentum else hs
     ht = torch.empty(B, H, K, V, **f32)
     st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
     use_cf = 1 in modes and _coeff_rows()
@@ -740,25 +946,27 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel."""
     modes = _modes(modes)
     split = modes != (0,)
+    grad_split = 2 in modes and _grad_split()
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = cfg.chunk, _tile(K), _block_v(V, cfg.bias)
     NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    NP = 1 if grad_split else NV  # partial sums of dq, dk and the gate gradients: one per V-tile in one kernel
     f32 = dict(device=q.device, dtype=torch.float32)
-    dq = torch.empty(NV, B, T, H, K, **f32)
-    dk = torch.empty(NV, B, T, H, K, **f32)
+    dq = torch.empty(NP, B, T, H, K, **f32)
+    dk = torch.empty(NP, B, T, H, K, **f32)
     dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
-    deta = torch.empty(NV, B, T, H, **f32)
-    dla = torch.empty(NV, B, T, H, **f32) if cfg.has_keep else deta
-    dlm = torch.empty(NV, B, T, H, **f32) if cfg.momentum else deta
+    deta = torch.empty(NP, B, T, H, **f32)
+    dla = torch.empty(NP, B, T, H, **f32) if cfg.has_keep else deta
+    dlm = torch.empty(NP, B, T, H, **f32) if cfg.momentum else deta
     ddelta = torch.empty(NV, B, T, H, **f32) if cfg.bias == 3 else deta
     dh0 = torch.empty(B, H, K, V, **f32)
     ds0 = torch.empty(B, H, K, V, **f32) if cfg.momentum else dh0
-    dhs = torch.empty_like(hs) if split else hs  # pre-pass U, then the end-of-chunk state gradients
-    dss = torch.empty_like(hs) if split and cfg.momentum else dhs
+    dhs = torch.empty(hs.shape, **f32) if split else hs  # pre-pass U, then the end-of-chunk state gradients
+    dss = torch.empty(hs.shape, **f32) if split and cfg.momentum else dhs
     xd = torch.empty(B, T, H, V, **f32) if split else dh0  # pre-pass Xd
     use_cf = 1 in modes and _coeff_rows()
-    cf = _coefficients(cfg, eta, keep, mu) if use_cf else dh0
+    cf = _coefficients(cfg, eta, keep, mu) if use_cf or grad_split else dh0
     args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
             dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf,
@@ -768,6 +976,10 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
               HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
+        if mode == 2 and grad_split:
+            _grad_pass(cfg, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
+                       dq, dk, dv, deta, dla, dlm, ddelta)
+            continue
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
         _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
@@ -777,6 +989,29 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     dd = ddelta.sum(0) if cfg.bias == 3 else None
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, deta.sum(0), dkeep, dmu, dd,
             dh0, ds0 if cfg.momentum else None)
+
+
+def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
+               dq, dk, dv, deta, dla, dlm, ddelta) -> None:
+    """The backward's gradient pass as two kernels: ``_grad_rows_kernel`` (dv, the gate gradients, and R, dYk,
+    dAG . G for the second) then ``_grad_qk_kernel`` (dq, dk; one program per K-block)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, NT, BKB = cfg.chunk, triton.cdiv(T, cfg.chunk), _block_k_grad(K)
+    # R and dYk only enter part 2 as dot operands, which take bf16 for bf16 inputs anyway
+    rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32 if _prec(q) != "bf16" else q.dtype)
+    dyk = torch.empty_like(rr)
+    mg = torch.empty(B, H, NT, BT, BT, device=q.device, dtype=torch.float32)
+    ss = ss if ss is not None else hs
+    common = dict(H=H, K=K, V=V, BT=BT, MOMENTUM=cfg.momentum, PREC=_prec(q), grad_pass=True)
+    _launch(_grad_rows_kernel, _grad_rows_tuned, (B * H, NT),
+            q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
+            delta if delta is not None else eta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
+            rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K), BVL=_block_v_loop(_tile(V), cfg.bias),
+            BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed)
+    _launch(_grad_qk_kernel, _grad_qk_tuned, (triton.cdiv(K, BKB), B * H, NT),
+            q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, T, NT, B * T * H, **common,
+            BKB=BKB, BVL=_block_v_loop(_tile(V), 0))
 
 
 class LinearScanFunction(torch.autograd.Function):
