@@ -138,7 +138,9 @@ VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}
             "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},
             "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"},
             "mlpunfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "0"},
-            "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"}}
+            "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
+            "gradone": {"MIRAS_KERNEL_GRAD_SPLIT": "0"}, "state32": {"MIRAS_KERNEL_STATES": "fp32"},
+            "bkg128": {"MIRAS_KERNEL_BK_GRAD": "128"}, "grad81": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1"}}
 
 
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:

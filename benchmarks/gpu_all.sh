@@ -13,10 +13,10 @@ mkdir -p "$OUTDIR"
 END=$(( $(date +%s) + ${GPU_ALL_SECONDS:-540} ))
 left() { echo $(( END - $(date +%s) )); }
 
-# (gpu_check.sh's linear-kernel variants bvl128 / reg128 were measured slower twice and the linear kernels have not
-# changed since: skipped here unless GPU_CHECK_VARIANTS names some, leaving the time to the MLP steps)
+# (gpu_check.sh's linear-kernel variants: the session-11 gradient pass and state slots against the old ones)
 GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-80}" \
-  GPU_CHECK_BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-120}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-}" OUT=/tmp/gpu_check \
+  GPU_CHECK_BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-150}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-gradone,state32}" \
+  OUT=/tmp/gpu_check \
   timeout "$(left)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1
 echo "gpu_check.sh rc=$? ($(left) s left)" | tee -a "$OUTDIR/check.log"
 sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
@@ -60,7 +60,7 @@ if [ "$(left)" -gt 150 ]; then
     | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
 fi
 
-profile titans  # (the linear kernels did not change in session 9: after the MLP steps)
+profile titans
 
 if [ "$(left)" -gt 90 ]; then
   GPU_PASSES_PROBES=0 OUT=/tmp/gpu_passes timeout "$(left)" bash benchmarks/gpu_passes.sh > "$OUTDIR/passes.log" 2>&1

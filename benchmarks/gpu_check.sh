@@ -11,10 +11,11 @@
 # Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
 #   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
-#   GPU_CHECK_VARIANTS ("bvl128,reg128": the gradient pass in one block; the gradient pass at 8 warps, 1 stage and
-#   <= 128 registers per thread, two programs per SM; checked in parallel, then benchmarked as extra titans rows if
-#   correct; also bv64, bv32, fused, bvl64, bvl32, bvs32, inloop: see
-#   variant_env and bench_kernels.VARIANTS; 32-wide tiles crash or go wrong on an H200 with triton 3.6),
+#   GPU_CHECK_VARIANTS ("gradone,state32,grad81": the backward's gradient pass as one kernel (session 11 made it
+#   two); fp32 chunk-state slots for bf16 inputs (session 11 made them bf16); the gradient kernels at 8 warps, 1
+#   stage; checked in parallel, then benchmarked as extra titans rows if correct; also bv64, bv32, fused, bvl64,
+#   bvl32, bvl128, reg128, bvs32, inloop, bkg128: see variant_env and bench_kernels.VARIANTS; 32-wide tiles crash or
+#   go wrong on an H200 with triton 3.6),
 #   MIRAS_KERNEL_CONFIG (warps,stages of the linear kernels; default 8,2, the faster of the two autotune configs on an
 #   H200: one compile per kernel, shared by the tests and the benchmark
 #   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
@@ -47,7 +48,7 @@ else
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
   BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta,mlp}"
 fi
-VARIANTS="${GPU_CHECK_VARIANTS-bvl128,reg128}"
+VARIANTS="${GPU_CHECK_VARIANTS-gradone,state32,grad81}"
 
 variant_env() {  # the kernel settings of a benchmark variant (same table as bench_kernels.VARIANTS)
   case "$1" in
@@ -61,6 +62,10 @@ variant_env() {  # the kernel settings of a benchmark variant (same table as ben
     inloop) echo "MIRAS_KERNEL_COEFFS=0" ;;
     bvs32) echo "MIRAS_KERNEL_BV_STATE=32" ;;
     walk) echo "MIRAS_KERNEL_MLP_LAYOUT=walk" ;;
+    gradone) echo "MIRAS_KERNEL_GRAD_SPLIT=0" ;;
+    state32) echo "MIRAS_KERNEL_STATES=fp32" ;;
+    bkg128) echo "MIRAS_KERNEL_BK_GRAD=128" ;;
+    grad81) echo "MIRAS_KERNEL_GRAD_CONFIG=8,1" ;;
     *) echo "UNKNOWN_VARIANT=$1" ;;
   esac
 }

@@ -4,6 +4,7 @@ register spills (cuobjdump's resource report). A free check before spending devi
     python benchmarks/kernel_resources.py fwd bf16 --warps 8 --bv 32 --d 128 --momentum
     python benchmarks/kernel_resources.py bwd tf32x3 --warps 8 --bv 32 --d 64 --bias 3
     python benchmarks/kernel_resources.py bwd bf16 --bv 128 --bvl 64 --mode 2 --momentum --sass
+    python benchmarks/kernel_resources.py qk bf16 --bv 128 --bvl 64 --momentum --states bf16 --sass
 
 ``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
 shared / local (spill) / global memory ops and special-function ops, for the whole kernel and for each outermost loop
@@ -34,7 +35,9 @@ from miras.kernels import linear  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", choices=["fwd", "bwd"])
+    ap.add_argument("which", choices=["fwd", "bwd", "rows", "qk"],
+                    help="rows / qk: the two kernels of the backward's gradient pass (the default; bwd --mode 2 is "
+                         "the one-kernel pass)")
     ap.add_argument("prec", choices=["bf16", "tf32", "tf32x3", "ieee"])
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=1)
@@ -44,7 +47,10 @@ def main() -> None:
     ap.add_argument("--bias", type=int, default=1, help="0 dot, 1 l2, 2 lp, 3 huber")
     ap.add_argument("--momentum", action="store_true")
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
-    ap.add_argument("--bvl", type=int, default=0, help="bwd gradient pass: V sub-block (default: the whole tile)")
+    ap.add_argument("--bvl", type=int, default=0, help="gradient pass: V sub-block (default: the whole tile)")
+    ap.add_argument("--bkb", type=int, default=64, help="qk: the K-block of each program")
+    ap.add_argument("--states", choices=["fp32", "bf16"], default="fp32",
+                    help="dtype of the forward's chunk-state slots hs, ss (MIRAS_KERNEL_STATES)")
     ap.add_argument("--sass", action="store_true", help="also print the static SASS profile")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap on registers per thread (ptx .maxnreg)")
     ap.add_argument("--no-cf", action="store_true", help="state passes build the gate coefficients in the loop")
@@ -56,11 +62,17 @@ def main() -> None:
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
-    else:
+    elif a.which == "bwd":
         fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv")
         consts.update(HAS_DHT=True, HAS_DST=a.momentum, BVL=a.bvl or a.bv)
-    sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*" + (io if n in io_names else "fp32")
-           for n in fn.arg_names}
+    else:
+        rows_io = ("rr", "dyk") if a.prec == "bf16" else ()
+        fn = linear._grad_rows_kernel if a.which == "rows" else linear._grad_qk_kernel
+        ints, io_names = {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", *rows_io)
+        consts.update(BVL=a.bvl or a.bv, BKB=a.bkb)
+        consts = {n: val for n, val in consts.items() if n in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else "i32" if n in ints
+           else "*" + (io if n in io_names else a.states if n in ("hs", "ss") else "fp32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     t0 = time.time()
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.warps, "num_stages": a.stages,

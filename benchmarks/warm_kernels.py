@@ -47,7 +47,7 @@ def main() -> None:
     tiny = "--tiny" in sys.argv
     if fam in ("mlp", "mlp-gd"):
         return warm_mlp(direction, mode, tiny, "momentum" if fam == "mlp" else "gd")
-    from miras.kernels.linear import LinearConfig, linear_scan_bwd, linear_scan_fwd
+    from miras.kernels.linear import LinearConfig, _state_dtype, linear_scan_bwd, linear_scan_fwd
 
     spec = MemorySpec(memory="linear", bias="l2", retention={"kind": "decay"},
                       learner={"kind": FAMILIES[fam], "chunk_size": 16 if tiny else 64})
@@ -58,7 +58,7 @@ def main() -> None:
         linear_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None, modes=(mode,))
     else:
         NT = -(-T // cfg.chunk)
-        hs = torch.zeros(B, H, NT, D, D, device=dev)
+        hs = torch.zeros(B, H, NT, D, D, device=dev, dtype=_state_dtype(q))  # as the forward stores them
         ss = torch.zeros_like(hs) if cfg.momentum else None
         linear_scan_bwd(cfg, q, k, v, eta, keep, mu, None, hs, ss, torch.zeros_like(v), None, None, modes=(mode,))
     if dev == "cuda":
