@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--bias", type=int, default=1, help="0 dot, 1 l2, 2 lp, 3 huber")
     ap.add_argument("--momentum", action="store_true")
+    ap.add_argument("--decayed", action="store_true", help="gradient at the decayed state (grad_at decayed)")
+    ap.add_argument("--no-keep", action="store_true", help="no retention gate")
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     ap.add_argument("--bvl", type=int, default=0, help="gradient pass: V sub-block (default: the whole tile)")
     ap.add_argument("--bkb", type=int, default=64, help="qk: the K-block of each program")
@@ -57,7 +59,7 @@ def main() -> None:
     a = ap.parse_args()
     io = "bf16" if a.prec == "bf16" else "fp32"
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv, BIAS=a.bias, P=2.0,
-                  SMOOTH=10.0, EPS=1e-6, HAS_KEEP=True, DECAYED=False, MOMENTUM=a.momentum, PREC=a.prec,
+                  SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed, MOMENTUM=a.momentum, PREC=a.prec,
                   MODE=a.mode, CF=not a.no_cf)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
