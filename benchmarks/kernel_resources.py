@@ -65,12 +65,12 @@ def main() -> None:
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
     elif a.which == "bwd":
-        fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv")
+        fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", "dq", "dk")
         consts.update(HAS_DHT=True, HAS_DST=a.momentum, BVL=a.bvl or a.bv)
     else:
         rows_io = ("rr", "dyk") if a.prec == "bf16" else ()
         fn = linear._grad_rows_kernel if a.which == "rows" else linear._grad_qk_kernel
-        ints, io_names = {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", *rows_io)
+        ints, io_names = {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", "dq", "dk", *rows_io)
         consts.update(BVL=a.bvl or a.bv, BKB=a.bkb)
         consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     sig = {n: "constexpr" if n in consts else "i32" if n in ints

@@ -328,8 +328,8 @@ def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbe
     A = _dot(b_q, tl.trans(b_k), PREC)  # A[t, j] = q_t . k_j
     b_dq += _dot(dAG * G, b_k, PREC)
     b_dk += _dot(dAGT * GT, b_q, PREC)
-    tl.store(dq + p_tk, b_dq, mask=qk_ok)
-    tl.store(dk + p_tk, b_dk, mask=qk_ok)
+    tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=qk_ok)
+    tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=qk_ok)
     _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L,
                 t_idx, t_ok, p_gate, o_t, H, HAS_KEEP, MOMENTUM, PREC)
 
@@ -698,8 +698,8 @@ def _grad_qk_kernel(
         f = tl.load(cf + 2 * BTH + p_g + t_idx * H, mask=t_ok, other=0.0)
         b_dq += f[:, None] * dOS
     b_dk += _dot(MT, b_q, PREC)
-    tl.store(dq + p_tk, b_dq, mask=qk_ok)
-    tl.store(dk + p_tk, b_dk, mask=qk_ok)
+    tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=qk_ok)
+    tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=qk_ok)
 
 
 @triton.jit
@@ -965,8 +965,9 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
     NP = 1 if grad_split else NV  # partial sums of dq, dk and the gate gradients: one per V-tile in one kernel
     f32 = dict(device=q.device, dtype=torch.float32)
-    dq = torch.empty(NP, B, T, H, K, **f32)
-    dk = torch.empty(NP, B, T, H, K, **f32)
+    # without partial sums the kernels store dq, dk in the input dtype (no reduction and cast afterwards)
+    dq = torch.empty(NP, B, T, H, K, device=q.device, dtype=q.dtype if NP == 1 else torch.float32)
+    dk = torch.empty_like(dq)
     dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
     deta = torch.empty(NP, B, T, H, **f32)
     dla = torch.empty(NP, B, T, H, **f32) if cfg.has_keep else deta
@@ -996,11 +997,16 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
         _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
                 BVL=_block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
-    dkeep = dla.sum(0) / keep if cfg.has_keep else None
-    dmu = dlm.sum(0) / mu if cfg.momentum else None
-    dd = ddelta.sum(0) if cfg.bias == 3 else None
-    return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, deta.sum(0), dkeep, dmu, dd,
+    dkeep = _partials(dla) / keep if cfg.has_keep else None
+    dmu = _partials(dlm) / mu if cfg.momentum else None
+    dd = _partials(ddelta) if cfg.bias == 3 else None
+    return (_partials(dq).to(q.dtype), _partials(dk).to(k.dtype), dv, _partials(deta), dkeep, dmu, dd,
             dh0, ds0 if cfg.momentum else None)
+
+
+def _partials(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a gradient's partial sums over V-tiles (dim 0); a view when there is one."""
+    return x[0] if x.shape[0] == 1 else x.sum(0)
 
 
 def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
