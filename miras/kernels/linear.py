@@ -1016,8 +1016,8 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, NT, BKB = cfg.chunk, triton.cdiv(T, cfg.chunk), _block_k_grad(K)
-    # R and dYk only enter part 2 as dot operands, which take bf16 for bf16 inputs anyway
-    rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32 if _prec(q) != "bf16" else q.dtype)
+    # R and dYk only enter part 2 as dot operands, which take bf16 for 16-bit inputs anyway
+    rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if _prec(q) == "bf16" else torch.float32)
     dyk = torch.empty_like(rr)
     mg = torch.empty(B, H, NT, BT, BT, device=q.device, dtype=torch.float32)
     ss = ss if ss is not None else hs
