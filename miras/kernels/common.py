@@ -150,8 +150,37 @@ def gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr
 
 
 @triton.jit
+def huber_switch(r2, delta):
+    """Huber's branch per row: ||r||_2 <= delta, from the row sums r2 = sum_v r^2 (added up over column blocks when
+    a row is split)."""
+    return tl.sqrt(r2) <= delta
+
+
+@triton.jit
+def _whole_row_switch(Y, Vv, delta, BIAS: tl.constexpr):
+    """Huber's branch per row from a block holding all of V (a placeholder for the other biases)."""
+    if BIAS == 3:
+        return huber_switch(tl.sum((Y - Vv) * (Y - Vv), axis=1), delta)
+    else:
+        return delta == delta
+
+
+@triton.jit
 def bias_rows(Y, Vv, delta, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
-    """R = dl/dy row-wise for the bias code BIAS. Y, Vv: [BT, BV] fp32; delta: [BT] (huber only)."""
+    """R = dl/dy row-wise for the bias code BIAS. Y, Vv: [BT, BV] fp32 (all of V); delta: [BT] (huber only)."""
+    return bias_rows_sw(Y, Vv, delta, _whole_row_switch(Y, Vv, delta, BIAS), BIAS, P, SMOOTH, EPS)
+
+
+@triton.jit
+def bias_rows_bwd(Y, Vv, delta, dR, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
+    """Vector-Jacobian product of ``bias_rows``: returns (dY, dV, ddelta [BT]). The Huber switch is piecewise."""
+    return bias_rows_bwd_sw(Y, Vv, delta, _whole_row_switch(Y, Vv, delta, BIAS), dR, BIAS, P, SMOOTH, EPS)
+
+
+@triton.jit
+def bias_rows_sw(Y, Vv, delta, small, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
+    """``bias_rows`` on any block of columns, with Huber's branch per row given (``huber_switch``; other biases
+    ignore it)."""
     if BIAS == 0:
         R = -Vv
     elif BIAS == 1:
@@ -162,14 +191,15 @@ def bias_rows(Y, Vv, delta, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.cons
         R = P * _tanh(SMOOTH * r) * tl.exp(0.5 * (P - 1.0) * tl.log(s))
     else:
         r = Y - Vv
-        small = tl.sqrt(tl.sum(r * r, axis=1)) <= delta
         R = tl.where(small[:, None], r, delta[:, None] * _tanh(SMOOTH * r))
     return R
 
 
 @triton.jit
-def bias_rows_bwd(Y, Vv, delta, dR, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr):
-    """Vector-Jacobian product of ``bias_rows``: returns (dY, dV, ddelta [BT]). The Huber switch is piecewise."""
+def bias_rows_bwd_sw(Y, Vv, delta, small, dR, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
+                     EPS: tl.constexpr):
+    """``bias_rows_bwd`` on any block of columns, with Huber's branch per row given; ddelta is then the block's
+    part of a sum over columns."""
     if BIAS == 0:
         dY = tl.zeros_like(dR)
         dV = -dR
@@ -187,9 +217,7 @@ def bias_rows_bwd(Y, Vv, delta, dR, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH:
         dV = -dY
         dd = tl.zeros([dR.shape[0]], dtype=tl.float32)
     else:
-        r = Y - Vv
-        small = tl.sqrt(tl.sum(r * r, axis=1)) <= delta
-        th = _tanh(SMOOTH * r)
+        th = _tanh(SMOOTH * (Y - Vv))
         dY = tl.where(small[:, None], dR, delta[:, None] * SMOOTH * (1.0 - th * th) * dR)
         dV = -dY
         dd = tl.where(small, 0.0, tl.sum(th * dR, axis=1))

@@ -40,8 +40,11 @@ from miras.kernels.common import (
     _vec_select,
     bias_rows,
     bias_rows_bwd,
+    bias_rows_bwd_sw,
+    bias_rows_sw,
     gate_coeffs,
     gate_coeffs_t,
+    huber_switch,
     interpreting,
     pow2_tile,
 )
@@ -535,6 +538,36 @@ def _bwd_grad_chunk(
 
 
 @triton.jit
+def _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Where a gradient-pass program's (b*h, chunk) lives: offsets of its q / k and v rows, gate columns and state
+    slot, its tokens (t_idx, t_ok, last real one L), and the gate rows beta, g_L, n_L from ``_coeff_kernel``."""
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    p_qk = (i_b * T * H + i_h) * K
+    p_v = (i_b * T * H + i_h) * V
+    p_g = i_b * T * H + i_h
+    p_c = (i_bh.to(tl.int64) * NT + c) * K * V
+    t_idx = c * BT + o_t
+    t_ok = t_idx < T
+    L = tl.minimum(T - c * BT, BT) - 1
+    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
+    return p_qk, p_v, p_g, p_c, t_idx, t_ok, L, beta, gL, nL
+
+
+@triton.jit
+def _grad_v_block(hs, ss, dhs, dss, i, o_k, k_ok, p_v, p_c, t_idx, t_ok, H: tl.constexpr, V: tl.constexpr,
+                  BKR: tl.constexpr, BVL: tl.constexpr, MOMENTUM: tl.constexpr):
+    """V-block i (BVL columns) of a gradient-pass program: offsets and mask of its [BT, BVL] token rows, and its
+    [BKR, BVL] blocks of W, S (chunk start) and dW, dS (chunk end) on the program's K rows o_k."""
+    o_v = i * BVL + tl.arange(0, BVL)
+    v_ok = o_v < V
+    s_off = o_k[:, None] * V + o_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+    W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BKR, BVL, MOMENTUM)
+    return p_v + t_idx[:, None] * H * V + o_v[None, :], t_ok[:, None] & v_ok[None, :], W, S, dW, dS
+
+
+@triton.jit
 def _trace(X, N: tl.constexpr):
     """Trace of an [N, N] block."""
     o = tl.arange(0, N)
@@ -558,19 +591,12 @@ def _grad_rows_kernel(
     Stores dv (and Huber's ddelta), every gate gradient (``_gate_grads``), and for part 2: R, dYk = dY [beta]
     (rr, dyk) and the chunk's dAG . G (mg [B, H, NT, BT, BT])."""
     i_bh, c = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     k_ok = o_k < K
-    p_qk = (i_b * T * H + i_h) * K
-    p_v = (i_b * T * H + i_h) * V
-    p_g = i_b * T * H + i_h
-    p_c = (i_bh.to(tl.int64) * NT + c) * K * V
-    t_idx = c * BT + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - c * BT, BT) - 1
+    p_qk, p_v, p_g, p_c, t_idx, t_ok, L, beta, gL, nL = _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H, K, V, BT,
+                                                                       MOMENTUM)
     at_L = o_t == L
-    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     # q and k only enter dots here: kept in the input dtype (bf16 halves their registers; _dot casts anyway)
     b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
@@ -589,21 +615,29 @@ def _grad_rows_kernel(
     sWW = tl.zeros([BVL, BVL], dtype=tl.float32)
     sWS = sWW
     sSS = sWW
+    small = b_d == b_d  # Huber's branch per row: ||r|| over all of V, added up over the V-blocks in a first walk
+    if BIAS == 3:
+        r2 = tl.zeros([BT], dtype=tl.float32)
+        for i in range((V + BVL - 1) // BVL):
+            p_tv, tv_ok, W, _, _, _ = _grad_v_block(hs, ss, dhs, dss, i, o_k, k_ok, p_v, p_c, t_idx, t_ok,
+                                                    H, V, BK, BVL, MOMENTUM)
+            b_y = _dot(b_k, W, PREC)
+            if DECAYED:
+                b_y = b_y * beta[:, None]
+            b_r = b_y - tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+            r2 += tl.sum(b_r * b_r, axis=1)
+        small = huber_switch(r2, b_d)
+    ddelta_ = tl.zeros([BT], dtype=tl.float32)
     for i in range((V + BVL - 1) // BVL):
-        o_v = i * BVL + tl.arange(0, BVL)
-        v_ok = o_v < V
-        s_off = o_k[:, None] * V + o_v[None, :]
-        s_ok = k_ok[:, None] & v_ok[None, :]
-        tv_ok = t_ok[:, None] & v_ok[None, :]
-        p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
-        W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BVL, MOMENTUM)
+        p_tv, tv_ok, W, S, dW, dS = _grad_v_block(hs, ss, dhs, dss, i, o_k, k_ok, p_v, p_c, t_idx, t_ok,
+                                                  H, V, BK, BVL, MOMENTUM)
         b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         b_yk = _dot(b_k, W, PREC)
         b_y = b_yk
         if DECAYED:
             b_y = b_yk * beta[:, None]
-        R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+        R = tl.where(t_ok[:, None], bias_rows_sw(b_y, b_v, b_d, small, BIAS, P, SMOOTH, EPS), 0.0)
         KdW = _dot(b_k, dW, PREC)
         dR = tl.load(xd + p_tv, mask=tv_ok, other=0.0) - gL[:, None] * KdW
         dgL -= tl.sum(KdW * R, axis=1)
@@ -617,7 +651,8 @@ def _grad_rows_kernel(
             sWS += _dot(tl.trans(dW), S, PREC)
             sSS += _dot(tl.trans(dS), S, PREC)
         dR = tl.where(t_ok[:, None], dR, 0.0)
-        dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+        dY, dV, dd = bias_rows_bwd_sw(b_y, b_v, b_d, small, dR, BIAS, P, SMOOTH, EPS)
+        ddelta_ += dd
         dYk = dY
         if DECAYED:
             dYk = dY * beta[:, None]
@@ -626,8 +661,8 @@ def _grad_rows_kernel(
         tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
         tl.store(rr + p_tv, R.to(rr.dtype.element_ty), mask=tv_ok)
         tl.store(dyk + p_tv, dYk.to(dyk.dtype.element_ty), mask=tv_ok)
-        if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (one block)
-            tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
+    if BIAS == 3:
+        tl.store(ddelta + p_g + t_idx * H, ddelta_, mask=t_ok)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
@@ -655,31 +690,19 @@ def _grad_qk_kernel(
 
     on the block's columns of q, k, dq, dk (rows of the states), from part 1's R, dYk and dAG . G."""
     i_kb, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
     o_k = i_kb * BKB + tl.arange(0, BKB)
     k_ok = o_k < K
-    p_qk = (i_b * T * H + i_h) * K
-    p_v = (i_b * T * H + i_h) * V
-    p_g = i_b * T * H + i_h
-    p_c = (i_bh.to(tl.int64) * NT + c) * K * V
-    t_idx = c * BT + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - c * BT, BT) - 1
+    p_qk, p_v, p_g, p_c, t_idx, t_ok, L, beta, gL, nL = _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H, K, V, BT,
+                                                                       MOMENTUM)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
-    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
     dOW = tl.zeros([BT, BKB], dtype=tl.float32)  # dO W^T
     dOS = tl.zeros([BT, BKB], dtype=tl.float32)  # dO S^T
     b_dk = tl.zeros([BT, BKB], dtype=tl.float32)
     for i in range((V + BVL - 1) // BVL):
-        o_v = i * BVL + tl.arange(0, BVL)
-        v_ok = o_v < V
-        s_off = o_k[:, None] * V + o_v[None, :]
-        s_ok = k_ok[:, None] & v_ok[None, :]
-        tv_ok = t_ok[:, None] & v_ok[None, :]
-        p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
-        W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BKB, BVL, MOMENTUM)
+        p_tv, tv_ok, W, S, dW, dS = _grad_v_block(hs, ss, dhs, dss, i, o_k, k_ok, p_v, p_c, t_idx, t_ok,
+                                                  H, V, BKB, BVL, MOMENTUM)
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         R = tl.load(rr + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         dYk = tl.load(dyk + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
@@ -825,8 +848,10 @@ def _block_v_loop(BV: int, bias: int) -> int:
     """Sub-block of the gradient pass: each program walks its V-tile (the two-kernel pass: all of V) in blocks of
     this many columns, reading only [K, sub-block] pieces of the states at a time, while q, k and the [BT, K] /
     [BT, BT] sums stay on chip (``_bwd_grad_chunk``, ``_grad_rows_kernel``, ``_grad_qk_kernel``).
-    ``MIRAS_KERNEL_BV_LOOP`` (a power of two >= 16); default 64. Huber: always the whole tile (its switch needs the
-    row norm over V; only where the bias rows are computed).
+    ``MIRAS_KERNEL_BV_LOOP`` (a power of two >= 16); default 64. Huber (``bias`` 3): the whole tile in the one-kernel
+    pass, whose bias rows need the row norm over all of V at once; the two-kernel pass adds the norm up over the
+    blocks in a first walk, so it asks with bias 0 (at D=128 in fp32, a whole-V Huber program needs 256-292 KB of
+    shared memory, more than an H100 has).
 
     H200, triton 3.6, titans row (B=4 T=4096 H=8 D=128 bf16, 8 warps): the gradient pass takes 3.33 ms in one block
     of 128 and 2.63 ms in blocks of 64 at 2 stages; fwd+bwd 4.77 -> 4.10 ms at 1 stage, 4.65 -> 3.95 ms at 2 stages,
@@ -1025,7 +1050,7 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
     _launch(_grad_rows_kernel, _grad_rows_tuned, (B * H, NT),
             q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
-            rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K), BVL=_block_v_loop(_tile(V), cfg.bias),
+            rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K), BVL=_block_v_loop(_tile(V), 0),
             BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed)
     _launch(_grad_qk_kernel, _grad_qk_tuned, (triton.cdiv(K, BKB), B * H, NT),
             q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, T, NT, B * T * H, **common,
