@@ -4,8 +4,10 @@
 # ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (GPU_ALL_MLP_VARIANTS, default: pass 2
 # launched on its own, hidden tiles of 32 at 8 warps, bf16 dot operands: the bench-shape tests, then a benchmark row
 # for each that passed),
-# 4. profile_kernels.py for titans linear, 5. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
-# Logs: $OUT/check.log, profile.log, mlp.log, passes.log, and every step's own logs in $OUT/logs.tgz.
+# 4. profile_kernels.py for titans linear, 5. the linear kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at
+# D=128), 6. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
+# Logs: $OUT/check.log, profile.log, mlp.log, linear_oracle.log, passes.log, and every step's own logs in
+# $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
 cd "$(dirname "$0")/.." || exit 1
 OUTDIR="${OUT:-/tmp/gpu_all}"
@@ -61,6 +63,14 @@ if [ "$(left)" -gt 150 ]; then
 fi
 
 profile titans
+
+# the linear kernels against the float64 oracle at more shapes (bf16 cases; Huber at D=128 in fp32, which the
+# session-11 gradient pass made fit in shared memory)
+if [ "$(left)" -gt 100 ]; then
+  timeout 90 python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider \
+    -k "fp32_huber_at_head_dim_128 or bf16_vs_float64" 2>&1 | grep -E "torch\.|passed|failed|^FAILED|^E  " \
+    | cut -c1-300 | tee "$OUTDIR/linear_oracle.log"
+fi
 
 if [ "$(left)" -gt 90 ]; then
   GPU_PASSES_PROBES=0 OUT=/tmp/gpu_passes timeout "$(left)" bash benchmarks/gpu_passes.sh > "$OUTDIR/passes.log" 2>&1
