@@ -1005,8 +1005,10 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     xd = torch.empty(B, T, H, V, **f32) if split else dh0  # pre-pass Xd
     use_cf = 1 in modes and _coeff_rows()
     cf = _coefficients(cfg, eta, keep, mu) if use_cf or grad_split else dh0
-    args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
-            delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
+    # absent gates / states: another tensor in their place (the kernels' constexpr flags keep them unread)
+    gates = tuple(x if x is not None else eta for x in (keep, mu, delta))
+    ss = ss if ss is not None else hs
+    args = (q, k, v, eta, *gates, hs, ss, do,
             dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf,
             dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
@@ -1015,8 +1017,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         if mode == 2 and grad_split:
-            _grad_pass(cfg, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
-                       dq, dk, dv, deta, dla, dlm, ddelta)
+            _grad_pass(cfg, q, k, v, eta, *gates, hs, ss, do, dhs, dss, xd, cf, dq, dk, dv, deta, dla, dlm, ddelta)
             continue
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
@@ -1037,24 +1038,25 @@ def _partials(x: torch.Tensor) -> torch.Tensor:
 def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
                dq, dk, dv, deta, dla, dlm, ddelta) -> None:
     """The backward's gradient pass as two kernels: ``_grad_rows_kernel`` (dv, the gate gradients, and R, dYk,
-    dAG . G for the second) then ``_grad_qk_kernel`` (dq, dk; one program per K-block)."""
+    dAG . G for the second) then ``_grad_qk_kernel`` (dq, dk; one program per K-block). keep, mu, delta, ss: the
+    kernels' arguments (placeholders for absent ones, as ``linear_scan_bwd`` passes them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, NT, BKB = cfg.chunk, triton.cdiv(T, cfg.chunk), _block_k_grad(K)
+    # both kernels walk all of V in blocks, Huber too (the rows kernel adds its row norm up over them first): the
+    # non-Huber rule of _block_v_loop
+    BVL = _block_v_loop(_tile(V), 0)
     # R and dYk only enter part 2 as dot operands, which take bf16 for 16-bit inputs anyway
     rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if _prec(q) == "bf16" else torch.float32)
     dyk = torch.empty_like(rr)
     mg = torch.empty(B, H, NT, BT, BT, device=q.device, dtype=torch.float32)
-    ss = ss if ss is not None else hs
-    common = dict(H=H, K=K, V=V, BT=BT, MOMENTUM=cfg.momentum, PREC=_prec(q), grad_pass=True)
+    common = dict(H=H, K=K, V=V, BT=BT, BVL=BVL, MOMENTUM=cfg.momentum, PREC=_prec(q), grad_pass=True)
     _launch(_grad_rows_kernel, _grad_rows_tuned, (B * H, NT),
-            q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
-            delta if delta is not None else eta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
-            rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K), BVL=_block_v_loop(_tile(V), 0),
+            q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
+            rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K),
             BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed)
     _launch(_grad_qk_kernel, _grad_qk_tuned, (triton.cdiv(K, BKB), B * H, NT),
-            q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, T, NT, B * T * H, **common,
-            BKB=BKB, BVL=_block_v_loop(_tile(V), 0))
+            q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, T, NT, B * T * H, **common, BKB=BKB)
 
 
 class LinearScanFunction(torch.autograd.Function):
