@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from variants import VARIANTS  # noqa: E402  (benchmarks/ is this script's directory)
+
 from miras.spec import MemorySpec  # noqa: E402
 
 FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 64)
@@ -129,18 +131,6 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
     except Exception as err:  # noqa: BLE001  (a failing baseline must not hide the others)
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"
     return row
-
-
-VARIANTS = {"bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"},
-            "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
-            "bvl128": {"MIRAS_KERNEL_BV_LOOP": "128"}, "inloop": {"MIRAS_KERNEL_COEFFS": "0"},
-            "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"}, "reg128": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1,128"},
-            "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},
-            "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"},
-            "mlpunfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "0"},
-            "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
-            "gradone": {"MIRAS_KERNEL_GRAD_SPLIT": "0"}, "state32": {"MIRAS_KERNEL_STATES": "fp32"},
-            "bkg128": {"MIRAS_KERNEL_BK_GRAD": "128"}, "grad81": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1"}}
 
 
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:

@@ -32,26 +32,15 @@ profile() {  # device ms per kernel of one family (profile_kernels.py), within t
 }
 profile mlp
 
-# the MLP kernels: the whole GPU test file at the defaults, then each MLP variant (bench_kernels.VARIANTS) on the two
+# the MLP kernels: the whole GPU test file at the defaults, then each MLP variant (benchmarks/variants.py) on the two
 # bench-shape cases and, for those that pass, their benchmark rows
-mlp_variant_env() {
-  case "$1" in
-    mlpbh32) echo "MIRAS_KERNEL_BH=32" ;;
-    mlpbf16) echo "MIRAS_KERNEL_MLP_PREC=bf16" ;;
-    mlpbh32bf16) echo "MIRAS_KERNEL_BH=32 MIRAS_KERNEL_MLP_PREC=bf16" ;;
-    mlpunfused) echo "MIRAS_KERNEL_MLP_FUSE_PASSES=0" ;;
-    mlpbh32w8) echo "MIRAS_KERNEL_BH=32 MIRAS_KERNEL_MLP_CONFIG=8,1" ;;
-    *) echo "gpu_all.sh: unknown MLP variant '$1' (mlpbh32, mlpbf16, mlpbh32bf16, mlpunfused, mlpbh32w8)" >&2
-       return 1 ;;
-  esac
-}
 if [ "$(left)" -gt 150 ]; then
   timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
     | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
   GOOD=""
   for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpunfused,mlpbh32w8,mlpbf16}" | tr , " "); do
     [ "$(left)" -gt 120 ] || break
-    settings="$(mlp_variant_env "$var")" || continue
+    settings="$(python3 benchmarks/variants.py "$var")" || continue
     env $settings timeout 90 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
       -p no:cacheprovider -k "bf16 and 1024" > "/tmp/mlp_$var.log" 2>&1 && GOOD="$GOOD${GOOD:+,}$var"
     grep -E "^(l2|huber|lp)|passed|failed|^E  " "/tmp/mlp_$var.log" | sed "s/^/$var: /" | cut -c1-300 \

@@ -14,7 +14,7 @@
 #   GPU_CHECK_VARIANTS ("gradone,state32,grad81": the backward's gradient pass as one kernel (session 11 made it
 #   two); fp32 chunk-state slots for bf16 inputs (session 11 made them bf16); the gradient kernels at 8 warps, 1
 #   stage; checked in parallel, then benchmarked as extra titans rows if correct; also bv64, bv32, fused, bvl64,
-#   bvl32, bvl128, reg128, bvs32, inloop, bkg128: see variant_env and bench_kernels.VARIANTS; 32-wide tiles crash or
+#   bvl32, bvl128, reg128, bvs32, inloop, bkg128: see benchmarks/variants.py; 32-wide tiles crash or
 #   go wrong on an H200 with triton 3.6),
 #   MIRAS_KERNEL_CONFIG (warps,stages of the linear kernels; default 8,2, the faster of the two autotune configs on an
 #   H200: one compile per kernel, shared by the tests and the benchmark
@@ -50,24 +50,8 @@ else
 fi
 VARIANTS="${GPU_CHECK_VARIANTS-gradone,state32,grad81}"
 
-variant_env() {  # the kernel settings of a benchmark variant (same table as bench_kernels.VARIANTS)
-  case "$1" in
-    bv64) echo "MIRAS_KERNEL_BV=64" ;;
-    bv32) echo "MIRAS_KERNEL_BV=32" ;;
-    fused) echo "MIRAS_KERNEL_SPLIT=0" ;;
-    bvl64) echo "MIRAS_KERNEL_BV_LOOP=64" ;;
-    bvl32) echo "MIRAS_KERNEL_BV_LOOP=32" ;;
-    bvl128) echo "MIRAS_KERNEL_BV_LOOP=128" ;;
-    reg128) echo "MIRAS_KERNEL_GRAD_CONFIG=8,1,128" ;;
-    inloop) echo "MIRAS_KERNEL_COEFFS=0" ;;
-    bvs32) echo "MIRAS_KERNEL_BV_STATE=32" ;;
-    walk) echo "MIRAS_KERNEL_MLP_LAYOUT=walk" ;;
-    gradone) echo "MIRAS_KERNEL_GRAD_SPLIT=0" ;;
-    state32) echo "MIRAS_KERNEL_STATES=fp32" ;;
-    bkg128) echo "MIRAS_KERNEL_BK_GRAD=128" ;;
-    grad81) echo "MIRAS_KERNEL_GRAD_CONFIG=8,1" ;;
-    *) echo "UNKNOWN_VARIANT=$1" ;;
-  esac
+variant_env() {  # the kernel settings of a benchmark variant (the table: benchmarks/variants.py)
+  python3 benchmarks/variants.py "$1" || echo "UNKNOWN_VARIANT=$1"
 }
 
 # warm-up: every kernel the tests and the benchmark launch, compiled at once (one process per kernel, Triton's disk

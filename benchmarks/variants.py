@@ -1,0 +1,38 @@
+"""The kernel variants the GPU scripts A/B, by name: each is a set of MIRAS_KERNEL_* environment settings.
+
+One table for bench_kernels.py (``--variants``: extra benchmark rows) and the shell scripts (gpu_check.sh,
+gpu_all.sh), which read a variant's settings with no torch import:
+
+    python benchmarks/variants.py gradone      # prints MIRAS_KERNEL_GRAD_SPLIT=0; exit 1 for an unknown name
+"""
+
+from __future__ import annotations
+
+import sys
+
+VARIANTS = {
+    # linear kernels (extra rows of the titans linear benchmark row)
+    "bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"},
+    "bvl64": {"MIRAS_KERNEL_BV_LOOP": "64"}, "bvl32": {"MIRAS_KERNEL_BV_LOOP": "32"},
+    "bvl128": {"MIRAS_KERNEL_BV_LOOP": "128"}, "inloop": {"MIRAS_KERNEL_COEFFS": "0"},
+    "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"}, "reg128": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1,128"},
+    "gradone": {"MIRAS_KERNEL_GRAD_SPLIT": "0"}, "state32": {"MIRAS_KERNEL_STATES": "fp32"},
+    "bkg128": {"MIRAS_KERNEL_BK_GRAD": "128"}, "grad81": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1"},
+    # MLP-memory kernels (extra rows of the MLP benchmark row)
+    "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},
+    "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"},
+    "mlpunfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "0"},
+    "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
+}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in VARIANTS:
+        print(f"variants.py: unknown variant {' '.join(argv)!r}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 1
+    print(" ".join(f"{name}={value}" for name, value in VARIANTS[argv[0]].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
