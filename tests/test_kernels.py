@@ -425,3 +425,40 @@ def test_bad_inputs_raise_clear_errors():
         triton_memory_scan(spec, q, k[:, :4], v, gates, state)
     with pytest.raises(KernelUnavailable, match="float64"):
         triton_memory_scan(spec, q.double(), k.double(), v.double(), gates, state)
+
+
+class _SharedMemoryBound:
+    """Stands in for a compiled kernel on a GPU (this machine has none) whose pipeline needs more shared memory than
+    the card has at more than ``fits`` stages: records each launch's options and raises Triton's own error."""
+
+    __name__ = "_stand_in_kernel"
+
+    def __init__(self, fits: int, resource: str = "shared memory"):
+        self.fits, self.resource, self.launches = fits, resource, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.launches.append(kw["num_stages"])
+            if kw["num_stages"] > self.fits:
+                raise triton.runtime.errors.OutOfResources(263168, 232448, self.resource)
+            return "launched"
+        return launch
+
+
+def test_fixed_config_falls_back_to_one_stage(monkeypatch):
+    """A config fixed by MIRAS_KERNEL_CONFIG whose stages do not fit in shared memory (on an H200: Huber's backward
+    state pass at D=128 in fp32, 257 KB at 2 stages) runs at 1 stage with one warning; other errors, and a config
+    already at 1 stage, still raise."""
+    from miras.kernels import linear
+
+    monkeypatch.setattr(linear, "interpreting", lambda: False)
+    monkeypatch.setenv("MIRAS_KERNEL_CONFIG", "8,2")
+    kernel = _SharedMemoryBound(fits=1)
+    with pytest.warns(UserWarning, match=r"_stand_in_kernel \(MODE=1, BV=128\) at num_stages=2 needs more shared"):
+        assert linear._launch(kernel, None, (1,), MODE=1, BV=128) == "launched"
+    assert kernel.launches == [2, 1]
+    with pytest.raises(triton.runtime.errors.OutOfResources, match="registers"):
+        linear._launch(_SharedMemoryBound(fits=1, resource="registers"), None, (1,), MODE=1, BV=128)
+    monkeypatch.setenv("MIRAS_KERNEL_CONFIG", "8,1")
+    with pytest.raises(triton.runtime.errors.OutOfResources, match="shared memory"):
+        linear._launch(_SharedMemoryBound(fits=0), None, (1,), MODE=1, BV=128)

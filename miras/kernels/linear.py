@@ -28,10 +28,13 @@ Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al.
 from __future__ import annotations
 
 import os
+import warnings
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from miras.kernels.common import (
     RuleConfig,
@@ -862,7 +865,9 @@ def _block_v_loop(BV: int, bias: int) -> int:
 
 def _grad_split() -> bool:
     """The backward's gradient pass as two kernels (``_grad_rows_kernel`` then ``_grad_qk_kernel``, the default) or
-    as one (MODE 2 of ``_linear_bwd_kernel``; ``MIRAS_KERNEL_GRAD_SPLIT=0``)."""
+    as one (MODE 2 of ``_linear_bwd_kernel``; ``MIRAS_KERNEL_GRAD_SPLIT=0``). H200, triton 3.6, titans row (B=4
+    T=4096 H=8 D=128 bf16, 8 warps, 2 stages): the pass takes 1.12 ms as two kernels, 2.29 ms as one; fwd+bwd 2.31
+    vs 3.52 ms (RESULTS.md, GPU session 12)."""
     return env_switch("MIRAS_KERNEL_GRAD_SPLIT", True)
 
 
@@ -905,9 +910,30 @@ def _launch(kernel_raw, kernel_tuned, grid, *args, grad_pass: bool = False, **kw
     if interpreting():
         return kernel_raw[grid](*args, **kw)
     fixed = (grad_pass and launch_config("MIRAS_KERNEL_GRAD_CONFIG")) or launch_config("MIRAS_KERNEL_CONFIG")
-    if fixed:
+    if not fixed:
+        return kernel_tuned[grid](*args, **kw)
+    try:
         return kernel_raw[grid](*args, **fixed, **kw)
-    return kernel_tuned[grid](*args, **kw)
+    except OutOfResources as err:
+        if err.name != "shared memory" or fixed["num_stages"] == 1:
+            raise
+    # (outside the except block, so that an error of this launch does not chain the first one)
+    shown = ("MODE", "BIAS", "BV", "PREC")
+    _warn_one_stage(kernel_raw.__name__, fixed["num_stages"], tuple((n, kw[n]) for n in shown if n in kw))
+    return kernel_raw[grid](*args, **{**fixed, "num_stages": 1}, **kw)
+
+
+@cache
+def _warn_one_stage(kernel: str, stages: int, constants: tuple[tuple[str, object], ...]) -> None:
+    """Warn once per kernel specialisation that a fixed config with several pipeline stages did not fit in shared
+    memory, so it runs at 1 stage. Autotuning drops such a config by itself (Triton times it as infinitely slow);
+    a config fixed by ``MIRAS_KERNEL_CONFIG`` has no fallback otherwise. Seen on an H200 (triton 3.6), Huber at D=128
+    with fp32 inputs (3xTF32 dots) at 2 stages: the backward state pass (the whole V per program) needs 257 KB and,
+    with momentum, the gradient pass's rows kernel 272 KB, more than the 227 KB a Hopper program can have; at 1
+    stage both fit and match the float64 oracle (RESULTS.md, GPU session 12)."""
+    where = ", ".join(f"{n}={v}" for n, v in constants)
+    warnings.warn(f"miras.kernels: {kernel} ({where}) at num_stages={stages} needs more shared memory than this GPU "
+                  "has; launching it at num_stages=1", stacklevel=4)
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -923,7 +949,9 @@ def _state_dtype(x: torch.Tensor) -> torch.dtype:
     inputs, as fla stores its chunk states, since the passes that read them use them as bf16 dot operands there
     anyway (and in the gradient pass's few state inner products); else fp32. ``MIRAS_KERNEL_STATES`` = ``auto``
     (that rule, the default), ``fp32`` or ``bf16``. The backward's state-gradient slots stay fp32: in bf16 the
-    sequential backward state pass compiles to ~40% more instructions per step (static sm_90 profile, triton 3.6)."""
+    sequential backward state pass compiles to ~40% more instructions per step (static sm_90 profile, triton 3.6).
+    H200, titans row at the bench shape: fwd+bwd 2.31 ms with bf16 slots, 2.62 ms with fp32 ones, both within the
+    bf16 bound (RESULTS.md, GPU session 12)."""
     choice = env_choice("MIRAS_KERNEL_STATES", ("auto", "fp32", "bf16"), "auto")
     if choice == "auto":
         return torch.bfloat16 if _prec(x) == "bf16" else torch.float32
