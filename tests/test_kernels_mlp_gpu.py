@@ -10,7 +10,7 @@ The T=1024 cases draw keep gates in [0.99, 1] and learning rates in [0.002, 0.01
 tests' ranges (keep in [0.8, 1]) the memory decays to nothing over 1024 tokens (final state norm ~1e-10): its relative
 error then measures rounding noise in a vanishing quantity. On an H100 (session 10) that case gave outputs and
 gradients within 4.1e-3 but final states 2.6e-2 off, which is what conditioning predicts: the fp32 chunked path itself
-is 4.4e-6 off float64 there, and TF32 rounds 2^13 times coarser than fp32. ``test_long_inputs_are_well_conditioned``
+is 4.4e-6 off float64 there, and TF32 rounds 2^13 times coarser than fp32. ``test_inputs_are_well_conditioned``
 (CPU) keeps the cases' fp32-vs-float64 error small enough that TF32 fits the bound.
 """
 
@@ -33,12 +33,16 @@ from miras.kernels import triton_memory_scan  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
 
 LONG_GATES = {"keep": (0.99, 1.0), "lr": (0.002, 0.012)}  # for T = 1024 (module docstring)
+# the Lp case (p = 3, no retention): its update grows like |r|^2, and with test_kernels_mlp's Lp learning rates
+# (0.005 to 0.02) the memory blows up within 200 tokens, in float64 too (max |o| ~1.8e52 within 60 tokens, then NaN), so
+# the comparison would check nothing; at these rates max |o| stays ~1.7 (test_inputs_are_well_conditioned)
+LP_GATES = {"lr": (0.0005, 0.002)}
 TF32_COARSER = 2.0**13  # TF32 keeps 10 mantissa bits, fp32 23
 
 
 @pytest.fixture(autouse=True)
-def _opt_in(monkeypatch):
-    monkeypatch.setenv("MIRAS_KERNEL_MLP", "1")
+def _kernel_on(monkeypatch):
+    monkeypatch.delenv("MIRAS_KERNEL_MLP", raising=False)  # (on by default)
 
 
 CASES = [  # (bias, retention, learner, grad_at, chunk, act, B, T, H, D)
@@ -50,8 +54,8 @@ CASES = [  # (bias, retention, learner, grad_at, chunk, act, B, T, H, D)
 IDS = ["-".join(str(c) for c in case) for case in CASES]
 
 
-def gate_ranges(T: int) -> dict | None:
-    return LONG_GATES if T >= 1024 else None
+def gate_ranges(bias: str, T: int) -> dict | None:
+    return LONG_GATES if T >= 1024 else LP_GATES if bias == "lp" else None
 
 
 def chunked(spec, q, k, v, gates, state):
@@ -61,7 +65,7 @@ def chunked(spec, q, k, v, gates, state):
 def _compare(case, dtype, tol):
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
-    x = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(T))
+    x = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T))
     x = {n: t.detach().to("cuda", dtype if n in "qkv" else torch.float32).requires_grad_(True) for n, t in x.items()}
     x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -86,13 +90,15 @@ def test_fp32_vs_chunked_fp32(case):
     _compare(case, torch.float32, 1e-3)
 
 
-@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
-def test_long_inputs_are_well_conditioned(case):
-    """(CPU) The T=1024 cases' final state and outputs are well-conditioned: the fp32 chunked path's forward is so
-    close to float64 that the same rounding error scaled to TF32 stays inside 3/4 of the bf16 test's 2e-2 bound."""
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_inputs_are_well_conditioned(case):
+    """(CPU) Every case's final state and outputs stay bounded and well-conditioned: the fp32 chunked path's forward
+    is so close to float64 that the same rounding error scaled to TF32 stays inside 3/4 of the bf16 test's 2e-2
+    bound (a memory that diverges, as the Lp case did at the short tests' learning rates, fails here on CPU)."""
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
-    x = {n: t.detach().cpu() for n, t in make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(T)).items()}
+    leaves = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T))
+    x = {n: t.detach().cpu() for n, t in leaves.items()}
     for n in "qkv":
         x[n] = x[n].bfloat16()
 
@@ -104,5 +110,6 @@ def test_long_inputs_are_well_conditioned(case):
 
     want, got = forward(torch.float64), forward(torch.float32)
     for name, ref in want.items():
+        assert ref.isfinite().all() and ref.abs().max() < 1e3, f"{name}: the float64 memory diverged"
         err = ((got[name].double() - ref).norm() / ref.norm()).item()
         assert err * TF32_COARSER <= 0.75 * 2e-2, f"{name}: fp32 vs float64 {err:.1e}"
