@@ -11,11 +11,10 @@
 # Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
 #   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
-#   GPU_CHECK_VARIANTS ("gradone,state32,grad81": the backward's gradient pass as one kernel (session 11 made it
-#   two); fp32 chunk-state slots for bf16 inputs (session 11 made them bf16); the gradient kernels at 8 warps, 1
-#   stage; checked in parallel, then benchmarked as extra titans rows if correct; also bv64, bv32, fused, bvl64,
-#   bvl32, bvl128, reg128, bvs32, inloop, bkg128: see benchmarks/variants.py; 32-wide tiles crash or
-#   go wrong on an H200 with triton 3.6),
+#   GPU_CHECK_VARIANTS (default none: comma-separated names of benchmarks/variants.py, checked in parallel, then
+#   benchmarked as extra titans rows if correct; session 12 measured gradone (the one-kernel gradient pass), state32
+#   (fp32 chunk-state slots) and grad81 (1 stage) slower than the defaults, RESULTS.md; 32-wide tiles crash or go
+#   wrong on an H200 with triton 3.6),
 #   MIRAS_KERNEL_CONFIG (warps,stages of the linear kernels; default 8,2, the faster of the two autotune configs on an
 #   H200: one compile per kernel, shared by the tests and the benchmark
 #   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
@@ -26,7 +25,6 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
 export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
-export MIRAS_KERNEL_MLP=1  # the experimental MLP-memory kernel is opt-in (miras/kernels/__init__.py)
 OUTDIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUTDIR"
 python3 - <<'PY'
@@ -48,7 +46,7 @@ else
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
   BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta,mlp}"
 fi
-VARIANTS="${GPU_CHECK_VARIANTS-gradone,state32,grad81}"
+VARIANTS="${GPU_CHECK_VARIANTS-}"
 
 variant_env() {  # the kernel settings of a benchmark variant (the table: benchmarks/variants.py)
   python3 benchmarks/variants.py "$1" || echo "UNKNOWN_VARIANT=$1"

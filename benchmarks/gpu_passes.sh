@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # GPU probe, one call (<= ~9 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
-# time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant: the gradient pass as two
-# kernels (the default since session 11) at 2 and 1 pipeline stages vs the one-kernel pass; delta-gd at the default, 3. the whole MLP-kernel GPU test file (tests/test_kernels_mlp_gpu.py) at the MLP kernels'
+# time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant (default: titans and
+# delta-gd at the defaults; session 12 measured 1 stage and the one-kernel gradient pass slower), 3. the whole MLP-kernel GPU test file (tests/test_kernels_mlp_gpu.py) at the MLP kernels'
 # default launch config (4 warps: at 8 warps they read shared memory out of bounds on an H200 with triton 3.6),
 # 4. bench-shape correctness of every variant, 5. the MLP memory: Triton tiles vs walk layout vs the chunked PyTorch
 # path (generic and one-node loop).
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
 #   skips steps 1, 3, 4 and 5; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
-VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,2 titans:128:8,1 titans:128:8,2:MIRAS_KERNEL_GRAD_SPLIT=0 delta:128:8,2}"
+VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,2 delta:128:8,2}"
 PROBES="${GPU_PASSES_PROBES:-1}"
 if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 cd "$(dirname "$0")/.." || exit 1
@@ -83,7 +83,7 @@ done
 # 5. the MLP memory at the bench shape: Triton tiles layout (default) vs walk layout vs the chunked PyTorch path, then
 #    the chunked path's one-node loop (miras/ops_chunked_mlp.py) instead of its generic loop
 if [ "$PROBES" = 1 ]; then
-  MIRAS_KERNEL_MLP=1 timeout 240 python3 benchmarks/bench_kernels.py --families mlp --variants walk 2>&1 \
+  timeout 240 python3 benchmarks/bench_kernels.py --families mlp --variants walk 2>&1 \
     | grep -E "^ROW|Error" | sed "s/^/   /" | cut -c1-200
   MIRAS_MLP2_ONE_NODE=1 timeout 100 python3 benchmarks/bench_kernels.py --families mlp 2>&1 \
     | grep -E "^ROW chunked" | sed "s/^/   MIRAS_MLP2_ONE_NODE=1: /" | cut -c1-200

@@ -5,7 +5,7 @@
 # launches blocking; 2. the MLP benchmark row under each setting that passed; 3. the linear kernels at 2 pipeline
 # stages and with the gradient pass in V sub-blocks (bench rows). Logs under $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD MIRAS_KERNEL_MLP=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUTDIR="${OUT:-/tmp/probe_fix}"; mkdir -p "$OUTDIR"
 ENVS=("MIRAS_KERNEL_MLP_CONFIG=8,1 DISABLE_MMA_V3=1" "MIRAS_KERNEL_MLP_CONFIG=4,1" "MIRAS_KERNEL_MLP_CONFIG=8,1")
 CASES=("--D 64 --T 256 --chunk 64 --what bwd" "--D 128 --T 1024 --H 8 --chunk 64 --what bwd --learner momentum --dtype bf16"

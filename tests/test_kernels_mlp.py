@@ -34,21 +34,23 @@ TOL = 2e-5  # fp32 kernel vs float64 oracle; measured ~2e-7..2e-6 on these (well
 E = 2  # hidden width = E * K
 
 @pytest.fixture(autouse=True, params=["tiles", "walk"])
-def _opt_in(request, monkeypatch):
-    """The MLP-memory kernel is opt-in (MIRAS_KERNEL_MLP=1); every test runs in both kernel layouts (hidden tiles
-    across programs, miras/kernels/mlp_tiles.py, and one walking program per batch*head, miras/kernels/mlp.py)."""
-    monkeypatch.setenv("MIRAS_KERNEL_MLP", "1")
+def _layout(request, monkeypatch):
+    """Every test runs in both kernel layouts (hidden tiles across programs, miras/kernels/mlp_tiles.py, and one
+    walking program per batch*head, miras/kernels/mlp.py), with the kernel on (its default)."""
+    monkeypatch.delenv("MIRAS_KERNEL_MLP", raising=False)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_LAYOUT", request.param)
     return request.param
 
 
-def test_mlp_kernel_is_opt_in(monkeypatch):
-    """Without MIRAS_KERNEL_MLP the kernel is refused with the reason, so auto mode keeps the chunked path."""
-    monkeypatch.delenv("MIRAS_KERNEL_MLP")
+def test_mlp_kernel_can_be_turned_off(monkeypatch):
+    """The kernel is on by default; MIRAS_KERNEL_MLP=0 refuses it with the reason, so auto mode takes the chunked
+    path."""
     spec = MemorySpec.model_validate({"memory": {"kind": "mlp", "depth": 2, "norm": False}, "bias": "l2",
                                       "learner": {"kind": "gd", "chunk_size": 16}})
+    assert kernel_support(spec) == (True, "")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP", "0")
     ok, why = kernel_support(spec)
-    assert not ok and "MIRAS_KERNEL_MLP=1" in why and "experimental" in why
+    assert not ok and "MIRAS_KERNEL_MLP=0" in why and "chunked" in why
 
 
 
@@ -155,10 +157,10 @@ def test_hidden_tiles_and_fused_walk(monkeypatch, bh, split_kernels):
     check_against_oracle(mlp_spec("l2", "decay", "momentum"), B=2, T=40, H=1, K=24, seed=7)
 
 
-def test_unfused_backward_passes(monkeypatch, _opt_in):
+def test_unfused_backward_passes(monkeypatch, _layout):
     """MIRAS_KERNEL_MLP_FUSE_PASSES=0: the tiles layout launches each chunk's pass 2 on its own instead of behind the
     next chunk's pass 3 (the walk layout has no such launches)."""
-    if _opt_in == "walk":
+    if _layout == "walk":
         pytest.skip("tiles layout only")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "0")
     check_against_oracle(mlp_spec("huber", "decay", "momentum", "decayed"), B=1, T=50, H=2, K=24, seed=3)
@@ -175,11 +177,11 @@ def test_fuse_passes_switch_rejects_bad_values(monkeypatch):
     assert fuse_passes() is False
 
 
-def test_tiles_launches_per_chunk(monkeypatch, _opt_in):
+def test_tiles_launches_per_chunk(monkeypatch, _layout):
     """The tiles layout keeps only the recurrence's steps in its chunk loops: forward 2 launches per chunk (+ _y_part,
     the records' gate part and _fwd_out once), backward 3 (+ _prep_m2, the last chunk's pass 2 and _bwd_end once);
     without grad the forward launches 3 per chunk. Counted, not run (the launcher is replaced)."""
-    if _opt_in == "walk":
+    if _layout == "walk":
         pytest.skip("tiles layout only")
     from miras.kernels import mlp_tiles
 

@@ -21,7 +21,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
-- ``MIRAS_KERNEL_MLP=1``: enables the experimental 2-layer MLP-memory kernels; ``MIRAS_KERNEL_MLP_LAYOUT``: their
+- ``MIRAS_KERNEL_MLP=0``: turns the 2-layer MLP-memory kernels off (on by default since they passed their GPU
+  tests on an H200, benchmarks/RESULTS.md session 12); ``MIRAS_KERNEL_MLP_LAYOUT``: their
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
   their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
   8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC=bf16``: bf16 dot operands for bf16
@@ -103,16 +104,9 @@ def kernel_support(spec) -> tuple[bool, str]:
                           "norm: false or use the chunked PyTorch path"
         if mem.activation not in ("gelu", "silu", "tanh", "relu"):
             return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
-        if not env_switch("MIRAS_KERNEL_MLP", False):
-            return False, (
-                "the Triton kernel for memory.kind='mlp' is experimental and opt-in (MIRAS_KERNEL_MLP=1): on an H100 "
-                "its default layout (hidden tiles across programs, miras/kernels/mlp_tiles.py, 4 warps) matched the "
-                "fp32 chunked path at the benchmark shape (bf16, outputs and gradients within 4.1e-3) and ran "
-                "fwd+bwd in 25.9 ms against 143 ms for the chunked path at B=4 T=4096 H=8 D=128 (benchmarks/"
-                "RESULTS.md, session 10); it has been restructured since (launches per step 607 -> ~330, checked "
-                "against the float64 oracle on CPU only) and its GPU test file has not run in full; the chunked "
-                "PyTorch path runs it"
-            )
+        if not env_switch("MIRAS_KERNEL_MLP", True):
+            return False, "the Triton kernel for memory.kind='mlp' is turned off (MIRAS_KERNEL_MLP=0); the chunked " \
+                          "PyTorch path runs it"
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
     if ret.kind not in ("none", "decay"):
