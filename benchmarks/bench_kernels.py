@@ -7,6 +7,7 @@ NeuralMemory when importable. Also the relative error of the kernel against the 
 
     python benchmarks/bench_kernels.py            # full shape (GPU)
     python benchmarks/bench_kernels.py --quick    # B=2, T=1024, H=4, D=64
+    python benchmarks/bench_kernels.py --families mlp --no-chunked --variants mlpbf16 --rounds 3   # A/B in turns
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny   # CPU: exercises the script (timings meaningless)
 """
 
@@ -133,6 +134,27 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
     return row
 
 
+def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens, rounds: int) -> dict[str, dict]:
+    """measure() of one kernel under each named environment setting (the default row: {}), ``rounds`` times in
+    alternation (A, B, A, B, ...), so that drift over the run (clocks, allocator, a host-bound step's spread) falls
+    on every setting alike; each row reports its median round, and with several rounds the min..max of fwd+bwd."""
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, env in settings.items():
+            with _env(env):
+                runs[name].append(measure(name, run, inputs, device, flops, tokens))
+    rows = {}
+    for name, results in runs.items():
+        good = sorted((r for r in results if "error" not in r), key=lambda r: r["fwdbwd"])
+        if not good:
+            rows[name] = results[0]
+            continue
+        rows[name] = dict(good[len(good) // 2])
+        if rounds > 1:
+            rows[name]["spread"] = f"f+b {good[0]['fwdbwd']:.3f}..{good[-1]['fwdbwd']:.3f} over {len(good)} rounds"
+    return rows
+
+
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
     """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*) to the MLP."""
     mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name == "MIRAS_KERNEL_BH" for name in VARIANTS[variant])
@@ -165,8 +187,10 @@ def format_row(r: dict, sdpa: float | None) -> str:
     ratio = f"{r['ratio']:9.1f}" if "ratio" in r else " " * 9
     vs_sdpa = f"{r['fwdbwd'] / sdpa:7.2f}" if sdpa else " " * 7
     err = f"{r['err_vs_chunked']:8.1e}" if "err_vs_chunked" in r else " " * 8
+    spread = f" ({r['spread']})" if "spread" in r else ""
     return (f"{r['name']:44s} {r['fwd']:9.3f} {r['fwdbwd']:9.3f} {r['ktok_s']:9.1f} "
-            f"{r.get('peak_gb', float('nan')):8.2f} {r.get('tflops', float('nan')):8.2f} {ratio} {vs_sdpa} {err}")
+            f"{r.get('peak_gb', float('nan')):8.2f} {r.get('tflops', float('nan')):8.2f} {ratio} {vs_sdpa} {err}"
+            f"{spread}")
 
 
 def main() -> None:
@@ -176,9 +200,13 @@ def main() -> None:
     ap.add_argument("--families", default="", help="comma-separated substrings of family names to run (default: all)")
     ap.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked baseline")
     ap.add_argument("--table", type=Path, help="also write the final table to this file")
+    ap.add_argument("--rounds", type=int, default=1, help="measure each kernel row and its variants this many times "
+                    "in alternation and report the median round (default 1)")
     ap.add_argument("--variants", default="", help="extra rows for the titans family: comma-separated of "
                     f"{', '.join(VARIANTS)} (kernel settings through their environment variables)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, but got {args.rounds}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("bench_kernels: no CUDA device; run with TRITON_INTERPRET=1 --tiny on CPU (timings meaningless)")
@@ -223,10 +251,12 @@ def main() -> None:
             return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0)[0]
 
         fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
-        row = measure(f"triton {fam}", run_triton, (q, k, v, *gates.values()), device, fl, tokens)
-        for variant in [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]:
-            with _env(VARIANTS[variant]):
-                add(measure(f"triton {fam} [{variant}]", run_triton, (q, k, v, *gates.values()), device, fl, tokens))
+        variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
+        settings = {f"triton {fam}": {}, **{f"triton {fam} [{w}]": VARIANTS[w] for w in variants}}
+        measured = measure_rounds(settings, run_triton, (q, k, v, *gates.values()), device, fl, tokens, args.rounds)
+        row = measured.pop(f"triton {fam}")
+        for variant_row in measured.values():
+            add(variant_row)
         if not args.no_chunked:
             from miras.ops import memory_scan
 

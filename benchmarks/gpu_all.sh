@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
 # left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory (device
-# ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (GPU_ALL_MLP_VARIANTS, default: pass 2
-# launched on its own, hidden tiles of 32 at 8 warps, bf16 dot operands: the bench-shape tests, then a benchmark row
-# for each that passed),
+# ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (GPU_ALL_MLP_VARIANTS, default mlpbf16,
+# bf16 dot operands, which ran 13-17% faster in session 12 but within the default's spread: the bench-shape tests,
+# then the default row and one per variant that passed, measured in GPU_ALL_ROUNDS (3) alternating rounds),
 # 4. profile_kernels.py for titans linear, 5. the linear kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at
 # D=128), 6. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
 # Logs: $OUT/check.log, profile.log, mlp.log, linear_oracle.log, passes.log, and every step's own logs in
@@ -15,16 +15,16 @@ mkdir -p "$OUTDIR"
 END=$(( $(date +%s) + ${GPU_ALL_SECONDS:-540} ))
 left() { echo $(( END - $(date +%s) )); }
 
-# (gpu_check.sh's linear-kernel variants: the session-11 gradient pass and state slots against the old ones)
+# (gpu_check.sh's linear-kernel variants: none by default, session 12 settled the last ones)
 GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-80}" \
-  GPU_CHECK_BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-150}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-gradone,state32}" \
+  GPU_CHECK_BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-150}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-}" \
   OUT=/tmp/gpu_check \
   timeout "$(left)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1
 echo "gpu_check.sh rc=$? ($(left) s left)" | tee -a "$OUTDIR/check.log"
 sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
 
 # gpu_check.sh installed the wheels into /tmp/site
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
 profile() {  # device ms per kernel of one family (profile_kernels.py), within the time left
   [ "$(left)" -gt 60 ] || return
   timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$1" 2>&1 \
@@ -38,7 +38,7 @@ if [ "$(left)" -gt 150 ]; then
   timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
     | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
   GOOD=""
-  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpunfused,mlpbh32w8,mlpbf16}" | tr , " "); do
+  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbf16}" | tr , " "); do
     [ "$(left)" -gt 120 ] || break
     settings="$(python3 benchmarks/variants.py "$var")" || continue
     env $settings timeout 90 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
@@ -47,7 +47,7 @@ if [ "$(left)" -gt 150 ]; then
       | tee -a "$OUTDIR/mlp.log"
   done
   [ -n "$GOOD" ] && [ "$(left)" -gt 60 ] && timeout $(( $(left) < 150 ? $(left) : 150 )) \
-    python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants "$GOOD" 2>&1 \
+    python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants "$GOOD" --rounds "${GPU_ALL_ROUNDS:-3}" 2>&1 \
     | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
 fi
 

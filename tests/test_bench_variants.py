@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "variants.py"
 
@@ -22,3 +25,27 @@ def test_an_unknown_variant_is_an_error_naming_the_known_ones():
     out = run("gradtwo")
     assert out.returncode == 1 and out.stdout == ""
     assert "unknown variant 'gradtwo'" in out.stderr and "gradone" in out.stderr and "mlpunfused" in out.stderr
+
+
+def test_rounds_alternate_the_settings_and_report_the_median():
+    """bench_kernels.measure_rounds measures the default row and each variant in turns (A, B, A, B), so drift over a
+    GPU run falls on both alike, and reports each one's median round with the min..max of fwd+bwd."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_kernels
+
+    seen = []
+    x = torch.ones(3, requires_grad=True)
+
+    def run(x):
+        seen.append(os.environ.get("MIRAS_BENCH_TEST_SETTING", "default"))
+        return x * 2
+
+    rows = bench_kernels.measure_rounds({"a": {}, "b": {"MIRAS_BENCH_TEST_SETTING": "b"}}, run, (x,), "cpu", None, 3,
+                                        rounds=3)
+    per_round = len(seen) // 3
+    assert seen == (["default"] * (per_round // 2) + ["b"] * (per_round // 2)) * 3
+    assert "MIRAS_BENCH_TEST_SETTING" not in os.environ
+    for name in ("a", "b"):
+        assert rows[name]["name"] == name and rows[name]["spread"].endswith("over 3 rounds")
+        low, high = (float(t) for t in rows[name]["spread"].split()[1].split(".."))
+        assert low <= rows[name]["fwdbwd"] <= high
