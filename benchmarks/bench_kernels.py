@@ -134,6 +134,64 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
     return row
 
 
+def _fla_inputs(B, T, H, D, device, dtype):
+    """fla's layout: q, k [B, T, H, D] (unit-norm keys, as the delta rule wants), v [B, T, H, D]."""
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
+    v = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def _fla_delta(B, T, H, D, BT, device, dtype):
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    beta = torch.rand(B, T, H, device=device, dtype=dtype).requires_grad_(True)
+    return (lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0]), (*_fla_inputs(B, T, H, D, device, dtype), beta)
+
+
+def _fla_gated_delta(B, T, H, D, BT, device, dtype):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    beta = torch.rand(B, T, H, device=device, dtype=dtype).requires_grad_(True)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=device) + 4).requires_grad_(True)  # log keep
+    return ((lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b)[0]),
+            (*_fla_inputs(B, T, H, D, device, dtype), g, beta))
+
+
+def _fla_ttt_linear(B, T, H, D, BT, device, dtype):
+    from fla.ops.ttt import chunk_ttt_linear
+
+    w = torch.ones(H, D, device=device, dtype=dtype, requires_grad=True)  # its LayerNorm head's weight and bias
+    b = torch.zeros(H, D, device=device, dtype=dtype, requires_grad=True)
+    eta = (0.01 * torch.rand(B, T, H, 1, device=device, dtype=dtype)).requires_grad_(True)
+    return ((lambda q, k, v, w, b, eta: chunk_ttt_linear(q, k, v, w, b, eta)[0]),
+            (*_fla_inputs(B, T, H, D, device, dtype), w, b, eta))
+
+
+def _titans_pytorch(B, T, H, D, BT, device, dtype):
+    from titans_pytorch import NeuralMemory
+
+    mem = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=BT).to(device)
+    x = torch.randn(B, T, H * D, device=device, requires_grad=True)
+    return (lambda x: mem(x)[0]), (x,)
+
+
+REFERENCES = {  # row name -> (B, T, H, D, chunk, device, dtype) -> (run, inputs); at each package's own defaults
+    "fla chunk_delta_rule": _fla_delta,
+    "fla chunk_gated_delta_rule": _fla_gated_delta,
+    "fla chunk_ttt_linear (chunk 16)": _fla_ttt_linear,
+    "titans-pytorch NeuralMemory (mlp2, fp32)": _titans_pytorch,
+}
+
+
+def ratio_to(name: str, reference: str, rows: list[dict]) -> None:
+    """Print fwd+bwd of row ``name`` over row ``reference`` when both ran (the issue's target: titans <= 2x fla's
+    chunk_delta_rule, measured in the same process)."""
+    found = {r["name"]: r["fwdbwd"] for r in rows if "fwdbwd" in r}
+    if name in found and reference in found:
+        print(f"RATIO {name} / {reference}: {found[name] / found[reference]:.2f}x fwd+bwd", flush=True)
+
+
 def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens, rounds: int) -> dict[str, dict]:
     """measure() of one kernel under each named environment setting (the default row: {}), ``rounds`` times in
     alternation (A, B, A, B, ...), so that drift over the run (clocks, allocator, a host-bound step's spread) falls
@@ -276,27 +334,19 @@ def main() -> None:
         else:
             add(row)
 
-    # other reference points
+    # other reference points (optional, benchmark-only: fla-core and titans-pytorch when importable)
     if device == "cuda":
-        try:
-            from fla.ops.delta_rule import chunk_delta_rule
-
-            qf = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
-            kf = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype).requires_grad_(True)
-            vf = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-            bf = torch.rand(B, T, H, device=device, dtype=dtype).requires_grad_(True)
-            add(measure("fla chunk_delta_rule", lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0],
-                        (qf, kf, vf, bf), device, None, tokens))
-        except ImportError:
-            add({"name": "fla chunk_delta_rule", "error": "not installed"})
-        try:
-            from titans_pytorch import NeuralMemory
-
-            mem = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=BT).to(device)
-            xt = torch.randn(B, T, H * D, device=device, requires_grad=True)
-            add(measure("titans-pytorch NeuralMemory (mlp2, fp32)", lambda x: mem(x)[0], (xt,), device, None, tokens))
-        except ImportError:
-            add({"name": "titans-pytorch NeuralMemory", "error": "not installed"})
+        for name, make_run in REFERENCES.items():
+            try:
+                run, inputs = make_run(B, T, H, D, BT, device, dtype)
+            except ImportError:
+                add({"name": name, "error": "not installed"})
+                continue
+            except Exception as err:  # noqa: BLE001  (a broken optional package must not lose the table)
+                add({"name": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"})
+                continue
+            add(measure(name, run, inputs, device, None, tokens))
+        ratio_to("triton titans (l2+decay+momentum)", "fla chunk_delta_rule", rows)
 
     sdpa = ref.get("sdpa")
     lines = [HEADER] + [format_row(r, sdpa) for r in rows]

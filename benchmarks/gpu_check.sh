@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the Triton memory kernels in one call: correctness on CUDA, then the benchmark, then one table.
-# On the GPU box (torch + triton preinstalled, python 3.12, no network, no pydantic): wheels from .whl/ first.
+# On the GPU box (torch + triton preinstalled, python 3.12, no network, no pydantic): wheels from .whl/ first (fetch
+# them here with benchmarks/gpu_wheels.sh: pydantic, and fla-core / titans-pytorch for the reference rows).
 #   bash benchmarks/gpu_check.sh                  # GPU: warm-up <= 150 s, correctness <= 40 s, benchmark <= 90 s
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh  # CPU: the same steps through Triton's interpreter, tiny shapes
 # Steps (timeouts sum to 280 s): 1. compile every kernel at once, one process each (warm_kernels.py; fixed config
@@ -137,4 +138,5 @@ grep -E "^(FAILED|E  )" "$OUTDIR/tests.log" | head -8 | sed 's/^/  /' || true
 echo "benchmark (rc=$BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ', TIMEOUT')):"
 grep -E "^device=" "$OUTDIR/bench.log" | sed 's/^/  /'
 cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "  no table; partial rows:"; grep -E "^ROW " "$OUTDIR/bench.log" | sed 's/^/  /'; }
+grep -E "^RATIO " "$OUTDIR/bench.log" | sed 's/^/  /'  # titans vs fla's chunk_delta_rule when fla-core is carried
 [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

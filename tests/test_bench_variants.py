@@ -49,3 +49,15 @@ def test_rounds_alternate_the_settings_and_report_the_median():
         assert rows[name]["name"] == name and rows[name]["spread"].endswith("over 3 rounds")
         low, high = (float(t) for t in rows[name]["spread"].split()[1].split(".."))
         assert low <= rows[name]["fwdbwd"] <= high
+
+
+def test_ratio_to_the_reference_prints_only_when_both_rows_ran(capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_kernels
+
+    rows = [{"name": "triton titans", "fwdbwd": 2.5}, {"name": "fla chunk_delta_rule", "error": "not installed"}]
+    bench_kernels.ratio_to("triton titans", "fla chunk_delta_rule", rows)
+    assert capsys.readouterr().out == ""
+    rows[1] = {"name": "fla chunk_delta_rule", "fwdbwd": 1.25}
+    bench_kernels.ratio_to("triton titans", "fla chunk_delta_rule", rows)
+    assert capsys.readouterr().out == "RATIO triton titans / fla chunk_delta_rule: 2.00x fwd+bwd\n"
