@@ -2,8 +2,9 @@
 # One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
 # left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory (device
 # ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (GPU_ALL_MLP_VARIANTS, default mlpbf16,
-# bf16 dot operands, which ran 13-17% faster in session 12 but within the default's spread: the bench-shape tests,
-# then the default row and one per variant that passed, measured in GPU_ALL_ROUNDS (3) alternating rounds),
+# bf16 dot operands, which ran 13-17% faster in session 12 but within the default's spread, and mlpgraphs, the
+# backward replayed as a CUDA graph, not yet run on a GPU: the bf16 tests, then the default row and one per variant
+# that passed, measured in GPU_ALL_ROUNDS (3) alternating rounds),
 # 4. profile_kernels.py for titans linear, 5. the linear kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at
 # D=128), 6. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
 # Logs: $OUT/check.log, profile.log, mlp.log, linear_oracle.log, passes.log, and every step's own logs in
@@ -39,7 +40,7 @@ if [ "$(left)" -gt 150 ]; then
   timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
     | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
   GOOD=""
-  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbf16}" | tr , " "); do
+  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbf16,mlpgraphs}" | tr , " "); do
     [ "$(left)" -gt 120 ] || break
     settings="$(python3 benchmarks/variants.py "$var")" || continue
     env $settings timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \

@@ -23,6 +23,8 @@ VARIANTS = {
     "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"},
     "mlpunfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "0"},
     "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
+    "mlpgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"},  # the backward replayed as a CUDA graph (miras/kernels/graphs.py)
+    "mlpbf16graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
 }
 
 

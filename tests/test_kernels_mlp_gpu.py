@@ -113,3 +113,44 @@ def test_inputs_are_well_conditioned(case):
         assert ref.isfinite().all() and ref.abs().max() < 1e3, f"{name}: the float64 memory diverged"
         err = ((got[name].double() - ref).norm() / ref.norm()).item()
         assert err * TF32_COARSER <= 0.75 * 2e-2, f"{name}: fp32 vs float64 {err:.1e}"
+
+
+@on_gpu
+@needs_cuda
+def test_backward_graphs_replay_the_eager_backward(monkeypatch):
+    """MIRAS_KERNEL_MLP_GRAPHS: over four steps whose inputs change in place (a training loop's steady state: the same
+    addresses, new values), the backward replayed as a CUDA graph gives the eager backward's outputs and gradients
+    bit for bit (the kernels use no atomics), and at least one step replayed a graph."""
+    from miras.kernels.mlp import BACKWARD_GRAPHS
+
+    bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
+    steps = [make_inputs(spec, B, T, H, D, D, seed=s, gate_ranges=gate_ranges(bias, T)) for s in range(4)]
+    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
+         for n, t in steps[0].items()}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
+    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+
+    def run(graphs: str) -> list:
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", graphs)
+        results = []
+        for leaves in steps:
+            with torch.no_grad():
+                for n, t in leaves.items():
+                    x[n].copy_(t)
+            o, final, grads = run_and_grads(triton_memory_scan, spec, x, cot)
+            results.append((o.float().cpu(), {n: s.cpu() for n, s in final.items()},
+                            {n: d.float().cpu() for n, d in grads.items()}))
+            del o, final, grads  # (freed before the next step, as in a training loop)
+        return results
+
+    BACKWARD_GRAPHS.graphs.clear()
+    BACKWARD_GRAPHS.seen.clear()
+    graphed = run("2")
+    replayed = len(BACKWARD_GRAPHS.graphs)
+    BACKWARD_GRAPHS.graphs.clear()
+    eager = run("0")
+    for i, (got, want) in enumerate(zip(graphed, eager)):
+        check_errors(got, want, 1e-6, label=f"graphs step {i}")
+    assert replayed >= 1, "no step replayed a graph: the backward's input addresses changed at every step"

@@ -28,6 +28,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC=bf16``: bf16 dot operands for bf16
   inputs (default tf32); ``MIRAS_KERNEL_MLP_FUSE_PASSES=0``: the tiles layout launches each chunk's backward pass 2
   on its own instead of behind the next chunk's pass 3 (``mlp_tiles.fuse_passes``).
+- ``MIRAS_KERNEL_MLP_GRAPHS=N``: replay the MLP memory's backward (~200 launches at T=4096) as a CUDA graph, keeping
+  at most N graphs (default 0: off; experimental, not yet run on a GPU; miras/kernels/graphs.py).
 """
 
 from __future__ import annotations

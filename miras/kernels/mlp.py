@@ -54,6 +54,7 @@ from miras.kernels.common import (
     interpreting,
     pow2_tile,
 )
+from miras.kernels.graphs import GraphCache
 from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
@@ -994,6 +995,10 @@ def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfina
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
 
 
+# the backward's launch sequence replayed as CUDA graphs: at most MIRAS_KERNEL_MLP_GRAPHS of them (default 0: off)
+BACKWARD_GRAPHS = GraphCache("MIRAS_KERNEL_MLP_GRAPHS")
+
+
 class MLPScanFunction(torch.autograd.Function):
     """(q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) -> (o, W1_T, W2_T, S1_T, S2_T), Triton both ways, in
     the kernel layout of ``layout()`` (both layouts keep the same state slots).
@@ -1028,7 +1033,9 @@ class MLPScanFunction(torch.autograd.Function):
             from miras.kernels.mlp_tiles import mlp_tiles_bwd as bwd
         else:
             bwd = mlp_scan_bwd
-        grads = bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, slots, do.contiguous(), dfinal)
+        # (through a CUDA graph when MIRAS_KERNEL_MLP_GRAPHS > 0: miras/kernels/graphs.py)
+        grads = BACKWARD_GRAPHS(bwd, ctx.layout, ctx.cfg, q, k, v, eta, keep, mu, delta, tuple(slots),
+                                do.contiguous(), dfinal)
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
 
 

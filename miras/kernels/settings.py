@@ -63,3 +63,13 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, but got {value!r}")
     return value
+
+
+def env_count(name: str, default: int = 0) -> int:
+    """A count (an integer >= 0) from the environment variable ``name``, else ``default``."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name} must be an integer >= 0, but got {name}={value!r}")
+    return int(value)

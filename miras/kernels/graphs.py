@@ -1,0 +1,103 @@
+"""Replay of a launch sequence as a CUDA graph, keyed on the addresses of its inputs (opt-in, experimental).
+
+The MLP memory's backward is ~200 small launches in a sequential chunk loop, and on an H200 (triton 3.6) the host
+needs ~46 us to issue each, more than the kernels take (benchmarks/RESULTS.md, GPU session 12). A CUDA graph issues
+the whole sequence at once. A graph bakes in every address it touches, so it is reused only where the call's tensors
+sit where the captured call's did: in a steady training loop the caching allocator hands each step the same blocks,
+so the key (every tensor's address, shape, strides and dtype, the static arguments and the MIRAS_KERNEL_* settings)
+repeats from the second step on. The first sighting of a key runs eagerly (it compiles the kernels); the second
+captures and replays; later ones replay.
+
+What a graph writes lives in its private memory pool: its scratch and its outputs, which each replay overwrites, so
+the outputs are cloned before they are returned. An entry keeps that pool (for the MLP backward at B=4, T=4096, H=8,
+D=128: about 0.7 GB), and at most ``MIRAS_KERNEL_MLP_GRAPHS`` entries are kept (least recently used first out;
+0, the default, turns graphs off).
+
+Requirements on the wrapped function: no host-device synchronisation, no host work that depends on tensor values,
+every tensor it reads passed in as an argument (the key must cover every address the graph bakes in), and outputs
+that are tensors or None. Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+from miras.kernels.settings import env_count
+
+
+class GraphCache:
+    """At most ``capacity()`` captured graphs of one launch sequence, least recently used first out."""
+
+    def __init__(self, env: str):
+        self.env = env
+        self.graphs: OrderedDict[Hashable, tuple[Callable[[], None], tuple]] = OrderedDict()  # key -> (replay, outputs)
+        self.seen: OrderedDict[Hashable, None] = OrderedDict()  # keys run once eagerly, not yet captured
+
+    def capacity(self) -> int:
+        return env_count(self.env)
+
+    def __call__(self, fn: Callable[..., tuple], static: Hashable, *args) -> tuple:
+        """``fn(*args)``, through a graph when enabled and every tensor argument is on a CUDA device."""
+        capacity = self.capacity()
+        flat = _flat(args)
+        if capacity == 0 or not self.eligible([a for a in flat if isinstance(a, torch.Tensor)]):
+            return fn(*args)
+        key = (static, _settings(), tuple(_signature(a) for a in flat))
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key not in self.seen:  # first sighting: eager (compiles and loads every kernel the graph will hold)
+                self.seen[key] = None
+                while len(self.seen) > 4 * capacity:
+                    self.seen.popitem(last=False)
+                return fn(*args)
+            del self.seen[key]
+            entry = self.graphs[key] = self.capture(fn, args)
+            while len(self.graphs) > capacity:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        replay, outputs = entry
+        replay()
+        return tuple(None if o is None else o.clone() for o in outputs)
+
+    @staticmethod
+    def eligible(tensors: list[torch.Tensor]) -> bool:
+        return bool(tensors) and all(t.is_cuda for t in tensors)
+
+    @staticmethod
+    def capture(fn: Callable[..., tuple], args: tuple) -> tuple[Callable[[], None], tuple]:
+        """Capture ``fn(*args)`` (not run: the first replay runs it) -> (replay, the graph's output tensors)."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (a data loader's pinned copies) do not break the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = fn(*args)
+        return graph.replay, tuple(outputs)
+
+
+def _flat(args) -> list:
+    """Positional arguments with tuples / lists / dicts opened one level (dict values in key order)."""
+    out = []
+    for a in args:
+        if isinstance(a, (tuple, list)):
+            out.extend(a)
+        elif isinstance(a, dict):
+            out.extend(a[k] for k in sorted(a))
+        else:
+            out.append(a)
+    return out
+
+
+def _signature(a) -> Hashable:
+    """What a graph bakes in of one argument: a tensor's address, shape, strides, dtype and device; else the value
+    itself for hashable static values (None, numbers, strings, configs)."""
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
+    return ("value", a)
+
+
+def _settings() -> tuple:
+    """The kernel settings of the environment (the launches read them at every call)."""
+    return tuple(sorted((n, v) for n, v in os.environ.items() if n.startswith("MIRAS_KERNEL")))

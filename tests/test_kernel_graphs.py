@@ -1,0 +1,98 @@
+"""miras/kernels/graphs.py: which calls run eagerly, which capture and which replay, and the cache's bounds.
+
+No CUDA here: the capture is replaced by a stand-in whose "graph" re-runs the function into the buffers the capture
+produced (what a CUDA graph's replay does to its private pool). The real graphs are checked against the eager
+backward on a GPU: tests/test_kernels_mlp_gpu.py::test_backward_graphs_replay_the_eager_backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miras.kernels.graphs import GraphCache
+
+
+class StandInCache(GraphCache):
+    """GraphCache with every tensor eligible and a capture that records what happens."""
+
+    def __init__(self):
+        super().__init__("MIRAS_TEST_GRAPHS")
+        self.events: list[str] = []
+
+    @staticmethod
+    def eligible(tensors):
+        return True
+
+    def capture(self, fn, args):
+        self.events.append("capture")
+        outputs = tuple(None if o is None else o.clone() for o in fn(*args))  # the capture's buffers
+
+        def replay():
+            self.events.append("replay")
+            for buffer, new in zip(outputs, fn(*args)):
+                if buffer is not None:
+                    buffer.copy_(new)
+
+        return replay, outputs
+
+
+def twice(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, None]:
+    return x * scale, None
+
+
+def test_eager_then_capture_then_replay(monkeypatch):
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "2")
+    cache, x = StandInCache(), torch.arange(4.0)
+    assert torch.equal(cache(twice, "static", x, 2.0)[0], 2 * x) and cache.events == []  # first sighting: eager
+    first = cache(twice, "static", x, 2.0)
+    assert cache.events == ["capture", "replay"] and torch.equal(first[0], 2 * x) and first[1] is None
+    x.copy_(torch.arange(4.0) + 10)  # new values at the same address: the same key, the graph reads them
+    second = cache(twice, "static", x, 2.0)
+    assert cache.events == ["capture", "replay", "replay"] and torch.equal(second[0], 2 * x)
+    assert torch.equal(first[0], 2 * torch.arange(4.0))  # outputs are clones: a later replay leaves them alone
+
+
+def test_the_key_covers_addresses_values_and_settings(monkeypatch):
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "4")
+    cache, x, y = StandInCache(), torch.ones(3), torch.ones(3)
+    for args in [(x, 2.0), (y, 2.0), (x, 3.0)]:  # another address, another static value: each its own key
+        cache(twice, "s", *args)
+    monkeypatch.setenv("MIRAS_KERNEL_BH", "32")  # a kernel setting changes what the launches do
+    cache(twice, "s", x, 2.0)
+    assert cache.events == [] and len(cache.seen) == 4
+
+
+def test_least_recently_used_graph_leaves_first(monkeypatch):
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "1")
+    cache, x, y = StandInCache(), torch.ones(3), torch.zeros(3)
+    for _ in range(2):
+        cache(twice, "s", x, 2.0)
+    for _ in range(2):
+        cache(twice, "s", y, 2.0)
+    assert len(cache.graphs) == 1 and cache.events.count("capture") == 2
+    cache(twice, "s", x, 2.0)  # x's graph was dropped: x is seen again first (eager), not replayed
+    assert cache.events.count("capture") == 2
+
+
+def test_off_and_cpu_tensors_run_eagerly(monkeypatch):
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return (x + 1,)
+
+    plain = GraphCache("MIRAS_TEST_GRAPHS")
+    monkeypatch.delenv("MIRAS_TEST_GRAPHS", raising=False)  # default 0: off
+    for _ in range(3):
+        plain(fn, "s", torch.ones(2))
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "2")
+    for _ in range(3):  # on, but the tensors are not on a CUDA device
+        plain(fn, "s", torch.ones(2))
+    assert len(calls) == 6 and not plain.graphs and not plain.seen
+
+
+def test_a_bad_capacity_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "two")
+    with pytest.raises(ValueError, match="MIRAS_TEST_GRAPHS must be an integer >= 0, but got MIRAS_TEST_GRAPHS='two'"):
+        GraphCache("MIRAS_TEST_GRAPHS")(twice, "s", torch.ones(2), 2.0)
