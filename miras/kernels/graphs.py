@@ -43,8 +43,10 @@ class GraphCache:
     def __call__(self, fn: Callable[..., tuple], static: Hashable, *args) -> tuple:
         """``fn(*args)``, through a graph when enabled and every tensor argument is on a CUDA device."""
         capacity = self.capacity()
+        if capacity == 0:
+            return fn(*args)
         flat = _flat(args)
-        if capacity == 0 or not self.eligible([a for a in flat if isinstance(a, torch.Tensor)]):
+        if not self.eligible([a for a in flat if isinstance(a, torch.Tensor)]):
             return fn(*args)
         key = (static, _settings(), tuple(_signature(a) for a in flat))
         entry = self.graphs.get(key)
