@@ -37,15 +37,15 @@ profile mlp
 # bf16 case (all four: a variant that passes them all could become the default) and, for those that pass, their
 # benchmark rows
 if [ "$(left)" -gt 150 ]; then
-  timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
-    | grep -E "^(l2|huber|lp)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
+  timeout 150 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
+    | grep -E "^\.*(l2|huber|lp|graphs)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
   GOOD=""
   for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbf16,mlpgraphs}" | tr , " "); do
     [ "$(left)" -gt 120 ] || break
     settings="$(python3 benchmarks/variants.py "$var")" || continue
     env $settings timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
       -p no:cacheprovider -k "test_bf16_vs" > "/tmp/mlp_$var.log" 2>&1 && GOOD="$GOOD${GOOD:+,}$var"
-    grep -E "^(l2|huber|lp)|passed|failed|^E  " "/tmp/mlp_$var.log" | sed "s/^/$var: /" | cut -c1-300 \
+    grep -E "^\.*(l2|huber|lp)|passed|failed|^E  " "/tmp/mlp_$var.log" | sed "s/^/$var: /" | cut -c1-300 \
       | tee -a "$OUTDIR/mlp.log"
   done
   [ -n "$GOOD" ] && [ "$(left)" -gt 60 ] && timeout $(( $(left) < 150 ? $(left) : 150 )) \
