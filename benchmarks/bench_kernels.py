@@ -103,6 +103,11 @@ def init_state(spec, H, D, device) -> dict | None:
             for n, shp in state_shapes(spec, D, D).items()}
 
 
+def error_text(err: Exception) -> str:
+    """An error row's text: the exception's type and the start of its first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"
+
+
 def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
     """fwd / fwd+bwd ms, tokens/s and peak memory of run(*inputs) -> output tensor."""
     row = {"name": name}
@@ -130,7 +135,7 @@ def measure(name, run, inputs, device, flops=None, tokens=0) -> dict:
         if flops:
             row["tflops"] = sum(flops) / (row["fwdbwd"] * 1e-3) / 1e12
     except Exception as err:  # noqa: BLE001  (a failing baseline must not hide the others)
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"
+        row["error"] = error_text(err)
     return row
 
 
@@ -343,7 +348,7 @@ def main() -> None:
                 add({"name": name, "error": "not installed"})
                 continue
             except Exception as err:  # noqa: BLE001  (a broken optional package must not lose the table)
-                add({"name": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"})
+                add({"name": name, "error": error_text(err)})
                 continue
             add(measure(name, run, inputs, device, None, tokens))
         ratio_to("triton titans (l2+decay+momentum)", "fla chunk_delta_rule", rows)

@@ -21,9 +21,9 @@
 #   through Triton's cache), MIRAS_KERNEL_SPLIT=0 (fused kernels), MIRAS_KERNEL_BV (V-tile; default the whole V).
 # The correctness step runs the benchmark's exact kernels (H=8, D=128, chunk 64, bf16) against the fp32 chunked path;
 # if it FAILS (not a timeout), the benchmark runs the fused kernels instead (measured correct on H200 before).
-if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 set -u
 cd "$(dirname "$0")/.." || exit 1
+. benchmarks/gpu_site.sh
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
 export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
 OUTDIR="${OUT:-/tmp/gpu_check}"

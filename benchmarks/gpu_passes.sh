@@ -10,8 +10,8 @@
 #   skips steps 1, 3, 4 and 5; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".
 VARIANTS="${GPU_PASSES_VARIANTS:-titans:128:8,2 delta:128:8,2}"
 PROBES="${GPU_PASSES_PROBES:-1}"
-if [ -z "${GPU_CHECK_CPU:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 cd "$(dirname "$0")/.." || exit 1
+. benchmarks/gpu_site.sh
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
 OUTDIR="${OUT:-/tmp/gpu_passes}"
 mkdir -p "$OUTDIR"

@@ -6,8 +6,8 @@
 # if GPU_RECHECK_BENCH is set, bench_kernels.py with those arguments (rows only). Logs under $OUT.
 #   GPU_RECHECK_BENCH="--families mlp --no-chunked --variants mlpbf16" bash benchmarks/gpu_recheck.sh
 cd "$(dirname "$0")/.." || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. benchmarks/gpu_site.sh
+export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
 OUTDIR="${OUT:-/tmp/gpu_recheck}"; mkdir -p "$OUTDIR"
 GPU="tests/test_kernels_gpu.py -k fp32_huber_at_head_dim_128"
 DEFAULT_TESTS="MIRAS_KERNEL_CONFIG=8,2 :: $GPU|MIRAS_KERNEL_CONFIG= :: $GPU|MIRAS_KERNEL_CONFIG= :: tests/test_kernels_mlp_gpu.py"
