@@ -61,3 +61,9 @@ def test_ratio_to_the_reference_prints_only_when_both_rows_ran(capsys):
     rows[1] = {"name": "fla chunk_delta_rule", "fwdbwd": 1.25}
     bench_kernels.ratio_to("triton titans", "fla chunk_delta_rule", rows)
     assert capsys.readouterr().out == "RATIO triton titans / fla chunk_delta_rule: 2.00x fwd+bwd\n"
+
+
+def test_rounds_below_one_is_a_clear_error():
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_kernels.py"), "--rounds", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--rounds must be >= 1, but got 0" in out.stderr
