@@ -14,6 +14,7 @@ NeuralMemory when importable. Also the relative error of the kernel against the 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import sys
@@ -190,8 +191,8 @@ REFERENCES = {  # row name -> (B, T, H, D, chunk, device, dtype) -> (run, inputs
 
 
 def ratio_to(name: str, reference: str, rows: list[dict]) -> None:
-    """Print fwd+bwd of row ``name`` over row ``reference`` when both ran (the issue's target: titans <= 2x fla's
-    chunk_delta_rule, measured in the same process)."""
+    """Print fwd+bwd of row ``name`` over row ``reference`` when both ran, measured in the same process (issue 5's
+    targets: titans <= 2x fla's chunk_delta_rule; titans-pytorch's MLP memory >= 10x our MLP memory's time)."""
     found = {r["name"]: r["fwdbwd"] for r in rows if "fwdbwd" in r}
     if name in found and reference in found:
         print(f"RATIO {name} / {reference}: {found[name] / found[reference]:.2f}x fwd+bwd", flush=True)
@@ -202,10 +203,13 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
     alternation (A, B, A, B, ...), so that drift over the run (clocks, allocator, a host-bound step's spread) falls
     on every setting alike; each row reports its median round, and with several rounds the min..max of fwd+bwd."""
     runs: dict[str, list[dict]] = {name: [] for name in settings}
+    graph_calls: dict[str, collections.Counter] = {name: collections.Counter() for name in settings}
     for _ in range(rounds):
         for name, env in settings.items():
+            before = dict(_graph_calls())
             with _env(env):
                 runs[name].append(measure(name, run, inputs, device, flops, tokens))
+            graph_calls[name].update({k: n - before[k] for k, n in _graph_calls().items()})
     rows = {}
     for name, results in runs.items():
         good = sorted((r for r in results if "error" not in r), key=lambda r: r["fwdbwd"])
@@ -215,7 +219,17 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
         rows[name] = dict(good[len(good) // 2])
         if rounds > 1:
             rows[name]["spread"] = f"f+b {good[0]['fwdbwd']:.3f}..{good[-1]['fwdbwd']:.3f} over {len(good)} rounds"
+        if graph_calls[name]["captured"] or graph_calls[name]["replayed"]:  # did the CUDA graphs replay?
+            calls = ", ".join(f"{k} {graph_calls[name][k]}" for k in ("eager", "captured", "replayed"))
+            rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP backward graphs: {calls})").strip()
     return rows
+
+
+def _graph_calls() -> dict[str, int]:
+    """How the MLP backward's calls ran so far: eagerly, captured, replayed (miras/kernels/graphs.py)."""
+    from miras.kernels.mlp import BACKWARD_GRAPHS
+
+    return BACKWARD_GRAPHS.calls
 
 
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
@@ -352,6 +366,9 @@ def main() -> None:
                 continue
             add(measure(name, run, inputs, device, None, tokens))
         ratio_to("triton titans (l2+decay+momentum)", "fla chunk_delta_rule", rows)
+        for row in rows:  # the MLP memory's speed-up over titans-pytorch (issue 5's target: >= 10x), per variant
+            if row["name"].startswith("triton mlp2"):
+                ratio_to("titans-pytorch NeuralMemory (mlp2, fp32)", row["name"], rows)
 
     sdpa = ref.get("sdpa")
     lines = [HEADER] + [format_row(r, sdpa) for r in rows]

@@ -1,72 +1,115 @@
 #!/usr/bin/env bash
-# One device call (<= GPU_ALL_SECONDS, default 540 s) that runs, in order of importance, each step bounded by the time
-# left: 1. gpu_check.sh (correctness on CUDA + the benchmark table), 2. profile_kernels.py for the MLP memory (device
-# ms per kernel), 3. the MLP kernels' GPU test file, then the MLP variants (GPU_ALL_MLP_VARIANTS, default mlpbf16,
-# bf16 dot operands, which ran 13-17% faster in session 12 but within the default's spread, and mlpgraphs, the
-# backward replayed as a CUDA graph, not yet run on a GPU: the bf16 tests, then the default row and one per variant
-# that passed, measured in GPU_ALL_ROUNDS (3) alternating rounds),
-# 4. profile_kernels.py for titans linear, 5. the linear kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at
-# D=128), 6. gpu_passes.sh without its probes (the linear kernels pass by pass, per variant).
-# Logs: $OUT/check.log, profile.log, mlp.log, linear_oracle.log, passes.log, and every step's own logs in
-# $OUT/logs.tgz.
-#   bash benchmarks/gpu_all.sh          (GPU box, repository root; wheels in .whl/ as for gpu_check.sh)
+# One device call (<= GPU_ALL_SECONDS, default 540 s) in three phases, so that every kernel compiles in parallel
+# and only the benchmark has the GPU to itself:
+# 1. correctness, all at once, nothing timed:
+#    - gpu_check.sh without its benchmark (GPU_CHECK_BENCH=0): the warm-up of every kernel and of the fla /
+#      titans-pytorch reference rows, then the bench-shape tests of titans, delta and the MLP memory;
+#    - the MLP kernels' GPU test file at the defaults, its bf16 cases and CUDA-graphs test in one process, the rest
+#      in another;
+#    - for each MLP variant (GPU_ALL_MLP_VARIANTS, names of benchmarks/variants.py) its kernel settings' bf16 cases
+#      and CUDA-graphs test. Variants that differ only in MIRAS_KERNEL_MLP_GRAPHS share one run: the graphs test
+#      runs under each kernel setting anyway.
+# 2. one benchmark process: bench_kernels.py for titans, delta and the MLP memory, with a row for every MLP variant
+#    whose tests passed, in GPU_ALL_ROUNDS (3) alternating rounds; the chunked paths; the fla and titans-pytorch rows
+#    (wheels from benchmarks/gpu_wheels.sh, carried as .whl/); RATIO lines for both issue-5 targets.
+# 3. with the time left: profile_kernels.py mlp (device ms per kernel, host issue vs wall) under
+#    GPU_ALL_PROFILE_VARIANT (mlpbf16graphs) when it passed, then at the defaults; the linear kernels' float64-oracle
+#    GPU tests (bf16 cases, fp32 Huber at D=128).
+# Logs: $OUT/check.log, mlp.log, bench.log + bench_table.txt, profile.log, linear_oracle.log; every process's own
+# log in $OUT/logs.tgz.
+#   bash benchmarks/gpu_all.sh                        (GPU box, repository root)
+#   GPU_CHECK_CPU=1 bash benchmarks/gpu_all.sh        (CPU dry run: interpreter, tiny shapes, the GPU tests skip)
 cd "$(dirname "$0")/.." || exit 1
 OUTDIR="${OUT:-/tmp/gpu_all}"
-mkdir -p "$OUTDIR"
+LOGS=/tmp/gpu_all_logs
+mkdir -p "$OUTDIR" "$LOGS"
 END=$(( $(date +%s) + ${GPU_ALL_SECONDS:-540} ))
 left() { echo $(( END - $(date +%s) )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # the smaller of the time left and $1 seconds
+. benchmarks/gpu_site.sh
+export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
+BENCH_ARGS="--families titans,delta,mlp"
+if [ -n "${GPU_CHECK_CPU:-}" ]; then
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+  BENCH_ARGS="--tiny --families mlp --no-chunked"
+fi
+VARIANTS="${GPU_ALL_MLP_VARIANTS-mlpbf16,mlpgraphs,mlpbf16graphs,mlpbf16unfusedgraphs,mlpbf16r128graphs}"
+GATE="test_bf16_vs or graphs"  # what a variant must pass: the four bf16 cases and the CUDA-graphs test
 
-# (gpu_check.sh's linear-kernel variants: none by default, session 12 settled the last ones)
-GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-80}" \
-  GPU_CHECK_BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-150}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-}" \
-  OUT=/tmp/gpu_check \
-  timeout "$(left)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1
-echo "gpu_check.sh rc=$? ($(left) s left)" | tee -a "$OUTDIR/check.log"
+echo "== phase 1: correctness, in parallel ($(left) s left)"
+GPU_CHECK_BENCH=0 GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" \
+  GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-90}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-}" OUT=/tmp/gpu_check \
+  timeout "$(cap 300)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1 &
+CHECK_PID=$!
+timeout "$(cap 240)" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k "not ($GATE)" \
+  > "$LOGS/mlp.rest.log" 2>&1 &
+REST_PID=$!
+KEYS=("")           # kernel settings under test ("" = the defaults), each run once...
+declare -A KEY_OF   # ...and each variant's (its settings without MIRAS_KERNEL_MLP_GRAPHS)
+for var in ${VARIANTS//,/ }; do
+  settings="$(python3 benchmarks/variants.py "$var")" || continue
+  key="$(echo "$settings" | tr ' ' '\n' | grep -v '^MIRAS_KERNEL_MLP_GRAPHS=' | tr '\n' ' ' | sed 's/ *$//')"
+  KEY_OF[$var]="$key"
+  printf '%s\n' "${KEYS[@]}" | grep -qxF -- "$key" || KEYS+=("$key")
+done
+PIDS=()
+for i in "${!KEYS[@]}"; do
+  # shellcheck disable=SC2086  # the settings are words for env
+  env ${KEYS[$i]} timeout "$(cap 240)" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider \
+    -k "$GATE" > "$LOGS/mlp.$i.log" 2>&1 &
+  PIDS+=($!)
+done
+declare -A RC_OF
+for i in "${!KEYS[@]}"; do
+  wait "${PIDS[$i]}"
+  RC_OF[${KEYS[$i]:-default}]=$?
+done
+wait "$REST_PID"; REST_RC=$?
+wait "$CHECK_PID"; echo "gpu_check.sh (no benchmark) rc=$?" >> "$OUTDIR/check.log"
 sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
-
-# gpu_check.sh installed the wheels into /tmp/site
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
-profile() {  # device ms per kernel of one family (profile_kernels.py), within the time left
-  [ "$(left)" -gt 60 ] || return
-  timeout $(( $(left) < 90 ? $(left) : 90 )) python3 benchmarks/profile_kernels.py "$1" 2>&1 \
-    | grep -vE "^(STAGE|USDT)" | tee -a "$OUTDIR/profile.log"
-}
-profile mlp
-
-# the MLP kernels: the whole GPU test file at the defaults, then each MLP variant (benchmarks/variants.py) on every
-# bf16 case (all four: a variant that passes them all could become the default) and, for those that pass, their
-# benchmark rows
-if [ "$(left)" -gt 150 ]; then
-  timeout 150 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider 2>&1 \
-    | grep -E "^\.*(l2|huber|lp|graphs)|passed|failed|^FAILED|^E  " | cut -c1-300 | tee "$OUTDIR/mlp.log"
-  GOOD=""
-  for var in $(echo "${GPU_ALL_MLP_VARIANTS-mlpbf16,mlpgraphs}" | tr , " "); do
-    [ "$(left)" -gt 120 ] || break
-    settings="$(python3 benchmarks/variants.py "$var")" || continue
-    env $settings timeout 120 python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s \
-      -p no:cacheprovider -k "test_bf16_vs" > "/tmp/mlp_$var.log" 2>&1 && GOOD="$GOOD${GOOD:+,}$var"
-    grep -E "^\.*(l2|huber|lp)|passed|failed|^E  " "/tmp/mlp_$var.log" | sed "s/^/$var: /" | cut -c1-300 \
-      | tee -a "$OUTDIR/mlp.log"
+{
+  for i in "${!KEYS[@]}"; do
+    name="${KEYS[$i]:-defaults}"
+    echo "-- MLP [$name] -k '$GATE': rc=${RC_OF[${KEYS[$i]:-default}]}"
+    grep -E "^\.*(l2|huber|lp|graphs)|passed|failed|^FAILED|^E  " "$LOGS/mlp.$i.log" | cut -c1-300
   done
-  [ -n "$GOOD" ] && [ "$(left)" -gt 60 ] && timeout $(( $(left) < 150 ? $(left) : 150 )) \
-    python3 benchmarks/bench_kernels.py --families mlp --no-chunked --variants "$GOOD" --rounds "${GPU_ALL_ROUNDS:-3}" 2>&1 \
-    | grep -E "^ROW (triton|sdpa)" | tee -a "$OUTDIR/mlp.log"
+  echo "-- MLP [defaults] the rest of the file: rc=$REST_RC"
+  grep -E "^\.*(l2|huber|lp|graphs|fp32)|passed|failed|^FAILED|^E  " "$LOGS/mlp.rest.log" | cut -c1-300
+} | tee "$OUTDIR/mlp.log"
+GOOD=""
+for var in ${VARIANTS//,/ }; do
+  key="${KEY_OF[$var]-missing}"
+  [ "$key" = missing ] && continue
+  [ "${RC_OF[${key:-default}]}" = 0 ] && GOOD="$GOOD${GOOD:+,}$var"
+done
+echo "MLP variants that passed: ${GOOD:-none} (of $VARIANTS)" | tee -a "$OUTDIR/mlp.log"
+
+echo "== phase 2: the benchmark ($(left) s left)"
+if [ "$(left)" -gt 60 ]; then
+  # shellcheck disable=SC2086
+  timeout "$(cap 270)" python3 benchmarks/bench_kernels.py $BENCH_ARGS ${GOOD:+--variants "$GOOD"} \
+    --rounds "${GPU_ALL_ROUNDS:-3}" --table "$OUTDIR/bench_table.txt" > "$OUTDIR/bench.log" 2>&1
+  echo "bench_kernels.py rc=$?" | tee -a "$OUTDIR/bench.log"
+  grep -E "^device=" "$OUTDIR/bench.log"
+  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "no table; rows:"; grep -E "^ROW " "$OUTDIR/bench.log"; }
+  grep -E "^RATIO |Error" "$OUTDIR/bench.log" | cut -c1-300
 fi
 
-profile titans
-
-# the linear kernels against the float64 oracle at more shapes (bf16 cases; Huber at D=128 in fp32, which the
-# session-11 gradient pass made fit in shared memory)
-if [ "$(left)" -gt 100 ]; then
-  timeout 90 python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider \
+echo "== phase 3: profiles and the linear oracle tests ($(left) s left)"
+profile() {  # device ms per kernel of the MLP memory under the settings $1 (within the time left)
+  [ "$(left)" -gt 45 ] || return
+  echo "-- profile_kernels.py mlp [${1:-defaults}]" | tee -a "$OUTDIR/profile.log"
+  # shellcheck disable=SC2086
+  env $1 timeout "$(cap 90)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
+    | tee -a "$OUTDIR/profile.log"
+}
+PROFILE_VARIANT="${GPU_ALL_PROFILE_VARIANT:-mlpbf16graphs}"
+if [[ ",$GOOD," == *",$PROFILE_VARIANT,"* ]]; then profile "$(python3 benchmarks/variants.py "$PROFILE_VARIANT")"; fi
+profile ""
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(cap 90)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider \
     -k "fp32_huber_at_head_dim_128 or bf16_vs_float64" 2>&1 | grep -E "torch\.|passed|failed|^FAILED|^E  " \
     | cut -c1-300 | tee "$OUTDIR/linear_oracle.log"
 fi
-
-if [ "$(left)" -gt 90 ]; then
-  GPU_PASSES_PROBES=0 OUT=/tmp/gpu_passes timeout "$(left)" bash benchmarks/gpu_passes.sh > "$OUTDIR/passes.log" 2>&1
-  echo "gpu_passes.sh rc=$?" >> "$OUTDIR/passes.log"
-  cat "$OUTDIR/passes.log"
-fi
-tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check /tmp/gpu_passes 2>/dev/null
+tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check "$LOGS" 2>/dev/null
 echo "== gpu_all done, $(left) s left"

@@ -5,13 +5,15 @@
 #   bash benchmarks/gpu_check.sh                  # GPU: warm-up <= 150 s, correctness <= 40 s, benchmark <= 90 s
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh  # CPU: the same steps through Triton's interpreter, tiny shapes
 # Steps (timeouts sum to 280 s): 1. compile every kernel at once, one process each (warm_kernels.py; fixed config
-# MIRAS_KERNEL_CONFIG=8,2 so each kernel compiles once); 2. correctness of the benchmark's exact kernels (titans and
+# MIRAS_KERNEL_CONFIG=8,2 so each kernel compiles once; also the benchmark's fla / titans-pytorch reference rows when
+# their wheels are carried); 2. correctness of the benchmark's exact kernels (titans and
 # delta, split, whole-V tile; the MLP memory's mlp2 titans row and its gd twin) against the fp32 chunked path, and of
 # each variant, as parallel pytest processes;
 # 3. the benchmark, with an extra titans row per variant that passed; 4. one summary table.
 # Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
-#   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
+#   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_BENCH=0 (no benchmark: correctness only),
+#   GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
 #   GPU_CHECK_VARIANTS (default none: comma-separated names of benchmarks/variants.py, checked in parallel, then
 #   benchmarked as extra titans rows if correct; session 12 measured gradone (the one-kernel gradient pass), state32
 #   (fp32 chunk-state slots) and grad81 (1 stage) slower than the defaults, RESULTS.md; 32-wide tiles crash or go
@@ -28,6 +30,7 @@ export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
 export MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
 OUTDIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUTDIR"
+rm -f "$OUTDIR/bench_table.txt"  # (a table from an earlier run must not pass for this one's)
 python3 - <<'PY'
 import torch, triton
 print(f"torch {torch.__version__}, triton {triton.__version__}, cuda={torch.cuda.is_available()}",
@@ -70,6 +73,13 @@ if [ "$WARM_TIMEOUT" != 0 ]; then
       WPIDS+=($!)
     done
   done
+  if [ -z "${GPU_CHECK_CPU:-}" ]; then  # the benchmark's reference rows (fla-core, titans-pytorch) when carried
+    for ref in "fla chunk_delta_rule" "fla chunk_gated_delta_rule" "fla chunk_ttt_linear (chunk 16)" \
+               "titans-pytorch NeuralMemory (mlp2, fp32)"; do
+      timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py ref "$ref" >> "$OUTDIR/warm.log" 2>&1 &
+      WPIDS+=($!)
+    done
+  fi
   for pid in "${WPIDS[@]}"; do wait "$pid"; done
   echo "   $(grep -c '^warm ' "$OUTDIR/warm.log") of ${#WPIDS[@]} kernels compiled: $(grep '^warm ' "$OUTDIR/warm.log" | sed 's/^warm //' | tr '\n' ';')"
   grep -E "Error|error" "$OUTDIR/warm.log" | sort | uniq -c | head -5
@@ -124,9 +134,14 @@ if [ "$LINEAR_RC" != 0 ] && [ "$LINEAR_RC" != 124 ] && [ "${MIRAS_KERNEL_SPLIT:-
   echo "== $NOTE"
 fi
 
-echo "== benchmark: bench_kernels.py $BENCH_ARGS"
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_kernels.py $BENCH_ARGS --table "$OUTDIR/bench_table.txt" 2>&1 | tee "$OUTDIR/bench.log"
-BENCH_RC=${PIPESTATUS[0]}
+if [ "${GPU_CHECK_BENCH:-1}" = 0 ]; then  # (gpu_all.sh runs the benchmark itself, once its other tests are done)
+  echo "== benchmark: skipped (GPU_CHECK_BENCH=0)" | tee "$OUTDIR/bench.log"
+  BENCH_RC=0
+else
+  echo "== benchmark: bench_kernels.py $BENCH_ARGS"
+  timeout "${GPU_CHECK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_kernels.py $BENCH_ARGS --table "$OUTDIR/bench_table.txt" 2>&1 | tee "$OUTDIR/bench.log"
+  BENCH_RC=${PIPESTATUS[0]}
+fi
 
 echo
 echo "================================ gpu_check summary ================================"
@@ -135,8 +150,10 @@ grep -hsE "^(l2|huber|lp|dot|large)" "$OUTDIR/tests.log" "$OUTDIR"/variant.*.log
 for line in "${VAR_LINES[@]}"; do echo "  $line"; done
 grep -E "^(FAILED|E  )" "$OUTDIR/tests.log" | head -8 | sed 's/^/  /' || true
 [ -n "$NOTE" ] && echo "NOTE: $NOTE"
-echo "benchmark (rc=$BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ', TIMEOUT')):"
-grep -E "^device=" "$OUTDIR/bench.log" | sed 's/^/  /'
-cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "  no table; partial rows:"; grep -E "^ROW " "$OUTDIR/bench.log" | sed 's/^/  /'; }
-grep -E "^RATIO " "$OUTDIR/bench.log" | sed 's/^/  /'  # titans vs fla's chunk_delta_rule when fla-core is carried
+if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
+  echo "benchmark (rc=$BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ', TIMEOUT')):"
+  grep -E "^device=" "$OUTDIR/bench.log" | sed 's/^/  /'
+  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "  no table; partial rows:"; grep -E "^ROW " "$OUTDIR/bench.log" | sed 's/^/  /'; }
+  grep -E "^RATIO " "$OUTDIR/bench.log" | sed 's/^/  /'  # titans vs fla's chunk_delta_rule, titans-pytorch vs mlp2
+fi
 [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

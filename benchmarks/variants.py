@@ -25,6 +25,13 @@ VARIANTS = {
     "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
     "mlpgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"},  # the backward replayed as a CUDA graph (miras/kernels/graphs.py)
     "mlpbf16graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    # (pass 2 launched on its own spills less; with the backward graphed its extra launches cost no host time)
+    "mlpbf16unfusedgraphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_FUSE_PASSES": "0",
+                             "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    # (at most 128 registers: 4 programs of 4 warps per SM, so _bwd_tile32's 512 programs run in one wave on an
+    # H100/H200's 132 SMs instead of two, at the cost of more spills)
+    "mlpbf16r128graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_CONFIG": "4,1,128",
+                          "MIRAS_KERNEL_MLP_GRAPHS": "2"},
 }
 
 

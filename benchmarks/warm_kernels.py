@@ -6,6 +6,8 @@ cache before the tests and the benchmark run (benchmarks/gpu_check.sh starts one
     python benchmarks/warm_kernels.py mlp-gd bwd 0      # the same with the gd learner (the GPU test's gd case)
     MIRAS_KERNEL_BV=64 python benchmarks/warm_kernels.py titans fwd 1
     TRITON_INTERPRET=1 python benchmarks/warm_kernels.py delta bwd 2 --tiny   # CPU smoke of the script
+    python benchmarks/warm_kernels.py ref "fla chunk_delta_rule"    # a reference row of bench_kernels.py: one fwd+bwd
+                                                                    # at the benchmark's shape (fills Triton's cache)
 
 The signature matches bench_kernels.py and tests/test_kernels_gpu.py::test_bf16_bench_shape: H=8, D=128, chunk 64,
 bf16 q/k/v, fp32 gates, no initial state, no final-state gradient; T=1024 has the integer specialisation of T=4096.
@@ -43,6 +45,8 @@ def _launch_inputs(tiny: bool, momentum: bool):
 
 
 def main() -> None:
+    if sys.argv[1] == "ref":
+        return warm_reference(sys.argv[2])
     fam, direction, mode = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tiny = "--tiny" in sys.argv
     if fam in ("mlp", "mlp-gd"):
@@ -99,6 +103,29 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm mlp-{learner} {direction} MODE={mode}: {time.time() - t0:.1f}s")
+
+
+def warm_reference(name: str) -> None:
+    """One fwd+bwd of bench_kernels.py's reference row ``name`` (fla-core, titans-pytorch) at the benchmark's shape,
+    so that its Triton kernels compile here, in parallel with ours, and not inside the benchmark's timeout. Its
+    autotuner still times its configs in the benchmark's process (only the compiled binaries are kept on disk)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kernels import REFERENCES
+
+    if name not in REFERENCES:
+        sys.exit(f"warm_kernels.py: unknown reference {name!r}; known: {', '.join(map(repr, REFERENCES))}")
+    if not torch.cuda.is_available():
+        print(f"warm ref {name}: needs a CUDA device")
+        return
+    t0 = time.time()
+    try:
+        run, inputs = REFERENCES[name](4, 4096, 8, 128, 64, "cuda", torch.bfloat16)
+    except ImportError:
+        print(f"warm ref {name}: not installed")
+        return
+    run(*inputs).float().sum().backward()
+    torch.cuda.synchronize()
+    print(f"warm ref {name}: {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,24 @@ def test_rounds_below_one_is_a_clear_error():
     out = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_kernels.py"), "--rounds", "0"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--rounds must be >= 1, but got 0" in out.stderr
+
+
+def test_a_graphs_row_reports_how_its_backward_calls_ran():
+    """A benchmark row under MIRAS_KERNEL_MLP_GRAPHS says how many backward calls ran eagerly, were captured and
+    replayed (a row whose graphs never replay measures the eager path); rows without graphs say nothing."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_kernels
+
+    from miras.kernels.mlp import BACKWARD_GRAPHS
+
+    x = torch.ones(3, requires_grad=True)
+
+    def run(x):  # stands in for the MLP kernel: a graphed call counts as replayed, as GraphCache counts it
+        BACKWARD_GRAPHS.calls["replayed" if os.environ.get("MIRAS_KERNEL_MLP_GRAPHS") else "eager"] += 1
+        return x * 2
+
+    rows = bench_kernels.measure_rounds({"plain": {}, "graphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"}}, run, (x,), "cpu",
+                                        None, 3, rounds=1)
+    assert "spread" not in rows["plain"]
+    calls = rows["graphs"]["spread"]
+    assert calls.startswith("(MLP backward graphs: eager 0, captured 0, replayed ") and not calls.endswith(" 0)")

@@ -51,6 +51,7 @@ def test_eager_then_capture_then_replay(monkeypatch):
     second = cache(twice, "static", x, 2.0)
     assert cache.events == ["capture", "replay", "replay"] and torch.equal(second[0], 2 * x)
     assert torch.equal(first[0], 2 * torch.arange(4.0))  # outputs are clones: a later replay leaves them alone
+    assert cache.calls == {"eager": 1, "captured": 1, "replayed": 2}
 
 
 def test_the_key_covers_addresses_values_and_settings(monkeypatch):
@@ -96,3 +97,18 @@ def test_a_bad_capacity_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MIRAS_TEST_GRAPHS", "two")
     with pytest.raises(ValueError, match="MIRAS_TEST_GRAPHS must be an integer >= 0, but got MIRAS_TEST_GRAPHS='two'"):
         GraphCache("MIRAS_TEST_GRAPHS")(twice, "s", torch.ones(2), 2.0)
+
+
+def test_turning_graphs_off_or_down_drops_the_graphs_held(monkeypatch):
+    """Each graph holds its memory pool: lowering MIRAS_..._GRAPHS drops the least recently used ones, 0 drops all."""
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "2")
+    cache, x, y = StandInCache(), torch.ones(3), torch.zeros(3)
+    for args in [(x, 2.0)] * 2 + [(y, 2.0)] * 2:
+        cache(twice, "s", *args)
+    assert len(cache.graphs) == 2
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "1")
+    cache(twice, "s", y, 2.0)  # y's graph is the most recent: it stays and replays
+    assert len(cache.graphs) == 1 and cache.events[-1] == "replay"
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "0")
+    assert torch.equal(cache(twice, "s", y, 2.0)[0], 2 * y)  # eager
+    assert not cache.graphs and not cache.seen and cache.events.count("replay") == 3

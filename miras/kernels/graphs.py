@@ -11,7 +11,7 @@ captures and replays; later ones replay.
 What a graph writes lives in its private memory pool: its scratch and its outputs, which each replay overwrites, so
 the outputs are cloned before they are returned. An entry keeps that pool (for the MLP backward at B=4, T=4096, H=8,
 D=128: about 0.7 GB), and at most ``MIRAS_KERNEL_MLP_GRAPHS`` entries are kept (least recently used first out;
-0, the default, turns graphs off).
+0, the default, turns graphs off, and setting it back to 0 drops the graphs held).
 
 Requirements on the wrapped function: no host-device synchronisation, no host work that depends on tensor values,
 every tensor it reads passed in as an argument (the key must cover every address the graph bakes in), and outputs
@@ -36,6 +36,7 @@ class GraphCache:
         self.env = env
         self.graphs: OrderedDict[Hashable, tuple[Callable[[], None], tuple]] = OrderedDict()  # key -> (replay, outputs)
         self.seen: OrderedDict[Hashable, None] = OrderedDict()  # keys run once eagerly, not yet captured
+        self.calls = {"eager": 0, "captured": 0, "replayed": 0}  # what the calls did (benchmarks print it)
 
     def capacity(self) -> int:
         return env_count(self.env)
@@ -43,10 +44,10 @@ class GraphCache:
     def __call__(self, fn: Callable[..., tuple], static: Hashable, *args) -> tuple:
         """``fn(*args)``, through a graph when enabled and every tensor argument is on a CUDA device."""
         capacity = self.capacity()
-        if capacity == 0:
-            return fn(*args)
-        flat = _flat(args)
-        if not self.eligible([a for a in flat if isinstance(a, torch.Tensor)]):
+        self.trim(capacity)
+        flat = _flat(args) if capacity else []
+        if capacity == 0 or not self.eligible([a for a in flat if isinstance(a, torch.Tensor)]):
+            self.calls["eager"] += 1
             return fn(*args)
         key = (static, _settings(), tuple(_signature(a) for a in flat))
         entry = self.graphs.get(key)
@@ -55,15 +56,25 @@ class GraphCache:
                 self.seen[key] = None
                 while len(self.seen) > 4 * capacity:
                     self.seen.popitem(last=False)
+                self.calls["eager"] += 1
                 return fn(*args)
             del self.seen[key]
             entry = self.graphs[key] = self.capture(fn, args)
-            while len(self.graphs) > capacity:
-                self.graphs.popitem(last=False)
+            self.calls["captured"] += 1
+            self.trim(capacity)
         self.graphs.move_to_end(key)
         replay, outputs = entry
         replay()
+        self.calls["replayed"] += 1
         return tuple(None if o is None else o.clone() for o in outputs)
+
+    def trim(self, capacity: int) -> None:
+        """Drop the least recently used graphs (and their memory pools) beyond ``capacity``: all of them once the
+        setting is 0, so turning graphs off also gives their memory back."""
+        while len(self.graphs) > capacity:
+            self.graphs.popitem(last=False)
+        if capacity == 0:
+            self.seen.clear()
 
     @staticmethod
     def eligible(tensors: list[torch.Tensor]) -> bool:
