@@ -279,6 +279,8 @@ def main() -> None:
     ap.add_argument("--table", type=Path, help="also write the final table to this file")
     ap.add_argument("--rounds", type=int, default=1, help="measure each kernel row and its variants this many times "
                     "in alternation and report the median round (default 1)")
+    ap.add_argument("--references", default="", help="comma-separated substrings of the reference rows to run "
+                    f"(default: all of {', '.join(REFERENCES)})")
     ap.add_argument("--variants", default="", help="extra rows for the titans family: comma-separated of "
                     f"{', '.join(VARIANTS)} (kernel settings through their environment variables)")
     args = ap.parse_args()
@@ -355,7 +357,10 @@ def main() -> None:
 
     # other reference points (optional, benchmark-only: fla-core and titans-pytorch when importable)
     if device == "cuda":
+        chosen = [w for w in args.references.split(",") if w]
         for name, make_run in REFERENCES.items():
+            if chosen and not any(w in name for w in chosen):
+                continue
             try:
                 run, inputs = make_run(B, T, H, D, BT, device, dtype)
             except ImportError:

@@ -15,6 +15,9 @@
 # 3. with the time left: profile_kernels.py mlp (device ms per kernel, host issue vs wall) under
 #    GPU_ALL_PROFILE_VARIANT (mlpbf16graphs) when it passed, then at the defaults; the linear kernels' float64-oracle
 #    GPU tests (bf16 cases, fp32 Huber at D=128).
+# Knobs for a shorter call: GPU_ALL_CHECK=0 (no gpu_check.sh), GPU_ALL_REST=0 (only the MLP tests that gate the
+# variants), GPU_ALL_BENCH_ARGS (default "--families titans,delta,mlp"), GPU_ALL_EXTRAS=0 (phase 3: only the variant's
+# profile).
 # Logs: $OUT/check.log, mlp.log, bench.log + bench_table.txt, profile.log, linear_oracle.log; every process's own
 # log in $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh                        (GPU box, repository root)
@@ -22,13 +25,13 @@
 cd "$(dirname "$0")/.." || exit 1
 OUTDIR="${OUT:-/tmp/gpu_all}"
 LOGS=/tmp/gpu_all_logs
-mkdir -p "$OUTDIR" "$LOGS"
+rm -rf "$LOGS"; mkdir -p "$OUTDIR" "$LOGS"
 END=$(( $(date +%s) + ${GPU_ALL_SECONDS:-540} ))
 left() { echo $(( END - $(date +%s) )); }
 cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # the smaller of the time left and $1 seconds
 . benchmarks/gpu_site.sh
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_CONFIG="${MIRAS_KERNEL_CONFIG:-8,2}"
-BENCH_ARGS="--families titans,delta,mlp"
+BENCH_ARGS="${GPU_ALL_BENCH_ARGS:---families titans,delta,mlp}"
 if [ -n "${GPU_CHECK_CPU:-}" ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
   BENCH_ARGS="--tiny --families mlp --no-chunked"
@@ -37,13 +40,19 @@ VARIANTS="${GPU_ALL_MLP_VARIANTS-mlpbf16,mlpgraphs,mlpbf16graphs,mlpbf16unfusedg
 GATE="test_bf16_vs or graphs"  # what a variant must pass: the four bf16 cases and the CUDA-graphs test
 
 echo "== phase 1: correctness, in parallel ($(left) s left)"
-GPU_CHECK_BENCH=0 GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" \
-  GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-90}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-}" OUT=/tmp/gpu_check \
-  timeout "$(cap 300)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1 &
-CHECK_PID=$!
-timeout "$(cap 240)" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k "not ($GATE)" \
-  > "$LOGS/mlp.rest.log" 2>&1 &
-REST_PID=$!
+CHECK_PID=""
+if [ "${GPU_ALL_CHECK:-1}" != 0 ]; then
+  GPU_CHECK_BENCH=0 GPU_CHECK_WARM_TIMEOUT="${GPU_CHECK_WARM_TIMEOUT:-180}" \
+    GPU_CHECK_TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-90}" GPU_CHECK_VARIANTS="${GPU_CHECK_VARIANTS-}" \
+    OUT=/tmp/gpu_check timeout "$(cap 300)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1 &
+  CHECK_PID=$!
+fi
+REST_PID=""
+if [ "${GPU_ALL_REST:-1}" != 0 ]; then
+  timeout "$(cap 240)" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k "not ($GATE)" \
+    > "$LOGS/mlp.rest.log" 2>&1 &
+  REST_PID=$!
+fi
 KEYS=("")           # kernel settings under test ("" = the defaults), each run once...
 declare -A KEY_OF   # ...and each variant's (its settings without MIRAS_KERNEL_MLP_GRAPHS)
 for var in ${VARIANTS//,/ }; do
@@ -64,9 +73,12 @@ for i in "${!KEYS[@]}"; do
   wait "${PIDS[$i]}"
   RC_OF[${KEYS[$i]:-default}]=$?
 done
-wait "$REST_PID"; REST_RC=$?
-wait "$CHECK_PID"; echo "gpu_check.sh (no benchmark) rc=$?" >> "$OUTDIR/check.log"
-sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
+REST_RC=skipped
+[ -n "$REST_PID" ] && { wait "$REST_PID"; REST_RC=$?; }
+if [ -n "$CHECK_PID" ]; then
+  wait "$CHECK_PID"; echo "gpu_check.sh (no benchmark) rc=$?" >> "$OUTDIR/check.log"
+  sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
+fi
 {
   for i in "${!KEYS[@]}"; do
     name="${KEYS[$i]:-defaults}"
@@ -74,7 +86,7 @@ sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
     grep -E "^\.*(l2|huber|lp|graphs)|passed|failed|^FAILED|^E  " "$LOGS/mlp.$i.log" | cut -c1-300
   done
   echo "-- MLP [defaults] the rest of the file: rc=$REST_RC"
-  grep -E "^\.*(l2|huber|lp|graphs|fp32)|passed|failed|^FAILED|^E  " "$LOGS/mlp.rest.log" | cut -c1-300
+  grep -sE "^\.*(l2|huber|lp|graphs|fp32)|passed|failed|^FAILED|^E  " "$LOGS/mlp.rest.log" | cut -c1-300
 } | tee "$OUTDIR/mlp.log"
 GOOD=""
 for var in ${VARIANTS//,/ }; do
@@ -105,8 +117,8 @@ profile() {  # device ms per kernel of the MLP memory under the settings $1 (wit
 }
 PROFILE_VARIANT="${GPU_ALL_PROFILE_VARIANT:-mlpbf16graphs}"
 if [[ ",$GOOD," == *",$PROFILE_VARIANT,"* ]]; then profile "$(python3 benchmarks/variants.py "$PROFILE_VARIANT")"; fi
-profile ""
-if [ "$(left)" -gt 60 ]; then
+[ "${GPU_ALL_EXTRAS:-1}" != 0 ] && profile ""
+if [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && [ "$(left)" -gt 60 ]; then
   timeout "$(cap 90)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider \
     -k "fp32_huber_at_head_dim_128 or bf16_vs_float64" 2>&1 | grep -E "torch\.|passed|failed|^FAILED|^E  " \
     | cut -c1-300 | tee "$OUTDIR/linear_oracle.log"
