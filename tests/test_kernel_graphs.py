@@ -112,3 +112,21 @@ def test_turning_graphs_off_or_down_drops_the_graphs_held(monkeypatch):
     monkeypatch.setenv("MIRAS_TEST_GRAPHS", "0")
     assert torch.equal(cache(twice, "s", y, 2.0)[0], 2 * y)  # eager
     assert not cache.graphs and not cache.seen and cache.events.count("replay") == 3
+
+
+def test_too_few_graphs_for_the_calls_warns_once(monkeypatch):
+    """Two alternating calls (two MLP-memory layers) with room for one graph: each graph is dropped before it is
+    needed again, so every call captures anew; that warns once, naming the setting."""
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "1")
+    cache, x, y = StandInCache(), torch.ones(3), torch.zeros(3)
+    with pytest.warns(UserWarning, match="MIRAS_TEST_GRAPHS=1 keeps fewer CUDA graphs than the calls") as caught:
+        for _ in range(4):
+            cache(twice, "s", x, 2.0)
+            cache(twice, "s", y, 2.0)
+    assert len(caught) == 1 and cache.events.count("capture") > 2  # (more than one capture per call)
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "2")  # room for both: no more captures after the first two
+    captures = cache.events.count("capture")
+    for _ in range(3):
+        cache(twice, "s", x, 2.0)
+        cache(twice, "s", y, 2.0)
+    assert cache.events.count("capture") <= captures + 2

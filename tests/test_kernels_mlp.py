@@ -177,6 +177,21 @@ def test_fuse_passes_switch_rejects_bad_values(monkeypatch):
     assert fuse_passes() is False
 
 
+def test_fuse_passes_default_follows_the_graphs_setting(monkeypatch):
+    """Eager backward: fused (fewer launches, the host's launch time binds); replayed as CUDA graphs: separate (less
+    spilling, launches cost no host time; GPU session 13); an explicit setting wins either way."""
+    from miras.kernels.mlp_tiles import fuse_passes
+
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_FUSE_PASSES", raising=False)
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_GRAPHS", raising=False)
+    assert fuse_passes() is True
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", "2")
+    assert fuse_passes() is False
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "1")
+    assert fuse_passes() is True
+
+
+
 def test_tiles_launches_per_chunk(monkeypatch, _layout):
     """The tiles layout keeps only the recurrence's steps in its chunk loops: forward 2 launches per chunk (+ _y_part,
     the records' gate part and _fwd_out once), backward 3 (+ _prep_m2, the last chunk's pass 2 and _bwd_end once);
@@ -238,14 +253,18 @@ def test_kernel_support_names_the_missing_piece(memory, missing):
         triton_memory_scan(spec, x["q"], x["k"], x["v"], {n: x[n] for n in ("lr", "keep", "momentum")})
 
 
-def test_dot_precision_switch(monkeypatch):
-    """bf16 inputs on GPU: TF32 dots by default, bf16 operands with MIRAS_KERNEL_MLP_PREC=bf16, anything else a clear
-    error; fp32 inputs always 3xTF32, and the interpreter always exact fp32."""
+def test_dot_precision_switch(monkeypatch, _layout):
+    """bf16 inputs on GPU: bf16 dot operands by default in the tiles layout (GPU session 13), TF32 in the walk
+    layout; MIRAS_KERNEL_MLP_PREC picks either, anything else is a clear error; fp32 inputs always 3xTF32, and the
+    interpreter always exact fp32."""
     from miras.kernels import mlp
 
     x16, x32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
     assert mlp._prec(x16) == "ieee"
     monkeypatch.setattr(mlp, "interpreting", lambda: False)
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_PREC", raising=False)
+    assert (mlp._prec(x16), mlp._prec(x32)) == ("bf16" if _layout == "tiles" else "tf32", "tf32x3")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_PREC", "tf32")
     assert (mlp._prec(x16), mlp._prec(x32)) == ("tf32", "tf32x3")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_PREC", "bf16")
     assert (mlp._prec(x16), mlp._prec(x32)) == ("bf16", "tf32x3")

@@ -16,6 +16,7 @@ is 4.4e-6 off float64 there, and TF32 rounds 2^13 times coarser than fp32. ``tes
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -118,9 +119,10 @@ def test_inputs_are_well_conditioned(case):
 @on_gpu
 @needs_cuda
 def test_backward_graphs_replay_the_eager_backward(monkeypatch):
-    """MIRAS_KERNEL_MLP_GRAPHS: over four steps whose inputs change in place (a training loop's steady state: the same
-    addresses, new values), the backward replayed as a CUDA graph gives the eager backward's outputs and gradients
-    bit for bit (the kernels use no atomics), and at least one step replayed a graph."""
+    """MIRAS_KERNEL_MLP_GRAPHS: over four steps of two layers whose inputs change in place (a training loop's steady
+    state: the same addresses, new values; the two layers' graphs share one memory pool), the backward replayed as
+    CUDA graphs gives the eager backward's outputs and gradients bit for bit (the kernels use no atomics), and the
+    graphs replayed."""
     from miras.kernels.mlp import BACKWARD_GRAPHS
 
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
@@ -130,8 +132,8 @@ def test_backward_graphs_replay_the_eager_backward(monkeypatch):
     steps = [{n: t.detach().cpu() for n, t in make_inputs(spec, B, T, H, D, D, seed=s,
                                                              gate_ranges=gate_ranges(bias, T)).items()}
              for s in range(4)]
-    x = {n: t.to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
-         for n, t in steps[0].items()}
+    layers = [{n: t.to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
+               for n, t in steps[0].items()} for _ in range(2)]
     g = torch.Generator(device="cuda").manual_seed(1)
     cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
     cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
@@ -139,23 +141,26 @@ def test_backward_graphs_replay_the_eager_backward(monkeypatch):
     def run(graphs: str) -> list:
         monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", graphs)
         results = []
-        for leaves in steps:
-            with torch.no_grad():
-                for n, t in leaves.items():
-                    x[n].copy_(t)
-            o, final, grads = run_and_grads(triton_memory_scan, spec, x, cot)
-            results.append((o.float().cpu(), {n: s.cpu() for n, s in final.items()},
-                            {n: d.float().cpu() for n, d in grads.items()}))
-            del o, final, grads  # (freed before the next step, as in a training loop)
+        for s in range(len(steps)):
+            for i, x in enumerate(layers):  # layer i reads step s + i's inputs
+                with torch.no_grad():
+                    for n, t in steps[(s + i) % len(steps)].items():
+                        x[n].copy_(t)
+                o, final, grads = run_and_grads(triton_memory_scan, spec, x, cot)
+                results.append((o.float().cpu(), {n: s.cpu() for n, s in final.items()},
+                                {n: d.float().cpu() for n, d in grads.items()}))
+                del o, final, grads  # (freed before the next call, as in a training loop)
         return results
 
+    # both runs with the same kernels: graphs change fuse_passes' default (separate passes), eager would fuse them
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", os.environ.get("MIRAS_KERNEL_MLP_FUSE_PASSES", "0"))
     BACKWARD_GRAPHS.graphs.clear()
     BACKWARD_GRAPHS.seen.clear()
     before = BACKWARD_GRAPHS.calls["replayed"]
     graphed = run("2")
     replayed = BACKWARD_GRAPHS.calls["replayed"] - before
     eager = run("0")  # (0 also drops the graphs held)
-    print(f"graphs: {replayed} of {len(steps)} steps replayed")
+    print(f"graphs: {replayed} of {len(graphed)} calls replayed")
     for i, (got, want) in enumerate(zip(graphed, eager)):
-        check_errors(got, want, 1e-6, label=f"graphs step {i}")
-    assert replayed >= 1, "no step replayed a graph: the backward's input addresses changed at every step"
+        check_errors(got, want, 1e-6, label=f"graphs step {i // 2} layer {i % 2}")
+    assert replayed >= 2, "the graphs did not replay: the backward's input addresses changed at every step"

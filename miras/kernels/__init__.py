@@ -25,13 +25,15 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   tests on an H200, benchmarks/RESULTS.md session 12); ``MIRAS_KERNEL_MLP_LAYOUT``: their
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
   their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
-  8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC=bf16``: bf16 dot operands for bf16
-  inputs (default tf32); ``MIRAS_KERNEL_MLP_FUSE_PASSES=0``: the tiles layout launches each chunk's backward pass 2
-  on its own instead of behind the next chunk's pass 3 (``mlp_tiles.fuse_passes``).
+  8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC``: the dot operands for bf16 inputs
+  (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's; ``mlp._prec``);
+  ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
+  chunk's pass 3 (default: fused without graphs, separate with them; ``mlp_tiles.fuse_passes``).
 - ``MIRAS_KERNEL_MLP_GRAPHS=N``: replay the MLP memory's backward (~200 launches at T=4096) as a CUDA graph, keeping
-  at most N graphs (default 0: off; experimental, not yet run on a GPU; miras/kernels/graphs.py). Each layer's
-  backward is its own graph, so N below the number of MLP-memory layers re-captures every step; each graph keeps
-  its scratch (~0.7 GB at B=4, T=4096, H=8, D=128).
+  at most N graphs (default 0: off; miras/kernels/graphs.py). About 2x faster fwd+bwd on an H200 (23.2 -> 11.0 ms
+  at B=4, T=4096, H=8, D=128, benchmarks/RESULTS.md session 13). Each layer's backward is its own graph: set N to at
+  least the number of MLP-memory layers (fewer re-captures every step, and warns). Each graph keeps its gradient
+  outputs; their scratch shares one pool (~0.7 GB at that shape).
 """
 
 from __future__ import annotations

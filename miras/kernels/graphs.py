@@ -1,4 +1,4 @@
-"""Replay of a launch sequence as a CUDA graph, keyed on the addresses of its inputs (opt-in, experimental).
+"""Replay of a launch sequence as a CUDA graph, keyed on the addresses of its inputs (opt-in).
 
 The MLP memory's backward is ~200 small launches in a sequential chunk loop, and on an H200 (triton 3.6) the host
 needs ~46 us to issue each, more than the kernels take (benchmarks/RESULTS.md, GPU session 12). A CUDA graph issues
@@ -6,21 +6,25 @@ the whole sequence at once. A graph bakes in every address it touches, so it is 
 sit where the captured call's did: in a steady training loop the caching allocator hands each step the same blocks,
 so the key (every tensor's address, shape, strides and dtype, the static arguments and the MIRAS_KERNEL_* settings)
 repeats from the second step on. The first sighting of a key runs eagerly (it compiles the kernels); the second
-captures and replays; later ones replay.
+captures and replays; later ones replay. GPU session 13 (H200): replays match the eager backward bit for bit, and the
+MLP memory's fwd+bwd went from 23.2 to 11.0 ms (with bf16 dots and separate passes, RESULTS.md).
 
-What a graph writes lives in its private memory pool: its scratch and its outputs, which each replay overwrites, so
-the outputs are cloned before they are returned. An entry keeps that pool (for the MLP backward at B=4, T=4096, H=8,
-D=128: about 0.7 GB), and at most ``MIRAS_KERNEL_MLP_GRAPHS`` entries are kept (least recently used first out;
-0, the default, turns graphs off, and setting it back to 0 drops the graphs held).
+What a graph writes lives in a memory pool that the graphs of a device share: its scratch, dead once a replay
+returns, and its outputs, which each replay overwrites, so they are cloned right after it. Each entry keeps its
+outputs alive (for the MLP backward, the gradient buffers); the pool holds about one backward's scratch (~0.7 GB at
+B=4, T=4096, H=8, D=128). At most ``MIRAS_KERNEL_MLP_GRAPHS`` entries are kept (least recently used first out; 0,
+the default, turns graphs off, and setting it back to 0 drops the graphs held). Fewer entries than distinct calls per
+step (one per MLP-memory layer) re-captures every call, slower than eager: that warns once.
 
 Requirements on the wrapped function: no host-device synchronisation, no host work that depends on tensor values,
 every tensor it reads passed in as an argument (the key must cover every address the graph bakes in), and outputs
-that are tensors or None. Not yet run on a GPU.
+that are tensors or None. Calls made while a CUDA-graph capture is in progress (the caller's own) run eagerly.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -37,6 +41,9 @@ class GraphCache:
         self.graphs: OrderedDict[Hashable, tuple[Callable[[], None], tuple]] = OrderedDict()  # key -> (replay, outputs)
         self.seen: OrderedDict[Hashable, None] = OrderedDict()  # keys run once eagerly, not yet captured
         self.calls = {"eager": 0, "captured": 0, "replayed": 0}  # what the calls did (benchmarks print it)
+        self.dropped: OrderedDict[Hashable, None] = OrderedDict()  # keys whose graphs left for room (thrash check)
+        self.pools: dict[int, tuple] = {}  # CUDA device -> the memory pool its graphs share
+        self.warned = False
 
     def capacity(self) -> int:
         return env_count(self.env)
@@ -59,6 +66,8 @@ class GraphCache:
                 self.calls["eager"] += 1
                 return fn(*args)
             del self.seen[key]
+            if key in self.dropped:
+                self.warn_thrash(capacity)
             entry = self.graphs[key] = self.capture(fn, args)
             self.calls["captured"] += 1
             self.trim(capacity)
@@ -72,20 +81,42 @@ class GraphCache:
         """Drop the least recently used graphs (and their memory pools) beyond ``capacity``: all of them once the
         setting is 0, so turning graphs off also gives their memory back."""
         while len(self.graphs) > capacity:
-            self.graphs.popitem(last=False)
+            key, _ = self.graphs.popitem(last=False)
+            if capacity:
+                self.dropped[key] = None
+                while len(self.dropped) > 4 * capacity:
+                    self.dropped.popitem(last=False)
         if capacity == 0:
             self.seen.clear()
+            self.dropped.clear()
+
+    def warn_thrash(self, capacity: int) -> None:
+        """Warn once that a graph dropped for room is needed again: with fewer graphs kept than distinct calls per
+        step (MLP-memory layers), every call captures anew, which is slower than running eagerly."""
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"{self.env}={capacity} keeps fewer CUDA graphs than the calls of a training step need (one "
+                          f"per MLP-memory layer): graphs are dropped and captured again every step, which is slower "
+                          f"than no graphs; set {self.env} to at least the number of MLP-memory layers", stacklevel=3)
 
     @staticmethod
     def eligible(tensors: list[torch.Tensor]) -> bool:
-        return bool(tensors) and all(t.is_cuda for t in tensors)
+        """Every tensor on a CUDA device, and no capture in progress (inside a caller's own CUDA-graph capture the
+        launches are recorded into that graph)."""
+        return bool(tensors) and all(t.is_cuda for t in tensors) and not torch.cuda.is_current_stream_capturing()
 
-    @staticmethod
-    def capture(fn: Callable[..., tuple], args: tuple) -> tuple[Callable[[], None], tuple]:
-        """Capture ``fn(*args)`` (not run: the first replay runs it) -> (replay, the graph's output tensors)."""
+    def capture(self, fn: Callable[..., tuple], args: tuple) -> tuple[Callable[[], None], tuple]:
+        """Capture ``fn(*args)`` (not run: the first replay runs it) -> (replay, the graph's output tensors).
+
+        The graphs of one device share one memory pool: what one replay writes besides its outputs is dead once it
+        returns, and its outputs are cloned right after it on the same stream, before any other replay can
+        overwrite them, so a graph's scratch may lie where another's does (one layer's scratch, not one per graph)."""
+        device = torch.cuda.current_device()
+        if device not in self.pools:
+            self.pools[device] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a data loader's pinned copies) do not break the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pools[device], capture_error_mode="thread_local"):
             outputs = fn(*args)
         return graph.replay, tuple(outputs)
 

@@ -866,16 +866,18 @@ PRECISIONS = ("tf32", "bf16")
 
 
 def _prec(x: torch.Tensor) -> str:
-    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, and for bf16/fp16 inputs TF32,
-    or bf16 operands (fp32 accumulation, as the linear kernels use) with ``MIRAS_KERNEL_MLP_PREC=bf16``.
+    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, and for bf16/fp16 inputs
+    ``MIRAS_KERNEL_MLP_PREC``: bf16 operands with fp32 accumulation (as the linear kernels use; the default of the
+    tiles layout) or TF32 (the walk layout's default).
 
-    TF32 by default: bf16 dots were seen reading shared memory out of bounds on an H200 (triton 3.6), but at 8 warps,
-    where the TF32 dots fail too (``_launch``); at 4 warps bf16 operands are unmeasured, hence the switch."""
+    bf16 in the tiles layout since GPU session 13 (benchmarks/RESULTS.md): on an H200 (triton 3.6) its kernels took
+    11.5 ms per step against 15.0 ms with TF32 at the benchmark's shape, and all four bf16 GPU cases stayed within
+    1.2e-2 of the fp32 chunked path (bound 2e-2). The walk layout's bf16 dots are unmeasured at 4 warps."""
     if interpreting():
         return "ieee"
     if x.dtype == torch.float32:
         return "tf32x3"
-    return env_choice("MIRAS_KERNEL_MLP_PREC", PRECISIONS, "tf32")
+    return env_choice("MIRAS_KERNEL_MLP_PREC", PRECISIONS, "bf16" if layout() == "tiles" else "tf32")
 
 
 def _consts(cfg: MLPConfig, q: torch.Tensor, v: torch.Tensor) -> dict:

@@ -69,7 +69,7 @@ from miras.kernels.mlp import (
     _state_slots,
     _state_tiles,
 )
-from miras.kernels.settings import env_switch
+from miras.kernels.settings import env_count, env_switch
 
 
 def _chunk_kernel(*index_args: str):
@@ -891,10 +891,14 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
 
 
 def fuse_passes() -> bool:
-    """Whether the backward runs chunk c - 1's pass 2 in the launch of chunk c's pass 3 (``_bwd_tile32``; default),
-    or launches it on its own (``MIRAS_KERNEL_MLP_FUSE_PASSES=0``: one launch more per chunk, but the fused kernel
-    spills more, 1592 against 800 + 800 B per thread on sm_90 under triton 3.6; an A/B for a GPU)."""
-    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", True)
+    """Whether the backward runs chunk c - 1's pass 2 in the launch of chunk c's pass 3 (``_bwd_tile32``) or
+    launches it on its own (``MIRAS_KERNEL_MLP_FUSE_PASSES=0``): one launch more per chunk, but the fused kernel
+    spills more (1592 against 800 + 800 B per thread on sm_90 under triton 3.6).
+
+    Default: fused when the backward is launched eagerly (its steps are bound by the host's launch time), separate
+    when it is replayed as a CUDA graph (``MIRAS_KERNEL_MLP_GRAPHS``), where launches cost no host time: on an H200
+    fwd+bwd took 11.0 ms separate against 11.9 ms fused (GPU session 13, bf16 dots, benchmarks/RESULTS.md)."""
+    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", env_count("MIRAS_KERNEL_MLP_GRAPHS") == 0)
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
