@@ -19,7 +19,9 @@ VARIANTS = {
     "gradone": {"MIRAS_KERNEL_GRAD_SPLIT": "0"}, "state32": {"MIRAS_KERNEL_STATES": "fp32"},
     "bkg128": {"MIRAS_KERNEL_BK_GRAD": "128"}, "grad81": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1"},
     # MLP-memory kernels (extra rows of the MLP benchmark row)
+    # (bf16 dot operands are the tiles layout's default since GPU session 13; mlpbf16* name them explicitly)
     "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},
+    "mlptf32graphs": {"MIRAS_KERNEL_MLP_PREC": "tf32", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
     "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"},
     "mlpunfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "0"},
     "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
