@@ -323,6 +323,8 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
                   "rng_cpu": torch.get_rng_state(), "step": step, "history": history, "counters": dict(counters)}
             save_checkpoint(run_dir / CHECKPOINT_DIR, model=model, spec=spec, meta=meta, state=st)
 
+    restore_env = _set_env(GRAPHS_ENV, kernel_graphs_setting(cfg, device))
+    record["kernel_graphs"] = os.environ.get(GRAPHS_ENV) or "0"
     try:
         model.train()
         for step in range(start, cfg.steps):
@@ -389,10 +391,44 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
         error = f"{type(err).__name__}: {err}"
         _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
         raise
+    finally:
+        restore_env()
     _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
     if world > 1:  # every rank leaves together, after rank 0 has written the record
         dist.barrier()
     return record
+
+
+GRAPHS_ENV = "MIRAS_KERNEL_MLP_GRAPHS"
+
+
+def kernel_graphs_setting(cfg: TrainSpec, device: torch.device) -> str | None:
+    """The ``MIRAS_KERNEL_MLP_GRAPHS`` value a run sets while it trains (None: the environment is left alone).
+
+    CUDA graphs replay the MLP-memory kernels' backward (miras/kernels/graphs.py): on an H200, fwd+bwd of one layer
+    at B=4, T=4096, H=8, D=128 took 10.8 ms instead of 16.4 ms (benchmarks/RESULTS.md, GPU session 13), with the
+    same results bit for bit. ``auto`` turns them on for CUDA runs (one graph per MLP-memory layer, found as the run
+    goes) unless the environment already sets the variable; ``off`` turns them off; N keeps at most N graphs."""
+    if cfg.kernel_graphs == "auto":
+        return "auto" if device.type == "cuda" and not os.environ.get(GRAPHS_ENV) else None
+    return "0" if cfg.kernel_graphs == "off" else str(cfg.kernel_graphs)
+
+
+def _set_env(name: str, value: str | None) -> Callable[[], None]:
+    """Set the environment variable ``name`` to ``value`` (None: leave it); returns what puts the old value back."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+
+    def restore() -> None:
+        if value is None:
+            return
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+    return restore
 
 
 def _finish(record: dict[str, Any], status: str, error: str | None, last: dict[str, float], counters: dict[str, Any],

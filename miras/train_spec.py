@@ -90,6 +90,17 @@ class TrainSpec(_Spec):
     early_stop: EarlyStopSpec | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
+    kernel_graphs: Literal["auto", "off"] | int = Field(
+        "auto", description="CUDA graphs for the MLP-memory kernels' backward (MIRAS_KERNEL_MLP_GRAPHS): auto (on "
+        "CUDA, one graph per MLP-memory layer, unless the environment sets the variable), off, or the most graphs "
+        "kept")
+
+    @field_validator("kernel_graphs")
+    @classmethod
+    def _check_graphs(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"kernel_graphs must be auto, off or an integer >= 0, but got {value}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:

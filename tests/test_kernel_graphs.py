@@ -7,6 +7,8 @@ backward on a GPU: tests/test_kernels_mlp_gpu.py::test_backward_graphs_replay_th
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -95,7 +97,8 @@ def test_off_and_cpu_tensors_run_eagerly(monkeypatch):
 
 def test_a_bad_capacity_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MIRAS_TEST_GRAPHS", "two")
-    with pytest.raises(ValueError, match="MIRAS_TEST_GRAPHS must be an integer >= 0, but got MIRAS_TEST_GRAPHS='two'"):
+    with pytest.raises(ValueError, match="MIRAS_TEST_GRAPHS must be an integer >= 0 or 'auto', but got "
+                       "MIRAS_TEST_GRAPHS='two'"):
         GraphCache("MIRAS_TEST_GRAPHS")(twice, "s", torch.ones(2), 2.0)
 
 
@@ -130,3 +133,37 @@ def test_too_few_graphs_for_the_calls_warns_once(monkeypatch):
         cache(twice, "s", x, 2.0)
         cache(twice, "s", y, 2.0)
     assert cache.events.count("capture") <= captures + 2
+
+
+def test_auto_grows_to_the_calls_of_a_step(monkeypatch):
+    """MIRAS_..._GRAPHS=auto: room for 2 graphs at first, doubled whenever a dropped graph is needed again, so five
+    alternating calls (five MLP-memory layers) settle into replays, with no warning."""
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "auto")
+    cache, layers = StandInCache(), [torch.full((3,), float(i)) for i in range(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):
+            for x in layers:
+                assert torch.equal(cache(twice, "s", x, 2.0)[0], 2 * x)
+    assert cache.auto_capacity == 8 and len(cache.graphs) == 5
+    replays, captures = cache.events.count("replay"), cache.events.count("capture")
+    for x in layers:  # the steady state: every call replays, none captures
+        cache(twice, "s", x, 2.0)
+    assert cache.events.count("replay") == replays + 5 and cache.events.count("capture") == captures
+
+
+def test_a_failed_capture_warns_and_runs_eagerly_from_then_on(monkeypatch):
+    """A capture that raises (an op that cannot be captured) must not end a training run: the call runs eagerly,
+    one warning names the error, and later calls stay eager (graphs off for the process)."""
+
+    class Failing(StandInCache):
+        def capture(self, fn, args):
+            self.events.append("capture")
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "2")
+    cache, x = Failing(), torch.ones(3)
+    with pytest.warns(UserWarning, match="capturing a CUDA graph failed .RuntimeError: operation not permitted") as w:
+        results = [cache(twice, "s", x, 2.0)[0] for _ in range(4)]
+    assert len(w) == 1 and cache.events == ["capture"] and not cache.graphs
+    assert all(torch.equal(r, 2 * x) for r in results) and cache.calls["eager"] == 4

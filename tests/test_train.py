@@ -127,3 +127,42 @@ def test_bad_input_writes_nothing(tiny, tmp_path: Path):
     with pytest.raises(MirasError, match="writable"):
         train(tiny, _cfg(), run_dir=blocker / "run", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_kernel_graphs_setting_resolves_per_device(monkeypatch):
+    """train.kernel_graphs: auto turns the MLP kernels' CUDA graphs on for CUDA runs only, and leaves a variable the
+    user set alone; off and N set the variable whatever the device."""
+    from miras.train import GRAPHS_ENV, kernel_graphs_setting
+
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert kernel_graphs_setting(_cfg(), cpu) is None and kernel_graphs_setting(_cfg(), cuda) == "auto"
+    assert kernel_graphs_setting(_cfg(kernel_graphs="off"), cuda) == "0"
+    assert kernel_graphs_setting(_cfg(kernel_graphs=3), cpu) == "3"
+    monkeypatch.setenv(GRAPHS_ENV, "5")
+    assert kernel_graphs_setting(_cfg(), cuda) is None and kernel_graphs_setting(_cfg(kernel_graphs=0), cuda) == "0"
+    with pytest.raises(ValueError, match="kernel_graphs must be auto, off or an integer >= 0, but got -1"):
+        _cfg(kernel_graphs=-1)
+
+
+def test_kernel_graphs_is_set_while_training_and_restored(tiny, tmp_path: Path, monkeypatch):
+    """The run sets MIRAS_KERNEL_MLP_GRAPHS for its duration (seen from its callback), records it, and puts the
+    old value back afterwards, also when the run fails."""
+    import os
+
+    from miras.train import GRAPHS_ENV
+
+    monkeypatch.setenv(GRAPHS_ENV, "7")
+    seen = []
+    rec = train(tiny, _cfg(kernel_graphs=2), run_dir=tmp_path / "g", progress=False,
+                callback=lambda step, metrics: seen.append(os.environ.get(GRAPHS_ENV)))
+    assert seen == ["2", "2"] and rec["kernel_graphs"] == "2" and os.environ[GRAPHS_ENV] == "7"
+
+    def fail(step, metrics):
+        raise RuntimeError("stop here")
+
+    monkeypatch.delenv(GRAPHS_ENV)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(tiny, _cfg(kernel_graphs="off"), run_dir=tmp_path / "f", progress=False, callback=fail)
+    assert GRAPHS_ENV not in os.environ
+    assert train(tiny, _cfg(steps=3), run_dir=tmp_path / "cpu", progress=False)["kernel_graphs"] == "0"  # auto, CPU

@@ -14,7 +14,9 @@ returns, and its outputs, which each replay overwrites, so they are cloned right
 outputs alive (for the MLP backward, the gradient buffers); the pool holds about one backward's scratch (~0.7 GB at
 B=4, T=4096, H=8, D=128). At most ``MIRAS_KERNEL_MLP_GRAPHS`` entries are kept (least recently used first out; 0,
 the default, turns graphs off, and setting it back to 0 drops the graphs held). Fewer entries than distinct calls per
-step (one per MLP-memory layer) re-captures every call, slower than eager: that warns once.
+step (one per MLP-memory layer) re-captures every call, slower than eager: that warns once. ``auto`` starts at 2
+entries and doubles (up to 64) whenever a dropped graph is needed again (``miras train`` sets it on CUDA). A capture
+that fails warns and turns graphs off for the process: the calls run eagerly from then on.
 
 Requirements on the wrapped function: no host-device synchronisation, no host work that depends on tensor values,
 every tensor it reads passed in as an argument (the key must cover every address the graph bakes in), and outputs
@@ -30,7 +32,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from miras.kernels.settings import env_count
+AUTO_MAX = 64  # the most graphs the setting "auto" keeps
 
 
 class GraphCache:
@@ -44,13 +46,25 @@ class GraphCache:
         self.dropped: OrderedDict[Hashable, None] = OrderedDict()  # keys whose graphs left for room (thrash check)
         self.pools: dict[int, tuple] = {}  # CUDA device -> the memory pool its graphs share
         self.warned = False
+        self.auto_capacity = 2  # the capacity under the setting "auto", doubled when a dropped graph is needed again
+        self.failed: str | None = None  # why a capture failed: graphs are off for this process from then on
+
+    def setting(self) -> int | str:
+        """The environment setting: a count (0: off) or "auto"; anything else is a ValueError naming it."""
+        value = os.environ.get(self.env, "").strip()
+        if value.lower() == "auto":
+            return "auto"
+        if value and not value.isdigit():
+            raise ValueError(f"{self.env} must be an integer >= 0 or 'auto', but got {self.env}={value!r}")
+        return int(value or 0)
 
     def capacity(self) -> int:
-        return env_count(self.env)
+        setting = self.setting()
+        return self.auto_capacity if setting == "auto" else setting
 
     def __call__(self, fn: Callable[..., tuple], static: Hashable, *args) -> tuple:
         """``fn(*args)``, through a graph when enabled and every tensor argument is on a CUDA device."""
-        capacity = self.capacity()
+        capacity = 0 if self.failed else self.capacity()
         self.trim(capacity)
         flat = _flat(args) if capacity else []
         if capacity == 0 or not self.eligible([a for a in flat if isinstance(a, torch.Tensor)]):
@@ -66,9 +80,22 @@ class GraphCache:
                 self.calls["eager"] += 1
                 return fn(*args)
             del self.seen[key]
-            if key in self.dropped:
-                self.warn_thrash(capacity)
-            entry = self.graphs[key] = self.capture(fn, args)
+            if self.dropped.pop(key, False) is None:  # dropped for room and needed again: too little room
+                if self.setting() == "auto" and self.auto_capacity < AUTO_MAX:
+                    capacity = self.auto_capacity = min(2 * self.auto_capacity, AUTO_MAX)
+                    self.dropped.clear()  # (dropped at the old capacity: no evidence against the new one)
+                else:
+                    self.warn_thrash(capacity)
+            try:
+                entry = self.capture(fn, args)
+            except Exception as err:  # noqa: BLE001  (a failed capture must not end the caller's training run)
+                self.failed = f"{type(err).__name__}: {err}"
+                self.trim(0)
+                warnings.warn(f"{self.env}: capturing a CUDA graph failed ({self.failed}); from now on this process "
+                              "runs these calls eagerly (same results, more host time per call)", stacklevel=2)
+                self.calls["eager"] += 1
+                return fn(*args)
+            self.graphs[key] = entry
             self.calls["captured"] += 1
             self.trim(capacity)
         self.graphs.move_to_end(key)

@@ -45,6 +45,7 @@ from miras.kernels.common import (
     pow2_tile,
 )
 from miras.kernels.mlp import (
+    BACKWARD_GRAPHS,
     MLPConfig,
     _act,
     _block_h,
@@ -69,7 +70,7 @@ from miras.kernels.mlp import (
     _state_slots,
     _state_tiles,
 )
-from miras.kernels.settings import env_count, env_switch
+from miras.kernels.settings import env_switch
 
 
 def _chunk_kernel(*index_args: str):
@@ -898,7 +899,8 @@ def fuse_passes() -> bool:
     Default: fused when the backward is launched eagerly (its steps are bound by the host's launch time), separate
     when it is replayed as a CUDA graph (``MIRAS_KERNEL_MLP_GRAPHS``), where launches cost no host time: on an H200
     fwd+bwd took 11.0 ms separate against 11.9 ms fused (GPU session 13, bf16 dots, benchmarks/RESULTS.md)."""
-    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", env_count("MIRAS_KERNEL_MLP_GRAPHS") == 0)
+    graphs_on = BACKWARD_GRAPHS.setting() != 0 and BACKWARD_GRAPHS.failed is None
+    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", not graphs_on)
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
