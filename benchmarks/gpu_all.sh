@@ -14,13 +14,14 @@
 #    whose tests passed, in GPU_ALL_ROUNDS (3) alternating rounds; the chunked paths; the fla and titans-pytorch rows
 #    (wheels from benchmarks/gpu_wheels.sh, carried as .whl/); RATIO lines for both issue-5 targets.
 # 3. with the time left: profile_kernels.py mlp (device ms per kernel, host issue vs wall) under
-#    GPU_ALL_PROFILE_VARIANT (mlpgraphs) when it passed, then at the defaults; the linear kernels' float64-oracle
-#    GPU tests (bf16 cases, fp32 Huber at D=128).
+#    GPU_ALL_PROFILE_VARIANT (mlpgraphs) when it passed, then at the defaults; gpu_train_graphs.sh (a full
+#    `miras train` of an MLP memory with train.kernel_graphs off and auto; GPU_ALL_TRAIN=0 skips it); the linear
+#    kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at D=128).
 # Knobs for a shorter call: GPU_ALL_CHECK=0 (no gpu_check.sh), GPU_ALL_REST=0 (only the MLP tests that gate the
 # variants), GPU_ALL_BENCH_ARGS (default "--families titans,delta,mlp"), GPU_ALL_EXTRAS=0 (phase 3: only the variant's
 # profile).
-# Logs: $OUT/check.log, mlp.log, bench.log + bench_table.txt, profile.log, linear_oracle.log; every process's own
-# log in $OUT/logs.tgz.
+# Logs: $OUT/check.log, mlp.log, bench.log + bench_table.txt, profile.log, train_graphs.log, linear_oracle.log;
+# every process's own log in $OUT/logs.tgz.
 #   bash benchmarks/gpu_all.sh                        (GPU box, repository root)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_all.sh        (CPU dry run: interpreter, tiny shapes, the GPU tests skip)
 cd "$(dirname "$0")/.." || exit 1
@@ -119,10 +120,14 @@ profile() {  # device ms per kernel of the MLP memory under the settings $1 (wit
 PROFILE_VARIANT="${GPU_ALL_PROFILE_VARIANT:-mlpgraphs}"
 if [[ ",$GOOD," == *",$PROFILE_VARIANT,"* ]]; then profile "$(python3 benchmarks/variants.py "$PROFILE_VARIANT")"; fi
 [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && profile ""
+if [ "${GPU_ALL_TRAIN:-1}" != 0 ] && [ "$(left)" -gt 100 ]; then  # a full `miras train` with graphs off / auto
+  GPU_TRAIN_SECONDS=$(( $(left) / 2 - 5 < 150 ? $(left) / 2 - 5 : 150 )) OUT=/tmp/gpu_train_graphs \
+    bash benchmarks/gpu_train_graphs.sh 2>&1 | tee "$OUTDIR/train_graphs.log"
+fi
 if [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && [ "$(left)" -gt 60 ]; then
   timeout "$(cap 90)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider \
     -k "fp32_huber_at_head_dim_128 or bf16_vs_float64" 2>&1 | grep -E "torch\.|passed|failed|^FAILED|^E  " \
     | cut -c1-300 | tee "$OUTDIR/linear_oracle.log"
 fi
-tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check "$LOGS" 2>/dev/null
+tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check "$LOGS" /tmp/gpu_train_graphs 2>/dev/null
 echo "== gpu_all done, $(left) s left"

@@ -392,6 +392,7 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
         _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
         raise
     finally:
+        record["kernel_graphs_calls"] = _graph_calls()
         restore_env()
     _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
     if world > 1:  # every rank leaves together, after rank 0 has written the record
@@ -408,10 +409,20 @@ def kernel_graphs_setting(cfg: TrainSpec, device: torch.device) -> str | None:
     CUDA graphs replay the MLP-memory kernels' backward (miras/kernels/graphs.py): on an H200, fwd+bwd of one layer
     at B=4, T=4096, H=8, D=128 took 10.8 ms instead of 16.4 ms (benchmarks/RESULTS.md, GPU session 13), with the
     same results bit for bit. ``auto`` turns them on for CUDA runs (one graph per MLP-memory layer, found as the run
-    goes) unless the environment already sets the variable; ``off`` turns them off; N keeps at most N graphs."""
+    goes) unless the environment already sets the variable; ``off`` turns them off; N keeps at most N graphs; unset
+    (the default until a full training run with graphs has been checked on a GPU) leaves the environment alone."""
+    if cfg.kernel_graphs is None:
+        return None
     if cfg.kernel_graphs == "auto":
         return "auto" if device.type == "cuda" and not os.environ.get(GRAPHS_ENV) else None
     return "0" if cfg.kernel_graphs == "off" else str(cfg.kernel_graphs)
+
+
+def _graph_calls() -> dict[str, int] | None:
+    """How the MLP kernels' backward calls ran in this process (eager / captured / replayed as CUDA graphs), when
+    those kernels were loaded (miras/kernels/graphs.py)."""
+    mlp = sys.modules.get("miras.kernels.mlp")
+    return dict(mlp.BACKWARD_GRAPHS.calls) if mlp is not None else None
 
 
 def _set_env(name: str, value: str | None) -> Callable[[], None]:

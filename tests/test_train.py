@@ -136,11 +136,13 @@ def test_kernel_graphs_setting_resolves_per_device(monkeypatch):
 
     monkeypatch.delenv(GRAPHS_ENV, raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert kernel_graphs_setting(_cfg(), cpu) is None and kernel_graphs_setting(_cfg(), cuda) == "auto"
+    auto = _cfg(kernel_graphs="auto")
+    assert kernel_graphs_setting(auto, cpu) is None and kernel_graphs_setting(auto, cuda) == "auto"
+    assert kernel_graphs_setting(_cfg(), cuda) is None  # unset, the default: the environment decides
     assert kernel_graphs_setting(_cfg(kernel_graphs="off"), cuda) == "0"
     assert kernel_graphs_setting(_cfg(kernel_graphs=3), cpu) == "3"
     monkeypatch.setenv(GRAPHS_ENV, "5")
-    assert kernel_graphs_setting(_cfg(), cuda) is None and kernel_graphs_setting(_cfg(kernel_graphs=0), cuda) == "0"
+    assert kernel_graphs_setting(auto, cuda) is None and kernel_graphs_setting(_cfg(kernel_graphs=0), cuda) == "0"
     with pytest.raises(ValueError, match="kernel_graphs must be auto, off or an integer >= 0, but got -1"):
         _cfg(kernel_graphs=-1)
 
@@ -165,4 +167,5 @@ def test_kernel_graphs_is_set_while_training_and_restored(tiny, tmp_path: Path, 
     with pytest.raises(RuntimeError, match="stop here"):
         train(tiny, _cfg(kernel_graphs="off"), run_dir=tmp_path / "f", progress=False, callback=fail)
     assert GRAPHS_ENV not in os.environ
-    assert train(tiny, _cfg(steps=3), run_dir=tmp_path / "cpu", progress=False)["kernel_graphs"] == "0"  # auto, CPU
+    assert train(tiny, _cfg(steps=3, kernel_graphs="auto"), run_dir=tmp_path / "cpu",
+                 progress=False)["kernel_graphs"] == "0"  # auto on the CPU: off

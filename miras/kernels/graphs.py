@@ -7,7 +7,9 @@ sit where the captured call's did: in a steady training loop the caching allocat
 so the key (every tensor's address, shape, strides and dtype, the static arguments and the MIRAS_KERNEL_* settings)
 repeats from the second step on. The first sighting of a key runs eagerly (it compiles the kernels); the second
 captures and replays; later ones replay. GPU session 13 (H200): replays match the eager backward bit for bit, and the
-MLP memory's fwd+bwd went from 23.2 to 11.0 ms (with bf16 dots and separate passes, RESULTS.md).
+MLP memory's fwd+bwd went from 23.2 to 11.0 ms (with bf16 dots and separate passes, RESULTS.md). Those runs
+captured through torch.cuda.graph; ``GraphCache.capture`` now skips its emptying of the allocator's cache (not
+yet run on a GPU).
 
 What a graph writes lives in a memory pool that the graphs of a device share: its scratch, dead once a replay
 returns, and its outputs, which each replay overwrites, so they are cloned right after it. Each entry keeps its
@@ -15,7 +17,7 @@ outputs alive (for the MLP backward, the gradient buffers); the pool holds about
 B=4, T=4096, H=8, D=128). At most ``MIRAS_KERNEL_MLP_GRAPHS`` entries are kept (least recently used first out; 0,
 the default, turns graphs off, and setting it back to 0 drops the graphs held). Fewer entries than distinct calls per
 step (one per MLP-memory layer) re-captures every call, slower than eager: that warns once. ``auto`` starts at 2
-entries and doubles (up to 64) whenever a dropped graph is needed again (``miras train`` sets it on CUDA). A capture
+entries and doubles (up to 64) whenever a dropped graph is needed again (``train.kernel_graphs: auto``). A capture
 that fails warns and turns graphs off for the process: the calls run eagerly from then on.
 
 Requirements on the wrapped function: no host-device synchronisation, no host work that depends on tensor values,
@@ -44,7 +46,7 @@ class GraphCache:
         self.seen: OrderedDict[Hashable, None] = OrderedDict()  # keys run once eagerly, not yet captured
         self.calls = {"eager": 0, "captured": 0, "replayed": 0}  # what the calls did (benchmarks print it)
         self.dropped: OrderedDict[Hashable, None] = OrderedDict()  # keys whose graphs left for room (thrash check)
-        self.pools: dict[int, tuple] = {}  # CUDA device -> the memory pool its graphs share
+        self.pools: dict[int, tuple] = {}  # CUDA device -> (the memory pool its graphs share, capture stream)
         self.warned = False
         self.auto_capacity = 2  # the capacity under the setting "auto", doubled when a dropped graph is needed again
         self.failed: str | None = None  # why a capture failed: graphs are off for this process from then on
@@ -140,11 +142,21 @@ class GraphCache:
         overwrite them, so a graph's scratch may lie where another's does (one layer's scratch, not one per graph)."""
         device = torch.cuda.current_device()
         if device not in self.pools:
-            self.pools[device] = torch.cuda.graph_pool_handle()
+            self.pools[device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device))
+        pool, stream = self.pools[device]
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (a data loader's pinned copies) do not break the capture
-        with torch.cuda.graph(graph, pool=self.pools[device], capture_error_mode="thread_local"):
-            outputs = fn(*args)
+        # What torch.cuda.graph does, without its torch.cuda.empty_cache(): emptying the allocator's cache at every
+        # capture moves the blocks the next steps get, so their tensors' addresses, the key, change and the calls
+        # are captured again (the likely reason why only 2 of the 8 calls of GPU session 13's two-layer test
+        # replayed; this capture has not yet run on a GPU).
+        # thread_local: CUDA calls of other threads (a data loader's pinned copies) do not break the capture.
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                outputs = fn(*args)
+            finally:
+                graph.capture_end()
         return graph.replay, tuple(outputs)
 
 
