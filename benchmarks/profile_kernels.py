@@ -79,6 +79,10 @@ def main() -> None:
         wall += time.perf_counter() - t0
     print(f"per step: host issue {1e3 * issue / args.steps:.3f} ms, wall {1e3 * wall / args.steps:.3f} ms, "
           f"kernels {total / args.steps:.3f} ms")
+    from miras.kernels.mlp import BACKWARD_GRAPHS
+
+    if BACKWARD_GRAPHS.setting():  # did the backward replay (MIRAS_KERNEL_MLP_GRAPHS)? (a capture is slow on the host)
+        print(f"MLP backward calls, warm-up included: {BACKWARD_GRAPHS.calls}")
 
 
 if __name__ == "__main__":
