@@ -95,9 +95,11 @@ class TrainSpec(_Spec):
         "fwd+bwd on an H200): auto (on CUDA, one graph per MLP-memory layer, unless the environment sets the "
         "variable), off, the most graphs kept, or unset (the default: the environment decides, off when unset)")
 
-    @field_validator("kernel_graphs")
+    @field_validator("kernel_graphs", mode="before")
     @classmethod
-    def _check_graphs(cls, value: str | int | None) -> str | int | None:
+    def _check_graphs(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads off / on / false / true as booleans
+            return "auto" if value else "off"
         if isinstance(value, int) and value < 0:
             raise ValueError(f"kernel_graphs must be auto, off or an integer >= 0, but got {value}")
         return value

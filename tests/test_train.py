@@ -145,6 +145,8 @@ def test_kernel_graphs_setting_resolves_per_device(monkeypatch):
     assert kernel_graphs_setting(auto, cuda) is None and kernel_graphs_setting(_cfg(kernel_graphs=0), cuda) == "0"
     with pytest.raises(ValueError, match="kernel_graphs must be auto, off or an integer >= 0, but got -1"):
         _cfg(kernel_graphs=-1)
+    # YAML's off / on (booleans): off and auto, not 0 and 1 graph
+    assert (_cfg(kernel_graphs=False).kernel_graphs, _cfg(kernel_graphs=True).kernel_graphs) == ("off", "auto")
 
 
 def test_kernel_graphs_is_set_while_training_and_restored(tiny, tmp_path: Path, monkeypatch):

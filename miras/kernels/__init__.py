@@ -31,10 +31,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   chunk's pass 3 (default: fused without graphs, separate with them; ``mlp_tiles.fuse_passes``).
 - ``MIRAS_KERNEL_MLP_GRAPHS=N`` or ``auto``: replay the MLP memory's backward (~200 launches at T=4096) as a CUDA
   graph, keeping at most N graphs (default 0: off; ``auto``: as many as a step needs, up to 64; a model YAML's
-  ``train.kernel_graphs`` sets it for a ``miras train`` run; miras/kernels/graphs.py). On an H200, fwd+bwd at B=4, T=4096, H=8,
-  D=128 took 10.8 ms instead of 16.4 ms (benchmarks/RESULTS.md session 13). Each layer's backward is its own graph:
-  a fixed N below the number of MLP-memory layers re-captures every step (and warns). Each graph keeps its gradient
-  outputs; their scratch shares one pool (~0.7 GB at that shape).
+  ``train.kernel_graphs`` sets it for a ``miras train`` run; miras/kernels/graphs.py). On an H200, fwd+bwd at B=4,
+  T=4096, H=8, D=128 took 10.8 ms instead of 16.4 ms (benchmarks/RESULTS.md session 13). Each layer's backward is
+  its own graph: a fixed N below the number of MLP-memory layers re-captures every step (and warns). Each graph
+  keeps its gradient outputs; their scratch shares one pool (~0.7 GB at that shape).
 """
 
 from __future__ import annotations

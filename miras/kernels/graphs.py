@@ -82,7 +82,8 @@ class GraphCache:
                 self.calls["eager"] += 1
                 return fn(*args)
             del self.seen[key]
-            if self.dropped.pop(key, False) is None:  # dropped for room and needed again: too little room
+            if key in self.dropped:  # its graph was dropped for room and is needed again: too little room
+                del self.dropped[key]
                 if self.setting() == "auto" and self.auto_capacity < AUTO_MAX:
                     capacity = self.auto_capacity = min(2 * self.auto_capacity, AUTO_MAX)
                     self.dropped.clear()  # (dropped at the old capacity: no evidence against the new one)
@@ -107,7 +108,7 @@ class GraphCache:
         return tuple(None if o is None else o.clone() for o in outputs)
 
     def trim(self, capacity: int) -> None:
-        """Drop the least recently used graphs (and their memory pools) beyond ``capacity``: all of them once the
+        """Drop the least recently used graphs (and the outputs they keep) beyond ``capacity``: all of them once the
         setting is 0, so turning graphs off also gives their memory back."""
         while len(self.graphs) > capacity:
             key, _ = self.graphs.popitem(last=False)
