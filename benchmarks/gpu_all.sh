@@ -13,10 +13,10 @@
 # 2. one benchmark process: bench_kernels.py for titans, delta and the MLP memory, with a row for every MLP variant
 #    whose tests passed, in GPU_ALL_ROUNDS (3) alternating rounds; the chunked paths; the fla and titans-pytorch rows
 #    (wheels from benchmarks/gpu_wheels.sh, carried as .whl/); RATIO lines for both issue-5 targets.
-# 3. with the time left: profile_kernels.py mlp (device ms per kernel, host issue vs wall) under
-#    GPU_ALL_PROFILE_VARIANT (mlpgraphs) when it passed, then at the defaults; gpu_train_graphs.sh (a full
-#    `miras train` of an MLP memory with train.kernel_graphs off and auto; GPU_ALL_TRAIN=0 skips it); the linear
-#    kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at D=128).
+# 3. with the time left: gpu_train_graphs.sh (a full `miras train` of an MLP memory with train.kernel_graphs off
+#    and auto, its kernels compiled during phase 1; GPU_ALL_TRAIN=0 skips both); profile_kernels.py mlp (device ms
+#    per kernel, host issue vs wall) under GPU_ALL_PROFILE_VARIANT (mlpgraphs) when it passed, then at the defaults;
+#    the linear kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at D=128).
 # Knobs for a shorter call: GPU_ALL_CHECK=0 (no gpu_check.sh), GPU_ALL_REST=0 (only the MLP tests that gate the
 # variants), GPU_ALL_BENCH_ARGS (default "--families titans,delta,mlp"), GPU_ALL_EXTRAS=0 (phase 3: only the variant's
 # profile).
@@ -49,6 +49,12 @@ if [ "${GPU_ALL_CHECK:-1}" != 0 ]; then
     OUT=/tmp/gpu_check timeout "$(cap 300)" bash benchmarks/gpu_check.sh > "$OUTDIR/check.log" 2>&1 &
   CHECK_PID=$!
 fi
+TRAIN_PID=""
+if [ "${GPU_ALL_TRAIN:-1}" != 0 ]; then  # phase 3's training A/B: its kernels (2 heads) compiled now, in parallel
+  GPU_TRAIN_STEPS=2 GPU_TRAIN_RUNS=off GPU_TRAIN_SECONDS="$(cap 240)" OUT=/tmp/gpu_train_warm \
+    bash benchmarks/gpu_train_graphs.sh > "$LOGS/train_warm.log" 2>&1 &
+  TRAIN_PID=$!
+fi
 REST_PID=""
 if [ "${GPU_ALL_REST:-1}" != 0 ]; then
   timeout "$(cap 240)" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k "not ($GATE)" \
@@ -77,6 +83,7 @@ for i in "${!KEYS[@]}"; do
 done
 REST_RC=skipped
 [ -n "$REST_PID" ] && { wait "$REST_PID"; REST_RC=$?; }
+[ -n "$TRAIN_PID" ] && wait "$TRAIN_PID"
 if [ -n "$CHECK_PID" ]; then
   wait "$CHECK_PID"; echo "gpu_check.sh (no benchmark) rc=$?" >> "$OUTDIR/check.log"
   sed -n '/gpu_check summary/,$p' "$OUTDIR/check.log"
@@ -109,7 +116,11 @@ if [ "$(left)" -gt 60 ]; then
   grep -E "^RATIO |Error" "$OUTDIR/bench.log" | cut -c1-300
 fi
 
-echo "== phase 3: profiles and the linear oracle tests ($(left) s left)"
+echo "== phase 3: the training A/B, profiles and the linear oracle tests ($(left) s left)"
+if [ "${GPU_ALL_TRAIN:-1}" != 0 ] && [ "$(left)" -gt 100 ]; then  # a full `miras train` with graphs off / auto
+  GPU_TRAIN_SECONDS=$(( $(left) / 2 - 5 < 120 ? $(left) / 2 - 5 : 120 )) OUT=/tmp/gpu_train_graphs \
+    bash benchmarks/gpu_train_graphs.sh 2>&1 | tee "$OUTDIR/train_graphs.log"
+fi
 profile() {  # device ms per kernel of the MLP memory under the settings $1 (within the time left)
   [ "$(left)" -gt 45 ] || return
   echo "-- profile_kernels.py mlp [${1:-defaults}]" | tee -a "$OUTDIR/profile.log"
@@ -120,14 +131,10 @@ profile() {  # device ms per kernel of the MLP memory under the settings $1 (wit
 PROFILE_VARIANT="${GPU_ALL_PROFILE_VARIANT:-mlpgraphs}"
 if [[ ",$GOOD," == *",$PROFILE_VARIANT,"* ]]; then profile "$(python3 benchmarks/variants.py "$PROFILE_VARIANT")"; fi
 [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && profile ""
-if [ "${GPU_ALL_TRAIN:-1}" != 0 ] && [ "$(left)" -gt 100 ]; then  # a full `miras train` with graphs off / auto
-  GPU_TRAIN_SECONDS=$(( $(left) / 2 - 5 < 150 ? $(left) / 2 - 5 : 150 )) OUT=/tmp/gpu_train_graphs \
-    bash benchmarks/gpu_train_graphs.sh 2>&1 | tee "$OUTDIR/train_graphs.log"
-fi
 if [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && [ "$(left)" -gt 60 ]; then
   timeout "$(cap 90)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider \
     -k "fp32_huber_at_head_dim_128 or bf16_vs_float64" 2>&1 | grep -E "torch\.|passed|failed|^FAILED|^E  " \
     | cut -c1-300 | tee "$OUTDIR/linear_oracle.log"
 fi
-tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check "$LOGS" /tmp/gpu_train_graphs 2>/dev/null
+tar czf "$OUTDIR/logs.tgz" /tmp/gpu_check "$LOGS" /tmp/gpu_train_graphs /tmp/gpu_train_warm 2>/dev/null
 echo "== gpu_all done, $(left) s left"

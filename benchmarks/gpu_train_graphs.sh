@@ -7,15 +7,16 @@
 # GELU, memory learning rate 0.01 at init (0.12 diverges at chunk 64 without the norm), 2 heads of 128 (d_model
 # 256), MQAR at seq_len 512.
 #   bash benchmarks/gpu_train_graphs.sh                   (GPU; <= GPU_TRAIN_SECONDS per run, default 120)
+#   GPU_TRAIN_STEPS=2 GPU_TRAIN_RUNS=off bash benchmarks/gpu_train_graphs.sh   (compiles the kernels, gpu_all phase 1)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_train_graphs.sh   (CPU dry run: 4 steps, chunked path, graphs unused)
 cd "$(dirname "$0")/.." || exit 1
 . benchmarks/gpu_site.sh
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP_FUSE_PASSES=0
 RUNS="${OUT:-/tmp/gpu_train_graphs}/runs"
 rm -rf "$RUNS"; mkdir -p "$RUNS"  # (a run name already taken would get a suffix)
-STEPS=60 DEVICE=cuda
+STEPS="${GPU_TRAIN_STEPS:-60}" DEVICE=cuda
 [ -n "${GPU_CHECK_CPU:-}" ] && { STEPS=4; DEVICE=cpu; }
-for graphs in off auto; do
+for graphs in ${GPU_TRAIN_RUNS:-off auto}; do
   timeout "${GPU_TRAIN_SECONDS:-120}" python3 -m miras train recipes/titans-lmm.yaml --task mqar --steps "$STEPS" \
     --batch-size 16 --seq-len 512 --eval-every "$STEPS" --eval-batches 2 --device "$DEVICE" --runs-dir "$RUNS" \
     --name "graphs-$graphs" --no-wandb --set memory.memory.norm=false --set memory.learner.chunk_size=64 \
