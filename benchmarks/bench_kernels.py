@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from variants import VARIANTS  # noqa: E402  (benchmarks/ is this script's directory)
 
+from miras.kernels.settings import temporary_env  # noqa: E402
 from miras.spec import MemorySpec  # noqa: E402
 
 FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 64)
@@ -207,7 +207,7 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
     for _ in range(rounds):
         for name, env in settings.items():
             before = dict(_graph_calls())
-            with _env(env):
+            with temporary_env(env):
                 runs[name].append(measure(name, run, inputs, device, flops, tokens))
             graph_calls[name].update({k: n - before[k] for k, n in _graph_calls().items()})
     rows = {}
@@ -236,21 +236,6 @@ def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
     """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*) to the MLP."""
     mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name == "MIRAS_KERNEL_BH" for name in VARIANTS[variant])
     return "titans" in fam and (memory_kind == "mlp") == mlp_variant
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]):
-    """Temporarily set environment variables (the kernels read MIRAS_KERNEL_* at each call)."""
-    old = {n: os.environ.get(n) for n in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for n, v in old.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
 
 
 HEADER = (f"{'kernel':44s} {'fwd ms':>9s} {'f+b ms':>9s} {'ktok/s':>9s} {'peak GB':>8s} {'TFLOP/s':>8s} "

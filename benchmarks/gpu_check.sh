@@ -74,11 +74,10 @@ if [ "$WARM_TIMEOUT" != 0 ]; then
     done
   done
   if [ -z "${GPU_CHECK_CPU:-}" ]; then  # the benchmark's reference rows (fla-core, titans-pytorch) when carried
-    for ref in "fla chunk_delta_rule" "fla chunk_gated_delta_rule" "fla chunk_ttt_linear (chunk 16)" \
-               "titans-pytorch NeuralMemory (mlp2, fp32)"; do
+    while IFS= read -r ref; do
       timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py ref "$ref" >> "$OUTDIR/warm.log" 2>&1 &
       WPIDS+=($!)
-    done
+    done < <(python3 benchmarks/warm_kernels.py ref --list)
   fi
   for pid in "${WPIDS[@]}"; do wait "$pid"; done
   echo "   $(grep -c '^warm ' "$OUTDIR/warm.log") of ${#WPIDS[@]} kernels compiled: $(grep '^warm ' "$OUTDIR/warm.log" | sed 's/^warm //' | tr '\n' ';')"

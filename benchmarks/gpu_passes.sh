@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU probe, one call (<= ~9 min): 1. the float32 oracle tests with autotuning ON (the default kernels), 2. where the
 # time of the linear kernels goes, pass by pass (benchmarks/profile_passes.py), per variant (default: titans and
-# delta-gd at the defaults; session 12 measured 1 stage and the one-kernel gradient pass slower), 3. the whole MLP-kernel GPU test file (tests/test_kernels_mlp_gpu.py) at the MLP kernels'
-# default launch config (4 warps: at 8 warps they read shared memory out of bounds on an H200 with triton 3.6),
-# 4. bench-shape correctness of every variant, 5. the MLP memory: Triton tiles vs walk layout vs the chunked PyTorch
-# path (generic and one-node loop).
+# delta-gd at the defaults; session 12 measured 1 stage and the one-kernel gradient pass slower), 3. the whole
+# MLP-kernel GPU test file (tests/test_kernels_mlp_gpu.py) at the MLP kernels' default launch config (4 warps: at
+# 8 warps they read shared memory out of bounds on an H200 with triton 3.6), 4. bench-shape correctness of every
+# variant, 5. the MLP memory: Triton tiles vs walk layout vs the chunked PyTorch path (generic and one-node loop).
 #   bash benchmarks/gpu_passes.sh      (on the GPU box, from the repository root; logs under $OUT)
 # Knobs: GPU_PASSES_VARIANTS (space-separated family:BV:warps,stages[:ENV=value,ENV=value]), GPU_PASSES_PROBES=0
 #   skips steps 1, 3, 4 and 5; GPU_PASSES_TESTS: extra pytest runs, "|"-separated, each "ENV=.. ENV=.. pytest-args".

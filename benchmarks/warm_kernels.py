@@ -8,6 +8,7 @@ cache before the tests and the benchmark run (benchmarks/gpu_check.sh starts one
     TRITON_INTERPRET=1 python benchmarks/warm_kernels.py delta bwd 2 --tiny   # CPU smoke of the script
     python benchmarks/warm_kernels.py ref "fla chunk_delta_rule"    # a reference row of bench_kernels.py: one fwd+bwd
                                                                     # at the benchmark's shape (fills Triton's cache)
+    python benchmarks/warm_kernels.py ref --list                    # the reference rows' names, one per line
 
 The signature matches bench_kernels.py and tests/test_kernels_gpu.py::test_bf16_bench_shape: H=8, D=128, chunk 64,
 bf16 q/k/v, fp32 gates, no initial state, no final-state gradient; T=1024 has the integer specialisation of T=4096.
@@ -106,12 +107,16 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
 
 
 def warm_reference(name: str) -> None:
-    """One fwd+bwd of bench_kernels.py's reference row ``name`` (fla-core, titans-pytorch) at the benchmark's shape,
+    """One fwd+bwd of bench_kernels.py's reference row ``name`` (fla-core, titans-pytorch; ``--list``: print the
+    names) at the benchmark's shape,
     so that its Triton kernels compile here, in parallel with ours, and not inside the benchmark's timeout. Its
     autotuner still times its configs in the benchmark's process (only the compiled binaries are kept on disk)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_kernels import REFERENCES
 
+    if name == "--list":
+        print("\n".join(REFERENCES))
+        return
     if name not in REFERENCES:
         sys.exit(f"warm_kernels.py: unknown reference {name!r}; known: {', '.join(map(repr, REFERENCES))}")
     if not torch.cuda.is_available():

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from torch import nn
 
 from miras.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_state, save_checkpoint, write_json_atomic
 from miras.errors import MirasError, SpecError
+from miras.kernels.settings import temporary_env
 from miras.spec import REPO_ROOT, ModelSpec
 from miras.tasks import IGNORE, TASK_DEFAULTS, Batch, Task, make_task, task_family
 from miras.train_spec import TrackingSpec, TrainSpec
@@ -323,7 +324,9 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
                   "rng_cpu": torch.get_rng_state(), "step": step, "history": history, "counters": dict(counters)}
             save_checkpoint(run_dir / CHECKPOINT_DIR, model=model, spec=spec, meta=meta, state=st)
 
-    restore_env = _set_env(GRAPHS_ENV, kernel_graphs_setting(cfg, device))
+    graphs = kernel_graphs_setting(cfg, device)
+    kernel_env = ExitStack()  # the run's kernel settings, put back when it ends
+    kernel_env.enter_context(temporary_env({GRAPHS_ENV: graphs} if graphs is not None else {}))
     record["kernel_graphs"] = os.environ.get(GRAPHS_ENV) or "0"
     try:
         model.train()
@@ -393,7 +396,7 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
         raise
     finally:
         record["kernel_graphs_calls"] = _graph_calls()
-        restore_env()
+        kernel_env.close()
     _finish(record, status, error, last_metrics, counters, device, t_wall, run_dir, tracker, bar, is_main)
     if world > 1:  # every rank leaves together, after rank 0 has written the record
         dist.barrier()
@@ -423,23 +426,6 @@ def _graph_calls() -> dict[str, int] | None:
     those kernels were loaded (miras/kernels/graphs.py)."""
     mlp = sys.modules.get("miras.kernels.mlp")
     return dict(mlp.BACKWARD_GRAPHS.calls) if mlp is not None else None
-
-
-def _set_env(name: str, value: str | None) -> Callable[[], None]:
-    """Set the environment variable ``name`` to ``value`` (None: leave it); returns what puts the old value back."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-
-    def restore() -> None:
-        if value is None:
-            return
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-    return restore
 
 
 def _finish(record: dict[str, Any], status: str, error: str | None, last: dict[str, float], counters: dict[str, Any],

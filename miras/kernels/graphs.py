@@ -34,6 +34,8 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from miras.kernels.settings import env_count_or_auto
+
 AUTO_MAX = 64  # the most graphs the setting "auto" keeps
 
 
@@ -53,12 +55,7 @@ class GraphCache:
 
     def setting(self) -> int | str:
         """The environment setting: a count (0: off) or "auto"; anything else is a ValueError naming it."""
-        value = os.environ.get(self.env, "").strip()
-        if value.lower() == "auto":
-            return "auto"
-        if value and not value.isdigit():
-            raise ValueError(f"{self.env} must be an integer >= 0 or 'auto', but got {self.env}={value!r}")
-        return int(value or 0)
+        return env_count_or_auto(self.env)
 
     def capacity(self) -> int:
         setting = self.setting()

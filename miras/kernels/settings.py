@@ -7,6 +7,8 @@ themselves are listed in miras/kernels/__init__.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 WARPS = (1, 2, 4, 8, 16)
@@ -65,11 +67,27 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
-def env_count(name: str, default: int = 0) -> int:
-    """A count (an integer >= 0) from the environment variable ``name``, else ``default``."""
-    value = os.environ.get(name)
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ValueError(f"{name} must be an integer >= 0, but got {name}={value!r}")
-    return int(value)
+def env_count_or_auto(name: str) -> int | str:
+    """A count (an integer >= 0; unset: 0) or the word ``auto`` from the environment variable ``name``."""
+    value = os.environ.get(name, "").strip()
+    if value.lower() == "auto":
+        return "auto"
+    if value and not value.isdigit():
+        raise ValueError(f"{name} must be an integer >= 0 or 'auto', but got {name}={value!r}")
+    return int(value or 0)
+
+
+@contextmanager
+def temporary_env(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables of ``values`` for the duration of a ``with`` block, then put back what was
+    there (the kernels read their MIRAS_KERNEL_* settings at each call)."""
+    old = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
