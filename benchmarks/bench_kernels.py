@@ -271,6 +271,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, but got {args.rounds}")
+    unknown = [w for w in args.references.split(",") if w and not any(w in name for name in REFERENCES)]
+    if unknown:
+        ap.error(f"--references: {', '.join(map(repr, unknown))} matches no reference row; known: "
+                 f"{', '.join(REFERENCES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("bench_kernels: no CUDA device; run with TRITON_INTERPRET=1 --tiny on CPU (timings meaningless)")

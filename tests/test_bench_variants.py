@@ -88,3 +88,10 @@ def test_a_graphs_row_reports_how_its_backward_calls_ran():
     assert "spread" not in rows["plain"]
     calls = rows["graphs"]["spread"]
     assert calls.startswith("(MLP backward graphs: eager 0, captured 0, replayed ") and not calls.endswith(" 0)")
+
+
+def test_references_matching_no_row_is_a_clear_error():
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_kernels.py"), "--references", "fla,titan-pytorch"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--references: 'titan-pytorch' matches no reference row" in out.stderr
+    assert "titans-pytorch NeuralMemory" in out.stderr  # the known names
