@@ -204,12 +204,14 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
     on every setting alike; each row reports its median round, and with several rounds the min..max of fwd+bwd."""
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     graph_calls: dict[str, collections.Counter] = {name: collections.Counter() for name in settings}
+    launches: dict[str, collections.Counter] = {name: collections.Counter() for name in settings}
     for _ in range(rounds):
         for name, env in settings.items():
-            before = dict(_graph_calls())
+            before, launched = dict(_graph_calls()), dict(_launches())
             with temporary_env(env):
                 runs[name].append(measure(name, run, inputs, device, flops, tokens))
             graph_calls[name].update({k: n - before[k] for k, n in _graph_calls().items()})
+            launches[name].update({k: n - launched[k] for k, n in _launches().items()})
     rows = {}
     for name, results in runs.items():
         good = sorted((r for r in results if "error" not in r), key=lambda r: r["fwdbwd"])
@@ -222,6 +224,9 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
         if graph_calls[name]["captured"] or graph_calls[name]["replayed"]:  # did the CUDA graphs replay?
             calls = ", ".join(f"{k} {graph_calls[name][k]}" for k in ("eager", "captured", "replayed"))
             rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP backward graphs: {calls})").strip()
+        if launches[name]["direct"] or launches[name]["plain"]:  # how the MLP kernels were launched
+            calls = f"direct {launches[name]['direct']}, plain {launches[name]['plain']}"
+            rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP launches: {calls})").strip()
     return rows
 
 
@@ -232,9 +237,19 @@ def _graph_calls() -> dict[str, int]:
     return BACKWARD_GRAPHS.calls
 
 
+def _launches() -> dict[str, int]:
+    """How the MLP kernels were launched so far: through the compiled kernel's launcher or plainly
+    (miras/kernels/launcher.py)."""
+    from miras.kernels.launcher import CALLS
+
+    return CALLS
+
+
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
-    """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*) to the MLP."""
-    mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name == "MIRAS_KERNEL_BH" for name in VARIANTS[variant])
+    """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*, _BH, and
+    _FAST_LAUNCH, which only the MLP kernels' launches take) to the MLP."""
+    mlp_names = ("MIRAS_KERNEL_BH", "MIRAS_KERNEL_FAST_LAUNCH")
+    mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name in mlp_names for name in VARIANTS[variant])
     return "titans" in fam and (memory_kind == "mlp") == mlp_variant
 
 

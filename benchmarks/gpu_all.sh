@@ -6,16 +6,18 @@
 #      titans-pytorch reference rows, then the bench-shape tests of titans, delta and the MLP memory;
 #    - the MLP kernels' GPU test file at the defaults, its bf16 cases and CUDA-graphs test in one process, the rest
 #      in another;
-#    - for each MLP variant (GPU_ALL_MLP_VARIANTS, names of benchmarks/variants.py; default mlpgraphs, the backward
-#      as CUDA graphs, and mlptf32graphs, the same with TF32 dots, the default before session 13) its kernel
-#      settings' bf16 cases and CUDA-graphs test. Variants that differ only in MIRAS_KERNEL_MLP_GRAPHS share one
-#      run: the graphs test runs under each kernel setting anyway.
+#    - for each MLP variant (GPU_ALL_MLP_VARIANTS, names of benchmarks/variants.py; default plainlaunch, Triton's
+#      own launch path, the default before session 14; mlpfused, the backward passes fused; mlpgraphs, the backward
+#      as CUDA graphs; mlpbh32w8, hidden tiles of 32 at 8 warps) its kernel settings' bf16 cases, CUDA-graphs test
+#      and fast-launch test. Variants that differ only in MIRAS_KERNEL_MLP_GRAPHS share one run: the graphs test
+#      runs under each kernel setting anyway.
 # 2. one benchmark process: bench_kernels.py for titans, delta and the MLP memory, with a row for every MLP variant
 #    whose tests passed, in GPU_ALL_ROUNDS (3) alternating rounds; the chunked paths; the fla and titans-pytorch rows
 #    (wheels from benchmarks/gpu_wheels.sh, carried as .whl/); RATIO lines for both issue-5 targets.
 # 3. with the time left: gpu_train_graphs.sh (a full `miras train` of an MLP memory with train.kernel_graphs off
 #    and auto, its kernels compiled during phase 1; GPU_ALL_TRAIN=0 skips both); profile_kernels.py mlp (device ms
-#    per kernel, host issue vs wall) under GPU_ALL_PROFILE_VARIANT (mlpgraphs) when it passed, then at the defaults;
+#    per kernel, host issue vs wall, host us per launch) under GPU_ALL_PROFILE_VARIANT (plainlaunch) when it passed,
+#    then at the defaults;
 #    the linear kernels' float64-oracle GPU tests (bf16 cases, fp32 Huber at D=128).
 # Knobs for a shorter call: GPU_ALL_CHECK=0 (no gpu_check.sh), GPU_ALL_REST=0 (only the MLP tests that gate the
 # variants), GPU_ALL_BENCH_ARGS (default "--families titans,delta,mlp"), GPU_ALL_EXTRAS=0 (phase 3: only the variant's
@@ -38,8 +40,8 @@ if [ -n "${GPU_CHECK_CPU:-}" ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
   BENCH_ARGS="--tiny --families mlp --no-chunked"
 fi
-VARIANTS="${GPU_ALL_MLP_VARIANTS-mlpgraphs,mlptf32graphs}"
-GATE="test_bf16_vs or graphs"  # what a variant must pass: the four bf16 cases and the CUDA-graphs test
+VARIANTS="${GPU_ALL_MLP_VARIANTS-plainlaunch,mlpfused,mlpgraphs,mlpbh32w8}"
+GATE="test_bf16_vs or graphs or fast_launch"  # what a variant must pass: the 4 bf16 cases, graphs and fast launch
 
 echo "== phase 1: correctness, in parallel ($(left) s left)"
 CHECK_PID=""
@@ -128,7 +130,7 @@ profile() {  # device ms per kernel of the MLP memory under the settings $1 (wit
   env $1 timeout "$(cap 90)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
     | tee -a "$OUTDIR/profile.log"
 }
-PROFILE_VARIANT="${GPU_ALL_PROFILE_VARIANT:-mlpgraphs}"
+PROFILE_VARIANT="${GPU_ALL_PROFILE_VARIANT:-plainlaunch}"
 if [[ ",$GOOD," == *",$PROFILE_VARIANT,"* ]]; then profile "$(python3 benchmarks/variants.py "$PROFILE_VARIANT")"; fi
 [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && profile ""
 if [ "${GPU_ALL_EXTRAS:-1}" != 0 ] && [ "$(left)" -gt 60 ]; then

@@ -69,6 +69,9 @@ def main() -> None:
     for name, (n, ms) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
         print(f"| `{name}` | {n / args.steps:g} | {ms / args.steps:.3f} | {100 * ms / total:.1f}% |")
     print(f"| all kernels | {sum(n for n, _ in per_kernel.values()) / args.steps:g} | {total / args.steps:.3f} | 100% |")
+    from miras.kernels.launcher import CALLS
+
+    launched = sum(CALLS.values())
     issue = wall = 0.0
     for _ in range(args.steps):  # without the profiler
         torch.cuda.synchronize()
@@ -79,6 +82,10 @@ def main() -> None:
         wall += time.perf_counter() - t0
     print(f"per step: host issue {1e3 * issue / args.steps:.3f} ms, wall {1e3 * wall / args.steps:.3f} ms, "
           f"kernels {total / args.steps:.3f} ms")
+    n = (sum(CALLS.values()) - launched) / args.steps  # the Triton launches of a step (PyTorch's own not counted)
+    if n:
+        print(f"Triton launches per step: {n:g} ({CALLS}, warm-up included); host issue per Triton launch "
+              f"<= {1e6 * issue / args.steps / n:.1f} us")
     from miras.kernels.mlp import BACKWARD_GRAPHS
 
     if BACKWARD_GRAPHS.setting():  # did the backward replay (MIRAS_KERNEL_MLP_GRAPHS)? (a capture is slow on the host)

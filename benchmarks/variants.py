@@ -34,6 +34,10 @@ VARIANTS = {
     # H100/H200's 132 SMs instead of two, at the cost of more spills)
     "mlpbf16r128graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_CONFIG": "4,1,128",
                           "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    # (session 14: launches through the compiled kernel's launcher are the default, miras/kernels/launcher.py; these
+    # A/B it: Triton's plain launch path, the defaults before, and the fast path with the passes fused)
+    "plainlaunch": {"MIRAS_KERNEL_FAST_LAUNCH": "0"},
+    "mlpfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "1"},
 }
 
 

@@ -164,3 +164,33 @@ def test_backward_graphs_replay_the_eager_backward(monkeypatch):
     for i, (got, want) in enumerate(zip(graphed, eager)):
         check_errors(got, want, 1e-6, label=f"graphs step {i // 2} layer {i % 2}")
     assert replayed >= 2, "the graphs did not replay: the backward's input addresses changed at every step"
+
+
+@needs_cuda
+def test_fast_launch_gives_the_plain_launch_bit_for_bit(monkeypatch):
+    """MIRAS_KERNEL_FAST_LAUNCH (miras/kernels/launcher.py): the bench row's fwd+bwd with every launch through the
+    compiled kernels' own launchers equals the plain ``kernel[grid]`` launches bit for bit (same compiled kernels,
+    same arguments), and the direct path was taken."""
+    from miras.kernels.launcher import CALLS
+
+    bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
+    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
+         for n, t in make_inputs(spec, B, T, H, D, D, seed=3, gate_ranges=gate_ranges(bias, T)).items()}
+    g = torch.Generator(device="cuda").manual_seed(2)
+    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
+    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", "0")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", os.environ.get("MIRAS_KERNEL_MLP_FUSE_PASSES", "0"))
+    results = {}
+    for fast in ("0", "1", "1"):  # (the first fast run may take the plain path for sites it has not seen)
+        monkeypatch.setenv("MIRAS_KERNEL_FAST_LAUNCH", fast)
+        before = CALLS["direct"]
+        o, final, grads = run_and_grads(triton_memory_scan, spec, x, cot)
+        results[fast] = [o, *final.values(), *grads.values()], CALLS["direct"] - before
+    plain, _ = results["0"]
+    fast, direct = results["1"]
+    print(f"fast launch: {direct} direct launches in the second fast run")
+    assert direct > 100, "the fast run took the plain launch path"
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert torch.equal(a, b), f"tensor {i} differs between the fast and the plain launch"

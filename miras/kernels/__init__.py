@@ -28,7 +28,12 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC``: the dot operands for bf16 inputs
   (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's; ``mlp._prec``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
-  chunk's pass 3 (default: fused without graphs, separate with them; ``mlp_tiles.fuse_passes``).
+  chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
+  ``mlp_tiles.fuse_passes``).
+- ``MIRAS_KERNEL_FAST_LAUNCH=0``: launch the MLP kernels through Triton's plain ``kernel[grid]`` path at every call
+  instead of through the compiled kernel's own launcher once a launch site has been seen (default on with triton
+  >= 3.6; same compiled kernels, bit for bit the same results, far less host time per launch;
+  miras/kernels/launcher.py).
 - ``MIRAS_KERNEL_MLP_GRAPHS=N`` or ``auto``: replay the MLP memory's backward (~200 launches at T=4096) as a CUDA
   graph, keeping at most N graphs (default 0: off; ``auto``: as many as a step needs, up to 64; a model YAML's
   ``train.kernel_graphs`` sets it for a ``miras train`` run; miras/kernels/graphs.py). On an H200, fwd+bwd at B=4,

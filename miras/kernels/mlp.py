@@ -55,6 +55,7 @@ from miras.kernels.common import (
     pow2_tile,
 )
 from miras.kernels.graphs import GraphCache
+from miras.kernels.launcher import launch
 from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
@@ -843,7 +844,7 @@ def _launch(kernel, grid, *args, **kw):
     config = launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
     if "BH" in kw:
         _warn_config(config["num_warps"], kw["BH"], _capability_major(torch.cuda.current_device()))
-    return kernel[grid](*args, **config, **kw)
+    return launch(kernel, grid, args, {**config, **kw})
 
 
 @cache

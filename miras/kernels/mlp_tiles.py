@@ -44,6 +44,7 @@ from miras.kernels.common import (
     gate_coeffs,
     pow2_tile,
 )
+from miras.kernels.launcher import cheap_launches
 from miras.kernels.mlp import (
     BACKWARD_GRAPHS,
     MLPConfig,
@@ -896,11 +897,12 @@ def fuse_passes() -> bool:
     launches it on its own (``MIRAS_KERNEL_MLP_FUSE_PASSES=0``): one launch more per chunk, but the fused kernel
     spills more (1592 against 800 + 800 B per thread on sm_90 under triton 3.6).
 
-    Default: fused when the backward is launched eagerly (its steps are bound by the host's launch time), separate
-    when it is replayed as a CUDA graph (``MIRAS_KERNEL_MLP_GRAPHS``), where launches cost no host time: on an H200
-    fwd+bwd took 11.0 ms separate against 11.9 ms fused (GPU session 13, bf16 dots, benchmarks/RESULTS.md)."""
+    Default: separate whenever a launch costs the host little: with the fast launch path (miras/kernels/launcher.py,
+    on by default on triton >= 3.6) or with the backward replayed as a CUDA graph (``MIRAS_KERNEL_MLP_GRAPHS``): on
+    an H200 fwd+bwd took 11.0 ms separate against 11.9 ms fused under graphs (GPU session 13, bf16 dots,
+    benchmarks/RESULTS.md). Fused otherwise, where the host's ~46 us per plain Triton launch bounds the step."""
     graphs_on = BACKWARD_GRAPHS.setting() != 0 and BACKWARD_GRAPHS.failed is None
-    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", not graphs_on)
+    return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", not (graphs_on or cheap_launches()))
 
 
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
