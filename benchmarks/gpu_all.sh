@@ -106,6 +106,10 @@ for var in ${VARIANTS//,/ }; do
   [ "${RC_OF[${key:-default}]}" = 0 ] && GOOD="$GOOD${GOOD:+,}$var"
 done
 echo "MLP variants that passed: ${GOOD:-none} (of $VARIANTS)" | tee -a "$OUTDIR/mlp.log"
+if [ "${RC_OF[default]}" != 0 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then  # (a broken launch path must not take the table)
+  echo "the defaults' gate failed: phases 2 and 3 run with MIRAS_KERNEL_FAST_LAUNCH=0" | tee -a "$OUTDIR/mlp.log"
+  export MIRAS_KERNEL_FAST_LAUNCH=0
+fi
 
 echo "== phase 2: the benchmark ($(left) s left)"
 if [ "$(left)" -gt 60 ]; then
