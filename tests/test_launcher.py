@@ -65,3 +65,21 @@ def test_interpreter_takes_the_plain_path(monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1")
     assert not cheap_launches()
     assert fuse_passes()
+
+
+def test_an_empty_hook_chain_is_no_hook():
+    """Triton >= 3.6 always holds a (truthy) HookChain as its launch hooks: only one with hooks in it, or a plain
+    callable, sends launches down the plain path (GPU session 14: testing the chain's truth sent every launch
+    there)."""
+    from miras.kernels.launcher import _hooked
+
+    assert not _hooked(None)
+    assert _hooked(print)
+    chain_type = getattr(triton.knobs, "HookChain", None)
+    if chain_type is None:
+        pytest.skip("this triton has no HookChain")
+    chain = chain_type()
+    assert not _hooked(chain)
+    chain.add(print)
+    assert _hooked(chain)
+    assert not _hooked(triton.knobs.runtime.launch_enter_hook)  # (nothing set here)

@@ -100,6 +100,12 @@ def _direct_ok() -> bool:
     return version >= (3, 6) and hasattr(triton, "knobs")
 
 
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is set: a callable, or (triton >= 3.6) a ``HookChain`` with hooks in it (an empty
+    chain is always there, and truthy)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def launch(kernel, grid: tuple, args: tuple, kw: dict):
     """``kernel[grid](*args, **kw)`` (kw: the constexprs and launch options, every other argument positional),
     through the compiled kernel's own launcher once the site and fingerprint have been launched before. Returns
@@ -109,7 +115,7 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
         return kernel[grid](*args, **kw)
     import triton  # (lazy: miras.kernels imports without triton)
 
-    if triton.knobs.runtime.launch_enter_hook or triton.knobs.runtime.launch_exit_hook:
+    if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook):
         CALLS["plain"] += 1
         return kernel[grid](*args, **kw)
     driver = triton.runtime.driver.active
