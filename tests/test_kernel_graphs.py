@@ -112,9 +112,13 @@ def test_turning_graphs_off_or_down_drops_the_graphs_held(monkeypatch):
     monkeypatch.setenv("MIRAS_TEST_GRAPHS", "1")
     cache(twice, "s", y, 2.0)  # y's graph is the most recent: it stays and replays
     assert len(cache.graphs) == 1 and cache.events[-1] == "replay"
+    cache.pools[0] = ("the device's pool", None)  # (what a real capture leaves; the stand-in makes none)
     monkeypatch.setenv("MIRAS_TEST_GRAPHS", "0")
     assert torch.equal(cache(twice, "s", y, 2.0)[0], 2 * y)  # eager
     assert not cache.graphs and not cache.seen and cache.events.count("replay") == 3
+    # with its last graph gone, PyTorch releases the pool: a later capture must not reuse its id (GPU session 14:
+    # the allocator's "use_count > 0" assertion)
+    assert not cache.pools
 
 
 def test_too_few_graphs_for_the_calls_warns_once(monkeypatch):
