@@ -202,6 +202,8 @@ def test_tiles_launches_per_chunk(monkeypatch, _layout):
 
     launched = []
     monkeypatch.setattr(mlp_tiles, "_launch", lambda kernel, grid, *a, **kw: launched.append(kernel.fn.__name__))
+    # (the chunk loops' launches are bound before the loop, then called)
+    monkeypatch.setattr(mlp_tiles, "_launcher", lambda kernel, grid, **kw: lambda *a: launched.append(kernel.fn.__name__))
     spec = mlp_spec("l2", "decay", "momentum", chunk=16)
     x = make_inputs(spec, 1, 16 * 5 - 3, 2, 16, 16)  # NT = 5 chunks
     o, _ = triton_memory_scan(spec, *split(spec, x))

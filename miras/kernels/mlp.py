@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 import triton
@@ -55,7 +55,7 @@ from miras.kernels.common import (
     pow2_tile,
 )
 from miras.kernels.graphs import GraphCache
-from miras.kernels.launcher import launch
+from miras.kernels.launcher import BoundLaunch
 from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
 
 ACT_CODES = {"gelu": 0, "silu": 1, "tanh": 2, "relu": 3}
@@ -829,7 +829,14 @@ def layout() -> str:
 
 
 def _launch(kernel, grid, *args, **kw):
-    """Plain launch; on GPU with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps,
+    """One launch, ``kernel[grid](*args, **kw)`` (``_launcher``)."""
+    return _launcher(kernel, grid, **kw)(*args)
+
+
+def _launcher(kernel, grid, **kw):
+    """``kernel[grid]`` bound to its keyword arguments (constexprs), to be called with the positional ones, as often
+    as a chunk loop needs (miras.kernels.launcher.BoundLaunch; plain ``kernel[grid]`` under the interpreter); on GPU
+    with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps,
     1 stage; the linear kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here).
 
     4 warps, not 8: on an H200 with triton 3.6, at 8 warps and chunk 64 (hidden tile 16) both layouts read shared
@@ -840,11 +847,11 @@ def _launch(kernel, grid, *args, **kw):
     wgmma turned off (DISABLE_MMA_V3=1) in both bf16 cases: a Hopper wgmma code-generation problem with narrow tiles
     (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
     if interpreting():
-        return kernel[grid](*args, **kw)
+        return partial(kernel[grid], **kw)
     config = launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
     if "BH" in kw:
         _warn_config(config["num_warps"], kw["BH"], _capability_major(torch.cuda.current_device()))
-    return launch(kernel, grid, args, {**config, **kw})
+    return BoundLaunch(kernel, grid, {**config, **kw})
 
 
 @cache

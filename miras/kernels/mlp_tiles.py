@@ -66,6 +66,7 @@ from miras.kernels.mlp import (
     _input_grad_buffers,
     _input_grads,
     _launch,
+    _launcher,
     _prec,
     _state_grad_terms,
     _state_slots,
@@ -467,13 +468,16 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
         prep_grid, state_kw = (2, B * H, 1), dict(PARTS=0, STORE_Y0=False, BTR=BT)
     # the first chunk's Yp parts (each later chunk's come from the previous chunk's _fwd_tile)
     _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
+    # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
+    prep = _launcher(_prep, prep_grid, **prep_kw, **state_kw)
+    fwd_tile = _launcher(_fwd_tile, grid, **tiles, MOMENTUM=cfg.momentum)
+    fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
-        _launch(_prep, prep_grid, q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H, **prep_kw, **state_kw)
-        _launch(_fwd_tile, grid, q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS,
-                B * H, **tiles, MOMENTUM=cfg.momentum)
+        prep(q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H)
+        fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
         if not keep_states:
-            _launch(_fwd_out, (NVO, B * H, 1), q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H, **out_kw)
+            fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H)
     if keep_states:
         _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, 0, 0, T, NS, B * H, **out_kw)
     return o, _final_state(cfg, slots, NT % NS, q, v), ((*slots, pre) if keep_states else None)
@@ -937,7 +941,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
     prec = _prec(q)
-    # every launch's settings, built once (in the loop, each launch costs host time: ~325 per step at T=4096)
+    # every launch's settings, built once (in the loop, each launch costs host time: ~390 per step at T=4096)
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
     tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum)
@@ -950,19 +954,22 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     fused = fuse_passes()
     _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1], xs_c[NT - 1],
             fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw)
+    # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
+    bwd_sums = _launcher(_bwd_sums, sums_grid, **sums_kw)
+    bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
+    bwd_tile32 = _launcher(_bwd_tile32, tile_grid, **tile_kw, PASS2=fused)
+    bwd_tile2 = _launcher(_bwd_tile2, tile_grid, **tile_kw)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        _launch(_bwd_sums, sums_grid, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs, sums, c, e, NS, BHN,
-                **sums_kw)
-        _launch(_bwd_mid, mid_grid, q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c],
-                dq, dv, ddelta, c, T, BHN, **mid_kw)
+        bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs, sums, c, e, NS, BHN)
+        bwd_mid(q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c], dq, dv, ddelta, c, T,
+                BHN)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
-        _launch(_bwd_tile32, tile_grid, q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c],
-                pre_c[prev], xs_c[c], xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN, **tile_kw,
-                PASS2=fused)
+        bwd_tile32(q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], pre_c[prev], xs_c[c],
+                   xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN)
         if c > 0 and not fused:
-            _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev],
-                    xs_c[prev], fs, prow, prev, prev, s, T, NS, BHN, **tile_kw)
+            bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev], xs_c[prev], fs, prow, prev,
+                      prev, s, T, NS, BHN)
     _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
             DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=prec)
