@@ -6,6 +6,11 @@
 # The model: recipes/titans-lmm.yaml with the memory's LayerNorm head off (the kernels have none yet), chunk 64,
 # GELU, memory learning rate 0.01 at init (0.12 diverges at chunk 64 without the norm), 2 heads of 128 (d_model
 # 256), MQAR at seq_len 512.
+# Known problem (GPU session 14): this model's loss turns NaN at step 16-19, on the H200 (graphs off and auto alike)
+# and on the CPU's fp32 chunked path, at memory learning rates 0.01, 0.002 and 0.01 capped at 0.02 (expansion 2).
+# With the norm on it trains (40 steps on the CPU). So the A/B compares speed and replays over the first ~15 steps
+# only (GPU_TRAIN_STEPS, default 15), until a stable kernel-served model exists (an MLP memory without its LayerNorm
+# head is not one).
 #   bash benchmarks/gpu_train_graphs.sh                   (GPU; <= GPU_TRAIN_SECONDS per run, default 120)
 #   GPU_TRAIN_STEPS=2 GPU_TRAIN_RUNS=off bash benchmarks/gpu_train_graphs.sh   (compiles the kernels, gpu_all phase 1)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_train_graphs.sh   (CPU dry run: 4 steps, chunked path, graphs unused)
@@ -14,7 +19,7 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP_FUSE_PASSES=0
 RUNS="${OUT:-/tmp/gpu_train_graphs}/runs"
 rm -rf "$RUNS"; mkdir -p "$RUNS"  # (a run name already taken would get a suffix)
-STEPS="${GPU_TRAIN_STEPS:-60}" DEVICE=cuda
+STEPS="${GPU_TRAIN_STEPS:-15}" DEVICE=cuda  # (15: before the divergence above)
 [ -n "${GPU_CHECK_CPU:-}" ] && { STEPS=4; DEVICE=cpu; }
 for graphs in ${GPU_TRAIN_RUNS:-off auto}; do
   timeout "${GPU_TRAIN_SECONDS:-120}" python3 -m miras train recipes/titans-lmm.yaml --task mqar --steps "$STEPS" \
@@ -37,6 +42,10 @@ for g, r in records.items():
 if len(records) == 2:
     off, auto = (records[g]["final"].get("loss") for g in ("off", "auto"))
     tps = records["auto"]["tokens_per_s"] / records["off"]["tokens_per_s"]
-    print(f"auto / off: tokens/s {tps:.2f}x; final loss {auto} vs {off} "
-          f"(relative difference {abs(auto - off) / abs(off):.1e})")
+    if off is None or auto is None:  # (a run that stopped, e.g. diverged, has no final loss)
+        print(f"auto / off: tokens/s {tps:.2f}x; no final loss to compare (status {records['auto']['status']} / "
+              f"{records['off']['status']})")
+    else:
+        print(f"auto / off: tokens/s {tps:.2f}x; final loss {auto} vs {off} "
+              f"(relative difference {abs(auto - off) / abs(off):.1e})")
 PY
