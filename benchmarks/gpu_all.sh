@@ -8,8 +8,9 @@
 #      in another;
 #    - for each MLP variant (GPU_ALL_MLP_VARIANTS, names of benchmarks/variants.py; default plainlaunch, Triton's
 #      own launch path, the default before session 14; mlpfused, the backward passes fused; mlpgraphs, the backward
-#      as CUDA graphs) its kernel settings' bf16 cases, CUDA-graphs test and fast-launch test. Variants that differ
-#      only in MIRAS_KERNEL_MLP_GRAPHS share one run: the graphs test runs under each kernel setting anyway.
+#      as CUDA graphs; sums3 / sums8, the hidden-dim contractions at 3 stages / 8 warps) its kernel settings' bf16
+#      cases, CUDA-graphs test and fast-launch test. Variants that differ only in MIRAS_KERNEL_MLP_GRAPHS share one
+#      run: the graphs test runs under each kernel setting anyway.
 # 2. one benchmark process: bench_kernels.py for titans, delta and the MLP memory, with a row for every MLP variant
 #    whose tests passed, in GPU_ALL_ROUNDS (3) alternating rounds; the chunked paths; the fla and titans-pytorch rows
 #    (wheels from benchmarks/gpu_wheels.sh, carried as .whl/); RATIO lines for both issue-5 targets.
@@ -39,7 +40,7 @@ if [ -n "${GPU_CHECK_CPU:-}" ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
   BENCH_ARGS="--tiny --families mlp --no-chunked"
 fi
-VARIANTS="${GPU_ALL_MLP_VARIANTS-plainlaunch,mlpfused,mlpgraphs}"
+VARIANTS="${GPU_ALL_MLP_VARIANTS-plainlaunch,mlpfused,mlpgraphs,sums3,sums8}"
 GATE="test_bf16_vs or graphs or fast_launch"  # what a variant must pass: the 4 bf16 cases, graphs and fast launch
 
 echo "== phase 1: correctness, in parallel ($(left) s left)"

@@ -38,6 +38,9 @@ VARIANTS = {
     # A/B it: Triton's plain launch path, the defaults before, and the fast path with the passes fused)
     "plainlaunch": {"MIRAS_KERNEL_FAST_LAUNCH": "0"},
     "mlpfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "1"},
+    # (the contractions over the hidden dim, _bwd_sums / _fwd_out / _bwd_end, with their loads pipelined: 3 stages,
+    # or 8 warps and 2 stages; the tile kernels keep MIRAS_KERNEL_MLP_CONFIG)
+    "sums3": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "4,3"}, "sums8": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "8,2"},
 }
 
 

@@ -25,8 +25,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   tests on an H200, benchmarks/RESULTS.md session 12); ``MIRAS_KERNEL_MLP_LAYOUT``: their
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
   their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
-  8 warps miscompile on Hopper, see ``mlp._launch``); ``MIRAS_KERNEL_MLP_PREC``: the dot operands for bf16 inputs
-  (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's; ``mlp._prec``);
+  8 warps miscompile on Hopper, see ``mlp._launcher``); ``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the launch config of the
+  tiles layout's contractions over the hidden dim (default: ``MIRAS_KERNEL_MLP_CONFIG``); ``MIRAS_KERNEL_MLP_PREC``:
+  the dot operands for bf16 inputs (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's;
+  ``mlp._prec``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
   ``mlp_tiles.fuse_passes``).

@@ -828,16 +828,17 @@ def layout() -> str:
     return env_choice("MIRAS_KERNEL_MLP_LAYOUT", LAYOUTS, "tiles")
 
 
-def _launch(kernel, grid, *args, **kw):
+def _launch(kernel, grid, *args, config_env: str | None = None, **kw):
     """One launch, ``kernel[grid](*args, **kw)`` (``_launcher``)."""
-    return _launcher(kernel, grid, **kw)(*args)
+    return _launcher(kernel, grid, config_env, **kw)(*args)
 
 
-def _launcher(kernel, grid, **kw):
+def _launcher(kernel, grid, config_env: str | None = None, **kw):
     """``kernel[grid]`` bound to its keyword arguments (constexprs), to be called with the positional ones, as often
     as a chunk loop needs (miras.kernels.launcher.BoundLaunch; plain ``kernel[grid]`` under the interpreter); on GPU
-    with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps,
-    1 stage; the linear kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here).
+    with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps, 1 stage; the linear
+    kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here), or the kernel's own ``config_env`` where that is set
+    (``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the tiles layout's contractions over the hidden dim).
 
     4 warps, not 8: on an H200 with triton 3.6, at 8 warps and chunk 64 (hidden tile 16) both layouts read shared
     memory out of bounds at a tl.dot (compute-sanitizer: invalid __shared__ read in ``_fwd_tile``; an illegal address,
@@ -848,7 +849,7 @@ def _launcher(kernel, grid, **kw):
     (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
     if interpreting():
         return partial(kernel[grid], **kw)
-    config = launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
+    config = (config_env and launch_config(config_env)) or launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
     if "BH" in kw:
         _warn_config(config["num_warps"], kw["BH"], _capability_major(torch.cuda.current_device()))
     return BoundLaunch(kernel, grid, {**config, **kw})

@@ -415,6 +415,13 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, c0, s0, T, NS, BHN,
     tl.store(o + p_g * V + t_idx[:, None] * H * V + o_vb[None, :], O.to(o.dtype.element_ty), mask=tok)
 
 
+# the launch config of the contractions over the hidden dim (_fwd_out, _bwd_sums, _bwd_end): "warps,stages" as
+# MIRAS_KERNEL_MLP_CONFIG, which applies when this is unset. Their loops walk the hidden tiles loading the factors and
+# state tiles anew at each step, so more stages (software pipelining of those loads) may pay there, where the tile
+# kernels have no such loop (benchmarks/variants.py: sums3, sums8; unmeasured)
+SUMS_CONFIG = "MIRAS_KERNEL_MLP_SUMS_CONFIG"
+
+
 def _block_out(width: int) -> int:
     """Column block of the contraction kernels' outputs (``_fwd_out``'s o, ``_bwd_sums``' dq, dk, dR): 32, or half
     the padded width below 64 (at least 16), so that a batch*head's contraction spreads over several programs (4
@@ -471,7 +478,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     prep = _launcher(_prep, prep_grid, **prep_kw, **state_kw)
     fwd_tile = _launcher(_fwd_tile, grid, **tiles, MOMENTUM=cfg.momentum)
-    fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), **out_kw)
+    fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
         prep(q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H)
@@ -479,7 +486,8 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H)
     if keep_states:
-        _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, 0, 0, T, NS, B * H, **out_kw)
+        _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, 0, 0, T, NS, B * H, config_env=SUMS_CONFIG,
+                **out_kw)
     return o, _final_state(cfg, slots, NT % NS, q, v), ((*slots, pre) if keep_states else None)
 
 
@@ -955,7 +963,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1], xs_c[NT - 1],
             fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
-    bwd_sums = _launcher(_bwd_sums, sums_grid, **sums_kw)
+    bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw)
     bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
     bwd_tile32 = _launcher(_bwd_tile32, tile_grid, **tile_kw, PASS2=fused)
     bwd_tile2 = _launcher(_bwd_tile2, tile_grid, **tile_kw)
@@ -970,7 +978,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         if c > 0 and not fused:
             bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev], xs_c[prev], fs, prow, prev,
                       prev, s, T, NS, BHN)
-    _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN, H=H, K=K,
+    _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
+            config_env=SUMS_CONFIG, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
             DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=prec)
     return _input_grads(cfg, q, k, keep, mu, bufs, grad)
