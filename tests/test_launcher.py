@@ -83,3 +83,57 @@ def test_an_empty_hook_chain_is_no_hook():
     chain.add(print)
     assert _hooked(chain)
     assert not _hooked(triton.knobs.runtime.launch_enter_hook)  # (nothing set here)
+
+
+class StandInDriver:
+    """What BoundLaunch asks of Triton's active driver: the current device and its stream (no CUDA here)."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 7
+
+
+def test_bound_launch_goes_direct_after_the_first_plain_launch(monkeypatch):
+    """BoundLaunch's bookkeeping, with a stand-in driver and compiled kernel (the direct launch itself needs CUDA and
+    is checked bit for bit by tests/test_kernels_mlp_gpu.py): the first call of a site is the plain launch and keeps
+    its compiled kernel; later calls with the same fingerprint call that kernel's launcher with the tensors' addresses
+    and every constexpr in parameter order; a new fingerprint (a misaligned tensor) goes plain again; a new BoundLaunch
+    of the same site reuses what the first one learned; with the fast path off every call is plain."""
+    import miras.kernels.launcher as launcher
+    from miras.kernels.mlp_tiles import _bwd_sums
+
+    compiled_type = type("StandInCompiled", (), {"function": "fn", "packed_metadata": "meta",
+                                                 "run": lambda self, *a: runs.append(a)})
+    monkeypatch.setattr(triton.compiler, "CompiledKernel", compiled_type)
+    monkeypatch.setattr(triton.runtime.driver, "_active", StandInDriver(), raising=False)
+    monkeypatch.setattr(launcher, "cheap_launches", lambda: True)
+    monkeypatch.setattr(launcher, "_SITES", {})
+    runs, plain = [], []
+
+    class Kernel:  # _bwd_sums as a compiled launch sees it (under TRITON_INTERPRET=1 it is an InterpretedFunction)
+        params = triton.runtime.jit.JITFunction(_bwd_sums.fn, do_not_specialize=["s_src", "e"]).params
+
+        def __getitem__(self, grid):  # a plain launch records itself and "compiles"
+            return lambda *args, **kw: plain.append((grid, args)) or compiled_type()
+
+    kernel = Kernel()
+    kw = dict(num_warps=4, num_stages=1, K=128, V=128, HD=256, BT=64, BK=128, BV=128, BHC=32, BKO=32, BVO=32,
+              MOMENTUM=True, PREC=1)
+    tensors = [torch.zeros(8) for _ in range(11)]
+    bound = launcher.BoundLaunch(kernel, (17, 32), kw)
+    for s_src in (63, 62, 16, 1):  # (s_src is not specialised on: one fingerprint)
+        bound(*tensors, s_src, 1, 65, 32)
+    assert len(plain) == 1 and len(runs) == 3
+    grid_and_handles, args = runs[0][:9], runs[0][9:]
+    assert grid_and_handles == (17, 32, 1, 7, "fn", "meta", None, None, None)
+    assert list(args[:11]) == [t.data_ptr() for t in tensors] and args[11:15] == (62, 1, 65, 32)
+    assert args[15:] == (128, 128, 256, 64, 128, 128, 32, 32, 32, True, 1)  # the constexprs, in parameter order
+    bound(*tensors[:10], torch.zeros(9)[1:], 5, 1, 65, 32)  # misaligned: another specialisation
+    assert len(plain) == 2 and len(runs) == 3
+    launcher.BoundLaunch(kernel, (17, 32), kw)(*tensors, 5, 1, 65, 32)
+    assert len(plain) == 2 and len(runs) == 4
+    monkeypatch.setattr(launcher, "cheap_launches", lambda: False)
+    launcher.BoundLaunch(kernel, (17, 32), kw)(*tensors, 5, 1, 65, 32)
+    assert len(plain) == 3 and len(runs) == 4
