@@ -37,6 +37,12 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     "mlp2 titans (l2+decay+momentum, e=2)": dict(
         memory={"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": False, "activation": "gelu"},
         bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
+    # the recipes' memory, and titans-pytorch's default one (expansion 4, x + LN(MLP(x)): its ResidualNorm; there
+    # the LN's weight is a memory weight too, here an outer parameter). (No "titans" in the name: the MLP variants
+    # add rows to the row above only.)
+    "mlp2 + LN head (l2+decay+momentum, e=4)": dict(
+        memory={"kind": "mlp", "depth": 2, "expansion": 4, "residual": True, "norm": True, "activation": "gelu"},
+        bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
 }
 
 
@@ -102,6 +108,15 @@ def init_state(spec, H, D, device) -> dict | None:
     g = torch.Generator(device="cpu").manual_seed(1)
     return {n: (torch.randn(H, *shp, generator=g) * (0.5 if n == "W1" else shp[0] ** -0.5)).to(device)
             for n, shp in state_shapes(spec, D, D).items()}
+
+
+def head_params(spec, H, D, device) -> dict | None:
+    """The LayerNorm head's weight and bias (fp32 [H, D], around 1 and 0) for an MLP memory with ``norm``."""
+    if not (spec.memory.kind == "mlp" and spec.memory.norm):
+        return None
+    g = torch.Generator(device="cpu").manual_seed(2)
+    return {"norm_weight": (1 + 0.1 * torch.randn(H, D, generator=g)).to(device),
+            "norm_bias": (0.1 * torch.randn(H, D, generator=g)).to(device)}
 
 
 def error_text(err: Exception) -> str:
@@ -329,9 +344,10 @@ def main() -> None:
         q, k, v, gates = make(spec, B, T, H, D, device, dtype)
         names = list(gates)
         state0 = init_state(spec, H, D, device)
+        head = head_params(spec, H, D, device)
 
-        def run_triton(q, k, v, *g, spec=spec, names=names, state0=state0):
-            return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0)[0]
+        def run_triton(q, k, v, *g, spec=spec, names=names, state0=state0, head=head):
+            return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0, params=head)[0]
 
         fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
@@ -343,14 +359,15 @@ def main() -> None:
         if not args.no_chunked:
             from miras.ops import memory_scan
 
-            def run_chunked(q, k, v, *g, spec=spec, names=names, state0=state0):
-                return memory_scan(spec, q, k, v, dict(zip(names, g)), state0, mode="chunked")[0]
+            def run_chunked(q, k, v, *g, spec=spec, names=names, state0=state0, head=head):
+                return memory_scan(spec, q, k, v, dict(zip(names, g)), state0, params=head, mode="chunked")[0]
 
             crow = measure(f"chunked {fam}", run_chunked, (q, k, v, *gates.values()), device, None, tokens)
             if "error" not in row:  # the kernel ran: its outputs against the fp32 chunked path
                 with torch.no_grad():
                     o_t = run_triton(q, k, v, *gates.values()).float()
-                    o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, state0, mode="chunked")[0]
+                    o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, state0, params=head,
+                                      mode="chunked")[0]
                 row["err_vs_chunked"] = ((o_t - o_c).norm() / o_c.norm()).item()
             if "fwdbwd" in crow and "fwdbwd" in row:
                 crow["ratio"] = crow["fwdbwd"] / row["fwdbwd"]

@@ -41,7 +41,7 @@ if [ -n "${GPU_CHECK_CPU:-}" ]; then
   BENCH_ARGS="--tiny --families mlp --no-chunked"
 fi
 VARIANTS="${GPU_ALL_MLP_VARIANTS-plainlaunch,mlpfused,mlpgraphs,sums3,sums8}"
-GATE="test_bf16_vs or graphs or fast_launch"  # what a variant must pass: the 4 bf16 cases, graphs and fast launch
+GATE="test_bf16_vs or bf16_layernorm or graphs or fast_launch"  # a variant must pass: bf16 cases, graphs, launch
 
 echo "== phase 1: correctness, in parallel ($(left) s left)"
 CHECK_PID=""

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KERNELS = ("fwd0", "fwd1", "fwd2", "bwd")
 TILES_KERNELS = ("_y_part", "_prep", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_mid", "_bwd_tile32",
-                 "_bwd_end")
+                 "_bwd_end", "_head_read_bwd")
 INT_NAMES = {"T", "NT", "NS", "c", "c0", "s0", "s_in", "s_out", "BHN", "BTH", "s_src", "e", "s"}
 FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "dw1s", "dw2s", "ds1s", "ds2s", "xs", "dq",
               "dk", "deta", "dla", "dlm", "ddelta"}
@@ -44,7 +44,7 @@ FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "d
 
 def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum: bool, bias: int, warps: int,
                 stages: int, bh: int = 0, sass: bool = False, decayed: bool = False, residual: bool = True,
-                act: int = 0) -> dict:
+                act: int = 0, norm: bool = False) -> dict:
     """Compile one kernel variant for sm_90; returns its row (shared bytes, registers, spills, compile seconds and,
     with sass, the static instruction profile)."""
     import triton
@@ -63,7 +63,9 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     if which.startswith("_"):
         fn = getattr(mlp_tiles, which)
         consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
-                      BVO=mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0, BTR=mlp_tiles._block_rows(chunk))
+                      BVO=mlp.pow2_tile(d) if norm else mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0,
+                      BTR=mlp_tiles._block_rows(chunk), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
+                      READ_RES=residual and not norm)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:
@@ -120,12 +122,13 @@ def main() -> None:
     ap.add_argument("--decayed", action="store_true", help="gradients at the decayed point (gamma = beta)")
     ap.add_argument("--no-residual", action="store_true", help="memory without the residual x +")
     ap.add_argument("--act", type=int, default=0, help="0 gelu, 1 silu, 2 tanh, 3 relu")
+    ap.add_argument("--norm", action="store_true", help="with the LayerNorm head (memory.norm)")
     ap.add_argument("--stages", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--csv", default="")
     a = ap.parse_args()
     jobs = [(w, p, a.d, a.hidden, int(c), lr == "momentum", int(b), a.warps, a.stages, int(bh), a.sass, a.decayed,
-             not a.no_residual, a.act)
+             not a.no_residual, a.act, a.norm)
             for lr, c, b, bh, p, w in itertools.product(a.learner.split(","), a.chunk.split(","), a.bias.split(","),
                                                          a.bh.split(","), a.prec.split(","), a.which.split(","))]
     lines = []

@@ -396,7 +396,7 @@ def test_learned_initial_state_without_batch_dim():
 
 
 @pytest.mark.parametrize("overrides,missing", [
-    ({"memory": "mlp"}, "memory.kind='mlp'"),
+    ({"memory": {"kind": "mlp", "depth": 3}}, "memory.depth=3"),
     ({"retention": "lq"}, "retention.kind='lq'"),
     ({"retention": "kl", "learner": "gd"}, "retention.kind='kl'"),
     ({"retention": {"kind": "decay", "gate": {"granularity": "channel"}}}, "channel-wise"),

@@ -28,7 +28,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 triton = pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kernels_mlp import check_errors, make_inputs, mlp_spec, run_and_grads, state_dims  # noqa: E402
+from test_kernels_mlp import (  # noqa: E402
+    check_errors,
+    head_params,
+    make_inputs,
+    mlp_spec,
+    run_and_grads,
+    run_with_head,
+    state_dims,
+)
 
 from miras.kernels import triton_memory_scan  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
@@ -82,6 +90,27 @@ def _compare(case, dtype, tol):
 @needs_cuda
 def test_bf16_vs_chunked_fp32(case):
     _compare(case, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+@on_gpu
+@needs_cuda
+def test_bf16_layernorm_head_vs_chunked_fp32(case):
+    """The bench cases with the LayerNorm head (the recipes' memory; docs/kernels-ln-head.md): bf16 kernel against
+    the fp32 chunked path, outputs, final state and every gradient (the head's w and b too) within 2e-2."""
+    bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=True)
+    x = {**make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T)), **head_params(H, D)}
+    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
+         for n, t in x.items()}
+    x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
+    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    got = run_with_head(triton_memory_scan, spec, x, cot)
+    torch.cuda.synchronize()
+    check_errors(got, run_with_head(memory_scan, spec, x32, cot, mode="chunked"), 2e-2,
+                 label=f"{'-'.join(map(str, case))} LN head bf16")
 
 
 @pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])

@@ -98,7 +98,8 @@ def _warn_once(msg: str) -> None:
 def kernel_support(spec) -> tuple[bool, str]:
     """Whether a Triton kernel exists for this MemorySpec: (True, "") or (False, "<the missing piece>").
 
-    Supported: memory {linear, mlp (depth 2, residual or not, no LayerNorm head, act gelu|silu|tanh|relu)} x bias
+    Supported: memory {linear, mlp (depth 2, residual or not, LayerNorm head or not (tiles layout), act
+    gelu|silu|tanh|relu)} x bias
     {dot, l2, lp, huber} x retention {none, decay (head/scalar gate, grad_at previous|decayed)} x learner {gd, momentum},
     chunk_size in (16, 32, 64), triton >= 3.0.
     """
@@ -113,9 +114,11 @@ def kernel_support(spec) -> tuple[bool, str]:
         if mem.depth != 2:
             return False, f"no Triton kernel for memory.kind='mlp' with memory.depth={mem.depth} (only depth 2); the " \
                           "chunked PyTorch path runs it"
-        if mem.norm:
-            return False, "no Triton kernel for memory.kind='mlp' with a LayerNorm head (memory.norm=True); set " \
-                          "norm: false or use the chunked PyTorch path"
+        from miras.kernels.mlp import layout
+
+        if mem.norm and layout() != "tiles":
+            return False, "no Triton kernel for memory.kind='mlp' with a LayerNorm head (memory.norm=True) in the " \
+                          "walk layout (MIRAS_KERNEL_MLP_LAYOUT=walk); the tiles layout has it"
         if mem.activation not in ("gelu", "silu", "tanh", "relu"):
             return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
         if not env_switch("MIRAS_KERNEL_MLP", True):
@@ -185,7 +188,8 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         gates: "lr" [B, T, H]; "keep" [B, T, H] for decay retention; "momentum" for the momentum learner;
             "huber_delta" for the Huber bias (all already squashed to their ranges).
         state: {"W1": [B, H, K, V] or [H, K, V], "S1": same (momentum)}; None or missing keys mean zeros.
-        params: unused by the linear family (accepted for the memory_scan contract).
+        params: "norm_weight", "norm_bias" [H, V] for an MLP memory with a LayerNorm head (memory.norm; their
+            gradients flow); unused otherwise (accepted for the memory_scan contract).
     Returns:
         o [B, T, H, V] in q's dtype, and the final state {"W1", "S1" (momentum)} as float32 [B, H, K, V].
     Raises:
@@ -217,7 +221,7 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         _warn_known_bad(q.device)
 
     if spec.memory.kind == "mlp":
-        return _mlp_scan(spec, q, k, v, gates, state)
+        return _mlp_scan(spec, q, k, v, gates, state, params)
     cfg = LinearConfig.from_spec(spec)
     eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H)
     h0 = _state(state, "W1", B, H, K, V)
@@ -230,7 +234,7 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return o, final
 
 
-def _mlp_scan(spec, q, k, v, gates, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _mlp_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The 2-layer MLP memory (miras/kernels/mlp.py): gates and per-layer states checked and laid out here."""
     from miras.components.memory import state_shapes
     from miras.kernels.mlp import mlp_memory_scan
@@ -240,4 +244,16 @@ def _mlp_scan(spec, q, k, v, gates, state) -> tuple[torch.Tensor, dict[str, torc
     if spec.memory.residual and K != V:
         raise ValueError(f"triton_memory_scan: a residual MLP memory needs K == V, but got K={K}, V={V}")
     layers = {name: _state(state, name, B, H, *shape) for name, shape in state_shapes(spec, K, V).items()}
-    return mlp_memory_scan(spec, q, k, v, *_kernel_gates(spec, gates, B, T, H), layers)
+    head = None
+    if spec.memory.norm:
+        head = tuple(_head_param(params, name, H, V) for name in ("norm_weight", "norm_bias"))
+    return mlp_memory_scan(spec, q, k, v, *_kernel_gates(spec, gates, B, T, H), layers, head)
+
+
+def _head_param(params: dict | None, name: str, H: int, V: int) -> torch.Tensor:
+    """A LayerNorm-head parameter of an MLP memory with ``norm``: fp32 [H, V]."""
+    p = (params or {}).get(name)
+    if p is None or tuple(p.shape) != (H, V):
+        raise ValueError(f"triton_memory_scan: params[{name!r}] must be [H, V] = [{H}, {V}] for an MLP memory with a "
+                         f"LayerNorm head (memory.norm), but got {None if p is None else tuple(p.shape)}")
+    return p.to(torch.float32).contiguous()

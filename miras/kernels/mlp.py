@@ -68,6 +68,7 @@ class MLPConfig(RuleConfig):
     act: int  # ACT_CODES
     residual: bool
     hidden: int
+    norm: bool = False  # the LayerNorm head (tiles layout only; docs/kernels-ln-head.md)
 
     @classmethod
     def from_spec(cls, spec, d_key: int) -> MLPConfig:
@@ -76,7 +77,7 @@ class MLPConfig(RuleConfig):
 
         mem = spec.memory
         return cls(act=ACT_CODES[mem.activation], residual=bool(mem.residual), hidden=hidden_width(spec, d_key),
-                   **cls.choices(spec))  # fmt: skip
+                   norm=bool(mem.norm), **cls.choices(spec))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- activations
@@ -1011,19 +1012,22 @@ BACKWARD_GRAPHS = GraphCache("MIRAS_KERNEL_MLP_GRAPHS")
 
 
 class MLPScanFunction(torch.autograd.Function):
-    """(q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) -> (o, W1_T, W2_T, S1_T, S2_T), Triton both ways, in
-    the kernel layout of ``layout()`` (both layouts keep the same state slots).
+    """(q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0, w, b) -> (o, W1_T, W2_T, S1_T, S2_T), Triton both ways,
+    in the kernel layout of ``layout()`` (both layouts keep the same state slots).
 
     Gates are fp32 [B, T, H]; keep / mu / delta and the states may be None; states are fp32 [B, H, in, out]. The
-    momentum outputs are None without momentum.
+    momentum outputs are None without momentum. w, b: the LayerNorm head's weight and bias, fp32 [H, V] (``cfg.norm``,
+    tiles layout only), else None.
     """
 
     @staticmethod
-    def forward(ctx, cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2):
+    def forward(ctx, cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, nw, nb):
         needs = any(ctx.needs_input_grad[1:])
         ctx.layout = layout()
         if ctx.layout == "tiles":
-            from miras.kernels.mlp_tiles import mlp_tiles_fwd as fwd
+            from miras.kernels.mlp_tiles import mlp_tiles_fwd
+
+            fwd = partial(mlp_tiles_fwd, head=(nw, nb) if cfg.norm else None)
         else:
             fwd = mlp_scan_fwd
         o, final, slots = fwd(cfg, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states=needs)
@@ -1047,20 +1051,25 @@ class MLPScanFunction(torch.autograd.Function):
         # (through a CUDA graph when MIRAS_KERNEL_MLP_GRAPHS > 0: miras/kernels/graphs.py)
         grads = BACKWARD_GRAPHS(bwd, ctx.layout, ctx.cfg, q, k, v, eta, keep, mu, delta, tuple(slots),
                                 do.contiguous(), dfinal)
+        if len(grads) == 11:  # (no head: no dw, db)
+            grads = (*grads, None, None)
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
 
 
 def mlp_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                     keep: torch.Tensor | None, mu: torch.Tensor | None, delta: torch.Tensor | None,
-                    state: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    state: dict[str, torch.Tensor | None],
+                    head: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The 2-layer MLP memory scan (inputs already validated and laid out by ``miras.kernels.triton_memory_scan``).
 
-    state: {"W1": [B, H, K, Hd], "W2": [B, H, Hd, V], "S1", "S2"} fp32 or None entries. Returns (o, final state).
+    state: {"W1": [B, H, K, Hd], "W2": [B, H, Hd, V], "S1", "S2"} fp32 or None entries; head: the LayerNorm head's
+    (weight, bias), fp32 [H, V], for a spec with ``memory.norm``. Returns (o, final state).
     """
     cfg = MLPConfig.from_spec(spec, q.shape[-1])
+    nw, nb = head if cfg.norm else (None, None)
     o, w1, w2, s1, s2 = MLPScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu,
                                               delta, state.get("W1"), state.get("W2"), state.get("S1"),
-                                              state.get("S2"))
+                                              state.get("S2"), nw, nb)
     final = {"W1": w1, "W2": w2}
     if cfg.momentum:
         final.update(S1=s1, S2=s2)

@@ -41,6 +41,7 @@ from miras.kernels.common import (
     _row_select,
     _vec_select,
     bias_rows,
+    bias_rows_bwd,
     gate_coeffs,
     pow2_tile,
 )
@@ -67,6 +68,7 @@ from miras.kernels.mlp import (
     _input_grads,
     _launch,
     _launcher,
+    _operand,
     _prec,
     _state_grad_terms,
     _state_slots,
@@ -181,17 +183,56 @@ def _start_rows(Y0, b_k, b_v, b_d, gam, t_ok, BIAS: tl.constexpr, P: tl.constexp
     return tl.where(t_ok[:, None], bias_rows(Y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
 
 
+@triton.jit
+def _ln_rows(u, v_ok, V: tl.constexpr, LN_EPS: tl.constexpr):
+    """LayerNorm without affine over the V valid columns of each row of u (0 on the others): (xhat, rstd)."""
+    mean = tl.sum(u, axis=1) / V
+    centred = tl.where(v_ok[None, :], u - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / V + LN_EPS)
+    return centred * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_vjp(g, xhat, rstd, v_ok, V: tl.constexpr):
+    """LayerNorm's Jacobian (symmetric) on rows g: rstd P g = rstd (g - mean(g) - xhat mean(g xhat))."""
+    g_mean = tl.sum(g, axis=1) / V
+    gx_mean = tl.sum(g * xhat, axis=1) / V
+    return tl.where(v_ok[None, :], rstd[:, None] * (g - g_mean[:, None] - xhat * gx_mean[:, None]), 0.0)
+
+
+@triton.jit
+def _head_params(nw, nb, i_bh, o_v, v_ok, H: tl.constexpr, V: tl.constexpr):
+    """The LayerNorm head's weight and bias rows of batch*head i_bh's head (0 on padded columns)."""
+    i_h = (i_bh % H).to(tl.int64)
+    return (tl.load(nw + i_h * V + o_v, mask=v_ok, other=0.0).to(tl.float32),
+            tl.load(nb + i_h * V + o_v, mask=v_ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+                  SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, LN_EPS: tl.constexpr):
+    """The inner prediction through the LayerNorm head (docs/kernels-ln-head.md): u = gamma Y0, xhat = LN(u),
+    y = [k +] w xhat + b, R = dl/dy. Returns (xhat, rstd, y, R)."""
+    xhat, rstd = _ln_rows(gam[:, None] * Y0, v_ok, V, LN_EPS)
+    y = w[None, :] * xhat + b[None, :]
+    if RES:
+        y += b_k
+    return xhat, rstd, y, bias_rows(y, b_v, b_d, BIAS, P, SMOOTH, EPS)
+
+
 @_chunk_kernel("c0")
-def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
+def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, PARTS: tl.constexpr, STORE_Y0: tl.constexpr, BTR: tl.constexpr):
+          PREC: tl.constexpr, PARTS: tl.constexpr, STORE_Y0: tl.constexpr, BTR: tl.constexpr, NORM: tl.constexpr,
+          LN_EPS: tl.constexpr):
     """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
     the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L); it does not depend on the memory's state. The state
-    part: R from Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward).
+    part: R from Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward); with NORM, R is the gradient at the
+    LayerNorm head's input, d = rstd P (w R_y) (``_head_forward``; docs/kernels-ln-head.md).
     Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
     state part (one chunk; BTR = BT); 1: the gate part (every chunk at once, before the loop); 2: the state part, rows
     [p BTR, (p + 1) BTR) (``_prep_state_rows``)."""
@@ -225,8 +266,8 @@ def _prep(q, k, v, eta, keep, mu, delta, yp, pre, c0, T, BHN,
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     if PARTS == 2 or (PARTS == 0 and p == 1):
-        _prep_state_rows(k, v, keep, delta, yp, base, i_bh, p if PARTS == 2 else 0, c, T, BHN, H, K, V, BT, BTR, BK,
-                         BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, STORE_Y0)
+        _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, p if PARTS == 2 else 0, c, T, BHN, H, K, V, BT,
+                         BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, STORE_Y0, NORM, LN_EPS)
 
 
 @triton.jit
@@ -253,10 +294,11 @@ def _row_inputs(k, v, delta, i_bh, rb, c, T, H: tl.constexpr, K: tl.constexpr, V
 
 
 @triton.jit
-def _prep_state_rows(k, v, keep, delta, yp, base, i_bh, rb, c, T, BHN, H: tl.constexpr, K: tl.constexpr,
+def _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, rb, c, T, BHN, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-                     RES: tl.constexpr, DECAYED: tl.constexpr, STORE_Y0: tl.constexpr):
+                     RES: tl.constexpr, DECAYED: tl.constexpr, STORE_Y0: tl.constexpr, NORM: tl.constexpr,
+                     LN_EPS: tl.constexpr):
     """``_prep``'s state part for the rows [rb BTR, (rb + 1) BTR) of chunk c (rows are independent: R is row-wise in
     Y, and so is every bias' gradient): R from Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)
     into the record at base, and Y0 itself with STORE_Y0."""
@@ -269,7 +311,14 @@ def _prep_state_rows(k, v, keep, delta, yp, base, i_bh, rb, c, T, BHN, H: tl.con
     for jj in range(NH):
         Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :])
     rv = o_r[:, None] * BV + o_v[None, :]
-    tl.store(base + 6 * BT * BT + rv, _start_rows(Y0, b_k, b_v, b_d, gam, r_ok, BIAS, P, SMOOTH, EPS, RES))
+    if NORM:
+        v_ok = o_v < V
+        w, b = _head_params(nw, nb, i_bh, o_v, v_ok, H, V)
+        xhat, rstd, _, R = _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V, BIAS, P, SMOOTH, EPS, RES, LN_EPS)
+        R = tl.where(r_ok[:, None], _ln_vjp(w[None, :] * R, xhat, rstd, v_ok, V), 0.0)
+    else:
+        R = _start_rows(Y0, b_k, b_v, b_d, gam, r_ok, BIAS, P, SMOOTH, EPS, RES)
+    tl.store(base + 6 * BT * BT + rv, R)
     if STORE_Y0:
         tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
 
@@ -293,6 +342,25 @@ def _prep_m2(do, pre, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     M2 = -_pre_block(base, 0, o_t, BT) * _dot(b_do, tl.trans(R), PREC)
     tl.store(base + 4 * BT * BT + o_t[:, None] * BT + o_t[None, :], M2)
     tl.store(base + 5 * BT * BT + o_t[None, :] * BT + o_t[:, None], M2)
+
+
+@triton.jit
+def _head_read_bwd(do, ohead, nw, nb, dout, hread, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LN_EPS: tl.constexpr):
+    """The read's LayerNorm head, backward, all chunks in one launch (o = [q +] w LN(O) + b): program (i_bh, c)
+    stores dO = rstd P (w do) at the head's input O (ohead) into dout (fp32 [B, T, H, V]: the read's output gradient
+    for the rest of the backward) and the chunk's parts of dw = sum_t do xhat, db = sum_t do into record
+    c * BHN + i_bh of hread [NT, BHN, 2, BV]."""
+    i_bh, c = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    w, _ = _head_params(nw, nb, i_bh, o_v, v_ok, H, V)
+    xhat, rstd = _ln_rows(tl.load(ohead + p_tv, mask=tv_ok, other=0.0), v_ok, V, LN_EPS)
+    tl.store(dout + p_tv, _ln_vjp(w[None, :] * b_do, xhat, rstd, v_ok, V), mask=tv_ok)
+    rec = hread + (c.to(tl.int64) * BHN + i_bh) * 2 * BV
+    tl.store(rec + o_v, tl.sum(b_do * xhat, axis=0))
+    tl.store(rec + BV + o_v, tl.sum(b_do, axis=0))
 
 
 def pre_size(BT: int, BV: int) -> int:
@@ -371,15 +439,17 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
 
 
 @_chunk_kernel("c0", "s0")
-def _fwd_out(q, o, w2s, s2s, pre, fs, c0, s0, T, NS, BHN,
+def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
-             MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+             MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
+             SAVE_HEAD: tl.constexpr):
     """Program (column block i_v of BVO, batch*head i_bh, r): the read of chunk c = c0 + r, contracted over the whole
     hidden dim on tiles of BHC from ``_fwd_tile``'s factors (fs [NR, 2, BHN, BT, HD], record r):
     o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q] (``_fwd_tile_out``; W2, S2 of the
     chunk-start slot s0 + r; ``_prep`` record r * BHN + i_bh). Each column block forms the [BT, BT] sum itself.
-    One launch per chunk (r = 0), or for every chunk after the loop (c0 = s0 = 0, r = c)."""
+    One launch per chunk (r = 0), or for every chunk after the loop (c0 = s0 = 0, r = c). With NORM (one column
+    block, BVO = BV): o = [q +] w LN(O) + b, and with SAVE_HEAD the head's input O itself into ohead [B, T, H, V]."""
     i_v, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, s_in = c0 + r, s0 + r
     fs += r.to(tl.int64) * 2 * BHN * BT * HD
@@ -410,6 +480,11 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, c0, s0, T, NS, BHN,
     R = tl.load(base + 6 * BT * BT + o_t[:, None] * BV + o_vb[None, :], mask=vb_ok[None, :], other=0.0)
     O -= _dot(_pre_block(base, 0, o_t, BT) * SA, R, PREC)
     tok = t_ok[:, None] & vb_ok[None, :]
+    if NORM:  # (BVO == BV: whole rows)
+        if SAVE_HEAD:
+            tl.store(ohead + p_g * V + t_idx[:, None] * H * V + o_vb[None, :], O, mask=tok)
+        w, b = _head_params(nw, nb, i_bh, o_vb, vb_ok, H, V)
+        O = w[None, :] * _ln_rows(O, vb_ok, V, LN_EPS)[0] + b[None, :]
     if RES:  # K == V
         O += tl.load(q + p_g * K + t_idx[:, None] * H * K + o_vb[None, :], mask=tok, other=0.0).to(tl.float32)
     tl.store(o + p_g * V + t_idx[:, None] * H * V + o_vb[None, :], O.to(o.dtype.element_ty), mask=tok)
@@ -436,11 +511,13 @@ def _block_sums(hidden: int) -> int:
     return min(32, pow2_tile(hidden))
 
 
-def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool):
+def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool,
+                  head: tuple | None = None):
     """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd, except that what it keeps for the backward is the
-    state slots and every chunk's ``_prep`` record: (o, final state, (w1s, w2s, s1s, s2s, pre) or None). Two launches
-    per chunk (``_prep``'s state part, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and ``_fwd_out`` once
-    for every chunk (without keep_states: three launches per chunk)."""
+    state slots and every chunk's ``_prep`` record: (o, final state, (w1s, w2s, s1s, s2s, pre) or None; with the
+    LayerNorm head (cfg.norm; head = its weight and bias, fp32 [H, V]) also (w, b, the head's input O [B, T, H, V])).
+    Two launches per chunk (``_prep``'s state part, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and
+    ``_fwd_out`` once for every chunk (without keep_states: three launches per chunk)."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
@@ -452,12 +529,18 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
+    from miras.components.memory import LN_EPS
+
     delta_ = delta if delta is not None else eta
+    nw, nb = head if cfg.norm else (eta, eta)  # (unread stand-ins without the head)
+    ohead = torch.empty(B, T, H, V, **f32) if cfg.norm and keep_states else eta  # the head's input, for the backward
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
     tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed)
-    prep_kw = dict(dims, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
+    norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS)
+    prep_kw = dict(dims, **norm, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
                    HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum)
-    out_kw = dict(dims, HD=HD, BHC=_block_sums(HD), BVO=_block_out(V), RES=cfg.residual, MOMENTUM=cfg.momentum)
+    out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=BV if cfg.norm else _block_out(V), RES=cfg.residual,
+                  MOMENTUM=cfg.momentum, SAVE_HEAD=cfg.norm and keep_states)  # (the head normalises whole rows)
     # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
     # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
     NR = NT if keep_states else 1
@@ -468,7 +551,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     NVO = triton.cdiv(V, out_kw["BVO"])
     if keep_states:  # the records' gate part, which the state does not change, for every chunk at once; the loop's
         # _prep then builds the state part alone, in row blocks
-        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
                 STORE_Y0=False, BTR=BT)
         prep_grid, state_kw = (BT // _block_rows(BT), B * H, 1), dict(PARTS=2, STORE_Y0=True, BTR=_block_rows(BT))
     else:
@@ -481,14 +564,15 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
-        prep(q, k, v, *gates, delta_, yp, pre_c[r], c, T, B * H)
+        prep(q, k, v, *gates, delta_, nw, nb, yp, pre_c[r], c, T, B * H)
         fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
         if not keep_states:
-            fwd_out(q, o, w2s, s2s, pre, fs, c, s_in, T, NS, B * H)
+            fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
     if keep_states:
-        _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, 0, 0, T, NS, B * H, config_env=SUMS_CONFIG,
-                **out_kw)
-    return o, _final_state(cfg, slots, NT % NS, q, v), ((*slots, pre) if keep_states else None)
+        _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, nw, nb, ohead, 0, 0, T, NS, B * H,
+                config_env=SUMS_CONFIG, **out_kw)
+    saved = (*slots, pre, *((nw, nb, ohead) if cfg.norm else ()))
+    return o, _final_state(cfg, slots, NT % NS, q, v), (saved if keep_states else None)
 
 
 # ------------------------------------------------------------------------------------------------------------ backward
@@ -688,11 +772,40 @@ def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr, BR: tl.c
 
 
 @triton.jit
-def _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, rb, i_bh, c, T, BHN, L, g0, p_sc,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
+def _bwd_head_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, w, b, t_ok, v_ok, o_r, o_t, V: tl.constexpr,
+                 BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
+                 DECAYED: tl.constexpr, PREC: tl.constexpr, LN_EPS: tl.constexpr):
+    """``_bwd_chunk_dy`` through the LayerNorm head (docs/kernels-ln-head.md). From dR, the gradient at the record
+    d = rstd P s (s = w R_y, R_y = dl/dy), less the read's part: the gradient at the head's input u = gamma Y0 (what
+    ``_bwd_chunk_dy`` calls dY), dv, the Huber deltas' gradient, dY's part of dgamma, the gradient at y (the
+    residual's part of dk) and the rows of the head's dw and db. d depends on u through xhat and rstd as well:
+    dL/drstd = <g_d, d> / rstd, dL/dxhat gets -rstd (mean(s xhat) g_d + s mean(g_d xhat)) besides w dL/dy."""
+    causal_t = o_r[:, None] <= o_t[None, :]
+    g_d = dR - _dot(tl.where(causal_t, GT * _operand(SAT, True), 0.0), b_do, PREC)
+    g_d = tl.where(t_ok[:, None], g_d, 0.0)
+    xhat, rstd, y, R = _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V, BIAS, P, SMOOTH, EPS, RES, LN_EPS)
+    s = w[None, :] * R
+    g_s = _ln_vjp(g_d, xhat, rstd, v_ok, V)
+    g_y, dV, dd = bias_rows_bwd(y, b_v, b_d, w[None, :] * g_s, BIAS, P, SMOOTH, EPS)
+    g_y = tl.where(t_ok[:, None], g_y, 0.0)
+    s_mean = tl.sum(s * xhat, axis=1) / V
+    g_mean = tl.sum(g_d * xhat, axis=1) / V
+    g_xhat = w[None, :] * g_y - rstd[:, None] * (s_mean[:, None] * g_d + s * g_mean[:, None])
+    g_rstd = tl.sum(g_d * _ln_vjp(s, xhat, rstd, v_ok, V), axis=1) / rstd
+    g_u = _ln_vjp(g_xhat, xhat, rstd, v_ok, V) - (g_rstd * rstd * rstd / V)[:, None] * xhat
+    g_u = tl.where(t_ok[:, None], g_u, 0.0)
+    dgam = tl.zeros_like(gam)
+    if DECAYED:
+        dgam = tl.sum(g_u * Y0, axis=1)
+    return g_u, dV, dd, dgam, g_y, g_s * R + g_y * xhat
+
+
+@triton.jit
+def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, rb, i_bh, c, T, BHN, L,
+                  g0, p_sc, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
                   SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr,
-                  MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+                  MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
     """``_bwd_mid``'s bias VJP (``_bwd_chunk_dy``) on the rows [rb BTR, (rb + 1) BTR) of chunk c: row-wise but for
     (G . SA)^T dO's sum over the chunk's tokens (b_do: all of them)."""
     p_g, o_r, r_idx, r_ok, rtv, rtv_ok, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, BTR,
@@ -705,8 +818,18 @@ def _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do,
     dR = tl.load(out + 2 * BT * BT + rv)
     SAT = out + o_t[None, :] * BT + o_r[:, None]
     GT = tl.load(base + BT * BT + o_r[:, None] * BT + o_t[None, :])
-    dY, dV, dd, dgam_y = _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, r_ok, o_r, o_t, BIAS, P, SMOOTH,
-                                       EPS, RES, DECAYED, PREC, True)
+    if NORM:  # (and the row block's parts of the head's dw, db -> hin)
+        v_ok = o_v < V
+        w, b = _head_params(nw, nb, i_bh, o_v, v_ok, H, V)
+        dY, dV, dd, dgam_y, dres, dw_rows = _bwd_head_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, w, b, r_ok, v_ok,
+                                                         o_r, o_t, V, BIAS, P, SMOOTH, EPS, RES, DECAYED, PREC, LN_EPS)
+        rec = hin + (i_bh.to(tl.int64) * (BT // BTR) + rb) * 2 * BV
+        tl.store(rec + o_v, tl.sum(dw_rows, axis=0))
+        tl.store(rec + BV + o_v, tl.sum(dres, axis=0))
+    else:
+        dY, dV, dd, dgam_y = _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, r_ok, o_r, o_t, BIAS, P, SMOOTH,
+                                           EPS, RES, DECAYED, PREC, True)
+        dres = dY
     if DECAYED:
         dbeta += dgam + dgam_y
     r_L = o_r == L
@@ -719,7 +842,7 @@ def _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do,
     rows = (i_bh.to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :]
     tl.store(gdy + rows, gam[:, None] * dY)
     if RES:
-        tl.store(dyb + rows, dY)
+        tl.store(dyb + rows, dres)
     tl.store(gin + g0 + BT * BT + o_r, dbeta)
     tl.store(gin + g0 + BT * BT + BT + o_r, df)
     tl.store(gin + g0 + BT * BT + 2 * BT + o_r, dnL)
@@ -727,19 +850,22 @@ def _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do,
 
 
 @_chunk_kernel("c")
-def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, ddelta, c, T, BHN,
+def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, ddelta, c, T, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-             BTR: tl.constexpr):
+             BTR: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, READ_RES: tl.constexpr):
     """Between the tile passes, from ``_bwd_sums``' contractions (SA^T and dC1^T read transposed), the sums of the
     tiles' row partials and ``_prep``'s record; BT / BTR + 3 programs per batch*head:
     p < BT / BTR: the bias VJP (``_bwd_chunk_dy``) on rows [p BTR, (p + 1) BTR): dv, the Huber deltas' gradient,
            gdY = gam dY (-> gdy), dY (-> dyb, with the residual) and the gate inputs dbeta, df, dnL, dmL (-> gin;
            pass 3 adds dgam);
     then 3 programs: ``_bwd_chunk_dg``'s gate input dG (-> gin), dq, dk's intra-chunk part (-> dkacc).
-    gin [BHN, BT * BT + 4 * BT] = dG, dbeta, df, dnL, dmL (padded to keep each record 16-byte aligned)."""
+    gin [BHN, BT * BT + 4 * BT] = dG, dbeta, df, dnL, dmL (padded to keep each record 16-byte aligned). With NORM
+    (the LayerNorm head) the bias VJP goes through the head (``_bwd_head_dy``), and hin [BHN, BT / BTR, 2, BV] gets
+    each row block's parts of the head's dw, db; do is then the gradient at the read's head input, so dq gets the
+    read's residual only with READ_RES (the caller adds the raw dO itself)."""
     p, i_bh = tl.program_id(0), tl.program_id(1)
     NRB: tl.constexpr = BT // BTR
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
@@ -754,8 +880,9 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
     g0 = i_bh.to(tl.int64) * (BT * BT + 4 * BT)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if p < NRB:  # the bias VJP on the rows [p BTR, (p + 1) BTR)
-        _mid_vjp_rows(k, v, delta, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, p, i_bh, c, T, BHN, L, g0, p_sc,
-                      H, K, V, BT, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC)
+        _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, p, i_bh, c, T, BHN,
+                      L, g0, p_sc, H, K, V, BT, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC,
+                      NORM, LN_EPS)
     else:  # one output of _bwd_chunk_dg per program, its operands loaded in its branch: the registers of one
         which = p - NRB  # 0 dG, 1 dq, 2 dk
         qk = out + 2 * BT * BT + BT * BV + o_t[:, None] * BK + o_k[None, :]  # _bwd_sums' dq, dk, added last
@@ -772,7 +899,7 @@ def _bwd_mid(q, k, v, do, delta, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, 
         elif which == 1:
             b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
             b_dq = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, tl.load(qk), tl.load(qk), b_k, b_k, b_do, b_do,
-                                 G, GT, o_t, RES, PREC, True)[1]
+                                 G, GT, o_t, READ_RES, PREC, True)[1]
             tl.store(dq + p_tk, b_dq, mask=qk_ok)
         else:
             b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -924,12 +1051,14 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
-    w1s, w2s, s1s, s2s, pre = saved
+    w1s, w2s, s1s, s2s, pre, *head = saved
     NS = w1s.shape[1]
     BHN = B * H
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
+    from miras.components.memory import LN_EPS
+
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
     # every chunk's records (besides pre, the forward's _prep records that _prep_m2 completes): dZ1's pass-2 part
     # (pass 3: gamma dZ1); pass 3's dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL); dk's intra-chunk part; dY
@@ -955,8 +1084,19 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum)
     sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK), BVO=_block_out(BV),
                    MOMENTUM=cfg.momentum, PREC=prec)
-    mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT))
+    mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT), NORM=cfg.norm, LN_EPS=LN_EPS,
+                  READ_RES=cfg.residual and not cfg.norm)
     tile_grid, sums_grid, mid_grid = (NH, BHN), (sums_programs(BK, BV), BHN), (BT // _block_rows(BT) + 3, BHN)
+    do_raw = do
+    if cfg.norm:  # the read's head first: from here on, do is the gradient at its input
+        nw, nb, ohead = head
+        hread = torch.empty(NT, BHN, 2, BV, **f32)
+        do = torch.empty(B, T, H, V, **f32)
+        _launch(_head_read_bwd, (BHN, NT), do_raw, ohead, nw, nb, do, hread, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK,
+                BV=BV, LN_EPS=LN_EPS)
+        hin = torch.empty(NT, BHN, BT // _block_rows(BT), 2, BV, **f32)  # the inner head's parts of dw, db
+    else:
+        nw = nb = hin = eta  # (unread stand-ins)
     _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
     pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
     fused = fuse_passes()
@@ -970,8 +1110,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
         bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs, sums, c, e, NS, BHN)
-        bwd_mid(q, k, v, do, delta_, pre_c[c], sums, prow, gdy, dyb_c[c], dkacc_c[c], gin_c[c], dq, dv, ddelta, c, T,
-                BHN)
+        bwd_mid(q, k, v, do, delta_, nw, nb, hin[c] if cfg.norm else hin, pre_c[c], sums, prow, gdy, dyb_c[c],
+                dkacc_c[c], gin_c[c], dq, dv, ddelta, c, T, BHN)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
         bwd_tile32(q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], pre_c[prev], xs_c[c],
                    xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN)
@@ -982,4 +1122,10 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
             config_env=SUMS_CONFIG, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
             DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=prec)
-    return _input_grads(cfg, q, k, keep, mu, bufs, grad)
+    if cfg.norm and cfg.residual:  # the read's residual, on the raw output gradient (K == V)
+        dq.add_(do_raw)
+    grads = _input_grads(cfg, q, k, keep, mu, bufs, grad)
+    if not cfg.norm:
+        return grads
+    parts = hread.view(NT, B, H, 2, BV).sum((0, 1)) + hin.view(NT, B, H, -1, 2, BV).sum((0, 1, 3))  # [H, 2, BV]
+    return (*grads, parts[:, 0, :V].contiguous(), parts[:, 1, :V].contiguous())
