@@ -95,10 +95,11 @@ def test_bf16_vs_chunked_fp32(case):
 @pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
 @on_gpu
 @needs_cuda
-def test_bf16_layernorm_head_vs_chunked_fp32(case):
+def test_bf16_layernorm_head_vs_chunked_fp32(case, monkeypatch):
     """The bench cases with the LayerNorm head (the recipes' memory; docs/kernels-ln-head.md): bf16 kernel against
     the fp32 chunked path, outputs, final state and every gradient (the head's w and b too) within 2e-2."""
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "1")  # (off by default until this test has passed on a GPU)
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=True)
     x = {**make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T)), **head_params(H, D)}
     x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)

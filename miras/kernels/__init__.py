@@ -21,6 +21,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
+- ``MIRAS_KERNEL_MLP_NORM=1``: turns on the MLP-memory kernels' LayerNorm head (``memory.norm``, the recipes' MLP
+  memory; docs/kernels-ln-head.md). Off by default: it matches the float64 oracle on the CPU (interpreter) but has
+  not yet run on a GPU.
 - ``MIRAS_KERNEL_MLP=0``: turns the 2-layer MLP-memory kernels off (on by default since they passed their GPU
   tests on an H200, benchmarks/RESULTS.md session 12); ``MIRAS_KERNEL_MLP_LAYOUT``: their
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
@@ -119,6 +122,10 @@ def kernel_support(spec) -> tuple[bool, str]:
         if mem.norm and layout() != "tiles":
             return False, "no Triton kernel for memory.kind='mlp' with a LayerNorm head (memory.norm=True) in the " \
                           "walk layout (MIRAS_KERNEL_MLP_LAYOUT=walk); the tiles layout has it"
+        if mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", False):
+            return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are off until " \
+                          "they have passed their GPU tests (MIRAS_KERNEL_MLP_NORM=1 turns them on); the chunked " \
+                          "PyTorch path runs it"
         if mem.activation not in ("gelu", "silu", "tanh", "relu"):
             return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
         if not env_switch("MIRAS_KERNEL_MLP", True):
