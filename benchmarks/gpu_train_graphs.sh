@@ -3,29 +3,26 @@
 # (train.kernel_graphs), for the check that decides whether `auto` becomes the default: tokens/s of each run, how the
 # backward calls ran (eager / captured / replayed), and the loss curves side by side (the two runs differ only in
 # the graphs: both launch the backward passes separately, MIRAS_KERNEL_MLP_FUSE_PASSES=0, so their kernels agree).
-# The model: recipes/titans-lmm.yaml with the memory's LayerNorm head off (the kernels have none yet), chunk 64,
-# GELU, memory learning rate 0.01 at init (0.12 diverges at chunk 64 without the norm), 2 heads of 128 (d_model
-# 256), MQAR at seq_len 512.
-# Known problem (GPU session 14): this model's loss turns NaN at step 16-19, on the H200 (graphs off and auto alike)
-# and on the CPU's fp32 chunked path, at memory learning rates 0.01, 0.002 and 0.01 capped at 0.02 (expansion 2).
-# With the norm on it trains (40 steps on the CPU). So the A/B compares speed and replays over the first ~15 steps
-# only (GPU_TRAIN_STEPS, default 15), until a stable kernel-served model exists (an MLP memory without its LayerNorm
-# head is not one).
+# The model: recipes/titans-lmm.yaml as it is (LayerNorm head, silu, expansion 4) but for chunks of 64 (the kernels
+# take 16 / 32 / 64; the recipe's 8 runs the chunked path), 2 heads of 128 (d_model 256), MQAR at seq_len 512, with
+# the head's kernels on (MIRAS_KERNEL_MLP_NORM=1; docs/kernels-ln-head.md): so the A/B also trains the head's kernels
+# on the GPU for the first time. (Session 14 ran it without the head, which diverged at step 16 on the GPU and the CPU
+# alike; with the head the same model trains 40 steps on the CPU.)
 #   bash benchmarks/gpu_train_graphs.sh                   (GPU; <= GPU_TRAIN_SECONDS per run, default 120)
 #   GPU_TRAIN_STEPS=2 GPU_TRAIN_RUNS=off bash benchmarks/gpu_train_graphs.sh   (compiles the kernels, gpu_all phase 1)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_train_graphs.sh   (CPU dry run: 4 steps, chunked path, graphs unused)
 cd "$(dirname "$0")/.." || exit 1
 . benchmarks/gpu_site.sh
-export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP_FUSE_PASSES=0
+export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP_FUSE_PASSES=0 MIRAS_KERNEL_MLP_NORM=1
 RUNS="${OUT:-/tmp/gpu_train_graphs}/runs"
 rm -rf "$RUNS"; mkdir -p "$RUNS"  # (a run name already taken would get a suffix)
-STEPS="${GPU_TRAIN_STEPS:-15}" DEVICE=cuda  # (15: before the divergence above)
+STEPS="${GPU_TRAIN_STEPS:-40}" DEVICE=cuda
 [ -n "${GPU_CHECK_CPU:-}" ] && { STEPS=4; DEVICE=cpu; }
 for graphs in ${GPU_TRAIN_RUNS:-off auto}; do
   timeout "${GPU_TRAIN_SECONDS:-120}" python3 -m miras train recipes/titans-lmm.yaml --task mqar --steps "$STEPS" \
     --batch-size 16 --seq-len 512 --eval-every "$STEPS" --eval-batches 2 --device "$DEVICE" --runs-dir "$RUNS" \
-    --name "graphs-$graphs" --no-wandb --set memory.memory.norm=false --set memory.learner.chunk_size=64 \
-    --set memory.memory.activation=gelu --set memory.learner.lr.init=0.01 --set d_model=256 --set n_heads=2 --set "train.kernel_graphs=$graphs" \
+    --name "graphs-$graphs" --no-wandb --set memory.learner.chunk_size=64 --set d_model=256 --set n_heads=2 \
+    --set "train.kernel_graphs=$graphs" \
     > "$RUNS.$graphs.log" 2>&1
   echo "train kernel_graphs=$graphs: rc=$?"
   grep -E "Error|error|Warning" "$RUNS.$graphs.log" | sort | uniq -c | head -5
