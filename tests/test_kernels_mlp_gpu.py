@@ -71,18 +71,28 @@ def chunked(spec, q, k, v, gates, state):
     return memory_scan(spec, q, k, v, gates, state, mode="chunked")
 
 
-def _compare(case, dtype, tol):
+def _compare(case, dtype, tol, norm: bool = False):
+    """The kernel on CUDA against the fp32 chunked path: outputs, final state and every gradient (with the LayerNorm
+    head, its w and b too)."""
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
-    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=norm)
     x = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T))
+    if norm:
+        x.update(head_params(H, D))
     x = {n: t.detach().to("cuda", dtype if n in "qkv" else torch.float32).requires_grad_(True) for n, t in x.items()}
     x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
     g = torch.Generator(device="cuda").manual_seed(1)
     cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
     cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
-    got = run_and_grads(triton_memory_scan, spec, x, cot)
-    torch.cuda.synchronize()
-    check_errors(got, run_and_grads(chunked, spec, x32, cot), tol, label=f"{'-'.join(map(str, case))} {dtype}")
+    if norm:
+        got = run_with_head(triton_memory_scan, spec, x, cot)
+        torch.cuda.synchronize()
+        want = run_with_head(memory_scan, spec, x32, cot, mode="chunked")
+    else:
+        got = run_and_grads(triton_memory_scan, spec, x, cot)
+        torch.cuda.synchronize()
+        want = run_and_grads(chunked, spec, x32, cot)
+    check_errors(got, want, tol, label=f"{'-'.join(map(str, case))}{' LN head' if norm else ''} {dtype}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -96,22 +106,9 @@ def test_bf16_vs_chunked_fp32(case):
 @on_gpu
 @needs_cuda
 def test_bf16_layernorm_head_vs_chunked_fp32(case, monkeypatch):
-    """The bench cases with the LayerNorm head (the recipes' memory; docs/kernels-ln-head.md): bf16 kernel against
-    the fp32 chunked path, outputs, final state and every gradient (the head's w and b too) within 2e-2."""
-    bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
+    """The bench cases with the LayerNorm head (the recipes' memory; docs/kernels-ln-head.md), within 2e-2."""
     monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "1")  # (off by default until this test has passed on a GPU)
-    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=True)
-    x = {**make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T)), **head_params(H, D)}
-    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
-         for n, t in x.items()}
-    x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
-    g = torch.Generator(device="cuda").manual_seed(1)
-    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
-    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
-    got = run_with_head(triton_memory_scan, spec, x, cot)
-    torch.cuda.synchronize()
-    check_errors(got, run_with_head(memory_scan, spec, x32, cot, mode="chunked"), 2e-2,
-                 label=f"{'-'.join(map(str, case))} LN head bf16")
+    _compare(case, torch.bfloat16, 2e-2, norm=True)
 
 
 @pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
