@@ -1,7 +1,7 @@
 """Kernel launches with less host time than ``kernel[grid](...)`` (``MIRAS_KERNEL_FAST_LAUNCH``, default on).
 
-The MLP memory runs ~330 small launches per fwd+bwd at T=4096 (a chunk loop), and on an H200 with triton 3.6 the
-host needed ~46 us to issue each, more than most of the kernels take (benchmarks/RESULTS.md, GPU session 12). Most
+The MLP memory runs ~390 small launches per fwd+bwd at T=4096 (a chunk loop), and on an H200 with triton 3.6 the
+host needed 46-70 us to issue each, more than most of the kernels take (benchmarks/RESULTS.md, GPU sessions 12, 14). Most
 of that is Triton's general launch path, redone at every call: binding ~45 arguments, specialising each, building
 the cache key (with ``str`` of the options), reading its knobs, and in the generated C launcher, for every pointer
 argument, a Python ``data_ptr()`` call and a ``cuPointerGetAttribute`` driver call.
@@ -12,6 +12,9 @@ alignment, an int's 32/64-bit range, and for a specialised int whether it is 1 o
 launch of a (site, fingerprint) goes through ``kernel[grid]``, which compiles or finds the kernel and returns it;
 later ones call that compiled kernel's launcher directly, with the tensors' addresses as ints. Same compiled
 kernel, same arguments: the results are bit for bit those of the plain launch (tests/test_kernels_mlp_gpu.py).
+On the H200 (GPU session 14) this took the host from 69.5 to 35.4 us per launch and the MLP memory's fwd+bwd from
+21.6 to 16.5 ms; ``BoundLaunch`` (the chunk loops bind their launches once) has since halved our own share of what
+is left on the CPU, not yet measured on a GPU.
 
 What it gives up: the launcher's check that every pointer is device memory (the callers pass tensors they allocated
 on the kernel's device, or inputs checked to be on it), and Triton's launch hooks (with a hook set, as under
