@@ -299,6 +299,10 @@ def test_layernorm_head_is_off_by_default(monkeypatch, _layout):
     monkeypatch.delenv("MIRAS_KERNEL_MLP_NORM", raising=False)
     ok, why = kernel_support(mlp_spec(norm=True))
     assert not ok and ("MIRAS_KERNEL_MLP_NORM=1" in why if _layout == "tiles" else "walk" in why)
+    if _layout == "tiles":
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "perhaps")
+        with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_NORM must be one of .*'perhaps'"):
+            kernel_support(mlp_spec(norm=True))
 
 
 def test_forward_without_grad_matches_oracle():
