@@ -26,6 +26,11 @@ Backward: _prep_m2 (every chunk: M2 = -G . dO R^T into the forward's records) ; 
           and row partials, which reads that tile back) ; then _bwd_end (every chunk: dk's dZ1 part contracted over
           the hidden dim, the gate gradients).
 2 launches per chunk forward, 3 backward (benchmarks/RESULTS.md, session 10).
+With the LayerNorm head (cfg.norm, M(x) = [x +] w LN(W2 act(W1 x)) + b; docs/kernels-ln-head.md): _prep's state part
+stores the gradient at the head's input, d = rstd P (w R_y), where R was (``_head_forward``), so the tile kernels run
+unchanged; _fwd_out reads through the head on whole rows and keeps its input O; the backward starts with
+``_head_read_bwd`` (dO through the read's head, one launch) and _bwd_mid's rows go back through the inner head with
+LayerNorm's second-order term (``_bwd_head_dy``).
 State slots as in mlp.py: [B*H, NS, in, out] fp32, the backward's state gradients in two ping-pong slots.
 Static sm_90 resources of every kernel: benchmarks/kernel_resources_mlp.py.
 """
