@@ -9,6 +9,8 @@ cache before the tests and the benchmark run (benchmarks/gpu_check.sh starts one
     python benchmarks/warm_kernels.py ref "fla chunk_delta_rule"    # a reference row of bench_kernels.py: one fwd+bwd
                                                                     # at the benchmark's shape (fills Triton's cache)
     python benchmarks/warm_kernels.py ref --list                    # the reference rows' names, one per line
+    python benchmarks/warm_kernels.py row "LN head"                 # one fwd+bwd of our bench_kernels.py family row
+                                                                    # (name substring) at the benchmark's signature
 
 The signature matches bench_kernels.py and tests/test_kernels_gpu.py::test_bf16_bench_shape: H=8, D=128, chunk 64,
 bf16 q/k/v, fp32 gates, no initial state, no final-state gradient; T=1024 has the integer specialisation of T=4096.
@@ -48,6 +50,8 @@ def _launch_inputs(tiny: bool, momentum: bool):
 def main() -> None:
     if sys.argv[1] == "ref":
         return warm_reference(sys.argv[2])
+    if sys.argv[1] == "row":
+        return warm_row(sys.argv[2], "--tiny" in sys.argv)
     fam, direction, mode = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tiny = "--tiny" in sys.argv
     if fam in ("mlp", "mlp-gd"):
@@ -104,6 +108,32 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm mlp-{learner} {direction} MODE={mode}: {time.time() - t0:.1f}s")
+
+
+def warm_row(name: str, tiny: bool) -> None:
+    """One fwd+bwd of bench_kernels.py's family row whose name contains ``name``, at the benchmark's signature (T=1024
+    has T=4096's integer specialisation), with the row's own kernel settings (the LayerNorm head's switch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kernels import FAMILIES, head_params, init_state, make
+
+    from miras.kernels import triton_memory_scan
+    from miras.kernels.settings import temporary_env
+
+    fam = next((f for f in FAMILIES if name in f), None)
+    if fam is None:
+        sys.exit(f"warm_kernels.py: no bench_kernels.py family matches {name!r}; known: {', '.join(FAMILIES)}")
+    B, T, H, D = (1, 64, 1, 16) if tiny else (1, 1024, 8, 128)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    over = FAMILIES[fam]
+    spec = MemorySpec(**{"memory": "linear", **over, "learner": {**over["learner"], "chunk_size": 64}})
+    q, k, v, gates = make(spec, B, T, H, D, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
+    head = head_params(spec, H, D, dev)
+    t0 = time.time()
+    with temporary_env({"MIRAS_KERNEL_MLP_NORM": "1"} if head else {}):
+        triton_memory_scan(spec, q, k, v, gates, init_state(spec, H, D, dev), params=head)[0].float().sum().backward()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print(f"warm row {fam}: {time.time() - t0:.1f}s")
 
 
 def warm_reference(name: str) -> None:
