@@ -122,10 +122,6 @@ def kernel_support(spec) -> tuple[bool, str]:
         if mem.norm and layout() != "tiles":
             return False, "no Triton kernel for memory.kind='mlp' with a LayerNorm head (memory.norm=True) in the " \
                           "walk layout (MIRAS_KERNEL_MLP_LAYOUT=walk); the tiles layout has it"
-        if mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", False):
-            return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are off until " \
-                          "they have passed their GPU tests (MIRAS_KERNEL_MLP_NORM=1 turns them on); the chunked " \
-                          "PyTorch path runs it"
         if mem.activation not in ("gelu", "silu", "tanh", "relu"):
             return False, f"no Triton kernel for memory.activation={mem.activation!r}; kernels cover gelu, silu, tanh, relu"
         if not env_switch("MIRAS_KERNEL_MLP", True):
@@ -146,6 +142,10 @@ def kernel_support(spec) -> tuple[bool, str]:
             is_delta_rule(spec)) else ""
         return False, f"learner.chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, but got " \
                       f"chunk_size={learner.chunk_size}{exact}"
+    if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", False):  # (last: the only gap)
+        return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are off until " \
+                      "they have passed their GPU tests (MIRAS_KERNEL_MLP_NORM=1 turns them on); the chunked " \
+                      "PyTorch path runs it"
     return True, ""
 
 
