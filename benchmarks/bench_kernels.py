@@ -46,6 +46,11 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
 }
 
 
+def family_spec(over: dict, chunk: int) -> MemorySpec:
+    """The MemorySpec of a FAMILIES entry (its overrides on a linear memory) at chunk size ``chunk``."""
+    return MemorySpec(**{"memory": "linear", **over, "learner": {**over["learner"], "chunk_size": chunk}})
+
+
 def matmul_flops(B, T, H, K, V, BT, momentum: bool) -> tuple[float, float]:
     """(fwd, bwd) FLOPs of the tl.dot calls of the fused linear kernels (2 per multiply-add), padding ignored.
 
@@ -339,8 +344,7 @@ def main() -> None:
     for fam, over in FAMILIES.items():
         if wanted and not any(w in fam for w in wanted):
             continue
-        learner = {**over["learner"], "chunk_size": BT}
-        spec = MemorySpec(**{"memory": "linear", **over, "learner": learner})
+        spec = family_spec(over, BT)
         q, k, v, gates = make(spec, B, T, H, D, device, dtype)
         names = list(gates)
         state0 = init_state(spec, H, D, device)

@@ -23,9 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import FAMILIES, init_state, make  # noqa: E402
-
-from miras.spec import MemorySpec  # noqa: E402
+from bench_kernels import FAMILIES, family_spec, init_state, make  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +36,7 @@ def main() -> None:
         sys.exit("profile_kernels: needs a CUDA device")
     fam, over = next((n, o) for n, o in FAMILIES.items() if args.family in n)
     B, T, H, D = (int(x) for x in args.shape.split(","))
-    spec = MemorySpec(**{"memory": "linear", **over, "learner": {**over["learner"], "chunk_size": 64}})
+    spec = family_spec(over, 64)
     q, k, v, gates = make(spec, B, T, H, D, "cuda", torch.bfloat16)
     state0 = init_state(spec, H, D, "cuda")
 

@@ -114,7 +114,7 @@ def warm_row(name: str, tiny: bool) -> None:
     """One fwd+bwd of bench_kernels.py's family row whose name contains ``name``, at the benchmark's signature (T=1024
     has T=4096's integer specialisation), with the row's own kernel settings (the LayerNorm head's switch)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_kernels import FAMILIES, head_params, init_state, make
+    from bench_kernels import FAMILIES, family_spec, head_params, init_state, make
 
     from miras.kernels import triton_memory_scan
     from miras.kernels.settings import temporary_env
@@ -124,8 +124,7 @@ def warm_row(name: str, tiny: bool) -> None:
         sys.exit(f"warm_kernels.py: no bench_kernels.py family matches {name!r}; known: {', '.join(FAMILIES)}")
     B, T, H, D = (1, 64, 1, 16) if tiny else (1, 1024, 8, 128)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    over = FAMILIES[fam]
-    spec = MemorySpec(**{"memory": "linear", **over, "learner": {**over["learner"], "chunk_size": 64}})
+    spec = family_spec(FAMILIES[fam], 64)
     q, k, v, gates = make(spec, B, T, H, D, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
     head = head_params(spec, H, D, dev)
     t0 = time.time()

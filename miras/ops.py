@@ -76,15 +76,17 @@ def _auto_mode(spec: MemorySpec, q: Tensor) -> str:
         return "chunked"
     mode = resolve_mode(spec, "cuda", q.dtype)
     if mode == "chunked":
-        try:
-            from miras.kernels import kernel_support, triton_status
-
-            usable, why = triton_status()
-            reason = kernel_support(spec)[1] if usable else why
-        except ImportError as err:
-            reason = f"miras.kernels could not be imported: {err}"
-        _warn_fallback(reason)
+        _warn_fallback(kernel_gap(spec))
     return mode
+
+
+def kernel_gap(spec: MemorySpec) -> str:
+    """Why no Triton kernel runs this spec on CUDA: ``kernel_support``'s reason (triton's own status first)."""
+    try:
+        from miras.kernels import kernel_support
+    except ImportError as err:
+        return f"miras.kernels could not be imported: {err}"
+    return kernel_support(spec)[1]
 
 
 def _select(mode: str, spec: MemorySpec, q: Tensor) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:

@@ -132,10 +132,15 @@ def split(spec, x):
     return x["q"], x["k"], x["v"], gates, state
 
 
-def run_and_grads(fn, spec, x, cot):
-    """(outputs, final state, grads of every input) for one scan; cot = cotangents of o and the final state."""
+HEAD_PARAMS = ("norm_weight", "norm_bias")  # an MLP memory's LayerNorm head: leaves of x passed as ``params``
+
+
+def run_and_grads(fn, spec, x, cot, **kw):
+    """(outputs, final state, grads of every input) for one scan; cot = cotangents of o and the final state. x may
+    hold the LayerNorm head's parameters (``HEAD_PARAMS``): they go to fn as ``params``, and get their grads too."""
     q, k, v, gates, state = split(spec, x)
-    o, final = fn(spec, q, k, v, gates, state)
+    params = {n: x[n] for n in HEAD_PARAMS if n in x}
+    o, final = fn(spec, q, k, v, gates, state, **kw, **({"params": params} if params else {}))
     loss = (o * cot["o"].to(o.dtype)).sum() + sum((final[n] * cot[n].to(final[n].dtype)).sum() for n in final)
     names = list(x)
     grads = torch.autograd.grad(loss, [x[n] for n in names])

@@ -240,15 +240,6 @@ def head_params(H: int, V: int, seed: int = 5) -> dict[str, torch.Tensor]:
             "norm_bias": (0.1 * torch.randn(H, V, generator=g)).to(DEVICE).requires_grad_(True)}
 
 
-def run_with_head(fn, spec, x, cot, **kw):
-    """``run_and_grads`` for a memory with the LayerNorm head: x also holds its params (their gradients too)."""
-    params = {n: x[n] for n in ("norm_weight", "norm_bias")}
-    q, k, v, gates, state = split(spec, {n: t for n, t in x.items() if n not in params})
-    o, final = fn(spec, q, k, v, gates, state, params=params, **kw)
-    loss = (o * cot["o"].to(o.dtype)).sum() + sum((final[n] * cot[n].to(final[n].dtype)).sum() for n in final)
-    return o, final, dict(zip(list(x), torch.autograd.grad(loss, list(x.values()))))
-
-
 @pytest.mark.parametrize("case", NORM_CASES, ids=["-".join(str(c) for c in case) for case in NORM_CASES])
 def test_layernorm_head(case, _layout, monkeypatch):
     """The MLP memory with its LayerNorm head, M(x) = [x +] w LN(W2 act(W1 x)) + b (the Miras family's memory,
@@ -270,8 +261,8 @@ def test_layernorm_head(case, _layout, monkeypatch):
     cot.update({n: torch.randn(B, H, *d, generator=g, dtype=torch.float64) for n, d in state_dims(spec, K, V).items()})
     cot = {n: c.to(DEVICE) for n, c in cot.items()}
     x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
-    ref = run_with_head(memory_scan, spec, x64, cot, mode="recurrent")
-    check_errors(run_with_head(triton_memory_scan, spec, x, cot), ref, NORM_TOL, label="-".join(map(str, case)))
+    ref = run_and_grads(memory_scan, spec, x64, cot, mode="recurrent")
+    check_errors(run_and_grads(triton_memory_scan, spec, x, cot), ref, NORM_TOL, label="-".join(map(str, case)))
     with torch.no_grad():
         params = {n: x[n].detach() for n in ("norm_weight", "norm_bias")}
         q, k, v, gates, state = split(spec, {n: t.detach() for n, t in x.items() if n not in params})

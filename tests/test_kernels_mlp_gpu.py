@@ -34,7 +34,6 @@ from test_kernels_mlp import (  # noqa: E402
     make_inputs,
     mlp_spec,
     run_and_grads,
-    run_with_head,
     state_dims,
 )
 
@@ -67,13 +66,13 @@ def gate_ranges(bias: str, T: int) -> dict | None:
     return LONG_GATES if T >= 1024 else LP_GATES if bias == "lp" else None
 
 
-def chunked(spec, q, k, v, gates, state):
-    return memory_scan(spec, q, k, v, gates, state, mode="chunked")
+def chunked(spec, q, k, v, gates, state, **kw):
+    return memory_scan(spec, q, k, v, gates, state, mode="chunked", **kw)
 
 
 def _compare(case, dtype, tol, norm: bool = False):
     """The kernel on CUDA against the fp32 chunked path: outputs, final state and every gradient (with the LayerNorm
-    head, its w and b too)."""
+    head, its w and b too: run_and_grads passes them as params)."""
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=norm)
     x = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T))
@@ -84,15 +83,10 @@ def _compare(case, dtype, tol, norm: bool = False):
     g = torch.Generator(device="cuda").manual_seed(1)
     cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
     cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
-    if norm:
-        got = run_with_head(triton_memory_scan, spec, x, cot)
-        torch.cuda.synchronize()
-        want = run_with_head(memory_scan, spec, x32, cot, mode="chunked")
-    else:
-        got = run_and_grads(triton_memory_scan, spec, x, cot)
-        torch.cuda.synchronize()
-        want = run_and_grads(chunked, spec, x32, cot)
-    check_errors(got, want, tol, label=f"{'-'.join(map(str, case))}{' LN head' if norm else ''} {dtype}")
+    got = run_and_grads(triton_memory_scan, spec, x, cot)
+    torch.cuda.synchronize()
+    check_errors(got, run_and_grads(chunked, spec, x32, cot), tol,
+                 label=f"{'-'.join(map(str, case))}{' LN head' if norm else ''} {dtype}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

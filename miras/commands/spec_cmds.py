@@ -30,7 +30,7 @@ def _fmt_int(n: int) -> str:
 def _paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
     """(layer, block kind, memory path) for each layer: which implementation runs the memory update, and on CUDA,
     when it is not a Triton kernel, the piece no kernel covers yet (``kernel_support``'s reason)."""
-    from miras.ops import resolve_mode
+    from miras.ops import kernel_gap, resolve_mode
 
     rows = []
     for i, block in enumerate(spec.blocks):
@@ -39,17 +39,8 @@ def _paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
             continue
         cuda = resolve_mode(spec.memory, device="cuda")
         path = f"{resolve_mode(spec.memory, device='cpu')} (cpu) / {cuda} (cuda)"
-        rows.append((i, block, path + (f": {_no_kernel_reason(spec.memory)}" if cuda == "chunked" else "")))
+        rows.append((i, block, path + (f": {kernel_gap(spec.memory).split(';')[0]}" if cuda == "chunked" else "")))
     return rows
-
-
-def _no_kernel_reason(memory) -> str:
-    """Why the Triton kernels do not run this memory on CUDA (the first clause of ``kernel_support``'s reason)."""
-    try:
-        from miras.kernels import kernel_support
-    except ImportError:
-        return "triton is not installed"
-    return kernel_support(memory)[1].split(";")[0]
 
 
 @click.command()

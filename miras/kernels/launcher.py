@@ -119,7 +119,7 @@ class BoundLaunch:
     before the loop and call them in it (~10 us less host time per launch than looking everything up at every call;
     ~4.6 us of what is left, on a 2-core CPU, is the fingerprint)."""
 
-    __slots__ = ("kernel", "grid", "kw", "site", "device", "driver", "grid3")
+    __slots__ = ("kernel", "grid", "kw", "site", "site_key", "device", "driver", "grid3")
 
     def __init__(self, kernel, grid: tuple, kw: dict):
         self.kernel, self.grid, self.kw = kernel, grid, kw
@@ -133,8 +133,8 @@ class BoundLaunch:
         self.driver = triton.runtime.driver.active
         self.device = self.driver.get_current_device()
         self.grid3 = (tuple(grid) + (1, 1))[:3]
-        site_key = (kernel, self.device, tuple(kw.items()))
-        self.site = _SITES.get(site_key)  # (the number of positional arguments is known at the first call)
+        self.site_key = (kernel, self.device, tuple(kw.items()))
+        self.site = _SITES.get(self.site_key)  # (the number of positional arguments is known at the first call)
 
     def __call__(self, *args):
         site = self.site
@@ -159,8 +159,7 @@ class BoundLaunch:
         import triton
 
         if self.site is None or len(self.site.specialised) != len(args):
-            site_key = (self.kernel, self.device, tuple(self.kw.items()))
-            self.site = _SITES[site_key] = _Site(self.kernel, len(args), self.kw)
+            self.site = _SITES[self.site_key] = _Site(self.kernel, len(args), self.kw)
         if isinstance(compiled, triton.compiler.CompiledKernel) and self.site.tail is not None:
             self.site.compiled[key or _prepare(args, self.site.specialised)[0]] = compiled
         return compiled

@@ -338,6 +338,15 @@ def _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, b
 
 
 @triton.jit
+def _bwd_chunk_dr(SAT, dR, b_do, GT, t_ok, o_r, o_t, PREC: tl.constexpr, DEFER: tl.constexpr):
+    """dR less the read's part, (G . SA)^T dO, on the rows o_r of the chunk (0 on padding): the gradient at the record R
+    that the bias VJP (``_bwd_chunk_dy``, or the LayerNorm head's in mlp_tiles) starts from."""
+    causal_t = o_r[:, None] <= o_t[None, :]
+    dR -= _dot(tl.where(causal_t, GT * _operand(SAT, DEFER), 0.0), b_do, PREC)
+    return tl.where(t_ok[:, None], dR, 0.0)
+
+
+@triton.jit
 def _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_r, o_t,
                   BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
                   DECAYED: tl.constexpr, PREC: tl.constexpr, DEFER: tl.constexpr):
@@ -346,9 +355,7 @@ def _bwd_chunk_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, t_ok, o_r, o_t,
     Huber deltas' gradient, dY's part of dgamma); with the residual, dk gets dY too (the caller's). On the rows o_r of
     the chunk (o_t: all its tokens; dR, v, k, Y0, gamma, t_ok and the rows of SAT, GT are those rows'; dO is the whole
     chunk's). DEFER: SAT is a pointer tensor to the block (``_operand``)."""
-    causal_t = o_r[:, None] <= o_t[None, :]
-    dR -= _dot(tl.where(causal_t, GT * _operand(SAT, DEFER), 0.0), b_do, PREC)
-    dR = tl.where(t_ok[:, None], dR, 0.0)
+    dR = _bwd_chunk_dr(SAT, dR, b_do, GT, t_ok, o_r, o_t, PREC, DEFER)
     Y = gam[:, None] * Y0
     if RES:
         Y += b_k
@@ -1027,7 +1034,7 @@ class MLPScanFunction(torch.autograd.Function):
         if ctx.layout == "tiles":
             from miras.kernels.mlp_tiles import mlp_tiles_fwd
 
-            fwd = partial(mlp_tiles_fwd, head=(nw, nb) if cfg.norm else None)
+            fwd = partial(mlp_tiles_fwd, head=(nw, nb))
         else:
             fwd = mlp_scan_fwd
         o, final, slots = fwd(cfg, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states=needs)
@@ -1066,7 +1073,7 @@ def mlp_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta
     (weight, bias), fp32 [H, V], for a spec with ``memory.norm``. Returns (o, final state).
     """
     cfg = MLPConfig.from_spec(spec, q.shape[-1])
-    nw, nb = head if cfg.norm else (None, None)
+    nw, nb = head or (None, None)
     o, w1, w2, s1, s2 = MLPScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu,
                                               delta, state.get("W1"), state.get("W2"), state.get("S1"),
                                               state.get("S2"), nw, nb)

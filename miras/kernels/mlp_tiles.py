@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from miras.components.memory import LN_EPS
 from miras.kernels.common import (
     _dot,
     _row_select,
@@ -57,6 +58,7 @@ from miras.kernels.mlp import (
     _act,
     _block_h,
     _bwd_chunk_dg,
+    _bwd_chunk_dr,
     _bwd_chunk_dy,
     _bwd_tile_dy,
     _bwd_tile_factors,
@@ -73,7 +75,6 @@ from miras.kernels.mlp import (
     _input_grads,
     _launch,
     _launcher,
-    _operand,
     _prec,
     _state_grad_terms,
     _state_slots,
@@ -534,8 +535,6 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
-    from miras.components.memory import LN_EPS
-
     delta_ = delta if delta is not None else eta
     nw, nb = head if cfg.norm else (eta, eta)  # (unread stand-ins without the head)
     ohead = torch.empty(B, T, H, V, **f32) if cfg.norm and keep_states else eta  # the head's input, for the backward
@@ -785,9 +784,7 @@ def _bwd_head_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, w, b, t_ok, v_ok, o_
     ``_bwd_chunk_dy`` calls dY), dv, the Huber deltas' gradient, dY's part of dgamma, the gradient at y (the
     residual's part of dk) and the rows of the head's dw and db. d depends on u through xhat and rstd as well:
     dL/drstd = <g_d, d> / rstd, dL/dxhat gets -rstd (mean(s xhat) g_d + s mean(g_d xhat)) besides w dL/dy."""
-    causal_t = o_r[:, None] <= o_t[None, :]
-    g_d = dR - _dot(tl.where(causal_t, GT * _operand(SAT, True), 0.0), b_do, PREC)
-    g_d = tl.where(t_ok[:, None], g_d, 0.0)
+    g_d = _bwd_chunk_dr(SAT, dR, b_do, GT, t_ok, o_r, o_t, PREC, True)
     xhat, rstd, y, R = _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V, BIAS, P, SMOOTH, EPS, RES, LN_EPS)
     s = w[None, :] * R
     g_s = _ln_vjp(g_d, xhat, rstd, v_ok, V)
@@ -1062,8 +1059,6 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
-    from miras.components.memory import LN_EPS
-
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
     # every chunk's records (besides pre, the forward's _prep records that _prep_m2 completes): dZ1's pass-2 part
     # (pass 3: gamma dZ1); pass 3's dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL); dk's intra-chunk part; dY
