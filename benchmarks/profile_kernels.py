@@ -26,6 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import FAMILIES, family_spec, init_state, make  # noqa: E402
 
 
+def kernel_times(step, steps: int) -> dict[str, list]:
+    """Per GPU kernel name (cut at 60 characters): [launches, device ms] summed over ``steps`` calls of step()
+    under torch.profiler (step warmed up by the caller)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            name = ev.name if len(ev.name) <= 60 else ev.name[:57] + "..."
+            per_kernel[name][0] += 1
+            per_kernel[name][1] += ev.time_range.elapsed_us() / 1e3  # us -> ms
+    return dict(per_kernel)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("family", nargs="?", default="mlp", help="a substring of a bench_kernels family name")
@@ -50,17 +67,7 @@ def main() -> None:
 
     for _ in range(2):  # compile and warm up
         step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-    per_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            name = ev.name if len(ev.name) <= 60 else ev.name[:57] + "..."
-            per_kernel[name][0] += 1
-            per_kernel[name][1] += ev.time_range.elapsed_us() / 1e3  # us -> ms
+    per_kernel = kernel_times(step, args.steps)
     total = sum(ms for _, ms in per_kernel.values())
     print(f"{fam}: B={B} T={T} H={H} D={D} bf16 chunk 64, {torch.cuda.get_device_name()}, {args.steps} steps profiled")
     print("| kernel | launches / step | ms / step | share |\n|---|---|---|---|")

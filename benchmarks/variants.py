@@ -4,10 +4,15 @@ One table for bench_kernels.py (``--variants``: extra benchmark rows) and the sh
 gpu_all.sh), which read a variant's settings with no torch import:
 
     python benchmarks/variants.py gradone      # prints MIRAS_KERNEL_GRAD_SPLIT=0; exit 1 for an unknown name
+
+``MIRAS_BENCH_VARIANTS=path.json`` adds the variants of a JSON file ({name: {variable: value}}), as
+benchmarks/tune_mlp.py writes them (``tuned``, ``tunedgraphs``: the fastest launch config of every MLP kernel).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 VARIANTS = {
@@ -42,6 +47,9 @@ VARIANTS = {
     # or 8 warps and 2 stages; the tile kernels keep MIRAS_KERNEL_MLP_CONFIG)
     "sums3": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "4,3"}, "sums8": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "8,2"},
 }
+
+if os.environ.get("MIRAS_BENCH_VARIANTS"):
+    VARIANTS.update(json.loads(open(os.environ["MIRAS_BENCH_VARIANTS"]).read()))
 
 
 def main(argv: list[str]) -> int:

@@ -95,3 +95,36 @@ def test_references_matching_no_row_is_a_clear_error():
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--references: 'titan-pytorch' matches no reference row" in out.stderr
     assert "titans-pytorch NeuralMemory" in out.stderr  # the known names
+
+
+def test_a_variants_file_adds_variants(tmp_path):
+    """MIRAS_BENCH_VARIANTS names a JSON file of variants (benchmarks/tune_mlp.py writes one), readable by name."""
+    path = tmp_path / "tuned.json"
+    path.write_text('{"tuned": {"MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS": "4,3"}}')
+    out = subprocess.run([sys.executable, str(SCRIPT), "tuned"], capture_output=True, text=True,
+                         env={**os.environ, "MIRAS_BENCH_VARIANTS": str(path)})
+    assert out.returncode == 0 and out.stdout.split() == ["MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS=4,3"]
+    assert run("tuned").returncode == 1  # (not without the file)
+
+
+def test_tune_picks_each_kernels_fastest_set_by_a_margin():
+    """tune_mlp.pick: per kernel the set where it ran fastest, the default kept unless beaten by > 3% and 5 us;
+    PyTorch's own kernels (no config) and sets where a kernel ran at two configs are left out."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import tune_mlp
+
+    def timing(kernels: dict, configs: dict) -> dict:
+        return {"kernels": kernels, "configs": configs, "kernel_ms": sum(kernels.values()), "step_ms": 0.0}
+
+    timings = {
+        "4,1": timing({"_bwd_sums": 1.80, "_fwd_tile": 2.00, "_bwd_mid": 0.50, "_prep": 0.70, "elementwise": 0.1},
+                      {"_bwd_sums": ["4,1"], "_fwd_tile": ["4,1"], "_bwd_mid": ["4,1"], "_prep": ["4,1"]}),
+        "4,3": timing({"_bwd_sums": 1.50, "_fwd_tile": 1.99, "_bwd_mid": 0.498, "_prep": 0.60, "elementwise": 0.05},
+                      {"_bwd_sums": ["4,3"], "_fwd_tile": ["4,1"], "_bwd_mid": ["4,3"], "_prep": ["4,3", "4,1"]}),
+        "2,1": timing({"_bwd_sums": 1.60, "_fwd_tile": 1.70, "_bwd_mid": 0.49, "_prep": 0.71},
+                      {"_bwd_sums": ["2,1"], "_fwd_tile": ["2,1"], "_bwd_mid": ["2,1"], "_prep": ["2,1"]}),
+    }
+    chosen, env = tune_mlp.pick(timings)
+    # _bwd_mid: 0.49 beats 0.50 by 2% only; _prep's 0.60 ran at two configs; the profiler's elementwise has none
+    assert chosen == {"_bwd_sums": "4,3", "_fwd_tile": "2,1", "_bwd_mid": "4,1", "_prep": "4,1"}
+    assert env == {"MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS": "4,3", "MIRAS_KERNEL_MLP_CONFIG_FWD_TILE": "2,1"}

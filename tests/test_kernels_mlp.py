@@ -369,6 +369,29 @@ def test_hidden_tile_setting(monkeypatch):
         _block_h(256, 64)
 
 
+def test_kernel_launch_config_order(monkeypatch):
+    """A kernel's own MIRAS_KERNEL_MLP_CONFIG_<NAME> first, then its group's variable, then MIRAS_KERNEL_MLP_CONFIG,
+    then 4 warps and 1 stage; a malformed value names its variable."""
+    from miras.kernels import mlp_tiles
+    from miras.kernels.mlp import kernel_config_env, kernel_launch_config
+
+    sums, tile, group = mlp_tiles._bwd_sums, mlp_tiles._bwd_tile32, mlp_tiles.SUMS_CONFIG
+    assert kernel_config_env(sums.__name__) == "MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS"
+    for name in ("MIRAS_KERNEL_MLP_CONFIG", group, kernel_config_env("_bwd_sums"), kernel_config_env("_bwd_tile32")):
+        monkeypatch.delenv(name, raising=False)
+    assert kernel_launch_config(sums, group) == {"num_warps": 4, "num_stages": 1}
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG", "2,1")
+    monkeypatch.setenv(group, "4,3")
+    assert kernel_launch_config(sums, group) == {"num_warps": 4, "num_stages": 3}
+    assert kernel_launch_config(tile) == {"num_warps": 2, "num_stages": 1}
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS", "8,2,128")
+    assert kernel_launch_config(sums, group) == {"num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    assert kernel_launch_config(tile) == {"num_warps": 2, "num_stages": 1}
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG_BWD_TILE32", "3,1")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_CONFIG_BWD_TILE32 must be 'warps,stages'.*'3,1'"):
+        kernel_launch_config(tile)
+
+
 def test_hopper_config_warning():
     """8 warps with hidden tiles of 16 on Hopper crashed an H200 (session 8): warned once, naming the knob; 4 warps,
     hidden tiles of 32 or another GPU generation pass silently."""

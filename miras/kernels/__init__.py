@@ -29,7 +29,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
   their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
   8 warps miscompile on Hopper, see ``mlp._launcher``); ``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the launch config of the
-  tiles layout's contractions over the hidden dim (default: ``MIRAS_KERNEL_MLP_CONFIG``); ``MIRAS_KERNEL_MLP_PREC``:
+  tiles layout's contractions over the hidden dim (default: ``MIRAS_KERNEL_MLP_CONFIG``);
+  ``MIRAS_KERNEL_MLP_CONFIG_<KERNEL>``: one kernel's launch config, before both (``<KERNEL>``: its name without the
+  underscore, upper case, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS``; ``mlp.kernel_config_env``); ``MIRAS_KERNEL_MLP_PREC``:
   the dot operands for bf16 inputs (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's;
   ``mlp._prec``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next

@@ -846,7 +846,9 @@ def _launcher(kernel, grid, config_env: str | None = None, **kw):
     as a chunk loop needs (miras.kernels.launcher.BoundLaunch; plain ``kernel[grid]`` under the interpreter); on GPU
     with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps, 1 stage; the linear
     kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here), or the kernel's own ``config_env`` where that is set
-    (``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the tiles layout's contractions over the hidden dim).
+    (``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the tiles layout's contractions over the hidden dim). One kernel's own
+    ``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` (``kernel_config_env``, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS=4,3``) comes
+    before both: benchmarks/gpu_tune.sh times every kernel under a few configs and sets each its fastest.
 
     4 warps, not 8: on an H200 with triton 3.6, at 8 warps and chunk 64 (hidden tile 16) both layouts read shared
     memory out of bounds at a tl.dot (compute-sanitizer: invalid __shared__ read in ``_fwd_tile``; an illegal address,
@@ -855,12 +857,35 @@ def _launcher(kernel, grid, config_env: str | None = None, **kw):
     D=128 T=1024 H=8 momentum and gd: outputs and all gradients within 1e-2), and so did 8 warps with Triton's
     wgmma turned off (DISABLE_MMA_V3=1) in both bf16 cases: a Hopper wgmma code-generation problem with narrow tiles
     (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
+    config = kernel_launch_config(kernel, config_env)
+    LAUNCH_CONFIGS.setdefault(kernel.__name__, set()).add(config_text(config))
     if interpreting():
         return partial(kernel[grid], **kw)
-    config = (config_env and launch_config(config_env)) or launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1")
     if "BH" in kw:
         _warn_config(config["num_warps"], kw["BH"], _capability_major(torch.cuda.current_device()))
     return BoundLaunch(kernel, grid, {**config, **kw})
+
+
+def kernel_config_env(name: str) -> str:
+    """The environment variable of one MLP kernel's own launch config, by the kernel's name: ``_bwd_sums`` ->
+    ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS`` (``_launcher``)."""
+    return "MIRAS_KERNEL_MLP_CONFIG_" + name.strip("_").upper()
+
+
+LAUNCH_CONFIGS: dict[str, set[str]] = {}  # kernel name -> the configs it was bound at, "warps,stages[,maxnreg]"
+
+
+def config_text(config: dict) -> str:
+    """Launch options as their environment variables write them: "warps,stages[,maxnreg]"."""
+    text = f"{config['num_warps']},{config['num_stages']}"
+    return text + f",{config['maxnreg']}" if "maxnreg" in config else text
+
+
+def kernel_launch_config(kernel, config_env: str | None = None) -> dict:
+    """A kernel's launch options on GPU, the first set of: its own ``kernel_config_env``, its group's ``config_env``,
+    ``MIRAS_KERNEL_MLP_CONFIG``, else 4 warps and 1 stage (``_launcher``)."""
+    return (launch_config(kernel_config_env(kernel.__name__)) or (config_env and launch_config(config_env))
+            or launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1"))
 
 
 @cache

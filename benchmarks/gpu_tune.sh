@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One device call (<= GPU_TUNE_SECONDS, default 540 s): every MLP kernel's launch config tuned at the benchmark's
+# shape, then the benchmark with the tuned settings beside the defaults.
+# 1. In parallel, nothing timed: tune_mlp.py checks (one process per candidate set of launch configs: the bench-shape
+#    check, which compiles the set's kernels); the MLP GPU tests not yet run on a GPU at this code (the LayerNorm
+#    head's bf16 cases, the CUDA-graphs test, the fast-launch test: GPU_TUNE_GATE); the LN-head benchmark row's
+#    compile (warm_kernels.py row).
+# 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
+#    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
+# 3. bench_kernels.py --families mlp: the defaults, mlpgraphs, tuned and tunedgraphs in GPU_TUNE_ROUNDS (3)
+#    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
+# 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
+# Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
+#   bash benchmarks/gpu_tune.sh                   (GPU box, repository root)
+#   GPU_CHECK_CPU=1 bash benchmarks/gpu_tune.sh   (CPU dry run: interpreter, tiny shapes, no kernel times)
+cd "$(dirname "$0")/.." || exit 1
+OUTDIR="${OUT:-/tmp/gpu_tune}"
+mkdir -p "$OUTDIR"
+END=$(( $(date +%s) + ${GPU_TUNE_SECONDS:-540} ))
+left() { echo $(( END - $(date +%s) )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }
+. benchmarks/gpu_site.sh
+export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
+GATE="${GPU_TUNE_GATE-bf16_layernorm or graphs or fast_launch}"
+TINY=""
+BENCH_SHAPE="--no-chunked --references titans-pytorch"
+if [ -n "${GPU_CHECK_CPU:-}" ]; then
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+  TINY="--tiny" BENCH_SHAPE="--tiny --no-chunked"
+fi
+
+echo "== phase 1: checks and compiles, in parallel ($(left) s left)"
+CHECKS_SECONDS=$(cap "${GPU_TUNE_CHECK_SECONDS:-200}")
+PIDS=()
+if [ -n "$GATE" ]; then
+  timeout "$CHECKS_SECONDS" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k "$GATE" \
+    > "$OUTDIR/gate_full.log" 2>&1 &
+  PIDS+=($!)
+fi
+timeout "$CHECKS_SECONDS" python3 benchmarks/warm_kernels.py row "LN head" $TINY > "$OUTDIR/warm_ln.log" 2>&1 &
+PIDS+=($!)
+python3 benchmarks/tune_mlp.py checks --out "$OUTDIR/tune" --seconds "$CHECKS_SECONDS" 2>&1 | tee "$OUTDIR/tune.log"
+for pid in "${PIDS[@]}"; do wait "$pid"; done
+grep -E "^\.*(l2|graphs)|passed|failed|^FAILED|^E  " "$OUTDIR/gate_full.log" 2>/dev/null | cut -c1-300 \
+  | tee "$OUTDIR/gate.log"
+tail -2 "$OUTDIR/warm_ln.log"
+
+echo "== phase 2: the tuning ($(left) s left)"
+python3 benchmarks/tune_mlp.py tune --out "$OUTDIR/tune" --seconds "$(( $(left) - ${GPU_TUNE_BENCH_SECONDS:-130} ))" \
+  2>&1 | tee -a "$OUTDIR/tune.log"
+
+echo "== phase 3: the benchmark ($(left) s left)"
+VARIANTS=mlpgraphs
+if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then VARIANTS="mlpgraphs,tuned,tunedgraphs"; fi
+if [ "$(left)" -gt 40 ]; then
+  MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
+    --families mlp $BENCH_SHAPE --variants "$VARIANTS" \
+    --rounds "${GPU_TUNE_ROUNDS:-3}" --table "$OUTDIR/bench_table.txt" > "$OUTDIR/bench.log" 2>&1
+  echo "bench_kernels.py rc=$?" | tee -a "$OUTDIR/bench.log"
+  grep -E "^device=" "$OUTDIR/bench.log"
+  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "no table; rows:"; grep -E "^ROW " "$OUTDIR/bench.log"; }
+  grep -E "^RATIO |Error" "$OUTDIR/bench.log" | cut -c1-300
+fi
+
+echo "== phase 4: profile under the tuned settings ($(left) s left)"
+if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
+  TUNED="$(MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" python3 benchmarks/variants.py tuned 2>/dev/null)"
+  # shellcheck disable=SC2086  # the settings are words for env
+  env $TUNED timeout "$(cap 60)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
+    | tee "$OUTDIR/profile.log"
+fi
+echo "== gpu_tune done, $(left) s left"

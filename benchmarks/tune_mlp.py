@@ -1,0 +1,293 @@
+"""Per-kernel launch configs for the MLP memory's Triton kernels, tuned on the GPU at the benchmark's shape.
+
+Every MLP kernel launches at ``MIRAS_KERNEL_MLP_CONFIG`` (4 warps, 1 stage) unless its own
+``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``). ``run`` does this:
+1. For every candidate set of SETS, in parallel processes, so that the compiles overlap: the bench-shape check.
+   That is our kernels on bf16 inputs against the fp32 chunked path, output and every input gradient within 2e-2
+   (relative), at the mlp2 titans row of bench_kernels.py (B=4, T=4096, H=8, D=128, chunk 64). It also compiles the
+   set's kernels.
+2. One process after another, with the GPU to itself: for each set that passed, the device ms of every kernel per
+   fwd+bwd step (torch.profiler) and the eager step's ms (do_bench).
+3. Per kernel, the set where it ran fastest. A kernel keeps the default unless another set beats it by more than 3%
+   and 5 us per step. The choice is written as the variants ``tuned`` (every kernel's own config) and
+   ``tunedgraphs`` (the same with the backward as CUDA graphs) into OUT/tuned.json. benchmarks/variants.py reads that
+   file when ``MIRAS_BENCH_VARIANTS`` names it.
+4. The tuned settings are checked and timed as in steps 1 and 2.
+On CPU under ``TRITON_INTERPRET=1`` it runs at B=1, T=128, H=1, D=16 in fp32, with no kernel times: a dry run of the
+script itself (benchmarks/gpu_tune.sh's ``GPU_CHECK_CPU=1``).
+
+    python benchmarks/tune_mlp.py run --out /tmp/tune --seconds 300     # GPU; the steps as one
+    python benchmarks/tune_mlp.py checks --out /tmp/tune --seconds 150  # step 1 (benchmarks/gpu_tune.sh runs the
+    python benchmarks/tune_mlp.py tune --out /tmp/tune --seconds 150    # two apart, other checks beside step 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from miras.kernels.mlp import kernel_config_env  # noqa: E402
+
+DEFAULT = "4,1"
+# the tile kernels' dots run on hidden tiles of 16 at chunk 64: at 8 warps they miscompile on Hopper (mlp._launcher),
+# and they have no loop for stages to pipeline, so the 8-warp and stage sets keep them at the default
+TILE_KERNELS = ("_y_part", "_fwd_tile", "_bwd_tile2", "_bwd_tile32")
+
+
+def _tiles_at(config: str) -> dict[str, str]:
+    return {kernel_config_env(name): config for name in TILE_KERNELS}
+
+
+# (2 warps are not tried: the tile kernels then compile to 32 registers and an 11-17 KB spill stack per thread
+# under triton 3.6 for sm_90, benchmarks/kernel_resources_mlp.py --warps 2)
+SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_KERNEL_MLP_CONFIG* set)
+    DEFAULT: {},
+    "4,2": {"MIRAS_KERNEL_MLP_CONFIG": "4,2", **_tiles_at(DEFAULT)},
+    "4,3": {"MIRAS_KERNEL_MLP_CONFIG": "4,3", **_tiles_at(DEFAULT)},
+    "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at(DEFAULT)},
+    "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at(DEFAULT)},
+    # hidden tiles of 32 (half the tile programs, each twice the work): timed for the table, but not a launch
+    # config, so not one of pick's choices
+    "bh32": {"MIRAS_KERNEL_BH": "32"},
+}
+NOT_CONFIGS = ("bh32",)
+BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
+MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bench_inputs():
+    """The mlp2 titans row of bench_kernels.py: spec, q, k, v, gates, initial state (on CPU, under the interpreter:
+    B=1, T=128, H=1, D=16 in fp32, for a dry run of this script)."""
+    from bench_kernels import FAMILIES, family_spec, init_state, make
+
+    spec = family_spec(next(o for n, o in FAMILIES.items() if n.startswith("mlp2 titans")), 64)
+    dev = _device()
+    B, T, H, D = (4, 4096, 8, 128) if dev == "cuda" else (1, 128, 1, 16)
+    q, k, v, gates = make(spec, B, T, H, D, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
+    return spec, q, k, v, gates, init_state(spec, H, D, dev)
+
+
+def check() -> dict:
+    """Relative errors of our kernels (bf16 in) against the fp32 chunked path: the output and every input gradient,
+    under one random cotangent."""
+    from miras.kernels import triton_memory_scan
+    from miras.ops import memory_scan
+
+    spec, q, k, v, gates, state0 = _bench_inputs()
+    leaves = {"q": q, "k": k, "v": v, **gates}
+    g = torch.Generator(device=q.device).manual_seed(3)
+    cot = torch.randn(q.shape, device=q.device, generator=g)
+
+    def grads(fn, xs: dict) -> dict:
+        o = fn(spec, xs["q"], xs["k"], xs["v"], {n: xs[n] for n in gates}, state0)[0]
+        got = dict(zip(xs, torch.autograd.grad((o.float() * cot).sum(), list(xs.values()))))
+        return {"o": o.detach(), **{f"d{n}": t for n, t in got.items()}}
+
+    ours = grads(triton_memory_scan, leaves)
+    ref = grads(lambda *a: memory_scan(*a, mode="chunked"),
+                {n: x.detach().float().requires_grad_(True) for n, x in leaves.items()})
+    errors = {n: float((ours[n].float() - ref[n]).norm() / ref[n].norm()) for n in ref}
+    return {"errors": errors, "ok": all(math.isfinite(e) and e <= BOUND for e in errors.values())}
+
+
+def timing(steps: int = 3) -> dict:
+    """Device ms per fwd+bwd step of every kernel, the summed kernel ms, the eager step's ms (do_bench), and the
+    launch configs each of our kernels was bound at (mlp.LAUNCH_CONFIGS). On CPU (a dry run): no kernel times, the
+    step's wall ms."""
+    from miras.kernels import triton_memory_scan
+    from miras.kernels.mlp import LAUNCH_CONFIGS
+
+    spec, q, k, v, gates, state0 = _bench_inputs()
+
+    def step() -> None:
+        triton_memory_scan(spec, q, k, v, gates, state0)[0].float().sum().backward()
+        for x in (q, k, v, *gates.values()):
+            x.grad = None
+
+    for _ in range(2):
+        step()
+    if q.is_cuda:
+        import triton.testing
+        from profile_kernels import kernel_times
+
+        per_kernel = kernel_times(step, steps)
+        step_ms = float(triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median"))
+    else:
+        per_kernel, t0 = {}, time.perf_counter()
+        step()
+        step_ms = 1e3 * (time.perf_counter() - t0)
+    return {"kernels": {n: ms / steps for n, (_, ms) in per_kernel.items()},
+            "kernel_ms": sum(ms for _, ms in per_kernel.values()) / steps, "step_ms": step_ms,
+            "configs": {n: sorted(c) for n, c in LAUNCH_CONFIGS.items()}}
+
+
+def pick(timings: dict[str, dict], default: str = DEFAULT) -> tuple[dict[str, str], dict[str, str]]:
+    """Per kernel that ran at one config in the default set, the set where it ran fastest. Returns (kernel -> set
+    name, the environment that sets the own config of each kernel whose choice is not the default). Another set wins
+    only by more than MIN_GAIN of the default's time and MIN_GAIN_MS; a set where the kernel ran at several configs
+    does not count for it."""
+    base = timings[default]
+    chosen, env = {}, {}
+    for name, base_ms in base["kernels"].items():
+        if len(base["configs"].get(name, ())) != 1:
+            continue  # not one of ours (PyTorch's own kernels), or launched at several configs
+        best, best_ms = default, base_ms
+        for set_name, t in timings.items():
+            ms, configs = t["kernels"].get(name), t["configs"].get(name, ())
+            if ms is not None and len(configs) == 1 and ms < best_ms:
+                best, best_ms = set_name, ms
+        if best != default and (base_ms - best_ms < MIN_GAIN * base_ms or base_ms - best_ms < MIN_GAIN_MS):
+            best = default
+        chosen[name] = best
+        if best != default:
+            env[kernel_config_env(name)] = timings[best]["configs"][name][0]
+    return chosen, env
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {n: v for n, v in os.environ.items() if not n.startswith("MIRAS_KERNEL_MLP_CONFIG")
+           and n != "MIRAS_KERNEL_MLP_SUMS_CONFIG"}
+    return {**env, **extra}
+
+
+def _child(mode: str, out: Path, name: str, env: dict, timeout: float) -> dict | None:
+    """Runs ``mode`` (check / time) of this script in a child process under env; its JSON, or None (with the tail of
+    its log printed) when it failed or ran out of time."""
+    path, log_path = out / f"{mode}_{_file(name)}.json", out / f"{mode}_{_file(name)}.log"
+    with open(log_path, "w") as log:
+        try:
+            subprocess.run([sys.executable, __file__, mode, "--json", str(path)], env=_clean_env(env), stdout=log,
+                           stderr=subprocess.STDOUT, timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            print(f"  [{name}] {mode}: out of time")
+    if path.exists():
+        return json.loads(path.read_text())
+    print(f"  [{name}] {mode} failed:", *log_path.read_text().splitlines()[-4:], sep="\n    ")
+    return None
+
+
+def _file(set_name: str) -> str:
+    return set_name.replace(",", "_")
+
+
+def _parallel_checks(out: Path, sets: dict[str, dict], deadline: float) -> dict[str, dict]:
+    procs = {}
+    for name, env in sets.items():
+        path = out / f"check_{_file(name)}.json"
+        log = open(out / f"check_{_file(name)}.log", "w")  # noqa: SIM115  (closed below)
+        procs[name] = (subprocess.Popen([sys.executable, __file__, "check", "--json", str(path)], env=_clean_env(env),
+                                        stdout=log, stderr=subprocess.STDOUT), path, log)
+    results = {}
+    for name, (proc, path, log) in procs.items():
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+        else:
+            tail = Path(log.name).read_text().splitlines()[-3:]
+            print(f"  [{name}] check failed (rc {proc.returncode}):", *tail, sep="\n    ")
+    return results
+
+
+def run_checks(out: Path, seconds: float) -> None:
+    """Step 1: every set's check, in parallel processes (at most ``seconds``), into OUT/check_<set>.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.json"):  # (results of an earlier run)
+        old.unlink()
+    print(f"tune_mlp: {len(SETS)} sets, checks in parallel (at most {seconds:.0f} s)", flush=True)
+    checks = _parallel_checks(out, SETS, time.time() + seconds)
+    for name, c in checks.items():
+        worst = max(c["errors"].items(), key=lambda kv: kv[1])
+        print(f"  [{name}] check {'ok' if c['ok'] else 'FAILED'}: worst {worst[0]} {worst[1]:.1e}", flush=True)
+
+
+def run_tune(out: Path, seconds: float) -> None:
+    """Steps 2-4 for the sets whose check passed (OUT/check_<set>.json), within ``seconds``: OUT/table.md, the
+    variants OUT/tuned.json (empty when the tuned settings fail their check)."""
+    deadline = time.time() + seconds
+
+    def left() -> float:
+        return deadline - time.time()
+
+    passed = [n for n in SETS if (out / f"check_{_file(n)}.json").exists()
+              and json.loads((out / f"check_{_file(n)}.json").read_text())["ok"]]
+    if DEFAULT not in passed:
+        print("tune_mlp: the default set did not pass its check; nothing to tune against")
+        return
+    timings = {}
+    for name in passed:
+        if left() < 40:
+            print(f"  [{name}] not timed: {left():.0f} s left")
+            continue
+        t = _child("time", out, name, SETS[name], min(120, left() - 30))
+        if t:
+            timings[name] = t
+            print(f"  [{name}] kernels {t['kernel_ms']:.3f} ms, eager step {t['step_ms']:.3f} ms", flush=True)
+    chosen, tuned = pick({n: t for n, t in timings.items() if n not in NOT_CONFIGS})
+    table = ["| kernel | " + " | ".join(timings) + " | chosen |", "|---" * (len(timings) + 2) + "|"]
+    for name in chosen:
+        cells = [f"{t['kernels'].get(name, float('nan')):.3f}" for t in timings.values()]
+        table.append(f"| `{name}` | " + " | ".join(cells) + f" | {chosen[name]} |")
+    table.append("| all kernels | " + " | ".join(f"{t['kernel_ms']:.3f}" for t in timings.values()) + " | |")
+    table.append("| eager step (do_bench) | " + " | ".join(f"{t['step_ms']:.3f}" for t in timings.values()) + " | |")
+    print("\n".join(table))
+    (out / "table.md").write_text("\n".join(table) + "\n")
+    print("tuned settings:", " ".join(f"{n}={v}" for n, v in tuned.items()) or "(none: the defaults won)")
+    (out / "tuned.json").write_text(json.dumps({}))
+    if not tuned or left() < 60:
+        return
+    c = _child("check", out, "tuned", tuned, left() - 40)
+    print(f"  [tuned] check {'ok' if c and c['ok'] else 'FAILED'}: {c and c['errors']}")
+    if not (c and c["ok"]):
+        return
+    variants = {"tuned": tuned, "tunedgraphs": {**tuned, "MIRAS_KERNEL_MLP_GRAPHS": "2"}}
+    (out / "tuned.json").write_text(json.dumps(variants, indent=1))
+    t = _child("time", out, "tuned", tuned, left() - 5) if left() > 40 else None
+    if t:
+        print(f"  [tuned] kernels {t['kernel_ms']:.3f} ms (default {timings[DEFAULT]['kernel_ms']:.3f}), eager "
+              f"step {t['step_ms']:.3f} ms (default {timings[DEFAULT]['step_ms']:.3f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=("run", "checks", "tune", "check", "time"),
+                    help="run = checks (step 1) then tune (steps 2-4); check / time: one set, in a child process")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/tune_mlp"), help="where results and logs go")
+    ap.add_argument("--seconds", type=float, default=300, help="the time it may take (run: 55%% for the checks)")
+    ap.add_argument("--json", type=Path, help="check / time: where the result goes")
+    args = ap.parse_args()
+    if _device() == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        sys.exit("tune_mlp: needs a CUDA device (or TRITON_INTERPRET=1 for a dry run on CPU at a tiny shape)")
+    if args.mode in ("run", "checks"):
+        start = time.time()
+        run_checks(args.out, args.seconds * (0.55 if args.mode == "run" else 1))
+        if args.mode == "run":
+            run_tune(args.out, args.seconds - (time.time() - start))
+        return
+    if args.mode == "tune":
+        return run_tune(args.out, args.seconds)
+    result = check() if args.mode == "check" else timing()
+    args.json.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
