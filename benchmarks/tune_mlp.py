@@ -1,6 +1,7 @@
 """Per-kernel launch configs for the MLP memory's Triton kernels, tuned on the GPU at the benchmark's shape.
 
-Every MLP kernel launches at ``MIRAS_KERNEL_MLP_CONFIG`` (4 warps, 1 stage) unless its own
+Every MLP kernel launches at ``MIRAS_KERNEL_MLP_CONFIG`` (default 4 warps, 1 stage, or the kernel's entry of
+``miras.kernels.mlp.TUNED_CONFIGS``, which this script's session-15 run chose) unless its own
 ``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``). ``run`` does this:
 1. For every candidate set of SETS, in parallel processes, so that the compiles overlap: the bench-shape check.
    That is our kernels on bf16 inputs against the fp32 chunked path, output and every input gradient within 2e-2
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from miras.kernels.mlp import kernel_config_env  # noqa: E402
 
-DEFAULT = "4,1"
+DEFAULT = "defaults"  # the set with no launch settings: 4 warps, 1 stage, or a kernel's mlp.TUNED_CONFIGS entry
 # the tile kernels' dots run on hidden tiles of 16 at chunk 64: at 8 warps they miscompile on Hopper (mlp._launcher),
 # and they have no loop for stages to pipeline, so the 8-warp and stage sets keep them at the default
 TILE_KERNELS = ("_y_part", "_fwd_tile", "_bwd_tile2", "_bwd_tile32")
@@ -53,10 +54,11 @@ def _tiles_at(config: str) -> dict[str, str]:
 # under triton 3.6 for sm_90, benchmarks/kernel_resources_mlp.py --warps 2)
 SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_KERNEL_MLP_CONFIG* set)
     DEFAULT: {},
-    "4,2": {"MIRAS_KERNEL_MLP_CONFIG": "4,2", **_tiles_at(DEFAULT)},
-    "4,3": {"MIRAS_KERNEL_MLP_CONFIG": "4,3", **_tiles_at(DEFAULT)},
-    "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at(DEFAULT)},
-    "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at(DEFAULT)},
+    "4,1": {"MIRAS_KERNEL_MLP_CONFIG": "4,1"},
+    "4,2": {"MIRAS_KERNEL_MLP_CONFIG": "4,2", **_tiles_at("4,1")},
+    "4,3": {"MIRAS_KERNEL_MLP_CONFIG": "4,3", **_tiles_at("4,1")},
+    "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at("4,1")},
+    "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
     # hidden tiles of 32 (half the tile programs, each twice the work): timed for the table, but not a launch
     # config, so not one of pick's choices
     "bh32": {"MIRAS_KERNEL_BH": "32"},

@@ -371,7 +371,7 @@ def test_hidden_tile_setting(monkeypatch):
 
 def test_kernel_launch_config_order(monkeypatch):
     """A kernel's own MIRAS_KERNEL_MLP_CONFIG_<NAME> first, then its group's variable, then MIRAS_KERNEL_MLP_CONFIG,
-    then 4 warps and 1 stage; a malformed value names its variable."""
+    then its tuned default (mlp.TUNED_CONFIGS), then 4 warps and 1 stage; a malformed value names its variable."""
     from miras.kernels import mlp_tiles
     from miras.kernels.mlp import kernel_config_env, kernel_launch_config
 
@@ -379,8 +379,10 @@ def test_kernel_launch_config_order(monkeypatch):
     assert kernel_config_env(sums.__name__) == "MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS"
     for name in ("MIRAS_KERNEL_MLP_CONFIG", group, kernel_config_env("_bwd_sums"), kernel_config_env("_bwd_tile32")):
         monkeypatch.delenv(name, raising=False)
-    assert kernel_launch_config(sums, group) == {"num_warps": 4, "num_stages": 1}
+    assert kernel_launch_config(tile) == {"num_warps": 4, "num_stages": 1}
+    assert kernel_launch_config(sums, group) == {"num_warps": 4, "num_stages": 2}  # (its TUNED_CONFIGS entry)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG", "2,1")
+    assert kernel_launch_config(sums) == {"num_warps": 2, "num_stages": 1}
     monkeypatch.setenv(group, "4,3")
     assert kernel_launch_config(sums, group) == {"num_warps": 4, "num_stages": 3}
     assert kernel_launch_config(tile) == {"num_warps": 2, "num_stages": 1}

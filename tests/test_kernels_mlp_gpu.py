@@ -46,6 +46,12 @@ LONG_GATES = {"keep": (0.99, 1.0), "lr": (0.002, 0.012)}  # for T = 1024 (module
 # the comparison would check nothing; at these rates max |o| stays ~1.7 (test_inputs_are_well_conditioned)
 LP_GATES = {"lr": (0.0005, 0.002)}
 TF32_COARSER = 2.0**13  # TF32 keeps 10 mantissa bits, fp32 23
+# with the LayerNorm head, keep gates in [0.99, 1] make the inner loop chaotic over 1024 tokens: the state decays
+# ~e^-5, and LN's rstd on the vanishing prediction blows up the inner loss's curvature. In the fp32 chunked path
+# alone (no kernel), W1's start perturbed by 1e-6 (relative) moved o by 0.15-0.26 and the final state by 0.74-1.0
+# (the GPU session 15 failure of the head's bf16 cases: o 0.6, state 1.4). Keep gates in [0.999, 1] keep the state:
+# a 1e-3 perturbation then moves o and the state by <= 1e-3 (benchmarks/RESULTS.md, GPU session 15)
+HEAD_GATES = {"keep": (0.999, 1.0), "lr": (0.002, 0.012)}
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +68,9 @@ CASES = [  # (bias, retention, learner, grad_at, chunk, act, B, T, H, D)
 IDS = ["-".join(str(c) for c in case) for case in CASES]
 
 
-def gate_ranges(bias: str, T: int) -> dict | None:
+def gate_ranges(bias: str, T: int, norm: bool = False) -> dict | None:
+    if norm:
+        return HEAD_GATES
     return LONG_GATES if T >= 1024 else LP_GATES if bias == "lp" else None
 
 
@@ -75,7 +83,7 @@ def _compare(case, dtype, tol, norm: bool = False):
     head, its w and b too: run_and_grads passes them as params)."""
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=norm)
-    x = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T))
+    x = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T, norm))
     if norm:
         x.update(head_params(H, D))
     x = {n: t.detach().to("cuda", dtype if n in "qkv" else torch.float32).requires_grad_(True) for n, t in x.items()}
@@ -112,22 +120,29 @@ def test_fp32_vs_chunked_fp32(case):
     _compare(case, torch.float32, 1e-3)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_inputs_are_well_conditioned(case):
-    """(CPU) Every case's final state and outputs stay bounded and well-conditioned: the fp32 chunked path's forward
-    is so close to float64 that the same rounding error scaled to TF32 stays inside 3/4 of the bf16 test's 2e-2
-    bound (a memory that diverges, as the Lp case did at the short tests' learning rates, fails here on CPU)."""
+CONDITIONED = [(case, False) for case in CASES] + [(case, True) for case in CASES[:2]]
+
+
+@pytest.mark.parametrize("case,norm", CONDITIONED,
+                         ids=[f"{i}{'-LN head' if norm else ''}" for i, (_, norm) in zip(IDS + IDS[:2], CONDITIONED)])
+def test_inputs_are_well_conditioned(case, norm):
+    """(CPU) Every case's final state and outputs, with the LayerNorm head where the GPU tests have it, stay bounded
+    and well-conditioned: the fp32 chunked path's forward is so close to float64 that the same rounding error scaled
+    to TF32 stays inside 3/4 of the bf16 test's 2e-2 bound (a memory that diverges, as the Lp case did at the short
+    tests' learning rates, or turns chaotic, as the head's cases did with LONG_GATES, fails here on CPU)."""
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = case
-    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
-    leaves = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T))
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act, norm=norm)
+    leaves = make_inputs(spec, B, T, H, D, D, seed=T, gate_ranges=gate_ranges(bias, T, norm))
     x = {n: t.detach().cpu() for n, t in leaves.items()}
     for n in "qkv":
         x[n] = x[n].bfloat16()
+    head = {n: t.detach().cpu() for n, t in head_params(H, D).items()} if norm else None
 
     def forward(dtype):
         y = {n: t.to(dtype) for n, t in x.items()}
         state = {n: y.pop(n) for n in state_dims(spec, D, D)}
-        o, final = memory_scan(spec, y.pop("q"), y.pop("k"), y.pop("v"), y, state, mode="chunked")
+        params = {n: t.to(dtype) for n, t in head.items()} if head else None
+        o, final = memory_scan(spec, y.pop("q"), y.pop("k"), y.pop("v"), y, state, params=params, mode="chunked")
         return {"o": o, **{f"state.{n}": s for n, s in final.items()}}
 
     want, got = forward(torch.float64), forward(torch.float32)

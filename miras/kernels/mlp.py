@@ -844,8 +844,9 @@ def _launch(kernel, grid, *args, config_env: str | None = None, **kw):
 def _launcher(kernel, grid, config_env: str | None = None, **kw):
     """``kernel[grid]`` bound to its keyword arguments (constexprs), to be called with the positional ones, as often
     as a chunk loop needs (miras.kernels.launcher.BoundLaunch; plain ``kernel[grid]`` under the interpreter); on GPU
-    with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps, 1 stage; the linear
-    kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here), or the kernel's own ``config_env`` where that is set
+    with the config ``MIRAS_KERNEL_MLP_CONFIG=warps,stages[,maxnreg]`` (default 4 warps, 1 stage, or the kernel's
+    ``TUNED_CONFIGS`` entry; the linear kernels' ``MIRAS_KERNEL_CONFIG`` does not apply here), or the kernel's own
+    ``config_env`` where that is set
     (``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the tiles layout's contractions over the hidden dim). One kernel's own
     ``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` (``kernel_config_env``, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS=4,3``) comes
     before both: benchmarks/gpu_tune.sh times every kernel under a few configs and sets each its fastest.
@@ -881,11 +882,19 @@ def config_text(config: dict) -> str:
     return text + f",{config['maxnreg']}" if "maxnreg" in config else text
 
 
+# the kernels whose default launch config is not 4 warps, 1 stage: each one's fastest in benchmarks/tune_mlp.py on an
+# H100 (triton 3.6; B=4, T=4096, H=8, D=128, hidden 256, chunk 64, bf16, momentum; GPU session 15), device ms per
+# fwd+bwd step at 4,1 -> here: _prep 0.876 -> 0.593 (8 warps take its spills away), _bwd_sums 2.095 -> 1.860,
+# _bwd_end 0.289 -> 0.248, _fwd_out 0.398 -> 0.380 (their hidden-dim loops pipelined); all kernels 11.86 -> 11.32 ms.
+# The tile kernels stay at 4 warps (8 miscompile on Hopper, ``_launcher``; they have no loop for stages to pipeline).
+TUNED_CONFIGS = {"_prep": "8,2", "_bwd_sums": "4,2", "_bwd_end": "4,3", "_fwd_out": "4,3"}
+
+
 def kernel_launch_config(kernel, config_env: str | None = None) -> dict:
     """A kernel's launch options on GPU, the first set of: its own ``kernel_config_env``, its group's ``config_env``,
-    ``MIRAS_KERNEL_MLP_CONFIG``, else 4 warps and 1 stage (``_launcher``)."""
+    ``MIRAS_KERNEL_MLP_CONFIG``, its ``TUNED_CONFIGS`` entry, else 4 warps and 1 stage (``_launcher``)."""
     return (launch_config(kernel_config_env(kernel.__name__)) or (config_env and launch_config(config_env))
-            or launch_config("MIRAS_KERNEL_MLP_CONFIG", "4,1"))
+            or launch_config("MIRAS_KERNEL_MLP_CONFIG", TUNED_CONFIGS.get(kernel.__name__, "4,1")))
 
 
 @cache
