@@ -357,8 +357,7 @@ def main() -> None:
 
         fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
-        base = {"MIRAS_KERNEL_MLP_NORM": "1"} if head else {}  # (the head's kernels are opt-in until GPU-tested)
-        settings = {f"triton {fam}": base, **{f"triton {fam} [{w}]": {**base, **VARIANTS[w]} for w in variants}}
+        settings = {f"triton {fam}": {}, **{f"triton {fam} [{w}]": VARIANTS[w] for w in variants}}
         measured = measure_rounds(settings, run_triton, (q, k, v, *gates.values()), device, fl, tokens, args.rounds)
         row = measured.pop(f"triton {fam}")
         for variant_row in measured.values():
@@ -371,7 +370,7 @@ def main() -> None:
 
             crow = measure(f"chunked {fam}", run_chunked, (q, k, v, *gates.values()), device, None, tokens)
             if "error" not in row:  # the kernel ran: its outputs against the fp32 chunked path
-                with torch.no_grad(), temporary_env(base):
+                with torch.no_grad():
                     o_t = run_triton(q, k, v, *gates.values()).float()
                     o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, state0, params=head,
                                       mode="chunked")[0]

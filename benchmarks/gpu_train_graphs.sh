@@ -5,15 +5,14 @@
 # the graphs: both launch the backward passes separately, MIRAS_KERNEL_MLP_FUSE_PASSES=0, so their kernels agree).
 # The model: recipes/titans-lmm.yaml as it is (LayerNorm head, silu, expansion 4) but for chunks of 64 (the kernels
 # take 16 / 32 / 64; the recipe's 8 runs the chunked path), 2 heads of 128 (d_model 256), MQAR at seq_len 512, with
-# the head's kernels on (MIRAS_KERNEL_MLP_NORM=1; docs/kernels-ln-head.md): so the A/B also trains the head's kernels
-# on the GPU for the first time. (Session 14 ran it without the head, which diverged at step 16 on the GPU and the CPU
-# alike; with the head the same model trains 40 steps on the CPU.)
+# the head's kernels (docs/kernels-ln-head.md; on by default since GPU session 15, where this A/B first trained them
+# on a GPU). (Session 14 ran it without the head, which diverged at step 16 on the GPU and the CPU alike.)
 #   bash benchmarks/gpu_train_graphs.sh                   (GPU; <= GPU_TRAIN_SECONDS per run, default 120)
 #   GPU_TRAIN_STEPS=2 GPU_TRAIN_RUNS=off bash benchmarks/gpu_train_graphs.sh   (compiles the kernels, gpu_all phase 1)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_train_graphs.sh   (CPU dry run: 4 steps, chunked path, graphs unused)
 cd "$(dirname "$0")/.." || exit 1
 . benchmarks/gpu_site.sh
-export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP_FUSE_PASSES=0 MIRAS_KERNEL_MLP_NORM=1
+export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1 MIRAS_KERNEL_MLP_FUSE_PASSES=0
 RUNS="${OUT:-/tmp/gpu_train_graphs}/runs"
 rm -rf "$RUNS"; mkdir -p "$RUNS"  # (a run name already taken would get a suffix)
 STEPS="${GPU_TRAIN_STEPS:-40}" DEVICE=cuda

@@ -117,8 +117,6 @@ def warm_row(name: str, tiny: bool) -> None:
     from bench_kernels import FAMILIES, family_spec, head_params, init_state, make
 
     from miras.kernels import triton_memory_scan
-    from miras.kernels.settings import temporary_env
-
     fam = next((f for f in FAMILIES if name in f), None)
     if fam is None:
         sys.exit(f"warm_kernels.py: no bench_kernels.py family matches {name!r}; known: {', '.join(FAMILIES)}")
@@ -128,8 +126,7 @@ def warm_row(name: str, tiny: bool) -> None:
     q, k, v, gates = make(spec, B, T, H, D, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
     head = head_params(spec, H, D, dev)
     t0 = time.time()
-    with temporary_env({"MIRAS_KERNEL_MLP_NORM": "1"} if head else {}):
-        triton_memory_scan(spec, q, k, v, gates, init_state(spec, H, D, dev), params=head)[0].float().sum().backward()
+    triton_memory_scan(spec, q, k, v, gates, init_state(spec, H, D, dev), params=head)[0].float().sum().backward()
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm row {fam}: {time.time() - t0:.1f}s")

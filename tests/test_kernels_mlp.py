@@ -248,7 +248,7 @@ def test_layernorm_head(case, _layout, monkeypatch):
     kernel is refused, naming the layout."""
     bias, ret, learner, grad_at, chunk, residual, act, T, K, V = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, residual, act, norm=True)
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "1")  # (off by default until it has run on a GPU)
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_NORM", raising=False)  # (on by default)
     ok, why = kernel_support(spec)
     if _layout == "walk":
         assert not ok and "LayerNorm head" in why and "walk" in why
@@ -284,12 +284,14 @@ def test_layernorm_head_needs_its_params(_layout, monkeypatch):
         triton_memory_scan(spec, *split(spec, x), params=bad)
 
 
-def test_layernorm_head_is_off_by_default(monkeypatch, _layout):
-    """Until the head's kernels have passed their GPU tests, a memory with the head takes the chunked path, and the
-    reason names the switch."""
+def test_layernorm_head_can_be_turned_off(monkeypatch, _layout):
+    """The head's kernels are on by default in the tiles layout; MIRAS_KERNEL_MLP_NORM=0 sends a memory with the head
+    to the chunked path, and the reason names the switch."""
     monkeypatch.delenv("MIRAS_KERNEL_MLP_NORM", raising=False)
+    assert kernel_support(mlp_spec(norm=True))[0] == (_layout == "tiles")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "0")
     ok, why = kernel_support(mlp_spec(norm=True))
-    assert not ok and ("MIRAS_KERNEL_MLP_NORM=1" in why if _layout == "tiles" else "walk" in why)
+    assert not ok and ("MIRAS_KERNEL_MLP_NORM=0" in why if _layout == "tiles" else "walk" in why)
     if _layout == "tiles":
         monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "perhaps")
         with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_NORM must be one of .*'perhaps'"):
@@ -367,6 +369,27 @@ def test_hidden_tile_setting(monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_BH", "24")
     with pytest.raises(ValueError, match="MIRAS_KERNEL_BH must be a power of two >= 16.*'24'"):
         _block_h(256, 64)
+
+
+@pytest.mark.parametrize("case", [("l2", "decay", "momentum", "previous", 32, True), ("huber", "decay", "gd", "decayed", 16,
+                                                                                  False)], ids=["l2-momentum", "huber"])
+def test_bf16_factors(case, monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_FACTORS=bf16: the tiles layout stores its per-tile factors in bf16; against the float64
+    oracle at a bf16 bound (the interpreter rounds to bf16 by truncation); fp32, the default, stays exact. A bad
+    value names the variable and the choices."""
+    from miras.kernels.mlp_tiles import factors_dtype
+
+    bias, ret, learner, grad_at, chunk, residual = case
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, residual)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "bf16")
+    errs = check_against_oracle(spec, B=1, T=70, H=2, K=16, V=16 if residual else 24, tol=2e-2)
+    if _layout == "tiles":
+        assert max(errs.values()) > 1e-4  # (the factors were rounded: the switch took effect)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "auto")
+    assert factors_dtype("bf16") == torch.bfloat16 and factors_dtype("ieee") == torch.float32
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "half")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_FACTORS must be one of \('fp32', 'bf16', 'auto'\).*'half'"):
+        factors_dtype("bf16")
 
 
 def test_kernel_launch_config_order(monkeypatch):

@@ -109,7 +109,7 @@ def test_bf16_vs_chunked_fp32(case):
 @needs_cuda
 def test_bf16_layernorm_head_vs_chunked_fp32(case, monkeypatch):
     """The bench cases with the LayerNorm head (the recipes' memory; docs/kernels-ln-head.md), within 2e-2."""
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_NORM", "1")  # (off by default until this test has passed on a GPU)
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_NORM", raising=False)  # (on by default since this test passed, session 15)
     _compare(case, torch.bfloat16, 2e-2, norm=True)
 
 

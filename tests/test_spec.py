@@ -174,7 +174,7 @@ def test_cli_validate_exit_codes(tmp_path):
 
 def test_show_names_what_keeps_a_layer_off_the_kernels():
     """``miras show``'s memory path: on CUDA, a layer that no Triton kernel covers says which piece is missing (the
-    first of kernel_support's reasons; the head's opt-in switch only when nothing else is missing)."""
+    first of kernel_support's reasons); the recipes whose MLP memory has the LayerNorm head run on the kernels."""
     pytest.importorskip("triton")
     from miras.commands.spec_cmds import _paths
 
@@ -182,8 +182,7 @@ def test_show_names_what_keeps_a_layer_off_the_kernels():
     titans = _paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2]
     assert titans.startswith("chunked (cpu) / chunked (cuda): ") and "chunk_size=8" in titans
     assert _paths(load_spec(root / "recipes/linear-attention.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
-    deep = _paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2]
-    assert "MIRAS_KERNEL_MLP_NORM=1" in deep
+    assert _paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
 
 
 def test_cli_show_params_recipes():

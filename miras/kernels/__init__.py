@@ -21,9 +21,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
-- ``MIRAS_KERNEL_MLP_NORM=1``: turns on the MLP-memory kernels' LayerNorm head (``memory.norm``, the recipes' MLP
-  memory; docs/kernels-ln-head.md). Off by default: it matches the float64 oracle on the CPU (interpreter) but has
-  not yet run on a GPU.
+- ``MIRAS_KERNEL_MLP_NORM=0``: turns off the MLP-memory kernels' LayerNorm head (``memory.norm``, the recipes' MLP
+  memory; docs/kernels-ln-head.md), so that such a memory takes the chunked path. On by default since its GPU tests
+  passed on an H100 (benchmarks/RESULTS.md, GPU session 15).
 - ``MIRAS_KERNEL_MLP=0``: turns the 2-layer MLP-memory kernels off (on by default since they passed their GPU
   tests on an H200, benchmarks/RESULTS.md session 12); ``MIRAS_KERNEL_MLP_LAYOUT``: their
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
@@ -35,6 +35,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   underscore, upper case, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS``; ``mlp.kernel_config_env``); ``MIRAS_KERNEL_MLP_PREC``:
   the dot operands for bf16 inputs (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's;
   ``mlp._prec``);
+  ``MIRAS_KERNEL_MLP_FACTORS``: the dtype of the tiles layout's per-tile factor scratch (``fp32``, the default;
+  ``bf16``; ``auto``: bf16 with bf16 dots; ``mlp_tiles.factors_dtype``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
   ``mlp_tiles.fuse_passes``).
@@ -145,10 +147,9 @@ def kernel_support(spec) -> tuple[bool, str]:
             is_delta_rule(spec)) else ""
         return False, f"learner.chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, but got " \
                       f"chunk_size={learner.chunk_size}{exact}"
-    if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", False):  # (last: the only gap)
-        return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are off until " \
-                      "they have passed their GPU tests (MIRAS_KERNEL_MLP_NORM=1 turns them on); the chunked " \
-                      "PyTorch path runs it"
+    if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", True):  # (last: the only gap)
+        return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are turned off " \
+                      "(MIRAS_KERNEL_MLP_NORM=0); the chunked PyTorch path runs it"
     return True, ""
 
 

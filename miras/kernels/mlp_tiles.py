@@ -80,7 +80,7 @@ from miras.kernels.mlp import (
     _state_slots,
     _state_tiles,
 )
-from miras.kernels.settings import env_switch
+from miras.kernels.settings import env_choice, env_switch
 
 
 def _chunk_kernel(*index_args: str):
@@ -430,8 +430,8 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
     A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
                                                 mL, ACT, MOMENTUM, PREC, True, True)
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-    tl.store(fs + th, A1, mask=h_ok[None, :])
-    tl.store(fs + BHN * BT * HD + th, Ah, mask=h_ok[None, :])
+    tl.store(fs + th, A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
+    tl.store(fs + BHN * BT * HD + th, Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
     if MOMENTUM:
         tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
         tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
@@ -474,8 +474,8 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     for jj in range(NHC):
         o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_vb, o_hh, k_ok, vb_ok, V, HD, BHC)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-        A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0)
-        Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+        A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
         W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
         S2 = W2
         if MOMENTUM:
@@ -517,6 +517,18 @@ def _block_sums(hidden: int) -> int:
     return min(32, pow2_tile(hidden))
 
 
+FACTORS = ("fp32", "bf16", "auto")
+
+
+def factors_dtype(prec: str) -> torch.dtype:
+    """``MIRAS_KERNEL_MLP_FACTORS``: the dtype of the per-tile factors the tile kernels store for the contractions
+    over the hidden dim (fs: the read's A1, Ah; the backward's A1, Ah, D1, dH, dP). "fp32" (default), "bf16" (half
+    their memory traffic; every one of them is scaled row-wise and rounded to a bf16 dot operand afterwards anyway
+    with bf16 dots, so bf16 storage rounds once more) or "auto" (bf16 with bf16 dots, ``mlp._prec``)."""
+    choice = env_choice("MIRAS_KERNEL_MLP_FACTORS", FACTORS, "fp32")
+    return torch.bfloat16 if choice == "bf16" or (choice == "auto" and prec == "bf16") else torch.float32
+
+
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool,
                   head: tuple | None = None):
     """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd, except that what it keeps for the backward is the
@@ -549,7 +561,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
     NR = NT if keep_states else 1
     pre = torch.empty(NR, B * H, pre_size(BT, BV), **f32)
-    fs = torch.empty(NR, 2, B * H, BT, HD, **f32)
+    fs = torch.empty(NR, 2, B * H, BT, HD, device=q.device, dtype=factors_dtype(dims["PREC"]))
     pre_c, fs_c = pre.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
@@ -619,11 +631,12 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, pr
                                         C1T, M2, M2T, gL, nL, betaL, fL, mL, ACT, DECAYED, MOMENTUM, PREC, True)
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
     tl.store(xs + th, X, mask=h_ok[None, :])
-    tl.store(fs + th, A1, mask=h_ok[None, :])
-    tl.store(fs + BHN * BT * HD + th, Ah, mask=h_ok[None, :])
-    tl.store(fs + 2 * BHN * BT * HD + th, D1, mask=h_ok[None, :])
-    tl.store(fs + 3 * BHN * BT * HD + th, dH, mask=h_ok[None, :])
-    tl.store(fs + 4 * BHN * BT * HD + th, dP, mask=h_ok[None, :])
+    fty = fs.dtype.element_ty
+    tl.store(fs + th, A1.to(fty), mask=h_ok[None, :])
+    tl.store(fs + BHN * BT * HD + th, Ah.to(fty), mask=h_ok[None, :])
+    tl.store(fs + 2 * BHN * BT * HD + th, D1.to(fty), mask=h_ok[None, :])
+    tl.store(fs + 3 * BHN * BT * HD + th, dH.to(fty), mask=h_ok[None, :])
+    tl.store(fs + 4 * BHN * BT * HD + th, dP.to(fty), mask=h_ok[None, :])
     slot = (j * BHN + i_bh).to(tl.int64)
     rw = slot * 5 * BT + o_t
     tl.store(prow + rw, dbeta)
@@ -653,11 +666,11 @@ def _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, s
     (src) and of the end state's gradient (e). Loads that the caller's outputs do not need are dead code."""
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-    A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0)
-    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
-    D1 = tl.load(fs + 2 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
-    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
-    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    D1 = tl.load(fs + 2 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     return _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, beta, f, gL, nL, MOMENTUM, PREC)
@@ -956,9 +969,9 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
     R, _, beta, f, _, _, _, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
-    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
-    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0)
+    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
     dW1r, dW2r, dS1r, dS2r = _state_grad_terms(b_q, b_do, R, Ah, dH, dP, beta, f, MOMENTUM, PREC)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
@@ -1070,7 +1083,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     gin = torch.empty(NT, BHN, BT * BT + 4 * BT, **f32)
     dkacc = torch.empty(NT, BHN, BT, BK, **f32)
     dyb = torch.empty(NT, BHN, BT, BV, **f32) if cfg.residual else dkacc
-    fs = torch.empty(5, BHN, BT, HD, **f32)
+    fs = torch.empty(5, BHN, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
     sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
     prow = torch.empty(NH, BHN, 5, BT, **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
