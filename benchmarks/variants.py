@@ -46,9 +46,11 @@ VARIANTS = {
     # (the contractions over the hidden dim, _bwd_sums / _fwd_out / _bwd_end, with their loads pipelined: 3 stages,
     # or 8 warps and 2 stages; the tile kernels keep MIRAS_KERNEL_MLP_CONFIG)
     "sums3": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "4,3"}, "sums8": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "8,2"},
-    # (session 15: the tile kernels' factor scratch in bf16, half its traffic; eager and with the backward graphed)
+    # (session 15: the tile kernels' factor scratch in bf16, half its traffic, eager and with the backward graphed;
+    # the default since, with bf16 dots: mlpfactors32 A/Bs the fp32 scratch before)
     "mlpfactors16": {"MIRAS_KERNEL_MLP_FACTORS": "bf16"},
     "mlpfactors16graphs": {"MIRAS_KERNEL_MLP_FACTORS": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    "mlpfactors32": {"MIRAS_KERNEL_MLP_FACTORS": "fp32"},
 }
 
 if os.environ.get("MIRAS_BENCH_VARIANTS"):

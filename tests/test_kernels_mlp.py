@@ -375,8 +375,9 @@ def test_hidden_tile_setting(monkeypatch):
                                                                                   False)], ids=["l2-momentum", "huber"])
 def test_bf16_factors(case, monkeypatch, _layout):
     """MIRAS_KERNEL_MLP_FACTORS=bf16: the tiles layout stores its per-tile factors in bf16; against the float64
-    oracle at a bf16 bound (the interpreter rounds to bf16 by truncation); fp32, the default, stays exact. A bad
-    value names the variable and the choices."""
+    oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). The default, auto, stores bf16 only with
+    bf16 dots (the GPU's bf16 inputs; fp32 elsewhere, as in every other CPU test). A bad value names the variable
+    and the choices."""
     from miras.kernels.mlp_tiles import factors_dtype
 
     bias, ret, learner, grad_at, chunk, residual = case
@@ -385,8 +386,10 @@ def test_bf16_factors(case, monkeypatch, _layout):
     errs = check_against_oracle(spec, B=1, T=70, H=2, K=16, V=16 if residual else 24, tol=2e-2)
     if _layout == "tiles":
         assert max(errs.values()) > 1e-4  # (the factors were rounded: the switch took effect)
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "auto")
-    assert factors_dtype("bf16") == torch.bfloat16 and factors_dtype("ieee") == torch.float32
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_FACTORS")
+    assert factors_dtype("bf16") == torch.bfloat16 and factors_dtype("ieee") == factors_dtype("tf32") == torch.float32
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "fp32")
+    assert factors_dtype("bf16") == torch.float32
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "half")
     with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_FACTORS must be one of \('fp32', 'bf16', 'auto'\).*'half'"):
         factors_dtype("bf16")

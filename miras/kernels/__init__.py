@@ -35,8 +35,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   underscore, upper case, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS``; ``mlp.kernel_config_env``); ``MIRAS_KERNEL_MLP_PREC``:
   the dot operands for bf16 inputs (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's;
   ``mlp._prec``);
-  ``MIRAS_KERNEL_MLP_FACTORS``: the dtype of the tiles layout's per-tile factor scratch (``fp32``, the default;
-  ``bf16``; ``auto``: bf16 with bf16 dots; ``mlp_tiles.factors_dtype``);
+  ``MIRAS_KERNEL_MLP_FACTORS``: the dtype of the tiles layout's per-tile factor scratch (``auto``, the default: bf16
+  with bf16 dots, else fp32; ``fp32``; ``bf16``; ``mlp_tiles.factors_dtype``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
   ``mlp_tiles.fuse_passes``).
