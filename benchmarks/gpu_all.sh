@@ -116,10 +116,7 @@ if [ "$(left)" -gt 60 ]; then
   # shellcheck disable=SC2086
   timeout "$(cap 270)" python3 benchmarks/bench_kernels.py $BENCH_ARGS ${GOOD:+--variants "$GOOD"} \
     --rounds "${GPU_ALL_ROUNDS:-3}" --table "$OUTDIR/bench_table.txt" > "$OUTDIR/bench.log" 2>&1
-  echo "bench_kernels.py rc=$?" | tee -a "$OUTDIR/bench.log"
-  grep -E "^device=" "$OUTDIR/bench.log"
-  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "no table; rows:"; grep -E "^ROW " "$OUTDIR/bench.log"; }
-  grep -E "^RATIO |Error" "$OUTDIR/bench.log" | cut -c1-300
+  bench_report $? "$OUTDIR/bench.log" "$OUTDIR/bench_table.txt"
 fi
 
 echo "== phase 3: the training A/B, profiles and the linear oracle tests ($(left) s left)"

@@ -1,6 +1,6 @@
 # Sourced by the GPU scripts, from the repository root: the wheels of .whl/ (benchmarks/gpu_wheels.sh fetches them)
 # installed into /tmp/site, which goes first on PYTHONPATH; once per machine (gpu_all.sh sources it, then runs
-# gpu_check.sh, which sources it again); skipped in the scripts' CPU dry runs (GPU_CHECK_CPU=1).
+# gpu_check.sh, which sources it again); skipped in the scripts' CPU dry runs (GPU_CHECK_CPU=1). Also bench_report, below.
 if [ -z "${GPU_CHECK_CPU:-}" ]; then
   WHEELS="$(ls .whl/*.whl 2>/dev/null | tr '\n' ' ')"
   if [ -f /tmp/site/.miras_wheels ] && [ "$(cat /tmp/site/.miras_wheels)" = "$WHEELS" ]; then
@@ -11,3 +11,11 @@ if [ -z "${GPU_CHECK_CPU:-}" ]; then
     export PYTHONPATH="/tmp/site:$PWD"
   fi
 fi
+# The summary of a bench_kernels.py run that the GPU scripts print: its exit status $1, the device line, the table
+# (file $3, else the rows of log $2) and the RATIO lines.
+bench_report() {
+  echo "bench_kernels.py rc=$1" | tee -a "$2"
+  grep -E "^device=" "$2"
+  cat "$3" 2>/dev/null || { echo "no table; rows:"; grep -E "^ROW " "$2"; }
+  grep -E "^RATIO |Error" "$2" | cut -c1-300
+}

@@ -56,10 +56,7 @@ if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \
     --rounds "${GPU_TUNE_ROUNDS:-3}" --table "$OUTDIR/bench_table.txt" > "$OUTDIR/bench.log" 2>&1
-  echo "bench_kernels.py rc=$?" | tee -a "$OUTDIR/bench.log"
-  grep -E "^device=" "$OUTDIR/bench.log"
-  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "no table; rows:"; grep -E "^ROW " "$OUTDIR/bench.log"; }
-  grep -E "^RATIO |Error" "$OUTDIR/bench.log" | cut -c1-300
+  bench_report $? "$OUTDIR/bench.log" "$OUTDIR/bench_table.txt"
 fi
 
 echo "== phase 4: profile under the tuned settings ($(left) s left)"
