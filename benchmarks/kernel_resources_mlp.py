@@ -13,8 +13,8 @@ rules a launch uses (``--bh`` overrides the hidden tile, like MIRAS_KERNEL_BH), 
 will be asked to run. prec bf16 means bf16 dot operands (MIRAS_KERNEL_MLP_PREC=bf16) on bf16 inputs. Each kernel
 compiles in its own process (``--jobs`` at once). Every combination also checks that the kernel compiles at all.
 
-With ``MIRAS_KERNEL_MLP_FACTORS=bf16`` the tiles layout's factor scratch (fs) is compiled as bf16, as the kernels
-launch it under that setting.
+The tiles layout's factor scratch (fs) is compiled as bf16 with bf16 dots, as the kernels launch it by default
+(``MIRAS_KERNEL_MLP_FACTORS``); with ``MIRAS_KERNEL_MLP_OPERANDS=bf16`` so are the records' dot operands (ops).
 
 Under the GPU box's Triton (3.6.0) rather than this machine's, with its wheel from PyPI kept out of the environment:
     python -m pip install --no-deps --target /tmp/tri36 triton==3.6.0
@@ -78,8 +78,11 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         fp32 = FP32_NAMES
     sig = {n: "constexpr" if n in consts else "i32" if n in INT_NAMES or n == "p" else "*" + ("fp32" if n in fp32 else io)
            for n in fn.arg_names}
-    if "fs" in sig and os.environ.get("MIRAS_KERNEL_MLP_FACTORS") == "bf16":  # (the tile factors stored in bf16)
-        sig["fs"] = "*bf16"
+    if "fs" in sig and os.environ.get("MIRAS_KERNEL_MLP_FACTORS", "auto") in ("bf16", "auto") and prec == "bf16":
+        sig["fs"] = "*bf16"  # (the tile factors stored in bf16, mlp_tiles.factors_dtype)
+    for name in ("ops", "ops_prev"):  # (the records' dot operands in bf16, mlp_tiles.operands_dtype)
+        if name in sig and os.environ.get("MIRAS_KERNEL_MLP_OPERANDS") == "bf16":
+            sig[name] = "*bf16"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     row = dict(kernel=which, prec=prec, D=d, hidden=hidden, chunk=chunk, learner="momentum" if momentum else "gd",
                bias=bias, BH=str(consts.get("BH", "-")))

@@ -371,28 +371,33 @@ def test_hidden_tile_setting(monkeypatch):
         _block_h(256, 64)
 
 
+BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS"]
+
+
+@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands"])
 @pytest.mark.parametrize("case", [("l2", "decay", "momentum", "previous", 32, True), ("huber", "decay", "gd", "decayed", 16,
                                                                                   False)], ids=["l2-momentum", "huber"])
-def test_bf16_factors(case, monkeypatch, _layout):
-    """MIRAS_KERNEL_MLP_FACTORS=bf16: the tiles layout stores its per-tile factors in bf16; against the float64
-    oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). The default, auto, stores bf16 only with
-    bf16 dots (the GPU's bf16 inputs; fp32 elsewhere, as in every other CPU test). A bad value names the variable
-    and the choices."""
-    from miras.kernels.mlp_tiles import factors_dtype
+def test_bf16_scratch(case, knob, monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_FACTORS=bf16 (the tiles layout's per-tile factors) and MIRAS_KERNEL_MLP_OPERANDS=bf16 (its
+    records' dot-operand blocks) store in bf16: against the float64 oracle at a bf16 bound (the interpreter rounds
+    to bf16 by truncation). Their auto setting stores bf16 only with bf16 dots (the GPU's bf16 inputs; fp32 elsewhere,
+    as in every other CPU test). A bad value names the variable and the choices."""
+    from miras.kernels.mlp_tiles import factors_dtype, operands_dtype
 
+    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype)))[knob]
     bias, ret, learner, grad_at, chunk, residual = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, residual)
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "bf16")
+    monkeypatch.setenv(knob, "bf16")
     errs = check_against_oracle(spec, B=1, T=70, H=2, K=16, V=16 if residual else 24, tol=2e-2)
     if _layout == "tiles":
-        assert max(errs.values()) > 1e-4  # (the factors were rounded: the switch took effect)
-    monkeypatch.delenv("MIRAS_KERNEL_MLP_FACTORS")
-    assert factors_dtype("bf16") == torch.bfloat16 and factors_dtype("ieee") == factors_dtype("tf32") == torch.float32
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "fp32")
-    assert factors_dtype("bf16") == torch.float32
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_FACTORS", "half")
-    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_FACTORS must be one of \('fp32', 'bf16', 'auto'\).*'half'"):
-        factors_dtype("bf16")
+        assert max(errs.values()) > 1e-4  # (rounded: the switch took effect)
+    monkeypatch.setenv(knob, "auto")
+    assert dtype_of("bf16") == torch.bfloat16 and dtype_of("ieee") == dtype_of("tf32") == torch.float32
+    monkeypatch.setenv(knob, "fp32")
+    assert dtype_of("bf16") == torch.float32
+    monkeypatch.setenv(knob, "half")
+    with pytest.raises(ValueError, match=knob + r" must be one of \('fp32', 'bf16', 'auto'\).*'half'"):
+        dtype_of("bf16")
 
 
 def test_kernel_launch_config_order(monkeypatch):

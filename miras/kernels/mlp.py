@@ -158,7 +158,7 @@ def _operand(x, DEFER: tl.constexpr):
     """x, or (DEFER) the block that the pointer tensor x points to, loaded here, where a dot uses it: a block loaded at
     the top of a kernel keeps its shared-memory copy from there to its use (+16 KB per [64, 64] fp32 block at sm_90)."""
     if DEFER:
-        return tl.load(x)
+        return tl.load(x).to(tl.float32)  # (a bf16 block of mlp_tiles.operands_dtype: the dot rounds to it anyway)
     else:
         return x
 

@@ -227,7 +227,7 @@ def _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V: tl.constexpr, BIAS: tl.
 
 
 @_chunk_kernel("c0")
-def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, c0, T, BHN,
+def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -260,9 +260,10 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, c0, T, BHN,
         C1 = G * _dot(b_q, tl.trans(b_k), PREC)
         tl.store(base + bb, G)
         tl.store(base + bbt + BT * BT, G)
-        tl.store(base + bb + 2 * BT * BT, C1)
-        tl.store(base + bbt + 3 * BT * BT, C1)
-        rows = base + 6 * BT * BT + 2 * BT * BV
+        ob = _ops_base(ops, r * BHN + i_bh, BT)
+        tl.store(ob + bb, C1.to(ops.dtype.element_ty))
+        tl.store(ob + bbt + BT * BT, C1.to(ops.dtype.element_ty))
+        rows = base + 2 * BT * BT + 2 * BT * BV
         tl.store(rows + o_t, beta)
         tl.store(rows + BT + o_t, f)
         tl.store(rows + 2 * BT + o_t, gam)
@@ -324,9 +325,9 @@ def _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, rb, c, T, BHN, H
         R = tl.where(r_ok[:, None], _ln_vjp(w[None, :] * R, xhat, rstd, v_ok, V), 0.0)
     else:
         R = _start_rows(Y0, b_k, b_v, b_d, gam, r_ok, BIAS, P, SMOOTH, EPS, RES)
-    tl.store(base + 6 * BT * BT + rv, R)
+    tl.store(base + 2 * BT * BT + rv, R)
     if STORE_Y0:
-        tl.store(base + 6 * BT * BT + BT * BV + rv, Y0)
+        tl.store(base + 2 * BT * BT + BT * BV + rv, Y0)
 
 
 def _block_rows(BT: int) -> int:
@@ -335,7 +336,7 @@ def _block_rows(BT: int) -> int:
 
 
 @triton.jit
-def _prep_m2(do, pre, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The backward's addition to every chunk's ``_prep`` record, all chunks in one launch: program (i_bh, c) stores
     M2 = -G . dO R^T and M2^T (a transposed store) from the record's G and R (record c * BHN + i_bh)."""
@@ -344,10 +345,11 @@ def _prep_m2(do, pre, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
         i_bh, c, T, H, K, V, BT, BK, BV)
     base = _pre_base(pre, c * BHN + i_bh, BT, BV)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    R = tl.load(base + 6 * BT * BT + o_t[:, None] * BV + o_v[None, :])
+    R = tl.load(base + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
     M2 = -_pre_block(base, 0, o_t, BT) * _dot(b_do, tl.trans(R), PREC)
-    tl.store(base + 4 * BT * BT + o_t[:, None] * BT + o_t[None, :], M2)
-    tl.store(base + 5 * BT * BT + o_t[None, :] * BT + o_t[:, None], M2)
+    ob = _ops_base(ops, c * BHN + i_bh, BT)
+    tl.store(ob + 2 * BT * BT + o_t[:, None] * BT + o_t[None, :], M2.to(ops.dtype.element_ty))
+    tl.store(ob + 3 * BT * BT + o_t[None, :] * BT + o_t[:, None], M2.to(ops.dtype.element_ty))
 
 
 @triton.jit
@@ -371,15 +373,41 @@ def _head_read_bwd(do, ohead, nw, nb, dout, hread, T, BHN, H: tl.constexpr, K: t
 
 def pre_size(BT: int, BV: int) -> int:
     """Floats of one batch*head's ``_prep`` record (``_pre_base``)."""
-    return 6 * BT * BT + 2 * BT * BV + 6 * BT
+    return 2 * BT * BT + 2 * BT * BV + 6 * BT
+
+
+OPERANDS = ("fp32", "bf16", "auto")
+
+
+def operands_dtype(prec: str) -> torch.dtype:
+    """``MIRAS_KERNEL_MLP_OPERANDS``: the dtype of the ``_prep`` records' dot-operand blocks (``_ops_base``: C1, C1^T,
+    M2, M2^T, which every tile program of a chunk loads). "fp32" (default), "bf16" or "auto" (bf16 with bf16 dots,
+    ``mlp._prec``). They feed only tl.dot, so with bf16 dots a bf16 copy gives the same products (the dot rounds its
+    operands to bf16 anyway) from half the loads."""
+    choice = env_choice("MIRAS_KERNEL_MLP_OPERANDS", OPERANDS, "fp32")
+    return torch.bfloat16 if choice == "bf16" or (choice == "auto" and prec == "bf16") else torch.float32
+
+
+def record_buffers(NR: int, BHN: int, BT: int, BV: int, device, prec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """NR chunks' ``_prep`` records for BHN batch*heads: (pre [NR, BHN, pre_size] fp32, ops [NR, BHN, 4 BT^2] in
+    ``operands_dtype``)."""
+    return (torch.empty(NR, BHN, pre_size(BT, BV), device=device, dtype=torch.float32),
+            torch.empty(NR, BHN, 4 * BT * BT, device=device, dtype=operands_dtype(prec)))
 
 
 @triton.jit
 def _pre_base(pre, rec, BT: tl.constexpr, BV: tl.constexpr):
-    """``_prep`` record rec (a batch*head; chunk * BHN + batch*head where pre holds every chunk's): six [BT, BT]
-    blocks (0 G, 1 G^T, 2 C1, 3 C1^T, 4 M2, 5 M2^T), R and Y0 [BT, BV], six rows of BT (beta, f, gamma, g_L, n_L,
-    then beta_L, f_L, m_L): ``pre_size`` floats."""
-    return pre + rec.to(tl.int64) * (6 * BT * BT + 2 * BT * BV + 6 * BT)
+    """``_prep`` record rec (a batch*head; chunk * BHN + batch*head where pre holds every chunk's): two [BT, BT]
+    blocks (0 G, 1 G^T), R and Y0 [BT, BV], six rows of BT (beta, f, gamma, g_L, n_L, then beta_L, f_L, m_L):
+    ``pre_size`` floats. Its dot operands C1, C1^T, M2, M2^T are in ``_ops_base``'s record."""
+    return pre + rec.to(tl.int64) * (2 * BT * BT + 2 * BT * BV + 6 * BT)
+
+
+@triton.jit
+def _ops_base(ops, rec, BT: tl.constexpr):
+    """The dot-operand part of ``_prep`` record rec: four [BT, BT] blocks (0 C1, 1 C1^T, 2 M2, 3 M2^T), in the
+    dtype of ``operands_dtype`` (``record_buffers``)."""
+    return ops + rec.to(tl.int64) * (4 * BT * BT)
 
 
 @triton.jit
@@ -393,11 +421,11 @@ def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.c
     """A ``_prep`` record's R, Y0 (R stands in without WANT_Y0) and rows: (R, Y0, beta, f, gamma, g_L, n_L, beta_L,
     f_L, m_L)."""
     rv = o_t[:, None] * BV + o_v[None, :]
-    R = tl.load(base + 6 * BT * BT + rv)
+    R = tl.load(base + 2 * BT * BT + rv)
     Y0 = R
     if WANT_Y0:
-        Y0 = tl.load(base + 6 * BT * BT + BT * BV + rv)
-    rows = base + 6 * BT * BT + 2 * BT * BV
+        Y0 = tl.load(base + 2 * BT * BT + BT * BV + rv)
+    rows = base + 2 * BT * BT + 2 * BT * BV
     beta = tl.load(rows + o_t)
     f = tl.load(rows + BT + o_t)
     gam = tl.load(rows + 2 * BT + o_t)
@@ -410,7 +438,7 @@ def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.c
 
 
 @_chunk_kernel("c", "s_in", "s_out")
-def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS, BHN,
+def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               DECAYED: tl.constexpr, PREC: tl.constexpr):
@@ -423,7 +451,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, fs, yp, c, s_in, s_out, T, NS
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
     R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
-    C1 = base + 2 * BT * BT + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
+    C1 = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
     dst1, dst2 = _slot_offsets(i_bh, s_out, NS, K, V, HD)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
@@ -465,8 +493,8 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     vb_ok = o_vb < V
     o_hh = tl.arange(0, BHC)
     base = _pre_base(pre, r * BHN + i_bh, BT, BV)
-    beta = tl.load(base + 6 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_prep
-    f = tl.load(base + 6 * BT * BT + 2 * BT * BV + BT + o_t)
+    beta = tl.load(base + 2 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_prep
+    f = tl.load(base + 2 * BT * BT + 2 * BT * BV + BT + o_t)
     src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
     O = tl.zeros([BT, BVO], dtype=tl.float32)
     SA = tl.zeros([BT, BT], dtype=tl.float32)
@@ -483,7 +511,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
         O_j, SA_j = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
         O += O_j
         SA += SA_j
-    R = tl.load(base + 6 * BT * BT + o_t[:, None] * BV + o_vb[None, :], mask=vb_ok[None, :], other=0.0)
+    R = tl.load(base + 2 * BT * BT + o_t[:, None] * BV + o_vb[None, :], mask=vb_ok[None, :], other=0.0)
     O -= _dot(_pre_block(base, 0, o_t, BT) * SA, R, PREC)
     tok = t_ok[:, None] & vb_ok[None, :]
     if NORM:  # (BVO == BV: whole rows)
@@ -562,14 +590,14 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
     # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
     NR = NT if keep_states else 1
-    pre = torch.empty(NR, B * H, pre_size(BT, BV), **f32)
+    pre, ops = record_buffers(NR, B * H, BT, BV, q.device, dims["PREC"])
     fs = torch.empty(NR, 2, B * H, BT, HD, device=q.device, dtype=factors_dtype(dims["PREC"]))
-    pre_c, fs_c = pre.unbind(0), fs.unbind(0)
+    pre_c, ops_c, fs_c = pre.unbind(0), ops.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
     if keep_states:  # the records' gate part, which the state does not change, for every chunk at once; the loop's
         # _prep then builds the state part alone, in row blocks
-        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, pre, 0, T, B * H, **prep_kw, PARTS=1,
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, pre, ops, 0, T, B * H, **prep_kw, PARTS=1,
                 STORE_Y0=False, BTR=BT)
         prep_grid, state_kw = (BT // _block_rows(BT), B * H, 1), dict(PARTS=2, STORE_Y0=True, BTR=_block_rows(BT))
     else:
@@ -582,14 +610,14 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
-        prep(q, k, v, *gates, delta_, nw, nb, yp, pre_c[r], c, T, B * H)
-        fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
+        prep(q, k, v, *gates, delta_, nw, nb, yp, pre_c[r], ops_c[r], c, T, B * H)
+        fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
     if keep_states:
         _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, nw, nb, ohead, 0, 0, T, NS, B * H,
                 config_env=SUMS_CONFIG, **out_kw)
-    saved = (*slots, pre, *((nw, nb, ohead) if cfg.norm else ()))
+    saved = (*slots, pre, ops, *((nw, nb, ohead) if cfg.norm else ()))
     return o, _final_state(cfg, slots, NT % NS, q, v), (saved if keep_states else None)
 
 
@@ -597,17 +625,17 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 
 
 @_chunk_kernel("c", "s_src", "e")
-def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
+def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 of the last chunk (``_pass2``); the others run in ``_bwd_tile32`` behind the next chunk's pass 3."""
-    _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
+    _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
            H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
 
 
 @triton.jit
-def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, prow, c, s_src, e, T, NS, BHN,
+def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
            DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
@@ -621,8 +649,8 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, pr
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
     R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
-    bb = base + o_t[:, None] * BT + o_t[None, :]  # C1, C1T, M2, M2T loaded where used (mlp._operand)
-    C1, C1T, M2, M2T = bb + 2 * BT * BT, bb + 3 * BT * BT, bb + 4 * BT * BT, bb + 5 * BT * BT
+    bb = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
+    C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
@@ -829,8 +857,8 @@ def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, 
                                                                      BK, BV, BIAS)
     o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
     rv = o_r[:, None] * BV + o_v[None, :]
-    Y0 = tl.load(base + 6 * BT * BT + BT * BV + rv)
-    gam = tl.load(base + 6 * BT * BT + 2 * BT * BV + 2 * BT + o_r)
+    Y0 = tl.load(base + 2 * BT * BT + BT * BV + rv)
+    gam = tl.load(base + 2 * BT * BT + 2 * BT * BV + 2 * BT + o_r)
     dbeta, df, dgam, _, dnL = _row_sums(prow, i_bh, o_r, BHN, BT, NH, BTR)
     dR = tl.load(out + 2 * BT * BT + rv)
     SAT = out + o_t[None, :] * BT + o_r[:, None]
@@ -926,7 +954,7 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
 
 
 @_chunk_kernel("c", "e", "s")
-def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, xs, xs_prev, fs, gdy,
+def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, ops_prev, xs, xs_prev, fs, gdy,
                 pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                 DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr):
@@ -940,7 +968,8 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
            BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
     if PASS2 and c > 0:
         tl.debug_barrier()
-        _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, xs_prev, fs, prow, c - 1, c - 1, s,
+        _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, prow, c - 1,
+               c - 1, s,
                T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
 
 
@@ -1068,7 +1097,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
-    w1s, w2s, s1s, s2s, pre, *head = saved
+    w1s, w2s, s1s, s2s, pre, ops, *head = saved
     NS = w1s.shape[1]
     BHN = B * H
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
@@ -1112,11 +1141,11 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         hin = torch.empty(NT, BHN, BT // _block_rows(BT), 2, BV, **f32)  # the inner head's parts of dw, db
     else:
         nw = nb = hin = eta  # (unread stand-ins)
-    _launch(_prep_m2, (BHN, NT), do, pre, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
-    pre_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, xs, pg3, gin, dkacc, dyb))
+    _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
+    pre_c, ops_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, ops, xs, pg3, gin, dkacc, dyb))
     fused = fuse_passes()
-    _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1], xs_c[NT - 1],
-            fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw)
+    _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
+            ops_c[NT - 1], xs_c[NT - 1], fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw)
     bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
@@ -1128,11 +1157,11 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         bwd_mid(q, k, v, do, delta_, nw, nb, hin[c] if cfg.norm else hin, pre_c[c], sums, prow, gdy, dyb_c[c],
                 dkacc_c[c], gin_c[c], dq, dv, ddelta, c, T, BHN)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
-        bwd_tile32(q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], pre_c[prev], xs_c[c],
-                   xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN)
+        bwd_tile32(q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], pre_c[prev],
+                   ops_c[prev], xs_c[c], xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN)
         if c > 0 and not fused:
-            bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev], xs_c[prev], fs, prow, prev,
-                      prev, s, T, NS, BHN)
+            bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev], ops_c[prev], xs_c[prev], fs,
+                      prow, prev, prev, s, T, NS, BHN)
     _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
             config_env=SUMS_CONFIG, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
