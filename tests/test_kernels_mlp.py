@@ -400,6 +400,22 @@ def test_bf16_scratch(case, knob, monkeypatch, _layout):
         dtype_of("bf16")
 
 
+def test_bf16_operands_warn_on_hopper():
+    """bf16 dot-operand records crashed every GPU test on an H100 (session 15): warned once on Hopper, naming the
+    knob; other generations pass silently."""
+    import warnings
+
+    from miras.kernels.mlp_tiles import _warn_bf16_operands
+
+    _warn_bf16_operands.cache_clear()
+    with pytest.warns(UserWarning, match="MIRAS_KERNEL_MLP_OPERANDS=bf16 hit an illegal memory access"):
+        _warn_bf16_operands(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_bf16_operands(8)
+        _warn_bf16_operands(9)  # once
+
+
 def test_kernel_launch_config_order(monkeypatch):
     """A kernel's own MIRAS_KERNEL_MLP_CONFIG_<NAME> first, then its group's variable, then MIRAS_KERNEL_MLP_CONFIG,
     then its tuned default (mlp.TUNED_CONFIGS), then 4 warps and 1 stage; a malformed value names its variable."""

@@ -37,6 +37,9 @@ Static sm_90 resources of every kernel: benchmarks/kernel_resources_mlp.py.
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -63,6 +66,7 @@ from miras.kernels.mlp import (
     _bwd_tile_dy,
     _bwd_tile_factors,
     _bwd_tile_sums,
+    _capability_major,
     _end_grad_products,
     _end_grad_terms,
     _final_state,
@@ -383,7 +387,9 @@ def operands_dtype(prec: str) -> torch.dtype:
     """``MIRAS_KERNEL_MLP_OPERANDS``: the dtype of the ``_prep`` records' dot-operand blocks (``_ops_base``: C1, C1^T,
     M2, M2^T, which every tile program of a chunk loads). "fp32" (default), "bf16" or "auto" (bf16 with bf16 dots,
     ``mlp._prec``). They feed only tl.dot, so with bf16 dots a bf16 copy gives the same products (the dot rounds its
-    operands to bf16 anyway) from half the loads."""
+    operands to bf16 anyway) from half the loads. Experimental: it matches the float64 oracle in the interpreter, but
+    on an H100 with triton 3.6 (GPU session 15) every GPU test hit an illegal memory access with it
+    (``record_buffers`` warns on Hopper)."""
     choice = env_choice("MIRAS_KERNEL_MLP_OPERANDS", OPERANDS, "fp32")
     return torch.bfloat16 if choice == "bf16" or (choice == "auto" and prec == "bf16") else torch.float32
 
@@ -391,8 +397,18 @@ def operands_dtype(prec: str) -> torch.dtype:
 def record_buffers(NR: int, BHN: int, BT: int, BV: int, device, prec: str) -> tuple[torch.Tensor, torch.Tensor]:
     """NR chunks' ``_prep`` records for BHN batch*heads: (pre [NR, BHN, pre_size] fp32, ops [NR, BHN, 4 BT^2] in
     ``operands_dtype``)."""
+    ops_dtype = operands_dtype(prec)
+    if ops_dtype == torch.bfloat16 and torch.device(device).type == "cuda":
+        _warn_bf16_operands(_capability_major(torch.device(device).index or 0))
     return (torch.empty(NR, BHN, pre_size(BT, BV), device=device, dtype=torch.float32),
-            torch.empty(NR, BHN, 4 * BT * BT, device=device, dtype=operands_dtype(prec)))
+            torch.empty(NR, BHN, 4 * BT * BT, device=device, dtype=ops_dtype))
+
+
+@cache
+def _warn_bf16_operands(capability_major: int) -> None:
+    if capability_major == 9:
+        warnings.warn("MIRAS_KERNEL_MLP_OPERANDS=bf16 hit an illegal memory access in every GPU test on an H100 with "
+                      "triton 3.6 (benchmarks/RESULTS.md, GPU session 15); the default is fp32", stacklevel=3)
 
 
 @triton.jit
