@@ -112,6 +112,8 @@ def dist_info() -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # (each rank on its own GPU, as resolve_device places its model)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(_close_process_group)
     return dist.get_rank(), dist.get_world_size()
@@ -125,6 +127,7 @@ def _close_process_group() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """t summed over the data-parallel ranks, in place (t on the run's device: NCCL reduces CUDA tensors only)."""
     if world > 1:
         dist.all_reduce(t)
     return t
@@ -153,33 +156,33 @@ def evaluate(model: nn.Module, task: Task, batches: list[Batch], *, device: torc
     model.eval()
     groups = sorted({g for b in batches for g in b.groups if g})
     # sums: loss, tokens, correct, bytes, then (correct, tokens) per group
-    sums = torch.zeros(4 + 2 * len(groups), dtype=torch.float64)
+    sums = torch.zeros(4 + 2 * len(groups), dtype=torch.float64, device=device)  # (on the device: NCCL, one sync)
     for j, b in enumerate(batches):
         if j % world != rank:
             continue
         with _autocast(device, amp):
             logits = model(b.input_ids.to(device))
-        loss, n, correct = (x.cpu().double() for x in token_stats(logits, b.labels.to(device)))
+        loss, n, correct = (x.double() for x in token_stats(logits, b.labels.to(device)))
         sums[0] += loss.sum()
         sums[1] += n.sum()
         sums[2] += correct.sum()
         sums[3] += b.n_bytes or 0.0
         for gi, g in enumerate(groups):
-            sel = torch.tensor([x == g for x in b.groups])
+            sel = torch.tensor([x == g for x in b.groups], device=device)
             sums[4 + 2 * gi] += correct[sel].sum()
             sums[5 + 2 * gi] += n[sel].sum()
-    all_reduce_sum(sums, world)
+    s = all_reduce_sum(sums, world).tolist()
     model.train(was_training)
-    n_tok = max(sums[1].item(), 1.0)
-    out = {"val_loss": sums[0].item() / n_tok}
+    n_tok = max(s[1], 1.0)
+    out = {"val_loss": s[0] / n_tok}
     if task.has_accuracy:
-        out["accuracy"] = sums[2].item() / n_tok
+        out["accuracy"] = s[2] / n_tok
         for gi, g in enumerate(groups):
-            out[f"accuracy/{g}"] = sums[4 + 2 * gi].item() / max(sums[5 + 2 * gi].item(), 1.0)
+            out[f"accuracy/{g}"] = s[4 + 2 * gi] / max(s[5 + 2 * gi], 1.0)
     else:
         out["ppl"] = math.exp(min(out["val_loss"], 50.0))
-        if sums[3] > 0:
-            out["bpb"] = sums[0].item() / (math.log(2) * sums[3].item())
+        if s[3] > 0:
+            out["bpb"] = s[0] / (math.log(2) * s[3])
     return out
 
 
@@ -337,7 +340,7 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
             batch = task.train_batch(step, cfg.batch_size)
             n_labels = max(int((batch.labels != IGNORE).sum()), 1)
             mine = batch.slice(rank * micro * cfg.grad_accum, (rank + 1) * micro * cfg.grad_accum)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # (on the device: one sync per step)
             for i in range(cfg.grad_accum):
                 mb = mine.slice(i * micro, (i + 1) * micro)
                 sync = nullcontext() if (world == 1 or i == cfg.grad_accum - 1) else ddp.no_sync()
@@ -347,7 +350,7 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
                                            ignore_index=IGNORE, reduction="sum")
                     scaled = part * (world / n_labels)
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += part.detach().double().cpu()
+                loss_sum += part.detach().double()
             step_loss = all_reduce_sum(loss_sum, world).item() / n_labels
             if not math.isfinite(step_loss):
                 raise Diverged(f"step {step}: the training loss is {step_loss} (NaN/inf); the run stopped. Lower the "
