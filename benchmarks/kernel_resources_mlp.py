@@ -50,6 +50,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                 act: int = 0, norm: bool = False) -> dict:
     """Compile one kernel variant for sm_90; returns its row (shared bytes, registers, spills, compile seconds and,
     with sass, the static instruction profile)."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -78,10 +79,11 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         fp32 = FP32_NAMES
     sig = {n: "constexpr" if n in consts else "i32" if n in INT_NAMES or n == "p" else "*" + ("fp32" if n in fp32 else io)
            for n in fn.arg_names}
-    if "fs" in sig and os.environ.get("MIRAS_KERNEL_MLP_FACTORS", "auto") in ("bf16", "auto") and prec == "bf16":
-        sig["fs"] = "*bf16"  # (the tile factors stored in bf16, mlp_tiles.factors_dtype)
-    for name in ("ops", "ops_prev"):  # (the records' dot operands in bf16, mlp_tiles.operands_dtype)
-        if name in sig and os.environ.get("MIRAS_KERNEL_MLP_OPERANDS") == "bf16":
+    # the scratch buffers that the settings may make bf16, as the host functions allocate them
+    scratch = {"fs": mlp_tiles.factors_dtype(prec), "ops": mlp_tiles.operands_dtype(prec)}
+    scratch["ops_prev"] = scratch["ops"]
+    for name, dtype in scratch.items():
+        if name in sig and dtype == torch.bfloat16:
             sig[name] = "*bf16"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     row = dict(kernel=which, prec=prec, D=d, hidden=hidden, chunk=chunk, learner="momentum" if momentum else "gd",

@@ -167,47 +167,45 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _child(mode: str, out: Path, name: str, env: dict, timeout: float) -> dict | None:
-    """Runs ``mode`` (check / time) of this script in a child process under env; its JSON, or None (with the tail of
-    its log printed) when it failed or ran out of time."""
-    path, log_path = out / f"{mode}_{_file(name)}.json", out / f"{mode}_{_file(name)}.log"
-    with open(log_path, "w") as log:
-        try:
-            subprocess.run([sys.executable, __file__, mode, "--json", str(path)], env=_clean_env(env), stdout=log,
-                           stderr=subprocess.STDOUT, timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            print(f"  [{name}] {mode}: out of time")
+def _paths(out: Path, mode: str, set_name: str) -> tuple[Path, Path]:
+    """Where a child process of ``mode`` (check / time) for a set writes its JSON result and its log."""
+    stem = out / f"{mode}_{set_name.replace(',', '_')}"
+    return stem.with_suffix(".json"), stem.with_suffix(".log")
+
+
+def _start(mode: str, out: Path, name: str, env: dict) -> subprocess.Popen:
+    """``mode`` of this script for set ``name`` in a child process under env, its output into its log."""
+    path, log_path = _paths(out, mode, name)
+    with open(log_path, "w") as log:  # (the child keeps its own copy of the file)
+        return subprocess.Popen([sys.executable, __file__, mode, "--json", str(path)], env=_clean_env(env),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, mode: str, out: Path, name: str, deadline: float) -> dict | None:
+    """The child's JSON result once it ends (killed at ``deadline``), or None, with the tail of its log printed."""
+    try:
+        proc.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        print(f"  [{name}] {mode}: out of time")
+    path, log_path = _paths(out, mode, name)
     if path.exists():
         return json.loads(path.read_text())
-    print(f"  [{name}] {mode} failed:", *log_path.read_text().splitlines()[-4:], sep="\n    ")
+    print(f"  [{name}] {mode} failed (rc {proc.returncode}):", *log_path.read_text().splitlines()[-4:], sep="\n    ")
     return None
 
 
-def _file(set_name: str) -> str:
-    return set_name.replace(",", "_")
+def _child(mode: str, out: Path, name: str, env: dict, timeout: float) -> dict | None:
+    """``mode`` (check / time) for one set in a child process, at most ``timeout`` seconds: its JSON, or None."""
+    return _finish(_start(mode, out, name, env), mode, out, name, time.time() + timeout)
 
 
 def _parallel_checks(out: Path, sets: dict[str, dict], deadline: float) -> dict[str, dict]:
-    procs = {}
-    for name, env in sets.items():
-        path = out / f"check_{_file(name)}.json"
-        log = open(out / f"check_{_file(name)}.log", "w")  # noqa: SIM115  (closed below)
-        procs[name] = (subprocess.Popen([sys.executable, __file__, "check", "--json", str(path)], env=_clean_env(env),
-                                        stdout=log, stderr=subprocess.STDOUT), path, log)
-    results = {}
-    for name, (proc, path, log) in procs.items():
-        try:
-            proc.wait(timeout=max(deadline - time.time(), 1))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if path.exists():
-            results[name] = json.loads(path.read_text())
-        else:
-            tail = Path(log.name).read_text().splitlines()[-3:]
-            print(f"  [{name}] check failed (rc {proc.returncode}):", *tail, sep="\n    ")
-    return results
+    """Every set's check at once, each in its child process: {set: its result} for those that ended with one."""
+    procs = {name: _start("check", out, name, env) for name, env in sets.items()}
+    results = {name: _finish(proc, "check", out, name, deadline) for name, proc in procs.items()}
+    return {name: r for name, r in results.items() if r is not None}
 
 
 def run_checks(out: Path, seconds: float) -> None:
@@ -230,8 +228,8 @@ def run_tune(out: Path, seconds: float) -> None:
     def left() -> float:
         return deadline - time.time()
 
-    passed = [n for n in SETS if (out / f"check_{_file(n)}.json").exists()
-              and json.loads((out / f"check_{_file(n)}.json").read_text())["ok"]]
+    passed = [n for n in SETS if _paths(out, "check", n)[0].exists()
+              and json.loads(_paths(out, "check", n)[0].read_text())["ok"]]
     if DEFAULT not in passed:
         print("tune_mlp: the default set did not pass its check; nothing to tune against")
         return

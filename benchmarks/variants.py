@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 VARIANTS = {
     # linear kernels (extra rows of the titans linear benchmark row)
@@ -58,7 +59,7 @@ VARIANTS = {
 }
 
 if os.environ.get("MIRAS_BENCH_VARIANTS"):
-    VARIANTS.update(json.loads(open(os.environ["MIRAS_BENCH_VARIANTS"]).read()))
+    VARIANTS.update(json.loads(Path(os.environ["MIRAS_BENCH_VARIANTS"]).read_text()))
 
 
 def main(argv: list[str]) -> int:

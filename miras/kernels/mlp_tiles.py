@@ -380,9 +380,6 @@ def pre_size(BT: int, BV: int) -> int:
     return 2 * BT * BT + 2 * BT * BV + 6 * BT
 
 
-OPERANDS = ("fp32", "bf16", "auto")
-
-
 def operands_dtype(prec: str) -> torch.dtype:
     """``MIRAS_KERNEL_MLP_OPERANDS``: the dtype of the ``_prep`` records' dot-operand blocks (``_ops_base``: C1, C1^T,
     M2, M2^T, which every tile program of a chunk loads). "fp32" (default), "bf16" or "auto" (bf16 with bf16 dots,
@@ -390,8 +387,7 @@ def operands_dtype(prec: str) -> torch.dtype:
     operands to bf16 anyway) from half the loads. Experimental: it matches the float64 oracle in the interpreter, but
     on an H100 with triton 3.6 (GPU session 15) every GPU test hit an illegal memory access with it
     (``record_buffers`` warns on Hopper)."""
-    choice = env_choice("MIRAS_KERNEL_MLP_OPERANDS", OPERANDS, "fp32")
-    return torch.bfloat16 if choice == "bf16" or (choice == "auto" and prec == "bf16") else torch.float32
+    return _scratch_dtype("MIRAS_KERNEL_MLP_OPERANDS", "fp32", prec)
 
 
 def record_buffers(NR: int, BHN: int, BT: int, BV: int, device, prec: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -561,7 +557,14 @@ def _block_sums(hidden: int) -> int:
     return min(32, pow2_tile(hidden))
 
 
-FACTORS = ("fp32", "bf16", "auto")
+SCRATCH_DTYPES = ("fp32", "bf16", "auto")
+
+
+def _scratch_dtype(name: str, default: str, prec: str) -> torch.dtype:
+    """The dtype the environment variable ``name`` (one of SCRATCH_DTYPES, else ``default``) asks of a scratch
+    buffer that only feeds dots: "auto" is bf16 with bf16 dots (``mlp._prec``), else fp32."""
+    choice = env_choice(name, SCRATCH_DTYPES, default)
+    return torch.bfloat16 if choice == "bf16" or (choice == "auto" and prec == "bf16") else torch.float32
 
 
 def factors_dtype(prec: str) -> torch.dtype:
@@ -571,8 +574,7 @@ def factors_dtype(prec: str) -> torch.dtype:
     them is scaled row-wise and rounded to a bf16 dot operand afterwards anyway, so bf16 storage rounds once more.
     On an H100 (GPU session 15, bench shape) the kernels took 10.97 instead of 11.29 ms per fwd+bwd step
     (``_bwd_sums`` 1.86 -> 1.69 ms, ``_fwd_out`` 0.38 -> 0.32), and every bf16 GPU test kept its errors (<= 1.2e-2)."""
-    choice = env_choice("MIRAS_KERNEL_MLP_FACTORS", FACTORS, "auto")
-    return torch.bfloat16 if choice == "bf16" or (choice == "auto" and prec == "bf16") else torch.float32
+    return _scratch_dtype("MIRAS_KERNEL_MLP_FACTORS", "auto", prec)
 
 
 def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states: bool,
@@ -985,8 +987,7 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
     if PASS2 and c > 0:
         tl.debug_barrier()
         _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, prow, c - 1,
-               c - 1, s,
-               T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+               c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
 
 
 @triton.jit
