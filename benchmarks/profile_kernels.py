@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import FAMILIES, family_spec, init_state, make  # noqa: E402
+from bench_kernels import FAMILIES, family_spec, head_params, init_state, make  # noqa: E402
 
 
 def kernel_times(step, steps: int) -> dict[str, list]:
@@ -56,11 +56,12 @@ def main() -> None:
     spec = family_spec(over, 64)
     q, k, v, gates = make(spec, B, T, H, D, "cuda", torch.bfloat16)
     state0 = init_state(spec, H, D, "cuda")
+    head = head_params(spec, H, D, "cuda")  # (the LayerNorm head's w, b for the "LN head" row; None otherwise)
 
     from miras.kernels import triton_memory_scan
 
     def step() -> None:
-        out = triton_memory_scan(spec, q, k, v, gates, state0)[0]
+        out = triton_memory_scan(spec, q, k, v, gates, state0, params=head)[0]
         out.float().sum().backward()
         for x in (q, k, v, *gates.values()):
             x.grad = None
