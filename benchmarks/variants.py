@@ -58,8 +58,25 @@ VARIANTS = {
     "mlpops16graphs": {"MIRAS_KERNEL_MLP_OPERANDS": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
 }
 
+
+
+def load_variants_file(path: str) -> dict[str, dict[str, str]]:
+    """The variants of a ``MIRAS_BENCH_VARIANTS`` file: {name: {variable: value}}; anything else is a ValueError
+    naming the variable and the file."""
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"MIRAS_BENCH_VARIANTS={path!r}: cannot read a JSON file there ({err})") from err
+    ok = isinstance(loaded, dict) and all(isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+                                          for v in loaded.values())
+    if not ok:
+        raise ValueError(f"MIRAS_BENCH_VARIANTS={path!r} must hold {{name: {{variable: value}}}} with string values, "
+                         f"as benchmarks/tune_mlp.py writes it")
+    return loaded
+
+
 if os.environ.get("MIRAS_BENCH_VARIANTS"):
-    VARIANTS.update(json.loads(Path(os.environ["MIRAS_BENCH_VARIANTS"]).read_text()))
+    VARIANTS.update(load_variants_file(os.environ["MIRAS_BENCH_VARIANTS"]))
 
 
 def main(argv: list[str]) -> int:

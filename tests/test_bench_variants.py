@@ -105,6 +105,11 @@ def test_a_variants_file_adds_variants(tmp_path):
                          env={**os.environ, "MIRAS_BENCH_VARIANTS": str(path)})
     assert out.returncode == 0 and out.stdout.split() == ["MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS=4,3"]
     assert run("tuned").returncode == 1  # (not without the file)
+    for text in ("not json", '{"tuned": ["MIRAS_KERNEL_MLP_CONFIG=4,1"]}'):  # a bad file names the variable
+        path.write_text(text)
+        out = subprocess.run([sys.executable, str(SCRIPT), "tuned"], capture_output=True, text=True,
+                             env={**os.environ, "MIRAS_BENCH_VARIANTS": str(path)})
+        assert out.returncode != 0 and f"MIRAS_BENCH_VARIANTS={str(path)!r}" in out.stderr
 
 
 def test_tune_picks_each_kernels_fastest_set_by_a_margin():
