@@ -56,6 +56,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     from triton.compiler import ASTSource
 
     from miras.kernels import mlp, mlp_tiles
+    from miras.kernels.settings import env_switch
 
     io = "fp32" if prec == "tf32x3" else "bf16"  # bf16 inputs run tf32 (or bf16) dots, fp32 inputs tf32x3 (mlp._prec)
     consts = dict(H=8, K=d, V=d, HD=hidden, BT=chunk, BK=mlp.pow2_tile(d), BV=mlp.pow2_tile(d),
@@ -66,8 +67,11 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         consts["BH"] = bh
     if which.startswith("_"):
         fn = getattr(mlp_tiles, which)
+        # _bwd_tile32 with pass 2 of the previous chunk fused in only when asked: apart is the default wherever a
+        # launch is cheap, as on the GPU boxes (mlp_tiles.fuse_passes)
+        fused = env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", False)
         consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
-                      BVO=mlp.pow2_tile(d) if norm else mlp_tiles._block_out(d), STORE_Y0=True, PASS2=True, PARTS=0,
+                      BVO=mlp.pow2_tile(d) if norm else mlp_tiles._block_out(d), STORE_Y0=True, PASS2=fused, PARTS=0,
                       BTR=mlp_tiles._block_rows(chunk), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}

@@ -19,12 +19,12 @@ Forward:  _prep's gate part (every chunk: G, C1 = G . q k^T, the gate rows, into
           Yp_j = act(gamma (k W1_j)) W2_j) ; then _fwd_out (every chunk, per output block and batch*head:
           o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
 Backward: _prep_m2 (every chunk: M2 = -G . dO R^T into the forward's records) ; _bwd_tile2 (pass 2 of the last
-          chunk) ; per chunk c, in reverse: _bwd_sums (per batch*head and output block: SA, dC1, dq, dk, dR and the
-          carry scalars' gradients, contracted over the hidden dim) ; _bwd_mid (per batch*head: dR -> dY, dv in row
+          chunk) ; per chunk c, in reverse: _bwd_sums (per batch*head and output block: SA, dC1, dq, dk, dR,
+          contracted over the hidden dim) ; _bwd_mid (per batch*head: dR -> dY, dv in row
           blocks; dG; dq; dk's intra-chunk part) ; _bwd_tile32 (per tile: pass 3 of chunk c, the dY terms and the
-          whole start-state gradient tile, then pass 2 of chunk c - 1, the factors A1, Ah, D1, dH, dP, dZ1's R part
-          and row partials, which reads that tile back) ; then _bwd_end (every chunk: dk's dZ1 part contracted over
-          the hidden dim, the gate gradients).
+          whole start-state gradient tile, then pass 2 of chunk c - 1, the factors A1, Ah, D1, dH, dP, dZ1's R part,
+          the row partials and the carry scalars' gradient parts, which reads that tile back) ; then _bwd_end (every
+          chunk: dk's dZ1 part contracted over the hidden dim, the gate gradients).
 2 launches per chunk forward, 3 backward (benchmarks/RESULTS.md, session 10).
 With the LayerNorm head (cfg.norm, M(x) = [x +] w LN(W2 act(W1 x)) + b; docs/kernels-ln-head.md): _prep's state part
 stores the gradient at the head's input, d = rstd P (w R_y), where R was (``_head_forward``), so the tile kernels run
@@ -67,10 +67,9 @@ from miras.kernels.mlp import (
     _bwd_tile_factors,
     _bwd_tile_sums,
     _capability_major,
-    _end_grad_products,
+    _end_grad_scalars,
     _end_grad_terms,
     _final_state,
-    _full_sum,
     _fwd_tile_math,
     _fwd_tile_out,
     _gate_grads,
@@ -659,8 +658,9 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
            DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
     A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them, pass 3 forms the
-    start-state gradient tiles from them), X into xs and the row partials (slot j * BHN + i_bh):
-    prow [.., 5, BT] = dbeta, df, dgam, dgL, dnL."""
+    start-state gradient tiles from them), X into xs and the tile's partials (``_prow_base``, slot j * BHN + i_bh):
+    the rows dbeta, df, dgam, dgL, dnL and the carry scalars' d beta_L, d f_L, d m_L (their inner products of the
+    chunk-start state with the end state's gradient, ``_end_grad_scalars``, on the tiles this pass loads anyway)."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
@@ -673,7 +673,14 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    # (the start-state gradient tiles and the end-gradient scalars it also returns are dead code here: pass 3)
+    # the carry scalars' parts first: formed after the factors instead, they keep all eight state tiles live through
+    # the pass (sm_90, triton 3.6: a 616 B stack per thread against 408 here and 256 without them; formed in pass 3
+    # instead, 1568 against 992; benchmarks/kernel_resources_mlp.py)
+    dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
+    rw = _prow_base(prow, j * BHN + i_bh, BT)
+    o_s = tl.arange(0, 4)
+    tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
+    # (what it also returns, the start-state gradient tiles (pass 3 forms them) and the scalars, is dead code here)
     (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, _, _, _,
      X, _, _, _, _) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1,
                                         C1T, M2, M2T, gL, nL, betaL, fL, mL, ACT, DECAYED, MOMENTUM, PREC, True)
@@ -685,25 +692,35 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     tl.store(fs + 2 * BHN * BT * HD + th, D1.to(fty), mask=h_ok[None, :])
     tl.store(fs + 3 * BHN * BT * HD + th, dH.to(fty), mask=h_ok[None, :])
     tl.store(fs + 4 * BHN * BT * HD + th, dP.to(fty), mask=h_ok[None, :])
-    slot = (j * BHN + i_bh).to(tl.int64)
-    rw = slot * 5 * BT + o_t
-    tl.store(prow + rw, dbeta)
-    tl.store(prow + rw + BT, df)
-    tl.store(prow + rw + 2 * BT, dgam)
-    tl.store(prow + rw + 3 * BT, dgL)
-    tl.store(prow + rw + 4 * BT, dnL)
+    tl.store(rw + o_t, dbeta)
+    tl.store(rw + BT + o_t, df)
+    tl.store(rw + 2 * BT + o_t, dgam)
+    tl.store(rw + 3 * BT + o_t, dgL)
+    tl.store(rw + 4 * BT + o_t, dnL)
 
 
 def sums_size(BT: int, BK: int, BV: int) -> int:
     """Floats of one batch*head's ``_bwd_sums`` record (``_sums_base``)."""
-    return 2 * BT * BT + BT * BV + 2 * BT * BK + 4
+    return 2 * BT * BT + BT * BV + 2 * BT * BK
 
 
 @triton.jit
 def _sums_base(sums, i_bh, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Batch*head i_bh's ``_bwd_sums`` record: SA, dC1 [BT, BT], dR [BT, BV], dq, dk [BT, BK], then the scalars
-    d beta_L, d f_L, d m_L (and a pad): ``sums_size`` floats."""
-    return sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK + 4)
+    """Batch*head i_bh's ``_bwd_sums`` record: SA, dC1 [BT, BT], dR [BT, BV], dq, dk [BT, BK]: ``sums_size``
+    floats."""
+    return sums + i_bh.to(tl.int64) * (2 * BT * BT + BT * BV + 2 * BT * BK)
+
+
+def prow_size(BT: int) -> int:
+    """Floats of one hidden tile's pass-2 partials (``_prow_base``)."""
+    return 5 * BT + 4
+
+
+@triton.jit
+def _prow_base(prow, slot, BT: tl.constexpr):
+    """Pass 2's partials of hidden tile j for batch*head i_bh (slot j * BHN + i_bh of prow [NH, BHN, prow_size]):
+    five rows of BT (dbeta, df, dgam, dgL, dnL), then d beta_L, d f_L, d m_L and a pad (16-byte records)."""
+    return prow + slot.to(tl.int64) * (5 * BT + 4)
 
 
 @triton.jit
@@ -739,27 +756,6 @@ def _hidden_sum(tiles, WHICH: tl.constexpr, COLS: tl.constexpr, K: tl.constexpr,
     return acc
 
 
-@triton.jit
-def _scalar_sum(dst, WHICH: tl.constexpr, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v,
-                k_ok, v_ok, o_hh, V: tl.constexpr, HD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                BHC: tl.constexpr):
-    """Stores at dst the carry scalar's gradient WHICH (0 d beta_L, 1 d f_L, 2 d m_L; -1: 0, no momentum): its two
-    ``_end_grad_products`` summed elementwise over hidden tiles of BHC, then reduced once."""
-    acc1 = tl.zeros([BK, BHC], dtype=tl.float32)
-    acc2 = tl.zeros([BHC, BV], dtype=tl.float32)
-    if WHICH >= 0:
-        NHC: tl.constexpr = (HD + BHC - 1) // BHC
-        for jj in range(NHC):
-            o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
-            W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, WHICH > 0)
-            dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok,
-                                                  WHICH > 1)
-            products = _end_grad_products(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e)
-            acc1 += products[2 * WHICH]
-            acc2 += products[2 * WHICH + 1]
-    tl.store(dst, _full_sum(acc1) + _full_sum(acc2))
-
-
 @_chunk_kernel("s_src", "e")
 def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
               K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -767,8 +763,9 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
               PREC: tl.constexpr):
     """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs), on hidden
     tiles of BHC, into batch*head i_bh's record (``_sums_base``). Program (p, i_bh) forms one output block:
-    p = 0: SA; 1: dC1; then column blocks of BKO of dq (BK / BKO programs) and of dk, of BVO of dR (BV / BVO), and the
-    scalars d beta_L, d f_L, d m_L (one program each). Padded columns are written too (as 0)."""
+    p = 0: SA; 1: dC1; then column blocks of BKO of dq (BK / BKO programs) and of dk, and of BVO of dR (BV / BVO).
+    Padded columns are written too (as 0). (The carry scalars' gradients are sums over the whole state, 1.5 MB per
+    batch*head at the bench shape: pass 2 forms them on its tiles instead, ``_pass2``.)"""
     p, i_bh = tl.program_id(0), tl.program_id(1)
     NKO: tl.constexpr = BK // BKO
     NVO: tl.constexpr = BV // BVO
@@ -797,27 +794,14 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     elif q_blk < 2 * NKO:
         tl.store(out + 2 * BT * BT + BT * BV + BT * BK + o_t[:, None] * BK + o_kb[None, :],
                  _hidden_sum(tiles, 6, BKO, K, V, HD, BT, BHC, MOMENTUM, PREC))
-    elif v_blk < NVO:
+    else:
         tl.store(out + 2 * BT * BT + o_t[:, None] * BV + o_vb[None, :],
                  _hidden_sum(tiles, 4, BVO, K, V, HD, BT, BHC, MOMENTUM, PREC))
-    else:
-        o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
-        which = v_blk - NVO  # 0 d beta_L, 1 d f_L, 2 d m_L
-        dst = out + 2 * BT * BT + BT * BV + 2 * BT * BK + which
-        if which == 0:
-            _scalar_sum(dst, 0, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2, o_k, o_v, o_k < K,
-                        o_v < V, o_hh, V, HD, BK, BV, BHC)
-        elif which == 1:
-            _scalar_sum(dst, 1 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2,
-                        o_k, o_v, o_k < K, o_v < V, o_hh, V, HD, BK, BV, BHC)
-        else:
-            _scalar_sum(dst, 2 if MOMENTUM else -1, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, src1, src2, e1, e2,
-                        o_k, o_v, o_k < K, o_v < V, o_hh, V, HD, BK, BV, BHC)
 
 
 def sums_programs(BK: int, BV: int) -> int:
-    """Programs per batch*head of ``_bwd_sums``: SA, dC1, the column blocks of dq, dk and dR, three scalars."""
-    return 2 + 2 * (BK // _block_out(BK)) + BV // _block_out(BV) + 3
+    """Programs per batch*head of ``_bwd_sums``: SA, dC1, the column blocks of dq, dk and dR."""
+    return 2 + 2 * (BK // _block_out(BK)) + BV // _block_out(BV)
 
 
 @triton.jit
@@ -827,13 +811,27 @@ def _row_sums(prow, i_bh, o_t, BHN, BT: tl.constexpr, NH: tl.constexpr, BR: tl.c
     dbeta = tl.zeros([BR], dtype=tl.float32)
     df, dgam, dgL, dnL = dbeta, dbeta, dbeta, dbeta
     for jj in range(NH):
-        rw = prow + (jj * BHN + i_bh).to(tl.int64) * 5 * BT + o_t
+        rw = _prow_base(prow, jj * BHN + i_bh, BT) + o_t
         dbeta += tl.load(rw)
         df += tl.load(rw + BT)
         dgam += tl.load(rw + 2 * BT)
         dgL += tl.load(rw + 3 * BT)
         dnL += tl.load(rw + 4 * BT)
     return dbeta, df, dgam, dgL, dnL
+
+
+@triton.jit
+def _carry_sums(prow, i_bh, BHN, BT: tl.constexpr, NH: tl.constexpr):
+    """Pass 2's parts of the carry scalars' gradients summed over the NH hidden tiles: d beta_L, d f_L, d m_L
+    (``_end_grad_scalars``: <dW', W>, <dW', S>, <dS', S> over the whole state)."""
+    dbL = tl.zeros([], dtype=tl.float32)
+    dfL, dmL = dbL, dbL
+    for jj in range(NH):
+        sc = _prow_base(prow, jj * BHN + i_bh, BT) + 5 * BT
+        dbL += tl.load(sc)
+        dfL += tl.load(sc + 1)
+        dmL += tl.load(sc + 2)
+    return dbL, dfL, dmL
 
 
 @triton.jit
@@ -865,7 +863,7 @@ def _bwd_head_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, w, b, t_ok, v_ok, o_
 
 @triton.jit
 def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, rb, i_bh, c, T, BHN, L,
-                  g0, p_sc, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
+                  g0, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
                   SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr,
                   MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
@@ -896,9 +894,10 @@ def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, 
     if DECAYED:
         dbeta += dgam + dgam_y
     r_L = o_r == L
-    dbeta += tl.where(r_L, tl.load(p_sc), 0.0)
+    dbL, dfL, dmL = _carry_sums(prow, i_bh, BHN, BT, NH)
+    dbeta += tl.where(r_L, dbL, 0.0)
     if MOMENTUM:
-        df += tl.where(r_L, tl.load(p_sc + 1), 0.0)
+        df += tl.where(r_L, dfL, 0.0)
     tl.store(dv + rtv, dV.to(dv.dtype.element_ty), mask=rtv_ok)
     if BIAS == 3:
         tl.store(ddelta + p_g + r_idx * H, dd, mask=r_ok)
@@ -909,7 +908,7 @@ def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, 
     tl.store(gin + g0 + BT * BT + o_r, dbeta)
     tl.store(gin + g0 + BT * BT + BT + o_r, df)
     tl.store(gin + g0 + BT * BT + 2 * BT + o_r, dnL)
-    tl.store(gin + g0 + BT * BT + 3 * BT, tl.load(p_sc + 2))  # (the same scalar from every row block)
+    tl.store(gin + g0 + BT * BT + 3 * BT, dmL)  # (the same scalar from every row block)
 
 
 @_chunk_kernel("c")
@@ -939,12 +938,11 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
     out = _sums_base(sums, i_bh, BT, BK, BV)
     bb = out + o_t[:, None] * BT + o_t[None, :]
     bbt = out + o_t[None, :] * BT + o_t[:, None]
-    p_sc = out + 2 * BT * BT + BT * BV + 2 * BT * BK  # d beta_L, d f_L, d m_L
     g0 = i_bh.to(tl.int64) * (BT * BT + 4 * BT)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if p < NRB:  # the bias VJP on the rows [p BTR, (p + 1) BTR)
         _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, p, i_bh, c, T, BHN,
-                      L, g0, p_sc, H, K, V, BT, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC,
+                      L, g0, H, K, V, BT, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC,
                       NORM, LN_EPS)
     else:  # one output of _bwd_chunk_dg per program, its operands loaded in its branch: the registers of one
         which = p - NRB  # 0 dG, 1 dq, 2 dk
@@ -1124,8 +1122,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     # every chunk's records (besides pre, the forward's _prep records that _prep_m2 completes): dZ1's pass-2 part
     # (pass 3: gamma dZ1); pass 3's dgam parts; the gate inputs (dG, dbeta, df, dnL, dmL); dk's intra-chunk part; dY
     # itself (the residual's part of dk). _bwd_end reads them after the loop. Scratch of one chunk, reused: pass 2's
-    # factors (A1, Ah, D1, dH, dP) and their contractions (SA, dC1, dR, dq, dk, d beta_L, d f_L, d m_L); pass 2's
-    # row partials (dbeta, df, dgam, dgL, dnL); gamma dY.
+    # factors (A1, Ah, D1, dH, dP) and their contractions (SA, dC1, dR, dq, dk); pass 2's partials (the rows dbeta,
+    # df, dgam, dgL, dnL and the scalars d beta_L, d f_L, d m_L); gamma dY.
     xs = torch.empty(NT, BHN, BT, HD, **f32)
     pg3 = torch.empty(NT, NH, BHN, BT, **f32)
     gin = torch.empty(NT, BHN, BT * BT + 4 * BT, **f32)
@@ -1133,7 +1131,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     dyb = torch.empty(NT, BHN, BT, BV, **f32) if cfg.residual else dkacc
     fs = torch.empty(5, BHN, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
     sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
-    prow = torch.empty(NH, BHN, 5, BT, **f32)
+    prow = torch.empty(NH, BHN, prow_size(BT), **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
