@@ -2,9 +2,9 @@
 # One device call (<= GPU_TUNE_SECONDS, default 540 s): every MLP kernel's launch config tuned at the benchmark's
 # shape, then the benchmark with the tuned settings beside the defaults.
 # 1. In parallel, nothing timed: tune_mlp.py checks (one process per candidate set of launch configs: the bench-shape
-#    check, which compiles the set's kernels); the MLP GPU tests not yet run on a GPU at this code (the LayerNorm
-#    head's bf16 cases, the CUDA-graphs test, the fast-launch test: GPU_TUNE_GATE); the LN-head benchmark row's
-#    compile (warm_kernels.py row).
+#    check, which compiles the set's kernels); the MLP GPU tests not yet run on a GPU at this code (the bf16 cases,
+#    with and without the LayerNorm head, the CUDA-graphs test, the fast-launch test: GPU_TUNE_GATE); the LN-head
+#    benchmark row's compile (warm_kernels.py row).
 # 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs, tuned and tunedgraphs in GPU_TUNE_ROUNDS (3)
@@ -21,7 +21,7 @@ left() { echo $(( END - $(date +%s) )); }
 cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }
 . benchmarks/gpu_site.sh
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
-GATE="${GPU_TUNE_GATE-bf16_layernorm or graphs or fast_launch}"
+GATE="${GPU_TUNE_GATE-bf16 or graphs or fast_launch}"
 TINY=""
 BENCH_SHAPE="--no-chunked --references titans-pytorch"
 if [ -n "${GPU_CHECK_CPU:-}" ]; then

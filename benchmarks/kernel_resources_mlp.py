@@ -6,6 +6,7 @@ and cuobjdump's register / spill report; ``--sass`` adds the static instruction 
     python benchmarks/kernel_resources_mlp.py --which fwd0,fwd1,fwd2,bwd --warps 8   # the walk layout's kernels
     python benchmarks/kernel_resources_mlp.py --which _bwd_tile2 --prec tf32,bf16 --bh 16,32 --learner momentum --sass
     python benchmarks/kernel_resources_mlp.py --jobs 2 --csv /tmp/mlp_resources.csv
+    python benchmarks/kernel_resources_mlp.py --which _fwd_tile --prec bf16 --dump /tmp/ir   # + its TTGIR and PTX
 
 Kernel names: fwd0 / fwd1 / fwd2 / bwd are the walk layout's kernels (miras/kernels/mlp.py) in their MODEs; names
 starting with "_" are the tiles layout's kernels (miras/kernels/mlp_tiles.py). The tile sizes come from the same
@@ -38,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KERNELS = ("fwd0", "fwd1", "fwd2", "bwd")
-TILES_KERNELS = ("_y_part", "_prep", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_mid", "_bwd_tile32",
-                 "_bwd_end", "_head_read_bwd")
+TILES_KERNELS = ("_y_part", "_prep", "_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums",
+                 "_bwd_mid", "_bwd_tile32", "_bwd_end", "_head_read_bwd")
 INT_NAMES = {"T", "NT", "NS", "c", "c0", "s0", "s_in", "s_out", "BHN", "BTH", "s_src", "e", "s"}
 FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "dw1s", "dw2s", "ds1s", "ds2s", "xs", "dq",
               "dk", "deta", "dla", "dlm", "ddelta"}
@@ -47,9 +48,9 @@ FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "d
 
 def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum: bool, bias: int, warps: int,
                 stages: int, bh: int = 0, sass: bool = False, decayed: bool = False, residual: bool = True,
-                act: int = 0, norm: bool = False) -> dict:
+                act: int = 0, norm: bool = False, dump: str = "") -> dict:
     """Compile one kernel variant for sm_90; returns its row (shared bytes, registers, spills, compile seconds and,
-    with sass, the static instruction profile)."""
+    with sass, the static instruction profile). With dump, a folder: the variant's Triton GPU IR and PTX go there."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -70,9 +71,13 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         # _bwd_tile32 with pass 2 of the previous chunk fused in only when asked: apart is the default wherever a
         # launch is cheap, as on the GPU boxes (mlp_tiles.fuse_passes)
         fused = env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", False)
-        consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=mlp_tiles._block_out(d),
-                      BVO=mlp.pow2_tile(d) if norm else mlp_tiles._block_out(d), STORE_Y0=True, PASS2=fused, PARTS=0,
-                      BTR=mlp_tiles._block_rows(chunk), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
+        # (the blocks as a launch takes them, MIRAS_KERNEL_MLP_BLOCK_<KERNEL> included: mlp_tiles.kernel_block)
+        blocks = {"_prep_state": mlp_tiles._prep_rows(chunk),
+                  "_fwd_out": mlp_tiles._out_block(d, mlp.pow2_tile(d), norm)}
+        BKO, BVO = mlp_tiles._sums_blocks(mlp.pow2_tile(d), mlp.pow2_tile(d))
+        consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=BKO,
+                      BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
+                      BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
@@ -89,7 +94,12 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     for name, dtype in scratch.items():
         if name in sig and dtype == torch.bfloat16:
             sig[name] = "*bf16"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    # what a launch specialises on (triton's get_tensor_specialization / get_int_specialization): every tensor's
+    # 16-byte alignment, and the ints that are multiples of 16 at the bench shape (T = 4096, BHN = B*H = 32); without
+    # these hints every load compiles unvectorised, unlike on the GPU
+    aligned = [n for n, t in sig.items() if t.startswith("*") or n in ("T", "BHN")]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     row = dict(kernel=which, prec=prec, D=d, hidden=hidden, chunk=chunk, learner="momentum" if momentum else "gd",
                bias=bias, BH=str(consts.get("BH", "-")))
     t0 = time.time()
@@ -99,6 +109,10 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         return {**row, "compile_s": time.time() - t0, "shared_kb": -1, "usage": f"FAIL {type(e).__name__}: "
                 f"{' '.join(str(e).split())[:300]}", "sass": ""}
     dt = time.time() - t0
+    if dump:
+        stem = Path(dump) / f"{which}_{prec}_bh{row['BH']}_w{warps}s{stages}_{row['learner']}"
+        for ext in ("ttgir", "ptx"):
+            stem.with_suffix(f".{ext}").write_text(kern.asm[ext])
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kern.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -140,9 +154,12 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--csv", default="")
+    ap.add_argument("--dump", default="", help="a folder for each variant's Triton GPU IR (.ttgir) and PTX")
     a = ap.parse_args()
+    if a.dump:
+        Path(a.dump).mkdir(parents=True, exist_ok=True)
     jobs = [(w, p, a.d, a.hidden, int(c), lr == "momentum", int(b), a.warps, a.stages, int(bh), a.sass, a.decayed,
-             not a.no_residual, a.act, a.norm)
+             not a.no_residual, a.act, a.norm, a.dump)
             for lr, c, b, bh, p, w in itertools.product(a.learner.split(","), a.chunk.split(","), a.bias.split(","),
                                                          a.bh.split(","), a.prec.split(","), a.which.split(","))]
     lines = []

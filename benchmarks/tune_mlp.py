@@ -2,7 +2,9 @@
 
 Every MLP kernel launches at ``MIRAS_KERNEL_MLP_CONFIG`` (default 4 warps, 1 stage, or the kernel's entry of
 ``miras.kernels.mlp.TUNED_CONFIGS``, which this script's session-15 run chose) unless its own
-``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``). ``run`` does this:
+``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``); three kernels also
+take their output block per program from ``MIRAS_KERNEL_MLP_BLOCK_<NAME>`` (``miras.kernels.mlp_tiles.kernel_block``),
+and the candidate sets try a few. ``run`` does this:
 1. For every candidate set of SETS, in parallel processes, so that the compiles overlap: the bench-shape check.
    That is our kernels on bf16 inputs against the fp32 chunked path, output and every input gradient within 2e-2
    (relative), at the mlp2 titans row of bench_kernels.py (B=4, T=4096, H=8, D=128, chunk 64). It also compiles the
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from miras.kernels.mlp import kernel_config_env  # noqa: E402
+from miras.kernels.mlp_tiles import kernel_block_env  # noqa: E402
 
 DEFAULT = "defaults"  # the set with no launch settings: 4 warps, 1 stage, or a kernel's mlp.TUNED_CONFIGS entry
 # the tile kernels' dots run on hidden tiles of 16 at chunk 64: at 8 warps they miscompile on Hopper (mlp._launcher),
@@ -50,20 +53,28 @@ def _tiles_at(config: str) -> dict[str, str]:
     return {kernel_config_env(name): config for name in TILE_KERNELS}
 
 
+def _blocks(**blocks: int) -> dict[str, str]:
+    return {kernel_block_env(name): str(size) for name, size in blocks.items()}
+
+
 # (2 warps are not tried: the tile kernels then compile to 32 registers and an 11-17 KB spill stack per thread
-# under triton 3.6 for sm_90, benchmarks/kernel_resources_mlp.py --warps 2)
-SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_KERNEL_MLP_CONFIG* set)
+# under triton 3.6 for sm_90, benchmarks/kernel_resources_mlp.py --warps 2. Neither are hidden tiles of 32 any more:
+# every tile kernel ~20% slower in session 15, RESULTS.md)
+SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_KERNEL_MLP_CONFIG* / _BLOCK_* set),
+    # timed in this order until the time is up: the blocks, never timed on a GPU yet, before the launch configs,
+    # which session 15 timed (its choices are the defaults now)
     DEFAULT: {},
-    "4,1": {"MIRAS_KERNEL_MLP_CONFIG": "4,1"},
+    # output blocks (mlp_tiles.kernel_block), each kernel at its default config: _prep_state's rows per program (16
+    # by default: 128 programs per chunk at the bench shape), _fwd_out's and _bwd_sums' columns (32 by default)
+    "rows4": _blocks(_prep_state=4),
+    "rows8": _blocks(_prep_state=8),
+    "out16": _blocks(_fwd_out=16, _bwd_sums=16),
+    "out64": _blocks(_fwd_out=64, _bwd_sums=64),
     "4,2": {"MIRAS_KERNEL_MLP_CONFIG": "4,2", **_tiles_at("4,1")},
     "4,3": {"MIRAS_KERNEL_MLP_CONFIG": "4,3", **_tiles_at("4,1")},
     "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at("4,1")},
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
-    # hidden tiles of 32 (half the tile programs, each twice the work): timed for the table, but not a launch
-    # config, so not one of pick's choices
-    "bh32": {"MIRAS_KERNEL_BH": "32"},
 }
-NOT_CONFIGS = ("bh32",)
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 
@@ -138,11 +149,12 @@ def timing(steps: int = 3) -> dict:
             "configs": {n: sorted(c) for n, c in LAUNCH_CONFIGS.items()}}
 
 
-def pick(timings: dict[str, dict], default: str = DEFAULT) -> tuple[dict[str, str], dict[str, str]]:
+def pick(timings: dict[str, dict], default: str = DEFAULT,
+         sets: dict[str, dict[str, str]] = SETS) -> tuple[dict[str, str], dict[str, str]]:
     """Per kernel that ran at one config in the default set, the set where it ran fastest. Returns (kernel -> set
-    name, the environment that sets the own config of each kernel whose choice is not the default). Another set wins
-    only by more than MIN_GAIN of the default's time and MIN_GAIN_MS; a set where the kernel ran at several configs
-    does not count for it."""
+    name, the environment that sets the own config of each kernel whose choice is not the default, and its own
+    output block where the chosen set sets that). Another set wins only by more than MIN_GAIN of the default's time
+    and MIN_GAIN_MS; a set where the kernel ran at several configs does not count for it."""
     base = timings[default]
     chosen, env = {}, {}
     for name, base_ms in base["kernels"].items():
@@ -158,11 +170,14 @@ def pick(timings: dict[str, dict], default: str = DEFAULT) -> tuple[dict[str, st
         chosen[name] = best
         if best != default:
             env[kernel_config_env(name)] = timings[best]["configs"][name][0]
+            block = sets.get(best, {}).get(kernel_block_env(name))
+            if block:
+                env[kernel_block_env(name)] = block
     return chosen, env
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {n: v for n, v in os.environ.items() if not n.startswith("MIRAS_KERNEL_MLP_CONFIG")
+    env = {n: v for n, v in os.environ.items() if not n.startswith(("MIRAS_KERNEL_MLP_CONFIG", "MIRAS_KERNEL_MLP_BLOCK_"))
            and n != "MIRAS_KERNEL_MLP_SUMS_CONFIG"}
     return {**env, **extra}
 
@@ -242,7 +257,7 @@ def run_tune(out: Path, seconds: float) -> None:
         if t:
             timings[name] = t
             print(f"  [{name}] kernels {t['kernel_ms']:.3f} ms, eager step {t['step_ms']:.3f} ms", flush=True)
-    chosen, tuned = pick({n: t for n, t in timings.items() if n not in NOT_CONFIGS})
+    chosen, tuned = pick(timings)
     table = ["| kernel | " + " | ".join(timings) + " | chosen |", "|---" * (len(timings) + 2) + "|"]
     for name in chosen:
         cells = [f"{t['kernels'].get(name, float('nan')):.3f}" for t in timings.values()]

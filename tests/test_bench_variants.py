@@ -133,3 +133,22 @@ def test_tune_picks_each_kernels_fastest_set_by_a_margin():
     # _bwd_mid: 0.49 beats 0.50 by 2% only; _prep's 0.60 ran at two configs; the profiler's elementwise has none
     assert chosen == {"_bwd_sums": "4,3", "_fwd_tile": "2,1", "_bwd_mid": "defaults", "_prep": "defaults"}
     assert env == {"MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS": "4,3", "MIRAS_KERNEL_MLP_CONFIG_FWD_TILE": "2,1"}
+
+
+def test_tune_picks_a_kernels_output_block_with_its_set():
+    """A set of output blocks (tune_mlp.SETS' rows4, out16, ...) that wins for a kernel brings that kernel's own
+    MIRAS_KERNEL_MLP_BLOCK_<NAME> into the tuned settings, not the blocks the set gives other kernels."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import tune_mlp
+
+    def timing(kernels: dict) -> dict:
+        return {"kernels": kernels, "configs": {n: ["4,2"] for n in kernels}, "kernel_ms": sum(kernels.values()),
+                "step_ms": 0.0}
+
+    sets = {"defaults": {}, "out16": {"MIRAS_KERNEL_MLP_BLOCK_FWD_OUT": "16", "MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS": "16"}}
+    timings = {"defaults": timing({"_fwd_out": 0.30, "_bwd_sums": 1.50}),
+               "out16": timing({"_fwd_out": 0.31, "_bwd_sums": 1.20})}
+    chosen, env = tune_mlp.pick(timings, sets=sets)
+    assert chosen == {"_fwd_out": "defaults", "_bwd_sums": "out16"}
+    assert env == {"MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS": "4,2", "MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS": "16"}
+    assert set(tune_mlp.SETS["rows4"]) == {"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE"}

@@ -371,6 +371,32 @@ def test_hidden_tile_setting(monkeypatch):
         _block_h(256, 64)
 
 
+def test_kernel_blocks(monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_BLOCK_<KERNEL> sets how much of its output one program of _prep_state (rows), _fwd_out and
+    _bwd_sums (columns) forms: other blocks than the defaults still match the float64 oracle; a value above the
+    output's width is clamped to it; one that is not a power of two >= the kernel's least names the variable."""
+    if _layout != "tiles":
+        pytest.skip("tiles layout only")
+    from miras.kernels.mlp_tiles import _out_block, _prep_rows, _sums_blocks
+
+    for name in ("PREP_STATE", "FWD_OUT", "BWD_SUMS"):
+        monkeypatch.delenv(f"MIRAS_KERNEL_MLP_BLOCK_{name}", raising=False)
+    assert (_prep_rows(32), _out_block(32, 32, False), _sums_blocks(32, 32)) == (16, 16, (16, 16))
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_PREP_STATE", "4")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_OUT", "32")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS", "128")
+    assert (_prep_rows(32), _out_block(32, 32, False), _out_block(32, 32, True), _sums_blocks(32, 32)) == (
+        4, 32, 32, (32, 32))
+    spec = mlp_spec("l2", "decay", "momentum", "previous", 32, True)
+    check_against_oracle(spec, B=1, T=70, H=2, K=32, V=32, seed=5)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_OUT", "8")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_BLOCK_FWD_OUT must be a power of two >= 16.*'8'"):
+        _out_block(32, 32, False)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_PREP_STATE", "6")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE must be a power of two >= 4.*'6'"):
+        _prep_rows(64)
+
+
 BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS"]
 
 

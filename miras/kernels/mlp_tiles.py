@@ -14,7 +14,7 @@ barrier (the walk needs barriers throughout).
 Only what carries the recurrence runs in the chunk loops; the rest runs once for every chunk, over per-chunk
 records (when the backward needs the forward; without grad the forward runs 3 launches per chunk).
 Forward:  _prep's gate part (every chunk: G, C1 = G . q k^T, the gate rows, into the _prep records) ; _y_part (the
-          first chunk's Yp_j) ; per chunk c: _prep's state part (rows of R from Y0 = sum_j Yp_j; Y0 kept) ;
+          first chunk's Yp_j) ; per chunk c: _prep_state (rows of R from Y0 = sum_j Yp_j; Y0 kept) ;
           _fwd_tile (per tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next chunk's
           Yp_j = act(gamma (k W1_j)) W2_j) ; then _fwd_out (every chunk, per output block and batch*head:
           o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
@@ -83,7 +83,7 @@ from miras.kernels.mlp import (
     _state_slots,
     _state_tiles,
 )
-from miras.kernels.settings import env_choice, env_switch
+from miras.kernels.settings import env_choice, env_switch, env_tile
 
 
 def _chunk_kernel(*index_args: str):
@@ -234,8 +234,7 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, PARTS: tl.constexpr, STORE_Y0: tl.constexpr, BTR: tl.constexpr, NORM: tl.constexpr,
-          LN_EPS: tl.constexpr):
+          PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
     """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
@@ -243,8 +242,8 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
     part: R from Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward); with NORM, R is the gradient at the
     LayerNorm head's input, d = rstd P (w R_y) (``_head_forward``; docs/kernels-ln-head.md).
     Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
-    state part (one chunk; BTR = BT); 1: the gate part (every chunk at once, before the loop); 2: the state part, rows
-    [p BTR, (p + 1) BTR) (``_prep_state_rows``)."""
+    state part (one chunk, without gradients); 1: the gate part (every chunk at once, before the training forward's
+    loop, where ``_prep_state`` builds the state part)."""
     p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = c0 + r
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
@@ -275,9 +274,21 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
         scal = tl.where(o_t == 0, _vec_select(beta, o_t, L),
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
-    if PARTS == 2 or (PARTS == 0 and p == 1):
-        _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, p if PARTS == 2 else 0, c, T, BHN, H, K, V, BT,
-                         BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, STORE_Y0, NORM, LN_EPS)
+    if PARTS == 0 and p == 1:
+        _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, 0, c, T, BHN, H, K, V, BT, BT, BK, BV, NH, BIAS, P,
+                         SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS)
+
+
+@_chunk_kernel("c")
+def _prep_state(k, v, keep, delta, nw, nb, yp, pre, c, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
+                BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
+                DECAYED: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
+    """``_prep``'s state part in the training forward's loop: program (rb, i_bh) builds the rows [rb BTR, (rb + 1) BTR)
+    of chunk c's R and Y0 into its record (``_prep_state_rows``; BTR: ``_prep_rows``)."""
+    rb, i_bh = tl.program_id(0), tl.program_id(1)
+    _prep_state_rows(k, v, keep, delta, nw, nb, yp, _pre_base(pre, i_bh, BT, BV), i_bh, rb, c, T, BHN, H, K, V, BT,
+                     BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS)
 
 
 @triton.jit
@@ -334,8 +345,33 @@ def _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, rb, c, T, BHN, H
 
 
 def _block_rows(BT: int) -> int:
-    """Rows per program of ``_prep``'s state part when it runs on its own: a quarter of the chunk, at least 16."""
+    """Rows per program of ``_bwd_mid``'s bias VJP and, by default, of ``_prep_state`` (``_prep_rows``): a quarter of
+    the chunk, at least 16."""
     return max(16, BT // 4)
+
+
+def kernel_block_env(name: str) -> str:
+    """The environment variable of one kernel's output block (``kernel_block``), by the kernel's name: ``_bwd_sums``
+    -> ``MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS``."""
+    return "MIRAS_KERNEL_MLP_BLOCK_" + name.strip("_").upper()
+
+
+def kernel_block(name: str, default: int, least: int, most: int) -> int:
+    """How much of its output one program of kernel ``name`` forms: ``MIRAS_KERNEL_MLP_BLOCK_<KERNEL>``
+    (``kernel_block_env``; a power of two >= least, clamped to most), else ``default``. Smaller blocks, more programs
+    per chunk: more of the GPU for a chunk's few batch*heads, more loads shared by fewer outputs. Three kernels
+    have one, each timed under a few by benchmarks/tune_mlp.py:
+    - ``_prep_state``: rows of the chunk per program (default ``_block_rows``: 16 at chunk 64), each summing the
+      hidden tiles' parts of Y0 for its rows (``_prep_state_rows``);
+    - ``_fwd_out``: columns of o per program (default ``_block_out``: 32; whole rows with the LayerNorm head);
+    - ``_bwd_sums``: columns of dq, dk and dR per program (default ``_block_out``)."""
+    value = env_tile(kernel_block_env(name), minimum=least)
+    return default if value is None else min(value, most)
+
+
+def _prep_rows(BT: int) -> int:
+    """Rows per program of ``_prep_state`` (``kernel_block``, at least 4)."""
+    return kernel_block("_prep_state", _block_rows(BT), 4, BT)
 
 
 @triton.jit
@@ -550,6 +586,16 @@ def _block_out(width: int) -> int:
     return min(32, max(16, tile // 2))
 
 
+def _out_block(V: int, BV: int, norm: bool) -> int:
+    """``_fwd_out``'s column block (``kernel_block``): whole rows with the LayerNorm head, which normalises them."""
+    return BV if norm else kernel_block("_fwd_out", _block_out(V), 16, BV)
+
+
+def _sums_blocks(BK: int, BV: int) -> tuple[int, int]:
+    """``_bwd_sums``' column blocks of dq / dk and of dR (``kernel_block``)."""
+    return kernel_block("_bwd_sums", _block_out(BK), 16, BK), kernel_block("_bwd_sums", _block_out(BV), 16, BV)
+
+
 def _block_sums(hidden: int) -> int:
     """Hidden tile of the contractions over the hidden dim (``_fwd_out``, ``_bwd_sums``): 32, at most the padded
     hidden width."""
@@ -602,7 +648,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS)
     prep_kw = dict(dims, **norm, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
                    HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum)
-    out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=BV if cfg.norm else _block_out(V), RES=cfg.residual,
+    out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=_out_block(V, BV, cfg.norm), RES=cfg.residual,
                   MOMENTUM=cfg.momentum, SAVE_HEAD=cfg.norm and keep_states)  # (the head normalises whole rows)
     # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
     # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
@@ -612,22 +658,26 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     pre_c, ops_c, fs_c = pre.unbind(0), ops.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
+    state_kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
+                    EPS=cfg.eps, RES=cfg.residual, DECAYED=cfg.decayed, **norm)
     if keep_states:  # the records' gate part, which the state does not change, for every chunk at once; the loop's
-        # _prep then builds the state part alone, in row blocks
-        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, pre, ops, 0, T, B * H, **prep_kw, PARTS=1,
-                STORE_Y0=False, BTR=BT)
-        prep_grid, state_kw = (BT // _block_rows(BT), B * H, 1), dict(PARTS=2, STORE_Y0=True, BTR=_block_rows(BT))
-    else:
-        prep_grid, state_kw = (2, B * H, 1), dict(PARTS=0, STORE_Y0=False, BTR=BT)
+        # _prep_state then builds the state part alone, in row blocks
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, pre, ops, 0, T, B * H, **prep_kw, PARTS=1)
+        rows = _prep_rows(BT)
+        prep = _launcher(_prep_state, (BT // rows, B * H), **state_kw, BTR=rows)
+    else:  # both parts of one chunk per launch
+        prep = _launcher(_prep, (2, B * H, 1), **prep_kw, PARTS=0)
     # the first chunk's Yp parts (each later chunk's come from the previous chunk's _fwd_tile)
     _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
-    prep = _launcher(_prep, prep_grid, **prep_kw, **state_kw)
     fwd_tile = _launcher(_fwd_tile, grid, **tiles, MOMENTUM=cfg.momentum)
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
-        prep(q, k, v, *gates, delta_, nw, nb, yp, pre_c[r], ops_c[r], c, T, B * H)
+        if keep_states:
+            prep(k, v, gates[1], delta_, nw, nb, yp, pre_c[r], c, T, B * H)
+        else:
+            prep(q, k, v, *gates, delta_, nw, nb, yp, pre_c[r], ops_c[r], c, T, B * H)
         fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
@@ -674,8 +724,8 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     # the carry scalars' parts first: formed after the factors instead, they keep all eight state tiles live through
-    # the pass (sm_90, triton 3.6: a 616 B stack per thread against 408 here and 256 without them; formed in pass 3
-    # instead, 1568 against 992; benchmarks/kernel_resources_mlp.py)
+    # the pass (sm_90, triton 3.6, benchmarks/kernel_resources_mlp.py: a 592 B spill stack per thread against 176
+    # here and 152 without them; in pass 3 they cost more still)
     dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
     rw = _prow_base(prow, j * BHN + i_bh, BT)
     o_s = tl.arange(0, 4)
@@ -800,8 +850,9 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
 
 
 def sums_programs(BK: int, BV: int) -> int:
-    """Programs per batch*head of ``_bwd_sums``: SA, dC1, the column blocks of dq, dk and dR."""
-    return 2 + 2 * (BK // _block_out(BK)) + BV // _block_out(BV)
+    """Programs per batch*head of ``_bwd_sums``: SA, dC1, the column blocks of dq, dk and dR (``_sums_blocks``)."""
+    BKO, BVO = _sums_blocks(BK, BV)
+    return 2 + 2 * (BK // BKO) + BV // BVO
 
 
 @triton.jit
@@ -1141,7 +1192,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
     tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum)
-    sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=_block_out(BK), BVO=_block_out(BV),
+    BKO, BVO = _sums_blocks(BK, BV)
+    sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=BKO, BVO=BVO,
                    MOMENTUM=cfg.momentum, PREC=prec)
     mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT), NORM=cfg.norm, LN_EPS=LN_EPS,
                   READ_RES=cfg.residual and not cfg.norm)

@@ -49,13 +49,14 @@ def env_switch(name: str, default: bool) -> bool:
     return SWITCH_VALUES[value.lower()]
 
 
-def env_tile(name: str) -> int | None:
-    """A tile size from the environment variable ``name`` (a power of two >= 16), or None when it is unset."""
+def env_tile(name: str, minimum: int = 16) -> int | None:
+    """A tile size from the environment variable ``name`` (a power of two >= minimum), or None when it is unset."""
     value = os.environ.get(name)
     if not value:
         return None
-    if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (a tile of the memory kernels), but got {name}={value!r}")
+    if not value.isdigit() or int(value) < minimum or int(value) & (int(value) - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum} (a tile of the memory kernels), but got "
+                         f"{name}={value!r}")
     return int(value)
 
 
