@@ -4,7 +4,7 @@
 # 1. In parallel, nothing timed: tune_mlp.py checks (one process per candidate set of launch configs: the bench-shape
 #    check, which compiles the set's kernels); the MLP GPU tests not yet run on a GPU at this code (the bf16 cases,
 #    with and without the LayerNorm head, the CUDA-graphs test, the fast-launch test: GPU_TUNE_GATE); the LN-head
-#    benchmark row's compile (warm_kernels.py row).
+#    benchmark row's compile (warm_kernels.py row); the bf16-operands probe (gpu_probe_tiles.sh, GPU_TUNE_PROBE).
 # 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs, tuned and tunedgraphs in GPU_TUNE_ROUNDS (3)
@@ -39,11 +39,22 @@ if [ -n "$GATE" ]; then
 fi
 timeout "$CHECKS_SECONDS" python3 benchmarks/warm_kernels.py row "LN head" $TINY > "$OUTDIR/warm_ln.log" 2>&1 &
 PIDS+=($!)
+# the bf16 records' operands (MIRAS_KERNEL_MLP_OPERANDS=bf16) hit an illegal memory access in GPU session 15: which
+# launch, and where (compute-sanitizer), in processes of their own (GPU_TUNE_PROBE=0: not run)
+if [ "${GPU_TUNE_PROBE:-1}" != 0 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
+  BENCHLIKE="--D 128 --T 256 --chunk 64 --learner momentum --dtype bf16"
+  MIRAS_KERNEL_MLP_OPERANDS=bf16 OUT="$OUTDIR/probe_ops" PROBE_SAN_SECONDS="$(cap 150)" \
+    PROBE_CASES="$BENCHLIKE --what fwd;$BENCHLIKE --what bwd;--D 64 --T 100 --chunk 16 --what bwd --dtype bf16" \
+    PROBE_SAN_ARGS="$BENCHLIKE --what bwd" \
+    timeout "$CHECKS_SECONDS" bash benchmarks/gpu_probe_tiles.sh > "$OUTDIR/probe_ops.log" 2>&1 &
+  PIDS+=($!)
+fi
 python3 benchmarks/tune_mlp.py checks --out "$OUTDIR/tune" --seconds "$CHECKS_SECONDS" 2>&1 | tee "$OUTDIR/tune.log"
 for pid in "${PIDS[@]}"; do wait "$pid"; done
 grep -E "^\.*(l2|graphs)|passed|failed|^FAILED|^E  " "$OUTDIR/gate_full.log" 2>/dev/null | cut -c1-300 \
   | tee "$OUTDIR/gate.log"
 tail -2 "$OUTDIR/warm_ln.log"
+[ -f "$OUTDIR/probe_ops.log" ] && { echo "-- bf16 operands probe:"; grep -vE "^\s*$" "$OUTDIR/probe_ops.log" | tail -30; }
 
 echo "== phase 2: the tuning ($(left) s left)"
 python3 benchmarks/tune_mlp.py tune --out "$OUTDIR/tune" --seconds "$(( $(left) - ${GPU_TUNE_BENCH_SECONDS:-130} ))" \
