@@ -48,7 +48,7 @@ FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "d
 
 def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum: bool, bias: int, warps: int,
                 stages: int, bh: int = 0, sass: bool = False, decayed: bool = False, residual: bool = True,
-                act: int = 0, norm: bool = False, dump: str = "") -> dict:
+                act: int = 0, norm: bool = False, dump: str = "", maxnreg: int = 0) -> dict:
     """Compile one kernel variant for sm_90; returns its row (shared bytes, registers, spills, compile seconds and,
     with sass, the static instruction profile). With dump, a folder: the variant's Triton GPU IR and PTX go there."""
     import torch
@@ -104,7 +104,8 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                bias=bias, BH=str(consts.get("BH", "-")))
     t0 = time.time()
     try:
-        kern = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps, "num_stages": stages})
+        options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+        kern = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=options)
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table
         return {**row, "compile_s": time.time() - t0, "shared_kb": -1, "usage": f"FAIL {type(e).__name__}: "
                 f"{' '.join(str(e).split())[:300]}", "sass": ""}
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--act", type=int, default=0, help="0 gelu, 1 silu, 2 tanh, 3 relu")
     ap.add_argument("--norm", action="store_true", help="with the LayerNorm head (memory.norm)")
     ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--maxnreg", type=int, default=0, help="registers per thread at most (a launch config's third "
+                    "field: more programs per SM, more spills; 0: no cap)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--csv", default="")
     ap.add_argument("--dump", default="", help="a folder for each variant's Triton GPU IR (.ttgir) and PTX")
@@ -159,7 +162,7 @@ def main() -> None:
     if a.dump:
         Path(a.dump).mkdir(parents=True, exist_ok=True)
     jobs = [(w, p, a.d, a.hidden, int(c), lr == "momentum", int(b), a.warps, a.stages, int(bh), a.sass, a.decayed,
-             not a.no_residual, a.act, a.norm, a.dump)
+             not a.no_residual, a.act, a.norm, a.dump, a.maxnreg)
             for lr, c, b, bh, p, w in itertools.product(a.learner.split(","), a.chunk.split(","), a.bias.split(","),
                                                          a.bh.split(","), a.prec.split(","), a.which.split(","))]
     lines = []

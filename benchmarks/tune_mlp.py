@@ -70,6 +70,12 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "rows8": _blocks(_prep_state=8),
     "out16": _blocks(_fwd_out=16, _bwd_sums=16),
     "out64": _blocks(_fwd_out=64, _bwd_sums=64),
+    # the tile kernels' registers capped (sm_90, triton 3.6, kernel_resources_mlp.py --maxnreg): at 255 two programs
+    # fit an SM, so 512 programs at the bench shape run in two waves; at 168, three (_fwd_tile: 64 KB of shared
+    # memory each; _bwd_tile32: 48 KB; _bwd_tile2's 80 KB keep it at two), spill stacks 64 -> 760 B (_fwd_tile),
+    # 296 -> 736 (_bwd_tile32); at 128, four for _bwd_tile32 (one wave), 928 B
+    "r168": _tiles_at("4,1,168"),
+    "r128": _tiles_at("4,1,128"),
     "4,2": {"MIRAS_KERNEL_MLP_CONFIG": "4,2", **_tiles_at("4,1")},
     "4,3": {"MIRAS_KERNEL_MLP_CONFIG": "4,3", **_tiles_at("4,1")},
     "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at("4,1")},
