@@ -239,7 +239,7 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
     the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L); it does not depend on the memory's state. The state
-    part: R from Y0 = sum_j Yp_j (and Y0 itself with STORE_Y0, for the backward); with NORM, R is the gradient at the
+    part: R from Y0 = sum_j Yp_j (and Y0 itself in ``_prep_state``, for the backward); with NORM, R is the gradient at the
     LayerNorm head's input, d = rstd P (w R_y) (``_head_forward``; docs/kernels-ln-head.md).
     Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
     state part (one chunk, without gradients); 1: the gate part (every chunk at once, before the training forward's
