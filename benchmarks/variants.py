@@ -56,6 +56,8 @@ VARIANTS = {
     # an illegal memory access in every GPU test on the H100 of session 15)
     "mlpops16": {"MIRAS_KERNEL_MLP_OPERANDS": "bf16"},
     "mlpops16graphs": {"MIRAS_KERNEL_MLP_OPERANDS": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    # R in bf16 in the MLP records (mlp_tiles.r_dtype; session 16, not yet run on a GPU)
+    "mlpr16": {"MIRAS_KERNEL_MLP_R": "bf16"}, "mlpr16graphs": {"MIRAS_KERNEL_MLP_R": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
 }
 
 

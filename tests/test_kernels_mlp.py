@@ -397,20 +397,21 @@ def test_kernel_blocks(monkeypatch, _layout):
         _prep_rows(64)
 
 
-BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS"]
+BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R"]
 
 
-@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands"])
+@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands", "r"])
 @pytest.mark.parametrize("case", [("l2", "decay", "momentum", "previous", 32, True), ("huber", "decay", "gd", "decayed", 16,
                                                                                   False)], ids=["l2-momentum", "huber"])
 def test_bf16_scratch(case, knob, monkeypatch, _layout):
-    """MIRAS_KERNEL_MLP_FACTORS=bf16 (the tiles layout's per-tile factors) and MIRAS_KERNEL_MLP_OPERANDS=bf16 (its
-    records' dot-operand blocks) store in bf16: against the float64 oracle at a bf16 bound (the interpreter rounds
-    to bf16 by truncation). Their auto setting stores bf16 only with bf16 dots (the GPU's bf16 inputs; fp32 elsewhere,
-    as in every other CPU test). A bad value names the variable and the choices."""
-    from miras.kernels.mlp_tiles import factors_dtype, operands_dtype
+    """MIRAS_KERNEL_MLP_FACTORS=bf16 (the tiles layout's per-tile factors), MIRAS_KERNEL_MLP_OPERANDS=bf16 (its
+    records' dot-operand blocks) and MIRAS_KERNEL_MLP_R=bf16 (its records' R) store in bf16: against the float64
+    oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). Their auto setting stores bf16 only with
+    bf16 dots (the GPU's bf16 inputs; fp32 elsewhere, as in every other CPU test). A bad value names the variable
+    and the choices."""
+    from miras.kernels.mlp_tiles import factors_dtype, operands_dtype, r_dtype
 
-    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype)))[knob]
+    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype, r_dtype)))[knob]
     bias, ret, learner, grad_at, chunk, residual = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, residual)
     monkeypatch.setenv(knob, "bf16")

@@ -40,7 +40,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   ``MIRAS_KERNEL_MLP_FACTORS``: the dtype of the tiles layout's per-tile factor scratch (``auto``, the default: bf16
   with bf16 dots, else fp32; ``fp32``; ``bf16``; ``mlp_tiles.factors_dtype``); ``MIRAS_KERNEL_MLP_OPERANDS``: the
   dtype of its records' dot-operand blocks (``fp32``, the default; ``bf16`` / ``auto`` are experimental: an illegal
-  memory access on an H100, ``mlp_tiles.operands_dtype``);
+  memory access on an H100, ``mlp_tiles.operands_dtype``); ``MIRAS_KERNEL_MLP_R``: the dtype of its records' R
+  (``fp32``, the default; ``bf16`` / ``auto``: the same products from half the loads, not yet run on a GPU;
+  ``mlp_tiles.r_dtype``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
   ``mlp_tiles.fuse_passes``).

@@ -35,7 +35,7 @@ Ref: Behrouz et al. 2024, "Titans", arXiv:2501.00663 (Eq. 13-16); Behrouz et al.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, partial
 
 import torch
@@ -69,6 +69,8 @@ class MLPConfig(RuleConfig):
     residual: bool
     hidden: int
     norm: bool = False  # the LayerNorm head (tiles layout only; docs/kernels-ln-head.md)
+    r16: bool = False  # the tiles layout's records keep R in bf16 (``mlp_tiles.r_dtype``; set per call, forward and
+    # backward alike: MLPScanFunction)
 
     @classmethod
     def from_spec(cls, spec, d_key: int) -> MLPConfig:
@@ -1067,9 +1069,10 @@ class MLPScanFunction(torch.autograd.Function):
         needs = any(ctx.needs_input_grad[1:])
         ctx.layout = layout()
         if ctx.layout == "tiles":
-            from miras.kernels.mlp_tiles import mlp_tiles_fwd
+            from miras.kernels.mlp_tiles import mlp_tiles_fwd, r_dtype
 
             fwd = partial(mlp_tiles_fwd, head=(nw, nb))
+            cfg = replace(cfg, r16=r_dtype(_prec(q)) == torch.bfloat16)  # (the backward reads the same records)
         else:
             fwd = mlp_scan_fwd
         o, final, slots = fwd(cfg, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, keep_states=needs)

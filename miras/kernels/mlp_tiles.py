@@ -234,7 +234,7 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
           RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
+          PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, R16: tl.constexpr):
     """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
@@ -276,19 +276,19 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     if PARTS == 0 and p == 1:
         _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, 0, c, T, BHN, H, K, V, BT, BT, BK, BV, NH, BIAS, P,
-                         SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS)
+                         SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS, R16)
 
 
 @_chunk_kernel("c")
 def _prep_state(k, v, keep, delta, nw, nb, yp, pre, c, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
                 BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
-                DECAYED: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
+                DECAYED: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, R16: tl.constexpr):
     """``_prep``'s state part in the training forward's loop: program (rb, i_bh) builds the rows [rb BTR, (rb + 1) BTR)
     of chunk c's R and Y0 into its record (``_prep_state_rows``; BTR: ``_prep_rows``)."""
     rb, i_bh = tl.program_id(0), tl.program_id(1)
     _prep_state_rows(k, v, keep, delta, nw, nb, yp, _pre_base(pre, i_bh, BT, BV), i_bh, rb, c, T, BHN, H, K, V, BT,
-                     BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS)
+                     BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS, R16)
 
 
 @triton.jit
@@ -319,7 +319,7 @@ def _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, rb, c, T, BHN, H
                      V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
                      RES: tl.constexpr, DECAYED: tl.constexpr, STORE_Y0: tl.constexpr, NORM: tl.constexpr,
-                     LN_EPS: tl.constexpr):
+                     LN_EPS: tl.constexpr, R16: tl.constexpr):
     """``_prep``'s state part for the rows [rb BTR, (rb + 1) BTR) of chunk c (rows are independent: R is row-wise in
     Y, and so is every bias' gradient): R from Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)
     into the record at base, and Y0 itself with STORE_Y0."""
@@ -339,7 +339,8 @@ def _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, rb, c, T, BHN, H
         R = tl.where(r_ok[:, None], _ln_vjp(w[None, :] * R, xhat, rstd, v_ok, V), 0.0)
     else:
         R = _start_rows(Y0, b_k, b_v, b_d, gam, r_ok, BIAS, P, SMOOTH, EPS, RES)
-    tl.store(base + 2 * BT * BT + rv, R)
+    r_at = _r_rows(base, BT, R16)
+    tl.store(r_at + rv, R.to(r_at.dtype.element_ty))
     if STORE_Y0:
         tl.store(base + 2 * BT * BT + BT * BV + rv, Y0)
 
@@ -376,7 +377,7 @@ def _prep_rows(BT: int) -> int:
 
 @triton.jit
 def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
     """The backward's addition to every chunk's ``_prep`` record, all chunks in one launch: program (i_bh, c) stores
     M2 = -G . dO R^T and M2^T (a transposed store) from the record's G and R (record c * BHN + i_bh)."""
     i_bh, c = tl.program_id(0), tl.program_id(1)
@@ -384,7 +385,7 @@ def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.const
         i_bh, c, T, H, K, V, BT, BK, BV)
     base = _pre_base(pre, c * BHN + i_bh, BT, BV)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    R = tl.load(base + 2 * BT * BT + o_t[:, None] * BV + o_v[None, :])
+    R = _load_r(base, o_t, o_v, BT, BV, R16)
     M2 = -_pre_block(base, 0, o_t, BT) * _dot(b_do, tl.trans(R), PREC)
     ob = _ops_base(ops, c * BHN + i_bh, BT)
     tl.store(ob + 2 * BT * BT + o_t[:, None] * BT + o_t[None, :], M2.to(ops.dtype.element_ty))
@@ -423,6 +424,17 @@ def operands_dtype(prec: str) -> torch.dtype:
     on an H100 with triton 3.6 (GPU session 15) every GPU test hit an illegal memory access with it
     (``record_buffers`` warns on Hopper)."""
     return _scratch_dtype("MIRAS_KERNEL_MLP_OPERANDS", "fp32", prec)
+
+
+def r_dtype(prec: str) -> torch.dtype:
+    """``MIRAS_KERNEL_MLP_R``: the dtype in which the ``_prep`` records keep R, the inner loss's gradient at the
+    chunk-start prediction (``_r_rows``): "fp32" (default), "bf16" or "auto" (bf16 with bf16 dots, ``mlp._prec``).
+    Every kernel uses R only as a dot operand, so with bf16 dots a bf16 R gives the same products. Its loads halve
+    (32 -> 16 KB for each of the tile programs at the bench shape), and the tile kernels spill less (sm_90 static,
+    aligned: ``_bwd_tile2`` 176 -> 80 B per thread). Untested on a GPU: its bf16 block feeds the dots the way the
+    bf16 operands (``operands_dtype``) do, which crashed on an H100. Read once per call, into ``MLPConfig.r16``
+    (``mlp.MLPScanFunction``), so that the backward reads R as the forward stored it."""
+    return _scratch_dtype("MIRAS_KERNEL_MLP_R", "fp32", prec)
 
 
 def record_buffers(NR: int, BHN: int, BT: int, BV: int, device, prec: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,14 +476,24 @@ def _pre_block(base, i: tl.constexpr, o_t, BT: tl.constexpr):
 
 
 @triton.jit
-def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.constexpr):
-    """A ``_prep`` record's R, Y0 (R stands in without WANT_Y0) and rows: (R, Y0, beta, f, gamma, g_L, n_L, beta_L,
-    f_L, m_L)."""
-    rv = o_t[:, None] * BV + o_v[None, :]
-    R = tl.load(base + 2 * BT * BT + rv)
-    Y0 = R
-    if WANT_Y0:
-        Y0 = tl.load(base + 2 * BT * BT + BT * BV + rv)
+def _r_rows(base, BT: tl.constexpr, R16: tl.constexpr):
+    """Where a ``_prep`` record keeps R ([BT, BV] after its two blocks): fp32, or bf16 with R16 (``r_dtype``), in the
+    first half of the same place."""
+    if R16:
+        return (base + 2 * BT * BT).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+    else:
+        return base + 2 * BT * BT
+
+
+@triton.jit
+def _load_r(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, R16: tl.constexpr):
+    """A ``_prep`` record's R (``_r_rows``), as fp32."""
+    return tl.load(_r_rows(base, BT, R16) + o_t[:, None] * BV + o_v[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _load_rows(base, o_t, BT: tl.constexpr, BV: tl.constexpr):
+    """A ``_prep`` record's rows: (beta, f, gamma, g_L, n_L, beta_L, f_L, m_L)."""
     rows = base + 2 * BT * BT + 2 * BT * BV
     beta = tl.load(rows + o_t)
     f = tl.load(rows + BT + o_t)
@@ -481,14 +503,14 @@ def _load_prep(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, WANT_Y0: tl.c
     betaL = tl.load(rows + 5 * BT)
     fL = tl.load(rows + 5 * BT + 1)
     mL = tl.load(rows + 5 * BT + 2)
-    return R, Y0, beta, f, gam, gL, nL, betaL, fL, mL
+    return beta, f, gam, gL, nL, betaL, fL, mL
 
 
 @_chunk_kernel("c", "s_in", "s_out")
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              DECAYED: tl.constexpr, PREC: tl.constexpr):
+              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
     contracts them), the tile's end state into slot s_out and, from it, the next chunk's Yp_j into yp (``_y_part``'s
@@ -497,7 +519,8 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, 
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
-    R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
+    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    beta, f, gam, gL, nL, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
     C1 = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
     dst1, dst2 = _slot_offsets(i_bh, s_out, NS, K, V, HD)
@@ -524,7 +547,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
-             SAVE_HEAD: tl.constexpr):
+             SAVE_HEAD: tl.constexpr, R16: tl.constexpr):
     """Program (column block i_v of BVO, batch*head i_bh, r): the read of chunk c = c0 + r, contracted over the whole
     hidden dim on tiles of BHC from ``_fwd_tile``'s factors (fs [NR, 2, BHN, BT, HD], record r):
     o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q] (``_fwd_tile_out``; W2, S2 of the
@@ -540,7 +563,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     vb_ok = o_vb < V
     o_hh = tl.arange(0, BHC)
     base = _pre_base(pre, r * BHN + i_bh, BT, BV)
-    beta = tl.load(base + 2 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_prep
+    beta = tl.load(base + 2 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_rows
     f = tl.load(base + 2 * BT * BT + 2 * BT * BV + BT + o_t)
     src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
     O = tl.zeros([BT, BVO], dtype=tl.float32)
@@ -558,7 +581,8 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
         O_j, SA_j = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
         O += O_j
         SA += SA_j
-    R = tl.load(base + 2 * BT * BT + o_t[:, None] * BV + o_vb[None, :], mask=vb_ok[None, :], other=0.0)
+    R = tl.load(_r_rows(base, BT, R16) + o_t[:, None] * BV + o_vb[None, :], mask=vb_ok[None, :], other=0.0)
+    R = R.to(tl.float32)
     O -= _dot(_pre_block(base, 0, o_t, BT) * SA, R, PREC)
     tok = t_ok[:, None] & vb_ok[None, :]
     if NORM:  # (BVO == BV: whole rows)
@@ -645,7 +669,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     ohead = torch.empty(B, T, H, V, **f32) if cfg.norm and keep_states else eta  # the head's input, for the backward
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
     tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed)
-    norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS)
+    norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16)  # (R16: every kernel that writes or reads R does these)
     prep_kw = dict(dims, **norm, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
                    HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum)
     out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=_out_block(V, BV, cfg.norm), RES=cfg.residual,
@@ -670,7 +694,7 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     # the first chunk's Yp parts (each later chunk's come from the previous chunk's _fwd_tile)
     _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
-    fwd_tile = _launcher(_fwd_tile, grid, **tiles, MOMENTUM=cfg.momentum)
+    fwd_tile = _launcher(_fwd_tile, grid, **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16)
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
@@ -695,17 +719,17 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
     """Pass 2 of the last chunk (``_pass2``); the others run in ``_bwd_tile32`` behind the next chunk's pass 3."""
     _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
-           H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+           H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16)
 
 
 @triton.jit
 def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
     A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them, pass 3 forms the
     start-state gradient tiles from them), X into xs and the tile's partials (``_prow_base``, slot j * BHN + i_bh):
@@ -716,7 +740,8 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
-    R, _, beta, f, gam, gL, nL, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
+    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    beta, f, gam, gL, nL, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
     bb = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
@@ -820,8 +845,7 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     NKO: tl.constexpr = BK // BKO
     NVO: tl.constexpr = BV // BVO
     o_t, o_hh = tl.arange(0, BT), tl.arange(0, BHC)
-    rows = _load_prep(_pre_base(pre, i_bh, BT, BV), o_t, tl.arange(0, BV), BT, BV, False)
-    beta, f, gL, nL = rows[2], rows[3], rows[5], rows[6]
+    beta, f, _, gL, nL, _, _, _ = _load_rows(_pre_base(pre, i_bh, BT, BV), o_t, BT, BV)
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     out = _sums_base(sums, i_bh, BT, BK, BV)
@@ -968,7 +992,7 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-             BTR: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, READ_RES: tl.constexpr):
+             BTR: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, READ_RES: tl.constexpr, R16: tl.constexpr):
     """Between the tile passes, from ``_bwd_sums``' contractions (SA^T and dC1^T read transposed), the sums of the
     tiles' row partials and ``_prep``'s record; BT / BTR + 3 programs per batch*head:
     p < BT / BTR: the bias VJP (``_bwd_chunk_dy``) on rows [p BTR, (p + 1) BTR): dv, the Huber deltas' gradient,
@@ -1002,7 +1026,7 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
         if which == 0:
             b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-            R = _load_prep(base, o_t, o_v, BT, BV, False)[0]
+            R = _load_r(base, o_t, o_v, BT, BV, R16)
             zero = tl.zeros([BT, BK], dtype=tl.float32)
             dG = _bwd_chunk_dg(bb, bb + BT * BT, bbt + BT * BT, zero, zero, b_q, b_k, b_do, R, G, GT, o_t, RES,
                                PREC, True)[0]
@@ -1024,7 +1048,8 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
 def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, ops_prev, xs, xs_prev, fs, gdy,
                 pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr):
+                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr,
+                R16: tl.constexpr):
     """Hidden tile j's pass 3 of chunk c (``_pass3``: the start-state gradient tile into slot s), then, for c > 0 and
     with PASS2 (``fuse_passes()``),
     its pass 2 of chunk c - 1 (``_pass2``: records pre_prev, xs_prev), which reads that tile back as chunk c - 1's
@@ -1032,18 +1057,18 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
     reload among the program's threads). Pass 3 reads pass 2's factors of chunk c from fs before pass 2 of c - 1
     overwrites the same columns."""
     _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, c, e, s, T, NS,
-           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16)
     if PASS2 and c > 0:
         tl.debug_barrier()
         _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, prow, c - 1,
-               c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC)
+               c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16)
 
 
 @triton.jit
 def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
            s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
     with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
     A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
@@ -1063,7 +1088,8 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
     if DECAYED:
         tl.store(pg3 + slot * BT + o_t, dgam_j)
     base = _pre_base(pre, i_bh, BT, BV)
-    R, _, beta, f, _, _, _, betaL, fL, mL = _load_prep(base, o_t, o_v, BT, BV, False)
+    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    beta, f, _, _, _, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
@@ -1191,11 +1217,11 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     # every launch's settings, built once (in the loop, each launch costs host time: ~390 per step at T=4096)
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
-    tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum)
+    tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, R16=cfg.r16)
     BKO, BVO = _sums_blocks(BK, BV)
     sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=BKO, BVO=BVO,
                    MOMENTUM=cfg.momentum, PREC=prec)
-    mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT), NORM=cfg.norm, LN_EPS=LN_EPS,
+    mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT), NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16,
                   READ_RES=cfg.residual and not cfg.norm)
     tile_grid, sums_grid, mid_grid = (NH, BHN), (sums_programs(BK, BV), BHN), (BT // _block_rows(BT) + 3, BHN)
     do_raw = do
@@ -1208,7 +1234,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         hin = torch.empty(NT, BHN, BT // _block_rows(BT), 2, BV, **f32)  # the inner head's parts of dw, db
     else:
         nw = nb = hin = eta  # (unread stand-ins)
-    _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
+    _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, R16=cfg.r16)
     pre_c, ops_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, ops, xs, pg3, gin, dkacc, dyb))
     fused = fuse_passes()
     _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
