@@ -105,7 +105,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     t0 = time.time()
     try:
         options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-        kern = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=options)
+        kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table
         return {**row, "compile_s": time.time() - t0, "shared_kb": -1, "usage": f"FAIL {type(e).__name__}: "
                 f"{' '.join(str(e).split())[:300]}", "sass": ""}

@@ -1,0 +1,50 @@
+"""The MLP memory's Triton kernels compile for sm_90 (the H100/H200) on this CPU machine.
+
+The interpreter tests run the kernels' Python, not the compiler: a kernel can pass every one of them and still fail
+to compile for a GPU (a layout the backend rejects, a constexpr a launch does not pass). This compiles every kernel
+of the tiles layout at the benchmark's shape (D=128, hidden 256, chunk 64, bf16 dots, momentum) with Triton's own
+ptxas, through benchmarks/kernel_resources_mlp.py, and reads its resource report: registers and spills, and shared
+memory within the 227 KB of an H100. Each setting that changes the compiled code of some kernels (the LayerNorm
+head, R in bf16) compiles those again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "benchmarks" / "kernel_resources_mlp.py"
+sys.path.insert(0, str(TOOL.parent))
+
+from kernel_resources_mlp import TILES_KERNELS  # noqa: E402
+
+HEAD_KERNELS = ("_prep", "_prep_state", "_fwd_out", "_bwd_mid", "_head_read_bwd")  # (those with a NORM constexpr)
+R_KERNELS = ("_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_mid", "_bwd_tile32")
+CASES = {
+    "defaults": (TILES_KERNELS, [], {}),
+    "layernorm-head": (HEAD_KERNELS, ["--norm"], {}),
+    "r-bf16": (R_KERNELS, [], {"MIRAS_KERNEL_MLP_R": "bf16"}),
+}
+LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mlp_kernels_compile_for_sm90(case):
+    kernels, flags, settings = CASES[case]
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
+    env.update(settings, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(TOOL), "--which", ",".join(kernels), "--prec", "bf16", "--learner",
+                          "momentum", "--jobs", "2", *flags], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {m["kernel"]: m for m in map(LINE.match, out.stdout.splitlines()) if m}
+    assert set(rows) == set(kernels), out.stdout[-2000:]  # (a kernel that failed prints FAIL, not a resource row)
+    for name, row in rows.items():
+        assert float(row["kb"]) <= 227, (name, row.group(0))
+        assert 0 < int(row["reg"]) <= 255, (name, row.group(0))
