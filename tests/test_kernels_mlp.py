@@ -397,6 +397,28 @@ def test_kernel_blocks(monkeypatch, _layout):
         _prep_rows(64)
 
 
+def test_tiles_per_program(monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_BLOCK_FWD_TILE=n / _BWD_TILE32=n: each _fwd_tile / pass-3 program walks n hidden tiles (the
+    chunk's shared operands loaded once for them): the float64 oracle still holds; n, clamped to the number of
+    hidden tiles, is halved until it divides it; pass 3 keeps one tile per program when pass 2 is fused in."""
+    if _layout != "tiles":
+        pytest.skip("tiles layout only")
+    from miras.kernels.mlp_tiles import bwd_tiles_per_program, fwd_tiles_per_program
+
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_TILE", "4")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_TILE32", "4")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "0")
+    assert (fwd_tiles_per_program(4), fwd_tiles_per_program(6), fwd_tiles_per_program(3), fwd_tiles_per_program(5)) == (
+        4, 2, 3, 1)
+    assert (bwd_tiles_per_program(4, False), bwd_tiles_per_program(4, True)) == (4, 1)
+    spec = mlp_spec("l2", "decay", "momentum", "decayed", 64, True)  # hidden 64 in four tiles of 16
+    check_against_oracle(spec, B=1, T=70, H=1, K=32, V=32, seed=6)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_TILE", "2")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_TILE32", "2")
+    spec = mlp_spec("huber", "decay", "gd", "previous", 64, False)
+    check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=7)
+
+
 BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R"]
 
 

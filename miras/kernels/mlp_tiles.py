@@ -360,14 +360,38 @@ def kernel_block_env(name: str) -> str:
 def kernel_block(name: str, default: int, least: int, most: int) -> int:
     """How much of its output one program of kernel ``name`` forms: ``MIRAS_KERNEL_MLP_BLOCK_<KERNEL>``
     (``kernel_block_env``; a power of two >= least, clamped to most), else ``default``. Smaller blocks, more programs
-    per chunk: more of the GPU for a chunk's few batch*heads, more loads shared by fewer outputs. Three kernels
+    per chunk: more of the GPU for a chunk's few batch*heads, more loads shared by fewer outputs. Five kernels
     have one, each timed under a few by benchmarks/tune_mlp.py:
     - ``_prep_state``: rows of the chunk per program (default ``_block_rows``: 16 at chunk 64), each summing the
       hidden tiles' parts of Y0 for its rows (``_prep_state_rows``);
     - ``_fwd_out``: columns of o per program (default ``_block_out``: 32; whole rows with the LayerNorm head);
-    - ``_bwd_sums``: columns of dq, dk and dR per program (default ``_block_out``)."""
+    - ``_bwd_sums``: columns of dq, dk and dR per program (default ``_block_out``);
+    - ``_fwd_tile``, ``_bwd_tile32``: hidden tiles per program (default 1; ``fwd_tiles_per_program``,
+      ``bwd_tiles_per_program``)."""
     value = env_tile(kernel_block_env(name), minimum=least)
     return default if value is None else min(value, most)
+
+
+def fwd_tiles_per_program(NH: int) -> int:
+    """Hidden tiles per program of ``_fwd_tile`` (``kernel_block``, default 1: one program per tile), a divisor of the
+    NH tiles: the setting, clamped to NH, is halved until it divides NH. More per program: fewer programs (at the
+    bench shape 16 x B*H = 512 for two per SM), the chunk's shared operands loaded once for several tiles, and a loop
+    whose next state tile a launch config with stages > 1 prefetches."""
+    tpp = kernel_block("_fwd_tile", 1, 1, NH)
+    while NH % tpp:
+        tpp //= 2
+    return tpp
+
+
+def bwd_tiles_per_program(NH: int, fused: bool) -> int:
+    """Hidden tiles per program of ``_bwd_tile32``'s pass 3 (``kernel_block``, as ``fwd_tiles_per_program``); 1 when
+    pass 2 is fused in (``fuse_passes``: it reads its own tile back)."""
+    if fused:
+        return 1
+    tpp = kernel_block("_bwd_tile32", 1, 1, NH)
+    while NH % tpp:
+        tpp //= 2
+    return tpp
 
 
 def _prep_rows(BT: int) -> int:
@@ -506,17 +530,30 @@ def _load_rows(base, o_t, BT: tl.constexpr, BV: tl.constexpr):
     return beta, f, gam, gL, nL, betaL, fL, mL
 
 
+@triton.jit
+def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, DECAYED: tl.constexpr):
+    """Chunk c + 1's keys and gamma (``_chunk_keys``; masked to 0 past the last chunk)."""
+    _, _, _, _, _, t_idx, t_ok, p_g, p_tk, qk_ok, _, _ = _token_offsets(i_bh, c + 1, T, H, K, V, BT, BK, BV)
+    return _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
+
+
 @_chunk_kernel("c", "s_in", "s_out")
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
+              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
     contracts them), the tile's end state into slot s_out and, from it, the next chunk's Yp_j into yp (``_y_part``'s
-    work for chunk c + 1: no launch; past the last chunk its keys are masked to 0 and nobody reads it)."""
-    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
-     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
+    work for chunk c + 1: no launch; past the last chunk its keys are masked to 0 and nobody reads it).
+    Program (jp, i_bh) walks the TPP hidden tiles j = jp TPP .. (jp + 1) TPP - 1 (``fwd_tiles_per_program``): what
+    every tile of the chunk reads (q, k, R, C1, the gate rows, the next chunk's keys) is loaded once for all of them,
+    and with stages > 1 the loop prefetches the next tile's state."""
+    jp, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
     R = _load_r(base, o_t, o_v, BT, BV, R16)
@@ -524,22 +561,28 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, 
     C1 = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
     dst1, dst2 = _slot_offsets(i_bh, s_out, NS, K, V, HD)
-    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL,
-                                                mL, ACT, MOMENTUM, PREC, True, True)
-    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-    tl.store(fs + th, A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
-    tl.store(fs + BHN * BT * HD + th, Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
-    if MOMENTUM:
-        tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
-        tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
-    tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
-    tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
-    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c + 1, T, H, K, V, BT, BK, BV)
-    k_next, gam_next = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
-    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
-             _y_tile(k_next, gam_next, W1n, W2n, ACT, PREC))
+    # the next chunk's keys: with one tile per program loaded after the tile's work, where they are used (loaded
+    # here, they stay live through it: an 80 B spill stack per thread against 64 at sm_90), else once for all tiles
+    k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
+    o_hh = tl.arange(0, BH)
+    for jt in range(TPP):
+        j = jp * TPP + jt
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
+                                                    fL, mL, ACT, MOMENTUM, PREC, True, True)
+        th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+        tl.store(fs + th, A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
+        tl.store(fs + BHN * BT * HD + th, Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
+        if MOMENTUM:
+            tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
+            tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
+        tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
+        tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+        if TPP == 1:
+            k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
+        tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
+                 _y_tile(k_next, gam_next, W1n, W2n, ACT, PREC))
 
 
 @_chunk_kernel("c0", "s0")
@@ -694,7 +737,8 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     # the first chunk's Yp parts (each later chunk's come from the previous chunk's _fwd_tile)
     _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
-    fwd_tile = _launcher(_fwd_tile, grid, **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16)
+    tpp = fwd_tiles_per_program(NH)
+    fwd_tile = _launcher(_fwd_tile, (NH // tpp, B * H), **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16, TPP=tpp)
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
@@ -1049,15 +1093,15 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
                 pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                 DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr,
-                R16: tl.constexpr):
-    """Hidden tile j's pass 3 of chunk c (``_pass3``: the start-state gradient tile into slot s), then, for c > 0 and
-    with PASS2 (``fuse_passes()``),
-    its pass 2 of chunk c - 1 (``_pass2``: records pre_prev, xs_prev), which reads that tile back as chunk c - 1's
+                R16: tl.constexpr, TPP: tl.constexpr):
+    """Pass 3 of chunk c for TPP hidden tiles (``_pass3``: the start-state gradient tiles into slot s), then, for c > 0
+    and with PASS2 (``fuse_passes()``; then TPP = 1),
+    the tile's pass 2 of chunk c - 1 (``_pass2``: records pre_prev, xs_prev), which reads that tile back as chunk c - 1's
     end-state gradient: a tile-local dependency, so one launch instead of two (a barrier orders the store and the
     reload among the program's threads). Pass 3 reads pass 2's factors of chunk c from fs before pass 2 of c - 1
     overwrites the same columns."""
     _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, c, e, s, T, NS,
-           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16)
+           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
     if PASS2 and c > 0:
         tl.debug_barrier()
         _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, prow, c - 1,
@@ -1065,44 +1109,63 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
 
 
 @triton.jit
-def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
-           s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
-    """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
-    with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
-    A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
-    gradient's carried terms (``_end_grad_terms``)."""
-    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
-     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
-    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
-    e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
-    st1, st2 = _slot_offsets(i_bh, s, 2, K, V, HD)
-    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
-    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-    X = tl.load(xs + th, mask=h_ok[None, :], other=0.0)
-    gdZ1, dgam_j, dW1, dW2 = _bwd_tile_dy(b_k, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
-    tl.store(xs + th, gdZ1, mask=h_ok[None, :])  # (this program's own columns, read just above)
-    slot = (j * BHN + i_bh).to(tl.int64)
-    if DECAYED:
-        tl.store(pg3 + slot * BT + o_t, dgam_j)
-    base = _pre_base(pre, i_bh, BT, BV)
+def _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT: tl.constexpr, BV: tl.constexpr,
+                  R16: tl.constexpr):
+    """What pass 3's tiles of a chunk share after their first half: R, the rows beta, f, beta_L, f_L, m_L, q, dO."""
     R = _load_r(base, o_t, o_v, BT, BV, R16)
     beta, f, _, _, _, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    dW1r, dW2r, dS1r, dS2r = _state_grad_terms(b_q, b_do, R, Ah, dH, dP, beta, f, MOMENTUM, PREC)
-    dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
-    tl.store(dw1s + st1 + w1_off, dW1 + dW1r + dW1c, mask=w1_ok)
-    tl.store(dw2s + st2 + w2_off, dW2 + dW2r + dW2c, mask=w2_ok)
-    if MOMENTUM:
-        tl.store(ds1s + st1 + w1_off, dS1r + dS1c, mask=w1_ok)
-        tl.store(ds2s + st2 + w2_off, dS2r + dS2c, mask=w2_ok)
+    return R, beta, f, betaL, fL, mL, b_q, b_do
+
+
+@triton.jit
+def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
+           s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
+    """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
+    with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
+    A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
+    gradient's carried terms (``_end_grad_terms``). Program (jp, i_bh) walks the tiles j = jp TPP ..
+    (jp + 1) TPP - 1 (``bwd_tiles_per_program``), loading what they share (k, q, dO, gamma dY, R, the gate rows) once."""
+    jp, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_k, gam = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
+    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
+    e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
+    st1, st2 = _slot_offsets(i_bh, s, 2, K, V, HD)
+    gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
+    base = _pre_base(pre, i_bh, BT, BV)
+    o_hh = tl.arange(0, BH)
+    # what the tile's second half reads: with one tile per program loaded there (loaded here, it stays live
+    # through the first half: a 672 B spill stack per thread against 296 at sm_90), else once for all tiles
+    R, beta, f, betaL, fL, mL, b_q, b_do = _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT, BV, R16)
+    for jt in range(TPP):
+        j = jp * TPP + jt
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+        X = tl.load(xs + th, mask=h_ok[None, :], other=0.0)
+        gdZ1, dgam_j, dW1, dW2 = _bwd_tile_dy(b_k, W1, W2, X, gdY, gam, ACT, DECAYED, PREC)
+        tl.store(xs + th, gdZ1, mask=h_ok[None, :])  # (this program's own columns, read just above)
+        if DECAYED:
+            tl.store(pg3 + (j * BHN + i_bh).to(tl.int64) * BT + o_t, dgam_j)
+        if TPP == 1:
+            R, beta, f, betaL, fL, mL, b_q, b_do = _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT,
+                                                                 BV, R16)
+        Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        dW1r, dW2r, dS1r, dS2r = _state_grad_terms(b_q, b_do, R, Ah, dH, dP, beta, f, MOMENTUM, PREC)
+        dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
+        tl.store(dw1s + st1 + w1_off, dW1 + dW1r + dW1c, mask=w1_ok)
+        tl.store(dw2s + st2 + w2_off, dW2 + dW2r + dW2c, mask=w2_ok)
+        if MOMENTUM:
+            tl.store(ds1s + st1 + w1_off, dS1r + dS1c, mask=w1_ok)
+            tl.store(ds2s + st2 + w2_off, dS2r + dS2c, mask=w2_ok)
 
 
 @triton.jit
@@ -1242,7 +1305,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw)
     bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
-    bwd_tile32 = _launcher(_bwd_tile32, tile_grid, **tile_kw, PASS2=fused)
+    tpp = bwd_tiles_per_program(NH, fused)
+    bwd_tile32 = _launcher(_bwd_tile32, (NH // tpp, BHN), **tile_kw, PASS2=fused, TPP=tpp)
     bwd_tile2 = _launcher(_bwd_tile2, tile_grid, **tile_kw)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
