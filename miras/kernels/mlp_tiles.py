@@ -372,26 +372,26 @@ def kernel_block(name: str, default: int, least: int, most: int) -> int:
     return default if value is None else min(value, most)
 
 
-def fwd_tiles_per_program(NH: int) -> int:
-    """Hidden tiles per program of ``_fwd_tile`` (``kernel_block``, default 1: one program per tile), a divisor of the
-    NH tiles: the setting, clamped to NH, is halved until it divides NH. More per program: fewer programs (at the
-    bench shape 16 x B*H = 512 for two per SM), the chunk's shared operands loaded once for several tiles, and a loop
-    whose next state tile a launch config with stages > 1 prefetches."""
-    tpp = kernel_block("_fwd_tile", 1, 1, NH)
+def _tiles_per_program(name: str, NH: int) -> int:
+    """Hidden tiles per program of tile kernel ``name`` (``kernel_block``, default 1), a divisor of the NH tiles: the
+    setting, clamped to NH, is halved until it divides NH."""
+    tpp = kernel_block(name, 1, 1, NH)
     while NH % tpp:
         tpp //= 2
     return tpp
+
+
+def fwd_tiles_per_program(NH: int) -> int:
+    """Hidden tiles per program of ``_fwd_tile`` (``_tiles_per_program``). More per program: fewer programs (at the
+    bench shape 16 x B*H = 512 for two per SM), the chunk's shared operands loaded once for several tiles, and a loop
+    whose next state tile a launch config with stages > 1 prefetches."""
+    return _tiles_per_program("_fwd_tile", NH)
 
 
 def bwd_tiles_per_program(NH: int, fused: bool) -> int:
-    """Hidden tiles per program of ``_bwd_tile32``'s pass 3 (``kernel_block``, as ``fwd_tiles_per_program``); 1 when
-    pass 2 is fused in (``fuse_passes``: it reads its own tile back)."""
-    if fused:
-        return 1
-    tpp = kernel_block("_bwd_tile32", 1, 1, NH)
-    while NH % tpp:
-        tpp //= 2
-    return tpp
+    """Hidden tiles per program of ``_bwd_tile32``'s pass 3 (``_tiles_per_program``); 1 when pass 2 is fused in
+    (``fuse_passes``: it reads its own tile back)."""
+    return 1 if fused else _tiles_per_program("_bwd_tile32", NH)
 
 
 def _prep_rows(BT: int) -> int:
