@@ -28,7 +28,7 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   tests on an H200, benchmarks/RESULTS.md session 12); ``MIRAS_KERNEL_MLP_LAYOUT``: their
   layout (``tiles``, the default: miras/kernels/mlp_tiles.py; ``walk``: miras/kernels/mlp.py); ``MIRAS_KERNEL_BH``:
   their hidden tile (16 at chunk 64, else 32); ``MIRAS_KERNEL_MLP_CONFIG``: their launch config (default ``4,1``:
-  8 warps miscompile the tile kernels on Hopper, see ``mlp._launcher``; four kernels default to their measured
+  8 warps miscompile the tile kernels on Hopper, see ``mlp._launcher``; five kernels default to their measured
   fastest, ``mlp.TUNED_CONFIGS``); ``MIRAS_KERNEL_MLP_SUMS_CONFIG``: the launch config of the
   tiles layout's contractions over the hidden dim (default: ``MIRAS_KERNEL_MLP_CONFIG``);
   ``MIRAS_KERNEL_MLP_CONFIG_<KERNEL>``: one kernel's launch config, before both (``<KERNEL>``: its name without the
