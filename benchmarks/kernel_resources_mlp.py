@@ -75,12 +75,13 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         blocks = {"_prep_state": mlp_tiles._prep_rows(chunk),
                   "_fwd_out": mlp_tiles._out_block(d, mlp.pow2_tile(d), norm)}
         BKO, BVO = mlp_tiles._sums_blocks(mlp.pow2_tile(d), mlp.pow2_tile(d))
-        consts.update(NH=-(-hidden // consts["BH"]), BHC=mlp_tiles._block_sums(hidden), BKO=BKO,
+        NH = -(-hidden // consts["BH"])
+        consts.update(NH=NH, BHC=mlp_tiles._block_sums(hidden), BKO=BKO,
                       BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
                       BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16,
-                      TPP=(mlp_tiles.bwd_tiles_per_program(-(-hidden // consts["BH"]), fused) if which == "_bwd_tile32"
-                           else mlp_tiles.fwd_tiles_per_program(-(-hidden // consts["BH"]))))
+                      TPP=(mlp_tiles.bwd_tiles_per_program(NH, fused) if which == "_bwd_tile32"
+                           else mlp_tiles.fwd_tiles_per_program(NH)))
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:

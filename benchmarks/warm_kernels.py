@@ -112,7 +112,7 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
 
 def warm_row(name: str, tiny: bool) -> None:
     """One fwd+bwd of bench_kernels.py's family row whose name contains ``name``, at the benchmark's signature (T=1024
-    has T=4096's integer specialisation), with the row's own kernel settings (the LayerNorm head's switch)."""
+    has T=4096's integer specialisation), with the row's LayerNorm head parameters where it has one."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_kernels import FAMILIES, family_spec, head_params, init_state, make
 

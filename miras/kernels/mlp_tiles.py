@@ -455,7 +455,7 @@ def r_dtype(prec: str) -> torch.dtype:
     chunk-start prediction (``_r_rows``): "fp32" (default), "bf16" or "auto" (bf16 with bf16 dots, ``mlp._prec``).
     Every kernel uses R only as a dot operand, so with bf16 dots a bf16 R gives the same products. Its loads halve
     (32 -> 16 KB for each of the tile programs at the bench shape), and the tile kernels spill less (sm_90 static,
-    aligned: ``_bwd_tile2`` 176 -> 80 B per thread). Untested on a GPU: its bf16 block feeds the dots the way the
+    aligned: ``_bwd_tile2`` 184 -> 96 B per thread). Untested on a GPU: its bf16 block feeds the dots the way the
     bf16 operands (``operands_dtype``) do, which crashed on an H100. Read once per call, into ``MLPConfig.r16``
     (``mlp.MLPScanFunction``), so that the backward reads R as the forward stored it."""
     return _scratch_dtype("MIRAS_KERNEL_MLP_R", "fp32", prec)
@@ -517,7 +517,8 @@ def _load_r(base, o_t, o_v, BT: tl.constexpr, BV: tl.constexpr, R16: tl.constexp
 
 @triton.jit
 def _load_rows(base, o_t, BT: tl.constexpr, BV: tl.constexpr):
-    """A ``_prep`` record's rows: (beta, f, gamma, g_L, n_L, beta_L, f_L, m_L)."""
+    """A ``_prep`` record's rows at the chunk's rows o_t: (beta, f, gamma, g_L, n_L, beta_L, f_L, m_L); a caller's
+    unused ones are dead code."""
     rows = base + 2 * BT * BT + 2 * BT * BV
     beta = tl.load(rows + o_t)
     f = tl.load(rows + BT + o_t)
@@ -606,8 +607,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     vb_ok = o_vb < V
     o_hh = tl.arange(0, BHC)
     base = _pre_base(pre, r * BHN + i_bh, BT, BV)
-    beta = tl.load(base + 2 * BT * BT + 2 * BT * BV + o_t)  # the rows of _load_rows
-    f = tl.load(base + 2 * BT * BT + 2 * BT * BV + BT + o_t)
+    beta, f, _, _, _, _, _, _ = _load_rows(base, o_t, BT, BV)
     src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
     O = tl.zeros([BT, BVO], dtype=tl.float32)
     SA = tl.zeros([BT, BT], dtype=tl.float32)
@@ -993,7 +993,7 @@ def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, 
     o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
     rv = o_r[:, None] * BV + o_v[None, :]
     Y0 = tl.load(base + 2 * BT * BT + BT * BV + rv)
-    gam = tl.load(base + 2 * BT * BT + 2 * BT * BV + 2 * BT + o_r)
+    _, _, gam, _, _, _, _, _ = _load_rows(base, o_r, BT, BV)  # (gamma at these rows)
     dbeta, df, dgam, _, dnL = _row_sums(prow, i_bh, o_r, BHN, BT, NH, BTR)
     dR = tl.load(out + 2 * BT * BT + rv)
     SAT = out + o_t[None, :] * BT + o_r[:, None]
