@@ -7,8 +7,8 @@
 #    benchmark row's compile (warm_kernels.py row); the bf16-operands probe (gpu_probe_tiles.sh, GPU_TUNE_PROBE).
 # 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
-# 3. bench_kernels.py --families mlp: the defaults, mlpgraphs, tuned and tunedgraphs (and mlpr16graphs where set
-#    rbf16 passed its check) in GPU_TUNE_ROUNDS (3)
+# 3. bench_kernels.py --families mlp: the defaults, mlpgraphs, tuned and tunedgraphs (and mlpr16graphs /
+#    mlpy0partsgraphs where set rbf16 / y0parts passed its check) in GPU_TUNE_ROUNDS (3)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
@@ -66,6 +66,8 @@ VARIANTS=mlpgraphs
 if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then VARIANTS="mlpgraphs,tuned,tunedgraphs"; fi
 # bf16 R (set rbf16, which pick leaves out) beside them, where its bench-shape check passed
 if grep -q '"ok": true' "$OUTDIR/tune/check_rbf16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
+# Y0 handed over as the tiles' parts (set y0parts, the default before session 17) beside the activations
+if grep -q '"ok": true' "$OUTDIR/tune/check_y0parts.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpy0partsgraphs"; fi
 if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \

@@ -72,14 +72,15 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         # launch is cheap, as on the GPU boxes (mlp_tiles.fuse_passes)
         fused = env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", False)
         # (the blocks as a launch takes them, MIRAS_KERNEL_MLP_BLOCK_<KERNEL> included: mlp_tiles.kernel_block)
-        blocks = {"_prep_state": mlp_tiles._prep_rows(chunk),
+        yacts = mlp_tiles.y0_mode() == "acts"
+        blocks = {"_prep_state": mlp_tiles._prep_rows(chunk, yacts),
                   "_fwd_out": mlp_tiles._out_block(d, mlp.pow2_tile(d), norm)}
         BKO, BVO = mlp_tiles._sums_blocks(mlp.pow2_tile(d), mlp.pow2_tile(d))
         NH = -(-hidden // consts["BH"])
         consts.update(NH=NH, BHC=mlp_tiles._block_sums(hidden), BKO=BKO,
                       BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
                       BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
-                      READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16,
+                      READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts,
                       TPP=(mlp_tiles.bwd_tiles_per_program(NH, fused) if which == "_bwd_tile32"
                            else mlp_tiles.fwd_tiles_per_program(NH)))
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}

@@ -64,10 +64,15 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # timed in this order until the time is up: the blocks, never timed on a GPU yet, before the launch configs,
     # which session 15 timed (its choices are the defaults now)
     DEFAULT: {},
+    # the next chunk's Y0 handed over as the tiles' parts of it ([BT, V] fp32 per tile program, summed by
+    # _prep_state), the default before session 17, against their hidden activations ([BT, BH], contracted with W2 by
+    # _prep_state; mlp_tiles.y0_mode): a setting of three kernels, so in the table only (WHOLE_SETS)
+    "y0parts": {"MIRAS_KERNEL_MLP_Y0": "parts"},
     # output blocks (mlp_tiles.kernel_block), each kernel at its default config: _prep_state's rows per program (16
-    # by default: 128 programs per chunk at the bench shape), _fwd_out's and _bwd_sums' columns (32 by default)
-    "rows4": _blocks(_prep_state=4),
-    "rows8": _blocks(_prep_state=8),
+    # by default: 128 programs per chunk at the bench shape, each reading the chunk's whole W2), _fwd_out's and
+    # _bwd_sums' columns (32 by default)
+    "rows32": _blocks(_prep_state=32),
+    "rows64": _blocks(_prep_state=64),
     "out16": _blocks(_fwd_out=16, _bwd_sums=16),
     "out64": _blocks(_fwd_out=64, _bwd_sums=64),
     # two hidden tiles per program of _fwd_tile and of pass 3 (_bwd_tile32): 256 programs instead of 512, each
@@ -88,7 +93,7 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at("4,1")},
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
 }
-WHOLE_SETS = ("rbf16",)  # settings that span kernels: in the table, not among pick's per-kernel choices
+WHOLE_SETS = ("y0parts", "rbf16")  # settings that span kernels: in the table, not among pick's per-kernel choices
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 

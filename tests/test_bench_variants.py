@@ -136,7 +136,7 @@ def test_tune_picks_each_kernels_fastest_set_by_a_margin():
 
 
 def test_tune_picks_a_kernels_output_block_with_its_set():
-    """A set of output blocks (tune_mlp.SETS' rows4, out16, ...) that wins for a kernel brings that kernel's own
+    """A set of output blocks (tune_mlp.SETS' rows32, out16, ...) that wins for a kernel brings that kernel's own
     MIRAS_KERNEL_MLP_BLOCK_<NAME> into the tuned settings, not the blocks the set gives other kernels."""
     sys.path.insert(0, str(SCRIPT.parent))
     import tune_mlp
@@ -151,4 +151,4 @@ def test_tune_picks_a_kernels_output_block_with_its_set():
     chosen, env = tune_mlp.pick(timings, sets=sets)
     assert chosen == {"_fwd_out": "defaults", "_bwd_sums": "out16"}
     assert env == {"MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS": "4,2", "MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS": "16"}
-    assert set(tune_mlp.SETS["rows4"]) == {"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE"}
+    assert set(tune_mlp.SETS["rows32"]) == {"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE"}

@@ -30,10 +30,12 @@ from kernel_resources_mlp import TILES_KERNELS  # noqa: E402
 
 HEAD_KERNELS = ("_prep", "_prep_state", "_fwd_out", "_bwd_mid", "_head_read_bwd")  # (those with a NORM constexpr)
 R_KERNELS = ("_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_mid", "_bwd_tile32")
+Y0_KERNELS = ("_y_part", "_prep", "_prep_state", "_fwd_tile")  # (those with a YACTS constexpr)
 CASES = {
     "defaults": (TILES_KERNELS, [], {}),
     "layernorm-head": (HEAD_KERNELS, ["--norm"], {}),
     "r-bf16": (R_KERNELS, [], {"MIRAS_KERNEL_MLP_R": "bf16"}),
+    "y0-parts": (Y0_KERNELS, [], {"MIRAS_KERNEL_MLP_Y0": "parts"}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 

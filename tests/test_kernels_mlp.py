@@ -381,20 +381,60 @@ def test_kernel_blocks(monkeypatch, _layout):
 
     for name in ("PREP_STATE", "FWD_OUT", "BWD_SUMS"):
         monkeypatch.delenv(f"MIRAS_KERNEL_MLP_BLOCK_{name}", raising=False)
-    assert (_prep_rows(32), _out_block(32, 32, False), _sums_blocks(32, 32)) == (16, 16, (16, 16))
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_PREP_STATE", "4")
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_Y0", raising=False)
+    assert (_prep_rows(32, True), _prep_rows(32, False), _out_block(32, 32, False), _sums_blocks(32, 32)) == (
+        16, 16, 16, (16, 16))
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_PREP_STATE", "64")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_OUT", "32")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS", "128")
-    assert (_prep_rows(32), _out_block(32, 32, False), _out_block(32, 32, True), _sums_blocks(32, 32)) == (
-        4, 32, 32, (32, 32))
+    assert (_prep_rows(32, True), _out_block(32, 32, False), _out_block(32, 32, True), _sums_blocks(32, 32)) == (
+        32, 32, 32, (32, 32))
     spec = mlp_spec("l2", "decay", "momentum", "previous", 32, True)
     check_against_oracle(spec, B=1, T=70, H=2, K=32, V=32, seed=5)
+    # rows of 4 with Y0's shares as per-tile parts (a sum); as activations, Y0's rows are a dot: 16 rows at least
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_PREP_STATE", "4")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_Y0", "parts")
+    assert _prep_rows(32, False) == 4
+    check_against_oracle(spec, B=1, T=70, H=2, K=32, V=32, seed=5)
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE must be a power of two >= 16.*'4'"):
+        _prep_rows(32, True)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_OUT", "8")
     with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_BLOCK_FWD_OUT must be a power of two >= 16.*'8'"):
         _out_block(32, 32, False)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_PREP_STATE", "6")
     with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE must be a power of two >= 4.*'6'"):
-        _prep_rows(64)
+        _prep_rows(64, False)
+
+
+Y0_CASES = [("l2", "decay", "momentum", "previous", 32, True, "gelu", False, 32),
+            ("huber", "decay", "gd", "decayed", 16, False, "silu", False, 24),
+            ("lp", "none", "momentum", "previous", 64, True, "tanh", False, 32)]
+
+
+@pytest.mark.parametrize("case", Y0_CASES, ids=["-".join(str(c) for c in case[:4]) for case in Y0_CASES])
+def test_y0_modes(case, monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_Y0: the forward's hand-over of the next chunk's Y0, the tiles' hidden activations contracted
+    with W2 by _prep_state ("acts", the default, which every other test runs) or the tiles' parts of Y0 summed
+    ("parts"): both match the float64 oracle, with and without gradients (the forward without grad forms Y0 in
+    _prep); a bad value names the variable."""
+    if _layout != "tiles":
+        pytest.skip("tiles layout only")
+    from miras.kernels.mlp_tiles import y0_mode
+
+    *spec_args, V = case
+    spec = mlp_spec(*spec_args)
+    for mode in ("acts", "parts"):
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_Y0", mode)
+        assert y0_mode() == mode
+        check_against_oracle(spec, B=1, T=70, H=2, K=32, V=V, seed=11)
+        x = make_inputs(spec, 1, 70, 2, 32, V, seed=12)
+        with torch.no_grad():
+            o = triton_memory_scan(spec, *split(spec, x))[0]
+            ref = oracle(spec, *split(spec, {n: t.double() for n, t in x.items()}))[0]
+        assert rel(o, ref) <= TOL, (mode, rel(o, ref))
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_Y0", "sums")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_MLP_Y0 must be one of \('acts', 'parts'\).*'sums'"):
+        y0_mode()
 
 
 def test_tiles_per_program(monkeypatch, _layout):

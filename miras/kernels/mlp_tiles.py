@@ -14,10 +14,10 @@ barrier (the walk needs barriers throughout).
 Only what carries the recurrence runs in the chunk loops; the rest runs once for every chunk, over per-chunk
 records (when the backward needs the forward; without grad the forward runs 3 launches per chunk).
 Forward:  _prep's gate part (every chunk: G, C1 = G . q k^T, the gate rows, into the _prep records) ; _y_part (the
-          first chunk's Yp_j) ; per chunk c: _prep_state (rows of R from Y0 = sum_j Yp_j; Y0 kept) ;
-          _fwd_tile (per tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next chunk's
-          Yp_j = act(gamma (k W1_j)) W2_j) ; then _fwd_out (every chunk, per output block and batch*head:
-          o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
+          first chunk's shares of Y0) ; per chunk c: _prep_state (rows of R from Y0 = Z W2, Z = act(gamma (k W1));
+          Y0 kept) ; _fwd_tile (per tile: the read's factors A1_j, Ah_j, the tile's end state and, from it, the next
+          chunk's Z_j = act(gamma (k W1_j)): ``_y_share``, ``y0_mode``) ; then _fwd_out (every chunk, per output
+          block and batch*head: o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q]).
 Backward: _prep_m2 (every chunk: M2 = -G . dO R^T into the forward's records) ; _bwd_tile2 (pass 2 of the last
           chunk) ; per chunk c, in reverse: _bwd_sums (per batch*head and output block: SA, dC1, dq, dk, dR,
           contracted over the hidden dim) ; _bwd_mid (per batch*head: dR -> dY, dv in row
@@ -161,25 +161,32 @@ def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constex
 
 
 @triton.jit
-def _y_tile(b_k, gam, W1, W2, ACT: tl.constexpr, PREC: tl.constexpr):
-    """Tile j's part of the chunk's prediction at a state: Yp_j = act(gamma (k W1_j)) W2_j."""
-    return _dot(_act(gam[:, None] * _dot(b_k, W1, PREC), ACT), W2, PREC)
+def _y_share(yp, b_k, gam, W1, W2, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD: tl.constexpr, BT: tl.constexpr,
+             BV: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, YACTS: tl.constexpr):
+    """Hidden tile j's share of a chunk's chunk-start prediction Y0 = act(gamma (k W1)) W2 (keys b_k, gamma, the
+    state's tiles W1_j, W2_j) into yp (``y0_mode``): with YACTS its hidden activations Z_j = act(gamma (k W1_j)) into
+    the tile's columns of yp [B*H, BT, HD] (``_prep_state_rows`` contracts them with W2 over the whole hidden dim),
+    else its part Yp_j = Z_j W2_j of Y0 into yp [NH, B*H, BT, BV] (``_prep_state_rows`` sums the NH parts)."""
+    Z = _act(gam[:, None] * _dot(b_k, W1, PREC), ACT)
+    if YACTS:
+        tl.store(yp + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], Z, mask=h_ok[None, :])
+    else:
+        tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :], _dot(Z, W2, PREC))
 
 
 @_chunk_kernel("c", "s_in")
 def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
-            PREC: tl.constexpr):
-    """Yp_j = act(gamma (k W1_j)) W2_j for chunk c, state slot s_in (gamma = beta at the decayed gradient point);
-    -> yp [NH, B*H, BT, BV]. (The forward launches it for the first chunk only: ``_fwd_tile`` forms the next.)"""
+            PREC: tl.constexpr, YACTS: tl.constexpr):
+    """Tile j's share of Y0 (``_y_share``) for chunk c at state slot s_in (gamma = beta at the decayed gradient
+    point). The forward launches it for the first chunk only: ``_fwd_tile`` forms the next chunk's."""
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
     W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
-    W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
-    tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
-             _y_tile(b_k, gam, W1, W2, ACT, PREC))
+    W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)  # (unused with YACTS)
+    _y_share(yp, b_k, gam, W1, W2, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD, BT, BV, ACT, PREC, YACTS)
 
 
 @triton.jit
@@ -229,17 +236,19 @@ def _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V: tl.constexpr, BIAS: tl.
     return xhat, rstd, y, bias_rows(y, b_v, b_d, BIAS, P, SMOOTH, EPS)
 
 
-@_chunk_kernel("c0")
-def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
-          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-          NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-          RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-          PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, R16: tl.constexpr):
+@_chunk_kernel("c0", "s_in")
+def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, w2s, pre, ops, c0, s_in, T, NS, BHN,
+          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+          BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+          SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
+          MOMENTUM: tl.constexpr, PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
+          R16: tl.constexpr, YACTS: tl.constexpr):
     """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
     the rows beta, f, gamma, g_L, n_L and (beta_L, f_L, m_L); it does not depend on the memory's state. The state
-    part: R from Y0 = sum_j Yp_j (and Y0 itself in ``_prep_state``, for the backward); with NORM, R is the gradient at the
+    part: R from Y0, which it forms from the hidden tiles' shares in yp and W2 at state slot s_in
+    (``_prep_state_rows``; ``_prep_state`` also keeps Y0, for the backward); with NORM, R is the gradient at the
     LayerNorm head's input, d = rstd P (w R_y) (``_head_forward``; docs/kernels-ln-head.md).
     Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
     state part (one chunk, without gradients); 1: the gate part (every chunk at once, before the training forward's
@@ -275,20 +284,22 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, pre, ops, c0, T, BHN,
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     if PARTS == 0 and p == 1:
-        _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, 0, c, T, BHN, H, K, V, BT, BT, BK, BV, NH, BIAS, P,
-                         SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS, R16)
+        _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, 0, c, s_in, T, NS, BHN, H, K, V, HD, BT, BT,
+                         BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS, PREC, R16, YACTS)
 
 
-@_chunk_kernel("c")
-def _prep_state(k, v, keep, delta, nw, nb, yp, pre, c, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
-                BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
-                DECAYED: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, R16: tl.constexpr):
+@_chunk_kernel("c", "s_in")
+def _prep_state(k, v, keep, delta, nw, nb, yp, w2s, pre, c, s_in, T, NS, BHN, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+                SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr, NORM: tl.constexpr,
+                LN_EPS: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, YACTS: tl.constexpr):
     """``_prep``'s state part in the training forward's loop: program (rb, i_bh) builds the rows [rb BTR, (rb + 1) BTR)
     of chunk c's R and Y0 into its record (``_prep_state_rows``; BTR: ``_prep_rows``)."""
     rb, i_bh = tl.program_id(0), tl.program_id(1)
-    _prep_state_rows(k, v, keep, delta, nw, nb, yp, _pre_base(pre, i_bh, BT, BV), i_bh, rb, c, T, BHN, H, K, V, BT,
-                     BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS, R16)
+    _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, _pre_base(pre, i_bh, BT, BV), i_bh, rb, c, s_in, T, NS, BHN,
+                     H, K, V, HD, BT, BTR, BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS,
+                     PREC, R16, YACTS)
 
 
 @triton.jit
@@ -315,22 +326,36 @@ def _row_inputs(k, v, delta, i_bh, rb, c, T, H: tl.constexpr, K: tl.constexpr, V
 
 
 @triton.jit
-def _prep_state_rows(k, v, keep, delta, nw, nb, yp, base, i_bh, rb, c, T, BHN, H: tl.constexpr, K: tl.constexpr,
-                     V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-                     RES: tl.constexpr, DECAYED: tl.constexpr, STORE_Y0: tl.constexpr, NORM: tl.constexpr,
-                     LN_EPS: tl.constexpr, R16: tl.constexpr):
+def _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, rb, c, s_in, T, NS, BHN, H: tl.constexpr,
+                     K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr,
+                     P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
+                     DECAYED: tl.constexpr, STORE_Y0: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
+                     PREC: tl.constexpr, R16: tl.constexpr, YACTS: tl.constexpr):
     """``_prep``'s state part for the rows [rb BTR, (rb + 1) BTR) of chunk c (rows are independent: R is row-wise in
-    Y, and so is every bias' gradient): R from Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)
-    into the record at base, and Y0 itself with STORE_Y0."""
+    Y, and so is every bias' gradient): R from the chunk-start prediction Y0 into the record at base, and Y0 itself
+    with STORE_Y0. Y0 from the hidden tiles' shares in yp (``_y_share``): with YACTS, Y0 = Z W2 over the whole
+    hidden dim on tiles of BHC (Z: the tiles' activations; W2: state slot s_in, where the chunk starts), else
+    Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)."""
     p_g, o_r, r_idx, r_ok, _, _, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, BTR, BK, BV,
                                                               BIAS)
     o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
     gam = _chunk_gamma(keep, p_g, c * BT + o_t, c * BT + o_t < T, H, BT, DECAYED)  # [BT]: a prefix product
     gam = tl.sum(tl.where(o_r[:, None] == o_t[None, :], gam[None, :], 0.0), axis=1)  # its rows
     Y0 = tl.zeros([BTR, BV], dtype=tl.float32)
-    for jj in range(NH):
-        Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :])
+    if YACTS:
+        src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)[1]
+        o_k, o_hh = tl.arange(0, BK), tl.arange(0, BHC)
+        NHC: tl.constexpr = (HD + BHC - 1) // BHC
+        for jj in range(NHC):
+            o_h, h_ok, _w1_off, _w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, o_k < K, o_v < V, V, HD,
+                                                                      BHC)
+            Z = tl.load(yp + (i_bh.to(tl.int64) * BT + o_r[:, None]) * HD + o_h[None, :], mask=h_ok[None, :],
+                        other=0.0)
+            Y0 += _dot(Z, tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0), PREC)
+    else:
+        for jj in range(NH):
+            Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :])
     rv = o_r[:, None] * BV + o_v[None, :]
     if NORM:
         v_ok = o_v < V
@@ -362,8 +387,9 @@ def kernel_block(name: str, default: int, least: int, most: int) -> int:
     (``kernel_block_env``; a power of two >= least, clamped to most), else ``default``. Smaller blocks, more programs
     per chunk: more of the GPU for a chunk's few batch*heads, more loads shared by fewer outputs. Five kernels
     have one, each timed under a few by benchmarks/tune_mlp.py:
-    - ``_prep_state``: rows of the chunk per program (default ``_block_rows``: 16 at chunk 64), each summing the
-      hidden tiles' parts of Y0 for its rows (``_prep_state_rows``);
+    - ``_prep_state``: rows of the chunk per program (default ``_block_rows``: 16 at chunk 64; ``_prep_rows``),
+      each forming Y0 for its rows from the hidden tiles' shares (``_prep_state_rows``: with ``y0_mode`` "acts" each
+      program reads the chunk's whole W2, so more rows per program read it fewer times);
     - ``_fwd_out``: columns of o per program (default ``_block_out``: 32; whole rows with the LayerNorm head);
     - ``_bwd_sums``: columns of dq, dk and dR per program (default ``_block_out``);
     - ``_fwd_tile``, ``_bwd_tile32``: hidden tiles per program (default 1; ``fwd_tiles_per_program``,
@@ -394,9 +420,25 @@ def bwd_tiles_per_program(NH: int, fused: bool) -> int:
     return 1 if fused else _tiles_per_program("_bwd_tile32", NH)
 
 
-def _prep_rows(BT: int) -> int:
-    """Rows per program of ``_prep_state`` (``kernel_block``, at least 4)."""
-    return kernel_block("_prep_state", _block_rows(BT), 4, BT)
+def _prep_rows(BT: int, yacts: bool) -> int:
+    """Rows per program of ``_prep_state`` (``kernel_block``): at least 16 when its rows of Y0 are a dot
+    (``y0_mode`` "acts"), else at least 4."""
+    return kernel_block("_prep_state", _block_rows(BT), 16 if yacts else 4, BT)
+
+
+Y0_MODES = ("acts", "parts")
+
+
+def y0_mode() -> str:
+    """``MIRAS_KERNEL_MLP_Y0``: how the training forward's tile programs hand the next chunk's chunk-start
+    prediction Y0 = act(gamma (k W1)) W2 to ``_prep_state`` (``_y_share``). "acts" (default): each tile stores its
+    hidden activations Z_j = act(gamma (k W1_j)) ([BT, BH] per tile, fp32), and ``_prep_state`` forms Y0 = Z W2 as
+    one dot over the whole hidden dim, reading W2 from the state slot the tiles just wrote. "parts": each tile
+    stores its part Z_j W2_j of Y0 ([BT, V] fp32 per tile) and ``_prep_state`` sums the parts. Same products (with
+    bf16 dots both round Z and W2 to bf16), summed in another order. At the bench shape (D=128, hidden 256, hidden
+    tiles of 16) "parts" writes 32 KB per tile program (16 MB per chunk) and "acts" 4 KB (2 MB), and "acts" drops a
+    [BT, BH] x [BH, V] dot and its [BT, V] fp32 result from every ``_fwd_tile`` program."""
+    return env_choice("MIRAS_KERNEL_MLP_Y0", Y0_MODES, "acts")
 
 
 @triton.jit
@@ -543,11 +585,12 @@ def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.cons
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
+              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, YACTS: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
-    contracts them), the tile's end state into slot s_out and, from it, the next chunk's Yp_j into yp (``_y_part``'s
-    work for chunk c + 1: no launch; past the last chunk its keys are masked to 0 and nobody reads it).
+    contracts them), the tile's end state into slot s_out and, from it, its share of the next chunk's Y0 into yp
+    (``_y_share``: ``_y_part``'s work for chunk c + 1, no launch; past the last chunk its keys are masked to 0 and
+    nobody reads it).
     Program (jp, i_bh) walks the TPP hidden tiles j = jp TPP .. (jp + 1) TPP - 1 (``fwd_tiles_per_program``): what
     every tile of the chunk reads (q, k, R, C1, the gate rows, the next chunk's keys) is loaded once for all of them,
     and with stages > 1 the loop prefetches the next tile's state."""
@@ -582,8 +625,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, 
         tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
         if TPP == 1:
             k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
-        tl.store(yp + ((j * BHN + i_bh).to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :],
-                 _y_tile(k_next, gam_next, W1n, W2n, ACT, PREC))
+        _y_share(yp, k_next, gam_next, W1n, W2n, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD, BT, BV, ACT, PREC, YACTS)
 
 
 @_chunk_kernel("c0", "s0")
@@ -704,17 +746,19 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
-    yp = torch.empty(NH, B * H, BT, BV, **f32)  # per-chunk scratch: the hidden tiles' parts of Y0
+    yacts = y0_mode() == "acts"  # per-chunk scratch: the hidden tiles' shares of Y0 (_y_share)
+    yp = torch.empty(B * H, BT, HD, **f32) if yacts else torch.empty(NH, B * H, BT, BV, **f32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
     nw, nb = head if cfg.norm else (eta, eta)  # (unread stand-ins without the head)
     ohead = torch.empty(B, T, H, V, **f32) if cfg.norm and keep_states else eta  # the head's input, for the backward
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
-    tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed)
+    tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, YACTS=yacts)
     norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16)  # (R16: every kernel that writes or reads R does these)
-    prep_kw = dict(dims, **norm, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual,
-                   HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum)
+    state_kw = dict(dims, **norm, HD=HD, NH=NH, BHC=_block_sums(HD), BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
+                    EPS=cfg.eps, RES=cfg.residual, DECAYED=cfg.decayed, YACTS=yacts)  # (the state part's)
+    prep_kw = dict(state_kw, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum)
     out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=_out_block(V, BV, cfg.norm), RES=cfg.residual,
                   MOMENTUM=cfg.momentum, SAVE_HEAD=cfg.norm and keep_states)  # (the head normalises whole rows)
     # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
@@ -725,16 +769,15 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     pre_c, ops_c, fs_c = pre.unbind(0), ops.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
-    state_kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NH=NH, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
-                    EPS=cfg.eps, RES=cfg.residual, DECAYED=cfg.decayed, **norm)
     if keep_states:  # the records' gate part, which the state does not change, for every chunk at once; the loop's
         # _prep_state then builds the state part alone, in row blocks
-        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, pre, ops, 0, T, B * H, **prep_kw, PARTS=1)
-        rows = _prep_rows(BT)
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, w2s, pre, ops, 0, 0, T, NS, B * H,
+                **prep_kw, PARTS=1)
+        rows = _prep_rows(BT, yacts)
         prep = _launcher(_prep_state, (BT // rows, B * H), **state_kw, BTR=rows)
     else:  # both parts of one chunk per launch
         prep = _launcher(_prep, (2, B * H, 1), **prep_kw, PARTS=0)
-    # the first chunk's Yp parts (each later chunk's come from the previous chunk's _fwd_tile)
+    # the first chunk's shares of Y0 (each later chunk's come from the previous chunk's _fwd_tile)
     _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     tpp = fwd_tiles_per_program(NH)
@@ -743,9 +786,9 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
         if keep_states:
-            prep(k, v, gates[1], delta_, nw, nb, yp, pre_c[r], c, T, B * H)
+            prep(k, v, gates[1], delta_, nw, nb, yp, w2s, pre_c[r], c, s_in, T, NS, B * H)
         else:
-            prep(q, k, v, *gates, delta_, nw, nb, yp, pre_c[r], ops_c[r], c, T, B * H)
+            prep(q, k, v, *gates, delta_, nw, nb, yp, w2s, pre_c[r], ops_c[r], c, s_in, T, NS, B * H)
         fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
