@@ -81,8 +81,9 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                       BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
                       BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts,
-                      TPP=(mlp_tiles.bwd_tiles_per_program(NH, fused) if which == "_bwd_tile32"
-                           else mlp_tiles.fwd_tiles_per_program(NH)))
+                      TPP={"_bwd_tile32": mlp_tiles.bwd_tiles_per_program(NH, fused),
+                           "_bwd_tile2": mlp_tiles.pass2_tiles_per_program(NH)}.get(
+                               which, mlp_tiles.fwd_tiles_per_program(NH)))
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
     else:

@@ -75,10 +75,11 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "rows64": _blocks(_prep_state=64),
     "out16": _blocks(_fwd_out=16, _bwd_sums=16),
     "out64": _blocks(_fwd_out=64, _bwd_sums=64),
-    # two hidden tiles per program of _fwd_tile and of pass 3 (_bwd_tile32): 256 programs instead of 512, each
-    # loading what a chunk's tiles share once for both; 112 / 110 KB of shared memory (64 / 48 at one tile), so still
-    # two per SM: one wave instead of two
-    "tiles2": _blocks(_fwd_tile=2, _bwd_tile32=2),
+    # two hidden tiles per program of _fwd_tile, of pass 3 (_bwd_tile32) and of pass 2 (_bwd_tile2): 256 programs
+    # instead of 512, each loading what a chunk's tiles share once for both; 96 / 110 / 84 KB of shared memory (64 /
+    # 48 / 80 at one tile), so still two per SM: one wave instead of two (spill stacks 32 -> 232, 296 -> 232,
+    # 176 -> 352 B per thread)
+    "tiles2": _blocks(_fwd_tile=2, _bwd_tile32=2, _bwd_tile2=2),
     # the tile kernels' registers capped (sm_90, triton 3.6, kernel_resources_mlp.py --maxnreg): at 255 two programs
     # fit an SM, so 512 programs at the bench shape run in two waves; at 168, three (_fwd_tile: 64 KB of shared
     # memory each; _bwd_tile32: 48 KB; _bwd_tile2's 80 KB keep it at two), spill stacks 64 -> 760 B (_fwd_tile),

@@ -438,25 +438,30 @@ def test_y0_modes(case, monkeypatch, _layout):
 
 
 def test_tiles_per_program(monkeypatch, _layout):
-    """MIRAS_KERNEL_MLP_BLOCK_FWD_TILE=n / _BWD_TILE32=n: each _fwd_tile / pass-3 program walks n hidden tiles (the
-    chunk's shared operands loaded once for them): the float64 oracle still holds; n, clamped to the number of
-    hidden tiles, is halved until it divides it; pass 3 keeps one tile per program when pass 2 is fused in."""
+    """MIRAS_KERNEL_MLP_BLOCK_FWD_TILE=n / _BWD_TILE32=n / _BWD_TILE2=n: each _fwd_tile / pass-3 / pass-2 program
+    walks n hidden tiles (the chunk's shared operands loaded once for them): the float64 oracle still holds; n,
+    clamped to the number of hidden tiles, is halved until it divides it; pass 3 keeps one tile per program when
+    pass 2 is fused in (then pass 2 launches on its own for the last chunk only)."""
     if _layout != "tiles":
         pytest.skip("tiles layout only")
-    from miras.kernels.mlp_tiles import bwd_tiles_per_program, fwd_tiles_per_program
+    from miras.kernels.mlp_tiles import bwd_tiles_per_program, fwd_tiles_per_program, pass2_tiles_per_program
 
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_TILE", "4")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_TILE32", "4")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_TILE2", "4")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "0")
     assert (fwd_tiles_per_program(4), fwd_tiles_per_program(6), fwd_tiles_per_program(3), fwd_tiles_per_program(5)) == (
         4, 2, 3, 1)
-    assert (bwd_tiles_per_program(4, False), bwd_tiles_per_program(4, True)) == (4, 1)
+    assert (bwd_tiles_per_program(4, False), bwd_tiles_per_program(4, True), pass2_tiles_per_program(6)) == (4, 1, 2)
     spec = mlp_spec("l2", "decay", "momentum", "decayed", 64, True)  # hidden 64 in four tiles of 16
     check_against_oracle(spec, B=1, T=70, H=1, K=32, V=32, seed=6)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_FWD_TILE", "2")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_TILE32", "2")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_TILE2", "2")
     spec = mlp_spec("huber", "decay", "gd", "previous", 64, False)
     check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=7)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "1")  # (pass 2 of the last chunk alone, the rest fused)
+    check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=8)
 
 
 BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R"]

@@ -34,11 +34,11 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   ``MIRAS_KERNEL_MLP_CONFIG_<KERNEL>``: one kernel's launch config, before both (``<KERNEL>``: its name without the
   underscore, upper case, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS``; ``mlp.kernel_config_env``);
   ``MIRAS_KERNEL_MLP_BLOCK_<KERNEL>``: how much of its output one program of ``_prep_state`` (rows, default 16 at
-  chunk 64), ``_fwd_out`` or ``_bwd_sums`` (columns, default 32), ``_fwd_tile`` or ``_bwd_tile32`` (hidden tiles,
-  default 1) forms (``mlp_tiles.kernel_block``); ``MIRAS_KERNEL_MLP_Y0``: how the training forward's tile programs
-  hand the next chunk's prediction to ``_prep_state`` (``acts``, the default: their hidden activations, contracted
-  with W2 there; ``parts``: their parts of it, summed there, the default before session 17;
-  ``mlp_tiles.y0_mode``); ``MIRAS_KERNEL_MLP_PREC``:
+  chunk 64), ``_fwd_out`` or ``_bwd_sums`` (columns, default 32), ``_fwd_tile``, ``_bwd_tile32`` or ``_bwd_tile2``
+  (hidden tiles, default 1) forms (``mlp_tiles.kernel_block``); ``MIRAS_KERNEL_MLP_Y0``: how the training
+  forward's tile programs hand the next chunk's prediction to ``_prep_state`` (``acts``, the default: their hidden
+  activations, contracted with W2 there; ``parts``: their parts of it, summed there, the default before session
+  17; ``mlp_tiles.y0_mode``); ``MIRAS_KERNEL_MLP_PREC``:
   the dot operands for bf16 inputs (``bf16``, the tiles layout's default, or ``tf32``, the walk layout's;
   ``mlp._prec``);
   ``MIRAS_KERNEL_MLP_FACTORS``: the dtype of the tiles layout's per-tile factor scratch (``auto``, the default: bf16

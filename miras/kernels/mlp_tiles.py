@@ -385,15 +385,15 @@ def kernel_block_env(name: str) -> str:
 def kernel_block(name: str, default: int, least: int, most: int) -> int:
     """How much of its output one program of kernel ``name`` forms: ``MIRAS_KERNEL_MLP_BLOCK_<KERNEL>``
     (``kernel_block_env``; a power of two >= least, clamped to most), else ``default``. Smaller blocks, more programs
-    per chunk: more of the GPU for a chunk's few batch*heads, more loads shared by fewer outputs. Five kernels
+    per chunk: more of the GPU for a chunk's few batch*heads, more loads shared by fewer outputs. Six kernels
     have one, each timed under a few by benchmarks/tune_mlp.py:
     - ``_prep_state``: rows of the chunk per program (default ``_block_rows``: 16 at chunk 64; ``_prep_rows``),
       each forming Y0 for its rows from the hidden tiles' shares (``_prep_state_rows``: with ``y0_mode`` "acts" each
       program reads the chunk's whole W2, so more rows per program read it fewer times);
     - ``_fwd_out``: columns of o per program (default ``_block_out``: 32; whole rows with the LayerNorm head);
     - ``_bwd_sums``: columns of dq, dk and dR per program (default ``_block_out``);
-    - ``_fwd_tile``, ``_bwd_tile32``: hidden tiles per program (default 1; ``fwd_tiles_per_program``,
-      ``bwd_tiles_per_program``)."""
+    - ``_fwd_tile``, ``_bwd_tile32``, ``_bwd_tile2``: hidden tiles per program (default 1;
+      ``fwd_tiles_per_program``, ``bwd_tiles_per_program``, ``pass2_tiles_per_program``)."""
     value = env_tile(kernel_block_env(name), minimum=least)
     return default if value is None else min(value, most)
 
@@ -418,6 +418,11 @@ def bwd_tiles_per_program(NH: int, fused: bool) -> int:
     """Hidden tiles per program of ``_bwd_tile32``'s pass 3 (``_tiles_per_program``); 1 when pass 2 is fused in
     (``fuse_passes``: it reads its own tile back)."""
     return 1 if fused else _tiles_per_program("_bwd_tile32", NH)
+
+
+def pass2_tiles_per_program(NH: int) -> int:
+    """Hidden tiles per program of ``_bwd_tile2`` (pass 2 on its own launch; ``_tiles_per_program``)."""
+    return _tiles_per_program("_bwd_tile2", NH)
 
 
 def _prep_rows(BT: int, yacts: bool) -> int:
@@ -806,24 +811,30 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
 def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
-    """Pass 2 of the last chunk (``_pass2``); the others run in ``_bwd_tile32`` behind the next chunk's pass 3."""
+               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr,
+               TPP: tl.constexpr):
+    """Pass 2 (``_pass2``) of chunk c on its own launch: every chunk's when the passes are apart (``fuse_passes``),
+    else the last chunk's (the others run in ``_bwd_tile32`` behind the next chunk's pass 3)."""
     _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
-           H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16)
+           H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
 
 
 @triton.jit
 def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
     A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them, pass 3 forms the
     start-state gradient tiles from them), X into xs and the tile's partials (``_prow_base``, slot j * BHN + i_bh):
     the rows dbeta, df, dgam, dgL, dnL and the carry scalars' d beta_L, d f_L, d m_L (their inner products of the
-    chunk-start state with the end state's gradient, ``_end_grad_scalars``, on the tiles this pass loads anyway)."""
-    (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
-     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, k, c, T, H, K, V, HD, BT, BK, BV, BH, False)
+    chunk-start state with the end state's gradient, ``_end_grad_scalars``, on the tiles this pass loads anyway).
+    Program (jp, i_bh) walks the TPP hidden tiles j = jp TPP .. (jp + 1) TPP - 1 (``pass2_tiles_per_program``),
+    loading what they share (q, k, dO, R, the gate rows) once."""
+    jp, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     base = _pre_base(pre, i_bh, BT, BV)
@@ -833,32 +844,37 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
-    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-    # the carry scalars' parts first: formed after the factors instead, they keep all eight state tiles live through
-    # the pass (sm_90, triton 3.6, benchmarks/kernel_resources_mlp.py: a 592 B spill stack per thread against 176
-    # here and 152 without them; in pass 3 they cost more still)
-    dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
-    rw = _prow_base(prow, j * BHN + i_bh, BT)
-    o_s = tl.arange(0, 4)
-    tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
-    # (what it also returns, the start-state gradient tiles (pass 3 forms them) and the scalars, is dead code here)
-    (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, _, _, _,
-     X, _, _, _, _) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1,
-                                        C1T, M2, M2T, gL, nL, betaL, fL, mL, ACT, DECAYED, MOMENTUM, PREC, True)
-    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-    tl.store(xs + th, X, mask=h_ok[None, :])
+    o_hh = tl.arange(0, BH)
     fty = fs.dtype.element_ty
-    tl.store(fs + th, A1.to(fty), mask=h_ok[None, :])
-    tl.store(fs + BHN * BT * HD + th, Ah.to(fty), mask=h_ok[None, :])
-    tl.store(fs + 2 * BHN * BT * HD + th, D1.to(fty), mask=h_ok[None, :])
-    tl.store(fs + 3 * BHN * BT * HD + th, dH.to(fty), mask=h_ok[None, :])
-    tl.store(fs + 4 * BHN * BT * HD + th, dP.to(fty), mask=h_ok[None, :])
-    tl.store(rw + o_t, dbeta)
-    tl.store(rw + BT + o_t, df)
-    tl.store(rw + 2 * BT + o_t, dgam)
-    tl.store(rw + 3 * BT + o_t, dgL)
-    tl.store(rw + 4 * BT + o_t, dnL)
+    for jt in range(TPP):
+        j = jp * TPP + jt
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        # the carry scalars' parts first: formed after the factors instead, they keep all eight state tiles live
+        # through the pass (sm_90, triton 3.6, benchmarks/kernel_resources_mlp.py: a 592 B spill stack per thread
+        # against 176 here and 152 without them; in pass 3 they cost more still)
+        dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
+        rw = _prow_base(prow, j * BHN + i_bh, BT)
+        o_s = tl.arange(0, 4)
+        tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
+        # (what it also returns, the start-state gradient tiles (pass 3 forms them) and the scalars, is dead code)
+        (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, _, _, _,
+         X, _, _, _, _) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f,
+                                            C1, C1T, M2, M2T, gL, nL, betaL, fL, mL, ACT, DECAYED, MOMENTUM, PREC,
+                                            True)
+        th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+        tl.store(xs + th, X, mask=h_ok[None, :])
+        tl.store(fs + th, A1.to(fty), mask=h_ok[None, :])
+        tl.store(fs + BHN * BT * HD + th, Ah.to(fty), mask=h_ok[None, :])
+        tl.store(fs + 2 * BHN * BT * HD + th, D1.to(fty), mask=h_ok[None, :])
+        tl.store(fs + 3 * BHN * BT * HD + th, dH.to(fty), mask=h_ok[None, :])
+        tl.store(fs + 4 * BHN * BT * HD + th, dP.to(fty), mask=h_ok[None, :])
+        tl.store(rw + o_t, dbeta)
+        tl.store(rw + BT + o_t, df)
+        tl.store(rw + 2 * BT + o_t, dgam)
+        tl.store(rw + 3 * BT + o_t, dgL)
+        tl.store(rw + 4 * BT + o_t, dnL)
 
 
 def sums_size(BT: int, BK: int, BV: int) -> int:
@@ -1148,7 +1164,7 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
     if PASS2 and c > 0:
         tl.debug_barrier()
         _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, prow, c - 1,
-               c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16)
+               c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, 1)
 
 
 @triton.jit
@@ -1329,7 +1345,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
                    MOMENTUM=cfg.momentum, PREC=prec)
     mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT), NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16,
                   READ_RES=cfg.residual and not cfg.norm)
-    tile_grid, sums_grid, mid_grid = (NH, BHN), (sums_programs(BK, BV), BHN), (BT // _block_rows(BT) + 3, BHN)
+    sums_grid, mid_grid = (sums_programs(BK, BV), BHN), (BT // _block_rows(BT) + 3, BHN)
     do_raw = do
     if cfg.norm:  # the read's head first: from here on, do is the gradient at its input
         nw, nb, ohead = head
@@ -1343,14 +1359,16 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, R16=cfg.r16)
     pre_c, ops_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, ops, xs, pg3, gin, dkacc, dyb))
     fused = fuse_passes()
-    _launch(_bwd_tile2, tile_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
-            ops_c[NT - 1], xs_c[NT - 1], fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw)
+    tpp2 = pass2_tiles_per_program(NH)
+    pass2_grid = (NH // tpp2, BHN)
+    _launch(_bwd_tile2, pass2_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
+            ops_c[NT - 1], xs_c[NT - 1], fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw, TPP=tpp2)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw)
     bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
     tpp = bwd_tiles_per_program(NH, fused)
     bwd_tile32 = _launcher(_bwd_tile32, (NH // tpp, BHN), **tile_kw, PASS2=fused, TPP=tpp)
-    bwd_tile2 = _launcher(_bwd_tile2, tile_grid, **tile_kw)
+    bwd_tile2 = _launcher(_bwd_tile2, pass2_grid, **tile_kw, TPP=tpp2)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
         bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs, sums, c, e, NS, BHN)
