@@ -2,9 +2,9 @@
 
 Every MLP kernel launches at ``MIRAS_KERNEL_MLP_CONFIG`` (default 4 warps, 1 stage, or the kernel's entry of
 ``miras.kernels.mlp.TUNED_CONFIGS``, which this script's session-15 run chose) unless its own
-``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``); three kernels also
-take their output block per program from ``MIRAS_KERNEL_MLP_BLOCK_<NAME>`` (``miras.kernels.mlp_tiles.kernel_block``),
-and the candidate sets try a few. ``run`` does this:
+``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``); six kernels also
+take their output block (or hidden tiles) per program from ``MIRAS_KERNEL_MLP_BLOCK_<NAME>``
+(``miras.kernels.mlp_tiles.kernel_block``), and the candidate sets try a few. ``run`` does this:
 1. For every candidate set of SETS, in parallel processes, so that the compiles overlap: the bench-shape check.
    That is our kernels on bf16 inputs against the fp32 chunked path, output and every input gradient within 2e-2
    (relative), at the mlp2 titans row of bench_kernels.py (B=4, T=4096, H=8, D=128, chunk 64). It also compiles the
@@ -61,30 +61,34 @@ def _blocks(**blocks: int) -> dict[str, str]:
 # under triton 3.6 for sm_90, benchmarks/kernel_resources_mlp.py --warps 2. Neither are hidden tiles of 32 any more:
 # every tile kernel ~20% slower in session 15, RESULTS.md)
 SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_KERNEL_MLP_CONFIG* / _BLOCK_* set),
-    # timed in this order until the time is up: the blocks, never timed on a GPU yet, before the launch configs,
-    # which session 15 timed (its choices are the defaults now)
+    # timed in this order until the time is up: the settings never timed on a GPU first, the likeliest gains first;
+    # last the launch configs that session 15 timed (its choices are the defaults now)
     DEFAULT: {},
     # the next chunk's Y0 handed over as the tiles' parts of it ([BT, V] fp32 per tile program, summed by
     # _prep_state), the default before session 17, against their hidden activations ([BT, BH], contracted with W2 by
     # _prep_state; mlp_tiles.y0_mode): a setting of three kernels, so in the table only (WHOLE_SETS)
     "y0parts": {"MIRAS_KERNEL_MLP_Y0": "parts"},
-    # output blocks (mlp_tiles.kernel_block), each kernel at its default config: _prep_state's rows per program (16
-    # by default: 128 programs per chunk at the bench shape, each reading the chunk's whole W2), _fwd_out's and
-    # _bwd_sums' columns (32 by default)
-    "rows32": _blocks(_prep_state=32),
-    "rows64": _blocks(_prep_state=64),
-    "out16": _blocks(_fwd_out=16, _bwd_sums=16),
-    "out64": _blocks(_fwd_out=64, _bwd_sums=64),
     # two hidden tiles per program of _fwd_tile, of pass 3 (_bwd_tile32) and of pass 2 (_bwd_tile2): 256 programs
     # instead of 512, each loading what a chunk's tiles share once for both; 96 / 110 / 84 KB of shared memory (64 /
     # 48 / 80 at one tile), so still two per SM: one wave instead of two (spill stacks 32 -> 232, 296 -> 232,
     # 176 -> 352 B per thread)
     "tiles2": _blocks(_fwd_tile=2, _bwd_tile32=2, _bwd_tile2=2),
+    # output blocks (mlp_tiles.kernel_block), each kernel at its default config: _fwd_out's and _bwd_sums' columns
+    # (32 by default), _prep_state's rows per program (16 by default: 128 programs per chunk at the bench shape, each
+    # reading the chunk's whole W2). out128: whole rows (128 columns at the bench shape), a batch*head's factors
+    # loaded by 5 _bwd_sums programs instead of 14, at 8 warps (at 4, _bwd_sums spills: a 216 B stack per thread; at
+    # 8 warps, 2 stages none, 68 KB of shared memory; sm_90, triton 3.6)
+    "out128": {**_blocks(_fwd_out=128, _bwd_sums=128), kernel_config_env("_fwd_out"): "8,2",
+               kernel_config_env("_bwd_sums"): "8,2"},
+    "out64": _blocks(_fwd_out=64, _bwd_sums=64),
     # the tile kernels' registers capped (sm_90, triton 3.6, kernel_resources_mlp.py --maxnreg): at 255 two programs
     # fit an SM, so 512 programs at the bench shape run in two waves; at 168, three (_fwd_tile: 64 KB of shared
-    # memory each; _bwd_tile32: 48 KB; _bwd_tile2's 80 KB keep it at two), spill stacks 64 -> 760 B (_fwd_tile),
+    # memory each; _bwd_tile32: 48 KB; _bwd_tile2's 80 KB keep it at two), spill stacks 32 -> 752 B (_fwd_tile),
     # 296 -> 736 (_bwd_tile32); at 128, four for _bwd_tile32 (one wave), 928 B
     "reg168": _tiles_at("4,1,168"),
+    "rows32": _blocks(_prep_state=32),
+    "rows64": _blocks(_prep_state=64),
+    "out16": _blocks(_fwd_out=16, _bwd_sums=16),
     "reg128": _tiles_at("4,1,128"),
     # R in bf16 in the records (mlp_tiles.r_dtype: the same products, half R's loads, fewer spills): a setting of
     # every kernel that reads R, so timed for the table and left out of pick (WHOLE_SETS); untested on a GPU
