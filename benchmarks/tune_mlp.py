@@ -5,7 +5,8 @@ Every MLP kernel launches at ``MIRAS_KERNEL_MLP_CONFIG`` (default 4 warps, 1 sta
 ``MIRAS_KERNEL_MLP_CONFIG_<NAME>`` says otherwise (``miras.kernels.mlp.kernel_config_env``); six kernels also
 take their output block (or hidden tiles) per program from ``MIRAS_KERNEL_MLP_BLOCK_<NAME>``
 (``miras.kernels.mlp_tiles.kernel_block``), and the candidate sets try a few. ``run`` does this:
-1. For every candidate set of SETS, in parallel processes, so that the compiles overlap: the bench-shape check.
+1. For every candidate set of SETS, in parallel processes (``PARALLEL_CHECKS`` at once), so that the compiles
+   overlap: the bench-shape check.
    That is our kernels on bf16 inputs against the fp32 chunked path, output and every input gradient within 2e-2
    (relative), at the mlp2 titans row of bench_kernels.py (B=4, T=4096, H=8, D=128, chunk 64). It also compiles the
    set's kernels.
@@ -240,15 +241,35 @@ def _child(mode: str, out: Path, name: str, env: dict, timeout: float) -> dict |
     return _finish(_start(mode, out, name, env), mode, out, name, time.time() + timeout)
 
 
-def _parallel_checks(out: Path, sets: dict[str, dict], deadline: float) -> dict[str, dict]:
-    """Every set's check at once, each in its child process: {set: its result} for those that ended with one."""
-    procs = {name: _start("check", out, name, env) for name, env in sets.items()}
-    results = {name: _finish(proc, "check", out, name, deadline) for name, proc in procs.items()}
+# checks running at once: each holds ~7 GB of GPU memory at the bench shape (our kernels' ~2.5 GB and the fp32
+# chunked path's ~3-4 GB, measured on the CPU at T=1024 and scaled; the CUDA context), so 8 stay well within an
+# H100's 80 GB beside the gate's tests
+PARALLEL_CHECKS = 8
+
+
+def _parallel_checks(out: Path, sets: dict[str, dict], deadline: float,
+                     at_once: int = PARALLEL_CHECKS) -> dict[str, dict]:
+    """Every set's check, each in its child process, at most ``at_once`` running, started in the sets' order:
+    {set: its result} for those that ended with one (a check not started by the deadline is skipped)."""
+    waiting, running, results = list(sets), {}, {}
+    while waiting or running:
+        while waiting and len(running) < at_once and time.time() < deadline - 5:
+            name = waiting.pop(0)
+            running[name] = _start("check", out, name, sets[name])
+        if waiting and time.time() >= deadline - 5:
+            print(f"  checks not started, out of time: {' '.join(waiting)}")
+            waiting = []
+        done = [name for name, proc in running.items() if proc.poll() is not None or time.time() >= deadline]
+        for name in done:
+            results[name] = _finish(running.pop(name), "check", out, name, deadline)
+        if not done:
+            time.sleep(0.5)
     return {name: r for name, r in results.items() if r is not None}
 
 
 def run_checks(out: Path, seconds: float) -> None:
-    """Step 1: every set's check, in parallel processes (at most ``seconds``), into OUT/check_<set>.json."""
+    """Step 1: every set's check, in parallel processes (``PARALLEL_CHECKS`` at once, at most ``seconds`` in all),
+    into OUT/check_<set>.json."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.json"):  # (results of an earlier run)
         old.unlink()
