@@ -243,9 +243,11 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
         rows[name] = dict(good[len(good) // 2])
         if rounds > 1:
             rows[name]["spread"] = f"f+b {good[0]['fwdbwd']:.3f}..{good[-1]['fwdbwd']:.3f} over {len(good)} rounds"
-        if graph_calls[name]["captured"] or graph_calls[name]["replayed"]:  # did the CUDA graphs replay?
-            calls = ", ".join(f"{k} {graph_calls[name][k]}" for k in ("eager", "captured", "replayed"))
-            rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP backward graphs: {calls})").strip()
+        counts = graph_calls[name]
+        if any(counts[f"{p} {k}"] for p in ("forward", "backward") for k in ("captured", "replayed")):  # did they?
+            calls = "; ".join(p + " " + ", ".join(f"{k} {counts[f'{p} {k}']}" for k in ("eager", "captured", "replayed"))
+                              for p in ("forward", "backward"))
+            rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP graphs: {calls})").strip()
         if launches[name]["direct"] or launches[name]["plain"]:  # how the MLP kernels were launched
             calls = f"direct {launches[name]['direct']}, plain {launches[name]['plain']}"
             rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP launches: {calls})").strip()
@@ -253,10 +255,12 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
 
 
 def _graph_calls() -> dict[str, int]:
-    """How the MLP backward's calls ran so far: eagerly, captured, replayed (miras/kernels/graphs.py)."""
-    from miras.kernels.mlp import BACKWARD_GRAPHS
+    """How the MLP memory's forward and backward calls ran so far: eagerly, captured, replayed
+    (miras/kernels/graphs.py), as {"forward eager": n, ..., "backward replayed": n}."""
+    from miras.kernels.mlp import BACKWARD_GRAPHS, FORWARD_GRAPHS
 
-    return BACKWARD_GRAPHS.calls
+    return {f"{part} {k}": n for part, cache in (("forward", FORWARD_GRAPHS), ("backward", BACKWARD_GRAPHS))
+            for k, n in cache.calls.items()}
 
 
 def _launches() -> dict[str, int]:

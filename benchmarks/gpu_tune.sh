@@ -7,7 +7,8 @@
 #    benchmark row's compile (warm_kernels.py row); the bf16-operands probe (gpu_probe_tiles.sh, GPU_TUNE_PROBE).
 # 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
-# 3. bench_kernels.py --families mlp: the defaults, mlpgraphs, tuned and tunedgraphs (and mlpr16graphs /
+# 3. bench_kernels.py --families mlp: the defaults, mlpgraphs (forward and backward graphed), mlpbwdgraphs (the
+#    backward alone, as before session 17), tuned and tunedgraphs (and mlpr16graphs /
 #    mlpy0partsgraphs where set rbf16 / y0parts passed its check) in GPU_TUNE_ROUNDS (3)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
@@ -72,8 +73,8 @@ python3 benchmarks/tune_mlp.py tune --out "$OUTDIR/tune" --seconds "$(( $(left) 
   2>&1 | tee -a "$OUTDIR/tune.log"
 
 echo "== phase 3: the benchmark ($(left) s left)"
-VARIANTS=mlpgraphs
-if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then VARIANTS="mlpgraphs,tuned,tunedgraphs"; fi
+VARIANTS=mlpgraphs,mlpbwdgraphs
+if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then VARIANTS="$VARIANTS,tuned,tunedgraphs"; fi
 # bf16 R (set rbf16, which pick leaves out) beside them, where its bench-shape check passed
 if grep -q '"ok": true' "$OUTDIR/tune/check_rbf16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
 # Y0 handed over as the tiles' parts (set y0parts, the default before session 17) beside the activations

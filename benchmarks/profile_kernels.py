@@ -92,10 +92,11 @@ def main() -> None:
     if n:
         print(f"Triton launches per step: {n:g} ({CALLS}, warm-up included); host issue per Triton launch "
               f"<= {1e6 * issue / args.steps / n:.1f} us")
-    from miras.kernels.mlp import BACKWARD_GRAPHS
+    from miras.kernels.mlp import BACKWARD_GRAPHS, FORWARD_GRAPHS
 
-    if BACKWARD_GRAPHS.setting():  # did the backward replay (MIRAS_KERNEL_MLP_GRAPHS)? (a capture is slow on the host)
-        print(f"MLP backward calls, warm-up included: {BACKWARD_GRAPHS.calls}")
+    for part, cache in (("forward", FORWARD_GRAPHS), ("backward", BACKWARD_GRAPHS)):
+        if cache.setting():  # did it replay (MIRAS_KERNEL_MLP_GRAPHS)? (a capture is slow on the host)
+            print(f"MLP {part} calls, warm-up included: {cache.calls}")
 
 
 if __name__ == "__main__":

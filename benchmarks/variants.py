@@ -31,7 +31,10 @@ VARIANTS = {
     "mlpbh32": {"MIRAS_KERNEL_BH": "32"}, "mlpbh32bf16": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_PREC": "bf16"},
     "mlpunfused": {"MIRAS_KERNEL_MLP_FUSE_PASSES": "0"},
     "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
-    "mlpgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"},  # the backward replayed as a CUDA graph (miras/kernels/graphs.py)
+    # the backward and (tiles layout, session 17) the forward replayed as CUDA graphs (miras/kernels/graphs.py);
+    # mlpbwdgraphs: the backward's alone, as before session 17
+    "mlpgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    "mlpbwdgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2", "MIRAS_KERNEL_MLP_FORWARD_GRAPHS": "0"},
     "mlpbf16graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
     # (pass 2 launched on its own spills less; with the backward graphed its extra launches cost no host time)
     "mlpbf16unfusedgraphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_FUSE_PASSES": "0",

@@ -424,11 +424,13 @@ def kernel_graphs_setting(cfg: TrainSpec, device: torch.device) -> str | None:
     return "0" if cfg.kernel_graphs == "off" else str(cfg.kernel_graphs)
 
 
-def _graph_calls() -> dict[str, int] | None:
-    """How the MLP kernels' backward calls ran in this process (eager / captured / replayed as CUDA graphs), when
-    those kernels were loaded (miras/kernels/graphs.py)."""
+def _graph_calls() -> dict[str, dict[str, int]] | None:
+    """How the MLP kernels' forward and backward calls ran in this process (eager / captured / replayed as CUDA
+    graphs), when those kernels were loaded (miras/kernels/graphs.py)."""
     mlp = sys.modules.get("miras.kernels.mlp")
-    return dict(mlp.BACKWARD_GRAPHS.calls) if mlp is not None else None
+    if mlp is None:
+        return None
+    return {"forward": dict(mlp.FORWARD_GRAPHS.calls), "backward": dict(mlp.BACKWARD_GRAPHS.calls)}
 
 
 def _finish(record: dict[str, Any], status: str, error: str | None, last: dict[str, float], counters: dict[str, Any],

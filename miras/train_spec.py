@@ -91,9 +91,10 @@ class TrainSpec(_Spec):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     kernel_graphs: Literal["auto", "off"] | int | None = Field(
-        None, description="CUDA graphs for the MLP-memory kernels' backward (MIRAS_KERNEL_MLP_GRAPHS; ~1.5x faster "
-        "fwd+bwd on an H200): auto (on CUDA, one graph per MLP-memory layer, unless the environment sets the "
-        "variable), off, the most graphs kept, or unset (the default: the environment decides, off when unset)")
+        None, description="CUDA graphs for the MLP-memory kernels' backward and forward (MIRAS_KERNEL_MLP_GRAPHS; "
+        "~1.5x faster fwd+bwd on an H200 with the backward's): auto (on CUDA, one graph per MLP-memory layer, "
+        "unless the environment sets the variable), off, the most graphs kept, or unset (the default: the "
+        "environment decides, off when unset)")
 
     @field_validator("kernel_graphs", mode="before")
     @classmethod

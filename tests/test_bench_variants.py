@@ -69,9 +69,10 @@ def test_rounds_below_one_is_a_clear_error():
     assert out.returncode == 2 and "--rounds must be >= 1, but got 0" in out.stderr
 
 
-def test_a_graphs_row_reports_how_its_backward_calls_ran():
-    """A benchmark row under MIRAS_KERNEL_MLP_GRAPHS says how many backward calls ran eagerly, were captured and
-    replayed (a row whose graphs never replay measures the eager path); rows without graphs say nothing."""
+def test_a_graphs_row_reports_how_its_calls_ran():
+    """A benchmark row under MIRAS_KERNEL_MLP_GRAPHS says how many forward and backward calls ran eagerly, were
+    captured and replayed (a row whose graphs never replay measures the eager path); rows without graphs say
+    nothing."""
     sys.path.insert(0, str(SCRIPT.parent))
     import bench_kernels
 
@@ -87,7 +88,8 @@ def test_a_graphs_row_reports_how_its_backward_calls_ran():
                                         None, 3, rounds=1)
     assert "spread" not in rows["plain"]
     calls = rows["graphs"]["spread"]
-    assert calls.startswith("(MLP backward graphs: eager 0, captured 0, replayed ") and not calls.endswith(" 0)")
+    assert calls.startswith("(MLP graphs: forward eager 0, captured 0, replayed 0; backward eager 0, captured 0, "
+                            "replayed ") and not calls.endswith(" 0)")
 
 
 def test_references_matching_no_row_is_a_clear_error():

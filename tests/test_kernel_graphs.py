@@ -2,7 +2,7 @@
 
 No CUDA here: the capture is replaced by a stand-in whose "graph" re-runs the function into the buffers the capture
 produced (what a CUDA graph's replay does to its private pool). The real graphs are checked against the eager
-backward on a GPU: tests/test_kernels_mlp_gpu.py::test_backward_graphs_replay_the_eager_backward.
+forward and backward on a GPU: tests/test_kernels_mlp_gpu.py::test_graphs_replay_the_eager_forward_and_backward.
 """
 
 from __future__ import annotations
@@ -171,3 +171,52 @@ def test_a_failed_capture_warns_and_runs_eagerly_from_then_on(monkeypatch):
         results = [cache(twice, "s", x, 2.0)[0] for _ in range(4)]
     assert len(w) == 1 and cache.events == ["capture"] and not cache.graphs
     assert all(torch.equal(r, 2 * x) for r in results) and cache.calls["eager"] == 4
+
+
+def test_a_cache_with_a_default_env_follows_it_unless_its_own_is_set(monkeypatch):
+    """GraphCache(env, default_env): the capacity is env where set, else default_env's (mlp.FORWARD_GRAPHS follows
+    MIRAS_KERNEL_MLP_GRAPHS unless MIRAS_KERNEL_MLP_FORWARD_GRAPHS is set); a bad value of either names it."""
+    cache = GraphCache("MIRAS_TEST_FWD_GRAPHS", default_env="MIRAS_TEST_GRAPHS")
+    monkeypatch.delenv("MIRAS_TEST_FWD_GRAPHS", raising=False)
+    monkeypatch.delenv("MIRAS_TEST_GRAPHS", raising=False)
+    assert cache.capacity() == 0
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "3")
+    assert cache.capacity() == 3 and cache.setting() == 3
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "auto")
+    assert cache.setting() == "auto" and cache.capacity() == 2
+    monkeypatch.setenv("MIRAS_TEST_FWD_GRAPHS", "0")
+    assert cache.capacity() == 0
+    monkeypatch.setenv("MIRAS_TEST_FWD_GRAPHS", "5")
+    assert cache.capacity() == 5
+    monkeypatch.setenv("MIRAS_TEST_FWD_GRAPHS", "many")
+    with pytest.raises(ValueError, match="MIRAS_TEST_FWD_GRAPHS must be an integer >= 0 or 'auto'"):
+        cache.capacity()
+    monkeypatch.delenv("MIRAS_TEST_FWD_GRAPHS")
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "lots")
+    with pytest.raises(ValueError, match="MIRAS_TEST_GRAPHS must be an integer >= 0 or 'auto'"):
+        cache.capacity()
+
+
+def test_a_call_that_writes_only_into_its_arguments_replays_into_them(monkeypatch):
+    """The MLP forward's shape of call (mlp_tiles._fwd_launches): no outputs, every buffer passed in; the key covers
+    the buffers' addresses, so a replay writes into the buffers of the call that replays it."""
+    monkeypatch.setenv("MIRAS_TEST_GRAPHS", "2")
+
+    def scale_into(x: torch.Tensor, out: torch.Tensor, scale: float) -> tuple:
+        out.copy_(x * scale)
+        return ()
+
+    class Recording(StandInCache):
+        def capture(self, fn, args):
+            self.events.append("capture")
+            fn(*args)
+            return (lambda: (self.events.append("replay"), fn(*args))), ()
+
+    cache, x, out = Recording(), torch.arange(3.0), torch.zeros(3)
+    for step in range(3):
+        x.copy_(torch.arange(3.0) + step)
+        assert cache(scale_into, "s", x, out, 2.0) == ()
+        assert torch.equal(out, 2 * x)
+    other = torch.zeros(3)  # another output buffer: another key (first sighting: eager)
+    cache(scale_into, "s", x, other, 2.0)
+    assert torch.equal(other, 2 * x) and cache.events == ["capture", "replay", "replay"]

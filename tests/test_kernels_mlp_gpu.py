@@ -154,12 +154,12 @@ def test_inputs_are_well_conditioned(case, norm):
 
 @on_gpu
 @needs_cuda
-def test_backward_graphs_replay_the_eager_backward(monkeypatch):
+def test_graphs_replay_the_eager_forward_and_backward(monkeypatch):
     """MIRAS_KERNEL_MLP_GRAPHS: over four steps of two layers whose inputs change in place (a training loop's steady
-    state: the same addresses, new values; the two layers' graphs share one memory pool), the backward replayed as
-    CUDA graphs gives the eager backward's outputs and gradients bit for bit (the kernels use no atomics), and the
-    graphs replayed."""
-    from miras.kernels.mlp import BACKWARD_GRAPHS
+    state: the same addresses, new values; the two layers' graphs share one memory pool), the forward and the
+    backward replayed as CUDA graphs give the eager outputs and gradients bit for bit (the kernels use no atomics),
+    and both kinds of graphs replayed."""
+    from miras.kernels.mlp import BACKWARD_GRAPHS, FORWARD_GRAPHS
 
     bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
@@ -190,16 +190,22 @@ def test_backward_graphs_replay_the_eager_backward(monkeypatch):
 
     # both runs with the same kernels: graphs change fuse_passes' default (separate passes), eager would fuse them
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", os.environ.get("MIRAS_KERNEL_MLP_FUSE_PASSES", "0"))
-    BACKWARD_GRAPHS.graphs.clear()
-    BACKWARD_GRAPHS.seen.clear()
-    before = BACKWARD_GRAPHS.calls["replayed"]
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_FORWARD_GRAPHS", raising=False)  # (the forward's follow the setting)
+    for cache in (FORWARD_GRAPHS, BACKWARD_GRAPHS):
+        cache.graphs.clear()
+        cache.seen.clear()
+    before = {part: cache.calls["replayed"] for part, cache in (("forward", FORWARD_GRAPHS),
+                                                                ("backward", BACKWARD_GRAPHS))}
     graphed = run("2")
-    replayed = BACKWARD_GRAPHS.calls["replayed"] - before
+    replayed = {"forward": FORWARD_GRAPHS.calls["replayed"] - before["forward"],
+                "backward": BACKWARD_GRAPHS.calls["replayed"] - before["backward"]}
     eager = run("0")  # (0 also drops the graphs held)
-    print(f"graphs: {replayed} of {len(graphed)} calls replayed")
+    print(f"graphs: of {len(graphed)} calls, {replayed['forward']} forward and {replayed['backward']} backward "
+          "calls replayed")
     for i, (got, want) in enumerate(zip(graphed, eager)):
         check_errors(got, want, 1e-6, label=f"graphs step {i // 2} layer {i % 2}")
-    assert replayed >= 2, "the graphs did not replay: the backward's input addresses changed at every step"
+    for part, n in replayed.items():
+        assert n >= 2, f"the {part} graphs did not replay: the call's addresses changed at every step"
 
 
 @needs_cuda

@@ -54,12 +54,15 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   instead of through the compiled kernel's own launcher once a launch site has been seen (default on with triton
   >= 3.6; same compiled kernels, bit for bit the same results, far less host time per launch;
   miras/kernels/launcher.py).
-- ``MIRAS_KERNEL_MLP_GRAPHS=N`` or ``auto``: replay the MLP memory's backward (~200 launches at T=4096) as a CUDA
-  graph, keeping at most N graphs (default 0: off; ``auto``: as many as a step needs, up to 64; a model YAML's
+- ``MIRAS_KERNEL_MLP_GRAPHS=N`` or ``auto``: replay the MLP memory's backward (~200 launches at T=4096) and, in
+  the tiles layout, its forward (~130; ``MIRAS_KERNEL_MLP_FORWARD_GRAPHS`` sets the forward's apart) as CUDA
+  graphs, keeping at most N graphs each (default 0: off; ``auto``: as many as a step needs, up to 64; a model YAML's
   ``train.kernel_graphs`` sets it for a ``miras train`` run; miras/kernels/graphs.py). On an H200, fwd+bwd at B=4,
-  T=4096, H=8, D=128 took 10.8 ms instead of 16.4 ms (benchmarks/RESULTS.md session 13). Each layer's backward is
-  its own graph: a fixed N below the number of MLP-memory layers re-captures every step (and warns). Each graph
-  keeps its gradient outputs; their scratch shares one pool (~0.7 GB at that shape).
+  T=4096, H=8, D=128 took 10.8 ms instead of 16.4 ms with the backward's graphs (benchmarks/RESULTS.md session 13;
+  the forward's are unmeasured). Each layer's backward (and forward) is its own graph: a fixed N below the number
+  of MLP-memory layers re-captures every step (and warns). Each backward graph keeps its gradient outputs; their
+  scratch shares one pool (~0.7 GB at that shape). The forward's graphs write only into buffers allocated before
+  each call (the outputs, the state slots and records kept for the backward, the scratch), so they hold nothing.
 """
 
 from __future__ import annotations

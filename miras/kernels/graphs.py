@@ -1,15 +1,16 @@
 """Replay of a launch sequence as a CUDA graph, keyed on the addresses of its inputs (opt-in).
 
-The MLP memory's backward is ~200 small launches in a sequential chunk loop, and on an H200 (triton 3.6) the host
-needs ~46 us to issue each, more than the kernels take (benchmarks/RESULTS.md, GPU session 12). A CUDA graph issues
-the whole sequence at once. A graph bakes in every address it touches, so it is reused only where the call's tensors
-sit where the captured call's did: in a steady training loop the caching allocator hands each step the same blocks,
-so the key (every tensor's address, shape, strides and dtype, the static arguments and the MIRAS_KERNEL_* settings)
-repeats from the second step on. The first sighting of a key runs eagerly (it compiles the kernels); the second
-captures and replays; later ones replay. GPU session 13 (H200): replays match the eager backward bit for bit, and the
-MLP memory's fwd+bwd went from 23.2 to 11.0 ms (with bf16 dots and separate passes, RESULTS.md). Those runs
-captured through torch.cuda.graph; ``GraphCache.capture`` now skips its emptying of the allocator's cache: in GPU
-session 14's two-layer test 6 of 8 calls replayed with it, against 2 of 8 before.
+The MLP memory's backward is ~200 small launches in a sequential chunk loop (its forward ~130), and on an H200
+(triton 3.6) the host needed ~46 us to issue each, more than the kernels take (benchmarks/RESULTS.md, GPU session 12;
+~30 us with the fast launch path since). A CUDA graph issues the whole sequence at once. A graph bakes in every
+address it touches, so it is reused only where the call's tensors sit where the captured call's did: in a steady
+training loop the caching allocator hands each step the same blocks, so the key (every tensor's address, shape,
+strides and dtype, the static arguments and the MIRAS_KERNEL_* settings) repeats from the second step on. The first
+sighting of a key runs eagerly (it compiles the kernels); the second captures and replays; later ones replay. GPU
+session 13 (H200): replays match the eager backward bit for bit, and the MLP memory's fwd+bwd went from 23.2 to 11.0
+ms (with bf16 dots and separate passes, RESULTS.md). Those runs captured through torch.cuda.graph;
+``GraphCache.capture`` now skips its emptying of the allocator's cache: in GPU session 14's two-layer test 6 of 8
+calls replayed with it, against 2 of 8 before.
 
 What a graph writes lives in a memory pool that the graphs of a device share: its scratch, dead once a replay
 returns, and its outputs, which each replay overwrites, so they are cloned right after it. Each entry keeps its
@@ -19,6 +20,9 @@ the default, turns graphs off, and setting it back to 0 drops the graphs held). 
 step (one per MLP-memory layer) re-captures every call, slower than eager: that warns once. ``auto`` starts at 2
 entries and doubles (up to 64) whenever a dropped graph is needed again (``train.kernel_graphs: auto``). A capture
 that fails warns and turns graphs off for the process: the calls run eagerly from then on.
+
+The forward's launches (``mlp.FORWARD_GRAPHS``) are wrapped with every buffer they write allocated before the
+call and passed in: nothing to copy out, and the key covers the buffers' addresses as well as the inputs'.
 
 Requirements on the wrapped function: no host-device synchronisation, no host work that depends on tensor values,
 every tensor it reads passed in as an argument (the key must cover every address the graph bakes in), and outputs
@@ -40,10 +44,11 @@ AUTO_MAX = 64  # the most graphs the setting "auto" keeps
 
 
 class GraphCache:
-    """At most ``capacity()`` captured graphs of one launch sequence, least recently used first out."""
+    """At most ``capacity()`` captured graphs of one launch sequence, least recently used first out. The capacity is
+    the environment variable ``env``, or where that is unset, ``default_env`` (when given)."""
 
-    def __init__(self, env: str):
-        self.env = env
+    def __init__(self, env: str, default_env: str | None = None):
+        self.env, self.default_env = env, default_env
         self.graphs: OrderedDict[Hashable, tuple[Callable[[], None], tuple]] = OrderedDict()  # key -> (replay, outputs)
         self.seen: OrderedDict[Hashable, None] = OrderedDict()  # keys run once eagerly, not yet captured
         self.calls = {"eager": 0, "captured": 0, "replayed": 0}  # what the calls did (benchmarks print it)
@@ -55,6 +60,8 @@ class GraphCache:
 
     def setting(self) -> int | str:
         """The environment setting: a count (0: off) or "auto"; anything else is a ValueError naming it."""
+        if self.default_env is not None and self.env not in os.environ:
+            return env_count_or_auto(self.default_env)
         return env_count_or_auto(self.env)
 
     def capacity(self) -> int:
@@ -127,9 +134,10 @@ class GraphCache:
         step (MLP-memory layers), every call captures anew, which is slower than running eagerly."""
         if not self.warned:
             self.warned = True
-            warnings.warn(f"{self.env}={capacity} keeps fewer CUDA graphs than the calls of a training step need (one "
+            env = self.env if self.default_env is None or self.env in os.environ else self.default_env
+            warnings.warn(f"{env}={capacity} keeps fewer CUDA graphs than the calls of a training step need (one "
                           f"per MLP-memory layer): graphs are dropped and captured again every step, which is slower "
-                          f"than no graphs; set {self.env} to at least the number of MLP-memory layers", stacklevel=3)
+                          f"than no graphs; set {env} to at least the number of MLP-memory layers", stacklevel=3)
 
     @staticmethod
     def eligible(tensors: list[torch.Tensor]) -> bool:

@@ -1053,6 +1053,9 @@ def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfina
 
 # the backward's launch sequence replayed as CUDA graphs: at most MIRAS_KERNEL_MLP_GRAPHS of them (default 0: off)
 BACKWARD_GRAPHS = GraphCache("MIRAS_KERNEL_MLP_GRAPHS")
+# the tiles layout's forward launches (two per chunk) likewise: MIRAS_KERNEL_MLP_FORWARD_GRAPHS, by default as
+# MIRAS_KERNEL_MLP_GRAPHS (mlp_tiles.mlp_tiles_fwd)
+FORWARD_GRAPHS = GraphCache("MIRAS_KERNEL_MLP_FORWARD_GRAPHS", default_env="MIRAS_KERNEL_MLP_GRAPHS")
 
 
 class MLPScanFunction(torch.autograd.Function):

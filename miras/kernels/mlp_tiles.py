@@ -57,6 +57,7 @@ from miras.kernels.common import (
 from miras.kernels.launcher import cheap_launches
 from miras.kernels.mlp import (
     BACKWARD_GRAPHS,
+    FORWARD_GRAPHS,
     MLPConfig,
     _act,
     _block_h,
@@ -741,23 +742,49 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     """Forward, same contract as miras.kernels.mlp.mlp_scan_fwd, except that what it keeps for the backward is the
     state slots and every chunk's ``_prep`` record: (o, final state, (w1s, w2s, s1s, s2s, pre) or None; with the
     LayerNorm head (cfg.norm; head = its weight and bias, fp32 [H, V]) also (w, b, the head's input O [B, T, H, V])).
-    Two launches per chunk (``_prep``'s state part, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and
-    ``_fwd_out`` once for every chunk (without keep_states: three launches per chunk)."""
+    Every buffer is allocated here; the launches (``_fwd_launches``) run through ``FORWARD_GRAPHS``: replayed as a
+    CUDA graph when ``MIRAS_KERNEL_MLP_FORWARD_GRAPHS`` (by default ``MIRAS_KERNEL_MLP_GRAPHS``) is on, so that
+    their ~130 host launches at T=4096 cost one replay."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
     NS = NT + 1 if keep_states else 2
-    w1s, w2s, s1s, s2s = slots = _state_slots(cfg, q, v, w1, w2, s1, s2, NS)
-    BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
+    slots = _state_slots(cfg, q, v, w1, w2, s1, s2, NS)
+    BV, BH = pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
-    yacts = y0_mode() == "acts"  # per-chunk scratch: the hidden tiles' shares of Y0 (_y_share)
-    yp = torch.empty(B * H, BT, HD, **f32) if yacts else torch.empty(NH, B * H, BT, BV, **f32)
+    # per-chunk scratch: the hidden tiles' shares of Y0 (_y_share)
+    yp = torch.empty(B * H, BT, HD, **f32) if y0_mode() == "acts" else torch.empty(NH, B * H, BT, BV, **f32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     gates = (eta, keep if keep is not None else eta, mu if mu is not None else eta)
     delta_ = delta if delta is not None else eta
     nw, nb = head if cfg.norm else (eta, eta)  # (unread stand-ins without the head)
     ohead = torch.empty(B, T, H, V, **f32) if cfg.norm and keep_states else eta  # the head's input, for the backward
+    # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
+    # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
+    NR = NT if keep_states else 1
+    pre, ops = record_buffers(NR, B * H, BT, BV, q.device, _prec(q))
+    fs = torch.empty(NR, 2, B * H, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
+    FORWARD_GRAPHS(_fwd_launches, "tiles", cfg, keep_states, q, k, v, gates, delta_, nw, nb, slots, o, yp, ohead,
+                   pre, ops, fs)
+    saved = (*slots, pre, ops, *((nw, nb, ohead) if cfg.norm else ()))
+    return o, _final_state(cfg, slots, NT % NS, q, v), (saved if keep_states else None)
+
+
+def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, nb, slots, o, yp, ohead, pre, ops,
+                  fs) -> tuple:
+    """The forward's launches into the buffers ``mlp_tiles_fwd`` allocated (with keep_states, the training forward's:
+    every chunk's records and state slots; else one chunk's records and two ping-pong slots). Two launches per chunk
+    (``_prep_state``, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and ``_fwd_out`` once for every chunk
+    (forward alone: three launches per chunk, ``_prep``, ``_fwd_tile``, ``_fwd_out``). Returns (): it writes only
+    into its arguments, so a graph of it has no outputs to copy out."""
+    B, T, H, K = q.shape
+    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
+    NT, NR, NS = triton.cdiv(T, BT), pre.shape[0], slots[0].shape[1]
+    w1s, w2s, s1s, s2s = slots
+    BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
+    NH = triton.cdiv(HD, BH)
+    yacts = yp.dim() == 3  # (y0_mode "acts": [B*H, BT, HD]; "parts": [NH, B*H, BT, BV])
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
     tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, YACTS=yacts)
     norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16)  # (R16: every kernel that writes or reads R does these)
@@ -766,17 +793,12 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     prep_kw = dict(state_kw, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum)
     out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=_out_block(V, BV, cfg.norm), RES=cfg.residual,
                   MOMENTUM=cfg.momentum, SAVE_HEAD=cfg.norm and keep_states)  # (the head normalises whole rows)
-    # _prep's records and the read's factors: every chunk's when the backward needs them (then _fwd_out runs once
-    # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
-    NR = NT if keep_states else 1
-    pre, ops = record_buffers(NR, B * H, BT, BV, q.device, dims["PREC"])
-    fs = torch.empty(NR, 2, B * H, BT, HD, device=q.device, dtype=factors_dtype(dims["PREC"]))
     pre_c, ops_c, fs_c = pre.unbind(0), ops.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
     if keep_states:  # the records' gate part, which the state does not change, for every chunk at once; the loop's
         # _prep_state then builds the state part alone, in row blocks
-        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta_, nw, nb, yp, w2s, pre, ops, 0, 0, T, NS, B * H,
+        _launch(_prep, (1, B * H, NT), q, k, v, *gates, delta, nw, nb, yp, w2s, pre, ops, 0, 0, T, NS, B * H,
                 **prep_kw, PARTS=1)
         rows = _prep_rows(BT, yacts)
         prep = _launcher(_prep_state, (BT // rows, B * H), **state_kw, BTR=rows)
@@ -791,17 +813,16 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
         if keep_states:
-            prep(k, v, gates[1], delta_, nw, nb, yp, w2s, pre_c[r], c, s_in, T, NS, B * H)
+            prep(k, v, gates[1], delta, nw, nb, yp, w2s, pre_c[r], c, s_in, T, NS, B * H)
         else:
-            prep(q, k, v, *gates, delta_, nw, nb, yp, w2s, pre_c[r], ops_c[r], c, s_in, T, NS, B * H)
+            prep(q, k, v, *gates, delta, nw, nb, yp, w2s, pre_c[r], ops_c[r], c, s_in, T, NS, B * H)
         fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
     if keep_states:
         _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, nw, nb, ohead, 0, 0, T, NS, B * H,
                 config_env=SUMS_CONFIG, **out_kw)
-    saved = (*slots, pre, ops, *((nw, nb, ohead) if cfg.norm else ()))
-    return o, _final_state(cfg, slots, NT % NS, q, v), (saved if keep_states else None)
+    return ()
 
 
 # ------------------------------------------------------------------------------------------------------------ backward
