@@ -137,3 +137,25 @@ def test_bound_launch_goes_direct_after_the_first_plain_launch(monkeypatch):
     monkeypatch.setattr(launcher, "cheap_launches", lambda: False)
     launcher.BoundLaunch(kernel, (17, 32), kw)(*tensors, 5, 1, 65, 32)
     assert len(plain) == 3 and len(runs) == 4
+
+
+def test_a_bound_launch_redoes_only_the_arguments_that_changed():
+    """BoundLaunch's direct calls prepare their arguments from the previous call's (launcher._prepare_since): over a
+    chunk loop's calls (the same tensors, new chunk indices and record views, a new tensor now and then, another
+    argument count), the fingerprint and the launcher's arguments are exactly those prepared from scratch."""
+    from miras.kernels.launcher import _prepare, _prepare_since
+
+    fixed = [torch.zeros(8), torch.zeros(9)[1:], torch.zeros(8, dtype=torch.bfloat16)]
+    records = torch.zeros(4, 16)
+    specialised = [True, False, True, True, True, False, True]
+    last = None
+    for c in range(12):
+        args = (*fixed, records[c % 4], c, 2**31 + c if c % 5 == 0 else c % 3, 4096)
+        if c == 7:
+            fixed[1] = torch.zeros(10)[2:]  # another tensor in the same place: its own (unaligned) entry
+            args = (*fixed, records[c % 4], c, 1, 4096)
+        if c == 9:
+            args = args[:-1]  # another argument count: prepared from scratch
+        key, flat = _prepare_since(last, args, specialised)
+        assert (key, flat) == _prepare(args, specialised), c
+        last = (args, key, flat)

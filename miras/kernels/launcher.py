@@ -52,16 +52,35 @@ def _prepare(args: Sequence, specialised: Sequence[bool]) -> tuple[tuple, list]:
     """(``fingerprint``, the arguments as the launcher takes them: tensors as their addresses), in one pass."""
     key, flat = [], []
     for a, spec in zip(args, specialised):
-        if isinstance(a, torch.Tensor):
-            ptr = a.data_ptr()
-            key.append((a.dtype, ptr % 16 == 0) if spec else (a.dtype,))
-            flat.append(ptr)
-        else:
-            if type(a) is int:
-                key.append((I32_MIN <= a <= I32_MAX, a == 1, a % 16 == 0) if spec else (I32_MIN <= a <= I32_MAX,))
-            else:
-                key.append(type(a))
-            flat.append(a)
+        k, f = _entry(a, spec)
+        key.append(k)
+        flat.append(f)
+    return tuple(key), flat
+
+
+def _entry(a, spec: bool) -> tuple:
+    """One argument's part of ``_prepare``: (its fingerprint entry, what the launcher takes for it)."""
+    if isinstance(a, torch.Tensor):
+        ptr = a.data_ptr()
+        return ((a.dtype, ptr % 16 == 0) if spec else (a.dtype,)), ptr
+    if type(a) is int:
+        return ((I32_MIN <= a <= I32_MAX, a == 1, a % 16 == 0) if spec else (I32_MIN <= a <= I32_MAX,)), a
+    return type(a), a
+
+
+def _prepare_since(last: tuple | None, args: tuple, specialised: Sequence[bool]) -> tuple[tuple, list]:
+    """``_prepare`` of args, given the previous call's (args, key, flat) of the same launch: only the arguments that
+    are not the very objects passed last time are looked at again (a chunk loop passes the same tensors at every
+    chunk, and a new chunk index or record). A tensor object keeps its address while it lives (nothing here changes
+    a tensor's storage in place), and ``last`` holds the previous arguments, so none of them can be another object
+    at the same id."""
+    if last is None or len(last[0]) != len(args):
+        return _prepare(args, specialised)
+    prev, key, flat = last
+    key, flat = list(key), list(flat)
+    for i, a in enumerate(args):
+        if a is not prev[i]:
+            key[i], flat[i] = _entry(a, specialised[i])
     return tuple(key), flat
 
 
@@ -116,14 +135,17 @@ class BoundLaunch:
 
     With the fast path (``cheap_launches``) a call whose site and fingerprint were launched before goes through the
     compiled kernel's own launcher; any other call is the plain launch. The host functions bind their loop's launches
-    before the loop and call them in it (~10 us less host time per launch than looking everything up at every call;
-    ~4.6 us of what is left, on a 2-core CPU, is the fingerprint)."""
+    before the loop and call them in it (~10 us less host time per launch than looking everything up at every call).
+    Each direct call redoes the fingerprint only for the arguments that are not the previous call's objects
+    (``_prepare_since``): on this project's 2-core CPU, 3.2 instead of 7.0 us for a chunk loop's 26 arguments of
+    which 5 change (not yet measured on a GPU box)."""
 
-    __slots__ = ("kernel", "grid", "kw", "site", "site_key", "device", "driver", "grid3")
+    __slots__ = ("kernel", "grid", "kw", "site", "site_key", "device", "driver", "grid3", "last")
 
     def __init__(self, kernel, grid: tuple, kw: dict):
         self.kernel, self.grid, self.kw = kernel, grid, kw
         self.site = self.driver = None  # driver None: the fast path is off, every call is a plain launch
+        self.last = None  # the previous direct call's (args, fingerprint, launcher arguments): _prepare_since
         if not cheap_launches():
             return
         import triton  # (lazy: miras.kernels imports without triton)
@@ -140,10 +162,11 @@ class BoundLaunch:
         site = self.site
         if site is None or site.tail is None or len(site.specialised) != len(args):  # (also: fast path off)
             return self._plain(args)
-        key, flat = _prepare(args, site.specialised)
+        key, flat = _prepare_since(self.last, args, site.specialised)
         compiled = site.compiled.get(key)
         if compiled is None:
             return self._plain(args, key)
+        self.last = (args, key, flat)
         CALLS["direct"] += 1
         compiled.run(*self.grid3, self.driver.get_current_stream(self.device), compiled.function,
                      compiled.packed_metadata, None, None, None, *flat, *site.tail)
