@@ -8,7 +8,8 @@
 # 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs (forward and backward graphed), mlpbwdgraphs (the
-#    backward alone, as before session 17), tuned and tunedgraphs (and mlpr16graphs /
+#    backward alone, as before session 17), mlppdl / mlppdlgraphs (programmatic dependent launch), tuned, tunedgraphs
+#    and tunedpdlgraphs (and mlpr16graphs /
 #    mlpy0partsgraphs where set rbf16 / y0parts passed its check) in GPU_TUNE_ROUNDS (3)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
@@ -23,7 +24,7 @@ left() { echo $(( END - $(date +%s) )); }
 cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }
 . benchmarks/gpu_site.sh
 export PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD" PYTHONUNBUFFERED=1
-GATE="${GPU_TUNE_GATE-bf16 or graphs or fast_launch}"
+GATE="${GPU_TUNE_GATE-bf16 or graphs or fast_launch or pdl}"
 TINY=""
 BENCH_SHAPE="--no-chunked --references titans-pytorch"
 if [ -n "${GPU_CHECK_CPU:-}" ]; then
@@ -73,8 +74,10 @@ python3 benchmarks/tune_mlp.py tune --out "$OUTDIR/tune" --seconds "$(( $(left) 
   2>&1 | tee -a "$OUTDIR/tune.log"
 
 echo "== phase 3: the benchmark ($(left) s left)"
-VARIANTS=mlpgraphs,mlpbwdgraphs
-if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then VARIANTS="$VARIANTS,tuned,tunedgraphs"; fi
+VARIANTS=mlpgraphs,mlpbwdgraphs,mlppdl,mlppdlgraphs
+if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then
+  VARIANTS="$VARIANTS,tuned,tunedgraphs,tunedpdlgraphs"
+fi
 # bf16 R (set rbf16, which pick leaves out) beside them, where its bench-shape check passed
 if grep -q '"ok": true' "$OUTDIR/tune/check_rbf16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
 # Y0 handed over as the tiles' parts (set y0parts, the default before session 17) beside the activations

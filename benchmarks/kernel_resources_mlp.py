@@ -48,7 +48,7 @@ FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "d
 
 def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum: bool, bias: int, warps: int,
                 stages: int, bh: int = 0, sass: bool = False, decayed: bool = False, residual: bool = True,
-                act: int = 0, norm: bool = False, dump: str = "", maxnreg: int = 0) -> dict:
+                act: int = 0, norm: bool = False, dump: str = "", maxnreg: int = 0, pdl: bool = False) -> dict:
     """Compile one kernel variant for sm_90; returns its row (shared bytes, registers, spills, compile seconds and,
     with sass, the static instruction profile). With dump, a folder: the variant's Triton GPU IR and PTX go there."""
     import torch
@@ -80,7 +80,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         consts.update(NH=NH, BHC=mlp_tiles._block_sums(hidden), BKO=BKO,
                       BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
                       BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
-                      READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts,
+                      READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts, PDL=pdl,
                       TPP={"_bwd_tile32": mlp_tiles.bwd_tiles_per_program(NH, fused),
                            "_bwd_tile2": mlp_tiles.pass2_tiles_per_program(NH)}.get(
                                which, mlp_tiles.fwd_tiles_per_program(NH)))
@@ -109,7 +109,8 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                bias=bias, BH=str(consts.get("BH", "-")))
     t0 = time.time()
     try:
-        options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+        options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+                   **({"launch_pdl": True} if pdl else {})}
         kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table
         return {**row, "compile_s": time.time() - t0, "shared_kb": -1, "usage": f"FAIL {type(e).__name__}: "
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=1)
     ap.add_argument("--maxnreg", type=int, default=0, help="registers per thread at most (a launch config's third "
                     "field: more programs per SM, more spills; 0: no cap)")
+    ap.add_argument("--pdl", action="store_true", help="with programmatic dependent launch (MIRAS_KERNEL_MLP_PDL)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--csv", default="")
     ap.add_argument("--dump", default="", help="a folder for each variant's Triton GPU IR (.ttgir) and PTX")
@@ -167,7 +169,7 @@ def main() -> None:
     if a.dump:
         Path(a.dump).mkdir(parents=True, exist_ok=True)
     jobs = [(w, p, a.d, a.hidden, int(c), lr == "momentum", int(b), a.warps, a.stages, int(bh), a.sass, a.decayed,
-             not a.no_residual, a.act, a.norm, a.dump, a.maxnreg)
+             not a.no_residual, a.act, a.norm, a.dump, a.maxnreg, a.pdl)
             for lr, c, b, bh, p, w in itertools.product(a.learner.split(","), a.chunk.split(","), a.bias.split(","),
                                                          a.bh.split(","), a.prec.split(","), a.which.split(","))]
     lines = []

@@ -13,9 +13,10 @@ take their output block (or hidden tiles) per program from ``MIRAS_KERNEL_MLP_BL
 2. One process after another, with the GPU to itself: for each set that passed, the device ms of every kernel per
    fwd+bwd step (torch.profiler) and the eager step's ms (do_bench).
 3. Per kernel, the set where it ran fastest. A kernel keeps the default unless another set beats it by more than 3%
-   and 5 us per step. The choice is written as the variants ``tuned`` (every kernel's own config) and
-   ``tunedgraphs`` (the same with the backward as CUDA graphs) into OUT/tuned.json. benchmarks/variants.py reads that
-   file when ``MIRAS_BENCH_VARIANTS`` names it.
+   and 5 us per step. The choice is written as the variants ``tuned`` (every kernel's own config),
+   ``tunedgraphs`` (the same with the forward and backward as CUDA graphs) and ``tunedpdlgraphs`` (and with
+   programmatic dependent launch) into OUT/tuned.json. benchmarks/variants.py reads that file when
+   ``MIRAS_BENCH_VARIANTS`` names it.
 4. The tuned settings are checked and timed as in steps 1 and 2.
 On CPU under ``TRITON_INTERPRET=1`` it runs at B=1, T=128, H=1, D=16 in fp32, with no kernel times: a dry run of the
 script itself (benchmarks/gpu_tune.sh's ``GPU_CHECK_CPU=1``).
@@ -319,7 +320,8 @@ def run_tune(out: Path, seconds: float) -> None:
     print(f"  [tuned] check {'ok' if c and c['ok'] else 'FAILED'}: {c and c['errors']}")
     if not (c and c["ok"]):
         return
-    variants = {"tuned": tuned, "tunedgraphs": {**tuned, "MIRAS_KERNEL_MLP_GRAPHS": "2"}}
+    variants = {"tuned": tuned, "tunedgraphs": {**tuned, "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+                "tunedpdlgraphs": {**tuned, "MIRAS_KERNEL_MLP_GRAPHS": "2", "MIRAS_KERNEL_MLP_PDL": "1"}}
     (out / "tuned.json").write_text(json.dumps(variants, indent=1))
     t = _child("time", out, "tuned", tuned, left() - 5) if left() > 40 else None
     if t:

@@ -35,6 +35,9 @@ VARIANTS = {
     # mlpbwdgraphs: the backward's alone, as before session 17
     "mlpgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"},
     "mlpbwdgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2", "MIRAS_KERNEL_MLP_FORWARD_GRAPHS": "0"},
+    # programmatic dependent launch (session 17, unmeasured; mlp.launch_pdl), eager and with both graphs
+    "mlppdl": {"MIRAS_KERNEL_MLP_PDL": "1"},
+    "mlppdlgraphs": {"MIRAS_KERNEL_MLP_PDL": "1", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
     "mlpbf16graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
     # (pass 2 launched on its own spills less; with the backward graphed its extra launches cost no host time)
     "mlpbf16unfusedgraphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_FUSE_PASSES": "0",

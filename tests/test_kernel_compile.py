@@ -5,7 +5,8 @@ to compile for a GPU (a layout the backend rejects, a constexpr a launch does no
 of the tiles layout at the benchmark's shape (D=128, hidden 256, chunk 64, bf16 dots, momentum) with Triton's own
 ptxas, through benchmarks/kernel_resources_mlp.py, and reads its resource report: registers and spills, and shared
 memory within the 227 KB of an H100. Each setting that changes the compiled code of some kernels (the LayerNorm
-head, R in bf16, Y0 handed over as parts, two hidden tiles per program) compiles those again.
+head, R in bf16, Y0 handed over as parts, two hidden tiles per program, programmatic dependent launch) compiles
+those again.
 """
 
 from __future__ import annotations
@@ -38,20 +39,30 @@ CASES = {
     "r-bf16": (R_KERNELS, [], {"MIRAS_KERNEL_MLP_R": "bf16"}),
     "y0-parts": (Y0_KERNELS, [], {"MIRAS_KERNEL_MLP_Y0": "parts"}),
     "tiles2": (TPP_KERNELS, [], {f"MIRAS_KERNEL_MLP_BLOCK_{n.strip('_').upper()}": "2" for n in TPP_KERNELS}),
+    "pdl": (TILES_KERNELS, ["--pdl"], {}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_mlp_kernels_compile_for_sm90(case):
+def test_mlp_kernels_compile_for_sm90(case, tmp_path):
+    """Every kernel of the case compiles, within the H100's registers and shared memory; with programmatic dependent
+    launch, each one's PTX waits for the previous kernel (griddepcontrol.wait) before its first global load."""
     kernels, flags, settings = CASES[case]
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
     env.update(settings, PYTHONPATH=str(ROOT))
+    dump = ["--dump", str(tmp_path)] if "--pdl" in flags else []
     out = subprocess.run([sys.executable, str(TOOL), "--which", ",".join(kernels), "--prec", "bf16", "--learner",
-                          "momentum", "--jobs", "2", *flags], capture_output=True, text=True, env=env, timeout=600)
+                          "momentum", "--jobs", "2", *flags, *dump], capture_output=True, text=True, env=env,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {m["kernel"]: m for m in map(LINE.match, out.stdout.splitlines()) if m}
     assert set(rows) == set(kernels), out.stdout[-2000:]  # (a kernel that failed prints FAIL, not a resource row)
     for name, row in rows.items():
         assert float(row["kb"]) <= 227, (name, row.group(0))
         assert 0 < int(row["reg"]) <= 255, (name, row.group(0))
+    for ptx in sorted(tmp_path.glob("*.ptx")):
+        text = ptx.read_text()
+        wait, load = text.find("griddepcontrol.wait"), text.find("ld.global")
+        assert 0 <= wait and (load < 0 or wait < load), f"{ptx.name}: no griddepcontrol.wait before the first load"
+    assert len(list(tmp_path.glob("*.ptx"))) == (len(kernels) if dump else 0)

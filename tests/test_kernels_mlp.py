@@ -437,6 +437,20 @@ def test_y0_modes(case, monkeypatch, _layout):
         y0_mode()
 
 
+def test_pdl_setting(monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_PDL (programmatic dependent launch) applies only to compiled kernels on Hopper or newer: under
+    the interpreter it is off even when asked for, and the kernels still match the float64 oracle; a bad value names
+    the variable."""
+    from miras.kernels.mlp import launch_pdl
+
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_PDL", "1")
+    assert not launch_pdl()
+    check_against_oracle(mlp_spec("l2", "decay", "momentum", "previous", 16, True), B=1, T=40, H=1, K=16, seed=9)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_PDL", "often")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_PDL must be one of .*'often'"):
+        launch_pdl()
+
+
 def test_tiles_per_program(monkeypatch, _layout):
     """MIRAS_KERNEL_MLP_BLOCK_FWD_TILE=n / _BWD_TILE32=n / _BWD_TILE2=n: each _fwd_tile / pass-3 / pass-2 program
     walks n hidden tiles (the chunk's shared operands loaded once for them): the float64 oracle still holds; n,

@@ -209,6 +209,40 @@ def test_graphs_replay_the_eager_forward_and_backward(monkeypatch):
 
 
 @needs_cuda
+def test_pdl_gives_the_same_results_bit_for_bit(monkeypatch):
+    """MIRAS_KERNEL_MLP_PDL (programmatic dependent launch; miras.kernels.mlp.launch_pdl): the bench row's fwd+bwd,
+    eager and with CUDA graphs, equals the launches without it bit for bit (every kernel waits for the previous one
+    before its first memory access, so only the scheduling changes)."""
+    from miras.kernels.mlp import launch_pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs a Hopper or newer GPU")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_PDL", "1")
+    assert launch_pdl()
+    bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
+    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
+         for n, t in make_inputs(spec, B, T, H, D, D, seed=4, gate_ranges=gate_ranges(bias, T)).items()}
+    g = torch.Generator(device="cuda").manual_seed(5)
+    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
+    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", os.environ.get("MIRAS_KERNEL_MLP_FUSE_PASSES", "0"))
+    results = {}
+    for pdl, graphs in (("0", "0"), ("1", "0"), ("1", "2"), ("1", "2"), ("1", "2")):  # (graphs: seen, captured, replayed)
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_PDL", pdl)
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", graphs)
+        o, final, grads = run_and_grads(triton_memory_scan, spec, x, cot)
+        results.setdefault((pdl, graphs), []).append([t.cpu() for t in (o, *final.values(), *grads.values())])
+        del o, final, grads  # (freed before the next call, so that the graphs' addresses repeat)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", "0")
+    plain = results[("0", "0")][0]
+    for (pdl, graphs), runs in results.items():
+        for run in runs:
+            for i, (a, b) in enumerate(zip(run, plain)):
+                assert torch.equal(a, b), f"tensor {i} differs with PDL={pdl}, graphs={graphs}"
+
+
+@needs_cuda
 def test_fast_launch_gives_the_plain_launch_bit_for_bit(monkeypatch):
     """MIRAS_KERNEL_FAST_LAUNCH (miras/kernels/launcher.py): the bench row's fwd+bwd with every launch through the
     compiled kernels' own launchers equals the plain ``kernel[grid]`` launches bit for bit (same compiled kernels,

@@ -54,6 +54,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   instead of through the compiled kernel's own launcher once a launch site has been seen (default on with triton
   >= 3.6; same compiled kernels, bit for bit the same results, far less host time per launch;
   miras/kernels/launcher.py).
+- ``MIRAS_KERNEL_MLP_PDL=1``: launch the tiles layout's kernels with programmatic dependent launch (Hopper or
+  newer, compiled kernels only; default off, unmeasured): a kernel's programs may be scheduled while the previous
+  kernel drains and wait for it before their first memory access (``mlp.launch_pdl``), bit for bit the same results.
 - ``MIRAS_KERNEL_MLP_GRAPHS=N`` or ``auto``: replay the MLP memory's backward (~200 launches at T=4096) and, in
   the tiles layout, its forward (~130; ``MIRAS_KERNEL_MLP_FORWARD_GRAPHS`` sets the forward's apart) as CUDA
   graphs, keeping at most N graphs each (default 0: off; ``auto``: as many as a step needs, up to 64; a model YAML's

@@ -64,6 +64,29 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+try:  # grid dependency control (Hopper's programmatic dependent launch), triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+    HAS_GDC = True
+except ImportError:
+    _gdc_wait = _gdc_launch_dependents = None
+    HAS_GDC = False
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL, ``miras.kernels.mlp.launch_pdl``): wait until the previous kernel in
+    the stream has finished and its writes are visible (griddepcontrol.wait), then let the next kernel's programs be
+    scheduled once every program of this one has started (griddepcontrol.launch_dependents: they take the SMs this
+    kernel's last wave leaves free and wait there in turn). A PDL kernel's programs may be scheduled while the
+    previous kernel still runs, so every PDL kernel calls this first, before any memory access. Without PDL nothing
+    (the interpreter has no inline assembly)."""
+    if PDL:
+        _gdc_wait()
+        _gdc_launch_dependents()
+
+
 def pow2_tile(n: int) -> int:
     """Tile size for a head dim: the next power of two, at least 16 (tl.dot needs dims >= 16)."""
     return max(16, triton.next_power_of_2(n))

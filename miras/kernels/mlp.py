@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from miras.kernels.common import (
+    HAS_GDC,
     RuleConfig,
     _dot,
     _row_select,
@@ -862,6 +863,10 @@ def _launcher(kernel, grid, config_env: str | None = None, **kw):
     (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
     config = kernel_launch_config(kernel, config_env)
     LAUNCH_CONFIGS.setdefault(kernel.__name__, set()).add(config_text(config))
+    if "PDL" in kernel.arg_names:  # (the tiles layout's kernels: launch_pdl)
+        kw = {**kw, "PDL": launch_pdl()}
+        if kw["PDL"]:
+            config = {**config, "launch_pdl": True}
     if interpreting():
         return partial(kernel[grid], **kw)
     if "BH" in kw:
@@ -898,6 +903,17 @@ def kernel_launch_config(kernel, config_env: str | None = None) -> dict:
     ``MIRAS_KERNEL_MLP_CONFIG``, its ``TUNED_CONFIGS`` entry, else 4 warps and 1 stage (``_launcher``)."""
     return (launch_config(kernel_config_env(kernel.__name__)) or (config_env and launch_config(config_env))
             or launch_config("MIRAS_KERNEL_MLP_CONFIG", TUNED_CONFIGS.get(kernel.__name__, "4,1")))
+
+
+def launch_pdl() -> bool:
+    """``MIRAS_KERNEL_MLP_PDL`` (default off; unmeasured): launch the tiles layout's kernels with programmatic
+    dependent launch. Each kernel's programs may then be scheduled while the previous kernel in the stream drains,
+    and wait for it (``common._pdl_start``, griddepcontrol.wait) before their first memory access, which hides the
+    gap between two kernels of a chunk loop (~390 per fwd+bwd at T=4096), in CUDA graphs too. Only where it exists:
+    a compiled kernel (not the interpreter), a Hopper or newer GPU, a Triton with grid dependency control."""
+    if not env_switch("MIRAS_KERNEL_MLP_PDL", False) or interpreting() or not HAS_GDC or not torch.cuda.is_available():
+        return False
+    return _capability_major(torch.cuda.current_device()) >= 9
 
 
 @cache

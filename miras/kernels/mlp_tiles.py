@@ -47,6 +47,7 @@ import triton.language as tl
 from miras.components.memory import LN_EPS
 from miras.kernels.common import (
     _dot,
+    _pdl_start,
     _row_select,
     _vec_select,
     bias_rows,
@@ -179,9 +180,10 @@ def _y_share(yp, b_k, gam, W1, W2, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD: tl.con
 def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
-            PREC: tl.constexpr, YACTS: tl.constexpr):
+            PREC: tl.constexpr, YACTS: tl.constexpr, PDL: tl.constexpr):
     """Tile j's share of Y0 (``_y_share``) for chunk c at state slot s_in (gamma = beta at the decayed gradient
     point). The forward launches it for the first chunk only: ``_fwd_tile`` forms the next chunk's."""
+    _pdl_start(PDL)
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
      o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
@@ -243,7 +245,7 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, w2s, pre, ops, c0, s_in, T,
           BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
           SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
           MOMENTUM: tl.constexpr, PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
-          R16: tl.constexpr, YACTS: tl.constexpr):
+          R16: tl.constexpr, YACTS: tl.constexpr, PDL: tl.constexpr):
     """What every hidden tile of a chunk needs and no tile changes, built once per batch*head instead of by each of
     the NH tile programs, into ``_prep`` records (``_pre_base``). The gate part: the causal-masked [BT, BT] blocks G
     and C1 = G . q k^T, each also stored transposed (a transposed store, no tl.trans of dot results: fla #640), and
@@ -254,6 +256,7 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, w2s, pre, ops, c0, s_in, T,
     Program (p, i_bh, r) builds chunk c0 + r into record r * BHN + i_bh: PARTS = 0: p = 0 the gate part, p = 1 the
     state part (one chunk, without gradients); 1: the gate part (every chunk at once, before the training forward's
     loop, where ``_prep_state`` builds the state part)."""
+    _pdl_start(PDL)
     p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = c0 + r
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
@@ -294,9 +297,10 @@ def _prep_state(k, v, keep, delta, nw, nb, yp, w2s, pre, c, s_in, T, NS, BHN, H:
                 V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
                 SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr, NORM: tl.constexpr,
-                LN_EPS: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, YACTS: tl.constexpr):
+                LN_EPS: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, YACTS: tl.constexpr, PDL: tl.constexpr):
     """``_prep``'s state part in the training forward's loop: program (rb, i_bh) builds the rows [rb BTR, (rb + 1) BTR)
     of chunk c's R and Y0 into its record (``_prep_state_rows``; BTR: ``_prep_rows``)."""
+    _pdl_start(PDL)
     rb, i_bh = tl.program_id(0), tl.program_id(1)
     _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, _pre_base(pre, i_bh, BT, BV), i_bh, rb, c, s_in, T, NS, BHN,
                      H, K, V, HD, BT, BTR, BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS,
@@ -449,9 +453,10 @@ def y0_mode() -> str:
 
 @triton.jit
 def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr):
+             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, PDL: tl.constexpr):
     """The backward's addition to every chunk's ``_prep`` record, all chunks in one launch: program (i_bh, c) stores
     M2 = -G . dO R^T and M2^T (a transposed store) from the record's G and R (record c * BHN + i_bh)."""
+    _pdl_start(PDL)
     i_bh, c = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -466,11 +471,12 @@ def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.const
 
 @triton.jit
 def _head_read_bwd(do, ohead, nw, nb, dout, hread, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LN_EPS: tl.constexpr):
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LN_EPS: tl.constexpr, PDL: tl.constexpr):
     """The read's LayerNorm head, backward, all chunks in one launch (o = [q +] w LN(O) + b): program (i_bh, c)
     stores dO = rstd P (w do) at the head's input O (ohead) into dout (fp32 [B, T, H, V]: the read's output gradient
     for the rest of the backward) and the chunk's parts of dw = sum_t do xhat, db = sum_t do into record
     c * BHN + i_bh of hread [NT, BHN, 2, BV]."""
+    _pdl_start(PDL)
     i_bh, c = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -591,7 +597,8 @@ def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.cons
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, YACTS: tl.constexpr):
+              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, YACTS: tl.constexpr,
+              PDL: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
     contracts them), the tile's end state into slot s_out and, from it, its share of the next chunk's Y0 into yp
@@ -600,6 +607,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, 
     Program (jp, i_bh) walks the TPP hidden tiles j = jp TPP .. (jp + 1) TPP - 1 (``fwd_tiles_per_program``): what
     every tile of the chunk reads (q, k, R, C1, the gate rows, the next chunk's keys) is loaded once for all of them,
     and with stages > 1 the loop prefetches the next tile's state."""
+    _pdl_start(PDL)
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
@@ -639,13 +647,14 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
-             SAVE_HEAD: tl.constexpr, R16: tl.constexpr):
+             SAVE_HEAD: tl.constexpr, R16: tl.constexpr, PDL: tl.constexpr):
     """Program (column block i_v of BVO, batch*head i_bh, r): the read of chunk c = c0 + r, contracted over the whole
     hidden dim on tiles of BHC from ``_fwd_tile``'s factors (fs [NR, 2, BHN, BT, HD], record r):
     o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q] (``_fwd_tile_out``; W2, S2 of the
     chunk-start slot s0 + r; ``_prep`` record r * BHN + i_bh). Each column block forms the [BT, BT] sum itself.
     One launch per chunk (r = 0), or for every chunk after the loop (c0 = s0 = 0, r = c). With NORM (one column
     block, BVO = BV): o = [q +] w LN(O) + b, and with SAVE_HEAD the head's input O itself into ohead [B, T, H, V]."""
+    _pdl_start(PDL)
     i_v, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, s_in = c0 + r, s0 + r
     fs += r.to(tl.int64) * 2 * BHN * BT * HD
@@ -833,9 +842,10 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, x
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr,
-               TPP: tl.constexpr):
+               TPP: tl.constexpr, PDL: tl.constexpr):
     """Pass 2 (``_pass2``) of chunk c on its own launch: every chunk's when the passes are apart (``fuse_passes``),
     else the last chunk's (the others run in ``_bwd_tile32`` behind the next chunk's pass 3)."""
+    _pdl_start(PDL)
     _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
            H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
 
@@ -959,12 +969,13 @@ def _hidden_sum(tiles, WHICH: tl.constexpr, COLS: tl.constexpr, K: tl.constexpr,
 def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
               K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr, MOMENTUM: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, PDL: tl.constexpr):
     """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs), on hidden
     tiles of BHC, into batch*head i_bh's record (``_sums_base``). Program (p, i_bh) forms one output block:
     p = 0: SA; 1: dC1; then column blocks of BKO of dq (BK / BKO programs) and of dk, and of BVO of dR (BV / BVO).
     Padded columns are written too (as 0). (The carry scalars' gradients are sums over the whole state, 1.5 MB per
     batch*head at the bench shape: pass 2 forms them on its tiles instead, ``_pass2``.)"""
+    _pdl_start(PDL)
     p, i_bh = tl.program_id(0), tl.program_id(1)
     NKO: tl.constexpr = BK // BKO
     NVO: tl.constexpr = BV // BVO
@@ -1116,7 +1127,8 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-             BTR: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, READ_RES: tl.constexpr, R16: tl.constexpr):
+             BTR: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, READ_RES: tl.constexpr, R16: tl.constexpr,
+             PDL: tl.constexpr):
     """Between the tile passes, from ``_bwd_sums``' contractions (SA^T and dC1^T read transposed), the sums of the
     tiles' row partials and ``_prep``'s record; BT / BTR + 3 programs per batch*head:
     p < BT / BTR: the bias VJP (``_bwd_chunk_dy``) on rows [p BTR, (p + 1) BTR): dv, the Huber deltas' gradient,
@@ -1127,6 +1139,7 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
     (the LayerNorm head) the bias VJP goes through the head (``_bwd_head_dy``), and hin [BHN, BT / BTR, 2, BV] gets
     each row block's parts of the head's dw, db; do is then the gradient at the read's head input, so dq gets the
     read's residual only with READ_RES (the caller adds the raw dO itself)."""
+    _pdl_start(PDL)
     p, i_bh = tl.program_id(0), tl.program_id(1)
     NRB: tl.constexpr = BT // BTR
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
@@ -1173,13 +1186,14 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
                 pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                 DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr,
-                R16: tl.constexpr, TPP: tl.constexpr):
+                R16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
     """Pass 3 of chunk c for TPP hidden tiles (``_pass3``: the start-state gradient tiles into slot s), then, for c > 0
     and with PASS2 (``fuse_passes()``; then TPP = 1),
     the tile's pass 2 of chunk c - 1 (``_pass2``: records pre_prev, xs_prev), which reads that tile back as chunk c - 1's
     end-state gradient: a tile-local dependency, so one launch instead of two (a barrier orders the store and the
     reload among the program's threads). Pass 3 reads pass 2's factors of chunk c from fs before pass 2 of c - 1
     overwrites the same columns."""
+    _pdl_start(PDL)
     _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, c, e, s, T, NS,
            BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
     if PASS2 and c > 0:
@@ -1252,12 +1266,13 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
 def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              NH: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
-             MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+             MOMENTUM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """Every chunk at once, after the chunk loop: program (p, i_bh, c) reads chunk c's records of the per-chunk
     buffers dkacc, dyb [NT, BHN, BT, BK], xs [NT, BHN, BT, HD], pg3 [NT, NH, BHN, BT], gin [NT, BHN, ..] and
     writes: p = 0: dk = its intra-chunk part [+ dY, the residual's] + sum over the hidden dim of gam dZ1 W1^T (pass
     3's gam dZ1 in xs, W1 of the chunk-start slot c, on hidden tiles of BHC); p = 1: the gate gradients from the gate
     inputs (+ pass 3's dgam)."""
+    _pdl_start(PDL)
     p, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s_src = c
     rec = c.to(tl.int64) * BHN
