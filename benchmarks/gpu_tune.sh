@@ -8,9 +8,9 @@
 # 2. tune_mlp.py tune: each set's kernels timed one process after another, the fastest config per kernel, checked
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs (forward and backward graphed), mlpbwdgraphs (the
-#    backward alone, as before session 17), mlppdl / mlppdlgraphs (programmatic dependent launch), tuned, tunedgraphs
+#    backward alone, as before session 17), mlppdlgraphs (programmatic dependent launch), tuned, tunedgraphs
 #    and tunedpdlgraphs (and mlpr16graphs /
-#    mlpy0partsgraphs where set rbf16 / y0parts passed its check) in GPU_TUNE_ROUNDS (3)
+#    mlpy0partsgraphs where set rbf16 / y0parts passed its check) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
@@ -70,11 +70,11 @@ if ! grep -q '"ok": true' "$OUTDIR/tune/check_defaults.json" 2>/dev/null \
 fi
 
 echo "== phase 2: the tuning ($(left) s left)"
-python3 benchmarks/tune_mlp.py tune --out "$OUTDIR/tune" --seconds "$(( $(left) - ${GPU_TUNE_BENCH_SECONDS:-130} ))" \
+python3 benchmarks/tune_mlp.py tune --out "$OUTDIR/tune" --seconds "$(( $(left) - ${GPU_TUNE_BENCH_SECONDS:-150} ))" \
   2>&1 | tee -a "$OUTDIR/tune.log"
 
 echo "== phase 3: the benchmark ($(left) s left)"
-VARIANTS=mlpgraphs,mlpbwdgraphs,mlppdl,mlppdlgraphs
+VARIANTS=mlpgraphs,mlpbwdgraphs,mlppdlgraphs
 if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then
   VARIANTS="$VARIANTS,tuned,tunedgraphs,tunedpdlgraphs"
 fi
@@ -85,7 +85,7 @@ if grep -q '"ok": true' "$OUTDIR/tune/check_y0parts.json" 2>/dev/null; then VARI
 if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \
-    --rounds "${GPU_TUNE_ROUNDS:-3}" --table "$OUTDIR/bench_table.txt" > "$OUTDIR/bench.log" 2>&1
+    --rounds "${GPU_TUNE_ROUNDS:-2}" --table "$OUTDIR/bench_table.txt" > "$OUTDIR/bench.log" 2>&1
   bench_report $? "$OUTDIR/bench.log" "$OUTDIR/bench_table.txt"
 fi
 
