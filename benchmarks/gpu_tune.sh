@@ -9,8 +9,8 @@
 #    and timed together (variants tuned / tunedgraphs in $OUT/tune/tuned.json).
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs (forward and backward graphed), mlpbwdgraphs (the
 #    backward alone, as before session 17), mlppdlgraphs (programmatic dependent launch), tuned, tunedgraphs
-#    and tunedpdlgraphs (and mlpr16graphs /
-#    mlpy0partsgraphs where set rbf16 / y0parts passed its check) in GPU_TUNE_ROUNDS (2)
+#    and tunedpdlgraphs (and mlpr16graphs / mlpstates16graphs /
+#    mlpy0partsgraphs where set rbf16 / states16 / y0parts passed its check) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
@@ -80,6 +80,8 @@ if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then
 fi
 # bf16 R (set rbf16, which pick leaves out) beside them, where its bench-shape check passed
 if grep -q '"ok": true' "$OUTDIR/tune/check_rbf16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
+# the chunk-start states kept in bf16 (set states16), where its bench-shape check passed
+if grep -q '"ok": true' "$OUTDIR/tune/check_states16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpstates16graphs"; fi
 # Y0 handed over as the tiles' parts (set y0parts, the default before session 17) beside the activations
 if grep -q '"ok": true' "$OUTDIR/tune/check_y0parts.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpy0partsgraphs"; fi
 if [ "$(left)" -gt 40 ]; then

@@ -75,6 +75,10 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # 48 / 80 at one tile), so still two per SM: one wave instead of two (spill stacks 32 -> 232, 296 -> 232,
     # 176 -> 352 B per thread)
     "tiles2": _blocks(_fwd_tile=2, _bwd_tile32=2, _bwd_tile2=2),
+    # the chunk-start states kept for the backward in bf16, apart from the forward's fp32 recurrence
+    # (mlp_tiles.saved_states_dtype: half the state bytes in pass 2, pass 3, _bwd_sums, _bwd_end, _fwd_out; spill
+    # stacks 176 -> 80 B in _bwd_tile2, 296 -> 200 in _bwd_tile32): spans kernels, so in the table only (WHOLE_SETS)
+    "states16": {"MIRAS_KERNEL_MLP_STATES": "bf16"},
     # output blocks (mlp_tiles.kernel_block), each kernel at its default config: _fwd_out's and _bwd_sums' columns
     # (32 by default), _prep_state's rows per program (16 by default: 128 programs per chunk at the bench shape, each
     # reading the chunk's whole W2). out128: whole rows (128 columns at the bench shape), a batch*head's factors
@@ -100,7 +104,7 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at("4,1")},
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
 }
-WHOLE_SETS = ("y0parts", "rbf16")  # settings that span kernels: in the table, not among pick's per-kernel choices
+WHOLE_SETS = ("y0parts", "states16", "rbf16")  # settings that span kernels: in the table, not among pick's per-kernel choices
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 
@@ -204,7 +208,7 @@ def pick(timings: dict[str, dict], default: str = DEFAULT,
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {n: v for n, v in os.environ.items() if not n.startswith(("MIRAS_KERNEL_MLP_CONFIG", "MIRAS_KERNEL_MLP_BLOCK_"))
-           and n not in ("MIRAS_KERNEL_MLP_SUMS_CONFIG", "MIRAS_KERNEL_MLP_R")}
+           and n not in ("MIRAS_KERNEL_MLP_SUMS_CONFIG", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES")}
     return {**env, **extra}
 
 

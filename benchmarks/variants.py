@@ -64,6 +64,9 @@ VARIANTS = {
     "mlpops16graphs": {"MIRAS_KERNEL_MLP_OPERANDS": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
     # R in bf16 in the MLP records (mlp_tiles.r_dtype; session 16, not yet run on a GPU)
     "mlpr16": {"MIRAS_KERNEL_MLP_R": "bf16"}, "mlpr16graphs": {"MIRAS_KERNEL_MLP_R": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    # the chunk-start states kept for the backward in bf16 (session 17, unmeasured; mlp_tiles.saved_states_dtype)
+    "mlpstates16": {"MIRAS_KERNEL_MLP_STATES": "bf16"},
+    "mlpstates16graphs": {"MIRAS_KERNEL_MLP_STATES": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
     # the next chunk's Y0 handed over as the tiles' parts of it, the default before session 17 (mlp_tiles.y0_mode)
     "mlpy0parts": {"MIRAS_KERNEL_MLP_Y0": "parts"},
     "mlpy0partsgraphs": {"MIRAS_KERNEL_MLP_Y0": "parts", "MIRAS_KERNEL_MLP_GRAPHS": "2"},

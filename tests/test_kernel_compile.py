@@ -5,8 +5,8 @@ to compile for a GPU (a layout the backend rejects, a constexpr a launch does no
 of the tiles layout at the benchmark's shape (D=128, hidden 256, chunk 64, bf16 dots, momentum) with Triton's own
 ptxas, through benchmarks/kernel_resources_mlp.py, and reads its resource report: registers and spills, and shared
 memory within the 227 KB of an H100. Each setting that changes the compiled code of some kernels (the LayerNorm
-head, R in bf16, Y0 handed over as parts, two hidden tiles per program, programmatic dependent launch) compiles
-those again.
+head, R in bf16, Y0 handed over as parts, two hidden tiles per program, programmatic dependent launch, bf16 kept
+states) compiles those again.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ HEAD_KERNELS = ("_prep", "_prep_state", "_fwd_out", "_bwd_mid", "_head_read_bwd"
 R_KERNELS = ("_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_mid", "_bwd_tile32")
 Y0_KERNELS = ("_y_part", "_prep", "_prep_state", "_fwd_tile")  # (those with a YACTS constexpr)
 TPP_KERNELS = ("_fwd_tile", "_bwd_tile32", "_bwd_tile2")  # (hidden tiles per program: mlp_tiles.kernel_block)
+STATE_KERNELS = ("_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_tile32", "_bwd_end")  # (kept states)
 CASES = {
     "defaults": (TILES_KERNELS, [], {}),
     "layernorm-head": (HEAD_KERNELS, ["--norm"], {}),
@@ -40,6 +41,7 @@ CASES = {
     "y0-parts": (Y0_KERNELS, [], {"MIRAS_KERNEL_MLP_Y0": "parts"}),
     "tiles2": (TPP_KERNELS, [], {f"MIRAS_KERNEL_MLP_BLOCK_{n.strip('_').upper()}": "2" for n in TPP_KERNELS}),
     "pdl": (TILES_KERNELS, ["--pdl"], {}),
+    "states-bf16": (STATE_KERNELS, [], {"MIRAS_KERNEL_MLP_STATES": "bf16"}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 

@@ -478,21 +478,22 @@ def test_tiles_per_program(monkeypatch, _layout):
     check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=8)
 
 
-BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R"]
+BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES"]
 
 
-@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands", "r"])
+@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands", "r", "states"])
 @pytest.mark.parametrize("case", [("l2", "decay", "momentum", "previous", 32, True), ("huber", "decay", "gd", "decayed", 16,
                                                                                   False)], ids=["l2-momentum", "huber"])
 def test_bf16_scratch(case, knob, monkeypatch, _layout):
     """MIRAS_KERNEL_MLP_FACTORS=bf16 (the tiles layout's per-tile factors), MIRAS_KERNEL_MLP_OPERANDS=bf16 (its
-    records' dot-operand blocks) and MIRAS_KERNEL_MLP_R=bf16 (its records' R) store in bf16: against the float64
-    oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). Their auto setting stores bf16 only with
+    records' dot-operand blocks), MIRAS_KERNEL_MLP_R=bf16 (its records' R) and MIRAS_KERNEL_MLP_STATES=bf16 (the
+    chunk-start states kept for the backward, apart from the forward's fp32 recurrence) store in bf16: against the
+    float64 oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). Their auto setting stores bf16 only with
     bf16 dots (the GPU's bf16 inputs; fp32 elsewhere, as in every other CPU test). A bad value names the variable
     and the choices."""
-    from miras.kernels.mlp_tiles import factors_dtype, operands_dtype, r_dtype
+    from miras.kernels.mlp_tiles import factors_dtype, operands_dtype, r_dtype, saved_states_dtype
 
-    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype, r_dtype)))[knob]
+    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype, r_dtype, saved_states_dtype)))[knob]
     bias, ret, learner, grad_at, chunk, residual = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, residual)
     monkeypatch.setenv(knob, "bf16")

@@ -46,7 +46,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   dtype of its records' dot-operand blocks (``fp32``, the default; ``bf16`` / ``auto`` are experimental: an illegal
   memory access on an H100, ``mlp_tiles.operands_dtype``); ``MIRAS_KERNEL_MLP_R``: the dtype of its records' R
   (``fp32``, the default; ``bf16`` / ``auto``: the same products from half the loads, not yet run on a GPU;
-  ``mlp_tiles.r_dtype``);
+  ``mlp_tiles.r_dtype``); ``MIRAS_KERNEL_MLP_STATES``: the dtype of the chunk-start states the training forward
+  keeps for the backward (``fp32``, the default; ``bf16`` / ``auto``: kept apart from the fp32 recurrence, half
+  their bytes and memory, not yet run on a GPU; ``mlp_tiles.saved_states_dtype``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
   ``mlp_tiles.fuse_passes``).

@@ -146,13 +146,14 @@ def _act_d2(z, ACT: tl.constexpr):
 @triton.jit
 def _state_tiles(w1s, w2s, s1s, s2s, o1, o2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM: tl.constexpr):
     """Tile j of (W1, W2) at slot offsets o1 / o2 and of (S1, S2) at the same offsets of s1s / s2s (momentum; else
-    W1, W2 stand in, unread). Also serves the state-gradient slots."""
-    W1 = tl.load(w1s + o1 + w1_off, mask=w1_ok, other=0.0)
-    W2 = tl.load(w2s + o2 + w2_off, mask=w2_ok, other=0.0)
+    W1, W2 stand in, unread), as fp32 (the tiles layout's saved slots may be bf16: ``mlp_tiles.saved_states_dtype``).
+    Also serves the state-gradient slots."""
+    W1 = tl.load(w1s + o1 + w1_off, mask=w1_ok, other=0.0).to(tl.float32)
+    W2 = tl.load(w2s + o2 + w2_off, mask=w2_ok, other=0.0).to(tl.float32)
     S1, S2 = W1, W2
     if MOMENTUM:
-        S1 = tl.load(s1s + o1 + w1_off, mask=w1_ok, other=0.0)
-        S2 = tl.load(s2s + o2 + w2_off, mask=w2_ok, other=0.0)
+        S1 = tl.load(s1s + o1 + w1_off, mask=w1_ok, other=0.0).to(tl.float32)
+        S2 = tl.load(s2s + o2 + w2_off, mask=w2_ok, other=0.0).to(tl.float32)
     return W1, W2, S1, S2
 
 

@@ -357,7 +357,7 @@ def _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, rb, c, s_in
                                                                       BHC)
             Z = tl.load(yp + (i_bh.to(tl.int64) * BT + o_r[:, None]) * HD + o_h[None, :], mask=h_ok[None, :],
                         other=0.0)
-            Y0 += _dot(Z, tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0), PREC)
+            Y0 += _dot(Z, tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0).to(tl.float32), PREC)
     else:
         for jj in range(NH):
             Y0 += tl.load(yp + ((jj * BHN + i_bh).to(tl.int64) * BT + o_r[:, None]) * BV + o_v[None, :])
@@ -594,16 +594,18 @@ def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.cons
 
 
 @_chunk_kernel("c", "s_in", "s_out")
-def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, T, NS, BHN,
+def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, yp, c, s_in, s_out, T, NS, NSV, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, YACTS: tl.constexpr,
-              PDL: tl.constexpr):
+              SAVE: tl.constexpr, PDL: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
     contracts them), the tile's end state into slot s_out and, from it, its share of the next chunk's Y0 into yp
     (``_y_share``: ``_y_part``'s work for chunk c + 1, no launch; past the last chunk its keys are masked to 0 and
-    nobody reads it).
+    nobody reads it). With SAVE, the end state also goes, in the dtype of w1v.. (``saved_states_dtype``), into slot
+    c + 1 of the saved slots w1v, w2v, s1v, s2v [BHN, NSV, in, out] that the backward reads; the state slots are then
+    the recurrence's two, fp32.
     Program (jp, i_bh) walks the TPP hidden tiles j = jp TPP .. (jp + 1) TPP - 1 (``fwd_tiles_per_program``): what
     every tile of the chunk reads (q, k, R, C1, the gate rows, the next chunk's keys) is loaded once for all of them,
     and with stages > 1 the loop prefetches the next tile's state."""
@@ -637,6 +639,13 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, pre, ops, fs, yp, c, s_in, s_out, 
             tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
         tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
         tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+        if SAVE:
+            sv1, sv2 = _slot_offsets(i_bh, c + 1, NSV, K, V, HD)
+            if MOMENTUM:
+                tl.store(s1v + sv1 + w1_off, S1n.to(s1v.dtype.element_ty), mask=w1_ok)
+                tl.store(s2v + sv2 + w2_off, S2n.to(s2v.dtype.element_ty), mask=w2_ok)
+            tl.store(w1v + sv1 + w1_off, W1n.to(w1v.dtype.element_ty), mask=w1_ok)
+            tl.store(w2v + sv2 + w2_off, W2n.to(w2v.dtype.element_ty), mask=w2_ok)
         if TPP == 1:
             k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
         _y_share(yp, k_next, gam_next, W1n, W2n, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD, BT, BV, ACT, PREC, YACTS)
@@ -674,10 +683,10 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
         Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)
+        W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0).to(tl.float32)
         S2 = W2
         if MOMENTUM:
-            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0)
+            S2 = tl.load(s2s + src2 + w2_off, mask=w2_ok, other=0.0).to(tl.float32)
         O_j, SA_j = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
         O += O_j
         SA += SA_j
@@ -757,8 +766,12 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT = triton.cdiv(T, BT)
-    NS = NT + 1 if keep_states else 2
+    # the state slots: every chunk-start state when the backward needs them, else the recurrence's two; with saved
+    # states in bf16 (saved_states_dtype) the recurrence's two, and the backward's copies apart
+    split = keep_states and saved_states_dtype(_prec(q)) == torch.bfloat16
+    NS = NT + 1 if keep_states and not split else 2
     slots = _state_slots(cfg, q, v, w1, w2, s1, s2, NS)
+    kept = _saved_slots(cfg, slots, NT + 1, torch.bfloat16) if split else slots
     BV, BH = pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -774,23 +787,50 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     NR = NT if keep_states else 1
     pre, ops = record_buffers(NR, B * H, BT, BV, q.device, _prec(q))
     fs = torch.empty(NR, 2, B * H, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
-    FORWARD_GRAPHS(_fwd_launches, "tiles", cfg, keep_states, q, k, v, gates, delta_, nw, nb, slots, o, yp, ohead,
-                   pre, ops, fs)
-    saved = (*slots, pre, ops, *((nw, nb, ohead) if cfg.norm else ()))
+    FORWARD_GRAPHS(_fwd_launches, "tiles", cfg, keep_states, q, k, v, gates, delta_, nw, nb, slots, kept, o, yp,
+                   ohead, pre, ops, fs)
+    saved = (*kept, pre, ops, *((nw, nb, ohead) if cfg.norm else ()))
     return o, _final_state(cfg, slots, NT % NS, q, v), (saved if keep_states else None)
 
 
-def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, nb, slots, o, yp, ohead, pre, ops,
-                  fs) -> tuple:
+def saved_states_dtype(prec: str) -> torch.dtype:
+    """``MIRAS_KERNEL_MLP_STATES``: the dtype of the chunk-start states the training forward keeps for the backward:
+    "fp32" (default: the forward's own state slots, one per chunk), "bf16" or "auto" (bf16 with bf16 dots,
+    ``mlp._prec``). With bf16 the forward runs its recurrence in two fp32 slots and writes each chunk's end state a
+    second time, rounded, into bf16 slots (``_fwd_tile``'s SAVE). The backward's passes (pass 2, pass 3,
+    ``_bwd_sums``, ``_bwd_end``) and the read (``_fwd_out``) then load half the bytes of state, and the kept slots
+    take half the memory (0.5 instead of 1 GB at the bench shape). Each of them uses the state as a bf16 dot operand
+    (rounded anyway) or in the carry scalars' sums against the state gradient. Unmeasured on a GPU."""
+    return _scratch_dtype("MIRAS_KERNEL_MLP_STATES", "fp32", prec)
+
+
+def _saved_slots(cfg: MLPConfig, slots: tuple, NSV: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The backward's copies of the chunk-start states (``saved_states_dtype``): (w1v, w2v, s1v, s2v) [B*H, NSV, in,
+    out] in dtype, slot 0 the initial state from slot 0 of the state slots (the forward writes the others); without
+    momentum s1v / s2v are w1v / w2v."""
+
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(x.shape[0], NSV, *x.shape[2:], device=x.device, dtype=dtype)
+        buf[:, 0] = x[:, 0]
+        return buf
+
+    w1v, w2v = copy(slots[0]), copy(slots[1])
+    return (w1v, w2v, copy(slots[2]), copy(slots[3])) if cfg.momentum else (w1v, w2v, w1v, w2v)
+
+
+def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, nb, slots, kept, o, yp, ohead, pre,
+                  ops, fs) -> tuple:
     """The forward's launches into the buffers ``mlp_tiles_fwd`` allocated (with keep_states, the training forward's:
-    every chunk's records and state slots; else one chunk's records and two ping-pong slots). Two launches per chunk
+    every chunk's records and chunk-start states, the latter in the state slots themselves or, where they are the
+    recurrence's two, in the saved slots kept; else one chunk's records and two ping-pong slots). Two launches per chunk
     (``_prep_state``, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and ``_fwd_out`` once for every chunk
     (forward alone: three launches per chunk, ``_prep``, ``_fwd_tile``, ``_fwd_out``). Returns (): it writes only
     into its arguments, so a graph of it has no outputs to copy out."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
-    NT, NR, NS = triton.cdiv(T, BT), pre.shape[0], slots[0].shape[1]
+    NT, NR, NS, NSV = triton.cdiv(T, BT), pre.shape[0], slots[0].shape[1], kept[0].shape[1]
     w1s, w2s, s1s, s2s = slots
+    save = kept[0] is not slots[0]  # (the saved slots apart: _fwd_tile writes them too)
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     yacts = yp.dim() == 3  # (y0_mode "acts": [B*H, BT, HD]; "parts": [NH, B*H, BT, BV])
@@ -817,7 +857,8 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
     _launch(_y_part, grid, k, gates[1], w1s, w2s, yp, 0, 0, T, NS, B * H, **tiles)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     tpp = fwd_tiles_per_program(NH)
-    fwd_tile = _launcher(_fwd_tile, (NH // tpp, B * H), **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16, TPP=tpp)
+    fwd_tile = _launcher(_fwd_tile, (NH // tpp, B * H), **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16, TPP=tpp,
+                         SAVE=save)
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
@@ -825,11 +866,11 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
             prep(k, v, gates[1], delta, nw, nb, yp, w2s, pre_c[r], c, s_in, T, NS, B * H)
         else:
             prep(q, k, v, *gates, delta, nw, nb, yp, w2s, pre_c[r], ops_c[r], c, s_in, T, NS, B * H)
-        fwd_tile(q, k, gates[1], w1s, w2s, s1s, s2s, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, B * H)
+        fwd_tile(q, k, gates[1], *slots, *kept, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, NSV, B * H)
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
-    if keep_states:
-        _launch(_fwd_out, (NVO, B * H, NT), q, o, w2s, s2s, pre, fs, nw, nb, ohead, 0, 0, T, NS, B * H,
+    if keep_states:  # (from the chunk-start states kept)
+        _launch(_fwd_out, (NVO, B * H, NT), q, o, kept[1], kept[3], pre, fs, nw, nb, ohead, 0, 0, T, NSV, B * H,
                 config_env=SUMS_CONFIG, **out_kw)
     return ()
 
@@ -1302,7 +1343,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
             gdZ1 = tl.load(xs + (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :], mask=h_ok[None, :],
                            other=0.0)
             W1 = tl.load(w1s + src1 + o_k[:, None] * HD + o_h[None, :], mask=k_ok[:, None] & h_ok[None, :],
-                         other=0.0)
+                         other=0.0).to(tl.float32)
             b_dk += _dot(gdZ1, tl.trans(W1), PREC)
         p_tk = (i_b * T * H + i_h) * K + t_idx[:, None] * H * K + o_k[None, :]
         tl.store(dk + p_tk, b_dk, mask=t_ok[:, None] & k_ok[None, :])
