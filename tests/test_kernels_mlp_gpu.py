@@ -208,6 +208,19 @@ def test_graphs_replay_the_eager_forward_and_backward(monkeypatch):
         assert n >= 2, f"the {part} graphs did not replay: the call's addresses changed at every step"
 
 
+def bench_row_inputs(seed: int, cot_seed: int) -> tuple:
+    """The first case's spec, bf16 CUDA leaves (q, k, v; fp32 gates and initial state) and cotangents of the output
+    and the final state: the inputs of the bit-for-bit tests."""
+    bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
+    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
+    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
+         for n, t in make_inputs(spec, B, T, H, D, D, seed=seed, gate_ranges=gate_ranges(bias, T)).items()}
+    g = torch.Generator(device="cuda").manual_seed(cot_seed)
+    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
+    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    return spec, x, cot
+
+
 @needs_cuda
 def test_pdl_gives_the_same_results_bit_for_bit(monkeypatch):
     """MIRAS_KERNEL_MLP_PDL (programmatic dependent launch; miras.kernels.mlp.launch_pdl): the bench row's fwd+bwd,
@@ -219,13 +232,7 @@ def test_pdl_gives_the_same_results_bit_for_bit(monkeypatch):
         pytest.skip("programmatic dependent launch needs a Hopper or newer GPU")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_PDL", "1")
     assert launch_pdl()
-    bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
-    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
-    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
-         for n, t in make_inputs(spec, B, T, H, D, D, seed=4, gate_ranges=gate_ranges(bias, T)).items()}
-    g = torch.Generator(device="cuda").manual_seed(5)
-    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
-    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    spec, x, cot = bench_row_inputs(seed=4, cot_seed=5)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", os.environ.get("MIRAS_KERNEL_MLP_FUSE_PASSES", "0"))
     results = {}
     for pdl, graphs in (("0", "0"), ("1", "0"), ("1", "2"), ("1", "2"), ("1", "2")):  # (graphs: seen, captured, replayed)
@@ -249,13 +256,7 @@ def test_fast_launch_gives_the_plain_launch_bit_for_bit(monkeypatch):
     same arguments), and the direct path was taken."""
     from miras.kernels.launcher import CALLS
 
-    bias, ret, learner, grad_at, chunk, act, B, T, H, D = CASES[0]
-    spec = mlp_spec(bias, ret, learner, grad_at, chunk, act=act)
-    x = {n: t.detach().to("cuda", torch.bfloat16 if n in "qkv" else torch.float32).requires_grad_(True)
-         for n, t in make_inputs(spec, B, T, H, D, D, seed=3, gate_ranges=gate_ranges(bias, T)).items()}
-    g = torch.Generator(device="cuda").manual_seed(2)
-    cot = {"o": torch.randn(B, T, H, D, device="cuda", generator=g)}
-    cot.update({n: torch.randn(B, H, *d, device="cuda", generator=g) for n, d in state_dims(spec, D, D).items()})
+    spec, x, cot = bench_row_inputs(seed=3, cot_seed=2)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_GRAPHS", "0")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", os.environ.get("MIRAS_KERNEL_MLP_FUSE_PASSES", "0"))
     results = {}
