@@ -13,7 +13,8 @@ take their output block (or hidden tiles) per program from ``MIRAS_KERNEL_MLP_BL
 2. One process after another, with the GPU to itself: for each set that passed, the device ms of every kernel per
    fwd+bwd step (torch.profiler) and the eager step's ms (do_bench).
 3. Per kernel, the set where it ran fastest. A kernel keeps the default unless another set beats it by more than 3%
-   and 5 us per step. The choice is written as the variants ``tuned`` (every kernel's own config),
+   and 5 us per step; a switch of several kernels (WHOLE_SETS) joins the choice where all kernels together beat
+   the default by as much. The choice is written as the variants ``tuned`` (every kernel's own config),
    ``tunedgraphs`` (the same with the forward and backward as CUDA graphs) and ``tunedpdlgraphs`` (and with
    programmatic dependent launch) into OUT/tuned.json. benchmarks/variants.py reads that file when
    ``MIRAS_BENCH_VARIANTS`` names it.
@@ -206,6 +207,15 @@ def pick(timings: dict[str, dict], default: str = DEFAULT,
     return chosen, env
 
 
+def whole_set_winners(timings: dict[str, dict], default: str = DEFAULT) -> list[str]:
+    """The WHOLE_SETS (switches of several kernels at once, which ``pick`` leaves out) whose kernels together ran
+    faster than the default set's by more than MIN_GAIN and MIN_GAIN_MS. They are independent switches: the tuned
+    settings take each one that wins."""
+    base = timings[default]["kernel_ms"]
+    return [name for name in WHOLE_SETS if name in timings
+            and base - timings[name]["kernel_ms"] > max(MIN_GAIN * base, MIN_GAIN_MS)]
+
+
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {n: v for n, v in os.environ.items() if not n.startswith(("MIRAS_KERNEL_MLP_CONFIG", "MIRAS_KERNEL_MLP_BLOCK_"))
            and n not in ("MIRAS_KERNEL_MLP_SUMS_CONFIG", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES")}
@@ -308,6 +318,9 @@ def run_tune(out: Path, seconds: float) -> None:
             timings[name] = t
             print(f"  [{name}] kernels {t['kernel_ms']:.3f} ms, eager step {t['step_ms']:.3f} ms", flush=True)
     chosen, tuned = pick({n: t for n, t in timings.items() if n not in WHOLE_SETS})
+    whole = whole_set_winners(timings)
+    for name in whole:
+        tuned.update(SETS[name])
     table = ["| kernel | " + " | ".join(timings) + " | chosen |", "|---" * (len(timings) + 2) + "|"]
     for name in chosen:
         cells = [f"{t['kernels'].get(name, float('nan')):.3f}" for t in timings.values()]
@@ -316,7 +329,8 @@ def run_tune(out: Path, seconds: float) -> None:
     table.append("| eager step (do_bench) | " + " | ".join(f"{t['step_ms']:.3f}" for t in timings.values()) + " | |")
     print("\n".join(table))
     (out / "table.md").write_text("\n".join(table) + "\n")
-    print("tuned settings:", " ".join(f"{n}={v}" for n, v in tuned.items()) or "(none: the defaults won)")
+    print("tuned settings:", " ".join(f"{n}={v}" for n, v in tuned.items()) or "(none: the defaults won)",
+          f"(whole sets among them: {', '.join(whole)})" if whole else "")
     (out / "tuned.json").write_text(json.dumps({}))
     if not tuned or left() < 60:
         return

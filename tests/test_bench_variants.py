@@ -154,3 +154,20 @@ def test_tune_picks_a_kernels_output_block_with_its_set():
     assert chosen == {"_fwd_out": "defaults", "_bwd_sums": "out16"}
     assert env == {"MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS": "4,2", "MIRAS_KERNEL_MLP_BLOCK_BWD_SUMS": "16"}
     assert set(tune_mlp.SETS["rows32"]) == {"MIRAS_KERNEL_MLP_BLOCK_PREP_STATE"}
+
+
+def test_tune_takes_whole_sets_that_win_over_all_kernels():
+    """tune_mlp.whole_set_winners: a switch of several kernels (WHOLE_SETS: y0parts, states16, rbf16) joins the tuned
+    settings where all kernels together beat the default by more than 3% and 5 us; a smaller gain, a loss or a set
+    not timed does not."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import tune_mlp
+
+    timings = {"defaults": {"kernel_ms": 10.0}, "states16": {"kernel_ms": 9.5}, "y0parts": {"kernel_ms": 9.8},
+               "4,2": {"kernel_ms": 8.0}}
+    assert tune_mlp.whole_set_winners(timings) == ["states16"]  # (y0parts: 2%; 4,2 is a per-kernel set; no rbf16)
+    timings["rbf16"] = {"kernel_ms": 9.0}
+    assert tune_mlp.whole_set_winners(timings) == ["states16", "rbf16"]
+    assert tune_mlp.whole_set_winners({"defaults": {"kernel_ms": 0.1}, "states16": {"kernel_ms": 0.0}}) == [
+        "states16"]
+    assert tune_mlp.whole_set_winners({"defaults": {"kernel_ms": 0.1}, "states16": {"kernel_ms": 0.096}}) == []
