@@ -59,11 +59,11 @@ grep -E "^\.*(l2|graphs)|passed|failed|^FAILED|^E  " "$OUTDIR/gate_full.log" 2>/
 tail -2 "$OUTDIR/warm_ln.log"
 [ -f "$OUTDIR/probe_ops.log" ] && { echo "-- bf16 operands probe:"; grep -vE "^\s*$" "$OUTDIR/probe_ops.log" | tail -30; }
 
+passed() { grep -q '"ok": true' "$OUTDIR/tune/check_$1.json" 2>/dev/null; }  # set $1's bench-shape check
 # the defaults failing their bench-shape check where set y0parts passes (the Y0 hand-over of session 17, the new
 # default, not yet run on a GPU when this was written): the rest of the call runs at the hand-over before it, so that
 # the tuning and the benchmark still have a working baseline
-if ! grep -q '"ok": true' "$OUTDIR/tune/check_defaults.json" 2>/dev/null \
-    && grep -q '"ok": true' "$OUTDIR/tune/check_y0parts.json" 2>/dev/null; then
+if ! passed defaults && passed y0parts; then
   echo "!! the defaults failed their check and y0parts passed: MIRAS_KERNEL_MLP_Y0=parts from here on"
   export MIRAS_KERNEL_MLP_Y0=parts
   cp "$OUTDIR/tune/check_y0parts.json" "$OUTDIR/tune/check_defaults.json"
@@ -79,11 +79,11 @@ if grep -q tunedgraphs "$OUTDIR/tune/tuned.json" 2>/dev/null; then
   VARIANTS="$VARIANTS,tuned,tunedgraphs,tunedpdlgraphs"
 fi
 # bf16 R (set rbf16, which pick leaves out) beside them, where its bench-shape check passed
-if grep -q '"ok": true' "$OUTDIR/tune/check_rbf16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
+if passed rbf16; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
 # the chunk-start states kept in bf16 (set states16), where its bench-shape check passed
-if grep -q '"ok": true' "$OUTDIR/tune/check_states16.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpstates16graphs"; fi
+if passed states16; then VARIANTS="$VARIANTS,mlpstates16graphs"; fi
 # Y0 handed over as the tiles' parts (set y0parts, the default before session 17) beside the activations
-if grep -q '"ok": true' "$OUTDIR/tune/check_y0parts.json" 2>/dev/null; then VARIANTS="$VARIANTS,mlpy0partsgraphs"; fi
+if passed y0parts; then VARIANTS="$VARIANTS,mlpy0partsgraphs"; fi
 if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \

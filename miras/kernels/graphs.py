@@ -58,11 +58,13 @@ class GraphCache:
         self.auto_capacity = 2  # the capacity under the setting "auto", doubled when a dropped graph is needed again
         self.failed: str | None = None  # why a capture failed: graphs are off for this process from then on
 
+    def setting_env(self) -> str:
+        """The environment variable in effect: ``env``, or ``default_env`` where that is given and ``env`` unset."""
+        return self.default_env if self.default_env is not None and self.env not in os.environ else self.env
+
     def setting(self) -> int | str:
         """The environment setting: a count (0: off) or "auto"; anything else is a ValueError naming it."""
-        if self.default_env is not None and self.env not in os.environ:
-            return env_count_or_auto(self.default_env)
-        return env_count_or_auto(self.env)
+        return env_count_or_auto(self.setting_env())
 
     def capacity(self) -> int:
         setting = self.setting()
@@ -134,7 +136,7 @@ class GraphCache:
         step (MLP-memory layers), every call captures anew, which is slower than running eagerly."""
         if not self.warned:
             self.warned = True
-            env = self.env if self.default_env is None or self.env in os.environ else self.default_env
+            env = self.setting_env()
             warnings.warn(f"{env}={capacity} keeps fewer CUDA graphs than the calls of a training step need (one "
                           f"per MLP-memory layer): graphs are dropped and captured again every step, which is slower "
                           f"than no graphs; set {env} to at least the number of MLP-memory layers", stacklevel=3)

@@ -158,6 +158,18 @@ def _state_tiles(w1s, w2s, s1s, s2s, o1, o2, w1_off, w1_ok, w2_off, w2_ok, MOMEN
 
 
 @triton.jit
+def _store_state_tiles(w1s, w2s, s1s, s2s, o1, o2, w1_off, w1_ok, w2_off, w2_ok, W1, W2, S1, S2,
+                       MOMENTUM: tl.constexpr):
+    """``_state_tiles``' inverse: tile j of (W1, W2) and, with momentum, of (S1, S2) into the slots at offsets o1 / o2,
+    in each buffer's dtype."""
+    if MOMENTUM:
+        tl.store(s1s + o1 + w1_off, S1.to(s1s.dtype.element_ty), mask=w1_ok)
+        tl.store(s2s + o2 + w2_off, S2.to(s2s.dtype.element_ty), mask=w2_ok)
+    tl.store(w1s + o1 + w1_off, W1.to(w1s.dtype.element_ty), mask=w1_ok)
+    tl.store(w2s + o2 + w2_off, W2.to(w2s.dtype.element_ty), mask=w2_ok)
+
+
+@triton.jit
 def _operand(x, DEFER: tl.constexpr):
     """x, or (DEFER) the block that the pointer tensor x points to, loaded here, where a dot uses it: a block loaded at
     the top of a kernel keeps its shared-memory copy from there to its use (+16 KB per [64, 64] fp32 block at sm_90)."""
@@ -521,11 +533,8 @@ def _fwd_chunk(
             O += Oj
             SA += SAj
         if WANT_STATE:
-            if MOMENTUM:
-                tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
-                tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
-            tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
-            tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+            _store_state_tiles(w1s, w2s, s1s, s2s, dst1, dst2, w1_off, w1_ok, w2_off, w2_ok, W1n, W2n, S1n, S2n,
+                               MOMENTUM)
     if WANT_O:
         R = tl.load(rs + p_r + o_t[:, None] * BV + o_v[None, :])  # afresh, as in pass 2
         O -= _dot(tl.where(causal, G * SA, 0.0), R, PREC)

@@ -84,6 +84,7 @@ from miras.kernels.mlp import (
     _state_grad_terms,
     _state_slots,
     _state_tiles,
+    _store_state_tiles,
 )
 from miras.kernels.settings import env_choice, env_switch, env_tile
 
@@ -634,18 +635,11 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         tl.store(fs + th, A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
         tl.store(fs + BHN * BT * HD + th, Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
-        if MOMENTUM:
-            tl.store(s1s + dst1 + w1_off, S1n, mask=w1_ok)
-            tl.store(s2s + dst2 + w2_off, S2n, mask=w2_ok)
-        tl.store(w1s + dst1 + w1_off, W1n, mask=w1_ok)
-        tl.store(w2s + dst2 + w2_off, W2n, mask=w2_ok)
+        _store_state_tiles(w1s, w2s, s1s, s2s, dst1, dst2, w1_off, w1_ok, w2_off, w2_ok, W1n, W2n, S1n, S2n, MOMENTUM)
         if SAVE:
             sv1, sv2 = _slot_offsets(i_bh, c + 1, NSV, K, V, HD)
-            if MOMENTUM:
-                tl.store(s1v + sv1 + w1_off, S1n.to(s1v.dtype.element_ty), mask=w1_ok)
-                tl.store(s2v + sv2 + w2_off, S2n.to(s2v.dtype.element_ty), mask=w2_ok)
-            tl.store(w1v + sv1 + w1_off, W1n.to(w1v.dtype.element_ty), mask=w1_ok)
-            tl.store(w2v + sv2 + w2_off, W2n.to(w2v.dtype.element_ty), mask=w2_ok)
+            _store_state_tiles(w1v, w2v, s1v, s2v, sv1, sv2, w1_off, w1_ok, w2_off, w2_ok, W1n, W2n, S1n, S2n,
+                               MOMENTUM)
         if TPP == 1:
             k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
         _y_share(yp, k_next, gam_next, W1n, W2n, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD, BT, BV, ACT, PREC, YACTS)
