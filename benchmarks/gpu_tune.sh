@@ -10,7 +10,7 @@
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs (forward and backward graphed), mlpbwdgraphs (the
 #    backward alone, as before session 17), mlppdlgraphs (programmatic dependent launch), tuned, tunedgraphs
 #    and tunedpdlgraphs (and mlpr16graphs / mlpstates16graphs /
-#    mlpy0partsgraphs where set rbf16 / states16 / y0parts passed its check) in GPU_TUNE_ROUNDS (2)
+#    mlpy0partsgraphs / mlpsplit2graphs where set rbf16 / states16 / y0parts / split2 passed its check) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
@@ -84,6 +84,8 @@ if passed rbf16; then VARIANTS="$VARIANTS,mlpr16graphs"; fi
 if passed states16; then VARIANTS="$VARIANTS,mlpstates16graphs"; fi
 # Y0 handed over as the tiles' parts (set y0parts, the default before session 17) beside the activations
 if passed y0parts; then VARIANTS="$VARIANTS,mlpy0partsgraphs"; fi
+# pass 2 split in two (set split2, session 18), where its bench-shape check passed
+if passed split2; then VARIANTS="$VARIANTS,mlpsplit2graphs"; fi
 if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \

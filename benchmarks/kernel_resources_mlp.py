@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KERNELS = ("fwd0", "fwd1", "fwd2", "bwd")
-TILES_KERNELS = ("_y_part", "_prep", "_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums",
-                 "_bwd_mid", "_bwd_tile32", "_bwd_end", "_head_read_bwd")
+TILES_KERNELS = ("_y_part", "_prep", "_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_read", "_bwd_tile2",
+                 "_bwd_sums", "_bwd_mid", "_bwd_tile32", "_bwd_end", "_head_read_bwd")
 INT_NAMES = {"T", "NT", "NS", "NSV", "c", "c0", "s0", "s_in", "s_out", "BHN", "BTH", "s_src", "e", "s"}
 FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "dw1s", "dw2s", "ds1s", "ds2s", "xs", "dq",
               "dk", "deta", "dla", "dlm", "ddelta"}
@@ -81,9 +81,10 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                       BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
                       BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts, PDL=pdl,
-                      SAVE=mlp_tiles.saved_states_dtype(prec) == torch.bfloat16,
+                      SAVE=mlp_tiles.saved_states_dtype(prec) == torch.bfloat16, SPLIT=mlp_tiles.split_pass2(),
                       TPP={"_bwd_tile32": mlp_tiles.bwd_tiles_per_program(NH, fused),
-                           "_bwd_tile2": mlp_tiles.pass2_tiles_per_program(NH)}.get(
+                           "_bwd_tile2": mlp_tiles.pass2_tiles_per_program(NH),
+                           "_bwd_read": mlp_tiles.read_tiles_per_program(NH)}.get(
                                which, mlp_tiles.fwd_tiles_per_program(NH)))
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         fp32 = set(fn.arg_names) - {"q", "k", "v", "do", "dv", "o"}
@@ -96,12 +97,13 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
            for n in fn.arg_names}
     # the scratch buffers that the settings may make bf16, as the host functions allocate them
     scratch = {"fs": mlp_tiles.factors_dtype(prec), "ops": mlp_tiles.operands_dtype(prec)}
+    scratch["rf"] = scratch["fdp"] = scratch["fs"]  # (the split pass 2's factors: mlp_tiles.split_pass2)
     scratch["ops_prev"] = scratch["ops"]
     # the chunk-start states kept for the backward (mlp_tiles.saved_states_dtype): _fwd_tile's saved slots, and the
     # state slots of the kernels that read the kept ones
     kept = mlp_tiles.saved_states_dtype(prec) if which.startswith("_") else torch.float32
     scratch.update({n: kept for n in ("w1v", "w2v", "s1v", "s2v")})
-    if which in ("_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_tile32", "_bwd_end"):
+    if which in ("_fwd_out", "_bwd_read", "_bwd_tile2", "_bwd_sums", "_bwd_tile32", "_bwd_end"):
         scratch.update({n: kept for n in ("w1s", "w2s", "s1s", "s2s")})
     for name, dtype in scratch.items():
         if name in sig and dtype == torch.bfloat16:

@@ -67,6 +67,11 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # timed in this order until the time is up: the settings never timed on a GPU first, the likeliest gains first;
     # last the launch configs that session 15 timed (its choices are the defaults now)
     DEFAULT: {},
+    # pass 2 split in two (mlp_tiles.split_pass2, session 18): its read half, ten of its fourteen dots per tile, for
+    # every chunk at once before the backward's loop (_bwd_read: 168 registers, no spills at sm_90), the carry half
+    # in the loop (_bwd_tile2 at four dots: 208 registers and no spills, against 255 and a 184 B stack): a setting
+    # of several kernels, so in the table only (WHOLE_SETS)
+    "split2": {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"},
     # the next chunk's Y0 handed over as the tiles' parts of it ([BT, V] fp32 per tile program, summed by
     # _prep_state), the default before session 17, against their hidden activations ([BT, BH], contracted with W2 by
     # _prep_state; mlp_tiles.y0_mode): a setting of three kernels, so in the table only (WHOLE_SETS)
@@ -105,7 +110,8 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "8,1": {"MIRAS_KERNEL_MLP_CONFIG": "8,1", **_tiles_at("4,1")},
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
 }
-WHOLE_SETS = ("y0parts", "states16", "rbf16")  # settings that span kernels: in the table, not among pick's per-kernel choices
+# settings that span kernels: in the table, not among pick's per-kernel choices
+WHOLE_SETS = ("split2", "y0parts", "states16", "rbf16")
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 

@@ -70,6 +70,9 @@ VARIANTS = {
     # the next chunk's Y0 handed over as the tiles' parts of it, the default before session 17 (mlp_tiles.y0_mode)
     "mlpy0parts": {"MIRAS_KERNEL_MLP_Y0": "parts"},
     "mlpy0partsgraphs": {"MIRAS_KERNEL_MLP_Y0": "parts", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    # pass 2's read half for every chunk before the backward's loop (session 18, unmeasured; mlp_tiles.split_pass2)
+    "mlpsplit2": {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"},
+    "mlpsplit2graphs": {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
 }
 
 

@@ -42,6 +42,10 @@ CASES = {
     "tiles2": (TPP_KERNELS, [], {f"MIRAS_KERNEL_MLP_BLOCK_{n.strip('_').upper()}": "2" for n in TPP_KERNELS}),
     "pdl": (TILES_KERNELS, ["--pdl"], {}),
     "states-bf16": (STATE_KERNELS, [], {"MIRAS_KERNEL_MLP_STATES": "bf16"}),
+    # pass 2 split (mlp_tiles.split_pass2): its carry half on its own launch and behind pass 3
+    "split-pass2": (("_bwd_read", "_bwd_tile2", "_bwd_tile32"), [], {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"}),
+    "split-pass2-fused": (("_bwd_tile32",), [], {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1",
+                                                 "MIRAS_KERNEL_MLP_FUSE_PASSES": "1"}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 

@@ -194,8 +194,9 @@ def test_fuse_passes_default_follows_the_graphs_setting(monkeypatch):
 
 def test_tiles_launches_per_chunk(monkeypatch, _layout):
     """The tiles layout keeps only the recurrence's steps in its chunk loops: forward 2 launches per chunk (+ _y_part,
-    the records' gate part and _fwd_out once), backward 3 (+ _prep_m2, the last chunk's pass 2 and _bwd_end once);
-    without grad the forward launches 3 per chunk. Counted, not run (the launcher is replaced)."""
+    the records' gate part and _fwd_out once), backward 3 (+ _prep_m2, the last chunk's pass 2 and _bwd_end once;
+    with MIRAS_KERNEL_MLP_SPLIT_PASS2 also _bwd_read once); without grad the forward launches 3 per chunk. Counted,
+    not run (the launcher is replaced)."""
     if _layout == "walk":
         pytest.skip("tiles layout only")
     from miras.kernels import mlp_tiles
@@ -216,6 +217,11 @@ def test_tiles_launches_per_chunk(monkeypatch, _layout):
     with torch.no_grad():
         triton_memory_scan(spec, *split(spec, {n: t.detach() for n, t in x.items()}))
     assert len(launched) == 3 * 5 + 1
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "1")  # pass 2's read half: one launch for every chunk
+    o, _ = triton_memory_scan(spec, *split(spec, x))
+    launched.clear()
+    o.sum().backward()
+    assert len(launched) == 3 * 5 + 4 and launched.count("_bwd_read") == 1, launched
 
 
 # the LayerNorm head (docs/kernels-ln-head.md): every bias, residual or not (V != K without), both gradient points,
@@ -476,6 +482,32 @@ def test_tiles_per_program(monkeypatch, _layout):
     check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=7)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", "1")  # (pass 2 of the last chunk alone, the rest fused)
     check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=8)
+
+
+SPLIT_CASES = [("l2", "decay", "momentum", "decayed", 32, True, "gelu", False, 32, "0", "1"),
+               ("huber", "decay", "gd", "previous", 16, False, "silu", False, 24, "1", "2"),
+               ("lp", "none", "momentum", "previous", 64, True, "tanh", False, 32, "0", "4")]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["-".join(str(c) for c in case[:4]) for case in SPLIT_CASES])
+def test_split_pass2(case, monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_SPLIT_PASS2=1: pass 2's read half for every chunk before the backward's loop (_bwd_read, n
+    hidden tiles per program: MIRAS_KERNEL_MLP_BLOCK_BWD_READ) and its carry half in the loop, on its own launch
+    (FUSE_PASSES=0) or behind pass 3: outputs, final state and every gradient match the float64 oracle; with the
+    switch off the backward runs the whole pass in the loop (every other test); a bad value names the variable."""
+    if _layout != "tiles":
+        pytest.skip("tiles layout only")
+    from miras.kernels.mlp_tiles import read_tiles_per_program, split_pass2
+
+    *spec_args, V, fuse, tpp = case
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", fuse)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_READ", tpp)
+    assert split_pass2() and read_tiles_per_program(4) == int(tpp)
+    check_against_oracle(mlp_spec(*spec_args), B=1, T=70, H=2, K=32, V=V, seed=13)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "sometimes")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_SPLIT_PASS2 must be one of .*'sometimes'"):
+        split_pass2()
 
 
 BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES"]

@@ -113,6 +113,16 @@ def test_bf16_layernorm_head_vs_chunked_fp32(case, monkeypatch):
     _compare(case, torch.bfloat16, 2e-2, norm=True)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
+@on_gpu
+@needs_cuda
+def test_bf16_split_pass2_vs_chunked_fp32(case, monkeypatch):
+    """MIRAS_KERNEL_MLP_SPLIT_PASS2=1 (pass 2's read half for every chunk before the backward's loop, session 18):
+    the bench case and the Huber case at the decayed point, within 2e-2."""
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "1")
+    _compare(case, torch.bfloat16, 2e-2)
+
+
 @pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
 @on_gpu
 @needs_cuda

@@ -34,8 +34,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   ``MIRAS_KERNEL_MLP_CONFIG_<KERNEL>``: one kernel's launch config, before both (``<KERNEL>``: its name without the
   underscore, upper case, e.g. ``MIRAS_KERNEL_MLP_CONFIG_BWD_SUMS``; ``mlp.kernel_config_env``);
   ``MIRAS_KERNEL_MLP_BLOCK_<KERNEL>``: how much of its output one program of ``_prep_state`` (rows, default 16 at
-  chunk 64), ``_fwd_out`` or ``_bwd_sums`` (columns, default 32), ``_fwd_tile``, ``_bwd_tile32`` or ``_bwd_tile2``
-  (hidden tiles, default 1) forms (``mlp_tiles.kernel_block``); ``MIRAS_KERNEL_MLP_Y0``: how the training
+  chunk 64), ``_fwd_out`` or ``_bwd_sums`` (columns, default 32), ``_fwd_tile``, ``_bwd_tile32``, ``_bwd_tile2`` or
+  ``_bwd_read`` (hidden tiles, default 1) forms (``mlp_tiles.kernel_block``); ``MIRAS_KERNEL_MLP_Y0``: how the training
   forward's tile programs hand the next chunk's prediction to ``_prep_state`` (``acts``, the default: their hidden
   activations, contracted with W2 there; ``parts``: their parts of it, summed there, the default before session
   17; ``mlp_tiles.y0_mode``); ``MIRAS_KERNEL_MLP_PREC``:
@@ -51,7 +51,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   their bytes and memory, not yet run on a GPU; ``mlp_tiles.saved_states_dtype``);
   ``MIRAS_KERNEL_MLP_FUSE_PASSES``: whether the tiles layout runs each chunk's backward pass 2 behind the next
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
-  ``mlp_tiles.fuse_passes``).
+  ``mlp_tiles.fuse_passes``); ``MIRAS_KERNEL_MLP_SPLIT_PASS2=1``: run the ten of pass 2's fourteen dots per tile
+  that the end state's gradient does not enter for every chunk at once before the backward's chunk loop, and only
+  the other four in it (default off, unmeasured; 0.8 GB more memory at the bench shape; ``mlp_tiles.split_pass2``).
 - ``MIRAS_KERNEL_FAST_LAUNCH=0``: launch the MLP kernels through Triton's plain ``kernel[grid]`` path at every call
   instead of through the compiled kernel's own launcher once a launch site has been seen (default on with triton
   >= 3.6; same compiled kernels, bit for bit the same results, far less host time per launch;

@@ -274,26 +274,18 @@ def _state_grad_terms(qj, doj, Rj, Ah, dH, dP, beta, f, MOMENTUM: tl.constexpr, 
 
 
 @triton.jit
-def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
-                      gL, nL, betaL, fL, mL,
-                      ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-                      DEFER: tl.constexpr):
-    """Backward of hidden tile j, every term that needs only R (pass 2) and only this tile; (dW1e, dW2e, dS1e, dS2e):
-    the tile of the end state's gradient; M2 = -G . dO R^T (M2T its transpose). Returns the tile's factors of the
-    sums over tiles (A1, Ah, D1, dH, dP: ``_bwd_tile_sums``), its parts of the row sums (dbeta, df, dgamma, d g_L,
-    d n_L rows and the d beta_L, d f_L, d m_L scalars), X = dZ1 without its dY part, and the start-state gradient
-    tiles without their dY parts. DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``).
-    The tiles layout uses only the factors, X and the rows here (the rest is dead code there) and forms the
-    start-state gradient tiles in pass 3 (``_state_grad_terms``, ``_end_grad_terms``), so that q, dO, R and the
-    end-gradient tiles are not live through all of pass 2.
-
-    Every row sum over V is a row sum over the tile's columns of a [BT, BH] product already formed, e.g.
-    sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries."""
-    Z1 = gam[:, None] * _dot(kj, W1, PREC)
+def _bwd_tile_read(qj, kj, doj, Rj, W1, W2, S1, S2, gam, beta, f, C1, C1T, M2, M2T,
+                   ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, DEFER: tl.constexpr):
+    """The half of pass 2 of hidden tile j that the end state's gradient does not enter: the forward's Zk = k W1_j,
+    Pm = R W2_j^T, A1, D1 (Z1 = gamma Zk), the read's Ah and its backward dH, and the read's parts of dA1 and dD1,
+    dA1r = M2^T Ah and dD1r = -C1^T dH. Returns (Zk, Pm, A1, Ah, D1, dH, dA1r, dD1r, dbeta, df rows). It depends
+    on the chunk's inputs, its start state and dO only, so the tiles layout can run it for every chunk at once
+    (``mlp_tiles._bwd_read``). DEFER: C1, C1T, M2, M2T are pointer tensors to the blocks (``_operand``)."""
+    Zk = _dot(kj, W1, PREC)
+    Z1 = gam[:, None] * Zk
     A1 = _act(Z1, ACT)
-    s1 = _act_d1(Z1, ACT)
     Pm = _dot(Rj, tl.trans(W2), PREC)
-    D1 = gam[:, None] * Pm * s1
+    D1 = gam[:, None] * Pm * _act_d1(Z1, ACT)
     QW1 = _dot(qj, W1, PREC)
     Hh = beta[:, None] * QW1 - _dot(_operand(C1, DEFER), D1, PREC)
     dOW2 = _dot(doj, tl.trans(W2), PREC)
@@ -306,27 +298,66 @@ def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, g
     Ah = _act(Hh, ACT)
     dH = dAh * _act_d1(Hh, ACT)
     dbeta = tl.sum(Ah * dOW2 + dH * QW1, axis=1)
-    RdW2 = _dot(Rj, tl.trans(dW2e), PREC)
-    dA1 = _dot(_operand(M2T, DEFER), Ah, PREC) - gL[:, None] * RdW2
-    KdW1 = _dot(kj, dW1e, PREC)
-    dD1 = -_dot(_operand(C1T, DEFER), dH, PREC) - gL[:, None] * KdW1
-    dgL = -tl.sum(KdW1 * D1 + A1 * RdW2, axis=1)
     df = tl.zeros_like(dbeta)
-    dnL = tl.zeros_like(dbeta)
-    dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
-    dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
     if MOMENTUM:
         df += tl.sum(Ah * dOS2 + dH * QS1, axis=1)
+    dA1r = _dot(_operand(M2T, DEFER), Ah, PREC)
+    dD1r = -_dot(_operand(C1T, DEFER), dH, PREC)
+    return Zk, Pm, A1, Ah, D1, dH, dA1r, dD1r, dbeta, df
+
+
+@triton.jit
+def _bwd_tile_carry(kj, Rj, Z1, s1, Pm, A1, D1, dA1r, dD1r, dW1e, dW2e, dS1e, dS2e, gam, gL, nL,
+                    ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """The half of pass 2 of hidden tile j that the end state's gradient (dW1e, dW2e, dS1e, dS2e) enters, from the
+    other half's (``_bwd_tile_read``; s1 = act'(Z1)): through W1' = .. - k^T diag(g_L) D1, W2' = .. - A1^T diag(g_L) R
+    (and S1', S2' with n_L), dA1 = dA1r - g_L R dW2e^T - n_L R dS2e^T, dD1 = dD1r - g_L k dW1e - n_L k dS1e.
+    Returns dP = gamma dD1 act'(Z1) (the factor of dR), the dgamma, d g_L, d n_L rows and
+    X = dZ1 without its dY part."""
+    RdW2 = _dot(Rj, tl.trans(dW2e), PREC)
+    dA1 = dA1r - gL[:, None] * RdW2
+    KdW1 = _dot(kj, dW1e, PREC)
+    dD1 = dD1r - gL[:, None] * KdW1
+    dgL = -tl.sum(KdW1 * D1 + A1 * RdW2, axis=1)
+    dnL = tl.zeros_like(dgL)
+    if MOMENTUM:
         RdS2 = _dot(Rj, tl.trans(dS2e), PREC)
         dA1 -= nL[:, None] * RdS2
         KdS1 = _dot(kj, dS1e, PREC)
         dD1 -= nL[:, None] * KdS1
         dnL -= tl.sum(KdS1 * D1 + A1 * RdS2, axis=1)
     dP = dD1 * gam[:, None] * s1
-    dgam = tl.zeros_like(dbeta)
+    dgam = tl.zeros_like(dgL)
     if DECAYED:
         dgam += tl.sum(dD1 * Pm * s1, axis=1)
     X = dD1 * gam[:, None] * Pm * _act_d2(Z1, ACT) + dA1 * s1
+    return dP, dgam, dgL, dnL, X
+
+
+@triton.jit
+def _bwd_tile_factors(qj, kj, doj, Rj, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f, C1, C1T, M2, M2T,
+                      gL, nL, betaL, fL, mL,
+                      ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+                      DEFER: tl.constexpr):
+    """Backward of hidden tile j, every term that needs only R (pass 2) and only this tile (``_bwd_tile_read`` then
+    ``_bwd_tile_carry``); (dW1e, dW2e, dS1e, dS2e): the tile of the end state's gradient; M2 = -G . dO R^T (M2T its
+    transpose). Returns the tile's factors of the sums over tiles (A1, Ah, D1, dH, dP: ``_bwd_tile_sums``), its parts
+    of the row sums (dbeta, df, dgamma, d g_L, d n_L rows and the d beta_L, d f_L, d m_L scalars), X = dZ1 without
+    its dY part, and the start-state gradient tiles without their dY parts. DEFER: C1, C1T, M2, M2T are pointer
+    tensors to the blocks (``_operand``).
+    The tiles layout uses only the factors, X and the rows here (the rest is dead code there) and forms the
+    start-state gradient tiles in pass 3 (``_state_grad_terms``, ``_end_grad_terms``), so that q, dO, R and the
+    end-gradient tiles are not live through all of pass 2.
+
+    Every row sum over V is a row sum over the tile's columns of a [BT, BH] product already formed, e.g.
+    sum_v dO (Ah W2) = sum_h Ah (dO W2^T): no [BT, V] temporaries."""
+    Zk, Pm, A1, Ah, D1, dH, dA1r, dD1r, dbeta, df = _bwd_tile_read(qj, kj, doj, Rj, W1, W2, S1, S2, gam, beta, f,
+                                                                   C1, C1T, M2, M2T, ACT, MOMENTUM, PREC, DEFER)
+    Z1 = gam[:, None] * Zk
+    dP, dgam, dgL, dnL, X = _bwd_tile_carry(kj, Rj, Z1, _act_d1(Z1, ACT), Pm, A1, D1, dA1r, dD1r, dW1e, dW2e, dS1e,
+                                            dS2e, gam, gL, nL, ACT, DECAYED, MOMENTUM, PREC)
+    dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
+    dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
     dW1s, dW2s, dS1s, dS2s = _state_grad_terms(qj, doj, Rj, Ah, dH, dP, beta, f, MOMENTUM, PREC)
     return (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, dbL, dfL, dmL, X, dW1s + dW1c, dW2s + dW2c, dS1s + dS1c,
             dS2s + dS2c)

@@ -61,12 +61,15 @@ from miras.kernels.mlp import (
     FORWARD_GRAPHS,
     MLPConfig,
     _act,
+    _act_d1,
     _block_h,
     _bwd_chunk_dg,
     _bwd_chunk_dr,
     _bwd_chunk_dy,
+    _bwd_tile_carry,
     _bwd_tile_dy,
     _bwd_tile_factors,
+    _bwd_tile_read,
     _bwd_tile_sums,
     _capability_major,
     _end_grad_scalars,
@@ -873,28 +876,35 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
 
 
 @_chunk_kernel("c", "s_src", "e")
-def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
+def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, rz, rrow, prow, c, s_src,
+               e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr,
-               TPP: tl.constexpr, PDL: tl.constexpr):
-    """Pass 2 (``_pass2``) of chunk c on its own launch: every chunk's when the passes are apart (``fuse_passes``),
-    else the last chunk's (the others run in ``_bwd_tile32`` behind the next chunk's pass 3)."""
+               TPP: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+    """Pass 2 of chunk c on its own launch: every chunk's when the passes are apart (``fuse_passes``), else the last
+    chunk's (the others run in ``_bwd_tile32`` behind the next chunk's pass 3). The whole pass (``_pass2``), or with
+    SPLIT (``split_pass2``) its carry half alone (``_pass2_carry``; ``_bwd_read`` ran the read half before the loop)."""
     _pdl_start(PDL)
-    _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
-           H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
+    if SPLIT:
+        _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz, rrow, prow, c, s_src, e, T,
+                     NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
+    else:
+        _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T,
+               NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
 
 
 @triton.jit
-def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, prow, c, s_src, e, T, NS, BHN,
+def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T, NS, BHN,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
            DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
-    A1, Ah, D1, dH, dP into its columns of fs [5, BHN, BT, HD] (``_bwd_sums`` contracts them, pass 3 forms the
-    start-state gradient tiles from them), X into xs and the tile's partials (``_prow_base``, slot j * BHN + i_bh):
-    the rows dbeta, df, dgam, dgL, dnL and the carry scalars' d beta_L, d f_L, d m_L (their inner products of the
-    chunk-start state with the end state's gradient, ``_end_grad_scalars``, on the tiles this pass loads anyway).
+    A1, Ah, D1, dH into its columns of fs [4+, BHN, BT, HD] and dP into fdp [BHN, BT, HD] (``_bwd_sums`` contracts
+    them, pass 3 forms the start-state gradient tiles from them), X into xs and the tile's partials (``_prow_base``,
+    slot j * BHN + i_bh): the rows dbeta, df, dgam, dgL, dnL and the carry scalars' d beta_L, d f_L, d m_L (their
+    inner products of the chunk-start state with the end state's gradient, ``_end_grad_scalars``, on the tiles this
+    pass loads anyway).
     Program (jp, i_bh) walks the TPP hidden tiles j = jp TPP .. (jp + 1) TPP - 1 (``pass2_tiles_per_program``),
     loading what they share (q, k, dO, R, the gate rows) once."""
     jp, i_bh = tl.program_id(0), tl.program_id(1)
@@ -935,9 +945,118 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
         tl.store(fs + BHN * BT * HD + th, Ah.to(fty), mask=h_ok[None, :])
         tl.store(fs + 2 * BHN * BT * HD + th, D1.to(fty), mask=h_ok[None, :])
         tl.store(fs + 3 * BHN * BT * HD + th, dH.to(fty), mask=h_ok[None, :])
-        tl.store(fs + 4 * BHN * BT * HD + th, dP.to(fty), mask=h_ok[None, :])
+        tl.store(fdp + th, dP.to(fty), mask=h_ok[None, :])
         tl.store(rw + o_t, dbeta)
         tl.store(rw + BT + o_t, df)
+        tl.store(rw + 2 * BT + o_t, dgam)
+        tl.store(rw + 3 * BT + o_t, dgL)
+        tl.store(rw + 4 * BT + o_t, dnL)
+
+
+@triton.jit
+def _read_slot(buf, i: tl.constexpr, th, BHN, BT: tl.constexpr, HD: tl.constexpr):
+    """Where array i of a [n, BHN, BT, HD] factor buffer (one chunk's) has the offsets th (``_bwd_read``)."""
+    return buf + i * BHN * BT * HD + th
+
+
+@_chunk_kernel("c0")
+def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, c0, T, NS, BHN,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
+              PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
+    """The read half of pass 2 (``_bwd_tile_read``: what the end state's gradient does not enter) of every chunk at
+    once, before the backward's chunk loop (``split_pass2``). Program (jp, i_bh, r), chunk c = c0 + r, hidden tiles
+    j = jp TPP .. (jp + 1) TPP - 1, from the chunk-start state slot c, dO and the chunk's ``_prep`` records (record
+    c * BHN + i_bh of pre and ops, which hold every chunk's): into rf[r] [4, BHN, BT, HD] A1, Ah, D1, dH (the
+    factors' dtype: ``_bwd_sums`` and pass 3 read them), into rz[r] [4, BHN, BT, HD] fp32 Zk = k W1_j, Pm = R W2_j^T
+    and the read's parts dA1r, dD1r of dA1, dD1 (the carry half, ``_pass2_carry``, reads them), and the rows
+    dbeta, df into rrow[r] [NH, BHN, 2, BT]."""
+    _pdl_start(PDL)
+    jp, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = c0 + r
+    rec = r.to(tl.int64) * BHN
+    rf += rec * 4 * BT * HD
+    rz += rec * 4 * BT * HD
+    rrow += rec * ((HD + BH - 1) // BH) * 2 * BT
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    base = _pre_base(pre, c * BHN + i_bh, BT, BV)
+    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    beta, f, gam, _, _, _, _, _ = _load_rows(base, o_t, BT, BV)
+    bb = _ops_base(ops, c * BHN + i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
+    C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
+    src1, src2 = _slot_offsets(i_bh, c, NS, K, V, HD)
+    o_hh = tl.arange(0, BH)
+    fty = rf.dtype.element_ty
+    for jt in range(TPP):
+        j = jp * TPP + jt
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        Zk, Pm, A1, Ah, D1, dH, dA1r, dD1r, dbeta, df = _bwd_tile_read(b_q, b_k, b_do, R, W1, W2, S1, S2, gam, beta,
+                                                                       f, C1, C1T, M2, M2T, ACT, MOMENTUM, PREC,
+                                                                       True)
+        th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+        m = h_ok[None, :]
+        tl.store(_read_slot(rf, 0, th, BHN, BT, HD), A1.to(fty), mask=m)
+        tl.store(_read_slot(rf, 1, th, BHN, BT, HD), Ah.to(fty), mask=m)
+        tl.store(_read_slot(rf, 2, th, BHN, BT, HD), D1.to(fty), mask=m)
+        tl.store(_read_slot(rf, 3, th, BHN, BT, HD), dH.to(fty), mask=m)
+        tl.store(_read_slot(rz, 0, th, BHN, BT, HD), Zk, mask=m)
+        tl.store(_read_slot(rz, 1, th, BHN, BT, HD), Pm, mask=m)
+        tl.store(_read_slot(rz, 2, th, BHN, BT, HD), dA1r, mask=m)
+        tl.store(_read_slot(rz, 3, th, BHN, BT, HD), dD1r, mask=m)
+        rr = rrow + (j * BHN + i_bh).to(tl.int64) * 2 * BT + o_t
+        tl.store(rr, dbeta)
+        tl.store(rr + BT, df)
+
+
+@triton.jit
+def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz, rrow, prow, c, s_src, e, T, NS, BHN,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
+                 MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
+    """The carry half of pass 2 of chunk c (``_bwd_tile_carry``: what the end state's gradient, slot e, enters),
+    from the read half's records of the chunk (rz [4, BHN, BT, HD], rrow [NH, BHN, 2, BT]: ``_bwd_read``): the same
+    outputs as ``_pass2`` but the read's factors (already in ``_bwd_read``'s rf): dP into fdp, X into xs, the rows
+    and the carry scalars' parts into prow. Four dots per tile (two without momentum) instead of fourteen."""
+    jp, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    base = _pre_base(pre, i_bh, BT, BV)
+    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    _, _, gam, gL, nL, _, _, _ = _load_rows(base, o_t, BT, BV)
+    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
+    e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
+    o_hh = tl.arange(0, BH)
+    for jt in range(TPP):
+        j = jp * TPP + jt
+        o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
+        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+        dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
+        rw = _prow_base(prow, j * BHN + i_bh, BT)
+        o_s = tl.arange(0, 4)
+        tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
+        th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+        m = h_ok[None, :]
+        Zk = tl.load(_read_slot(rz, 0, th, BHN, BT, HD), mask=m, other=0.0)
+        Pm = tl.load(_read_slot(rz, 1, th, BHN, BT, HD), mask=m, other=0.0)
+        dA1r = tl.load(_read_slot(rz, 2, th, BHN, BT, HD), mask=m, other=0.0)
+        dD1r = tl.load(_read_slot(rz, 3, th, BHN, BT, HD), mask=m, other=0.0)
+        Z1 = gam[:, None] * Zk
+        s1 = _act_d1(Z1, ACT)
+        dP, dgam, dgL, dnL, X = _bwd_tile_carry(b_k, R, Z1, s1, Pm, _act(Z1, ACT), gam[:, None] * Pm * s1, dA1r,
+                                                dD1r, dW1e, dW2e, dS1e, dS2e, gam, gL, nL, ACT, DECAYED, MOMENTUM,
+                                                PREC)
+        tl.store(xs + th, X, mask=m)
+        tl.store(fdp + th, dP.to(fdp.dtype.element_ty), mask=m)
+        rr = rrow + (j * BHN + i_bh).to(tl.int64) * 2 * BT + o_t
+        tl.store(rw + o_t, tl.load(rr))
+        tl.store(rw + BT + o_t, tl.load(rr + BT))
         tl.store(rw + 2 * BT + o_t, dgam)
         tl.store(rw + 3 * BT + o_t, dgL)
         tl.store(rw + 4 * BT + o_t, dnL)
@@ -968,10 +1087,11 @@ def _prow_base(prow, slot, BT: tl.constexpr):
 
 
 @triton.jit
-def _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t, o_k, o_v,
+def _sums_tile(fs, fdp, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t, o_k, o_v,
                k_ok, v_ok, o_hh, beta, f, gL, nL, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                BT: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """``_bwd_tile_sums`` of hidden columns [jj BHC, (jj + 1) BHC): factors from fs, tiles of the chunk-start state
+    """``_bwd_tile_sums`` of hidden columns [jj BHC, (jj + 1) BHC): factors from fs (A1, Ah, D1, dH) and fdp (dP), tiles
+    of the chunk-start state
     (src) and of the end state's gradient (e). Loads that the caller's outputs do not need are dead code."""
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
@@ -979,7 +1099,7 @@ def _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, s
     Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
     D1 = tl.load(fs + 2 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
     dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    dP = tl.load(fdp + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     return _bwd_tile_sums(A1, Ah, D1, dH, dP, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, beta, f, gL, nL, MOMENTUM, PREC)
@@ -990,22 +1110,22 @@ def _hidden_sum(tiles, WHICH: tl.constexpr, COLS: tl.constexpr, K: tl.constexpr,
                 HD: tl.constexpr, BT: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Output WHICH of ``_bwd_tile_sums`` (0 SA, 2 dC1, 4 dR, 5 dq, 6 dk; [BT, COLS]) summed over every hidden tile
     of BHC (``tiles``: ``_sums_tile``'s arguments but the tile's index and the constants)."""
-    (fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, src1, src2, e1, e2, BHN, o_t, o_kb, o_vb, kb_ok, vb_ok,
-     o_hh, beta, f, gL, nL) = tiles
+    (fs, fdp, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, src1, src2, e1, e2, BHN, o_t, o_kb, o_vb, kb_ok,
+     vb_ok, o_hh, beta, f, gL, nL) = tiles
     acc = tl.zeros([BT, COLS], dtype=tl.float32)
     NHC: tl.constexpr = (HD + BHC - 1) // BHC
     for jj in range(NHC):
-        acc += _sums_tile(fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t,
+        acc += _sums_tile(fs, fdp, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t,
                           o_kb, o_vb, kb_ok, vb_ok, o_hh, beta, f, gL, nL, K, V, HD, BT, BHC, MOMENTUM, PREC)[WHICH]
     return acc
 
 
 @_chunk_kernel("s_src", "e")
-def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, e, NS, BHN,
+def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, fdp, sums, s_src, e, NS, BHN,
               K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr, MOMENTUM: tl.constexpr,
               PREC: tl.constexpr, PDL: tl.constexpr):
-    """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs), on hidden
+    """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs, fdp), on hidden
     tiles of BHC, into batch*head i_bh's record (``_sums_base``). Program (p, i_bh) forms one output block:
     p = 0: SA; 1: dC1; then column blocks of BKO of dq (BK / BKO programs) and of dk, and of BVO of dR (BV / BVO).
     Padded columns are written too (as 0). (The carry scalars' gradients are sums over the whole state, 1.5 MB per
@@ -1026,8 +1146,8 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, sums, s_src, 
     o_vb = tl.minimum(tl.maximum(v_blk, 0), NVO - 1) * BVO + tl.arange(0, BVO)
     kb_ok, vb_ok = o_kb < K, o_vb < V
     bb = o_t[:, None] * BT + o_t[None, :]
-    tiles = (fs, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, src1, src2, e1, e2, BHN, o_t, o_kb, o_vb, kb_ok,
-             vb_ok, o_hh, beta, f, gL, nL)
+    tiles = (fs, fdp, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, src1, src2, e1, e2, BHN, o_t, o_kb, o_vb,
+             kb_ok, vb_ok, o_hh, beta, f, gL, nL)
     if p == 0:
         tl.store(out + bb, _hidden_sum(tiles, 0, BT, K, V, HD, BT, BHC, MOMENTUM, PREC))
     elif p == 1:
@@ -1217,24 +1337,33 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
 
 
 @_chunk_kernel("c", "e", "s")
-def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, ops_prev, xs, xs_prev, fs, gdy,
-                pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, PASS2: tl.constexpr,
-                R16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
+def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, ops_prev, xs, xs_prev, fs,
+                fdp, rz_prev, rrow_prev, gdy, pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+                PREC: tl.constexpr, PASS2: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, SPLIT: tl.constexpr,
+                PDL: tl.constexpr):
     """Pass 3 of chunk c for TPP hidden tiles (``_pass3``: the start-state gradient tiles into slot s), then, for c > 0
     and with PASS2 (``fuse_passes()``; then TPP = 1),
     the tile's pass 2 of chunk c - 1 (``_pass2``: records pre_prev, xs_prev), which reads that tile back as chunk c - 1's
     end-state gradient: a tile-local dependency, so one launch instead of two (a barrier orders the store and the
     reload among the program's threads). Pass 3 reads pass 2's factors of chunk c from fs before pass 2 of c - 1
-    overwrites the same columns."""
+    overwrites the same columns (with SPLIT, ``split_pass2``: fs is ``_bwd_read``'s record of chunk c, pass 2 of
+    c - 1 its carry half, ``_pass2_carry`` from rz_prev, rrow_prev, which writes fdp and xs_prev alone). Pass 3
+    forms k W1 anew even with SPLIT, where ``_bwd_read`` kept it: loaded, it took a 376 B spill stack and 3528
+    instructions at sm_90 against 296 and 2496 (its elementwise chain formed in three layouts)."""
     _pdl_start(PDL)
-    _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c, c, e, s, T, NS,
+    _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, fdp, gdy, pg3, c, c, e, s, T, NS,
            BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
     if PASS2 and c > 0:
         tl.debug_barrier()
-        _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, prow, c - 1,
-               c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, 1)
+        if SPLIT:
+            _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, xs_prev, fdp, rz_prev, rrow_prev,
+                         prow, c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC,
+                         R16, 1)
+        else:
+            _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, fdp, prow,
+                   c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, 1)
 
 
 @triton.jit
@@ -1249,7 +1378,7 @@ def _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT: tl.conste
 
 
 @triton.jit
-def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, gdy, pg3, c,
+def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, fdp, gdy, pg3, c,
            s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
            DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
@@ -1286,7 +1415,7 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
                                                                  BV, R16)
         Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
         dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-        dP = tl.load(fs + 4 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        dP = tl.load(fdp + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
         dW1r, dW2r, dS1r, dS2r = _state_grad_terms(b_q, b_do, R, Ah, dH, dP, beta, f, MOMENTUM, PREC)
         dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
         dW1c, dW2c, dS1c, dS2c = _end_grad_terms(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, betaL, fL, mL, MOMENTUM)
@@ -1375,6 +1504,24 @@ def fuse_passes() -> bool:
     return env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", not (graphs_on or cheap_launches()))
 
 
+def split_pass2() -> bool:
+    """``MIRAS_KERNEL_MLP_SPLIT_PASS2`` (default off): whether the backward runs pass 2 in two halves. Of pass 2's
+    dots (fourteen per hidden tile with momentum), ten do not involve the end state's gradient: the forward's
+    Zk = k W1, Pm = R W2^T, the read's hidden pre-activation and its backward (q W1, q S1, C1 D1, dO W2^T, dO S2^T,
+    M2 A1, M2^T Ah, C1^T dH; ``mlp._bwd_tile_read``). With the switch on they run for every chunk at once in one
+    launch before the chunk loop (``_bwd_read``: 16 x B*H x NT programs at the bench shape, the whole GPU), and the
+    loop's pass 2 keeps the four that carry the recurrence (``mlp._bwd_tile_carry``: R dW2'^T, k dW1', R dS2'^T,
+    k dS1'). The cost: the read half's records of every chunk, 4 arrays of [B*H, BT, hidden] in the factors' dtype
+    and 4 in fp32 per chunk (0.8 GB at the bench shape with bf16 factors), written once and read once. Same
+    products, the same sums (only the order of a few independent dots differs). Unmeasured on a GPU."""
+    return env_switch("MIRAS_KERNEL_MLP_SPLIT_PASS2", False)
+
+
+def read_tiles_per_program(NH: int) -> int:
+    """Hidden tiles per program of ``_bwd_read`` (``_tiles_per_program``; default 1)."""
+    return _tiles_per_program("_bwd_read", NH)
+
+
 def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfinal: dict):
     """Backward, same contract as miras.kernels.mlp.mlp_scan_bwd (saved: ``mlp_tiles_fwd``'s slots and ``_prep``
     records): one ``_prep_m2`` launch for every chunk, the last chunk's pass 2, three launches per chunk in reverse
@@ -1399,7 +1546,18 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     gin = torch.empty(NT, BHN, BT * BT + 4 * BT, **f32)
     dkacc = torch.empty(NT, BHN, BT, BK, **f32)
     dyb = torch.empty(NT, BHN, BT, BV, **f32) if cfg.residual else dkacc
-    fs = torch.empty(5, BHN, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
+    fty = factors_dtype(_prec(q))
+    split = split_pass2()
+    if split:  # pass 2's read half for every chunk (``_bwd_read``): its factors, its records for the carry half
+        rf = torch.empty(NT, 4, BHN, BT, HD, device=q.device, dtype=fty)
+        rz = torch.empty(NT, 4, BHN, BT, HD, **f32)
+        rrow = torch.empty(NT, NH, BHN, 2, BT, **f32)
+        fdp = torch.empty(BHN, BT, HD, device=q.device, dtype=fty)
+        fs_c, rz_c, rrow_c = rf.unbind(0), rz.unbind(0), rrow.unbind(0)
+    else:  # one chunk's factors, reused (dP the fifth)
+        fs = torch.empty(5, BHN, BT, HD, device=q.device, dtype=fty)
+        fdp = fs[4]
+        fs_c = rz_c = rrow_c = (fs,) * NT  # (rz, rrow: unread stand-ins)
     sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
     prow = torch.empty(NH, BHN, prow_size(BT), **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
@@ -1429,28 +1587,35 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         nw = nb = hin = eta  # (unread stand-ins)
     _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, R16=cfg.r16)
     pre_c, ops_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, ops, xs, pg3, gin, dkacc, dyb))
+    if split:
+        tppr = read_tiles_per_program(NH)
+        _launch(_bwd_read, (NH // tppr, BHN, NT), q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, 0, T, NS, BHN,
+                H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=prec,
+                R16=cfg.r16, TPP=tppr)
     fused = fuse_passes()
     tpp2 = pass2_tiles_per_program(NH)
     pass2_grid = (NH // tpp2, BHN)
     _launch(_bwd_tile2, pass2_grid, q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[NT - 1],
-            ops_c[NT - 1], xs_c[NT - 1], fs, prow, NT - 1, NT - 1, NT % 2, T, NS, BHN, **tile_kw, TPP=tpp2)
+            ops_c[NT - 1], xs_c[NT - 1], fs_c[NT - 1], fdp, rz_c[NT - 1], rrow_c[NT - 1], prow, NT - 1, NT - 1,
+            NT % 2, T, NS, BHN, **tile_kw, TPP=tpp2, SPLIT=split)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw)
     bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
     tpp = bwd_tiles_per_program(NH, fused)
-    bwd_tile32 = _launcher(_bwd_tile32, (NH // tpp, BHN), **tile_kw, PASS2=fused, TPP=tpp)
-    bwd_tile2 = _launcher(_bwd_tile2, pass2_grid, **tile_kw, TPP=tpp2)
+    bwd_tile32 = _launcher(_bwd_tile32, (NH // tpp, BHN), **tile_kw, PASS2=fused, TPP=tpp, SPLIT=split)
+    bwd_tile2 = _launcher(_bwd_tile2, pass2_grid, **tile_kw, TPP=tpp2, SPLIT=split)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs, sums, c, e, NS, BHN)
+        bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs_c[c], fdp, sums, c, e, NS, BHN)
         bwd_mid(q, k, v, do, delta_, nw, nb, hin[c] if cfg.norm else hin, pre_c[c], sums, prow, gdy, dyb_c[c],
                 dkacc_c[c], gin_c[c], dq, dv, ddelta, c, T, BHN)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
         bwd_tile32(q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], pre_c[prev],
-                   ops_c[prev], xs_c[c], xs_c[prev], fs, gdy, pg3_c[c], prow, c, e, s, T, NS, BHN)
+                   ops_c[prev], xs_c[c], xs_c[prev], fs_c[c], fdp, rz_c[prev], rrow_c[prev], gdy, pg3_c[c], prow, c, e,
+                   s, T, NS, BHN)
         if c > 0 and not fused:
-            bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev], ops_c[prev], xs_c[prev], fs,
-                      prow, prev, prev, s, T, NS, BHN)
+            bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[prev], ops_c[prev], xs_c[prev],
+                      fs_c[prev], fdp, rz_c[prev], rrow_c[prev], prow, prev, prev, s, T, NS, BHN)
     _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
             config_env=SUMS_CONFIG, H=H, K=K,
             HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
