@@ -16,6 +16,14 @@ import os
 import sys
 from pathlib import Path
 
+GRAPHS = {"MIRAS_KERNEL_MLP_GRAPHS": "2"}  # the MLP memory's forward and backward replayed as CUDA graphs
+
+
+def _and_graphed(name: str, settings: dict[str, str]) -> dict[str, dict[str, str]]:
+    """A variant and its twin with CUDA graphs (``<name>graphs``): the eager and the graphed row of one setting."""
+    return {name: settings, f"{name}graphs": {**settings, **GRAPHS}}
+
+
 VARIANTS = {
     # linear kernels (extra rows of the titans linear benchmark row)
     "bv64": {"MIRAS_KERNEL_BV": "64"}, "bv32": {"MIRAS_KERNEL_BV": "32"}, "fused": {"MIRAS_KERNEL_SPLIT": "0"},
@@ -33,12 +41,11 @@ VARIANTS = {
     "mlpbh32w8": {"MIRAS_KERNEL_BH": "32", "MIRAS_KERNEL_MLP_CONFIG": "8,1"},
     # the backward and (tiles layout, session 17) the forward replayed as CUDA graphs (miras/kernels/graphs.py);
     # mlpbwdgraphs: the backward's alone, as before session 17
-    "mlpgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2"},
-    "mlpbwdgraphs": {"MIRAS_KERNEL_MLP_GRAPHS": "2", "MIRAS_KERNEL_MLP_FORWARD_GRAPHS": "0"},
+    "mlpgraphs": dict(GRAPHS),
+    "mlpbwdgraphs": {**GRAPHS, "MIRAS_KERNEL_MLP_FORWARD_GRAPHS": "0"},
     # programmatic dependent launch (session 17, unmeasured; mlp.launch_pdl), eager and with both graphs
-    "mlppdl": {"MIRAS_KERNEL_MLP_PDL": "1"},
-    "mlppdlgraphs": {"MIRAS_KERNEL_MLP_PDL": "1", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
-    "mlpbf16graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlppdl", {"MIRAS_KERNEL_MLP_PDL": "1"}),
+    "mlpbf16graphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", **GRAPHS},
     # (pass 2 launched on its own spills less; with the backward graphed its extra launches cost no host time)
     "mlpbf16unfusedgraphs": {"MIRAS_KERNEL_MLP_PREC": "bf16", "MIRAS_KERNEL_MLP_FUSE_PASSES": "0",
                              "MIRAS_KERNEL_MLP_GRAPHS": "2"},
@@ -55,26 +62,20 @@ VARIANTS = {
     "sums3": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "4,3"}, "sums8": {"MIRAS_KERNEL_MLP_SUMS_CONFIG": "8,2"},
     # (session 15: the tile kernels' factor scratch in bf16, half its traffic, eager and with the backward graphed;
     # the default since, with bf16 dots: mlpfactors32 A/Bs the fp32 scratch before)
-    "mlpfactors16": {"MIRAS_KERNEL_MLP_FACTORS": "bf16"},
-    "mlpfactors16graphs": {"MIRAS_KERNEL_MLP_FACTORS": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlpfactors16", {"MIRAS_KERNEL_MLP_FACTORS": "bf16"}),
     "mlpfactors32": {"MIRAS_KERNEL_MLP_FACTORS": "fp32"},
     # (the records' dot-operand blocks C1, C1^T, M2, M2^T in bf16: the same products with bf16 dots, half the loads;
     # an illegal memory access in every GPU test on the H100 of session 15)
-    "mlpops16": {"MIRAS_KERNEL_MLP_OPERANDS": "bf16"},
-    "mlpops16graphs": {"MIRAS_KERNEL_MLP_OPERANDS": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlpops16", {"MIRAS_KERNEL_MLP_OPERANDS": "bf16"}),
     # R in bf16 in the MLP records (mlp_tiles.r_dtype; session 16, not yet run on a GPU)
-    "mlpr16": {"MIRAS_KERNEL_MLP_R": "bf16"}, "mlpr16graphs": {"MIRAS_KERNEL_MLP_R": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlpr16", {"MIRAS_KERNEL_MLP_R": "bf16"}),
     # the chunk-start states kept for the backward in bf16 (session 17, unmeasured; mlp_tiles.saved_states_dtype)
-    "mlpstates16": {"MIRAS_KERNEL_MLP_STATES": "bf16"},
-    "mlpstates16graphs": {"MIRAS_KERNEL_MLP_STATES": "bf16", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlpstates16", {"MIRAS_KERNEL_MLP_STATES": "bf16"}),
     # the next chunk's Y0 handed over as the tiles' parts of it, the default before session 17 (mlp_tiles.y0_mode)
-    "mlpy0parts": {"MIRAS_KERNEL_MLP_Y0": "parts"},
-    "mlpy0partsgraphs": {"MIRAS_KERNEL_MLP_Y0": "parts", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlpy0parts", {"MIRAS_KERNEL_MLP_Y0": "parts"}),
     # pass 2's read half for every chunk before the backward's loop (session 18, unmeasured; mlp_tiles.split_pass2)
-    "mlpsplit2": {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"},
-    "mlpsplit2graphs": {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1", "MIRAS_KERNEL_MLP_GRAPHS": "2"},
+    **_and_graphed("mlpsplit2", {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"}),
 }
-
 
 
 def load_variants_file(path: str) -> dict[str, dict[str, str]]:

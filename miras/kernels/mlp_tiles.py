@@ -597,6 +597,13 @@ def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.cons
     return _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
 
 
+@triton.jit
+def _factor_at(buf, i: tl.constexpr, th, BHN, BT: tl.constexpr, HD: tl.constexpr):
+    """Where array i of one chunk's [n, BHN, BT, HD] factor buffer (fs; ``_bwd_read``'s rf and rz) has the offsets
+    th (a program's rows and hidden columns)."""
+    return buf + i * BHN * BT * HD + th
+
+
 @_chunk_kernel("c", "s_in", "s_out")
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, yp, c, s_in, s_out, T, NS, NSV, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
@@ -636,8 +643,8 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
         A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
                                                     fL, mL, ACT, MOMENTUM, PREC, True, True)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-        tl.store(fs + th, A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
-        tl.store(fs + BHN * BT * HD + th, Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
+        tl.store(_factor_at(fs, 0, th, BHN, BT, HD), A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
+        tl.store(_factor_at(fs, 1, th, BHN, BT, HD), Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
         _store_state_tiles(w1s, w2s, s1s, s2s, dst1, dst2, w1_off, w1_ok, w2_off, w2_ok, W1n, W2n, S1n, S2n, MOMENTUM)
         if SAVE:
             sv1, sv2 = _slot_offsets(i_bh, c + 1, NSV, K, V, HD)
@@ -678,8 +685,8 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     for jj in range(NHC):
         o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_vb, o_hh, k_ok, vb_ok, V, HD, BHC)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-        A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-        Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        A1 = tl.load(_factor_at(fs, 0, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
+        Ah = tl.load(_factor_at(fs, 1, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
         W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0).to(tl.float32)
         S2 = W2
         if MOMENTUM:
@@ -941,10 +948,10 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
                                             True)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         tl.store(xs + th, X, mask=h_ok[None, :])
-        tl.store(fs + th, A1.to(fty), mask=h_ok[None, :])
-        tl.store(fs + BHN * BT * HD + th, Ah.to(fty), mask=h_ok[None, :])
-        tl.store(fs + 2 * BHN * BT * HD + th, D1.to(fty), mask=h_ok[None, :])
-        tl.store(fs + 3 * BHN * BT * HD + th, dH.to(fty), mask=h_ok[None, :])
+        tl.store(_factor_at(fs, 0, th, BHN, BT, HD), A1.to(fty), mask=h_ok[None, :])
+        tl.store(_factor_at(fs, 1, th, BHN, BT, HD), Ah.to(fty), mask=h_ok[None, :])
+        tl.store(_factor_at(fs, 2, th, BHN, BT, HD), D1.to(fty), mask=h_ok[None, :])
+        tl.store(_factor_at(fs, 3, th, BHN, BT, HD), dH.to(fty), mask=h_ok[None, :])
         tl.store(fdp + th, dP.to(fty), mask=h_ok[None, :])
         tl.store(rw + o_t, dbeta)
         tl.store(rw + BT + o_t, df)
@@ -954,27 +961,20 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
 
 
 @triton.jit
-def _read_slot(buf, i: tl.constexpr, th, BHN, BT: tl.constexpr, HD: tl.constexpr):
-    """Where array i of a [n, BHN, BT, HD] factor buffer (one chunk's) has the offsets th (``_bwd_read``)."""
-    return buf + i * BHN * BT * HD + th
-
-
-@_chunk_kernel("c0")
-def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, c0, T, NS, BHN,
+def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
     """The read half of pass 2 (``_bwd_tile_read``: what the end state's gradient does not enter) of every chunk at
-    once, before the backward's chunk loop (``split_pass2``). Program (jp, i_bh, r), chunk c = c0 + r, hidden tiles
-    j = jp TPP .. (jp + 1) TPP - 1, from the chunk-start state slot c, dO and the chunk's ``_prep`` records (record
-    c * BHN + i_bh of pre and ops, which hold every chunk's): into rf[r] [4, BHN, BT, HD] A1, Ah, D1, dH (the
-    factors' dtype: ``_bwd_sums`` and pass 3 read them), into rz[r] [4, BHN, BT, HD] fp32 Zk = k W1_j, Pm = R W2_j^T
+    once, before the backward's chunk loop (``split_pass2``). Program (jp, i_bh, c), hidden tiles
+    j = jp TPP .. (jp + 1) TPP - 1 of chunk c, from the chunk-start state slot c, dO and the chunk's ``_prep`` records
+    (record c * BHN + i_bh of pre and ops, which hold every chunk's): into rf[c] [4, BHN, BT, HD] A1, Ah, D1, dH (the
+    factors' dtype: ``_bwd_sums`` and pass 3 read them), into rz[c] [4, BHN, BT, HD] fp32 Zk = k W1_j, Pm = R W2_j^T
     and the read's parts dA1r, dD1r of dA1, dD1 (the carry half, ``_pass2_carry``, reads them), and the rows
-    dbeta, df into rrow[r] [NH, BHN, 2, BT]."""
+    dbeta, df into rrow[c] [NH, BHN, 2, BT]."""
     _pdl_start(PDL)
-    jp, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = c0 + r
-    rec = r.to(tl.int64) * BHN
+    jp, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rec = c.to(tl.int64) * BHN
     rf += rec * 4 * BT * HD
     rz += rec * 4 * BT * HD
     rrow += rec * ((HD + BH - 1) // BH) * 2 * BT
@@ -1000,14 +1000,14 @@ def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, c0, T, NS, B
                                                                        True)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         m = h_ok[None, :]
-        tl.store(_read_slot(rf, 0, th, BHN, BT, HD), A1.to(fty), mask=m)
-        tl.store(_read_slot(rf, 1, th, BHN, BT, HD), Ah.to(fty), mask=m)
-        tl.store(_read_slot(rf, 2, th, BHN, BT, HD), D1.to(fty), mask=m)
-        tl.store(_read_slot(rf, 3, th, BHN, BT, HD), dH.to(fty), mask=m)
-        tl.store(_read_slot(rz, 0, th, BHN, BT, HD), Zk, mask=m)
-        tl.store(_read_slot(rz, 1, th, BHN, BT, HD), Pm, mask=m)
-        tl.store(_read_slot(rz, 2, th, BHN, BT, HD), dA1r, mask=m)
-        tl.store(_read_slot(rz, 3, th, BHN, BT, HD), dD1r, mask=m)
+        tl.store(_factor_at(rf, 0, th, BHN, BT, HD), A1.to(fty), mask=m)
+        tl.store(_factor_at(rf, 1, th, BHN, BT, HD), Ah.to(fty), mask=m)
+        tl.store(_factor_at(rf, 2, th, BHN, BT, HD), D1.to(fty), mask=m)
+        tl.store(_factor_at(rf, 3, th, BHN, BT, HD), dH.to(fty), mask=m)
+        tl.store(_factor_at(rz, 0, th, BHN, BT, HD), Zk, mask=m)
+        tl.store(_factor_at(rz, 1, th, BHN, BT, HD), Pm, mask=m)
+        tl.store(_factor_at(rz, 2, th, BHN, BT, HD), dA1r, mask=m)
+        tl.store(_factor_at(rz, 3, th, BHN, BT, HD), dD1r, mask=m)
         rr = rrow + (j * BHN + i_bh).to(tl.int64) * 2 * BT + o_t
         tl.store(rr, dbeta)
         tl.store(rr + BT, df)
@@ -1043,10 +1043,10 @@ def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz
         tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         m = h_ok[None, :]
-        Zk = tl.load(_read_slot(rz, 0, th, BHN, BT, HD), mask=m, other=0.0)
-        Pm = tl.load(_read_slot(rz, 1, th, BHN, BT, HD), mask=m, other=0.0)
-        dA1r = tl.load(_read_slot(rz, 2, th, BHN, BT, HD), mask=m, other=0.0)
-        dD1r = tl.load(_read_slot(rz, 3, th, BHN, BT, HD), mask=m, other=0.0)
+        Zk = tl.load(_factor_at(rz, 0, th, BHN, BT, HD), mask=m, other=0.0)
+        Pm = tl.load(_factor_at(rz, 1, th, BHN, BT, HD), mask=m, other=0.0)
+        dA1r = tl.load(_factor_at(rz, 2, th, BHN, BT, HD), mask=m, other=0.0)
+        dD1r = tl.load(_factor_at(rz, 3, th, BHN, BT, HD), mask=m, other=0.0)
         Z1 = gam[:, None] * Zk
         s1 = _act_d1(Z1, ACT)
         dP, dgam, dgL, dnL, X = _bwd_tile_carry(b_k, R, Z1, s1, Pm, _act(Z1, ACT), gam[:, None] * Pm * s1, dA1r,
@@ -1090,15 +1090,15 @@ def _prow_base(prow, slot, BT: tl.constexpr):
 def _sums_tile(fs, fdp, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, i_bh, jj, src1, src2, e1, e2, BHN, o_t, o_k, o_v,
                k_ok, v_ok, o_hh, beta, f, gL, nL, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
                BT: tl.constexpr, BHC: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """``_bwd_tile_sums`` of hidden columns [jj BHC, (jj + 1) BHC): factors from fs (A1, Ah, D1, dH) and fdp (dP), tiles
-    of the chunk-start state
-    (src) and of the end state's gradient (e). Loads that the caller's outputs do not need are dead code."""
+    """``_bwd_tile_sums`` of hidden columns [jj BHC, (jj + 1) BHC): factors from fs (A1, Ah, D1, dH) and fdp (dP),
+    tiles of the chunk-start state (src) and of the end state's gradient (e). Loads that the caller's outputs do not
+    need are dead code."""
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(jj, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BHC)
     th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
-    A1 = tl.load(fs + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    D1 = tl.load(fs + 2 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-    dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+    A1 = tl.load(_factor_at(fs, 0, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
+    Ah = tl.load(_factor_at(fs, 1, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
+    D1 = tl.load(_factor_at(fs, 2, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
+    dH = tl.load(_factor_at(fs, 3, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
     dP = tl.load(fdp + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
     W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
     dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
@@ -1413,8 +1413,8 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
         if TPP == 1:
             R, beta, f, betaL, fL, mL, b_q, b_do = _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT,
                                                                  BV, R16)
-        Ah = tl.load(fs + BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
-        dH = tl.load(fs + 3 * BHN * BT * HD + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
+        Ah = tl.load(_factor_at(fs, 1, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
+        dH = tl.load(_factor_at(fs, 3, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
         dP = tl.load(fdp + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
         dW1r, dW2r, dS1r, dS2r = _state_grad_terms(b_q, b_do, R, Ah, dH, dP, beta, f, MOMENTUM, PREC)
         dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
@@ -1589,7 +1589,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     pre_c, ops_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, ops, xs, pg3, gin, dkacc, dyb))
     if split:
         tppr = read_tiles_per_program(NH)
-        _launch(_bwd_read, (NH // tppr, BHN, NT), q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, 0, T, NS, BHN,
+        _launch(_bwd_read, (NH // tppr, BHN, NT), q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
                 H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=prec,
                 R16=cfg.r16, TPP=tppr)
     fused = fuse_passes()
