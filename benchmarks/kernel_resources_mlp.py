@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KERNELS = ("fwd0", "fwd1", "fwd2", "bwd")
-TILES_KERNELS = ("_y_part", "_prep", "_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_read", "_bwd_tile2",
-                 "_bwd_sums", "_bwd_mid", "_bwd_tile32", "_bwd_end", "_head_read_bwd")
+TILES_KERNELS = ("_y_part", "_prep", "_prep_state", "_prep_m2", "_fwd_tile", "_fwd_read", "_fwd_out", "_bwd_read",
+                 "_bwd_tile2", "_bwd_sums_read", "_bwd_sums", "_bwd_mid", "_bwd_tile32", "_bwd_end", "_head_read_bwd")
 INT_NAMES = {"T", "NT", "NS", "NSV", "c", "c0", "s0", "s_in", "s_out", "BHN", "BTH", "s_src", "e", "s"}
 FP32_NAMES = {"rs", "eta", "keep", "mu", "delta", "w1s", "w2s", "s1s", "s2s", "dw1s", "dw2s", "ds1s", "ds2s", "xs", "dq",
               "dk", "deta", "dla", "dlm", "ddelta"}
@@ -82,6 +82,8 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                       BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts, PDL=pdl,
                       SAVE=mlp_tiles.saved_states_dtype(prec) == torch.bfloat16, SPLIT=mlp_tiles.split_pass2(),
+                      CARRY=mlp_tiles.split_sums(), READ=not mlp_tiles.split_read(),
+                      NF=3 if mlp_tiles.split_read() else 2,
                       TPP={"_bwd_tile32": mlp_tiles.bwd_tiles_per_program(NH, fused),
                            "_bwd_tile2": mlp_tiles.pass2_tiles_per_program(NH),
                            "_bwd_read": mlp_tiles.read_tiles_per_program(NH)}.get(
@@ -103,7 +105,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     # state slots of the kernels that read the kept ones
     kept = mlp_tiles.saved_states_dtype(prec) if which.startswith("_") else torch.float32
     scratch.update({n: kept for n in ("w1v", "w2v", "s1v", "s2v")})
-    if which in ("_fwd_out", "_bwd_read", "_bwd_tile2", "_bwd_sums", "_bwd_tile32", "_bwd_end"):
+    if which in ("_fwd_read", "_fwd_out", "_bwd_read", "_bwd_tile2", "_bwd_sums_read", "_bwd_sums", "_bwd_tile32", "_bwd_end"):
         scratch.update({n: kept for n in ("w1s", "w2s", "s1s", "s2s")})
     for name, dtype in scratch.items():
         if name in sig and dtype == torch.bfloat16:

@@ -72,6 +72,15 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # in the loop (_bwd_tile2 at four dots: 208 registers and no spills, against 255 and a 184 B stack): a setting
     # of several kernels, so in the table only (WHOLE_SETS)
     "split2": {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"},
+    # and the sums' blocks that the end state's gradient does not enter (SA, dC1, dq) for every chunk before the
+    # loop too (mlp_tiles.split_sums, session 19: _bwd_sums_read, 96 registers, no spills at sm_90), the loop's
+    # _bwd_sums on dk and dR alone (8 of 14 programs per batch*head); in the table only (WHOLE_SETS)
+    "splitsums": {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"},
+    # the training forward's read (Ah = act(beta q W1 + f q S1 - C1 D1)) for every chunk after its loop
+    # (mlp_tiles.split_read, session 19: _fwd_read, 72 registers), the loop's _fwd_tile at six of nine dots per tile
+    # (sm_90: 40 HGMMA instead of 60, 2208 instructions instead of 2768, but a 96 B spill stack against 32); in the
+    # table only (WHOLE_SETS)
+    "splitread": {"MIRAS_KERNEL_MLP_SPLIT_READ": "1"},
     # the next chunk's Y0 handed over as the tiles' parts of it ([BT, V] fp32 per tile program, summed by
     # _prep_state), the default before session 17, against their hidden activations ([BT, BH], contracted with W2 by
     # _prep_state; mlp_tiles.y0_mode): a setting of three kernels, so in the table only (WHOLE_SETS)
@@ -111,7 +120,7 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
 }
 # settings that span kernels: in the table, not among pick's per-kernel choices
-WHOLE_SETS = ("split2", "y0parts", "states16", "rbf16")
+WHOLE_SETS = ("split2", "splitsums", "splitread", "y0parts", "states16", "rbf16")
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 

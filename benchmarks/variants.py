@@ -75,6 +75,12 @@ VARIANTS = {
     **_and_graphed("mlpy0parts", {"MIRAS_KERNEL_MLP_Y0": "parts"}),
     # pass 2's read half for every chunk before the backward's loop (session 18, unmeasured; mlp_tiles.split_pass2)
     **_and_graphed("mlpsplit2", {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"}),
+    # and the sums' read blocks for every chunk before it too (session 19, unmeasured; mlp_tiles.split_sums)
+    **_and_graphed("mlpsplitsums", {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
+    # the training forward's read after its loop (session 19, unmeasured; mlp_tiles.split_read), alone and with the
+    # backward's splits: every recurrence-free piece of the tile kernels out of the chunk loops
+    **_and_graphed("mlpsplitread", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1"}),
+    **_and_graphed("mlpsplitall", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1", "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
 }
 
 

@@ -33,7 +33,8 @@ HEAD_KERNELS = ("_prep", "_prep_state", "_fwd_out", "_bwd_mid", "_head_read_bwd"
 R_KERNELS = ("_prep_state", "_prep_m2", "_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_mid", "_bwd_tile32")
 Y0_KERNELS = ("_y_part", "_prep", "_prep_state", "_fwd_tile")  # (those with a YACTS constexpr)
 TPP_KERNELS = ("_fwd_tile", "_bwd_tile32", "_bwd_tile2")  # (hidden tiles per program: mlp_tiles.kernel_block)
-STATE_KERNELS = ("_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums", "_bwd_tile32", "_bwd_end")  # (kept states)
+STATE_KERNELS = ("_fwd_tile", "_fwd_out", "_bwd_tile2", "_bwd_sums_read", "_bwd_sums", "_bwd_tile32",
+                 "_bwd_end")  # (kept states)
 CASES = {
     "defaults": (TILES_KERNELS, [], {}),
     "layernorm-head": (HEAD_KERNELS, ["--norm"], {}),
@@ -46,6 +47,10 @@ CASES = {
     "split-pass2": (("_bwd_read", "_bwd_tile2", "_bwd_tile32"), [], {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"}),
     "split-pass2-fused": (("_bwd_tile32",), [], {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1",
                                                  "MIRAS_KERNEL_MLP_FUSE_PASSES": "1"}),
+    # and the sums' read blocks before the loop (mlp_tiles.split_sums): the loop's _bwd_sums on dk, dR alone
+    "split-sums": (("_bwd_sums",), [], {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
+    # the training forward's read after its loop (mlp_tiles.split_read): the loop's _fwd_tile without it
+    "split-read": (("_fwd_tile", "_fwd_out"), [], {"MIRAS_KERNEL_MLP_SPLIT_READ": "1"}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 

@@ -222,6 +222,12 @@ def test_tiles_launches_per_chunk(monkeypatch, _layout):
     launched.clear()
     o.sum().backward()
     assert len(launched) == 3 * 5 + 4 and launched.count("_bwd_read") == 1, launched
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", "1")  # and the sums' read blocks: one launch for every chunk
+    o, _ = triton_memory_scan(spec, *split(spec, x))
+    launched.clear()
+    o.sum().backward()
+    assert len(launched) == 3 * 5 + 5 and launched.count("_bwd_sums_read") == 1, launched
+    assert launched.count("_bwd_sums") == 5
 
 
 # the LayerNorm head (docs/kernels-ln-head.md): every bias, residual or not (V != K without), both gradient points,
@@ -484,30 +490,81 @@ def test_tiles_per_program(monkeypatch, _layout):
     check_against_oracle(spec, B=1, T=70, H=1, K=32, V=24, seed=8)
 
 
-SPLIT_CASES = [("l2", "decay", "momentum", "decayed", 32, True, "gelu", False, 32, "0", "1"),
-               ("huber", "decay", "gd", "previous", 16, False, "silu", False, 24, "1", "2"),
-               ("lp", "none", "momentum", "previous", 64, True, "tanh", False, 32, "0", "4")]
+SPLIT_CASES = [("l2", "decay", "momentum", "decayed", 32, True, "gelu", False, 32, "0", "1", "1"),
+               ("huber", "decay", "gd", "previous", 16, False, "silu", False, 24, "1", "2", "0"),
+               ("lp", "none", "momentum", "previous", 64, True, "tanh", False, 32, "0", "4", "1")]
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=["-".join(str(c) for c in case[:4]) for case in SPLIT_CASES])
 def test_split_pass2(case, monkeypatch, _layout):
     """MIRAS_KERNEL_MLP_SPLIT_PASS2=1: pass 2's read half for every chunk before the backward's loop (_bwd_read, n
     hidden tiles per program: MIRAS_KERNEL_MLP_BLOCK_BWD_READ) and its carry half in the loop, on its own launch
-    (FUSE_PASSES=0) or behind pass 3: outputs, final state and every gradient match the float64 oracle; with the
-    switch off the backward runs the whole pass in the loop (every other test); a bad value names the variable."""
+    (FUSE_PASSES=0) or behind pass 3; with MIRAS_KERNEL_MLP_SPLIT_SUMS=1 also the sums' read blocks (SA, dC1, dq)
+    for every chunk before the loop (_bwd_sums_read) and the loop's _bwd_sums on dk, dR alone: outputs, final state
+    and every gradient match the float64 oracle; with the switches off the backward runs the whole pass and every
+    sum in the loop (every other test); a bad value names the variable, and SPLIT_SUMS with SPLIT_PASS2=0 says that
+    the one needs the other."""
     if _layout != "tiles":
         pytest.skip("tiles layout only")
-    from miras.kernels.mlp_tiles import read_tiles_per_program, split_pass2
+    from miras.kernels.mlp_tiles import read_tiles_per_program, split_pass2, split_sums
 
-    *spec_args, V, fuse, tpp = case
-    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "1")
+    *spec_args, V, fuse, tpp, sums = case
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", sums)
+    if sums == "1":  # (SPLIT_SUMS turns pass 2's split on)
+        monkeypatch.delenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", raising=False)
+    else:
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "1")
     monkeypatch.setenv("MIRAS_KERNEL_MLP_FUSE_PASSES", fuse)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_BLOCK_BWD_READ", tpp)
-    assert split_pass2() and read_tiles_per_program(4) == int(tpp)
+    assert split_pass2() and split_sums() == (sums == "1") and read_tiles_per_program(4) == int(tpp)
     check_against_oracle(mlp_spec(*spec_args), B=1, T=70, H=2, K=32, V=V, seed=13)
     monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "sometimes")
     with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_SPLIT_PASS2 must be one of .*'sometimes'"):
         split_pass2()
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_PASS2", "0")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", "1")
+    with pytest.raises(ValueError, match="SPLIT_SUMS=1 needs pass 2 split .*SPLIT_PASS2 is off"):
+        split_pass2()
+
+
+READ_CASES = [("l2", "decay", "momentum", "decayed", 32, True, "gelu", False, 32),
+              ("huber", "decay", "gd", "previous", 16, False, "silu", False, 24)]
+
+
+@pytest.mark.parametrize("case", READ_CASES, ids=["-".join(str(c) for c in case[:4]) for case in READ_CASES])
+def test_split_read(case, monkeypatch, _layout):
+    """MIRAS_KERNEL_MLP_SPLIT_READ=1: the training forward's loop stores D1 where it stored the read's Ah, and
+    _fwd_read forms Ah for every chunk after it: outputs, final state and every gradient match the float64 oracle
+    (the first case also with the LayerNorm head, through test_layernorm_head's first case, and with the backward's
+    splits on); the launches: one _fwd_read more per training forward, none without grad; a bad value names the
+    variable."""
+    if _layout != "tiles":
+        pytest.skip("tiles layout only")
+    from miras.kernels import mlp_tiles
+
+    *spec_args, V = case
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_READ", "1")
+    assert mlp_tiles.split_read()
+    check_against_oracle(mlp_spec(*spec_args), B=1, T=70, H=2, K=32, V=V, seed=14)
+    if spec_args[0] == "l2":
+        test_layernorm_head(NORM_CASES[0], _layout, monkeypatch)
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", "1")
+        check_against_oracle(mlp_spec(*spec_args), B=1, T=40, H=1, K=32, V=V, seed=15)
+        launched = []
+        monkeypatch.setattr(mlp_tiles, "_launch", lambda kernel, grid, *a, **kw: launched.append(kernel.fn.__name__))
+        monkeypatch.setattr(mlp_tiles, "_launcher",
+                            lambda kernel, grid, config_env=None, **kw: lambda *a: launched.append(kernel.fn.__name__))
+        spec = mlp_spec(*spec_args)
+        x = make_inputs(spec, 1, 32 * 3, 1, 32, V)  # NT = 3 chunks
+        triton_memory_scan(spec, *split(spec, x))
+        assert len(launched) == 2 * 3 + 4 and launched.count("_fwd_read") == 1, launched
+        launched.clear()
+        with torch.no_grad():
+            triton_memory_scan(spec, *split(spec, {n: t.detach() for n, t in x.items()}))
+        assert len(launched) == 3 * 3 + 1 and "_fwd_read" not in launched, launched
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_READ", "later")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_MLP_SPLIT_READ must be one of .*'later'"):
+        mlp_tiles.split_read()
 
 
 BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES"]

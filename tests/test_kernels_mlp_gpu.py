@@ -126,6 +126,27 @@ def test_bf16_split_pass2_vs_chunked_fp32(case, monkeypatch):
 @pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
 @on_gpu
 @needs_cuda
+def test_bf16_split_sums_vs_chunked_fp32(case, monkeypatch):
+    """MIRAS_KERNEL_MLP_SPLIT_SUMS=1 (pass 2's read half and the sums' read blocks for every chunk before the
+    backward's loop, session 19): the bench case, within 2e-2."""
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", "1")
+    _compare(case, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("sums", ["0", "1"], ids=["read", "read+sums"])
+@on_gpu
+@needs_cuda
+def test_bf16_split_read_vs_chunked_fp32(sums, monkeypatch):
+    """MIRAS_KERNEL_MLP_SPLIT_READ=1 (the training forward's read after its loop, session 19), alone and with
+    MIRAS_KERNEL_MLP_SPLIT_SUMS=1: the bench case, within 2e-2."""
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_READ", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", sums)
+    _compare(CASES[0], torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
+@on_gpu
+@needs_cuda
 def test_fp32_vs_chunked_fp32(case):
     _compare(case, torch.float32, 1e-3)
 

@@ -120,7 +120,7 @@ def test_bound_launch_goes_direct_after_the_first_plain_launch(monkeypatch):
 
     kernel = Kernel()
     kw = dict(num_warps=4, num_stages=1, K=128, V=128, HD=256, BT=64, BK=128, BV=128, BHC=32, BKO=32, BVO=32,
-              MOMENTUM=True, PREC=1, PDL=False)
+              MOMENTUM=True, PREC=1, CARRY=False, PDL=False)
     tensors = [torch.zeros(8) for _ in range(12)]
     bound = launcher.BoundLaunch(kernel, (17, 32), kw)
     for s_src in (63, 62, 16, 1):  # (s_src is not specialised on: one fingerprint)
@@ -129,7 +129,7 @@ def test_bound_launch_goes_direct_after_the_first_plain_launch(monkeypatch):
     grid_and_handles, args = runs[0][:9], runs[0][9:]
     assert grid_and_handles == (17, 32, 1, 7, "fn", "meta", None, None, None)
     assert list(args[:12]) == [t.data_ptr() for t in tensors] and args[12:16] == (62, 1, 65, 32)
-    assert args[16:] == (128, 128, 256, 64, 128, 128, 32, 32, 32, True, 1, False)  # the constexprs, in order
+    assert args[16:] == (128, 128, 256, 64, 128, 128, 32, 32, 32, True, 1, False, False)  # the constexprs, in order
     bound(*tensors[:11], torch.zeros(9)[1:], 5, 1, 65, 32)  # misaligned: another specialisation
     assert len(plain) == 2 and len(runs) == 3
     launcher.BoundLaunch(kernel, (17, 32), kw)(*tensors, 5, 1, 65, 32)

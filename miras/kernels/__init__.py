@@ -53,7 +53,12 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   chunk's pass 3 (default: separate when launches are cheap, with the fast launch below or graphs; fused otherwise;
   ``mlp_tiles.fuse_passes``); ``MIRAS_KERNEL_MLP_SPLIT_PASS2=1``: run the ten of pass 2's fourteen dots per tile
   that the end state's gradient does not enter for every chunk at once before the backward's chunk loop, and only
-  the other four in it (default off, unmeasured; 0.8 GB more memory at the bench shape; ``mlp_tiles.split_pass2``).
+  the other four in it (default off, unmeasured; 0.8 GB more memory at the bench shape; ``mlp_tiles.split_pass2``);
+  ``MIRAS_KERNEL_MLP_SPLIT_SUMS=1``: that, and the backward's sums over the hidden dim that the end state's gradient
+  does not enter (SA, dC1, dq) for every chunk before the loop too (default off, unmeasured; 0.27 GB more;
+  ``mlp_tiles.split_sums``); ``MIRAS_KERNEL_MLP_SPLIT_READ=1``: the training forward forms the dual-form read's
+  hidden activation for every chunk after its loop (``_fwd_read``) instead of in it (default off, unmeasured; 64 MB
+  more; ``mlp_tiles.split_read``).
 - ``MIRAS_KERNEL_FAST_LAUNCH=0``: launch the MLP kernels through Triton's plain ``kernel[grid]`` path at every call
   instead of through the compiled kernel's own launcher once a launch site has been seen (default on with triton
   >= 3.6; same compiled kernels, bit for bit the same results, far less host time per launch;

@@ -180,22 +180,30 @@ def _operand(x, DEFER: tl.constexpr):
 
 
 @triton.jit
+def _read_hidden(qj, W1, S1, C1, D1, beta, f, ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+                 DEFER: tl.constexpr):
+    """The dual-form read's hidden activation on tile j: Ah = act(beta q W1_j + f q S1_j - C1 D1) (C1 = G . q k^T;
+    D1: ``_fwd_tile_math``). DEFER: C1 is a pointer tensor to the block (``_operand``)."""
+    Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(_operand(C1, DEFER), D1, PREC)
+    if MOMENTUM:
+        Hh += f[:, None] * _dot(qj, S1, PREC)
+    return _act(Hh, ACT)
+
+
+@triton.jit
 def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, fL, mL,
                    ACT: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, WANT_O: tl.constexpr,
                    DEFER: tl.constexpr):
     """Forward of tile j: A1 = act(Z1), Z1 = gamma (k W1_j); D1 = gamma (R W2_j^T) act'(Z1); the read's
-    H = beta q W1_j + f q S1_j - C1 D1 (C1 = G . q k^T) and Ah = act(H) (WANT_O; its parts of o: ``_fwd_tile_out``)
-    and the tile's end state (W1', W2', S1', S2').
-    DEFER: C1 is a pointer tensor to the block (``_operand``)."""
+    H = beta q W1_j + f q S1_j - C1 D1 (C1 = G . q k^T) and Ah = act(H) (WANT_O, ``_read_hidden``; its parts of o:
+    ``_fwd_tile_out``; else Ah = 0) and the tile's end state (W1', W2', S1', S2'). Returns (A1, Ah, D1, W1', W2',
+    S1', S2'). DEFER: C1 is a pointer tensor to the block (``_operand``)."""
     Z1 = gam[:, None] * _dot(kj, W1, PREC)
     A1 = _act(Z1, ACT)
     D1 = gam[:, None] * _dot(Rj, tl.trans(W2), PREC) * _act_d1(Z1, ACT)
     Ah = tl.zeros_like(D1)
     if WANT_O:
-        Hh = beta[:, None] * _dot(qj, W1, PREC) - _dot(_operand(C1, DEFER), D1, PREC)
-        if MOMENTUM:
-            Hh += f[:, None] * _dot(qj, S1, PREC)
-        Ah = _act(Hh, ACT)
+        Ah = _read_hidden(qj, W1, S1, C1, D1, beta, f, ACT, MOMENTUM, PREC, DEFER)
     # the token weights scale the per-tile factor (D1, A1), so k^T and Rj are the only loop-invariant operands
     W1n = betaL * W1 - _dot(tl.trans(kj), gL[:, None] * D1, PREC)
     W2n = betaL * W2 - _dot(tl.trans(A1 * gL[:, None]), Rj, PREC)
@@ -206,7 +214,7 @@ def _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL, 
         W2n += fL * S2
         S1n = mL * S1 - _dot(tl.trans(kj), nL[:, None] * D1, PREC)
         S2n = mL * S2 - _dot(tl.trans(A1 * nL[:, None]), Rj, PREC)
-    return A1, Ah, W1n, W2n, S1n, S2n
+    return A1, Ah, D1, W1n, W2n, S1n, S2n
 
 
 @triton.jit
@@ -557,8 +565,8 @@ def _fwd_chunk(
         if WANT_O:
             qj = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok & live[:, None],
                          other=0.0).to(tl.float32)
-        A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
-                                                    fL, mL, ACT, MOMENTUM, PREC, WANT_O, False)
+        A1, Ah, _, W1n, W2n, S1n, S2n = _fwd_tile_math(qj, kj, Rj, W1, W2, S1, S2, gam, beta, f, C1, gL, nL,
+                                                       betaL, fL, mL, ACT, MOMENTUM, PREC, WANT_O, False)
         if WANT_O:
             Oj, SAj = _fwd_tile_out(A1, Ah, W2, S2, beta, f, MOMENTUM, PREC)
             O += Oj
@@ -936,7 +944,9 @@ def config_text(config: dict) -> str:
 # _bwd_end 0.289 -> 0.248, _fwd_out 0.398 -> 0.380 (their hidden-dim loops pipelined); all kernels 11.86 -> 11.32 ms.
 # The tile kernels stay at 4 warps (8 miscompile on Hopper, ``_launcher``; they have no loop for stages to pipeline).
 # (_prep's state part, timed as part of _prep then, is now a kernel of its own, _prep_state, kept at _prep's config.)
-TUNED_CONFIGS = {"_prep": "8,2", "_prep_state": "8,2", "_bwd_sums": "4,2", "_bwd_end": "4,3", "_fwd_out": "4,3"}
+# _bwd_sums_read (session 19, untimed) runs _bwd_sums' loop on other blocks: it starts at _bwd_sums' config.
+TUNED_CONFIGS = {"_prep": "8,2", "_prep_state": "8,2", "_bwd_sums": "4,2", "_bwd_sums_read": "4,2", "_bwd_end": "4,3",
+                 "_fwd_out": "4,3"}
 
 
 def kernel_launch_config(kernel, config_env: str | None = None) -> dict:

@@ -26,6 +26,10 @@ Backward: _prep_m2 (every chunk: M2 = -G . dO R^T into the forward's records) ; 
           the row partials and the carry scalars' gradient parts, which reads that tile back) ; then _bwd_end (every
           chunk: dk's dZ1 part contracted over the hidden dim, the gate gradients).
 2 launches per chunk forward, 3 backward (benchmarks/RESULTS.md, session 10).
+Three switches (default off, unmeasured on a GPU) take more of what the end state does not enter out of the loops,
+for every chunk at once: ``split_pass2`` pass 2's read half (``_bwd_read``, before the backward's loop),
+``split_sums`` also the sums' SA, dC1 and dq (``_bwd_sums_read``), ``split_read`` the training forward's read
+(``_fwd_read``, after its loop).
 With the LayerNorm head (cfg.norm, M(x) = [x +] w LN(W2 act(W1 x)) + b; docs/kernels-ln-head.md): _prep's state part
 stores the gradient at the head's input, d = rstd P (w R_y), where R was (``_head_forward``), so the tile kernels run
 unchanged; _fwd_out reads through the head on whole rows and keeps its input O; the backward starts with
@@ -84,6 +88,7 @@ from miras.kernels.mlp import (
     _launch,
     _launcher,
     _prec,
+    _read_hidden,
     _state_grad_terms,
     _state_slots,
     _state_tiles,
@@ -609,10 +614,11 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, YACTS: tl.constexpr,
-              SAVE: tl.constexpr, PDL: tl.constexpr):
+              SAVE: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
-    A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2, BHN, BT, HD] (``_fwd_out``
-    contracts them), the tile's end state into slot s_out and, from it, its share of the next chunk's Y0 into yp
+    A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2+, BHN, BT, HD] (``_fwd_out``
+    contracts them; without READ, ``split_read``, A1_j and D1_j into fs[0] and fs[2], and ``_fwd_read`` forms Ah_j
+    after the loop), the tile's end state into slot s_out and, from it, its share of the next chunk's Y0 into yp
     (``_y_share``: ``_y_part``'s work for chunk c + 1, no launch; past the last chunk its keys are masked to 0 and
     nobody reads it). With SAVE, the end state also goes, in the dtype of w1v.. (``saved_states_dtype``), into slot
     c + 1 of the saved slots w1v, w2v, s1v, s2v [BHN, NSV, in, out] that the backward reads; the state slots are then
@@ -640,11 +646,14 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
         j = jp * TPP + jt
         o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
         W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-        A1, Ah, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL, betaL,
-                                                    fL, mL, ACT, MOMENTUM, PREC, True, True)
+        A1, Ah, D1, W1n, W2n, S1n, S2n = _fwd_tile_math(b_q, b_k, R, W1, W2, S1, S2, gam, beta, f, C1, gL, nL,
+                                                        betaL, fL, mL, ACT, MOMENTUM, PREC, READ, True)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         tl.store(_factor_at(fs, 0, th, BHN, BT, HD), A1.to(fs.dtype.element_ty), mask=h_ok[None, :])
-        tl.store(_factor_at(fs, 1, th, BHN, BT, HD), Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
+        if READ:
+            tl.store(_factor_at(fs, 1, th, BHN, BT, HD), Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
+        else:
+            tl.store(_factor_at(fs, 2, th, BHN, BT, HD), D1.to(fs.dtype.element_ty), mask=h_ok[None, :])
         _store_state_tiles(w1s, w2s, s1s, s2s, dst1, dst2, w1_off, w1_ok, w2_off, w2_ok, W1n, W2n, S1n, S2n, MOMENTUM)
         if SAVE:
             sv1, sv2 = _slot_offsets(i_bh, c + 1, NSV, K, V, HD)
@@ -655,14 +664,44 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
         _y_share(yp, k_next, gam_next, W1n, W2n, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD, BT, BV, ACT, PREC, YACTS)
 
 
+@triton.jit
+def _fwd_read(q, w1s, s1s, pre, ops, fs, T, NS, BHN,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
+              PREC: tl.constexpr, PDL: tl.constexpr):
+    """The read's hidden activation Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) (``_read_hidden``) of every chunk
+    at once, after the forward's loop (``split_read``): program (j, i_bh, c) on hidden tile j of chunk c, from the
+    chunk-start slot c of w1s, s1s (the states kept for the backward), chunk c's ``_prep`` records and the D1_j that
+    ``_fwd_tile`` left in fs[c, 2] (fs [NT, 3, BHN, BT, HD]), into fs[c, 1] beside its A1_j for ``_fwd_out``."""
+    _pdl_start(PDL)
+    j, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rec = c * BHN + i_bh
+    fs += c.to(tl.int64) * 3 * BHN * BT * HD
+    o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
+        i_bh, c, T, H, K, V, BT, BK, BV)
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    beta, f, _, _, _, _, _, _ = _load_rows(_pre_base(pre, rec, BT, BV), o_t, BT, BV)
+    C1 = _ops_base(ops, rec, BT) + o_t[:, None] * BT + o_t[None, :]  # (loaded where used: mlp._operand)
+    src1 = _slot_offsets(i_bh, c, NS, K, V, HD)[0]
+    o_h, h_ok, w1_off, w1_ok, _, _ = _tile_offsets(j, o_k, o_v, tl.arange(0, BH), k_ok, v_ok, V, HD, BH)
+    W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0).to(tl.float32)
+    S1 = W1
+    if MOMENTUM:
+        S1 = tl.load(s1s + src1 + w1_off, mask=w1_ok, other=0.0).to(tl.float32)
+    th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
+    D1 = tl.load(_factor_at(fs, 2, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
+    Ah = _read_hidden(b_q, W1, S1, C1, D1, beta, f, ACT, MOMENTUM, PREC, True)
+    tl.store(_factor_at(fs, 1, th, BHN, BT, HD), Ah.to(fs.dtype.element_ty), mask=h_ok[None, :])
+
+
 @_chunk_kernel("c0", "s0")
 def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
-             SAVE_HEAD: tl.constexpr, R16: tl.constexpr, PDL: tl.constexpr):
+             SAVE_HEAD: tl.constexpr, R16: tl.constexpr, NF: tl.constexpr, PDL: tl.constexpr):
     """Program (column block i_v of BVO, batch*head i_bh, r): the read of chunk c = c0 + r, contracted over the whole
-    hidden dim on tiles of BHC from ``_fwd_tile``'s factors (fs [NR, 2, BHN, BT, HD], record r):
+    hidden dim on tiles of BHC from ``_fwd_tile``'s factors (fs [NR, NF, BHN, BT, HD], record r: A1, Ah, ...):
     o = sum_j Ah_j (beta W2_j + f S2_j) - (G . sum_j Ah_j A1_j^T) R [+ q] (``_fwd_tile_out``; W2, S2 of the
     chunk-start slot s0 + r; ``_prep`` record r * BHN + i_bh). Each column block forms the [BT, BT] sum itself.
     One launch per chunk (r = 0), or for every chunk after the loop (c0 = s0 = 0, r = c). With NORM (one column
@@ -670,7 +709,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     _pdl_start(PDL)
     i_v, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, s_in = c0 + r, s0 + r
-    fs += r.to(tl.int64) * 2 * BHN * BT * HD
+    fs += r.to(tl.int64) * NF * BHN * BT * HD
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
     o_vb = i_v * BVO + tl.arange(0, BVO)  # this program's columns of o, R, W2 (and of q: K == V with the residual)
@@ -790,7 +829,9 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     # for every chunk after the loop, and the backward reuses the records), else one chunk's, reused
     NR = NT if keep_states else 1
     pre, ops = record_buffers(NR, B * H, BT, BV, q.device, _prec(q))
-    fs = torch.empty(NR, 2, B * H, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
+    # (with the read after the loop, split_read: A1, Ah, and D1 from the loop to _fwd_read)
+    NF = 3 if keep_states and split_read() else 2
+    fs = torch.empty(NR, NF, B * H, BT, HD, device=q.device, dtype=factors_dtype(_prec(q)))
     FORWARD_GRAPHS(_fwd_launches, "tiles", cfg, keep_states, q, k, v, gates, delta_, nw, nb, slots, kept, o, yp,
                    ohead, pre, ops, fs)
     saved = (*kept, pre, ops, *((nw, nb, ohead) if cfg.norm else ()))
@@ -828,11 +869,13 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
     every chunk's records and chunk-start states, the latter in the state slots themselves or, where they are the
     recurrence's two, in the saved slots kept; else one chunk's records and two ping-pong slots). Two launches per chunk
     (``_prep_state``, ``_fwd_tile``), and ``_y_part``, ``_prep``'s gate part and ``_fwd_out`` once for every chunk
-    (forward alone: three launches per chunk, ``_prep``, ``_fwd_tile``, ``_fwd_out``). Returns (): it writes only
-    into its arguments, so a graph of it has no outputs to copy out."""
+    (forward alone: three launches per chunk, ``_prep``, ``_fwd_tile``, ``_fwd_out``); with three factors per chunk
+    in fs (``split_read``), ``_fwd_read`` once for every chunk before ``_fwd_out``. Returns (): it writes only into
+    its arguments, so a graph of it has no outputs to copy out."""
     B, T, H, K = q.shape
     V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
     NT, NR, NS, NSV = triton.cdiv(T, BT), pre.shape[0], slots[0].shape[1], kept[0].shape[1]
+    read_after = fs.shape[1] == 3  # (split_read: the read's Ah formed after the loop, by _fwd_read)
     w1s, w2s, s1s, s2s = slots
     save = kept[0] is not slots[0]  # (the saved slots apart: _fwd_tile writes them too)
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
@@ -845,7 +888,7 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
                     EPS=cfg.eps, RES=cfg.residual, DECAYED=cfg.decayed, YACTS=yacts)  # (the state part's)
     prep_kw = dict(state_kw, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum)
     out_kw = dict(dims, **norm, HD=HD, BHC=_block_sums(HD), BVO=_out_block(V, BV, cfg.norm), RES=cfg.residual,
-                  MOMENTUM=cfg.momentum, SAVE_HEAD=cfg.norm and keep_states)  # (the head normalises whole rows)
+                  MOMENTUM=cfg.momentum, SAVE_HEAD=cfg.norm and keep_states, NF=fs.shape[1])  # (the head: whole rows)
     pre_c, ops_c, fs_c = pre.unbind(0), ops.unbind(0), fs.unbind(0)
     grid = (NH, B * H)
     NVO = triton.cdiv(V, out_kw["BVO"])
@@ -862,7 +905,7 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     tpp = fwd_tiles_per_program(NH)
     fwd_tile = _launcher(_fwd_tile, (NH // tpp, B * H), **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16, TPP=tpp,
-                         SAVE=save)
+                         SAVE=save, READ=not read_after)
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
@@ -873,6 +916,9 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
         fwd_tile(q, k, gates[1], *slots, *kept, pre_c[r], ops_c[r], fs_c[r], yp, c, s_in, s_out, T, NS, NSV, B * H)
         if not keep_states:
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
+    if read_after:  # (from the chunk-start states kept)
+        _launch(_fwd_read, (NH, B * H, NT), q, kept[0], kept[2], pre, ops, fs, T, NSV, B * H, H=H, K=K, V=V, HD=HD,
+                BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=_prec(q))
     if keep_states:  # (from the chunk-start states kept)
         _launch(_fwd_out, (NVO, B * H, NT), q, o, kept[1], kept[3], pre, fs, nw, nb, ohead, 0, 0, T, NSV, B * H,
                 config_env=SUMS_CONFIG, **out_kw)
@@ -1120,23 +1166,23 @@ def _hidden_sum(tiles, WHICH: tl.constexpr, COLS: tl.constexpr, K: tl.constexpr,
     return acc
 
 
-@_chunk_kernel("s_src", "e")
-def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, fdp, sums, s_src, e, NS, BHN,
-              K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr, MOMENTUM: tl.constexpr,
-              PREC: tl.constexpr, PDL: tl.constexpr):
-    """The backward's sums over the hidden dim as contractions over all of it, from pass 2's factors (fs, fdp), on hidden
-    tiles of BHC, into batch*head i_bh's record (``_sums_base``). Program (p, i_bh) forms one output block:
-    p = 0: SA; 1: dC1; then column blocks of BKO of dq (BK / BKO programs) and of dk, and of BVO of dR (BV / BVO).
-    Padded columns are written too (as 0). (The carry scalars' gradients are sums over the whole state, 1.5 MB per
-    batch*head at the bench shape: pass 2 forms them on its tiles instead, ``_pass2``.)"""
-    _pdl_start(PDL)
-    p, i_bh = tl.program_id(0), tl.program_id(1)
+@triton.jit
+def _sums_program(p, i_bh, r, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, fdp, sums, s_src, e, NS, BHN,
+                  K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr, MOMENTUM: tl.constexpr,
+                  PREC: tl.constexpr):
+    """One output block of the backward's sums over the hidden dim, contracted over all of it from pass 2's factors
+    (fs, fdp) on hidden tiles of BHC, into batch*head i_bh's record (``_sums_base``) of chunk record r: block p = 0:
+    SA; 1: dC1; then column blocks of BKO of dq (BK / BKO blocks) and of dk, and of BVO of dR (BV / BVO). Padded
+    columns are written too (as 0). Record r reads the factors at fs + r [4, BHN, BT, HD], the start slot s_src + r,
+    ``_prep`` record r * BHN + i_bh and writes record r of sums (r = 0 on a 2-D grid: the caller's chunk)."""
     NKO: tl.constexpr = BK // BKO
     NVO: tl.constexpr = BV // BVO
+    fs += r.to(tl.int64) * 4 * BHN * BT * HD
+    sums += r.to(tl.int64) * BHN * (2 * BT * BT + BT * BV + 2 * BT * BK)
     o_t, o_hh = tl.arange(0, BT), tl.arange(0, BHC)
-    beta, f, _, gL, nL, _, _, _ = _load_rows(_pre_base(pre, i_bh, BT, BV), o_t, BT, BV)
-    src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
+    beta, f, _, gL, nL, _, _, _ = _load_rows(_pre_base(pre, r * BHN + i_bh, BT, BV), o_t, BT, BV)
+    src1, src2 = _slot_offsets(i_bh, s_src + r, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     out = _sums_base(sums, i_bh, BT, BK, BV)
     q_blk = p - 2  # dq / dk column block
@@ -1163,10 +1209,44 @@ def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, fdp, sums, s_
                  _hidden_sum(tiles, 4, BVO, K, V, HD, BT, BHC, MOMENTUM, PREC))
 
 
-def sums_programs(BK: int, BV: int) -> int:
-    """Programs per batch*head of ``_bwd_sums``: SA, dC1, the column blocks of dq, dk and dR (``_sums_blocks``)."""
+@_chunk_kernel("s_src", "e")
+def _bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, fdp, sums, s_src, e, NS, BHN,
+              K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr, MOMENTUM: tl.constexpr,
+              PREC: tl.constexpr, CARRY: tl.constexpr, PDL: tl.constexpr):
+    """The backward's sums over the hidden dim of one chunk (``_sums_program``; program (p, i_bh): block p): all
+    its blocks (``sums_programs``), or with CARRY (``split_sums``) only those that the end state's gradient enters, dk
+    and dR (``_bwd_sums_read`` formed the others before the loop). (The carry scalars' gradients are sums over the
+    whole state, 1.5 MB per batch*head at the bench shape: pass 2 forms them on its tiles instead, ``_pass2``.)"""
+    _pdl_start(PDL)
+    p = tl.program_id(0)
+    if CARRY:
+        p += 2 + BK // BKO
+    _sums_program(p, tl.program_id(1), tl.program_id(2), w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, fs, fdp,
+                  sums, s_src, e, NS, BHN, K, V, HD, BT, BK, BV, BHC, BKO, BVO, MOMENTUM, PREC)
+
+
+@triton.jit
+def _bwd_sums_read(w1s, w2s, s1s, s2s, pre, rf, sums, NS, BHN,
+                   K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, BHC: tl.constexpr, BKO: tl.constexpr, BVO: tl.constexpr,
+                   MOMENTUM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    """The blocks of the backward's sums that the end state's gradient does not enter (SA, dC1 and dq's column
+    blocks: ``_sums_program``'s first 2 + BK / BKO) of every chunk at once, before the chunk loop (``split_sums``).
+    Program (p, i_bh, c): block p of chunk c, from ``_bwd_read``'s factors rf [NT, 4, BHN, BT, HD], the chunk-start
+    slot c and every chunk's ``_prep`` records, into chunk c's record of sums [NT, BHN, sums_size]."""
+    _pdl_start(PDL)
+    p = tl.minimum(tl.program_id(0), 1 + BK // BKO)  # (= program_id; the bound lets the compiler drop dk, dR)
+    _sums_program(p, tl.program_id(1), tl.program_id(2), w1s, w2s, s1s, s2s, w1s, w2s, s1s, s2s,
+                  pre, rf, rf, sums, 0, 0, NS, BHN, K, V, HD, BT, BK, BV, BHC, BKO, BVO, MOMENTUM, PREC)
+
+
+def sums_programs(BK: int, BV: int, part: str = "all") -> int:
+    """Programs per batch*head of a ``_sums_program`` launch (``_sums_blocks``): "all" blocks (SA, dC1, the column
+    blocks of dq, dk and dR), the "read" ones (SA, dC1, dq: ``_bwd_sums_read``) or the "carry" ones (dk, dR)."""
     BKO, BVO = _sums_blocks(BK, BV)
-    return 2 + 2 * (BK // BKO) + BV // BVO
+    read, carry = 2 + BK // BKO, BK // BKO + BV // BVO
+    return {"all": read + carry, "read": read, "carry": carry}[part]
 
 
 @triton.jit
@@ -1514,7 +1594,34 @@ def split_pass2() -> bool:
     k dS1'). The cost: the read half's records of every chunk, 4 arrays of [B*H, BT, hidden] in the factors' dtype
     and 4 in fp32 per chunk (0.8 GB at the bench shape with bf16 factors), written once and read once. Same
     products, the same sums (only the order of a few independent dots differs). Unmeasured on a GPU."""
-    return env_switch("MIRAS_KERNEL_MLP_SPLIT_PASS2", False)
+    return env_switch("MIRAS_KERNEL_MLP_SPLIT_PASS2", False) or split_sums()
+
+
+def split_sums() -> bool:
+    """``MIRAS_KERNEL_MLP_SPLIT_SUMS`` (default off; turns ``split_pass2`` on too): whether the backward also forms
+    the blocks of its sums over the hidden dim that the end state's gradient does not enter (SA = Ah A1^T,
+    dC1 = -dH D1^T, dq's beta dH W1^T + f dH S1^T) for every chunk at once before the chunk loop
+    (``_bwd_sums_read``, from ``_bwd_read``'s factors), so that the loop's ``_bwd_sums`` keeps dk and dR: 8 of its
+    14 programs per batch*head at the bench shape. The cost: every chunk's sums record instead of one chunk's
+    (+0.27 GB at the bench shape). Same products and sums. Unmeasured on a GPU."""
+    on = env_switch("MIRAS_KERNEL_MLP_SPLIT_SUMS", False)
+    if on and not env_switch("MIRAS_KERNEL_MLP_SPLIT_PASS2", True):
+        raise ValueError("MIRAS_KERNEL_MLP_SPLIT_SUMS=1 needs pass 2 split (its factors of every chunk), but "
+                         "MIRAS_KERNEL_MLP_SPLIT_PASS2 is off: unset it or set it to 1")
+    return on
+
+
+def split_read() -> bool:
+    """``MIRAS_KERNEL_MLP_SPLIT_READ`` (default off): whether the training forward (the one that keeps its states for
+    the backward) forms the dual-form read's hidden activation Ah = act(beta q W1 + f q S1 - C1 D1) after its chunk
+    loop, for every chunk at once (``_fwd_read``: hidden tiles x B*H x NT programs, from the kept chunk-start
+    states), instead of in the loop's ``_fwd_tile``. The loop then runs six of its nine dots per tile with momentum
+    (four of six without: k W1, R W2^T and the state update) and keeps no q tile; it stores D1 for ``_fwd_read``
+    where it stored Ah. The cost: one more factor array per chunk ([B*H, BT, hidden] in the factors' dtype, 64 MB at
+    the bench shape with bf16 factors). The same products (D1 is rounded to the factors' dtype on its way, as the
+    bf16 dot that takes it rounds it anyway). The forward without grad keeps the read in its loop. Unmeasured on a
+    GPU."""
+    return env_switch("MIRAS_KERNEL_MLP_SPLIT_READ", False)
 
 
 def read_tiles_per_program(NH: int) -> int:
@@ -1558,7 +1665,9 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         fs = torch.empty(5, BHN, BT, HD, device=q.device, dtype=fty)
         fdp = fs[4]
         fs_c = rz_c = rrow_c = (fs,) * NT  # (rz, rrow: unread stand-ins)
-    sums = torch.empty(BHN, sums_size(BT, BK, BV), **f32)
+    by_chunk = split_sums()  # every chunk's sums record (_bwd_sums_read fills their read blocks first), else one's
+    sums = torch.empty(NT if by_chunk else 1, BHN, sums_size(BT, BK, BV), **f32)
+    sums_c = sums.unbind(0) if by_chunk else (sums[0],) * NT
     prow = torch.empty(NH, BHN, prow_size(BT), **f32)
     gdy = torch.empty(BHN, BT, BV, **f32)
     dq, dk, dv, deta, dla, dlm, ddelta = bufs = _input_grad_buffers(cfg, q, v)
@@ -1574,7 +1683,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
                    MOMENTUM=cfg.momentum, PREC=prec)
     mid_kw = dict(dims, **rule, NH=NH, BTR=_block_rows(BT), NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16,
                   READ_RES=cfg.residual and not cfg.norm)
-    sums_grid, mid_grid = (sums_programs(BK, BV), BHN), (BT // _block_rows(BT) + 3, BHN)
+    sums_grid = (sums_programs(BK, BV, "carry" if by_chunk else "all"), BHN)
+    mid_grid = (BT // _block_rows(BT) + 3, BHN)
     do_raw = do
     if cfg.norm:  # the read's head first: from here on, do is the gradient at its input
         nw, nb, ohead = head
@@ -1592,6 +1702,9 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         _launch(_bwd_read, (NH // tppr, BHN, NT), q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
                 H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=prec,
                 R16=cfg.r16, TPP=tppr)
+    if by_chunk:
+        _launch(_bwd_sums_read, (sums_programs(BK, BV, "read"), BHN, NT), w1s, w2s, s1s, s2s, pre, rf, sums, NS, BHN,
+                config_env=SUMS_CONFIG, **sums_kw)
     fused = fuse_passes()
     tpp2 = pass2_tiles_per_program(NH)
     pass2_grid = (NH // tpp2, BHN)
@@ -1599,15 +1712,15 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
             ops_c[NT - 1], xs_c[NT - 1], fs_c[NT - 1], fdp, rz_c[NT - 1], rrow_c[NT - 1], prow, NT - 1, NT - 1,
             NT % 2, T, NS, BHN, **tile_kw, TPP=tpp2, SPLIT=split)
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
-    bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw)
+    bwd_sums = _launcher(_bwd_sums, sums_grid, SUMS_CONFIG, **sums_kw, CARRY=by_chunk)
     bwd_mid = _launcher(_bwd_mid, mid_grid, **mid_kw)
     tpp = bwd_tiles_per_program(NH, fused)
     bwd_tile32 = _launcher(_bwd_tile32, (NH // tpp, BHN), **tile_kw, PASS2=fused, TPP=tpp, SPLIT=split)
     bwd_tile2 = _launcher(_bwd_tile2, pass2_grid, **tile_kw, TPP=tpp2, SPLIT=split)
     for c in range(NT - 1, -1, -1):
         e, s = (c + 1) % 2, c % 2  # state-gradient slots: the chunk's end (read) and start (written)
-        bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs_c[c], fdp, sums, c, e, NS, BHN)
-        bwd_mid(q, k, v, do, delta_, nw, nb, hin[c] if cfg.norm else hin, pre_c[c], sums, prow, gdy, dyb_c[c],
+        bwd_sums(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], fs_c[c], fdp, sums_c[c], c, e, NS, BHN)
+        bwd_mid(q, k, v, do, delta_, nw, nb, hin[c] if cfg.norm else hin, pre_c[c], sums_c[c], prow, gdy, dyb_c[c],
                 dkacc_c[c], gin_c[c], dq, dv, ddelta, c, T, BHN)
         prev = max(c - 1, 0)  # (pass 2 of chunk c - 1 in the same launch; none after chunk 0)
         bwd_tile32(q, k, do, gates[1], w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_c[c], pre_c[prev],
