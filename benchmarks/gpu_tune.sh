@@ -10,8 +10,9 @@
 # 3. bench_kernels.py --families mlp: the defaults, mlpgraphs (forward and backward graphed), mlpbwdgraphs (the
 #    backward alone, as before session 17), mlppdlgraphs (programmatic dependent launch), tuned, tunedgraphs
 #    and tunedpdlgraphs (and mlpr16graphs / mlpstates16graphs /
-#    mlpy0partsgraphs / mlpsplit2graphs / mlpsplitsumsgraphs / mlpsplitreadgraphs where set rbf16 / states16 /
-#    y0parts / split2 / splitsums / splitread passed its check; mlpsplitallgraphs where both of the last two did) in GPU_TUNE_ROUNDS (2)
+#    mlpy0partsgraphs / mlpsplit2graphs / mlpsplitsumsgraphs / mlpsplitreadgraphs / mlpdot16graphs where set
+#    rbf16 / states16 / y0parts / split2 / splitsums / splitread / dot16 passed its check; mlpsplitallgraphs where
+#    the last three did) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
@@ -91,7 +92,8 @@ if passed split2; then VARIANTS="$VARIANTS,mlpsplit2graphs"; fi
 if passed splitsums; then VARIANTS="$VARIANTS,mlpsplitsumsgraphs"; fi
 # the training forward's read after its loop (set splitread, session 19), and every split together
 if passed splitread; then VARIANTS="$VARIANTS,mlpsplitreadgraphs"; fi
-if passed splitread && passed splitsums; then VARIANTS="$VARIANTS,mlpsplitallgraphs"; fi
+if passed dot16; then VARIANTS="$VARIANTS,mlpdot16graphs"; fi
+if passed splitread && passed splitsums && passed dot16; then VARIANTS="$VARIANTS,mlpsplitallgraphs"; fi
 if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \

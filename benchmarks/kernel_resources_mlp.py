@@ -83,6 +83,7 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                       READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts, PDL=pdl,
                       SAVE=mlp_tiles.saved_states_dtype(prec) == torch.bfloat16, SPLIT=mlp_tiles.split_pass2(),
                       CARRY=mlp_tiles.split_sums(), READ=not mlp_tiles.split_read(),
+                      H16=mlp_tiles.dot_blocks_dtype(prec) == torch.bfloat16,
                       NF=3 if mlp_tiles.split_read() else 2,
                       TPP={"_bwd_tile32": mlp_tiles.bwd_tiles_per_program(NH, fused),
                            "_bwd_tile2": mlp_tiles.pass2_tiles_per_program(NH),

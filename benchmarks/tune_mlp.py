@@ -81,6 +81,10 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # (sm_90: 40 HGMMA instead of 60, 2208 instructions instead of 2768, but a 96 B spill stack against 32); in the
     # table only (WHOLE_SETS)
     "splitread": {"MIRAS_KERNEL_MLP_SPLIT_READ": "1"},
+    # the tile kernels' dot-only blocks (q, k, dO, R, gamma dY) held in bf16 (mlp_tiles.dot_blocks_dtype, session
+    # 19: the same products; sm_90 spill stacks 296 -> 104 B in pass 3, 184 -> 176 in pass 2, 32 -> 40 in _fwd_tile;
+    # 96 -> 0 in _fwd_tile with splitread); in the table only (WHOLE_SETS)
+    "dot16": {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"},
     # the next chunk's Y0 handed over as the tiles' parts of it ([BT, V] fp32 per tile program, summed by
     # _prep_state), the default before session 17, against their hidden activations ([BT, BH], contracted with W2 by
     # _prep_state; mlp_tiles.y0_mode): a setting of three kernels, so in the table only (WHOLE_SETS)
@@ -120,7 +124,7 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
 }
 # settings that span kernels: in the table, not among pick's per-kernel choices
-WHOLE_SETS = ("split2", "splitsums", "splitread", "y0parts", "states16", "rbf16")
+WHOLE_SETS = ("split2", "splitsums", "splitread", "dot16", "y0parts", "states16", "rbf16")
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 
@@ -233,7 +237,9 @@ def whole_set_winners(timings: dict[str, dict], default: str = DEFAULT) -> list[
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {n: v for n, v in os.environ.items() if not n.startswith(("MIRAS_KERNEL_MLP_CONFIG", "MIRAS_KERNEL_MLP_BLOCK_"))
-           and n not in ("MIRAS_KERNEL_MLP_SUMS_CONFIG", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES")}
+           and n not in ("MIRAS_KERNEL_MLP_SUMS_CONFIG", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES",
+                  "MIRAS_KERNEL_MLP_DOT_BLOCKS", "MIRAS_KERNEL_MLP_SPLIT_PASS2", "MIRAS_KERNEL_MLP_SPLIT_SUMS",
+                  "MIRAS_KERNEL_MLP_SPLIT_READ")}
     return {**env, **extra}
 
 

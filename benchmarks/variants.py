@@ -77,10 +77,13 @@ VARIANTS = {
     **_and_graphed("mlpsplit2", {"MIRAS_KERNEL_MLP_SPLIT_PASS2": "1"}),
     # and the sums' read blocks for every chunk before it too (session 19, unmeasured; mlp_tiles.split_sums)
     **_and_graphed("mlpsplitsums", {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
-    # the training forward's read after its loop (session 19, unmeasured; mlp_tiles.split_read), alone and with the
-    # backward's splits: every recurrence-free piece of the tile kernels out of the chunk loops
+    # the training forward's read after its loop (session 19, unmeasured; mlp_tiles.split_read), alone; splitall:
+    # with the backward's splits and bf16 dot blocks, every recurrence-free piece of the tile kernels out of the loops
     **_and_graphed("mlpsplitread", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1"}),
-    **_and_graphed("mlpsplitall", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1", "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
+    # the tile kernels' dot-only blocks held in bf16 (session 19, unmeasured; mlp_tiles.dot_blocks_dtype)
+    **_and_graphed("mlpdot16", {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"}),
+    **_and_graphed("mlpsplitall", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1", "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1",
+                                   "MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"}),
 }
 
 

@@ -51,6 +51,11 @@ CASES = {
     "split-sums": (("_bwd_sums",), [], {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
     # the training forward's read after its loop (mlp_tiles.split_read): the loop's _fwd_tile without it
     "split-read": (("_fwd_tile", "_fwd_out"), [], {"MIRAS_KERNEL_MLP_SPLIT_READ": "1"}),
+    # the tile kernels' dot-only blocks in bf16 (mlp_tiles.dot_blocks_dtype), on the default kernels and the splits'
+    "dot-blocks": (("_fwd_tile", "_bwd_tile2", "_bwd_tile32"), [], {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"}),
+    "dot-blocks-split": (("_fwd_tile", "_bwd_read", "_bwd_tile2"), [], {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16",
+                                                                       "MIRAS_KERNEL_MLP_SPLIT_READ": "1",
+                                                                       "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 

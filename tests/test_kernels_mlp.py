@@ -567,24 +567,31 @@ def test_split_read(case, monkeypatch, _layout):
         mlp_tiles.split_read()
 
 
-BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES"]
+BF16_STORES = ["MIRAS_KERNEL_MLP_FACTORS", "MIRAS_KERNEL_MLP_OPERANDS", "MIRAS_KERNEL_MLP_R", "MIRAS_KERNEL_MLP_STATES",
+               "MIRAS_KERNEL_MLP_DOT_BLOCKS"]
 
 
-@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands", "r", "states"])
+@pytest.mark.parametrize("knob", BF16_STORES, ids=["factors", "operands", "r", "states", "dot-blocks"])
 @pytest.mark.parametrize("case", [("l2", "decay", "momentum", "previous", 32, True), ("huber", "decay", "gd", "decayed", 16,
                                                                                   False)], ids=["l2-momentum", "huber"])
 def test_bf16_scratch(case, knob, monkeypatch, _layout):
     """MIRAS_KERNEL_MLP_FACTORS=bf16 (the tiles layout's per-tile factors), MIRAS_KERNEL_MLP_OPERANDS=bf16 (its
     records' dot-operand blocks), MIRAS_KERNEL_MLP_R=bf16 (its records' R) and MIRAS_KERNEL_MLP_STATES=bf16 (the
-    chunk-start states kept for the backward, apart from the forward's fp32 recurrence) store in bf16: against the
-    float64 oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). Their auto setting stores bf16 only with
-    bf16 dots (the GPU's bf16 inputs; fp32 elsewhere, as in every other CPU test). A bad value names the variable
-    and the choices."""
-    from miras.kernels.mlp_tiles import factors_dtype, operands_dtype, r_dtype, saved_states_dtype
+    chunk-start states kept for the backward, apart from the forward's fp32 recurrence) store in bf16, and
+    MIRAS_KERNEL_MLP_DOT_BLOCKS=bf16 holds the tile kernels' dot-only blocks (q, k, dO, R, gamma dY) in bf16 (with
+    momentum, on the splits' kernels: the forward's loop without its read, _bwd_read, pass 2's carry half): against
+    the float64 oracle at a bf16 bound (the interpreter rounds to bf16 by truncation). Their auto setting stores bf16
+    only with bf16 dots (the GPU's bf16 inputs; fp32 elsewhere, as in every other CPU test). A bad value names the
+    variable and the choices."""
+    from miras.kernels.mlp_tiles import dot_blocks_dtype, factors_dtype, operands_dtype, r_dtype, saved_states_dtype
 
-    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype, r_dtype, saved_states_dtype)))[knob]
+    dtype_of = dict(zip(BF16_STORES, (factors_dtype, operands_dtype, r_dtype, saved_states_dtype,
+                                      dot_blocks_dtype)))[knob]
     bias, ret, learner, grad_at, chunk, residual = case
     spec = mlp_spec(bias, ret, learner, grad_at, chunk, residual)
+    if knob == "MIRAS_KERNEL_MLP_DOT_BLOCKS" and learner == "momentum":
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_READ", "1")
+        monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", "1")
     monkeypatch.setenv(knob, "bf16")
     errs = check_against_oracle(spec, B=1, T=70, H=2, K=16, V=16 if residual else 24, tol=2e-2)
     if _layout == "tiles":

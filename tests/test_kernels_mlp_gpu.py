@@ -144,6 +144,18 @@ def test_bf16_split_read_vs_chunked_fp32(sums, monkeypatch):
     _compare(CASES[0], torch.bfloat16, 2e-2)
 
 
+@pytest.mark.parametrize("split", ["0", "1"], ids=["default", "splits"])
+@on_gpu
+@needs_cuda
+def test_bf16_dot_blocks_vs_chunked_fp32(split, monkeypatch):
+    """MIRAS_KERNEL_MLP_DOT_BLOCKS=bf16 (the tile kernels' dot-only blocks held in bf16, session 19), on the default
+    kernels and with every split (read, sums, pass 2): the bench case, within 2e-2."""
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_DOT_BLOCKS", "bf16")
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_READ", split)
+    monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", split)
+    _compare(CASES[0], torch.bfloat16, 2e-2)
+
+
 @pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
 @on_gpu
 @needs_cuda

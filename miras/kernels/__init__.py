@@ -58,7 +58,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   does not enter (SA, dC1, dq) for every chunk before the loop too (default off, unmeasured; 0.27 GB more;
   ``mlp_tiles.split_sums``); ``MIRAS_KERNEL_MLP_SPLIT_READ=1``: the training forward forms the dual-form read's
   hidden activation for every chunk after its loop (``_fwd_read``) instead of in it (default off, unmeasured; 64 MB
-  more; ``mlp_tiles.split_read``).
+  more; ``mlp_tiles.split_read``); ``MIRAS_KERNEL_MLP_DOT_BLOCKS=fp32|bf16|auto``: the dtype in which the tile
+  kernels hold the chunk's blocks that only feed dots (q, k, dO, R, gamma dY; default fp32, unmeasured; with bf16
+  dots the same products and fewer spills; ``mlp_tiles.dot_blocks_dtype``).
 - ``MIRAS_KERNEL_FAST_LAUNCH=0``: launch the MLP kernels through Triton's plain ``kernel[grid]`` path at every call
   instead of through the compiled kernel's own launcher once a launch site has been seen (default on with triton
   >= 3.6; same compiled kernels, bit for bit the same results, far less host time per launch;

@@ -94,9 +94,12 @@ def pow2_tile(n: int) -> int:
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    """a @ b with fp32 accumulation: bf16 operands when PREC == "bf16", else tl.dot's input_precision=PREC."""
+    """a @ b with fp32 accumulation: bf16 operands when PREC == "bf16", else tl.dot's input_precision=PREC (an operand
+    held in bf16 beside an fp32 one, ``mlp_tiles.dot_blocks_dtype``, is widened to fp32)."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif a.dtype != b.dtype:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
         return tl.dot(a, b, input_precision=PREC)
 

@@ -603,6 +603,16 @@ def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.cons
 
 
 @triton.jit
+def _dot_input(x, H16: tl.constexpr):
+    """A block of the chunk that only feeds dots (q, k, dO, R, gamma dY in the tile kernels), held in bf16 with H16
+    (``dot_blocks_dtype``: half the registers of fp32; bf16 dots round to it anyway), else in fp32."""
+    if H16:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _factor_at(buf, i: tl.constexpr, th, BHN, BT: tl.constexpr, HD: tl.constexpr):
     """Where array i of one chunk's [n, BHN, BT, HD] factor buffer (fs; ``_bwd_read``'s rf and rz) has the offsets
     th (a program's rows and hidden columns)."""
@@ -613,7 +623,8 @@ def _factor_at(buf, i: tl.constexpr, th, BHN, BT: tl.constexpr, HD: tl.constexpr
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, yp, c, s_in, s_out, T, NS, NSV, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, YACTS: tl.constexpr,
+              DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr,
+              YACTS: tl.constexpr,
               SAVE: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2+, BHN, BT, HD] (``_fwd_out``
@@ -630,10 +641,10 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
+    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)  # (only with READ)
     base = _pre_base(pre, i_bh, BT, BV)
-    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
     beta, f, gam, gL, nL, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
     C1 = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
@@ -838,6 +849,16 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     return o, _final_state(cfg, slots, NT % NS, q, v), (saved if keep_states else None)
 
 
+def dot_blocks_dtype(prec: str) -> torch.dtype:
+    """``MIRAS_KERNEL_MLP_DOT_BLOCKS``: the dtype in which the tile kernels (``_fwd_tile``, ``_bwd_read``, pass 2,
+    pass 3) hold the chunk's blocks that only feed dots, q, k, dO, R and gamma dY ([BT, D] each, 64 registers per
+    thread apiece in fp32 at the bench shape): "fp32" (default), "bf16" or "auto" (bf16 with bf16 dots, ``mlp._prec``).
+    With bf16 dots the products are the same (the dot rounds its operands to bf16 anyway); the registers freed cut
+    the spills at sm_90 (triton 3.6): pass 3 (``_bwd_tile32``) 296 -> 104 B per thread, the forward's loop kernel
+    without its read (``split_read``) 96 -> 0 B. Unmeasured on a GPU."""
+    return _scratch_dtype("MIRAS_KERNEL_MLP_DOT_BLOCKS", "fp32", prec)
+
+
 def saved_states_dtype(prec: str) -> torch.dtype:
     """``MIRAS_KERNEL_MLP_STATES``: the dtype of the chunk-start states the training forward keeps for the backward:
     "fp32" (default: the forward's own state slots, one per chunk), "bf16" or "auto" (bf16 with bf16 dots,
@@ -905,7 +926,7 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
     # the loop's launches, bound once (miras/kernels/launcher.py: less host time per launch)
     tpp = fwd_tiles_per_program(NH)
     fwd_tile = _launcher(_fwd_tile, (NH // tpp, B * H), **tiles, MOMENTUM=cfg.momentum, R16=cfg.r16, TPP=tpp,
-                         SAVE=save, READ=not read_after)
+                         SAVE=save, READ=not read_after, H16=dot_blocks_dtype(_prec(q)) == torch.bfloat16)
     fwd_out = _launcher(_fwd_out, (NVO, B * H, 1), SUMS_CONFIG, **out_kw)
     for c in range(NT):
         s_in, s_out, r = c % NS, (c + 1) % NS, c % NR
@@ -933,7 +954,7 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, x
                e, T, NS, BHN,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr,
+               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr,
                TPP: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Pass 2 of chunk c on its own launch: every chunk's when the passes are apart (``fuse_passes``), else the last
     chunk's (the others run in ``_bwd_tile32`` behind the next chunk's pass 3). The whole pass (``_pass2``), or with
@@ -941,17 +962,18 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, x
     _pdl_start(PDL)
     if SPLIT:
         _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz, rrow, prow, c, s_src, e, T,
-                     NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
+                     NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
     else:
         _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T,
-               NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
+               NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
 
 
 @triton.jit
 def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T, NS, BHN,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr,
+           TPP: tl.constexpr):
     """Pass 2 of hidden tile j (R, C1, M2, their transposes and the gate rows from ``_prep``): the tile's factors
     A1, Ah, D1, dH into its columns of fs [4+, BHN, BT, HD] and dP into fdp [BHN, BT, HD] (``_bwd_sums`` contracts
     them, pass 3 forms the start-state gradient tiles from them), X into xs and the tile's partials (``_prow_base``,
@@ -963,11 +985,11 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
+    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
+    b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
     base = _pre_base(pre, i_bh, BT, BV)
-    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
     beta, f, gam, gL, nL, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
     bb = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
@@ -1010,7 +1032,7 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
 def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
-              PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
+              PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
     """The read half of pass 2 (``_bwd_tile_read``: what the end state's gradient does not enter) of every chunk at
     once, before the backward's chunk loop (``split_pass2``). Program (jp, i_bh, c), hidden tiles
     j = jp TPP .. (jp + 1) TPP - 1 of chunk c, from the chunk-start state slot c, dO and the chunk's ``_prep`` records
@@ -1026,11 +1048,11 @@ def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
     rrow += rec * ((HD + BH - 1) // BH) * 2 * BT
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
+    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
+    b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
     base = _pre_base(pre, c * BHN + i_bh, BT, BV)
-    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
     beta, f, gam, _, _, _, _, _ = _load_rows(base, o_t, BT, BV)
     bb = _ops_base(ops, c * BHN + i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
     C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
@@ -1063,7 +1085,7 @@ def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
 def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz, rrow, prow, c, s_src, e, T, NS, BHN,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
-                 MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
+                 MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr):
     """The carry half of pass 2 of chunk c (``_bwd_tile_carry``: what the end state's gradient, slot e, enters),
     from the read half's records of the chunk (rz [4, BHN, BT, HD], rrow [NH, BHN, 2, BT]: ``_bwd_read``): the same
     outputs as ``_pass2`` but the read's factors (already in ``_bwd_read``'s rf): dP into fdp, X into xs, the rows
@@ -1071,9 +1093,9 @@ def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
-    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
     base = _pre_base(pre, i_bh, BT, BV)
-    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
     _, _, gam, gL, nL, _, _, _ = _load_rows(base, o_t, BT, BV)
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
@@ -1421,7 +1443,8 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
                 fdp, rz_prev, rrow_prev, gdy, pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
-                PREC: tl.constexpr, PASS2: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr, SPLIT: tl.constexpr,
+                PREC: tl.constexpr, PASS2: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr,
+                SPLIT: tl.constexpr,
                 PDL: tl.constexpr):
     """Pass 3 of chunk c for TPP hidden tiles (``_pass3``: the start-state gradient tiles into slot s), then, for c > 0
     and with PASS2 (``fuse_passes()``; then TPP = 1),
@@ -1434,26 +1457,26 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
     instructions at sm_90 against 296 and 2496 (its elementwise chain formed in three layouts)."""
     _pdl_start(PDL)
     _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, fdp, gdy, pg3, c, c, e, s, T, NS,
-           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, TPP)
+           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
     if PASS2 and c > 0:
         tl.debug_barrier()
         if SPLIT:
             _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, xs_prev, fdp, rz_prev, rrow_prev,
                          prow, c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC,
-                         R16, 1)
+                         R16, H16, 1)
         else:
             _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, fdp, prow,
-                   c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, 1)
+                   c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, 1)
 
 
 @triton.jit
 def _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT: tl.constexpr, BV: tl.constexpr,
-                  R16: tl.constexpr):
+                  R16: tl.constexpr, H16: tl.constexpr):
     """What pass 3's tiles of a chunk share after their first half: R, the rows beta, f, beta_L, f_L, m_L, q, dO."""
-    R = _load_r(base, o_t, o_v, BT, BV, R16)
+    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
     beta, f, _, _, _, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
-    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
+    b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
     return R, beta, f, betaL, fL, mL, b_q, b_do
 
 
@@ -1461,7 +1484,8 @@ def _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT: tl.conste
 def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, fdp, gdy, pg3, c,
            s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, TPP: tl.constexpr):
+           DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr,
+           TPP: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
     with W1 for dk) and the tile's dgam (-> pg3); the tile of the start state's gradient (slot s): k^T gam dZ1 +
     A1^T gam dY (``_bwd_tile_dy``), the read's terms from pass 2's factors (``_state_grad_terms``) and the end
@@ -1471,15 +1495,17 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, BK, BV)
     b_k, gam = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
+    b_k = _dot_input(b_k, H16)
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     st1, st2 = _slot_offsets(i_bh, s, 2, K, V, HD)
-    gdY = tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :])
+    gdY = _dot_input(tl.load(gdy + (i_bh.to(tl.int64) * BT + o_t[:, None]) * BV + o_v[None, :]), H16)
     base = _pre_base(pre, i_bh, BT, BV)
     o_hh = tl.arange(0, BH)
     # what the tile's second half reads: with one tile per program loaded there (loaded here, it stays live
     # through the first half: a 672 B spill stack per thread against 296 at sm_90), else once for all tiles
-    R, beta, f, betaL, fL, mL, b_q, b_do = _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT, BV, R16)
+    R, beta, f, betaL, fL, mL, b_q, b_do = _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT, BV, R16,
+                                                                 H16)
     for jt in range(TPP):
         j = jp * TPP + jt
         o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
@@ -1492,7 +1518,7 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
             tl.store(pg3 + (j * BHN + i_bh).to(tl.int64) * BT + o_t, dgam_j)
         if TPP == 1:
             R, beta, f, betaL, fL, mL, b_q, b_do = _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT,
-                                                                 BV, R16)
+                                                                 BV, R16, H16)
         Ah = tl.load(_factor_at(fs, 1, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
         dH = tl.load(_factor_at(fs, 3, th, BHN, BT, HD), mask=h_ok[None, :], other=0.0).to(tl.float32)
         dP = tl.load(fdp + th, mask=h_ok[None, :], other=0.0).to(tl.float32)
@@ -1677,7 +1703,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     # every launch's settings, built once (in the loop, each launch costs host time: ~390 per step at T=4096)
     dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
-    tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, R16=cfg.r16)
+    tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, R16=cfg.r16,
+                   H16=dot_blocks_dtype(prec) == torch.bfloat16)
     BKO, BVO = _sums_blocks(BK, BV)
     sums_kw = dict(K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BHC=_block_sums(HD), BKO=BKO, BVO=BVO,
                    MOMENTUM=cfg.momentum, PREC=prec)
@@ -1701,7 +1728,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         tppr = read_tiles_per_program(NH)
         _launch(_bwd_read, (NH // tppr, BHN, NT), q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
                 H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=prec,
-                R16=cfg.r16, TPP=tppr)
+                R16=cfg.r16, H16=tile_kw["H16"], TPP=tppr)
     if by_chunk:
         _launch(_bwd_sums_read, (sums_programs(BK, BV, "read"), BHN, NT), w1s, w2s, s1s, s2s, pre, rf, sums, NS, BHN,
                 config_env=SUMS_CONFIG, **sums_kw)
