@@ -624,8 +624,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr,
-              YACTS: tl.constexpr,
-              SAVE: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
+              YACTS: tl.constexpr, SAVE: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
     """Chunk c, hidden tile j, from state slot s_in (R, C1 and the gate rows from ``_prep``): the read's factors
     A1_j, Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) into the tile's columns of fs [2+, BHN, BT, HD] (``_fwd_out``
     contracts them; without READ, ``split_read``, A1_j and D1_j into fs[0] and fs[2], and ``_fwd_read`` forms Ah_j
