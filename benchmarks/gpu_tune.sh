@@ -38,8 +38,11 @@ echo "== phase 1: checks and compiles, in parallel ($(left) s left)"
 CHECKS_SECONDS=$(cap "${GPU_TUNE_CHECK_SECONDS:-200}")
 PIDS=()
 if [ -n "$GATE" ]; then
-  timeout "$CHECKS_SECONDS" python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k "$GATE" \
-    > "$OUTDIR/gate_full.log" 2>&1 &
+  # the switches' own tests (split*, dot_blocks; tune_mlp's checks also cover them at the bench shape) after the
+  # rest, so that a gate cut short by the time still has the defaults', graphs', PDL and fast-launch results
+  GATE_TESTS="python3 -m pytest tests/test_kernels_mlp_gpu.py -q -s -p no:cacheprovider -k"
+  timeout "$CHECKS_SECONDS" bash -c "$GATE_TESTS '($GATE) and not (split or dot_blocks)';
+    $GATE_TESTS '($GATE) and (split or dot_blocks)'" > "$OUTDIR/gate_full.log" 2>&1 &
   PIDS+=($!)
 fi
 timeout "$CHECKS_SECONDS" python3 benchmarks/warm_kernels.py row "LN head" $TINY > "$OUTDIR/warm_ln.log" 2>&1 &
