@@ -135,7 +135,10 @@ SHAPES = [(1, 16, True), (1, 24, False), (63, 16, False), (63, 24, True), (100, 
 @pytest.mark.parametrize("T,D,init", SHAPES, ids=[f"T{t}-D{d}-{'h0' if i else 'zero'}" for t, d, i in SHAPES])
 def test_shapes(T, D, init):
     """T in {1, 63, 100}, head dims 16 and 24 (padded K tiles; hidden 48 = a full and a masked tile), with and
-    without an initial state; momentum, decay (decayed gradient point) and Huber alternate with their opposites."""
+    without an initial state; momentum, decay (decayed gradient point) and Huber alternate with their opposites.
+    (Without one the memory starts at W1 = W2 = 0 and stays there: every activation here has act(0) = 0, so both
+    weight gradients vanish. Those cases check the state-less path and the residual read, not the learning; every
+    other test starts from a random state, as the models do: mixer.py's learned initial state.)"""
     if D == 16:
         spec = mlp_spec("l2", "decay", "momentum", "previous")
     else:
