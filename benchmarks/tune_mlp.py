@@ -85,6 +85,10 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # 19: the same products; sm_90 spill stacks 296 -> 104 B in pass 3, 184 -> 176 in pass 2, 32 -> 40 in _fwd_tile;
     # 96 -> 0 in _fwd_tile with splitread); in the table only (WHOLE_SETS)
     "dot16": {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"},
+    # all of the above at once (the bench's mlpsplitall): its kernels' profile in the table, whether or not each
+    # switch wins alone (WHOLE_SETS)
+    "splitall": {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1", "MIRAS_KERNEL_MLP_SPLIT_READ": "1",
+                 "MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"},
     # the next chunk's Y0 handed over as the tiles' parts of it ([BT, V] fp32 per tile program, summed by
     # _prep_state), the default before session 17, against their hidden activations ([BT, BH], contracted with W2 by
     # _prep_state; mlp_tiles.y0_mode): a setting of three kernels, so in the table only (WHOLE_SETS)
@@ -124,7 +128,7 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     "8,2": {"MIRAS_KERNEL_MLP_CONFIG": "8,2", **_tiles_at("4,1")},
 }
 # settings that span kernels: in the table, not among pick's per-kernel choices
-WHOLE_SETS = ("split2", "splitsums", "splitread", "dot16", "y0parts", "states16", "rbf16")
+WHOLE_SETS = ("split2", "splitsums", "splitread", "dot16", "splitall", "y0parts", "states16", "rbf16")
 BOUND = 2e-2  # the MLP GPU tests' bound for bf16 inputs against the fp32 chunked path
 MIN_GAIN, MIN_GAIN_MS = 0.03, 0.005  # what a kernel's best set must beat the default by
 
@@ -224,6 +228,20 @@ def pick(timings: dict[str, dict], default: str = DEFAULT,
             if block:
                 env[kernel_block_env(name)] = block
     return chosen, env
+
+
+def timing_table(timings: dict[str, dict], chosen: dict[str, str]) -> list[str]:
+    """The Markdown table of the sets' device ms per kernel (a row per kernel: first those ``pick`` chose a set for,
+    then the kernels that only some sets launch, such as the splits' own, with no choice), their sums and the eager
+    step."""
+    others = sorted({name for t in timings.values() for name in t["kernels"]} - set(chosen))
+    table = ["| kernel | " + " | ".join(timings) + " | chosen |", "|---" * (len(timings) + 2) + "|"]
+    for name in [*chosen, *others]:
+        cells = [f"{t['kernels'].get(name, float('nan')):.3f}" for t in timings.values()]
+        table.append(f"| `{name}` | " + " | ".join(cells) + f" | {chosen.get(name, '-')} |")
+    table.append("| all kernels | " + " | ".join(f"{t['kernel_ms']:.3f}" for t in timings.values()) + " | |")
+    table.append("| eager step (do_bench) | " + " | ".join(f"{t['step_ms']:.3f}" for t in timings.values()) + " | |")
+    return table
 
 
 def whole_set_winners(timings: dict[str, dict], default: str = DEFAULT) -> list[str]:
@@ -342,12 +360,7 @@ def run_tune(out: Path, seconds: float) -> None:
     whole = whole_set_winners(timings)
     for name in whole:
         tuned.update(SETS[name])
-    table = ["| kernel | " + " | ".join(timings) + " | chosen |", "|---" * (len(timings) + 2) + "|"]
-    for name in chosen:
-        cells = [f"{t['kernels'].get(name, float('nan')):.3f}" for t in timings.values()]
-        table.append(f"| `{name}` | " + " | ".join(cells) + f" | {chosen[name]} |")
-    table.append("| all kernels | " + " | ".join(f"{t['kernel_ms']:.3f}" for t in timings.values()) + " | |")
-    table.append("| eager step (do_bench) | " + " | ".join(f"{t['step_ms']:.3f}" for t in timings.values()) + " | |")
+    table = timing_table(timings, chosen)
     print("\n".join(table))
     (out / "table.md").write_text("\n".join(table) + "\n")
     print("tuned settings:", " ".join(f"{n}={v}" for n, v in tuned.items()) or "(none: the defaults won)",

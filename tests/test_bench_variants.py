@@ -171,3 +171,20 @@ def test_tune_takes_whole_sets_that_win_over_all_kernels():
     assert tune_mlp.whole_set_winners({"defaults": {"kernel_ms": 0.1}, "states16": {"kernel_ms": 0.0}}) == [
         "states16"]
     assert tune_mlp.whole_set_winners({"defaults": {"kernel_ms": 0.1}, "states16": {"kernel_ms": 0.096}}) == []
+
+
+def test_tune_table_has_a_row_for_every_kernel_a_set_launched():
+    """tune_mlp.timing_table: the kernels pick chose for first, with their choice, then those that only some sets
+    launch (the splits' _bwd_read, _fwd_read, ...: no choice, nan where a set did not launch them), then the sums and
+    the eager steps."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import tune_mlp
+
+    timings = {"defaults": {"kernels": {"_fwd_tile": 2.0, "_bwd_sums": 1.5}, "kernel_ms": 3.5, "step_ms": 4.0},
+               "splitall": {"kernels": {"_fwd_tile": 1.5, "_bwd_sums": 1.0, "_fwd_read": 0.2, "_bwd_read": 0.6},
+                            "kernel_ms": 3.3, "step_ms": 3.6}}
+    table = tune_mlp.timing_table(timings, {"_fwd_tile": "defaults", "_bwd_sums": "defaults"})
+    assert table[0] == "| kernel | defaults | splitall | chosen |"
+    assert table[2:6] == ["| `_fwd_tile` | 2.000 | 1.500 | defaults |", "| `_bwd_sums` | 1.500 | 1.000 | defaults |",
+                          "| `_bwd_read` | nan | 0.600 | - |", "| `_fwd_read` | nan | 0.200 | - |"]
+    assert table[6:] == ["| all kernels | 3.500 | 3.300 | |", "| eager step (do_bench) | 4.000 | 3.600 | |"]
