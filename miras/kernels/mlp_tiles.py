@@ -1258,6 +1258,7 @@ def _bwd_sums_read(w1s, w2s, s1s, s2s, pre, rf, sums, NS, BHN,
     slot c and every chunk's ``_prep`` records, into chunk c's record of sums [NT, BHN, sums_size]."""
     _pdl_start(PDL)
     p = tl.minimum(tl.program_id(0), 1 + BK // BKO)  # (= program_id; the bound lets the compiler drop dk, dR)
+    # (the end gradient's slots, dP and the end slot: unread stand-ins, as the read blocks do not involve them)
     _sums_program(p, tl.program_id(1), tl.program_id(2), w1s, w2s, s1s, s2s, w1s, w2s, s1s, s2s,
                   pre, rf, rf, sums, 0, 0, NS, BHN, K, V, HD, BT, BK, BV, BHC, BKO, BVO, MOMENTUM, PREC)
 
