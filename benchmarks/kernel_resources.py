@@ -58,9 +58,9 @@ def main() -> None:
     ap.add_argument("--no-cf", action="store_true", help="state passes build the gate coefficients in the loop")
     a = ap.parse_args()
     io = "bf16" if a.prec == "bf16" else "fp32"
-    consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv, BIAS=a.bias, P=2.0,
-                  SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed, MOMENTUM=a.momentum, PREC=a.prec,
-                  MODE=a.mode, CF=not a.no_cf)
+    consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, CS=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv,
+                  BIAS=a.bias, P=2.0, SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed,
+                  MOMENTUM=a.momentum, PREC=a.prec, MODE=a.mode, CF=not a.no_cf)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)

@@ -60,10 +60,11 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
     from miras.kernels.settings import env_switch
 
     io = "fp32" if prec == "tf32x3" else "bf16"  # bf16 inputs run tf32 (or bf16) dots, fp32 inputs tf32x3 (mlp._prec)
-    consts = dict(H=8, K=d, V=d, HD=hidden, BT=chunk, BK=mlp.pow2_tile(d), BV=mlp.pow2_tile(d),
+    block = mlp.chunk_block(chunk)  # (rows of the chunk's blocks: chunks below 16 are padded)
+    consts = dict(H=8, K=d, V=d, HD=hidden, BT=block, CS=chunk, BK=mlp.pow2_tile(d), BV=mlp.pow2_tile(d),
                   BIAS=bias, P=2.0, SMOOTH=10.0, EPS=1e-6, ACT=act, RES=residual, HAS_KEEP=True, DECAYED=decayed,
                   MOMENTUM=momentum, PREC=prec)
-    consts.update(mlp.tiles(hidden, chunk, momentum, backward=which == "bwd"))
+    consts.update(mlp.tiles(hidden, block, momentum, backward=which == "bwd"))
     if bh:
         consts["BH"] = bh
     if which.startswith("_"):
@@ -73,13 +74,13 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
         fused = env_switch("MIRAS_KERNEL_MLP_FUSE_PASSES", False)
         # (the blocks as a launch takes them, MIRAS_KERNEL_MLP_BLOCK_<KERNEL> included: mlp_tiles.kernel_block)
         yacts = mlp_tiles.y0_mode() == "acts"
-        blocks = {"_prep_state": mlp_tiles._prep_rows(chunk, yacts),
+        blocks = {"_prep_state": mlp_tiles._prep_rows(block, yacts),
                   "_fwd_out": mlp_tiles._out_block(d, mlp.pow2_tile(d), norm)}
         BKO, BVO = mlp_tiles._sums_blocks(mlp.pow2_tile(d), mlp.pow2_tile(d))
         NH = -(-hidden // consts["BH"])
         consts.update(NH=NH, BHC=mlp_tiles._block_sums(hidden), BKO=BKO,
                       BVO=blocks.get(which, BVO), STORE_Y0=True, PASS2=fused, PARTS=0,
-                      BTR=blocks.get(which, mlp_tiles._block_rows(chunk)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
+                      BTR=blocks.get(which, mlp_tiles._block_rows(block)), NORM=norm, LN_EPS=1e-5, SAVE_HEAD=norm,
                       READ_RES=residual and not norm, R16=mlp_tiles.r_dtype(prec) == torch.bfloat16, YACTS=yacts, PDL=pdl,
                       SAVE=mlp_tiles.saved_states_dtype(prec) == torch.bfloat16, SPLIT=mlp_tiles.split_pass2(),
                       CARRY=mlp_tiles.split_sums(), READ=not mlp_tiles.split_read(),

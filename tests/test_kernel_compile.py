@@ -56,6 +56,8 @@ CASES = {
     "dot-blocks-split": (("_fwd_tile", "_bwd_read", "_bwd_tile2"), [], {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16",
                                                                        "MIRAS_KERNEL_MLP_SPLIT_READ": "1",
                                                                        "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
+    # a chunk below 16 (the recipes' 8) in a padded block of 16 rows, hidden tiles of 32 (mlp._block_h)
+    "chunk-8": (TILES_KERNELS, ["--chunk", "8"], {}),
 }
 LINE = re.compile(r"^(?P<kernel>_\w+)\s.*shared\s+(?P<kb>[\d.]+) KB.*\| REG:(?P<reg>\d+) STACK:(?P<stack>\d+)")
 

@@ -28,9 +28,10 @@ CASES = [  # (bias, retention, learner, grad_at, chunk, B, T, H, D)
     ("huber", "decay", "gd", "decayed", 32, 1, 130, 2, 48),
     ("lp", "none", "momentum", "previous", 16, 1, 100, 2, 40),
     ("dot", "decay", "gd", "previous", 64, 2, 150, 1, 64),
+    ("l2", "decay", "momentum", "previous", 8, 1, 75, 2, 64),  # chunk 8 in padded blocks of 16 (the recipes')
 ]
 IDS = ["-".join(str(c) for c in case) for case in CASES]
-CASES_BF16 = [(*case[:-1], d) for case, d in zip(CASES, (128, 128, 100, 128))]
+CASES_BF16 = [(*case[:-1], d) for case, d in zip(CASES, (128, 128, 100, 128, 128))]
 IDS_BF16 = ["-".join(str(c) for c in case) for case in CASES_BF16]
 
 

@@ -152,6 +152,36 @@ def test_chunk_sizes(chunk, act):
     check_against_oracle(spec, B=1, T=chunk + 7, H=1, K=24)
 
 
+SMALL_CHUNKS = [(8, "l2", "momentum", "previous", True, "gelu", 21, {}),
+                (8, "huber", "gd", "decayed", False, "silu", 19, {}),
+                (1, "l2", "momentum", "decayed", True, "tanh", 4, {}),
+                (24, "lp", "momentum", "decayed", True, "relu", 30, {}),
+                # the tiles layout's switches (unmeasured on a GPU, off by default) at chunk 8 too
+                (8, "l2", "momentum", "decayed", True, "silu", 21, {"MIRAS_KERNEL_MLP_SPLIT_SUMS": "1",
+                                                                    "MIRAS_KERNEL_MLP_SPLIT_READ": "1",
+                                                                    "MIRAS_KERNEL_MLP_Y0": "parts",
+                                                                    "MIRAS_KERNEL_MLP_FUSE_PASSES": "1"})]
+
+
+@pytest.mark.parametrize("chunk,bias,learner,grad_at,residual,act,T,env", SMALL_CHUNKS,
+                         ids=[f"chunk{c[0]}-{c[1]}-{c[2]}" + ("-switches" if c[-1] else "") for c in SMALL_CHUNKS])
+def test_chunks_in_padded_blocks(chunk, bias, learner, grad_at, residual, act, T, env, monkeypatch):
+    """Chunks that are not a power of two of at least 16 (the recipes' chunk 8, chunk 1 = the exact recurrence,
+    24) run in a block of 16 or the next power of two whose rows past the chunk are padding (common.chunk_rows).
+    The oracle at this chunk differs from the one at the block's size by far more than the tolerance, so a kernel
+    that took the block for the chunk would fail here."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = mlp_spec(bias, "decay", learner, grad_at, chunk, residual, act)
+    assert kernel_support(spec) == (True, "")
+    V = 16 if residual else 24
+    check_against_oracle(spec, B=1, T=T, H=2, K=16, V=V, seed=chunk)
+    block = mlp_spec(bias, "decay", learner, grad_at, max(16, 1 << (chunk - 1).bit_length()), residual, act)
+    x = {n: t.detach().double() for n, t in make_inputs(spec, 1, T, 2, 16, V, seed=chunk).items()}
+    o_chunk, o_block = (oracle(s, *split(s, x))[0] for s in (spec, block))
+    assert rel(o_chunk, o_block) > 10 * TOL  # (the Lp case's small steps: 6e-4)
+
+
 @pytest.mark.parametrize("bh,split_kernels", [(16, "0"), (64, "1")])
 def test_hidden_tiles_and_fused_walk(monkeypatch, bh, split_kernels):
     """Hidden 48 in three tiles of 16 with the fused forward walk, and in one padded tile of 64 with the split one."""
@@ -242,6 +272,7 @@ NORM_CASES = [  # (bias, retention, learner, grad_at, chunk, residual, act, T, K
     ("dot", "decay", "momentum", "decayed", 16, True, "tanh", 33, 16, 16),
     ("l2", "decay", "gd", "previous", 16, True, "relu", 1, 16, 16),
     ("l2", "decay", "momentum", "decayed", 32, True, "gelu", 100, 24, 24),
+    ("l2", "decay", "momentum", "previous", 8, True, "silu", 21, 16, 16),  # the titans recipes' memory and chunk
 ]
 # measured: <= 1.9e-5 (the Huber case), <= 1.0e-5 (the others). The head amplifies fp32 rounding: in the Huber case
 # with other cotangents the fp32 recurrent path itself was 1.9e-5 off the float64 oracle (the kernel 3.7e-5)

@@ -123,6 +123,16 @@ def test_bf16_split_pass2_vs_chunked_fp32(case, monkeypatch):
     _compare(case, torch.bfloat16, 2e-2)
 
 
+@on_gpu
+@needs_cuda
+def test_padded_chunk_vs_chunked_fp32(monkeypatch):
+    """Chunk 8 (the titans recipes'), held in blocks of 16 rows whose last 8 are padding (common.chunk_rows), with
+    the LayerNorm head, bf16 inputs, within 2e-2. (Named without "bf16": gpu_tune.sh's gate leaves it to
+    gpu_check.sh, so that its compiles do not take the tuner's device time.)"""
+    monkeypatch.delenv("MIRAS_KERNEL_MLP_NORM", raising=False)
+    _compare(("l2", "decay", "momentum", "previous", 8, "silu", 1, 200, 2, 64), torch.bfloat16, 2e-2, norm=True)
+
+
 @pytest.mark.parametrize("case", CASES[:1], ids=IDS[:1])
 @on_gpu
 @needs_cuda

@@ -174,13 +174,17 @@ def test_cli_validate_exit_codes(tmp_path):
 
 def test_show_names_what_keeps_a_layer_off_the_kernels():
     """``miras show``'s memory path: on CUDA, a layer that no Triton kernel covers says which piece is missing (the
-    first of kernel_support's reasons); the recipes whose MLP memory has the LayerNorm head run on the kernels."""
+    first of kernel_support's reasons); the recipes whose MLP memory has the LayerNorm head run on the kernels, the
+    Titans ones at their chunk of 8 too."""
     pytest.importorskip("triton")
     from miras.commands.spec_cmds import _paths
 
     root = Path(__file__).resolve().parent.parent
-    titans = _paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2]
-    assert titans.startswith("chunked (cpu) / chunked (cuda): ") and "chunk_size=8" in titans
+    memora = _paths(load_spec(root / "recipes/memora.yaml"))[0][2]
+    assert memora.startswith("chunked (cpu) / chunked (cuda): ") and "retention.kind='kl'" in memora
+    deltanet = _paths(load_spec(root / "recipes/deltanet.yaml"))[0][2]
+    assert deltanet.startswith("chunked (cpu) / chunked (cuda): ") and "online delta rule" in deltanet
+    assert _paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/linear-attention.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
 

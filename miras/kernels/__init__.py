@@ -91,7 +91,7 @@ from miras.kernels.settings import env_switch
 
 __all__ = ["kernel_support", "triton_memory_scan", "triton_status"]
 
-CHUNK_SIZES = (16, 32, 64)
+MAX_CHUNK = 64  # the kernels hold a chunk in one block of rows (padded to 16 or the next power of two)
 MAX_HEAD_DIM = 256
 
 
@@ -136,7 +136,8 @@ def kernel_support(spec) -> tuple[bool, str]:
     Supported: memory {linear, mlp (depth 2, residual or not, LayerNorm head or not (tiles layout), act
     gelu|silu|tanh|relu)} x bias
     {dot, l2, lp, huber} x retention {none, decay (head/scalar gate, grad_at previous|decayed)} x learner {gd, momentum},
-    chunk_size in (16, 32, 64), triton >= 3.0.
+    chunk_size 1..64 (but not the online delta rule at chunk 1: the chunked path solves it exactly in blocks), triton
+    >= 3.0.
     """
     ok, why = triton_status()
     if not ok:
@@ -167,13 +168,14 @@ def kernel_support(spec) -> tuple[bool, str]:
         return False, "no Triton kernel for a channel-wise retention gate (retention.gate.granularity='channel') yet"
     if learner.kind not in ("gd", "momentum"):
         return False, f"no Triton kernel for learner.kind={learner.kind!r}; kernels cover gd, momentum"
-    if learner.chunk_size not in CHUNK_SIZES:
-        from miras.ops_delta import is_delta_rule
+    if learner.chunk_size > MAX_CHUNK:
+        return False, f"learner.chunk_size must be at most {MAX_CHUNK} for the Triton kernels, but got " \
+                      f"chunk_size={learner.chunk_size}"
+    from miras.ops_delta import is_delta_rule
 
-        exact = " (the online delta rule runs exactly in blocks on the chunked path, miras/ops_delta.py)" if (
-            is_delta_rule(spec)) else ""
-        return False, f"learner.chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, but got " \
-                      f"chunk_size={learner.chunk_size}{exact}"
+    if is_delta_rule(spec):
+        return False, "no Triton kernel for the online delta rule (learner.chunk_size=1 with l2 bias and gd): the " \
+                      "chunked path solves it exactly in blocks (miras/ops_delta.py), in parallel over the tokens"
     if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", True):  # (last: the only gap)
         return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are turned off " \
                       "(MIRAS_KERNEL_MLP_NORM=0); the chunked PyTorch path runs it"

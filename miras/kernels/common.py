@@ -124,17 +124,40 @@ def _vec_select(x, o_t, idx):
     return tl.sum(tl.where(o_t == idx, x, 0.0), axis=0)
 
 
-@triton.jit
-def gate_coeffs(p_eta, p_keep, p_mu, t0, T, stride_t, o_t,
-                BT: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Gate coefficients of the chunk starting at token t0 (pointers already offset to (b, h)).
+def chunk_block(chunk: int) -> int:
+    """Rows of the block that holds one chunk of ``chunk`` tokens in the kernels: the chunk itself when it is a power
+    of two of at least 16, else the next such (tl.dot needs dims >= 16). Rows past the chunk are padding, masked like
+    the tokens past the end of the sequence."""
+    return pow2_tile(chunk)
 
-    Padded tokens (t >= T) get eta = 0, alpha = mu = 1. Returns
+
+@triton.jit
+def chunk_rows(c, T, o_t, BT: tl.constexpr, CS: tl.constexpr):
+    """Chunk c's tokens in rows o_t of its block of BT rows (``chunk_block``): the chunk holds tokens c*CS .. c*CS +
+    CS - 1 (fewer at the end of the sequence) in its first rows; rows past them are padding. Returns (t0, t_end,
+    t_idx, t_ok, L): first token, one past the last real one, every row's token index, the rows' mask, and the row
+    of the last real token."""
+    t0 = c * CS
+    t_idx = t0 + o_t
+    if CS == BT:  # (no padding rows but the sequence's end: one scalar fewer live in the tile kernels, sm_90)
+        t_end = T
+    else:
+        t_end = tl.minimum(T, t0 + CS)
+    return t0, t_end, t_idx, t_idx < t_end, tl.minimum(T - t0, CS) - 1
+
+
+@triton.jit
+def gate_coeffs(p_eta, p_keep, p_mu, t0, t_end, stride_t, o_t,
+                BT: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Gate coefficients of the chunk of tokens t0 .. t_end - 1 in a block of BT rows (pointers already offset to
+    (b, h); ``chunk_rows``).
+
+    Padding rows (t >= t_end) get eta = 0, alpha = mu = 1. Returns
     (eta, lb, beta, E, lm, m, NT, G, f) where NT[r, j] = N[j, r] (so G = E @ NT), all fp32;
     for GD lm = 0, m = 1, NT = diag(eta) and f = 0.
     """
     t_idx = t0 + o_t
-    t_ok = t_idx < T
+    t_ok = t_idx < t_end
     eta = tl.load(p_eta + t_idx * stride_t, mask=t_ok, other=0.0).to(tl.float32)
     causal = o_t[:, None] >= o_t[None, :]
     if HAS_KEEP:

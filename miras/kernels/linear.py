@@ -45,6 +45,8 @@ from miras.kernels.common import (
     bias_rows_bwd,
     bias_rows_bwd_sw,
     bias_rows_sw,
+    chunk_block,
+    chunk_rows,
     gate_coeffs,
     gate_coeffs_t,
     huber_switch,
@@ -70,7 +72,7 @@ class LinearConfig(RuleConfig):
 
 
 @triton.jit
-def _coeff_kernel(eta, keep, mu, cf, T, BTH, H: tl.constexpr, BT: tl.constexpr,
+def _coeff_kernel(eta, keep, mu, cf, T, BTH, H: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
                   HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr):
     """Per-token gate coefficients of one chunk for the sequential state passes, one program per (b*h, chunk), so
     that those passes only load vectors instead of building the [BT, BT] coefficients at every step. Rows of cf
@@ -79,11 +81,9 @@ def _coeff_kernel(eta, keep, mu, cf, T, BTH, H: tl.constexpr, BT: tl.constexpr,
     i_bh, c = tl.program_id(0), tl.program_id(1)
     p_g = (i_bh // H).to(tl.int64) * T * H + (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
-    t0 = c * BT
-    t_ok = t0 + o_t < T
-    L = tl.minimum(T - t0, BT) - 1
+    t0, t_end, _, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, "ieee")
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, "ieee")
     # g_L = E[L, :] N^T in fp32 FMAs (no tl.dot: G itself is not needed, and this small kernel stays off tensor cores)
     gL = tl.sum(_row_select(E, o_t, L)[:, None] * NTm, axis=0)
     p_t = cf + p_g + (t0 + o_t) * H
@@ -118,22 +118,19 @@ def _state_coeffs(cf, BTH, p_g, t_idx, t_ok, L_idx, H: tl.constexpr, MOMENTUM: t
 @triton.jit
 def _fwd_chunk(
     q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr,
 ):
     """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE).
     USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf."""
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - t0, BT) - 1  # last real token of the chunk
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)  # L: the row of the chunk's last real token
     if USE_CF:
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
     else:
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+            eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
         gL = _row_select(G, o_t, L)
         nL = _row_select(NTm, o_t, L)
         betaL = _vec_select(beta, o_t, L)
@@ -177,8 +174,8 @@ def _fwd_chunk(
 def _linear_fwd_kernel(
     q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf,
     T, NT, BTH,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, CF: tl.constexpr,
 ):
@@ -203,7 +200,7 @@ def _linear_fwd_kernel(
         if MOMENTUM:
             S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
         _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
+                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
     else:
         W = tl.zeros([BK, BV], dtype=tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -217,8 +214,8 @@ def _linear_fwd_kernel(
             if MOMENTUM:
                 tl.store(ss + p_c + s_off, S.to(ss.dtype.element_ty), mask=s_ok)
             W, S = _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
-                              k_ok, v_ok, H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                              MODE == 0, True, MODE == 1 and CF)
+                              k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM,
+                              PREC, MODE == 0, True, MODE == 1 and CF)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -230,16 +227,14 @@ def _linear_fwd_kernel(
 @triton.jit
 def _bwd_pre_chunk(
     q, k, eta, keep, mu, do, xd, up, ufp, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok, o_t, o_k, o_v, k_ok, v_ok,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
 ):
     """The terms of the backward state pass that do not depend on the state gradient, for one chunk (parallel):
     Xd = -(A^T . G^T) dO (the output rows' part of dR), U = Q^T (beta dO), U_f = Q^T (f dO) (momentum)."""
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
+    t0, t_end, t_idx, t_ok, _ = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
@@ -255,16 +250,13 @@ def _bwd_pre_chunk(
 
 @triton.jit
 def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
-               H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+               H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
                HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """What the backward of chunk c needs whatever V-range it works on: gate coefficients (and transposes), the last
     real token L with its coefficient rows g_L = G[L, :] and n_L = N[:, L], and the chunk's q, k in fp32."""
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - t0, BT) - 1
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
@@ -375,7 +367,7 @@ def _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, bet
 def _bwd_chunk(
     q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
     W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr,
@@ -386,17 +378,15 @@ def _bwd_chunk(
     gradients): Xd from ``xd``, U and Uf from the pre-pass (``_bwd_pre_chunk``) instead of computing them; USE_CF
     (only with USE_PRE) the gate coefficients from ``_coeff_kernel``'s rows in cf."""
     if USE_CF:
-        t_idx = c * BT + o_t
-        t_ok = t_idx < T
-        L = tl.minimum(T - c * BT, BT) - 1
-        beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
+        t0, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
+        beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
         f = tl.zeros_like(beta)  # f, q and dO only feed the input gradients, which this pass does not take
         b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :],
                       mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         b_q = b_k
     else:
         t_idx, t_ok, L, eta_t, lb, beta, E, lm, m, NTm, G, f, ET, Nm, GT, gL, nL, b_q, b_k = _bwd_setup(
-            q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, HAS_KEEP, MOMENTUM, PREC)
+            q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, CS, HAS_KEEP, MOMENTUM, PREC)
         betaL = _vec_select(beta, o_t, L)
         fL = _vec_select(f, o_t, L)
         mL = _vec_select(m, o_t, L)
@@ -484,16 +474,16 @@ def _bwd_grad_block(
 def _bwd_grad_chunk(
     q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dv, deta, dla, dlm, ddelta, xd,
     c, T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BVL: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BVL: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
+    EPS: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
 ):
     """The chunk-parallel gradient pass of chunk c over the program's V-tile (BV columns) in sub-blocks of BVL < BV
     columns whose ``_bwd_rows`` sums add up, so the gate coefficients and q, k are built once per chunk and only
     [K, BVL] state blocks are live at a time; then ``_bwd_grads`` finishes. (BVL == BV: ``_bwd_chunk`` on the whole
     tile, see the kernel.)"""
     t_idx, t_ok, L, _, _, beta, _, _, _, _, _, f, _, _, _, gL, nL, b_q, b_k = _bwd_setup(
-        q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, HAS_KEEP, MOMENTUM, PREC)
+        q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, CS, HAS_KEEP, MOMENTUM, PREC)
     at_L = o_t == L
     qk_ok = t_ok[:, None] & k_ok[None, :]
     if BIAS == 3:
@@ -525,8 +515,9 @@ def _bwd_grad_chunk(
         df += df_i
         dmL += dmL_i
     # the [BT, BT] gate coefficients again rather than kept live through the loop (they would spill)
+    t0, t_end, _, _, _ = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
     _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
@@ -542,7 +533,7 @@ def _bwd_grad_chunk(
 
 @triton.jit
 def _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BT: tl.constexpr, MOMENTUM: tl.constexpr):
+                  BT: tl.constexpr, CS: tl.constexpr, MOMENTUM: tl.constexpr):
     """Where a gradient-pass program's (b*h, chunk) lives: offsets of its q / k and v rows, gate columns and state
     slot, its tokens (t_idx, t_ok, last real one L), and the gate rows beta, g_L, n_L from ``_coeff_kernel``."""
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -550,10 +541,8 @@ def _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H: tl.constexpr, K: tl.constexpr
     p_v = (i_b * T * H + i_h) * V
     p_g = i_b * T * H + i_h
     p_c = (i_bh.to(tl.int64) * NT + c) * K * V
-    t_idx = c * BT + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - c * BT, BT) - 1
-    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, c * BT + L, H, MOMENTUM)
+    t0, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
+    beta, gL, nL, _, _, _ = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
     return p_qk, p_v, p_g, p_c, t_idx, t_ok, L, beta, gL, nL
 
 
@@ -581,8 +570,8 @@ def _trace(X, N: tl.constexpr):
 def _grad_rows_kernel(
     q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm, rr, dyk, mg,
     T, NT, BTH,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVL: tl.constexpr,
-    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
+    BVL: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradient pass, part 1: one program per (b*h, chunk) walks V in blocks of BVL columns with the chunk-start
@@ -598,7 +587,7 @@ def _grad_rows_kernel(
     o_k = tl.arange(0, BK)
     k_ok = o_k < K
     p_qk, p_v, p_g, p_c, t_idx, t_ok, L, beta, gL, nL = _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H, K, V, BT,
-                                                                       MOMENTUM)
+                                                                       CS, MOMENTUM)
     at_L = o_t == L
     qk_ok = t_ok[:, None] & k_ok[None, :]
     # q and k only enter dots here: kept in the input dtype (bf16 halves their registers; _dot casts anyway)
@@ -666,8 +655,9 @@ def _grad_rows_kernel(
         tl.store(dyk + p_tv, dYk.to(dyk.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:
         tl.store(ddelta + p_g + t_idx * H, ddelta_, mask=t_ok)
+    t0, t_end, _, _, _ = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     ET, Nm, GT = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
     dAG = -tl.where(o_t[:, None] >= o_t[None, :], dAG, 0.0)
     dbeta += tl.where(at_L, _trace(sWW, BVL), 0.0)
@@ -684,8 +674,8 @@ def _grad_rows_kernel(
 def _grad_qk_kernel(
     q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk,
     T, NT, BTH,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr, BVL: tl.constexpr,
-    MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BKB: tl.constexpr,
+    BVL: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradient pass, part 2: one program per (K-block of BKB columns, b*h, chunk) walks V in blocks of BVL:
 
@@ -697,7 +687,7 @@ def _grad_qk_kernel(
     o_k = i_kb * BKB + tl.arange(0, BKB)
     k_ok = o_k < K
     p_qk, p_v, p_g, p_c, t_idx, t_ok, L, beta, gL, nL = _grad_program(cf, i_bh, c, o_t, T, NT, BTH, H, K, V, BT,
-                                                                       MOMENTUM)
+                                                                       CS, MOMENTUM)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
     dOW = tl.zeros([BT, BKB], dtype=tl.float32)  # dO W^T
@@ -733,8 +723,8 @@ def _linear_bwd_kernel(
     q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf,
     dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0,
     T, NT, BTH,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
     BVL: tl.constexpr, CF: tl.constexpr,
@@ -757,18 +747,18 @@ def _linear_bwd_kernel(
         c = tl.program_id(2)
         p_c = p_s * NT + c.to(tl.int64) * K * V
         _bwd_pre_chunk(q, k, eta, keep, mu, do, xd, dhs, dss, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok,
-                       o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, HAS_KEEP, MOMENTUM, PREC)
+                       o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, HAS_KEEP, MOMENTUM, PREC)
     elif MODE == 2 and BVL < BV:  # one chunk, its V-tile in sub-blocks (states read block by block)
         _bwd_grad_chunk(q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dv, deta, dla, dlm, ddelta, xd,
                         tl.program_id(2), T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
-                        H, K, V, BT, BK, BV, BVL, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
+                        H, K, V, BT, CS, BK, BV, BVL, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
     elif MODE == 2:  # one chunk: start state from the forward, end-state gradient from the backward state pass
         c = tl.program_id(2)
         p_c = p_s * NT + c.to(tl.int64) * K * V
         W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BV, MOMENTUM)
         _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
                    W, S, dW, dS, dW, dS, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
+                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -793,7 +783,7 @@ def _linear_bwd_kernel(
                 S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
             dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
                                 W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                                H, K, V, BT, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                                H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
                                 MODE == 0, MODE == 1, MODE == 1 and CF)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
@@ -802,7 +792,7 @@ def _linear_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
-_KEY = ["H", "K", "V", "BT", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF"]
+_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF"]
 _BWD_KEY = [*_KEY, "BVL"]
 # 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
 # wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
@@ -815,9 +805,9 @@ _linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kern
 # every new shape returns wrong gradients: tests/test_kernels.py::test_backward_survives_autotuning)
 BWD_IN_PLACE = ["dhs", "dss"]
 _linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_BWD_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
-_grad_rows_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:4], "BVL", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM"])(
+_grad_rows_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BVL", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM"])(
     _grad_rows_kernel)
-_grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:4], "BKB", "BVL", "MOMENTUM"])(_grad_qk_kernel)
+_grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BKB", "BVL", "MOMENTUM"])(_grad_qk_kernel)
 
 
 def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
@@ -971,7 +961,7 @@ def _coefficients(cfg: LinearConfig, eta, keep, mu) -> torch.Tensor:
     cf = torch.empty(5, B, T, H, device=eta.device, dtype=torch.float32)
     _coeff_kernel[(B * H, triton.cdiv(T, cfg.chunk))](
         eta, keep if keep is not None else eta, mu if mu is not None else eta, cf, T, B * T * H,
-        H=H, BT=cfg.chunk, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum)
+        H=H, BT=chunk_block(cfg.chunk), CS=cfg.chunk, HAS_KEEP=cfg.has_keep, MOMENTUM=cfg.momentum)
     return cf
 
 
@@ -980,8 +970,8 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     modes = tuple(m for m in _modes(modes) if m != 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = cfg.chunk, _tile(K), _block_v(V, cfg.bias)
-    NT = triton.cdiv(T, BT)
+    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias)
+    NT = triton.cdiv(T, cfg.chunk)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     hs = torch.empty(B, H, NT, K, V, device=q.device, dtype=_state_dtype(q))
@@ -993,7 +983,7 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
             delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
             o, hs, ss, ht, st, cf, T, NT, B * T * H)
-    kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+    kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
               HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
@@ -1014,8 +1004,8 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     grad_split = 2 in modes and _grad_split()
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = cfg.chunk, _tile(K), _block_v(V, cfg.bias)
-    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias)
+    NT, NV = triton.cdiv(T, cfg.chunk), triton.cdiv(V, BV)
     NP = 1 if grad_split else NV  # partial sums of dq, dk and the gate gradients: one per V-tile in one kernel
     f32 = dict(device=q.device, dtype=torch.float32)
     # without partial sums the kernels store dq, dk in the input dtype (no reduction and cast afterwards)
@@ -1039,7 +1029,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     args = (q, k, v, eta, *gates, hs, ss, do,
             dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf,
             dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
-    kw = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+    kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
               HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
@@ -1070,7 +1060,7 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
     kernels' arguments (placeholders for absent ones, as ``linear_scan_bwd`` passes them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, NT, BKB = cfg.chunk, triton.cdiv(T, cfg.chunk), _block_k_grad(K)
+    BT, NT, BKB = chunk_block(cfg.chunk), triton.cdiv(T, cfg.chunk), _block_k_grad(K)
     # both kernels walk all of V in blocks, Huber too (the rows kernel adds its row norm up over them first): the
     # non-Huber rule of _block_v_loop
     BVL = _block_v_loop(_tile(V), 0)
@@ -1078,7 +1068,7 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
     rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if _prec(q) == "bf16" else torch.float32)
     dyk = torch.empty_like(rr)
     mg = torch.empty(B, H, NT, BT, BT, device=q.device, dtype=torch.float32)
-    common = dict(H=H, K=K, V=V, BT=BT, BVL=BVL, MOMENTUM=cfg.momentum, PREC=_prec(q), grad_pass=True)
+    common = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BVL=BVL, MOMENTUM=cfg.momentum, PREC=_prec(q), grad_pass=True)
     _launch(_grad_rows_kernel, _grad_rows_tuned, (B * H, NT),
             q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
             rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K),

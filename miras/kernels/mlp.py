@@ -51,6 +51,8 @@ from miras.kernels.common import (
     _vec_select,
     bias_rows,
     bias_rows_bwd,
+    chunk_block,
+    chunk_rows,
     gate_coeffs,
     interpreting,
     pow2_tile,
@@ -505,8 +507,8 @@ def _start_rows(
 def _fwd_chunk(
     q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs, src1, src2, dst1, dst2, p_r,
     c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    BH: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+    BV: tl.constexpr, BH: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
     RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_O: tl.constexpr, WANT_STATE: tl.constexpr,
@@ -514,13 +516,10 @@ def _fwd_chunk(
     """One chunk of the forward from the state at src1/src2 (W1, W2; S at the same offsets of s1s/s2s): stores o
     (WANT_O) and the end state at dst1/dst2 (WANT_STATE); rs + p_r: a [BT, BV] fp32 scratch for R."""
     NH: tl.constexpr = (HD + BH - 1) // BH
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - t0, BT) - 1
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     causal = o_t[:, None] >= o_t[None, :]
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     if DECAYED:
         gam = beta
     else:
@@ -587,7 +586,7 @@ def _mlp_fwd_kernel(
     q, k, v, eta, keep, mu, delta, w1s, w2s, s1s, s2s, o, rs,
     T, NT, NS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
     RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     PREC: tl.constexpr, MODE: tl.constexpr,
@@ -612,7 +611,8 @@ def _mlp_fwd_kernel(
         _fwd_chunk(q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs,
                    p_w1 + c * K * HD, p_w2 + c * HD * V, p_w1, p_w2, (i_bh.to(tl.int64) * NT + c) * BT * BV,
                    c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
-                   H, K, V, HD, BT, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False)
+                   H, K, V, HD, BT, CS, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                   True, False)
     else:
         for c in range(NT):
             s_in = c % NS
@@ -621,8 +621,8 @@ def _mlp_fwd_kernel(
                        p_w1 + s_in * K * HD, p_w2 + s_in * HD * V, p_w1 + s_out * K * HD, p_w2 + s_out * HD * V,
                        (i_bh.to(tl.int64) * NT + c) * BT * BV,
                        c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
-                       H, K, V, HD, BT, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                       MODE == 0, True)
+                       H, K, V, HD, BT, CS, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM,
+                       PREC, MODE == 0, True)
             tl.debug_barrier()  # the next chunk reads the state tiles other threads just wrote
 
 
@@ -662,23 +662,21 @@ def _bwd_chunk(
     dq, dk, dv, deta, dla, dlm, ddelta,
     src1, src2, e1, e2, st1, st2, p_x,
     c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    BH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
-    RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+    BV: tl.constexpr, BH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One chunk of the backward: chunk-start state at src (w*s / s*s), end-state gradient at e (dw*s / ds*s); writes
     the start-state gradient at st and the chunk's dq, dk, dv and gate gradients."""
     NH: tl.constexpr = (HD + BH - 1) // BH
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - t0, BT) - 1
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     at_L = o_t == L
     p_r = p_x + BT * HD  # xs + p_x: [BT, HD] dZ1 scratch, then [BT, BV] for R
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     # G^T built directly (no tl.trans of [BT, BT] dot results: Hopper codegen hazard, fla #640)
     ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
     if MOMENTUM:
@@ -801,7 +799,7 @@ def _bwd_chunk(
         df += tl.where(at_L, dfL, 0.0)
     # the gate coefficients again (cheap) instead of keeping E live through the hidden loops
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-        eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+        eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
     d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
     tl.store(dq + p_tk, b_dq, mask=qk_ok)
     tl.store(dk + p_tk, b_dk, mask=qk_ok)
@@ -821,7 +819,7 @@ def _mlp_bwd_kernel(
     dq, dk, dv, deta, dla, dlm, ddelta,
     T, NT, NS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr,
     RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -852,7 +850,7 @@ def _mlp_bwd_kernel(
                    p_w1 + c * K * HD, p_w2 + c * HD * V, p_d1 + e * K * HD, p_d2 + e * HD * V,
                    p_d1 + s * K * HD, p_d2 + s * HD * V, p_x,
                    c, T, p_qk, p_v, p_g, o_t, o_k, o_v, o_hh, k_ok, v_ok,
-                   H, K, V, HD, BT, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC)
+                   H, K, V, HD, BT, CS, BV, BH, BIAS, P, SMOOTH, EPS, ACT, RES, HAS_KEEP, DECAYED, MOMENTUM, PREC)
         tl.debug_barrier()  # the next (earlier) chunk reads the state gradient just written
 
 
@@ -1004,8 +1002,9 @@ def _prec(x: torch.Tensor) -> str:
 def _consts(cfg: MLPConfig, q: torch.Tensor, v: torch.Tensor) -> dict:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return dict(H=H, K=K, V=V, HD=cfg.hidden, BT=cfg.chunk, BK=pow2_tile(K), BV=pow2_tile(V),
-                BH=_block_h(cfg.hidden, cfg.chunk), BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
+    BT = chunk_block(cfg.chunk)
+    return dict(H=H, K=K, V=V, HD=cfg.hidden, BT=BT, CS=cfg.chunk, BK=pow2_tile(K), BV=pow2_tile(V),
+                BH=_block_h(cfg.hidden, BT), BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
                 ACT=cfg.act, RES=cfg.residual, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
                 PREC=_prec(q))
 
@@ -1085,8 +1084,8 @@ def mlp_scan_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, 
     modes: the kernel MODEs to launch (default: 1 then 2 when the states are kept and split, else 0); the warm-up
     script launches one at a time."""
     B, T, H, K = q.shape
-    V, BT = v.shape[-1], cfg.chunk
-    NT = triton.cdiv(T, BT)
+    V, BT = v.shape[-1], chunk_block(cfg.chunk)
+    NT = triton.cdiv(T, cfg.chunk)
     NS = NT + 1 if keep_states else 2
     w1s, w2s, s1s, s2s = _state_slots(cfg, q, v, w1, w2, s1, s2, NS)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
@@ -1105,8 +1104,8 @@ def mlp_scan_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2, 
 def mlp_scan_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, slots, do, dfinal: dict):
     """Backward: gradients of (q, k, v, eta, keep, mu, delta, W1_0, W2_0, S1_0, S2_0) (None where absent)."""
     B, T, H, K = q.shape
-    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
-    NT = triton.cdiv(T, BT)
+    V, HD, BT = v.shape[-1], cfg.hidden, chunk_block(cfg.chunk)
+    NT = triton.cdiv(T, cfg.chunk)
     w1s, w2s, s1s, s2s = slots
     dw1s, dw2s, ds1s, ds2s = grad = _grad_slots(cfg, q, v, dfinal)
     xs = torch.empty(B * H, BT * (HD + pow2_tile(V)), device=q.device, dtype=torch.float32)

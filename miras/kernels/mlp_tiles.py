@@ -56,6 +56,8 @@ from miras.kernels.common import (
     _vec_select,
     bias_rows,
     bias_rows_bwd,
+    chunk_block,
+    chunk_rows,
     gate_coeffs,
     pow2_tile,
 )
@@ -123,14 +125,14 @@ def _slot_offsets(i_bh, slot, n_slots, K: tl.constexpr, V: tl.constexpr, HD: tl.
 
 @triton.jit
 def _token_offsets(i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
-    """Chunk c of batch*head i_bh: ranges, the tokens t_idx (mask t_ok), the gate offset p_g and the [BT, BK] /
-    [BT, BV] offsets and masks of its q / k rows (p_tk, qk_ok) and v / dO / o rows (p_tv, tv_ok)."""
+                   CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk c (CS tokens in BT rows, ``chunk_rows``) of batch*head i_bh: ranges, the tokens t_idx (mask t_ok), the
+    gate offset p_g and the [BT, BK] / [BT, BV] offsets and masks of its q / k rows (p_tk, qk_ok) and v / dO / o rows
+    (p_tv, tv_ok)."""
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     k_ok, v_ok = o_k < K, o_v < V
-    t_idx = c * BT + o_t
-    t_ok = t_idx < T
+    _, _, t_idx, t_ok, _ = chunk_rows(c, T, o_t, BT, CS)
     p_g = i_b * T * H + i_h
     p_tk = p_g * K + t_idx[:, None] * H * K + o_k[None, :]
     p_tv = p_g * V + t_idx[:, None] * H * V + o_v[None, :]
@@ -157,13 +159,14 @@ def _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H: tl.constexpr, BT: tl.
 
 @triton.jit
 def _tile_program(k, keep, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DECAYED: tl.constexpr):
+                  BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+                  DECAYED: tl.constexpr):
     """Program (hidden tile j, batch*head) of chunk c: its ids, the chunk's keys and gamma (``_chunk_keys``), the
     [BT, BK] / [BT, BV] token offsets and masks (p_tk, qk_ok, p_tv, tv_ok: for q, dO, o) and the tile's columns and
     state-tile offsets (``_tile_offsets``)."""
     j, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     o_hh = tl.arange(0, BH)
     b_k, gam = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
@@ -187,14 +190,15 @@ def _y_share(yp, b_k, gam, W1, W2, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD: tl.con
 
 @_chunk_kernel("c", "s_in")
 def _y_part(k, keep, w1s, w2s, yp, c, s_in, T, NS, BHN,
-            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
             PREC: tl.constexpr, YACTS: tl.constexpr, PDL: tl.constexpr):
     """Tile j's share of Y0 (``_y_share``) for chunk c at state slot s_in (gamma = beta at the decayed gradient
     point). The forward launches it for the first chunk only: ``_fwd_tile`` forms the next chunk's."""
     _pdl_start(PDL)
     (j, i_bh, o_t, o_k, o_v, t_idx, b_k, gam, p_tk, qk_ok, p_tv, tv_ok,
-     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, BK, BV, BH, DECAYED)
+     o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok) = _tile_program(k, keep, c, T, H, K, V, HD, BT, CS, BK, BV, BH,
+                                                                         DECAYED)
     src1, src2 = _slot_offsets(i_bh, s_in, NS, K, V, HD)
     W1 = tl.load(w1s + src1 + w1_off, mask=w1_ok, other=0.0)
     W2 = tl.load(w2s + src2 + w2_off, mask=w2_ok, other=0.0)  # (unused with YACTS)
@@ -250,8 +254,8 @@ def _head_forward(Y0, b_k, b_v, b_d, gam, w, b, v_ok, V: tl.constexpr, BIAS: tl.
 
 @_chunk_kernel("c0", "s_in")
 def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, w2s, pre, ops, c0, s_in, T, NS, BHN,
-          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-          BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+          BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
           SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
           MOMENTUM: tl.constexpr, PREC: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
           R16: tl.constexpr, YACTS: tl.constexpr, PDL: tl.constexpr):
@@ -269,13 +273,13 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, w2s, pre, ops, c0, s_in, T,
     p, i_bh, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = c0 + r
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     base = _pre_base(pre, r * BHN + i_bh, BT, BV)
     if PARTS == 1 or (PARTS == 0 and p == 0):
         b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
-        L = tl.minimum(T - c * BT, BT) - 1
+        t0, t_end, _, _, L = chunk_rows(c, T, o_t, BT, CS)
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-            eta + p_g, keep + p_g, mu + p_g, c * BT, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+            eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
         G = tl.where(o_t[:, None] >= o_t[None, :], G, 0.0)
         gam = beta if DECAYED else tl.full([BT], 1.0, dtype=tl.float32)
         bb = o_t[:, None] * BT + o_t[None, :]
@@ -297,13 +301,13 @@ def _prep(q, k, v, eta, keep, mu, delta, nw, nb, yp, w2s, pre, ops, c0, s_in, T,
                         tl.where(o_t == 1, _vec_select(f, o_t, L), _vec_select(m, o_t, L)))
         tl.store(rows + 5 * BT + o_t, scal, mask=o_t < 3)
     if PARTS == 0 and p == 1:
-        _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, 0, c, s_in, T, NS, BHN, H, K, V, HD, BT, BT,
-                         BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS, PREC, R16, YACTS)
+        _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, 0, c, s_in, T, NS, BHN, H, K, V, HD, BT, CS,
+                         BT, BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, False, NORM, LN_EPS, PREC, R16, YACTS)
 
 
 @_chunk_kernel("c", "s_in")
 def _prep_state(k, v, keep, delta, nw, nb, yp, w2s, pre, c, s_in, T, NS, BHN, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr,
+                V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
                 SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr, NORM: tl.constexpr,
                 LN_EPS: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, YACTS: tl.constexpr, PDL: tl.constexpr):
@@ -312,21 +316,20 @@ def _prep_state(k, v, keep, delta, nw, nb, yp, w2s, pre, c, s_in, T, NS, BHN, H:
     _pdl_start(PDL)
     rb, i_bh = tl.program_id(0), tl.program_id(1)
     _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, _pre_base(pre, i_bh, BT, BV), i_bh, rb, c, s_in, T, NS, BHN,
-                     H, K, V, HD, BT, BTR, BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS,
+                     H, K, V, HD, BT, CS, BTR, BK, BV, NH, BHC, BIAS, P, SMOOTH, EPS, RES, DECAYED, True, NORM, LN_EPS,
                      PREC, R16, YACTS)
 
 
 @triton.jit
 def _row_inputs(k, v, delta, i_bh, rb, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr):
+                CS: tl.constexpr, BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr):
     """The rows [rb BTR, (rb + 1) BTR) of chunk c for batch*head i_bh: (gate offset p_g, rows o_r within the chunk,
     their tokens r_idx (mask r_ok), the [BTR, BV] offsets and mask of their v / dv rows, and k, v, the Huber deltas
     (1 elsewhere) at them, fp32)."""
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     p_g = i_b * T * H + i_h
     o_r, o_k, o_v = rb * BTR + tl.arange(0, BTR), tl.arange(0, BK), tl.arange(0, BV)
-    r_idx = c * BT + o_r
-    r_ok = r_idx < T
+    _, _, r_idx, r_ok, _ = chunk_rows(c, T, o_r, BT, CS)
     rtv = p_g * V + r_idx[:, None] * H * V + o_v[None, :]
     rtv_ok = r_ok[:, None] & (o_v < V)[None, :]
     b_k = tl.load(k + p_g * K + r_idx[:, None] * H * K + o_k[None, :], mask=r_ok[:, None] & (o_k < K)[None, :],
@@ -341,8 +344,9 @@ def _row_inputs(k, v, delta, i_bh, rb, c, T, H: tl.constexpr, K: tl.constexpr, V
 
 @triton.jit
 def _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, rb, c, s_in, T, NS, BHN, H: tl.constexpr,
-                     K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr, BIAS: tl.constexpr,
+                     K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+                     BTR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BHC: tl.constexpr,
+                     BIAS: tl.constexpr,
                      P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr,
                      DECAYED: tl.constexpr, STORE_Y0: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
                      PREC: tl.constexpr, R16: tl.constexpr, YACTS: tl.constexpr):
@@ -351,10 +355,11 @@ def _prep_state_rows(k, v, keep, delta, nw, nb, yp, w2s, base, i_bh, rb, c, s_in
     with STORE_Y0. Y0 from the hidden tiles' shares in yp (``_y_share``): with YACTS, Y0 = Z W2 over the whole
     hidden dim on tiles of BHC (Z: the tiles' activations; W2: state slot s_in, where the chunk starts), else
     Y0 = sum_j Yp_j (the tiles' parts in order, as the walk sums them)."""
-    p_g, o_r, r_idx, r_ok, _, _, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, BTR, BK, BV,
+    p_g, o_r, r_idx, r_ok, _, _, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, CS, BTR, BK, BV,
                                                               BIAS)
     o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
-    gam = _chunk_gamma(keep, p_g, c * BT + o_t, c * BT + o_t < T, H, BT, DECAYED)  # [BT]: a prefix product
+    _, _, t_idx, t_ok, _ = chunk_rows(c, T, o_t, BT, CS)
+    gam = _chunk_gamma(keep, p_g, t_idx, t_ok, H, BT, DECAYED)  # [BT]: a prefix product
     gam = tl.sum(tl.where(o_r[:, None] == o_t[None, :], gam[None, :], 0.0), axis=1)  # its rows
     Y0 = tl.zeros([BTR, BV], dtype=tl.float32)
     if YACTS:
@@ -461,14 +466,14 @@ def y0_mode() -> str:
 
 
 @triton.jit
-def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, PDL: tl.constexpr):
     """The backward's addition to every chunk's ``_prep`` record, all chunks in one launch: program (i_bh, c) stores
     M2 = -G . dO R^T and M2^T (a transposed store) from the record's G and R (record c * BHN + i_bh)."""
     _pdl_start(PDL)
     i_bh, c = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     base = _pre_base(pre, c * BHN + i_bh, BT, BV)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     R = _load_r(base, o_t, o_v, BT, BV, R16)
@@ -480,7 +485,8 @@ def _prep_m2(do, pre, ops, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.const
 
 @triton.jit
 def _head_read_bwd(do, ohead, nw, nb, dout, hread, T, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LN_EPS: tl.constexpr, PDL: tl.constexpr):
+                   BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LN_EPS: tl.constexpr,
+                   PDL: tl.constexpr):
     """The read's LayerNorm head, backward, all chunks in one launch (o = [q +] w LN(O) + b): program (i_bh, c)
     stores dO = rstd P (w do) at the head's input O (ohead) into dout (fp32 [B, T, H, V]: the read's output gradient
     for the rest of the backward) and the chunk's parts of dw = sum_t do xhat, db = sum_t do into record
@@ -488,7 +494,7 @@ def _head_read_bwd(do, ohead, nw, nb, dout, hread, T, BHN, H: tl.constexpr, K: t
     _pdl_start(PDL)
     i_bh, c = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     w, _ = _head_params(nw, nb, i_bh, o_v, v_ok, H, V)
     xhat, rstd = _ln_rows(tl.load(ohead + p_tv, mask=tv_ok, other=0.0), v_ok, V, LN_EPS)
@@ -596,9 +602,9 @@ def _load_rows(base, o_t, BT: tl.constexpr, BV: tl.constexpr):
 
 @triton.jit
 def _next_keys(k, keep, i_bh, c, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, DECAYED: tl.constexpr):
+               CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAYED: tl.constexpr):
     """Chunk c + 1's keys and gamma (``_chunk_keys``; masked to 0 past the last chunk)."""
-    _, _, _, _, _, t_idx, t_ok, p_g, p_tk, qk_ok, _, _ = _token_offsets(i_bh, c + 1, T, H, K, V, BT, BK, BV)
+    _, _, _, _, _, t_idx, t_ok, p_g, p_tk, qk_ok, _, _ = _token_offsets(i_bh, c + 1, T, H, K, V, BT, CS, BK, BV)
     return _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
 
 
@@ -621,7 +627,7 @@ def _factor_at(buf, i: tl.constexpr, th, BHN, BT: tl.constexpr, HD: tl.constexpr
 
 @_chunk_kernel("c", "s_in", "s_out")
 def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, yp, c, s_in, s_out, T, NS, NSV, BHN,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               DECAYED: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr,
               YACTS: tl.constexpr, SAVE: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
@@ -639,7 +645,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
     _pdl_start(PDL)
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
     b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)  # (only with READ)
     base = _pre_base(pre, i_bh, BT, BV)
@@ -650,7 +656,7 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
     dst1, dst2 = _slot_offsets(i_bh, s_out, NS, K, V, HD)
     # the next chunk's keys: with one tile per program loaded after the tile's work, where they are used (loaded
     # here, they stay live through it: an 80 B spill stack per thread against 64 at sm_90), else once for all tiles
-    k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
+    k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, CS, BK, BV, DECAYED)
     o_hh = tl.arange(0, BH)
     for jt in range(TPP):
         j = jp * TPP + jt
@@ -670,13 +676,13 @@ def _fwd_tile(q, k, keep, w1s, w2s, s1s, s2s, w1v, w2v, s1v, s2v, pre, ops, fs, 
             _store_state_tiles(w1v, w2v, s1v, s2v, sv1, sv2, w1_off, w1_ok, w2_off, w2_ok, W1n, W2n, S1n, S2n,
                                MOMENTUM)
         if TPP == 1:
-            k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, BK, BV, DECAYED)
+            k_next, gam_next = _next_keys(k, keep, i_bh, c, T, H, K, V, BT, CS, BK, BV, DECAYED)
         _y_share(yp, k_next, gam_next, W1n, W2n, j, i_bh, BHN, o_t, o_v, o_h, h_ok, HD, BT, BV, ACT, PREC, YACTS)
 
 
 @triton.jit
 def _fwd_read(q, w1s, s1s, pre, ops, fs, T, NS, BHN,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               PREC: tl.constexpr, PDL: tl.constexpr):
     """The read's hidden activation Ah_j = act(beta q W1_j + f q S1_j - C1 D1_j) (``_read_hidden``) of every chunk
@@ -688,7 +694,7 @@ def _fwd_read(q, w1s, s1s, pre, ops, fs, T, NS, BHN,
     rec = c * BHN + i_bh
     fs += c.to(tl.int64) * 3 * BHN * BT * HD
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     beta, f, _, _, _, _, _, _ = _load_rows(_pre_base(pre, rec, BT, BV), o_t, BT, BV)
     C1 = _ops_base(ops, rec, BT) + o_t[:, None] * BT + o_t[None, :]  # (loaded where used: mlp._operand)
@@ -706,7 +712,7 @@ def _fwd_read(q, w1s, s1s, pre, ops, fs, T, NS, BHN,
 
 @_chunk_kernel("c0", "s0")
 def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
-             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, BHC: tl.constexpr, BVO: tl.constexpr, RES: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
              SAVE_HEAD: tl.constexpr, R16: tl.constexpr, NF: tl.constexpr, PDL: tl.constexpr):
@@ -721,7 +727,7 @@ def _fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c0, s0, T, NS, BHN,
     c, s_in = c0 + r, s0 + r
     fs += r.to(tl.int64) * NF * BHN * BT * HD
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     o_vb = i_v * BVO + tl.arange(0, BVO)  # this program's columns of o, R, W2 (and of q: K == V with the residual)
     vb_ok = o_vb < V
     o_hh = tl.arange(0, BHC)
@@ -817,8 +823,8 @@ def mlp_tiles_fwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, w1, w2, s1, s2,
     CUDA graph when ``MIRAS_KERNEL_MLP_FORWARD_GRAPHS`` (by default ``MIRAS_KERNEL_MLP_GRAPHS``) is on, so that
     their ~130 host launches at T=4096 cost one replay."""
     B, T, H, K = q.shape
-    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
-    NT = triton.cdiv(T, BT)
+    V, HD, BT = v.shape[-1], cfg.hidden, chunk_block(cfg.chunk)
+    NT = triton.cdiv(T, cfg.chunk)
     # the state slots: every chunk-start state when the backward needs them, else the recurrence's two; with saved
     # states in bf16 (saved_states_dtype) the recurrence's two, and the backward's copies apart
     split = keep_states and saved_states_dtype(_prec(q)) == torch.bfloat16
@@ -893,15 +899,15 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
     in fs (``split_read``), ``_fwd_read`` once for every chunk before ``_fwd_out``. Returns (): it writes only into
     its arguments, so a graph of it has no outputs to copy out."""
     B, T, H, K = q.shape
-    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
-    NT, NR, NS, NSV = triton.cdiv(T, BT), pre.shape[0], slots[0].shape[1], kept[0].shape[1]
+    V, HD, BT = v.shape[-1], cfg.hidden, chunk_block(cfg.chunk)
+    NT, NR, NS, NSV = triton.cdiv(T, cfg.chunk), pre.shape[0], slots[0].shape[1], kept[0].shape[1]
     read_after = fs.shape[1] == 3  # (split_read: the read's Ah formed after the loop, by _fwd_read)
     w1s, w2s, s1s, s2s = slots
     save = kept[0] is not slots[0]  # (the saved slots apart: _fwd_tile writes them too)
     BK, BV, BH = pow2_tile(K), pow2_tile(V), _block_h(HD, BT)
     NH = triton.cdiv(HD, BH)
     yacts = yp.dim() == 3  # (y0_mode "acts": [B*H, BT, HD]; "parts": [NH, B*H, BT, BV])
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_prec(q))
+    dims = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, PREC=_prec(q))
     tiles = dict(dims, HD=HD, BH=BH, ACT=cfg.act, DECAYED=cfg.decayed, YACTS=yacts)
     norm = dict(NORM=cfg.norm, LN_EPS=LN_EPS, R16=cfg.r16)  # (R16: every kernel that writes or reads R does these)
     state_kw = dict(dims, **norm, HD=HD, NH=NH, BHC=_block_sums(HD), BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing,
@@ -938,7 +944,7 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
             fwd_out(q, o, w2s, s2s, pre, fs, nw, nb, ohead, c, s_in, T, NS, B * H)
     if read_after:  # (from the chunk-start states kept)
         _launch(_fwd_read, (NH, B * H, NT), q, kept[0], kept[2], pre, ops, fs, T, NSV, B * H, H=H, K=K, V=V, HD=HD,
-                BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=_prec(q))
+                BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=_prec(q))
     if keep_states:  # (from the chunk-start states kept)
         _launch(_fwd_out, (NVO, B * H, NT), q, o, kept[1], kept[3], pre, fs, nw, nb, ohead, 0, 0, T, NSV, B * H,
                 config_env=SUMS_CONFIG, **out_kw)
@@ -951,7 +957,7 @@ def _fwd_launches(cfg: MLPConfig, keep_states: bool, q, k, v, gates, delta, nw, 
 @_chunk_kernel("c", "s_src", "e")
 def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, rz, rrow, prow, c, s_src,
                e, T, NS, BHN,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
                DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr,
                TPP: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
@@ -961,15 +967,15 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, x
     _pdl_start(PDL)
     if SPLIT:
         _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz, rrow, prow, c, s_src, e, T,
-                     NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
+                     NS, BHN, H, K, V, HD, BT, CS, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
     else:
         _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T,
-               NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
+               NS, BHN, H, K, V, HD, BT, CS, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
 
 
 @triton.jit
 def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T, NS, BHN,
-           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
            DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr,
            TPP: tl.constexpr):
@@ -983,7 +989,7 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     loading what they share (q, k, dO, R, the gate rows) once."""
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
     b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
     b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
@@ -1029,7 +1035,7 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
 
 @triton.jit
 def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, MOMENTUM: tl.constexpr,
               PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr):
     """The read half of pass 2 (``_bwd_tile_read``: what the end state's gradient does not enter) of every chunk at
@@ -1046,7 +1052,7 @@ def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
     rz += rec * 4 * BT * HD
     rrow += rec * ((HD + BH - 1) // BH) * 2 * BT
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
     b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
     b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
@@ -1082,7 +1088,7 @@ def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
 
 @triton.jit
 def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz, rrow, prow, c, s_src, e, T, NS, BHN,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr,
                  MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr):
     """The carry half of pass 2 of chunk c (``_bwd_tile_carry``: what the end state's gradient, slot e, enters),
@@ -1091,7 +1097,7 @@ def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz
     and the carry scalars' parts into prow. Four dots per tile (two without momentum) instead of fourteen."""
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
     base = _pre_base(pre, i_bh, BT, BV)
     R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
@@ -1330,13 +1336,13 @@ def _bwd_head_dy(SAT, dR, b_do, b_v, b_d, b_k, Y0, GT, gam, w, b, t_ok, v_ok, o_
 
 @triton.jit
 def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, rb, i_bh, c, T, BHN, L,
-                  g0, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BTR: tl.constexpr,
+                  g0, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BTR: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
                   SMOOTH: tl.constexpr, EPS: tl.constexpr, RES: tl.constexpr, DECAYED: tl.constexpr,
                   MOMENTUM: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr):
     """``_bwd_mid``'s bias VJP (``_bwd_chunk_dy``) on the rows [rb BTR, (rb + 1) BTR) of chunk c: row-wise but for
     (G . SA)^T dO's sum over the chunk's tokens (b_do: all of them)."""
-    p_g, o_r, r_idx, r_ok, rtv, rtv_ok, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, BTR,
+    p_g, o_r, r_idx, r_ok, rtv, rtv_ok, b_k, b_v, b_d = _row_inputs(k, v, delta, i_bh, rb, c, T, H, K, V, BT, CS, BTR,
                                                                      BK, BV, BIAS)
     o_t, o_v = tl.arange(0, BT), tl.arange(0, BV)
     rv = o_r[:, None] * BV + o_v[None, :]
@@ -1380,7 +1386,7 @@ def _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, 
 
 @_chunk_kernel("c")
 def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, gin, dq, dv, ddelta, c, T, BHN,
-             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr,
              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
              RES: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
@@ -1400,8 +1406,8 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
     p, i_bh = tl.program_id(0), tl.program_id(1)
     NRB: tl.constexpr = BT // BTR
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
-    L = tl.minimum(T - c * BT, BT) - 1
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
+    L = chunk_rows(c, T, o_t, BT, CS)[4]
     at_L = o_t == L
     base = _pre_base(pre, i_bh, BT, BV)
     out = _sums_base(sums, i_bh, BT, BK, BV)
@@ -1411,7 +1417,7 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if p < NRB:  # the bias VJP on the rows [p BTR, (p + 1) BTR)
         _mid_vjp_rows(k, v, delta, nw, nb, hin, base, out, prow, gdy, dyb, gin, dv, ddelta, b_do, p, i_bh, c, T, BHN,
-                      L, g0, H, K, V, BT, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC,
+                      L, g0, H, K, V, BT, CS, BTR, BK, BV, NH, BIAS, P, SMOOTH, EPS, RES, DECAYED, MOMENTUM, PREC,
                       NORM, LN_EPS)
     else:  # one output of _bwd_chunk_dg per program, its operands loaded in its branch: the registers of one
         which = p - NRB  # 0 dG, 1 dq, 2 dk
@@ -1441,7 +1447,7 @@ def _bwd_mid(q, k, v, do, delta, nw, nb, hin, pre, sums, prow, gdy, dyb, dkacc, 
 @_chunk_kernel("c", "e", "s")
 def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, pre_prev, ops_prev, xs, xs_prev, fs,
                 fdp, rz_prev, rrow_prev, gdy, pg3, prow, c, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BH: tl.constexpr, ACT: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
                 PREC: tl.constexpr, PASS2: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr, TPP: tl.constexpr,
                 SPLIT: tl.constexpr,
@@ -1457,16 +1463,17 @@ def _bwd_tile32(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre,
     instructions at sm_90 against 296 and 2496 (its elementwise chain formed in three layouts)."""
     _pdl_start(PDL)
     _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, fdp, gdy, pg3, c, c, e, s, T, NS,
-           BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
+           BHN, H, K, V, HD, BT, CS, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, TPP)
     if PASS2 and c > 0:
         tl.debug_barrier()
         if SPLIT:
             _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, xs_prev, fdp, rz_prev, rrow_prev,
-                         prow, c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC,
-                         R16, H16, 1)
+                         prow, c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, CS, BK, BV, BH, ACT, DECAYED, MOMENTUM,
+                         PREC, R16, H16, 1)
         else:
             _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre_prev, ops_prev, xs_prev, fs, fdp, prow,
-                   c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16, 1)
+                   c - 1, c - 1, s, T, NS, BHN, H, K, V, HD, BT, CS, BK, BV, BH, ACT, DECAYED, MOMENTUM, PREC, R16, H16,
+                   1)
 
 
 @triton.jit
@@ -1483,7 +1490,7 @@ def _pass3_shared(q, do, base, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT: tl.conste
 @triton.jit
 def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fs, fdp, gdy, pg3, c,
            s_src, e, s, T, NS, BHN, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr,
-           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+           BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
            DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, R16: tl.constexpr, H16: tl.constexpr,
            TPP: tl.constexpr):
     """Pass 3 of hidden tile j: dZ1 = X + (gam dY W2^T) act'(Z1), gam dZ1 over X in xs (``_bwd_end`` contracts it
@@ -1493,7 +1500,7 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
     (jp + 1) TPP - 1 (``bwd_tiles_per_program``), loading what they share (k, q, dO, gamma dY, R, the gate rows) once."""
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
-        i_bh, c, T, H, K, V, BT, BK, BV)
+        i_bh, c, T, H, K, V, BT, CS, BK, BV)
     b_k, gam = _chunk_keys(k, keep, p_g, p_tk, qk_ok, t_idx, t_ok, H, BT, DECAYED)
     b_k = _dot_input(b_k, H16)
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
@@ -1534,7 +1541,7 @@ def _pass3(q, k, do, keep, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, 
 
 @triton.jit
 def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
-             H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             H: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
              NH: tl.constexpr, BHC: tl.constexpr, RES: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
              MOMENTUM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """Every chunk at once, after the chunk loop: program (p, i_bh, c) reads chunk c's records of the per-chunk
@@ -1554,10 +1561,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t, o_k, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BHC)
     k_ok = o_k < K
-    t0 = c * BT
-    t_idx = t0 + o_t
-    t_ok = t_idx < T
-    L = tl.minimum(T - t0, BT) - 1
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     at_L = o_t == L
     p_g = i_b * T * H + i_h
     if p == 0:
@@ -1588,7 +1592,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
         dnL = tl.load(gin + g0 + BT * BT + 2 * BT + o_t)
         dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
-            eta + p_g, keep + p_g, mu + p_g, t0, T, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
+            eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
         d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
         tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
         if HAS_KEEP:
@@ -1660,8 +1664,8 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     records): one ``_prep_m2`` launch for every chunk, the last chunk's pass 2, three launches per chunk in reverse
     (``_bwd_sums``, ``_bwd_mid``, ``_bwd_tile32``), one ``_bwd_end`` launch for every chunk."""
     B, T, H, K = q.shape
-    V, HD, BT = v.shape[-1], cfg.hidden, cfg.chunk
-    NT = triton.cdiv(T, BT)
+    V, HD, BT = v.shape[-1], cfg.hidden, chunk_block(cfg.chunk)
+    NT = triton.cdiv(T, cfg.chunk)
     w1s, w2s, s1s, s2s, pre, ops, *head = saved
     NS = w1s.shape[1]
     BHN = B * H
@@ -1701,7 +1705,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
     delta_ = delta if delta is not None else eta
     prec = _prec(q)
     # every launch's settings, built once (in the loop, each launch costs host time: ~390 per step at T=4096)
-    dims = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
+    dims = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, DECAYED=cfg.decayed, PREC=prec)
     rule = dict(BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, RES=cfg.residual, MOMENTUM=cfg.momentum)
     tile_kw = dict(dims, HD=HD, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, R16=cfg.r16,
                    H16=dot_blocks_dtype(prec) == torch.bfloat16)
@@ -1717,18 +1721,19 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
         nw, nb, ohead = head
         hread = torch.empty(NT, BHN, 2, BV, **f32)
         do = torch.empty(B, T, H, V, **f32)
-        _launch(_head_read_bwd, (BHN, NT), do_raw, ohead, nw, nb, do, hread, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK,
-                BV=BV, LN_EPS=LN_EPS)
+        _launch(_head_read_bwd, (BHN, NT), do_raw, ohead, nw, nb, do, hread, T, BHN, H=H, K=K, V=V, BT=BT, CS=cfg.chunk,
+                BK=BK, BV=BV, LN_EPS=LN_EPS)
         hin = torch.empty(NT, BHN, BT // _block_rows(BT), 2, BV, **f32)  # the inner head's parts of dw, db
     else:
         nw = nb = hin = eta  # (unread stand-ins)
-    _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, R16=cfg.r16)
+    _launch(_prep_m2, (BHN, NT), do, pre, ops, T, BHN, H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, PREC=prec,
+            R16=cfg.r16)
     pre_c, ops_c, xs_c, pg3_c, gin_c, dkacc_c, dyb_c = (x.unbind(0) for x in (pre, ops, xs, pg3, gin, dkacc, dyb))
     if split:
         tppr = read_tiles_per_program(NH)
         _launch(_bwd_read, (NH // tppr, BHN, NT), q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
-                H=H, K=K, V=V, HD=HD, BT=BT, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum, PREC=prec,
-                R16=cfg.r16, H16=tile_kw["H16"], TPP=tppr)
+                H=H, K=K, V=V, HD=HD, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BH=BH, ACT=cfg.act, MOMENTUM=cfg.momentum,
+                PREC=prec, R16=cfg.r16, H16=tile_kw["H16"], TPP=tppr)
     if by_chunk:
         _launch(_bwd_sums_read, (sums_programs(BK, BV, "read"), BHN, NT), w1s, w2s, s1s, s2s, pre, rf, sums, NS, BHN,
                 config_env=SUMS_CONFIG, **sums_kw)
@@ -1758,7 +1763,7 @@ def mlp_tiles_bwd(cfg: MLPConfig, q, k, v, eta, keep, mu, delta, saved, do, dfin
                       fs_c[prev], fdp, rz_c[prev], rrow_c[prev], prow, prev, prev, s, T, NS, BHN)
     _launch(_bwd_end, (2, BHN, NT), *gates, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T, NS, BHN,
             config_env=SUMS_CONFIG, H=H, K=K,
-            HD=HD, BT=BT, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
+            HD=HD, BT=BT, CS=cfg.chunk, BK=BK, NH=NH, BHC=_block_sums(HD), RES=cfg.residual, HAS_KEEP=cfg.has_keep,
             DECAYED=cfg.decayed, MOMENTUM=cfg.momentum, PREC=prec)
     if cfg.norm and cfg.residual:  # the read's residual, on the raw output gradient (K == V)
         dq.add_(do_raw)
