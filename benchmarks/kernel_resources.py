@@ -5,6 +5,10 @@ register spills (cuobjdump's resource report). A free check before spending devi
     python benchmarks/kernel_resources.py bwd tf32x3 --warps 8 --bv 32 --d 64 --bias 3
     python benchmarks/kernel_resources.py bwd bf16 --bv 128 --bvl 64 --mode 2 --momentum --sass
     python benchmarks/kernel_resources.py qk bf16 --bv 128 --bvl 64 --momentum --states bf16 --sass
+    python benchmarks/kernel_resources.py channel-bwd bf16 --d 64 --chunk 16 --momentum
+
+``channel-fwd`` / ``channel-bwd``: the kernels of a key-channel keep gate (miras/kernels/linear_channel.py; one
+program per batch*head with the whole [K, V] state: --bv is ignored, the tile is the padded V).
 
 ``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
 shared / local (spill) / global memory ops and special-function ops, for the whole kernel and for each outermost loop
@@ -30,12 +34,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from miras.kernels import linear  # noqa: E402
+from miras.kernels import linear, linear_channel  # noqa: E402
+from miras.kernels.common import chunk_block  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", choices=["fwd", "bwd", "rows", "qk"],
+    ap.add_argument("which", choices=["fwd", "bwd", "rows", "qk", "channel-fwd", "channel-bwd"],
                     help="rows / qk: the two kernels of the backward's gradient pass (the default; bwd --mode 2 is "
                          "the one-kernel pass)")
     ap.add_argument("prec", choices=["bf16", "tf32", "tf32x3", "ieee"])
@@ -67,6 +72,13 @@ def main() -> None:
     elif a.which == "bwd":
         fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", "dq", "dk")
         consts.update(HAS_DHT=True, HAS_DST=a.momentum, BVL=a.bvl or a.bv)
+    elif a.which.startswith("channel"):
+        fwd = a.which == "channel-fwd"
+        fn = linear_channel._channel_fwd_kernel if fwd else linear_channel._channel_bwd_kernel
+        ints, io_names = {"T", "NT_CHUNKS"}, ("q", "k", "v", "o", "do", "dv", "dq", "dk")
+        consts.update(BT=chunk_block(a.chunk), BV=max(16, triton.next_power_of_2(a.d)), HAS_H0=True,
+                      HAS_S0=a.momentum, HAS_DHT=True, HAS_DST=a.momentum)
+        consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     else:
         rows_io = ("rr", "dyk") if a.prec == "bf16" else ()
         fn = linear._grad_rows_kernel if a.which == "rows" else linear._grad_qk_kernel

@@ -84,3 +84,18 @@ def test_mlp_kernels_compile_for_sm90(case, tmp_path):
         wait, load = text.find("griddepcontrol.wait"), text.find("ld.global")
         assert 0 <= wait and (load < 0 or wait < load), f"{ptx.name}: no griddepcontrol.wait before the first load"
     assert len(list(tmp_path.glob("*.ptx"))) == (len(kernels) if dump else 0)
+
+
+@pytest.mark.parametrize("which", ["channel-fwd", "channel-bwd"])
+def test_channel_kernels_compile_for_sm90(which):
+    """The key-channel keep gate's kernels (miras/kernels/linear_channel.py) compile for sm_90 at D=64, chunk 8 (in
+    a padded block of 16), momentum at the decayed point, bf16, within the H100's shared memory
+    (benchmarks/kernel_resources.py)."""
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
+    env.update(PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), which, "bf16", "--d", "64",
+                          "--chunk", "8", "--momentum", "--decayed"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = re.search(r"shared (\d+) KB \| REG:(\d+)", out.stdout)
+    assert m and int(m[1]) <= 227 and 0 < int(m[2]) <= 255, out.stdout[-2000:]

@@ -421,7 +421,6 @@ def test_learned_initial_state_without_batch_dim():
     ({"memory": {"kind": "mlp", "depth": 3}}, "memory.depth=3"),
     ({"retention": "lq"}, "retention.kind='lq'"),
     ({"retention": "kl", "learner": "gd"}, "retention.kind='kl'"),
-    ({"retention": {"kind": "decay", "gate": {"granularity": "channel"}}}, "channel-wise"),
     ({"learner": {"kind": "momentum", "chunk_size": 128}}, "chunk_size=128"),
     ({"learner": {"kind": "gd", "chunk_size": 1}}, "online delta rule"),
 ])

@@ -19,7 +19,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 triton = pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import check_errors, make_inputs, make_spec, oracle_scan, rel, run_and_grads  # noqa: E402
+from _kernel_oracle import (  # noqa: E402
+    check_errors,
+    make_inputs,
+    make_spec,
+    oracle_scan,
+    reference_scan,
+    rel,
+    run_and_grads,
+)
 
 from miras.kernels import triton_memory_scan  # noqa: E402
 
@@ -39,13 +47,18 @@ def _compare(case, dtype, tol):
     bias, ret, learner, grad_at, chunk, B, T, H, D = case
     spec = make_spec(bias, ret, learner, grad_at, chunk)
     x = make_inputs(spec, B, T, H, D, D, seed=T, device="cuda", dtype=dtype)
+    _check(spec, x, B, T, H, D, tol, oracle_scan, label=f"{'-'.join(map(str, case))} {dtype}")
+
+
+def _check(spec, x, B, T, H, D, tol, oracle, label):
+    """The kernels against ``oracle`` in float64 on the same inputs: outputs, final state and every gradient."""
     x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
     g = torch.Generator(device="cuda").manual_seed(1)
     cot = {n: torch.randn(*s, device="cuda", dtype=torch.float64, generator=g)
            for n, s in (("o", (B, T, H, D)), ("W1", (B, H, D, D)), ("S1", (B, H, D, D)))}
     got = run_and_grads(triton_memory_scan, spec, x, cot)
     torch.cuda.synchronize()
-    check_errors(got, run_and_grads(oracle_scan, spec, x64, cot), tol, label=f"{'-'.join(map(str, case))} {dtype}")
+    check_errors(got, run_and_grads(oracle, spec, x64, cot), tol, label=label)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -113,3 +126,18 @@ def test_bf16_bench_shape(learner):
           + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
     bad = {n: e for n, e in errs.items() if not e < 2e-2}
     assert not bad, f"relative errors above 2e-2: {bad}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_channel_keep_vs_float64_oracle(dtype, tol, chunk):
+    """A key-channel keep gate (miras/kernels/linear_channel.py): Lp bias, momentum, decayed point, D=64, T=150,
+    against the float64 oracle (bf16 inputs: on the same rounded inputs)."""
+    from test_kernels_channel import channel_inputs, channel_spec
+
+    B, T, H, D = 1, 150, 2, 64
+    spec = channel_spec("lp", "momentum", "decayed", chunk)
+    x = {n: t.detach().to(dtype if n in "qkv" else torch.float32).requires_grad_(True)
+         for n, t in channel_inputs(spec, B, T, H, D, D, seed=chunk).items()}
+    _check(spec, x, B, T, H, D, tol, reference_scan, label=f"channel chunk {chunk} {dtype}")
+

@@ -21,6 +21,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
+- ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
+  (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``).
 - ``MIRAS_KERNEL_MLP_NORM=0``: turns off the MLP-memory kernels' LayerNorm head (``memory.norm``, the recipes' MLP
   memory; docs/kernels-ln-head.md), so that such a memory takes the chunked path. On by default since its GPU tests
   passed on an H100 (benchmarks/RESULTS.md, GPU session 15).
@@ -135,7 +137,8 @@ def kernel_support(spec) -> tuple[bool, str]:
 
     Supported: memory {linear, mlp (depth 2, residual or not, LayerNorm head or not (tiles layout), act
     gelu|silu|tanh|relu)} x bias
-    {dot, l2, lp, huber} x retention {none, decay (head/scalar gate, grad_at previous|decayed)} x learner {gd, momentum},
+    {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
+    linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
     chunk_size 1..64 (but not the online delta rule at chunk 1: the chunked path solves it exactly in blocks), triton
     >= 3.0.
     """
@@ -164,8 +167,9 @@ def kernel_support(spec) -> tuple[bool, str]:
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
     if ret.kind not in ("none", "decay"):
         return False, f"no Triton kernel for retention.kind={ret.kind!r}; kernels cover none, decay"
-    if ret.kind == "decay" and ret.gate.granularity == "channel":
-        return False, "no Triton kernel for a channel-wise retention gate (retention.gate.granularity='channel') yet"
+    if _channel_gate(spec) and mem.kind != "linear":
+        return False, "no Triton kernel for a channel-wise retention gate (retention.gate.granularity='channel') on " \
+                      f"memory.kind={mem.kind!r} (only 'linear')"
     if learner.kind not in ("gd", "momentum"):
         return False, f"no Triton kernel for learner.kind={learner.kind!r}; kernels cover gd, momentum"
     if learner.chunk_size > MAX_CHUNK:
@@ -194,13 +198,34 @@ def _gate(gates: dict, name: str, B: int, T: int, H: int) -> torch.Tensor:
     return g.expand(B, T, H).to(torch.float32).contiguous()
 
 
-def _kernel_gates(spec, gates: dict, B: int, T: int, H: int) -> tuple[torch.Tensor, ...]:
-    """(eta, keep, mu, delta) as contiguous fp32 [B, T, H] (None where the spec has no such gate)."""
+def _channel_gate(spec) -> bool:
+    """Whether the spec's keep gate is channel-wise (one per key channel: miras/kernels/linear_channel.py)."""
+    return spec.retention.kind == "decay" and spec.retention.gate.granularity == "channel"
+
+
+def _kernel_gates(spec, gates: dict, B: int, T: int, H: int, K: int = 0) -> tuple[torch.Tensor, ...]:
+    """(eta, keep, mu, delta) as contiguous fp32 [B, T, H] (None where the spec has no such gate); a channel-wise
+    keep as [B, T, H, K]."""
     eta = _gate(gates, "lr", B, T, H)
-    keep = _gate(gates, "keep", B, T, H) if spec.retention.kind == "decay" else None
+    if spec.retention.kind != "decay":
+        keep = None
+    elif _channel_gate(spec):
+        keep = _channel_keep(gates, B, T, H, K)
+    else:
+        keep = _gate(gates, "keep", B, T, H)
     mu = _gate(gates, "momentum", B, T, H) if spec.learner.kind == "momentum" else None
     delta = _gate(gates, "huber_delta", B, T, H) if spec.bias.kind == "huber" else None
     return eta, keep, mu, delta
+
+
+def _channel_keep(gates: dict, B: int, T: int, H: int, K: int) -> torch.Tensor:
+    """A channel-wise keep gate as contiguous fp32 [B, T, H, K]."""
+    g = gates.get("keep")
+    if g is None or g.dim() != 4 or tuple(g.shape) != (B, T, H, K):
+        raise ValueError(f"triton_memory_scan: gates['keep'] of a channel-wise retention gate must have shape "
+                         f"[B, T, H, K] = [{B}, {T}, {H}, {K}], but got "
+                         f"{None if g is None else tuple(g.shape)}")
+    return g.to(torch.float32).contiguous()
 
 
 def _state(state: dict | None, name: str, B: int, H: int, K: int, V: int) -> torch.Tensor | None:
@@ -263,11 +288,10 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state, params)
     cfg = LinearConfig.from_spec(spec)
-    eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H)
     h0 = _state(state, "W1", B, H, K, V)
     s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
-    o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta,
-                                         h0, s0)
+    eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H, K)  # (a channel gate's keep: [B, T, H, K])
+    o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta, h0, s0)
     final = {"W1": ht}
     if cfg.momentum:
         final["S1"] = st

@@ -184,6 +184,33 @@ def gate_coeffs(p_eta, p_keep, p_mu, t0, t_end, stride_t, o_t,
 
 
 @triton.jit
+def gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t,
+               MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Gate gradients from those of the coefficients (G = E N^T, f = E m, beta; papers.md §1.4.1): returns
+    (d eta, d log-alpha increments, d log-mu increments) per token; the caller takes the reverse cumsums.
+    dG must be causal; dmL / dnL are the gradients of m_L and of row L of N^T (momentum only)."""
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    if MOMENTUM:
+        ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
+        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
+        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
+        dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
+        dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
+        dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
+        d_eta = tl.sum(dNT * Pm, axis=0)
+        X = dNT * Pm * eta_t[None, :]
+        dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
+    else:
+        d_eta = tl.sum(dG * E, axis=0)
+        dE = dG * eta_t[None, :]
+        dlm_ = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+    Y2 = dE * E
+    dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
+    return d_eta, dlb, dlm_
+
+
+@triton.jit
 def gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Transposed gate coefficients (ET[r, t] = E[t, r], Nm[j, r] = N[j, r], GT[j, t] = G[t, j]), built directly:
     no tl.trans of dot results (Hopper codegen hazard, fla #640)."""

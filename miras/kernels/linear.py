@@ -53,6 +53,7 @@ from miras.kernels.common import (
     interpreting,
     pow2_tile,
 )
+from miras.kernels.linear_channel import channel_scan_bwd, channel_scan_fwd
 from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
 
 
@@ -1080,12 +1081,15 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
 class LinearScanFunction(torch.autograd.Function):
     """(q, k, v, eta, keep, mu, delta, h0, s0) -> (o, W_T, S_T) with Triton forward and backward.
 
-    Gates are fp32 [B, T, H]; keep / mu / delta / h0 / s0 may be None; states are fp32 [B, H, K, V].
+    Gates are fp32 [B, T, H]; keep / mu / delta / h0 / s0 may be None; states are fp32 [B, H, K, V]. A keep gate of
+    shape [B, T, H, K] (one per key channel) runs the kernels of miras/kernels/linear_channel.py.
     """
 
     @staticmethod
     def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0):
-        o, ht, st, hs, ss = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
+        ctx.channel = keep is not None and keep.dim() == 4
+        fwd = channel_scan_fwd if ctx.channel else linear_scan_fwd
+        o, ht, st, hs, ss = fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, eta, keep, mu, delta, hs, ss)
         ctx.set_materialize_grads(False)
@@ -1096,6 +1100,7 @@ class LinearScanFunction(torch.autograd.Function):
         q, k, v, eta, keep, mu, delta, hs, ss = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
-        grads = linear_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
-                                None if dht is None else dht.contiguous(), None if dst is None else dst.contiguous())
+        bwd = channel_scan_bwd if ctx.channel else linear_scan_bwd
+        grads = bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
+                    None if dht is None else dht.contiguous(), None if dst is None else dst.contiguous())
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))

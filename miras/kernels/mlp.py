@@ -54,6 +54,7 @@ from miras.kernels.common import (
     chunk_block,
     chunk_rows,
     gate_coeffs,
+    gate_grads,
     interpreting,
     pow2_tile,
 )
@@ -630,33 +631,6 @@ def _mlp_fwd_kernel(
 
 
 @triton.jit
-def _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t,
-                MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Gate gradients from those of the coefficients (G = E N^T, f = E m, beta; papers.md §1.4.1): returns
-    (d eta, d log-alpha increments, d log-mu increments) per token; the caller takes the reverse cumsums.
-    dG must be causal; dmL / dnL are the gradients of m_L and of row L of N^T (momentum only)."""
-    causal = o_t[:, None] >= o_t[None, :]
-    causal_t = o_t[:, None] <= o_t[None, :]
-    if MOMENTUM:
-        ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
-        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
-        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
-        dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
-        dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
-        dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
-        d_eta = tl.sum(dNT * Pm, axis=0)
-        X = dNT * Pm * eta_t[None, :]
-        dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
-    else:
-        d_eta = tl.sum(dG * E, axis=0)
-        dE = dG * eta_t[None, :]
-        dlm_ = tl.zeros([o_t.shape[0]], dtype=tl.float32)
-    Y2 = dE * E
-    dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
-    return d_eta, dlb, dlm_
-
-
-@triton.jit
 def _bwd_chunk(
     q, k, v, eta, keep, mu, delta, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, xs,
     dq, dk, dv, deta, dla, dlm, ddelta,
@@ -800,7 +774,7 @@ def _bwd_chunk(
     # the gate coefficients again (cheap) instead of keeping E live through the hidden loops
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
+    d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
     tl.store(dq + p_tk, b_dq, mask=qk_ok)
     tl.store(dk + p_tk, b_dk, mask=qk_ok)
     tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)

@@ -59,6 +59,7 @@ from miras.kernels.common import (
     chunk_block,
     chunk_rows,
     gate_coeffs,
+    gate_grads,
     pow2_tile,
 )
 from miras.kernels.launcher import cheap_launches
@@ -83,7 +84,6 @@ from miras.kernels.mlp import (
     _final_state,
     _fwd_tile_math,
     _fwd_tile_out,
-    _gate_grads,
     _grad_slots,
     _input_grad_buffers,
     _input_grads,
@@ -1593,7 +1593,7 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
         dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
             eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-        d_eta, dlb, dlm_ = _gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
+        d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
         tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
         if HAS_KEEP:
             tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)

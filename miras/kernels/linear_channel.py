@@ -1,0 +1,365 @@
+"""Triton kernels of the linear memory with a key-channel retention gate (``retention.gate.granularity: channel``,
+GLA-style decay), forward and backward, and their autograd Function.
+
+The linear memory ``y = k W`` (W: [K, V] per head) keeps one gate per key channel, alpha_t in R^K, and takes every
+gradient of a chunk at the chunk-start state (Titans Eq. 12-16, Miras Eq. 28). Per token of a chunk (start W_0, S_0):
+
+    P_t = W_0 (grad_at previous) or diag(b_t) W_0 (decayed),  b_t = prod_{i<=t} alpha_i,  R_t = dl/dy (k_t P_t; v_t)
+    gd:        W_t = diag(alpha_t) W_{t-1} - eta_t k_t^T R_t
+    momentum:  S_t = mu_t S_{t-1} - eta_t k_t^T R_t,  W_t = diag(alpha_t) W_{t-1} + S_t
+    o_t = q_t W_t                                                                           (read after the write)
+
+R is fixed within the chunk, so each key channel c (row W[c, :]) follows the scalar-gate recurrence of
+``common.gate_coeffs`` with its own gates alpha_c. The chunk's closed form is the scalar one with b, f and G made
+vectors over the channels:
+
+    W_L = diag(b_L) W_0 + diag(f_L) S_0 - (k . GL)^T R,          GL[j, c] = G_c[L, j]
+    S_L = m_L S_0 - (k . n_L)^T R
+    o   = (q . b) W_0 + (q . f) S_0 - AG R,                        AG[t, j] = sum_c q_tc G_c[t, j] k_jc
+
+AG is summed channel by channel from each channel's [BT, BT] block G_c = E_c N^T, with E_c[t, r] the exp of a
+difference of log-cumsums (<= 1): no ratio b_t / b_j is formed, so no channel overflows however small its gates,
+which the factorised form (q . b)(k / b)^T would. That costs K [BT, BT] blocks per chunk (and K [BT, BT] x [BT, BT]
+dots with momentum): this family is written to be exact first. One program per batch*head walks the chunks with the
+whole [K, V] state on chip, forward, then in reverse for the backward (chunk-start states kept from the forward,
+fp32). Its gate gradients reuse the scalar chain (``common.gate_grads``) once per channel; eta and mu, shared by the
+channels, sum their parts. ``linear.LinearScanFunction`` runs these kernels for a keep gate of shape [B, T, H, K].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from miras.kernels.common import (
+    RuleConfig,
+    _dot,
+    _row_select,
+    _vec_select,
+    bias_rows,
+    bias_rows_bwd,
+    chunk_block,
+    chunk_rows,
+    gate_coeffs_t,
+    gate_grads,
+    interpreting,
+    pow2_tile,
+)
+from miras.kernels.settings import launch_config
+
+
+@triton.jit
+def _col(X, o_k, c):
+    """Column c of a [BT, BK] block, as a [BT] vector."""
+    return tl.sum(tl.where(o_k[None, :] == c, X, 0.0), axis=1)
+
+
+@triton.jit
+def _chunk_inputs(q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+                  BIAS: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Chunk c's rows (``chunk_rows``), inputs in fp32 and its per-channel and shared gate pieces: lb = log-cumsum of
+    the keep gates [BT, BK] (0 on padding, so b = exp(lb) = 1 there), eta, lm = log-cumsum of mu, m = exp(lm) and
+    NT[r, j] = N[j, r] (the momentum path from token j to token r; diag(eta) for gd), as in common.gate_coeffs."""
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
+    qk_ok = t_ok[:, None] & k_ok[None, :]
+    tv_ok = t_ok[:, None] & v_ok[None, :]
+    p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
+    p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
+    b_q = tl.load(q + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+    lb = tl.cumsum(tl.log(tl.load(keep + p_tk, mask=qk_ok, other=1.0).to(tl.float32)), axis=0)
+    eta_t = tl.load(eta + p_g + t_idx * H, mask=t_ok, other=0.0).to(tl.float32)
+    causal = o_t[:, None] >= o_t[None, :]
+    if MOMENTUM:
+        lm = tl.cumsum(tl.log(tl.load(mu + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)), axis=0)
+        NT = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0) * eta_t[None, :]
+    else:
+        lm = tl.zeros([BT], dtype=tl.float32)
+        NT = tl.where(o_t[:, None] == o_t[None, :], eta_t[None, :], 0.0)
+    if BIAS == 3:
+        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        b_d = tl.zeros([BT], dtype=tl.float32)
+    return t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, tl.exp(lm), NT
+
+
+@triton.jit
+def _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Channel c's log-cumsum lb_c, E_c[t, r] = exp(lb_c[t] - lb_c[r]) (causal) and G_c = E_c N^T (E_c diag(eta)
+    for gd)."""
+    lb_c = _col(lb, o_k, c)
+    causal = o_t[:, None] >= o_t[None, :]
+    E = tl.where(causal, tl.exp(tl.where(causal, lb_c[:, None] - lb_c[None, :], 0.0)), 0.0)
+    if MOMENTUM:
+        G = _dot(E, NT, PREC)
+    else:
+        G = E * eta_t[None, :]
+    return lb_c, E, G
+
+
+@triton.jit
+def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K: tl.constexpr, MOMENTUM: tl.constexpr,
+                  PREC: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The chunk's channel-summed coefficients: AG [BT, BT] (causal; with TRANSPOSED its transpose AG^T, built from
+    each channel's G_c^T, ``common.gate_coeffs_t``: no tl.trans of dot results, the Hopper hazard of fla #640),
+    GL [BT, BK] (GL[j, c] = G_c[L, j]) and f [BT, BK] (f[t, c] = sum_{r<=t} E_c[t, r] m_r; 0 for gd)."""
+    AG = tl.zeros([o_t.shape[0], o_t.shape[0]], dtype=tl.float32)
+    GL = tl.zeros([o_t.shape[0], o_k.shape[0]], dtype=tl.float32)
+    F = tl.zeros([o_t.shape[0], o_k.shape[0]], dtype=tl.float32)
+    for c in range(K):
+        lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM, PREC)
+        if TRANSPOSED:
+            AG += (_col(b_k, o_k, c)[:, None] * _col(b_q, o_k, c)[None, :]) * gate_coeffs_t(eta_t, lb_c, lm, o_t,
+                                                                                              MOMENTUM, PREC)[2]
+        else:
+            AG += (_col(b_q, o_k, c)[:, None] * _col(b_k, o_k, c)[None, :]) * G
+        at_c = o_k[None, :] == c
+        GL += tl.where(at_c, _row_select(G, o_t, L)[:, None], 0.0)
+        if MOMENTUM:
+            F += tl.where(at_c, tl.sum(E * m[None, :], axis=1)[:, None], 0.0)
+    return AG, GL, F
+
+
+@triton.jit
+def _program(T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             BV: tl.constexpr):
+    """This program's batch*head, its row / column ranges and masks, the offsets of its tokens' gates (p_g), q / k
+    and v rows (p_qk, p_v), and of its [K, V] state (p_s, s_off, s_ok)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    k_ok, v_ok = o_k < K, o_v < V
+    p_g = i_b * T * H + i_h
+    return (i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_g * K, p_g * V, i_bh.to(tl.int64) * K * V,
+            o_k[:, None] * V + o_v[None, :], k_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _channel_fwd_kernel(
+    q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, T, NT_CHUNKS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per batch*head walks the chunks: stores every chunk-start state (hs, ss [B*H, NT, K, V] fp32),
+    the outputs o and the final state (ht, st)."""
+    i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
+    W = tl.zeros([BK, BV], dtype=tl.float32)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        W = tl.load(h0 + p_s + s_off, mask=s_ok, other=0.0)
+    if HAS_S0:
+        S = tl.load(s0 + p_s + s_off, mask=s_ok, other=0.0)
+    for c in range(NT_CHUNKS):
+        p_c = (i_bh.to(tl.int64) * NT_CHUNKS + c) * K * V
+        tl.store(hs + p_c + s_off, W, mask=s_ok)
+        if MOMENTUM:
+            tl.store(ss + p_c + s_off, S, mask=s_ok)
+        t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, m, NT = _chunk_inputs(
+            q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
+            MOMENTUM)
+        B = tl.exp(lb)
+        if DECAYED:
+            y = _dot(b_k * B, W, PREC)
+        else:
+            y = _dot(b_k, W, PREC)
+        R = tl.where(t_ok[:, None], bias_rows(y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+        AG, GL, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K, MOMENTUM, PREC, False)
+        b_o = _dot(b_q * B, W, PREC) - _dot(AG, R, PREC)
+        W_new = _row_select(B, o_t, L)[:, None] * W - _dot(tl.trans(b_k * GL), R, PREC)
+        if MOMENTUM:
+            b_o += _dot(b_q * F, S, PREC)
+            W_new += _row_select(F, o_t, L)[:, None] * S
+            S = _vec_select(m, o_t, L) * S - _dot(tl.trans(b_k * _row_select(NT, o_t, L)[:, None]), R, PREC)
+        W = W_new
+        tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=tv_ok)
+    tl.store(ht + p_s + s_off, W, mask=s_ok)
+    if MOMENTUM:
+        tl.store(st + p_s + s_off, S, mask=s_ok)
+
+
+@triton.jit
+def _channel_bwd_kernel(
+    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT_CHUNKS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+    DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per batch*head walks the chunks in reverse from the final state's cotangent (dht, dst): per chunk
+    the input gradients dq, dk, dv, d eta, d log alpha ([B, T, H, K]), d log mu, Huber's d delta, and the gradient of
+    its start state, which the previous chunk takes as its end state's; the initial state's into dh0, ds0."""
+    i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
+    causal = o_t[:, None] >= o_t[None, :]
+    causal_t = o_t[:, None] <= o_t[None, :]
+    dW = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dW = tl.load(dht + p_s + s_off, mask=s_ok, other=0.0)
+    if HAS_DST:
+        dS = tl.load(dst + p_s + s_off, mask=s_ok, other=0.0)
+    for cc in range(NT_CHUNKS):
+        c = NT_CHUNKS - 1 - cc
+        p_c = (i_bh.to(tl.int64) * NT_CHUNKS + c) * K * V
+        W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0)
+        if MOMENTUM:
+            S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
+        t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, m, NT = _chunk_inputs(
+            q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
+            MOMENTUM)
+        at_L = o_t == L
+        B = tl.exp(lb)
+        kp = b_k
+        if DECAYED:
+            kp = b_k * B  # the prediction's keys: y = (k . b) W_0 at the decayed point
+        y = _dot(kp, W, PREC)
+        R = tl.where(t_ok[:, None], bias_rows(y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+        AGT, GL, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K, MOMENTUM, PREC, True)
+        b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
+        nL = _row_select(NT, o_t, L)
+        # dR: the read's part -(AG^T dO) and the end states' parts
+        dA = -tl.where(causal, _dot(b_do, tl.trans(R), PREC), 0.0)  # d AG
+        dAT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)  # its transpose, formed directly
+        dR = -_dot(b_k * GL, dW, PREC) - _dot(AGT, b_do, PREC)
+        if MOMENTUM:
+            dR -= _dot(b_k * nL[:, None], dS, PREC)
+        dR = tl.where(t_ok[:, None], dR, 0.0)
+        dY, dV, dd = bias_rows_bwd(y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+        dYW = _dot(dY, tl.trans(W), PREC)
+        dOW = _dot(b_do, tl.trans(W), PREC)
+        RdW = _dot(R, tl.trans(dW), PREC)
+        b_dq = B * dOW
+        dB = b_q * dOW
+        if DECAYED:
+            b_dk = B * dYW - GL * RdW
+            dB += b_k * dYW
+        else:
+            b_dk = dYW - GL * RdW
+        dGL = -b_k * RdW
+        dbL = tl.sum(W * dW, axis=1)
+        dF = tl.zeros([BT, BK], dtype=tl.float32)
+        dfL = dbL * 0.0
+        dnL = tl.zeros([BT], dtype=tl.float32)
+        dmL = 0.0
+        if MOMENTUM:
+            dOS = _dot(b_do, tl.trans(S), PREC)
+            RdS = _dot(R, tl.trans(dS), PREC)
+            b_dq += F * dOS
+            b_dk -= nL[:, None] * RdS
+            dF = b_q * dOS
+            dfL = tl.sum(S * dW, axis=1)
+            dnL = -tl.sum(b_k * RdS, axis=1)
+            dmL = tl.sum(tl.sum(S * dS, axis=1), axis=0)
+        # per channel: dq, dk through AG and the gate gradients (common.gate_grads with the channel's coefficients)
+        dq_c = tl.zeros([BT, BK], dtype=tl.float32)  # the channel loop's parts of dq, dk and d log alpha
+        dk_c = tl.zeros([BT, BK], dtype=tl.float32)
+        DLA = tl.zeros([BT, BK], dtype=tl.float32)
+        d_eta = tl.zeros([BT], dtype=tl.float32)
+        dlm_ = tl.zeros([BT], dtype=tl.float32)
+        for ch in range(K):
+            lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, ch, MOMENTUM, PREC)
+            _, _, GT = gate_coeffs_t(eta_t, lb_c, lm, o_t, MOMENTUM, PREC)
+            q_c, k_c = _col(b_q, o_k, ch), _col(b_k, o_k, ch)
+            at_c = o_k[None, :] == ch
+            dq_c += tl.where(at_c, tl.sum(dA * G * k_c[None, :], axis=1)[:, None], 0.0)
+            dk_c += tl.where(at_c, tl.sum(dAT * GT * q_c[None, :], axis=1)[:, None], 0.0)
+            dG = dA * q_c[:, None] * k_c[None, :] + tl.where(at_L[:, None], _col(dGL, o_k, ch)[None, :], 0.0)
+            dbeta = _col(dB, o_k, ch) + tl.where(at_L, _vec_select(dbL, o_k, ch), 0.0)
+            df = _col(dF, o_k, ch) + tl.where(at_L, _vec_select(dfL, o_k, ch), 0.0)
+            de, dlb, dlm_ch = gate_grads(dG, dbeta, df, 0.0, tl.zeros([BT], dtype=tl.float32), eta_t, lb_c,
+                                         tl.exp(lb_c), E, lm, m, at_L, o_t, MOMENTUM, PREC)
+            d_eta += de
+            dlm_ += dlm_ch
+            DLA += tl.where(at_c, tl.cumsum(dlb, axis=0, reverse=True)[:, None], 0.0)
+        if MOMENTUM:  # m_L and n_L (the S path, shared by the channels): once
+            zero = tl.zeros([BT, BT], dtype=tl.float32)
+            de, _, dlm_ch = gate_grads(zero, dnL * 0.0, dnL * 0.0, dmL, dnL, eta_t, dnL * 0.0, dnL * 0.0 + 1.0, zero,
+                                       lm, m, at_L, o_t, MOMENTUM, PREC)
+            d_eta += de
+            dlm_ += dlm_ch
+            tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+        tl.store(dq + p_tk, (b_dq + dq_c).to(dq.dtype.element_ty), mask=qk_ok)
+        tl.store(dk + p_tk, (b_dk + dk_c).to(dk.dtype.element_ty), mask=qk_ok)
+        tl.store(dla + p_tk, DLA, mask=qk_ok)
+        tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
+        tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
+        if BIAS == 3:
+            tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
+        # the start state's gradient: the end state's through diag(b_L), diag(f_L), m_L, the read's and R's
+        dW_start = _row_select(B, o_t, L)[:, None] * dW + _dot(tl.trans(b_q * B), b_do, PREC) + _dot(
+            tl.trans(kp), dY, PREC)
+        if MOMENTUM:
+            dS = _row_select(F, o_t, L)[:, None] * dW + _vec_select(m, o_t, L) * dS + _dot(tl.trans(b_q * F), b_do,
+                                                                                         PREC)
+        dW = dW_start
+    tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
+    if MOMENTUM:
+        tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
+
+
+# ------------------------------------------------------------------------------------------------ launch + autograd
+
+
+def _prec(x: torch.Tensor) -> str:
+    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, bf16 dots for 16-bit inputs."""
+    if interpreting():
+        return "ieee"
+    return "tf32x3" if x.dtype == torch.float32 else "bf16"
+
+
+def _launch(kernel, n_programs: int, *args, **kw) -> None:
+    """``kernel[(n_programs,)]`` (one program per batch*head) with ``MIRAS_KERNEL_CHANNEL_CONFIG`` on GPU
+    (warps,stages; default 8,1: the whole [K, V] state, its gradient and the [BT, BT] blocks live in one program);
+    the interpreter takes no launch options."""
+    config = {} if interpreting() else launch_config("MIRAS_KERNEL_CHANNEL_CONFIG", "8,1")
+    kernel[(n_programs,)](*args, **kw, **config)
+
+
+def _constants(cfg: RuleConfig, q: torch.Tensor, v: torch.Tensor) -> dict:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return dict(H=H, K=K, V=V, BT=chunk_block(cfg.chunk), CS=cfg.chunk, BK=pow2_tile(K), BV=pow2_tile(V),
+                BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, DECAYED=cfg.decayed,
+                MOMENTUM=cfg.momentum, PREC=_prec(q))
+
+
+def channel_scan_fwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, h0, s0):
+    """Forward: (o, W_T, S_T or None, chunk-start W states, chunk-start S states or None). keep: [B, T, H, K]."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, cfg.chunk)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    hs = torch.empty(B * H, NT, K, V, **f32)
+    ss = torch.empty_like(hs) if cfg.momentum else hs
+    ht = torch.empty(B, H, K, V, **f32)
+    st = torch.empty_like(ht) if cfg.momentum else ht
+    _launch(_channel_fwd_kernel, B * H, q, k, v, eta, keep, mu if mu is not None else eta,
+            delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
+            o, hs, ss, ht, st, T, NT, **_constants(cfg, q, v), HAS_H0=h0 is not None, HAS_S0=s0 is not None)
+    return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None)
+
+
+def channel_scan_bwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst):
+    """Backward: gradients of (q, k, v, eta, keep, mu, delta, W_0, S_0) (None where absent)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, cfg.chunk)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    deta, dla = torch.empty(B, T, H, **f32), torch.empty(B, T, H, K, **f32)
+    dlm = torch.empty(B, T, H, **f32) if cfg.momentum else deta
+    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta
+    dh0 = torch.empty(B, H, K, V, **f32)
+    ds0 = torch.empty_like(dh0) if cfg.momentum else dh0
+    _launch(_channel_bwd_kernel, B * H, q, k, v, eta, keep, mu if mu is not None else eta,
+            delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
+            dht if dht is not None else dh0, dst if dst is not None else dh0,
+            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, **_constants(cfg, q, v),
+            HAS_DHT=dht is not None, HAS_DST=dst is not None)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv, deta, dla / keep, dlm / mu if cfg.momentum else None,
+            ddelta if cfg.bias == 3 else None, dh0, ds0 if cfg.momentum else None)

@@ -1,0 +1,128 @@
+"""The linear memory's Triton kernels with a key-channel keep gate (retention.gate.granularity: channel;
+miras/kernels/linear_channel.py) against the float64 token-by-token oracle, on CPU through Triton's interpreter.
+
+Outputs, final state and the gradients of q, k, v, every gate (the keep gate per channel) and the initial state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels (triton reads it at @jit time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from miras.spec import MemorySpec  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _kernel_oracle import check_errors, make_inputs, reference_scan, rel, run_and_grads, split  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 2e-5  # fp32 kernel (ieee dots) vs float64 oracle; measured 1e-7..4e-7
+TOL_HUBER = 1e-4  # Huber's switch and tanh slope amplify fp32 rounding (measured up to 3e-6), as in test_kernels.py
+
+
+def channel_spec(bias="l2", learner="momentum", grad_at="previous", chunk=16) -> MemorySpec:
+    return MemorySpec(memory="linear", bias=bias, learner={"kind": learner, "chunk_size": chunk},
+                      retention={"kind": "decay", "grad_at": grad_at, "gate": {"granularity": "channel"}})
+
+
+def channel_inputs(spec, B, T, H, K, V, *, keep=(0.7, 1.0), init_state=True, seed=0) -> dict[str, torch.Tensor]:
+    """``make_inputs`` with the keep gate drawn per key channel, [B, T, H, K], in the range ``keep``."""
+    x = {n: t.detach() for n, t in make_inputs(spec, B, T, H, K, V, init_state=init_state, seed=seed).items()}
+    g = torch.Generator().manual_seed(seed + 7)
+    lo, hi = keep
+    x["keep"] = lo + (hi - lo) * torch.rand(B, T, H, K, generator=g)
+    return {n: t.to(DEVICE).requires_grad_(True) for n, t in x.items()}
+
+
+def check_against_oracle(spec, B, T, H, K, V, *, seed=0, **kw) -> dict[str, float]:
+    x = channel_inputs(spec, B, T, H, K, V, seed=seed, **kw)
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    cot = {"o": torch.randn(B, T, H, V, generator=g, dtype=torch.float64)}
+    for n in ("W1", "S1"):
+        cot[n] = torch.randn(B, H, K, V, generator=g, dtype=torch.float64)
+    cot = {n: c.to(DEVICE) for n, c in cot.items()}
+    got, ref = run_and_grads(triton_memory_scan, spec, x, cot), run_and_grads(reference_scan, spec, x64, cot)
+    assert set(got[2]) == set(ref[2]) and got[2]["keep"].shape == (B, T, H, K)
+    return check_errors(got, ref, TOL_HUBER if spec.bias.kind == "huber" else TOL)
+
+
+SPECS = list(itertools.product(["dot", "l2", "lp", "huber"], ["previous", "decayed"], ["gd", "momentum"]))
+
+
+@pytest.mark.parametrize("bias,grad_at,learner", SPECS, ids=["-".join(s) for s in SPECS])
+def test_every_combination(bias, grad_at, learner):
+    """Every bias x gradient point x learner with a channel keep gate at T=37 over chunks of 16 (a partial last
+    chunk), K=16, V=24."""
+    spec = channel_spec(bias, learner, grad_at)
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=1, T=37, H=1, K=16, V=24, seed=len(bias))
+
+
+SHAPES = [(1, 16, True), (1, 24, False), (63, 16, False), (63, 24, True), (100, 16, True), (100, 24, False)]
+
+
+@pytest.mark.parametrize("T,D,init", SHAPES, ids=[f"T{t}-D{d}-{'h0' if i else 'zero'}" for t, d, i in SHAPES])
+def test_shapes(T, D, init):
+    """T in {1, 63, 100}, head dims 16 and 24 (padded key channels), with and without an initial state; momentum at
+    the previous point and gd at the decayed one alternate."""
+    spec = channel_spec("l2", "momentum", "previous") if D == 16 else channel_spec("huber", "gd", "decayed")
+    check_against_oracle(spec, B=2, T=T, H=1, K=D, V=D, init_state=init, seed=T + D)
+
+
+@pytest.mark.parametrize("chunk,T", [(8, 29), (64, 70)])
+def test_chunk_sizes(chunk, T):
+    """The recipes' chunk 8 (in a padded block of 16) and chunk 64."""
+    check_against_oracle(channel_spec("lp", "momentum", "decayed", chunk), B=1, T=T, H=2, K=16, V=16)
+
+
+def test_strong_decay_stays_finite():
+    """Keep gates in [0.02, 0.3] over a chunk of 64: the product of a channel's gates falls to ~e^-150, whose inverse
+    overflows fp32. The kernels never form it (only exp of log-cumsum differences <= 0), so they still match the
+    oracle; the factorised form (q . b)(k / b)^T would give inf here."""
+    errs = check_against_oracle(channel_spec("l2", "momentum", "decayed", 64), B=1, T=64, H=1, K=16, V=16,
+                                keep=(0.02, 0.3), seed=3)
+    assert all(e == e for e in errs.values())
+
+
+def test_channels_differ_from_a_head_gate():
+    """A channel gate whose channels agree is the head gate's scan (the scalar kernels'); distinct channels are
+    not: the kernels take each channel's own gates."""
+    spec = channel_spec("l2", "momentum", "previous")
+    head = MemorySpec(memory="linear", bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum",
+                                                                                      "chunk_size": 16})
+    x = {n: t.detach() for n, t in channel_inputs(spec, 1, 40, 2, 16, 16).items()}
+    q, k, v, gates, state = split(spec, x)
+    same = {**gates, "keep": gates["keep"][..., :1].expand(-1, -1, -1, 16)}
+    o_same, _ = triton_memory_scan(spec, q, k, v, same, state)
+    o_head, _ = triton_memory_scan(head, q, k, v, {**gates, "keep": gates["keep"][..., 0]}, state)
+    o_chan, _ = triton_memory_scan(spec, q, k, v, gates, state)
+    assert rel(o_same, o_head) < 1e-6 and rel(o_chan, o_head) > 1e-2
+
+
+def test_keep_shape_is_checked():
+    """A channel keep gate of the wrong shape is a clear error naming the expected [B, T, H, K]."""
+    spec = channel_spec()
+    x = {n: t.detach() for n, t in channel_inputs(spec, 1, 8, 2, 16, 16).items()}
+    q, k, v, gates, state = split(spec, x)
+    with pytest.raises(ValueError, match=r"gates\['keep'\].*\[B, T, H, K\] = \[1, 8, 2, 16\].*\(1, 8, 2\)"):
+        triton_memory_scan(spec, q, k, v, {**gates, "keep": gates["keep"][..., 0]}, state)
+
+
+def test_auto_mode_picks_the_kernels_on_cuda():
+    from miras.ops import resolve_mode
+
+    assert resolve_mode(channel_spec(), "cuda", torch.bfloat16) == "triton"
+    assert resolve_mode(channel_spec(), "cpu", torch.float32) == "chunked"
