@@ -138,6 +138,19 @@ def _program(T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.conste
 
 
 @triton.jit
+def _given_states(x, y, p_s, s_off, s_ok, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """A pair of [K, V] states of this program's batch*head (W, S; or their cotangents), zeros where not given."""
+    X = tl.zeros([BK, BV], dtype=tl.float32)
+    Y = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_X:
+        X = tl.load(x + p_s + s_off, mask=s_ok, other=0.0)
+    if HAS_Y:
+        Y = tl.load(y + p_s + s_off, mask=s_ok, other=0.0)
+    return X, Y
+
+
+@triton.jit
 def _channel_fwd_kernel(
     q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, T, NT_CHUNKS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
@@ -147,12 +160,7 @@ def _channel_fwd_kernel(
     """One program per batch*head walks the chunks: stores every chunk-start state (hs, ss [B*H, NT, K, V] fp32),
     the outputs o and the final state (ht, st)."""
     i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
-    W = tl.zeros([BK, BV], dtype=tl.float32)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        W = tl.load(h0 + p_s + s_off, mask=s_ok, other=0.0)
-    if HAS_S0:
-        S = tl.load(s0 + p_s + s_off, mask=s_ok, other=0.0)
+    W, S = _given_states(h0, s0, p_s, s_off, s_ok, HAS_H0, HAS_S0, BK, BV)
     for c in range(NT_CHUNKS):
         p_c = (i_bh.to(tl.int64) * NT_CHUNKS + c) * K * V
         tl.store(hs + p_c + s_off, W, mask=s_ok)
@@ -194,13 +202,8 @@ def _channel_bwd_kernel(
     i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
-    dW = tl.zeros([BK, BV], dtype=tl.float32)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dW, dS = _given_states(dht, dst, p_s, s_off, s_ok, HAS_DHT, HAS_DST, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dW = tl.load(dht + p_s + s_off, mask=s_ok, other=0.0)
-    if HAS_DST:
-        dS = tl.load(dst + p_s + s_off, mask=s_ok, other=0.0)
     for cc in range(NT_CHUNKS):
         c = NT_CHUNKS - 1 - cc
         p_c = (i_bh.to(tl.int64) * NT_CHUNKS + c) * K * V
