@@ -34,6 +34,9 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     "titans (l2+decay+momentum)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
     "yaad (huber+decay+gd)": dict(bias="huber", retention={"kind": "decay", "grad_at": "decayed"}, learner={"kind": "gd"}),
     "lp3+momentum": dict(bias="lp", retention={"kind": "none"}, learner={"kind": "momentum"}),
+    # GLA's recurrence (W_t = diag(alpha_t) W_{t-1} + eta_t k_t^T v_t): miras/kernels/linear_channel.py
+    "gla (dot+channel decay+gd)": dict(bias="dot", retention={"kind": "decay", "gate": {"granularity": "channel"}},
+                                       learner={"kind": "gd"}),
     "mlp2 titans (l2+decay+momentum, e=2)": dict(
         memory={"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": False, "activation": "gelu"},
         bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
@@ -96,8 +99,9 @@ def make(spec, B, T, H, D, device, dtype):
     mlp = spec.memory.kind == "mlp"
     lr_lo, lr_span, keep_lo = (0.002, 0.01, 0.999 if spec.memory.norm else 0.99) if mlp else (0.05, 0.5, 0.9)
     gates = {"lr": lr_lo + lr_span * torch.rand(B, T, H, generator=g)}
-    if spec.retention.kind == "decay":
-        gates["keep"] = keep_lo + (1 - keep_lo) * torch.rand(B, T, H, generator=g)
+    if spec.retention.kind == "decay":  # (one per key channel with a channel gate)
+        channels = (D,) if spec.retention.gate.granularity == "channel" else ()
+        gates["keep"] = keep_lo + (1 - keep_lo) * torch.rand(B, T, H, *channels, generator=g)
     if spec.learner.kind == "momentum":
         gates["momentum"] = 0.5 + 0.45 * torch.rand(B, T, H, generator=g)
     if spec.bias.kind == "huber":
@@ -186,6 +190,13 @@ def _fla_gated_delta(B, T, H, D, BT, device, dtype):
             (*_fla_inputs(B, T, H, D, device, dtype), g, beta))
 
 
+def _fla_gla(B, T, H, D, BT, device, dtype):
+    from fla.ops.gla import chunk_gla
+
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device=device) + 4).requires_grad_(True)  # log keep
+    return (lambda q, k, v, g: chunk_gla(q, k, v, g)[0]), (*_fla_inputs(B, T, H, D, device, dtype), g)
+
+
 def _fla_ttt_linear(B, T, H, D, BT, device, dtype):
     from fla.ops.ttt import chunk_ttt_linear
 
@@ -207,6 +218,7 @@ def _titans_pytorch(B, T, H, D, BT, device, dtype):
 REFERENCES = {  # row name -> (B, T, H, D, chunk, device, dtype) -> (run, inputs); at each package's own defaults
     "fla chunk_delta_rule": _fla_delta,
     "fla chunk_gated_delta_rule": _fla_gated_delta,
+    "fla chunk_gla": _fla_gla,
     "fla chunk_ttt_linear (chunk 16)": _fla_ttt_linear,
     "titans-pytorch NeuralMemory (mlp2, fp32)": _titans_pytorch,
 }
@@ -402,6 +414,7 @@ def main() -> None:
                 continue
             add(measure(name, run, inputs, device, None, tokens))
         ratio_to("triton titans (l2+decay+momentum)", "fla chunk_delta_rule", rows)
+        ratio_to("triton gla (dot+channel decay+gd)", "fla chunk_gla", rows)
         for row in rows:  # the MLP memory's speed-up over titans-pytorch (issue 5's target: >= 10x), per variant
             if row["name"].startswith("triton mlp2"):
                 ratio_to("titans-pytorch NeuralMemory (mlp2, fp32)", row["name"], rows)

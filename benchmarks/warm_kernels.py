@@ -77,6 +77,7 @@ def main() -> None:
 
 def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
     """One MLP-memory kernel at the benchmark's signature (states always in [B*H, NS, ...] slots)."""
+    from miras.kernels.common import chunk_block
     from miras.kernels.mlp import MLPConfig, _prec, layout, mlp_scan_bwd, mlp_scan_fwd
     from miras.kernels.mlp_tiles import mlp_tiles_bwd, mlp_tiles_fwd, record_buffers
 
@@ -101,7 +102,7 @@ def warm_mlp(direction: str, mode: int, tiny: bool, learner: str) -> None:
         w2s = torch.zeros(B * H, NS, cfg.hidden, D, device=dev)
         slots = (w1s, w2s, torch.zeros_like(w1s), torch.zeros_like(w2s)) if cfg.momentum else (w1s, w2s, w1s, w2s)
         if tiles:  # (the tiles layout also keeps every chunk's _prep record)
-            records = [x.zero_() for x in record_buffers(NS - 1, B * H, cfg.chunk, D, dev, _prec(q))]
+            records = [x.zero_() for x in record_buffers(NS - 1, B * H, chunk_block(cfg.chunk), D, dev, _prec(q))]
             mlp_tiles_bwd(cfg, q, k, v, eta, keep, mu, None, (*slots, *records), torch.zeros_like(v), {})
         else:
             mlp_scan_bwd(cfg, q, k, v, eta, keep, mu, None, slots, torch.zeros_like(v), {})
