@@ -8,6 +8,8 @@ NeuralMemory when importable. Also the relative error of the kernel against the 
     python benchmarks/bench_kernels.py            # full shape (GPU)
     python benchmarks/bench_kernels.py --quick    # B=2, T=1024, H=4, D=64
     python benchmarks/bench_kernels.py --families mlp --no-chunked --variants mlpbf16 --rounds 3   # A/B in turns
+    python benchmarks/bench_kernels.py --families "LN head" --chunk 8   # the Titans recipes' memory and chunk
+    python benchmarks/bench_kernels.py --families gla --references gla   # key-channel decay vs fla's chunk_gla
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny   # CPU: exercises the script (timings meaningless)
 """
 
@@ -314,6 +316,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="B=1, T=64, H=1, D=16 (CPU interpreter smoke)")
     ap.add_argument("--families", default="", help="comma-separated substrings of family names to run (default: all)")
     ap.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked baseline")
+    ap.add_argument("--chunk", type=int, default=0, help="the memories' chunk (1..64; default 64, 16 with --tiny): "
+                    "8 is the Titans recipes' (blocks of 16 rows, half of them padding)")
     ap.add_argument("--table", type=Path, help="also write the final table to this file")
     ap.add_argument("--rounds", type=int, default=1, help="measure each kernel row and its variants this many times "
                     "in alternation and report the median round (default 1)")
@@ -324,6 +328,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, but got {args.rounds}")
+    if not 0 <= args.chunk <= 64:
+        ap.error(f"--chunk must be between 1 and 64, but got {args.chunk}")
     unknown = [w for w in args.references.split(",") if w and not any(w in name for name in REFERENCES)]
     if unknown:
         ap.error(f"--references: {', '.join(map(repr, unknown))} matches no reference row; known: "
@@ -334,7 +340,7 @@ def main() -> None:
         return
     B, T, H, D = (1, 64, 1, 16) if args.tiny or device == "cpu" else (2, 1024, 4, 64) if args.quick else (4, 4096, 8, 128)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    BT = 64 if T >= 64 else 16
+    BT = args.chunk or (64 if T >= 64 else 16)
     tokens = B * T
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'} torch={torch.__version__} "
           f"B={B} T={T} H={H} D={D} dtype={dtype} chunk={BT} kernels="
