@@ -5,10 +5,10 @@ register spills (cuobjdump's resource report). A free check before spending devi
     python benchmarks/kernel_resources.py bwd tf32x3 --warps 8 --bv 32 --d 64 --bias 3
     python benchmarks/kernel_resources.py bwd bf16 --bv 128 --bvl 64 --mode 2 --momentum --sass
     python benchmarks/kernel_resources.py qk bf16 --bv 128 --bvl 64 --momentum --states bf16 --sass
-    python benchmarks/kernel_resources.py channel-bwd bf16 --d 64 --chunk 16 --momentum
+    python benchmarks/kernel_resources.py channel-bwd bf16 --d 128 --bv 64 --chunk 16 --momentum
 
 ``channel-fwd`` / ``channel-bwd``: the kernels of a key-channel keep gate (miras/kernels/linear_channel.py; one
-program per batch*head with the whole [K, V] state: --bv is ignored, the tile is the padded V).
+program per V-tile of --bv columns and batch*head; their default tile is 64).
 
 ``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
 shared / local (spill) / global memory ops and special-function ops, for the whole kernel and for each outermost loop
@@ -75,9 +75,8 @@ def main() -> None:
     elif a.which.startswith("channel"):
         fwd = a.which == "channel-fwd"
         fn = linear_channel._channel_fwd_kernel if fwd else linear_channel._channel_bwd_kernel
-        ints, io_names = {"T", "NT_CHUNKS"}, ("q", "k", "v", "o", "do", "dv", "dq", "dk")
-        consts.update(BT=chunk_block(a.chunk), BV=max(16, triton.next_power_of_2(a.d)), HAS_H0=True,
-                      HAS_S0=a.momentum, HAS_DHT=True, HAS_DST=a.momentum)
+        ints, io_names = {"T", "NT_CHUNKS", "BTH"}, ("q", "k", "v", "o", "do", "dv")
+        consts.update(BT=chunk_block(a.chunk), HAS_H0=True, HAS_S0=a.momentum, HAS_DHT=True, HAS_DST=a.momentum)
         consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     else:
         rows_io = ("rr", "dyk") if a.prec == "bf16" else ()

@@ -94,7 +94,7 @@ def test_channel_kernels_compile_for_sm90(which):
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
     env.update(PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), which, "bf16", "--d", "64",
-                          "--chunk", "8", "--momentum", "--decayed"], capture_output=True, text=True, env=env,
+                          "--bv", "64", "--chunk", "8", "--momentum", "--decayed"], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(r"shared (\d+) KB \| REG:(\d+)", out.stdout)

@@ -20,10 +20,12 @@ vectors over the channels:
 AG is summed channel by channel from each channel's [BT, BT] block G_c = E_c N^T, with E_c[t, r] the exp of a
 difference of log-cumsums (<= 1): no ratio b_t / b_j is formed, so no channel overflows however small its gates,
 which the factorised form (q . b)(k / b)^T would. That costs K [BT, BT] blocks per chunk (and K [BT, BT] x [BT, BT]
-dots with momentum): this family is written to be exact first. One program per batch*head walks the chunks with the
-whole [K, V] state on chip, forward, then in reverse for the backward (chunk-start states kept from the forward,
-fp32). Its gate gradients reuse the scalar chain (``common.gate_grads``) once per channel; eta and mu, shared by the
-channels, sum their parts. ``linear.LinearScanFunction`` runs these kernels for a keep gate of shape [B, T, H, K].
+dots with momentum): this family is written to be exact first. One program per (V-tile, batch*head) walks the
+chunks with its columns of the [K, V] state on chip, forward, then in reverse for the backward (chunk-start states
+kept from the forward, fp32); the columns are independent given the gates, and the gradients that sum over V (dq,
+dk and the gates') are partial sums per V-tile that the host adds. Its gate gradients reuse the scalar chain
+(``common.gate_grads``) once per channel; eta and mu, shared by the channels, sum their parts.
+``linear.LinearScanFunction`` runs these kernels for a keep gate of shape [B, T, H, K].
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from miras.kernels.common import (
     interpreting,
     pow2_tile,
 )
-from miras.kernels.settings import launch_config
+from miras.kernels.settings import env_tile, launch_config
 
 
 @triton.jit
@@ -126,14 +128,14 @@ def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K: tl.constexpr, 
 @triton.jit
 def _program(T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              BV: tl.constexpr):
-    """This program's batch*head, its row / column ranges and masks, the offsets of its tokens' gates (p_g), q / k
-    and v rows (p_qk, p_v), and of its [K, V] state (p_s, s_off, s_ok)."""
-    i_bh = tl.program_id(0)
+    """This program's V-tile i_v (columns o_v) and batch*head, its row / column ranges and masks, the offsets of its
+    tokens' gates (p_g), q / k and v rows (p_qk, p_v), and of its columns of the [K, V] state (p_s, s_off, s_ok)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     k_ok, v_ok = o_k < K, o_v < V
     p_g = i_b * T * H + i_h
-    return (i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_g * K, p_g * V, i_bh.to(tl.int64) * K * V,
+    return (i_v, i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_g * K, p_g * V, i_bh.to(tl.int64) * K * V,
             o_k[:, None] * V + o_v[None, :], k_ok[:, None] & v_ok[None, :])
 
 
@@ -157,9 +159,10 @@ def _channel_fwd_kernel(
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per batch*head walks the chunks: stores every chunk-start state (hs, ss [B*H, NT, K, V] fp32),
-    the outputs o and the final state (ht, st)."""
-    i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
+    """One program per (V-tile, batch*head) walks the chunks: stores its columns of every chunk-start state (hs, ss
+    [B*H, NT, K, V] fp32), of the outputs o and of the final state (ht, st). The columns of W are independent given
+    the gates (R is row-wise in y but for Huber's switch, whose tile is all of V)."""
+    _, i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
     W, S = _given_states(h0, s0, p_s, s_off, s_ok, HAS_H0, HAS_S0, BK, BV)
     for c in range(NT_CHUNKS):
         p_c = (i_bh.to(tl.int64) * NT_CHUNKS + c) * K * V
@@ -192,14 +195,18 @@ def _channel_fwd_kernel(
 @triton.jit
 def _channel_bwd_kernel(
     q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT_CHUNKS,
+    BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per batch*head walks the chunks in reverse from the final state's cotangent (dht, dst): per chunk
-    the input gradients dq, dk, dv, d eta, d log alpha ([B, T, H, K]), d log mu, Huber's d delta, and the gradient of
-    its start state, which the previous chunk takes as its end state's; the initial state's into dh0, ds0."""
-    i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
+    """One program per (V-tile, batch*head) walks the chunks in reverse from the final state's cotangent (dht, dst):
+    per chunk the input gradients dq, dk, dv, d eta, d log alpha ([NV, B, T, H, K]), d log mu, Huber's d delta, and
+    the gradient of its start state's columns, which the previous chunk takes as its end state's; the initial state's
+    into dh0, ds0. dv and the states' gradients are exact per V-tile; the others are its partial sums over V (every
+    one of them is linear in the V columns' contributions; BTH = B*T*H strides their slots), which the host adds."""
+    i_v, i_bh, o_t, o_k, o_v, k_ok, v_ok, p_g, p_qk, p_v, p_s, s_off, s_ok = _program(T, H, K, V, BT, BK, BV)
+    p_part = i_v.to(tl.int64) * BTH  # V-tile i_v's slot of the partial sums over V ([NV, B, T, H] gates, x K)
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
     dW, dS = _given_states(dht, dst, p_s, s_off, s_ok, HAS_DHT, HAS_DST, BK, BV)
@@ -283,12 +290,12 @@ def _channel_bwd_kernel(
                                        lm, m, at_L, o_t, MOMENTUM, PREC)
             d_eta += de
             dlm_ += dlm_ch
-            tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
-        tl.store(dq + p_tk, (b_dq + dq_c).to(dq.dtype.element_ty), mask=qk_ok)
-        tl.store(dk + p_tk, (b_dk + dk_c).to(dk.dtype.element_ty), mask=qk_ok)
-        tl.store(dla + p_tk, DLA, mask=qk_ok)
+            tl.store(dlm + p_part + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+        tl.store(dq + p_part * K + p_tk, b_dq + dq_c, mask=qk_ok)
+        tl.store(dk + p_part * K + p_tk, b_dk + dk_c, mask=qk_ok)
+        tl.store(dla + p_part * K + p_tk, DLA, mask=qk_ok)
         tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
-        tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
+        tl.store(deta + p_part + p_g + t_idx * H, d_eta, mask=t_ok)
         if BIAS == 3:
             tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
         # the start state's gradient: the end state's through diag(b_L), diag(f_L), m_L, the read's and R's
@@ -313,18 +320,25 @@ def _prec(x: torch.Tensor) -> str:
     return "tf32x3" if x.dtype == torch.float32 else "bf16"
 
 
-def _launch(kernel, n_programs: int, *args, **kw) -> None:
-    """``kernel[(n_programs,)]`` (one program per batch*head) with ``MIRAS_KERNEL_CHANNEL_CONFIG`` on GPU
-    (warps,stages; default 8,1: the whole [K, V] state, its gradient and the [BT, BT] blocks live in one program);
-    the interpreter takes no launch options."""
+def _launch(kernel, grid: tuple[int, int], *args, **kw) -> None:
+    """``kernel[grid]`` (V-tiles x batch*head) with ``MIRAS_KERNEL_CHANNEL_CONFIG`` on GPU (warps,stages; default
+    8,1: a V-tile's columns of the state, their gradient and the [BT, BT] blocks live in one program); the
+    interpreter takes no launch options."""
     config = {} if interpreting() else launch_config("MIRAS_KERNEL_CHANNEL_CONFIG", "8,1")
-    kernel[(n_programs,)](*args, **kw, **config)
+    kernel[grid](*args, **kw, **config)
+
+
+def _block_v(cfg: RuleConfig, V: int) -> int:
+    """The V-tile: ``MIRAS_KERNEL_CHANNEL_BV`` (a power of two >= 16), else 64 (at D=128, two programs per batch*head,
+    each with half the state); all of V for Huber, whose switch needs the row norm over V."""
+    tile, whole = env_tile("MIRAS_KERNEL_CHANNEL_BV") or 64, pow2_tile(V)
+    return whole if cfg.bias == 3 else min(tile, whole)
 
 
 def _constants(cfg: RuleConfig, q: torch.Tensor, v: torch.Tensor) -> dict:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return dict(H=H, K=K, V=V, BT=chunk_block(cfg.chunk), CS=cfg.chunk, BK=pow2_tile(K), BV=pow2_tile(V),
+    return dict(H=H, K=K, V=V, BT=chunk_block(cfg.chunk), CS=cfg.chunk, BK=pow2_tile(K), BV=_block_v(cfg, V),
                 BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, DECAYED=cfg.decayed,
                 MOMENTUM=cfg.momentum, PREC=_prec(q))
 
@@ -340,9 +354,10 @@ def channel_scan_fwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, h0, s0):
     ss = torch.empty_like(hs) if cfg.momentum else hs
     ht = torch.empty(B, H, K, V, **f32)
     st = torch.empty_like(ht) if cfg.momentum else ht
-    _launch(_channel_fwd_kernel, B * H, q, k, v, eta, keep, mu if mu is not None else eta,
-            delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
-            o, hs, ss, ht, st, T, NT, **_constants(cfg, q, v), HAS_H0=h0 is not None, HAS_S0=s0 is not None)
+    kw = _constants(cfg, q, v)
+    _launch(_channel_fwd_kernel, (triton.cdiv(V, kw["BV"]), B * H), q, k, v, eta, keep,
+            mu if mu is not None else eta, delta if delta is not None else eta, h0 if h0 is not None else ht,
+            s0 if s0 is not None else ht, o, hs, ss, ht, st, T, NT, **kw, HAS_H0=h0 is not None, HAS_S0=s0 is not None)
     return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None)
 
 
@@ -351,18 +366,21 @@ def channel_scan_bwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, hs, ss, do,
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, cfg.chunk)
+    kw = _constants(cfg, q, v)
+    NV = triton.cdiv(V, kw["BV"])
     f32 = dict(device=q.device, dtype=torch.float32)
-    dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+    dq, dk, dla = (torch.empty(NV, B, T, H, K, **f32) for _ in range(3))  # (partial sums over V-tiles)
+    deta = torch.empty(NV, B, T, H, **f32)
+    dlm = torch.empty(NV, B, T, H, **f32) if cfg.momentum else deta
     dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
-    deta, dla = torch.empty(B, T, H, **f32), torch.empty(B, T, H, K, **f32)
-    dlm = torch.empty(B, T, H, **f32) if cfg.momentum else deta
-    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta
+    ddelta = torch.empty(B, T, H, **f32) if cfg.bias == 3 else deta  # (Huber: one V-tile)
     dh0 = torch.empty(B, H, K, V, **f32)
     ds0 = torch.empty_like(dh0) if cfg.momentum else dh0
-    _launch(_channel_bwd_kernel, B * H, q, k, v, eta, keep, mu if mu is not None else eta,
+    _launch(_channel_bwd_kernel, (NV, B * H), q, k, v, eta, keep, mu if mu is not None else eta,
             delta if delta is not None else eta, hs, ss if ss is not None else hs, do,
             dht if dht is not None else dh0, dst if dst is not None else dh0,
-            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, **_constants(cfg, q, v),
+            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H, **kw,
             HAS_DHT=dht is not None, HAS_DST=dst is not None)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv, deta, dla / keep, dlm / mu if cfg.momentum else None,
-            ddelta if cfg.bias == 3 else None, dh0, ds0 if cfg.momentum else None)
+    return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, deta.sum(0), dla.sum(0) / keep,
+            dlm.sum(0) / mu if cfg.momentum else None, ddelta if cfg.bias == 3 else None, dh0,
+            ds0 if cfg.momentum else None)
