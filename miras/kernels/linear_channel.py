@@ -64,7 +64,7 @@ def _chunk_inputs(q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k,
     """Chunk c's rows (``chunk_rows``), inputs in fp32 and its per-channel and shared gate pieces: lb = log-cumsum of
     the keep gates [BT, BK] (0 on padding, so b = exp(lb) = 1 there), eta, lm = log-cumsum of mu, m = exp(lm) and
     NT[r, j] = N[j, r] (the momentum path from token j to token r; diag(eta) for gd), as in common.gate_coeffs."""
-    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
+    _, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
     p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
