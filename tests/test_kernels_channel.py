@@ -140,7 +140,7 @@ def test_v_tiles(bias, learner, grad_at, monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_CHANNEL_BV", "16")
     spec = channel_spec(bias, learner, grad_at)
     assert _block_v(LinearConfig.from_spec(spec), 40) == (64 if bias == "huber" else 16)
-    check_against_oracle(spec, B=1, T=37, H=2, K=16, V=40, seed=5)
+    check_against_oracle(spec, B=1, T=21, H=1, K=16, V=40, seed=5)
     monkeypatch.setenv("MIRAS_KERNEL_CHANNEL_BV", "24")
     with pytest.raises(ValueError, match="MIRAS_KERNEL_CHANNEL_BV"):
         _block_v(LinearConfig.from_spec(spec), 40)
