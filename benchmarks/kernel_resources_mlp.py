@@ -120,6 +120,8 @@ def compile_one(which: str, prec: str, d: int, hidden: int, chunk: int, momentum
                     attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     row = dict(kernel=which, prec=prec, D=d, hidden=hidden, chunk=chunk, learner="momentum" if momentum else "gd",
                bias=bias, BH=str(consts.get("BH", "-")))
+    if not maxnreg and which.startswith("_"):  # (a kernel's default register cap, mlp.SMALL_BLOCK_CONFIGS)
+        maxnreg = mlp.kernel_launch_config(fn, rows=block).get("maxnreg", 0)
     t0 = time.time()
     try:
         options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {}),

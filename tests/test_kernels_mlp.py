@@ -657,7 +657,8 @@ def test_bf16_operands_warn_on_hopper():
 
 def test_kernel_launch_config_order(monkeypatch):
     """A kernel's own MIRAS_KERNEL_MLP_CONFIG_<NAME> first, then its group's variable, then MIRAS_KERNEL_MLP_CONFIG,
-    then its tuned default (mlp.TUNED_CONFIGS), then 4 warps and 1 stage; a malformed value names its variable."""
+    then its tuned default (mlp.TUNED_CONFIGS; below 64-row blocks mlp.SMALL_BLOCK_CONFIGS first), then 4 warps and
+    1 stage; a malformed value names its variable."""
     from miras.kernels import mlp_tiles
     from miras.kernels.mlp import kernel_config_env, kernel_launch_config
 
@@ -667,6 +668,10 @@ def test_kernel_launch_config_order(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert kernel_launch_config(tile) == {"num_warps": 4, "num_stages": 1}
     assert kernel_launch_config(sums, group) == {"num_warps": 4, "num_stages": 2}  # (its TUNED_CONFIGS entry)
+    pass2 = mlp_tiles._bwd_tile2  # (a register cap below 64-row blocks: ptxas picks 32 registers there without it)
+    monkeypatch.delenv(kernel_config_env("_bwd_tile2"), raising=False)
+    assert kernel_launch_config(pass2, rows=16) == {"num_warps": 4, "num_stages": 1, "maxnreg": 255}
+    assert kernel_launch_config(pass2) == kernel_launch_config(tile, rows=16) == {"num_warps": 4, "num_stages": 1}
     monkeypatch.setenv("MIRAS_KERNEL_MLP_CONFIG", "2,1")
     assert kernel_launch_config(sums) == {"num_warps": 2, "num_stages": 1}
     monkeypatch.setenv(group, "4,3")

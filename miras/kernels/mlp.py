@@ -882,7 +882,7 @@ def _launcher(kernel, grid, config_env: str | None = None, **kw):
     D=128 T=1024 H=8 momentum and gd: outputs and all gradients within 1e-2), and so did 8 warps with Triton's
     wgmma turned off (DISABLE_MMA_V3=1) in both bf16 cases: a Hopper wgmma code-generation problem with narrow tiles
     (RESULTS.md, session 8), of the kind reported in triton #10629 / #11366."""
-    config = kernel_launch_config(kernel, config_env)
+    config = kernel_launch_config(kernel, config_env, kw.get("BT", 64))
     LAUNCH_CONFIGS.setdefault(kernel.__name__, set()).add(config_text(config))
     if "PDL" in kernel.arg_names:  # (the tiles layout's kernels: launch_pdl)
         kw = {**kw, "PDL": launch_pdl()}
@@ -919,13 +919,21 @@ def config_text(config: dict) -> str:
 # _bwd_sums_read (session 19, untimed) runs _bwd_sums' loop on other blocks: it starts at _bwd_sums' config.
 TUNED_CONFIGS = {"_prep": "8,2", "_prep_state": "8,2", "_bwd_sums": "4,2", "_bwd_sums_read": "4,2", "_bwd_end": "4,3",
                  "_fwd_out": "4,3"}
+# the defaults of chunks below 64 (blocks of 16 or 32 rows) where they differ: left to itself, ptxas compiles
+# _bwd_tile2 there to 32 registers and a 5.4 KB (16 rows) or 12 KB (32 rows) spill stack at D=128 (triton 3.6,
+# sm_90); with an explicit cap of 255 it takes 255 registers and 1.35 KB or 4.4 KB (RESULTS.md, session 20; the same
+# cap gives _fwd_tile and _bwd_tile32 more spills there, so only _bwd_tile2 has it). Unmeasured on a GPU.
+SMALL_BLOCK_CONFIGS = {"_bwd_tile2": "4,1,255"}
 
 
-def kernel_launch_config(kernel, config_env: str | None = None) -> dict:
+def kernel_launch_config(kernel, config_env: str | None = None, rows: int = 64) -> dict:
     """A kernel's launch options on GPU, the first set of: its own ``kernel_config_env``, its group's ``config_env``,
-    ``MIRAS_KERNEL_MLP_CONFIG``, its ``TUNED_CONFIGS`` entry, else 4 warps and 1 stage (``_launcher``)."""
-    return (launch_config(kernel_config_env(kernel.__name__)) or (config_env and launch_config(config_env))
-            or launch_config("MIRAS_KERNEL_MLP_CONFIG", TUNED_CONFIGS.get(kernel.__name__, "4,1")))
+    ``MIRAS_KERNEL_MLP_CONFIG``, its ``SMALL_BLOCK_CONFIGS`` entry when its blocks have fewer than 64 rows, its
+    ``TUNED_CONFIGS`` entry, else 4 warps and 1 stage (``_launcher``)."""
+    name = kernel.__name__
+    default = (rows < 64 and SMALL_BLOCK_CONFIGS.get(name)) or TUNED_CONFIGS.get(name, "4,1")
+    return (launch_config(kernel_config_env(name)) or (config_env and launch_config(config_env))
+            or launch_config("MIRAS_KERNEL_MLP_CONFIG", default))
 
 
 def launch_pdl() -> bool:
