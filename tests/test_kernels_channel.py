@@ -88,6 +88,14 @@ def test_chunk_sizes(chunk, T):
     check_against_oracle(channel_spec("lp", "momentum", "decayed", chunk), B=1, T=T, H=2, K=16, V=16)
 
 
+def test_online_delta_rule_with_channel_gates():
+    """The online delta rule (chunk 1, l2, gd) with a channel keep gate runs on these kernels: the chunked path's
+    exact block solver takes one keep per head (miras/ops_delta.py), so it would walk the tokens one by one."""
+    spec = channel_spec("l2", "gd", "previous", 1)
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=1, T=7, H=1, K=16, V=16)
+
+
 def test_strong_decay_stays_finite():
     """Keep gates in [0.02, 0.3] over a chunk of 64: the product of a channel's gates falls to ~e^-150, whose inverse
     overflows fp32. The kernels never form it (only exp of log-cumsum differences <= 0), so they still match the

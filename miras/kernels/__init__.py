@@ -140,8 +140,8 @@ def kernel_support(spec) -> tuple[bool, str]:
     gelu|silu|tanh|relu)} x bias
     {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
     linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
-    chunk_size 1..64 (but not the online delta rule at chunk 1: the chunked path solves it exactly in blocks), triton
-    >= 3.0.
+    chunk_size 1..64 (but not the online delta rule at chunk 1 with a scalar or head keep: the chunked path solves it
+    exactly in blocks), triton >= 3.0.
     """
     ok, why = triton_status()
     if not ok:
@@ -178,7 +178,7 @@ def kernel_support(spec) -> tuple[bool, str]:
                       f"chunk_size={learner.chunk_size}"
     from miras.ops_delta import is_delta_rule
 
-    if is_delta_rule(spec):
+    if is_delta_rule(spec) and not _channel_gate(spec):  # (a channel keep takes the chunked path's token loop)
         return False, "no Triton kernel for the online delta rule (learner.chunk_size=1 with l2 bias and gd): the " \
                       "chunked path solves it exactly in blocks (miras/ops_delta.py), in parallel over the tokens"
     if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", True):  # (last: the only gap)
