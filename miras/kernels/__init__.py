@@ -204,7 +204,7 @@ def _channel_gate(spec) -> bool:
     return spec.retention.kind == "decay" and spec.retention.gate.granularity == "channel"
 
 
-def _kernel_gates(spec, gates: dict, B: int, T: int, H: int, K: int = 0) -> tuple[torch.Tensor, ...]:
+def _kernel_gates(spec, gates: dict, B: int, T: int, H: int, K: int) -> tuple[torch.Tensor, ...]:
     """(eta, keep, mu, delta) as contiguous fp32 [B, T, H] (None where the spec has no such gate); a channel-wise
     keep as [B, T, H, K]."""
     eta = _gate(gates, "lr", B, T, H)
@@ -312,7 +312,7 @@ def _mlp_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[s
     head = None
     if spec.memory.norm:
         head = tuple(_head_param(params, name, H, V) for name in ("norm_weight", "norm_bias"))
-    return mlp_memory_scan(spec, q, k, v, *_kernel_gates(spec, gates, B, T, H), layers, head)
+    return mlp_memory_scan(spec, q, k, v, *_kernel_gates(spec, gates, B, T, H, K), layers, head)
 
 
 def _head_param(params: dict | None, name: str, H: int, V: int) -> torch.Tensor:

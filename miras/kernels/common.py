@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -85,6 +86,15 @@ def _pdl_start(PDL: tl.constexpr):
     if PDL:
         _gdc_wait()
         _gdc_launch_dependents()
+
+
+def dot_prec(x: torch.Tensor) -> str:
+    """The linear families' dot precision for inputs like x: exact fp32 in the interpreter; 3xTF32 (~fp32 accuracy on
+    tensor cores) for fp32 inputs on GPU (the 'ieee' FMA path compiles for minutes and spills); bf16 operands for
+    bf16/fp16 inputs (fp32 accumulation)."""
+    if interpreting():
+        return "ieee"
+    return "tf32x3" if x.dtype == torch.float32 else "bf16"
 
 
 def pow2_tile(n: int) -> int:

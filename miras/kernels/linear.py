@@ -47,6 +47,7 @@ from miras.kernels.common import (
     bias_rows_sw,
     chunk_block,
     chunk_rows,
+    dot_prec,
     gate_coeffs,
     gate_coeffs_t,
     huber_switch,
@@ -927,14 +928,6 @@ def _warn_one_stage(kernel: str, stages: int, constants: tuple[tuple[str, object
                   "has; launching it at num_stages=1", stacklevel=4)
 
 
-def _prec(x: torch.Tensor) -> str:
-    """Dot precision: exact fp32 in the interpreter; 3xTF32 (~fp32 accuracy on tensor cores) for fp32 inputs on GPU
-    (the 'ieee' FMA path compiles for minutes and spills); bf16 operands for bf16/fp16 inputs (fp32 accumulation)."""
-    if interpreting():
-        return "ieee"
-    return "tf32x3" if x.dtype == torch.float32 else "bf16"
-
-
 def _state_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype of the forward's chunk-start state slots (hs, ss; the walks keep fp32 states on chip): bf16 for bf16
     inputs, as fla stores its chunk states, since the passes that read them use them as bf16 dot operands there
@@ -945,7 +938,7 @@ def _state_dtype(x: torch.Tensor) -> torch.dtype:
     bf16 bound (RESULTS.md, GPU session 12)."""
     choice = env_choice("MIRAS_KERNEL_STATES", ("auto", "fp32", "bf16"), "auto")
     if choice == "auto":
-        return torch.bfloat16 if _prec(x) == "bf16" else torch.float32
+        return torch.bfloat16 if dot_prec(x) == "bf16" else torch.float32
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
@@ -986,7 +979,7 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
             o, hs, ss, ht, st, cf, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=_prec(q), CF=use_cf)
+              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=dot_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:
         bv = BV_S if mode == 1 else BV
@@ -1032,7 +1025,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
             dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=_prec(q), CF=use_cf)
+              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=dot_prec(q), CF=use_cf)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         if mode == 2 and grad_split:
@@ -1066,10 +1059,10 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
     # non-Huber rule of _block_v_loop
     BVL = _block_v_loop(_tile(V), 0)
     # R and dYk only enter part 2 as dot operands, which take bf16 for 16-bit inputs anyway
-    rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if _prec(q) == "bf16" else torch.float32)
+    rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if dot_prec(q) == "bf16" else torch.float32)
     dyk = torch.empty_like(rr)
     mg = torch.empty(B, H, NT, BT, BT, device=q.device, dtype=torch.float32)
-    common = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BVL=BVL, MOMENTUM=cfg.momentum, PREC=_prec(q), grad_pass=True)
+    common = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BVL=BVL, MOMENTUM=cfg.momentum, PREC=dot_prec(q), grad_pass=True)
     _launch(_grad_rows_kernel, _grad_rows_tuned, (B * H, NT),
             q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
             rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K),

@@ -43,6 +43,8 @@ from miras.kernels.common import (
     bias_rows_bwd,
     chunk_block,
     chunk_rows,
+    dot_prec,
+    gate_coeffs,
     gate_coeffs_t,
     gate_grads,
     interpreting,
@@ -60,11 +62,11 @@ def _col(X, o_k, c):
 @triton.jit
 def _chunk_inputs(q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
-                  BIAS: tl.constexpr, MOMENTUM: tl.constexpr):
+                  BIAS: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Chunk c's rows (``chunk_rows``), inputs in fp32 and its per-channel and shared gate pieces: lb = log-cumsum of
     the keep gates [BT, BK] (0 on padding, so b = exp(lb) = 1 there), eta, lm = log-cumsum of mu, m = exp(lm) and
     NT[r, j] = N[j, r] (the momentum path from token j to token r; diag(eta) for gd), as in common.gate_coeffs."""
-    _, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
+    t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
     p_tk = p_qk + t_idx[:, None] * H * K + o_k[None, :]
@@ -73,19 +75,14 @@ def _chunk_inputs(q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k,
     b_k = tl.load(k + p_tk, mask=qk_ok, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     lb = tl.cumsum(tl.log(tl.load(keep + p_tk, mask=qk_ok, other=1.0).to(tl.float32)), axis=0)
-    eta_t = tl.load(eta + p_g + t_idx * H, mask=t_ok, other=0.0).to(tl.float32)
-    causal = o_t[:, None] >= o_t[None, :]
-    if MOMENTUM:
-        lm = tl.cumsum(tl.log(tl.load(mu + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)), axis=0)
-        NT = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0) * eta_t[None, :]
-    else:
-        lm = tl.zeros([BT], dtype=tl.float32)
-        NT = tl.where(o_t[:, None] == o_t[None, :], eta_t[None, :], 0.0)
+    # the gates every channel shares (eta, mu): the scalar coefficients without a keep gate
+    eta_t, _, _, _, lm, m, NT, _, _ = gate_coeffs(eta + p_g, eta + p_g, mu + p_g, t0, t_end, H, o_t, BT, False,
+                                                  MOMENTUM, PREC)
     if BIAS == 3:
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
-    return t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, tl.exp(lm), NT
+    return t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, m, NT
 
 
 @triton.jit
@@ -171,7 +168,7 @@ def _channel_fwd_kernel(
             tl.store(ss + p_c + s_off, S, mask=s_ok)
         t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, m, NT = _chunk_inputs(
             q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
-            MOMENTUM)
+            MOMENTUM, PREC)
         B = tl.exp(lb)
         if DECAYED:
             y = _dot(b_k * B, W, PREC)
@@ -219,7 +216,7 @@ def _channel_bwd_kernel(
             S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0)
         t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, m, NT = _chunk_inputs(
             q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
-            MOMENTUM)
+            MOMENTUM, PREC)
         at_L = o_t == L
         B = tl.exp(lb)
         kp = b_k
@@ -313,13 +310,6 @@ def _channel_bwd_kernel(
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
 
-def _prec(x: torch.Tensor) -> str:
-    """Dot precision: exact fp32 in the interpreter, 3xTF32 for fp32 inputs on GPU, bf16 dots for 16-bit inputs."""
-    if interpreting():
-        return "ieee"
-    return "tf32x3" if x.dtype == torch.float32 else "bf16"
-
-
 def _launch(kernel, grid: tuple[int, int], *args, **kw) -> None:
     """``kernel[grid]`` (V-tiles x batch*head) with ``MIRAS_KERNEL_CHANNEL_CONFIG`` on GPU (warps,stages; default
     8,1: a V-tile's columns of the state, their gradient and the [BT, BT] blocks live in one program); the
@@ -340,7 +330,7 @@ def _constants(cfg: RuleConfig, q: torch.Tensor, v: torch.Tensor) -> dict:
     V = v.shape[-1]
     return dict(H=H, K=K, V=V, BT=chunk_block(cfg.chunk), CS=cfg.chunk, BK=pow2_tile(K), BV=_block_v(cfg, V),
                 BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, DECAYED=cfg.decayed,
-                MOMENTUM=cfg.momentum, PREC=_prec(q))
+                MOMENTUM=cfg.momentum, PREC=dot_prec(q))
 
 
 def channel_scan_fwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, h0, s0):
