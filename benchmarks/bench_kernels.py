@@ -316,7 +316,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="B=1, T=64, H=1, D=16 (CPU interpreter smoke)")
     ap.add_argument("--families", default="", help="comma-separated substrings of family names to run (default: all)")
     ap.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked baseline")
-    ap.add_argument("--chunk", type=int, default=0, help="the memories' chunk (1..64; default 64, 16 with --tiny): "
+    ap.add_argument("--chunk", type=int, default=None, help="the memories' chunk (1..64; default 64, 16 with --tiny): "
                     "8 is the Titans recipes' (blocks of 16 rows, half of them padding)")
     ap.add_argument("--table", type=Path, help="also write the final table to this file")
     ap.add_argument("--rounds", type=int, default=1, help="measure each kernel row and its variants this many times "
@@ -328,7 +328,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, but got {args.rounds}")
-    if not 0 <= args.chunk <= 64:
+    if args.chunk is not None and not 1 <= args.chunk <= 64:
         ap.error(f"--chunk must be between 1 and 64, but got {args.chunk}")
     unknown = [w for w in args.references.split(",") if w and not any(w in name for name in REFERENCES)]
     if unknown:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "variants.py"
@@ -67,6 +68,13 @@ def test_rounds_below_one_is_a_clear_error():
     out = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_kernels.py"), "--rounds", "0"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--rounds must be >= 1, but got 0" in out.stderr
+
+
+@pytest.mark.parametrize("chunk", ["0", "65"])
+def test_chunk_outside_the_kernels_range_is_a_clear_error(chunk):
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_kernels.py"), "--chunk", chunk],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and f"--chunk must be between 1 and 64, but got {chunk}" in out.stderr
 
 
 def test_a_graphs_row_reports_how_its_calls_ran():
