@@ -194,20 +194,20 @@ def gate_coeffs(p_eta, p_keep, p_mu, t0, t_end, stride_t, o_t,
 
 
 @triton.jit
-def gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t,
+def gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L, o_t,
                MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Gate gradients from those of the coefficients (G = E N^T, f = E m, beta; papers.md §1.4.1): returns
-    (d eta, d log-alpha increments, d log-mu increments) per token; the caller takes the reverse cumsums.
-    dG must be causal; dmL / dnL are the gradients of m_L and of row L of N^T (momentum only)."""
-    causal = o_t[:, None] >= o_t[None, :]
-    causal_t = o_t[:, None] <= o_t[None, :]
+    (d eta, d log-alpha increments, d log-mu increments) per token; the caller takes the reverse cumsums
+    (``store_gate_grads``). dG must be causal; dmL / dnL are the gradients of m_L and of row L of N^T (momentum
+    only); ET, Nm come from ``gate_coeffs_t`` (read with momentum only):
+
+        dN^T = E^T dG (+ the S_end row), dE = dG N + df m^T, dm = E^T df, then the log-cumsum chains."""
     if MOMENTUM:
-        ET = tl.where(causal_t, tl.exp(tl.where(causal_t, lb[None, :] - lb[:, None], 0.0)), 0.0)
-        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
-        Nm = tl.where(causal_t, tl.exp(tl.where(causal_t, lm[None, :] - lm[:, None], 0.0)), 0.0) * eta_t[:, None]
         dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
         dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
         dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
+        causal = o_t[:, None] >= o_t[None, :]
+        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
         d_eta = tl.sum(dNT * Pm, axis=0)
         X = dNT * Pm * eta_t[None, :]
         dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
@@ -218,6 +218,18 @@ def gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t,
     Y2 = dE * E
     dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
     return d_eta, dlb, dlm_
+
+
+@triton.jit
+def store_gate_grads(deta, dla, dlm, p_tg, t_ok, d_eta, dlb, dlm_,
+                     HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Store a chunk's gate gradients from ``gate_grads``: d eta, and d log alpha, d log mu as reverse cumsums of
+    their increments. p_tg: the chunk's tokens' offsets into the [B, T, H] gate tensors."""
+    tl.store(deta + p_tg, d_eta, mask=t_ok)
+    if HAS_KEEP:
+        tl.store(dla + p_tg, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+    if MOMENTUM:
+        tl.store(dlm + p_tg, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
 
 
 @triton.jit

@@ -50,9 +50,11 @@ from miras.kernels.common import (
     dot_prec,
     gate_coeffs,
     gate_coeffs_t,
+    gate_grads,
     huber_switch,
     interpreting,
     pow2_tile,
+    store_gate_grads,
 )
 from miras.kernels.linear_channel import channel_scan_bwd, channel_scan_fwd
 from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
@@ -338,31 +340,13 @@ def _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbe
 def _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L,
                 t_idx, t_ok, p_gate, o_t, H: tl.constexpr, HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr,
                 PREC: tl.constexpr):
-    """Store the gate gradients of a chunk (d eta, and d log alpha, d log mu as reverse cumsums) from the sums of the
-    backward: dAG (d(A.G)), the rows of the end states (dgL, dnL, dmL) and dbeta, df.
-
-    G = E N^T and f = E m (common.gate_coeffs) carry the gates: dG = dAG.A (+ the W_end row), then
-    dN^T = E^T dG (+ the S_end row), dE = dG N + df m^T, dm = E^T df, and the log-cumsum chains to eta, alpha, mu.
-    """
-    causal = o_t[:, None] >= o_t[None, :]
+    """Store the gate gradients of a chunk from the sums of the backward: dAG (d(A.G)), the rows of the end states
+    (dgL, dnL, dmL) and dbeta, df. G = E N^T carries the gates, so dG = dAG.A (+ the W_end row); the rest is
+    ``common.gate_grads``."""
     dG = dAG * A + tl.where(at_L[:, None], dgL[None, :], 0.0)
-    if MOMENTUM:
-        dNT = _dot(ET, dG, PREC) + tl.where(at_L[:, None], dnL[None, :], 0.0)
-        dE = _dot(dG, Nm, PREC) + df[:, None] * m[None, :]
-        dm = tl.sum(E * df[:, None], axis=0) + tl.where(at_L, dmL, 0.0)
-        Pm = tl.where(causal, tl.exp(tl.where(causal, lm[:, None] - lm[None, :], 0.0)), 0.0)  # NT = Pm * eta_j
-        d_eta = tl.sum(dNT * Pm, axis=0)
-        X = dNT * Pm * eta_t[None, :]
-        dlm_ = tl.sum(X, axis=1) - tl.sum(X, axis=0) + dm * m
-        tl.store(dlm + p_gate + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
-    else:
-        d_eta = tl.sum(dG * E, axis=0)
-        dE = dG * eta_t[None, :]
-    Y2 = dE * E
-    dlb = tl.sum(Y2, axis=1) - tl.sum(Y2, axis=0) + dbeta * beta
-    tl.store(deta + p_gate + t_idx * H, d_eta, mask=t_ok)
-    if HAS_KEEP:
-        tl.store(dla + p_gate + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
+    d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L,
+                                  o_t, MOMENTUM, PREC)
+    store_gate_grads(deta, dla, dlm, p_gate + t_idx * H, t_ok, d_eta, dlb, dlm_, HAS_KEEP, MOMENTUM)
 
 
 @triton.jit

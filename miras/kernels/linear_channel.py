@@ -268,7 +268,7 @@ def _channel_bwd_kernel(
         dlm_ = tl.zeros([BT], dtype=tl.float32)
         for ch in range(K):
             lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, ch, MOMENTUM, PREC)
-            _, _, GT = gate_coeffs_t(eta_t, lb_c, lm, o_t, MOMENTUM, PREC)
+            ET, Nm, GT = gate_coeffs_t(eta_t, lb_c, lm, o_t, MOMENTUM, PREC)
             q_c, k_c = _col(b_q, o_k, ch), _col(b_k, o_k, ch)
             at_c = o_k[None, :] == ch
             dq_c += tl.where(at_c, tl.sum(dA * G * k_c[None, :], axis=1)[:, None], 0.0)
@@ -277,14 +277,14 @@ def _channel_bwd_kernel(
             dbeta = _col(dB, o_k, ch) + tl.where(at_L, _vec_select(dbL, o_k, ch), 0.0)
             df = _col(dF, o_k, ch) + tl.where(at_L, _vec_select(dfL, o_k, ch), 0.0)
             de, dlb, dlm_ch = gate_grads(dG, dbeta, df, 0.0, tl.zeros([BT], dtype=tl.float32), eta_t, lb_c,
-                                         tl.exp(lb_c), E, lm, m, at_L, o_t, MOMENTUM, PREC)
+                                         tl.exp(lb_c), E, lm, m, ET, Nm, at_L, o_t, MOMENTUM, PREC)
             d_eta += de
             dlm_ += dlm_ch
             DLA += tl.where(at_c, tl.cumsum(dlb, axis=0, reverse=True)[:, None], 0.0)
-        if MOMENTUM:  # m_L and n_L (the S path, shared by the channels): once
+        if MOMENTUM:  # m_L and n_L (the S path, shared by the channels): once (dG = 0, so E, ET and Nm drop out)
             zero = tl.zeros([BT, BT], dtype=tl.float32)
             de, _, dlm_ch = gate_grads(zero, dnL * 0.0, dnL * 0.0, dmL, dnL, eta_t, dnL * 0.0, dnL * 0.0 + 1.0, zero,
-                                       lm, m, at_L, o_t, MOMENTUM, PREC)
+                                       lm, m, zero, zero, at_L, o_t, MOMENTUM, PREC)
             d_eta += de
             dlm_ += dlm_ch
             tl.store(dlm + p_part + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)

@@ -54,9 +54,11 @@ from miras.kernels.common import (
     chunk_block,
     chunk_rows,
     gate_coeffs,
+    gate_coeffs_t,
     gate_grads,
     interpreting,
     pow2_tile,
+    store_gate_grads,
 )
 from miras.kernels.graphs import GraphCache
 from miras.kernels.launcher import BoundLaunch
@@ -774,15 +776,13 @@ def _bwd_chunk(
     # the gate coefficients again (cheap) instead of keeping E live through the hidden loops
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-    d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
+    ET, Nm, _ = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+    d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L, o_t,
+                                  MOMENTUM, PREC)
     tl.store(dq + p_tk, b_dq, mask=qk_ok)
     tl.store(dk + p_tk, b_dk, mask=qk_ok)
     tl.store(dv + p_v + t_idx[:, None] * H * V + o_v[None, :], dV.to(dv.dtype.element_ty), mask=tv_ok)
-    tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
-    if HAS_KEEP:
-        tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
-    if MOMENTUM:
-        tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+    store_gate_grads(deta, dla, dlm, p_g + t_idx * H, t_ok, d_eta, dlb, dlm_, HAS_KEEP, MOMENTUM)
     if BIAS == 3:
         tl.store(ddelta + p_g + t_idx * H, dd, mask=t_ok)
 

@@ -59,8 +59,10 @@ from miras.kernels.common import (
     chunk_block,
     chunk_rows,
     gate_coeffs,
+    gate_coeffs_t,
     gate_grads,
     pow2_tile,
+    store_gate_grads,
 )
 from miras.kernels.launcher import cheap_launches
 from miras.kernels.mlp import (
@@ -1593,12 +1595,10 @@ def _bwd_end(eta, keep, mu, w1s, dkacc, dyb, xs, pg3, gin, dk, deta, dla, dlm, T
         dmL = tl.load(gin + g0 + BT * BT + 3 * BT)
         eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
             eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
-        d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, at_L, o_t, MOMENTUM, PREC)
-        tl.store(deta + p_g + t_idx * H, d_eta, mask=t_ok)
-        if HAS_KEEP:
-            tl.store(dla + p_g + t_idx * H, tl.cumsum(dlb, axis=0, reverse=True), mask=t_ok)
-        if MOMENTUM:
-            tl.store(dlm + p_g + t_idx * H, tl.cumsum(dlm_, axis=0, reverse=True), mask=t_ok)
+        ET, Nm, _ = gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM, PREC)
+        d_eta, dlb, dlm_ = gate_grads(dG, dbeta, df, dmL, dnL, eta_t, lb, beta, E, lm, m, ET, Nm, at_L, o_t,
+                                      MOMENTUM, PREC)
+        store_gate_grads(deta, dla, dlm, p_g + t_idx * H, t_ok, d_eta, dlb, dlm_, HAS_KEEP, MOMENTUM)
 
 
 def fuse_passes() -> bool:
