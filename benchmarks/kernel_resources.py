@@ -11,7 +11,7 @@ register spills (cuobjdump's resource report). A free check before spending devi
 program per V-tile of --bv columns and batch*head; their default tile is 64).
 
 ``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
-shared / local (spill) / global memory ops and special-function ops, for the whole kernel and for each outermost loop
+shared / local (spill) / global memory ops and special-function ops, for the whole kernel, for each outermost loop
 body (e.g. one chunk step of a state pass, one V sub-block of the gradient pass). No timing: a proxy to compare
 variants of one kernel before a GPU run.
 """
@@ -112,7 +112,8 @@ SASS_CLASSES = {"HGMMA": r"\bHGMMA", "BAR": r"\bBAR\.", "LDS": r"\bLDS", "STS": 
 
 
 def sass_profile(cubin: str) -> None:
-    """Print opcode-class counts of the kernel and of each outermost loop (a backward branch to an earlier label)."""
+    """Print opcode-class counts of the kernel, of each outermost loop (a backward branch to an earlier label) and of
+    the loops directly inside it."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     text = subprocess.run([tool, "-c", cubin], capture_output=True, text=True).stdout
     ins, labels = [], {}
@@ -124,6 +125,8 @@ def sass_profile(cubin: str) -> None:
     loops = [(labels[m.group(1)], i) for i, op in enumerate(ins)
              if (m := re.search(r"BRA\s+`?\(?(\.L_x_\d+)", op)) and labels.get(m.group(1), i + 1) < i]
     outer = [lo for lo in loops if not any(o != lo and o[0] <= lo[0] and lo[1] <= o[1] for o in loops)]
+    # loops one level in (e.g. the channel loop inside a chunk step): their bodies run once per trip
+    inner = [lo for lo in loops if lo not in outer and sum(o[0] <= lo[0] and lo[1] <= o[1] for o in loops) == 2]
 
     def counts(a: int, b: int) -> str:
         c = collections.Counter(k for op in ins[a:b] for k, pat in SASS_CLASSES.items() if re.search(pat, op))
@@ -132,6 +135,9 @@ def sass_profile(cubin: str) -> None:
     print(f"  kernel      {counts(0, len(ins))}")
     for a, b in outer:
         print(f"  loop body   {counts(a, b + 1)}")
+        for ia, ib in inner:
+            if a <= ia and ib <= b:
+                print(f"    inner     {counts(ia, ib + 1)}")
 
 
 if __name__ == "__main__":
