@@ -82,10 +82,14 @@ def test_shapes(T, D, init):
     check_against_oracle(spec, B=1, T=T, H=1, K=D, V=D, init_state=init, seed=T + D)
 
 
-@pytest.mark.parametrize("chunk,T", [(8, 29), (64, 70)])
-def test_chunk_sizes(chunk, T):
-    """The recipes' chunk 8 (in a padded block of 16) and chunk 64."""
-    check_against_oracle(channel_spec("lp", "momentum", "decayed", chunk), B=1, T=T, H=2, K=16, V=16)
+CHUNKS = [(8, 29, "momentum"), (64, 70, "momentum"), (64, 70, "gd"), (24, 50, "gd")]
+
+
+@pytest.mark.parametrize("chunk,T,learner", CHUNKS, ids=[f"{c}-{t}-{n}" for c, t, n in CHUNKS])
+def test_chunk_sizes(chunk, T, learner):
+    """The recipes' chunk 8 (in a padded block of 16) and chunk 64; for gd also chunk 24 (in a block of 32): at
+    blocks of 32 and 64 rows the gd path's sub-chunks of 16 meet each other (``_gd_scores``' dots across them)."""
+    check_against_oracle(channel_spec("lp", learner, "decayed", chunk), B=1, T=T, H=2, K=16, V=16)
 
 
 def test_online_delta_rule_with_channel_gates():
@@ -96,11 +100,12 @@ def test_online_delta_rule_with_channel_gates():
     check_against_oracle(spec, B=1, T=7, H=1, K=16, V=16)
 
 
-def test_strong_decay_stays_finite():
+@pytest.mark.parametrize("learner", ["momentum", "gd"])
+def test_strong_decay_stays_finite(learner):
     """Keep gates in [0.02, 0.3] over a chunk of 64: the product of a channel's gates falls to ~e^-150, whose inverse
-    overflows fp32. The kernels never form it (only exp of log-cumsum differences <= 0), so they still match the
-    oracle; the factorised form (q . b)(k / b)^T would give inf here."""
-    errs = check_against_oracle(channel_spec("l2", "momentum", "decayed", 64), B=1, T=64, H=1, K=16, V=16,
+    overflows fp32. The kernels never form it (only exp of log-cumsum differences <= 0; gd's sub-chunk factors are
+    such differences too), so they still match the oracle; the factorised form (q . b)(k / b)^T would give inf."""
+    errs = check_against_oracle(channel_spec("l2", learner, "decayed", 64), B=1, T=64, H=1, K=16, V=16,
                                 keep=(0.02, 0.3), seed=3)
     assert all(e == e for e in errs.values())
 

@@ -129,15 +129,15 @@ def test_bf16_bench_shape(learner):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("chunk", [8, 64])
-def test_channel_keep_vs_float64_oracle(dtype, tol, chunk):
-    """A key-channel keep gate (miras/kernels/linear_channel.py): Lp bias, momentum, decayed point, D=64, T=150,
-    against the float64 oracle (bf16 inputs: on the same rounded inputs)."""
+@pytest.mark.parametrize("chunk,learner", [(8, "momentum"), (64, "momentum"), (64, "gd")])
+def test_channel_keep_vs_float64_oracle(dtype, tol, chunk, learner):
+    """A key-channel keep gate (miras/kernels/linear_channel.py): Lp bias, decayed point, D=64, T=150, against the
+    float64 oracle (bf16 inputs: on the same rounded inputs). gd takes the sub-chunk path (``_gd_scores``)."""
     from test_kernels_channel import channel_inputs, channel_spec
 
     B, T, H, D = 1, 150, 2, 64
-    spec = channel_spec("lp", "momentum", "decayed", chunk)
+    spec = channel_spec("lp", learner, "decayed", chunk)
     x = {n: t.detach().to(dtype if n in "qkv" else torch.float32).requires_grad_(True)
          for n, t in channel_inputs(spec, B, T, H, D, D, seed=chunk).items()}
-    _check(spec, x, B, T, H, D, tol, reference_scan, label=f"channel chunk {chunk} {dtype}")
+    _check(spec, x, B, T, H, D, tol, reference_scan, label=f"channel chunk {chunk} {learner} {dtype}")
 

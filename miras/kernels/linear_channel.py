@@ -17,14 +17,19 @@ vectors over the channels:
     S_L = m_L S_0 - (k . n_L)^T R
     o   = (q . b) W_0 + (q . f) S_0 - AG R,                        AG[t, j] = sum_c q_tc G_c[t, j] k_jc
 
-AG is summed channel by channel from each channel's [BT, BT] block G_c = E_c N^T, with E_c[t, r] the exp of a
-difference of log-cumsums (<= 1): no ratio b_t / b_j is formed, so no channel overflows however small its gates,
-which the factorised form (q . b)(k / b)^T would. That costs K [BT, BT] blocks per chunk (and K [BT, BT] x [BT, BT]
-dots with momentum): this family is written to be exact first. One program per (V-tile, batch*head) walks the
-chunks with its columns of the [K, V] state on chip, forward, then in reverse for the backward (chunk-start states
-kept from the forward, fp32); the columns are independent given the gates, and the gradients that sum over V (dq,
-dk and the gates') are partial sums per V-tile that the host adds. Its gate gradients reuse the scalar chain
-(``common.gate_grads``) once per channel; eta and mu, shared by the channels, sum their parts.
+No ratio b_t / b_j is ever formed, so no channel overflows however small its gates, which the factorised form
+(q . b)(k / b)^T would: every decay is the exp of a difference of log-cumsums that is <= 0.
+- gd (G_c = E_c diag(eta), E_c[t, j] = b_tc / b_jc): GLA's secondary chunking (``_gd_scores``). Across sub-chunks of
+  16 rows, exp(lb_t - lb_j) = exp(lb_t - lb_r) exp(lb_r - lb_j) with r the row just before t's sub-chunk (both
+  factors <= 1): one [BT, K] x [K, BT] dot per sub-chunk. Within a sub-chunk, 16 steps over [BT, K] blocks. The
+  backward's dq, dk (``_gd_rows``, ``_gd_cols``) are split alike, and the gate gradients follow from them in closed
+  form (d log b = q . dq - k . dk, plus the end row's and the reads' terms).
+- momentum (G_c = E_c N^T, the momentum path N shared by the channels): channel by channel, each channel's
+  [BT, BT] block G_c and a [BT, BT] x [BT, BT] dot, and the scalar gate-gradient chain (``common.gate_grads``) once
+  per channel; eta and mu sum their parts. K times the work of a head gate: written to be exact first.
+One program per (V-tile, batch*head) walks the chunks with its columns of the [K, V] state on chip, forward, then
+in reverse for the backward (chunk-start states kept from the forward, fp32); the columns are independent given the
+gates, and the gradients that sum over V (dq, dk and the gates') are partial sums per V-tile that the host adds.
 ``linear.LinearScanFunction`` runs these kernels for a keep gate of shape [B, T, H, K].
 """
 
@@ -102,24 +107,118 @@ def _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM: tl.constexpr, PREC: tl.c
 @triton.jit
 def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K: tl.constexpr, MOMENTUM: tl.constexpr,
                   PREC: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """The chunk's channel-summed coefficients: AG [BT, BT] (causal; with TRANSPOSED its transpose AG^T, built from
-    each channel's G_c^T, ``common.gate_coeffs_t``: no tl.trans of dot results, the Hopper hazard of fla #640),
-    GL [BT, BK] (GL[j, c] = G_c[L, j]) and f [BT, BK] (f[t, c] = sum_{r<=t} E_c[t, r] m_r; 0 for gd)."""
-    AG = tl.zeros([o_t.shape[0], o_t.shape[0]], dtype=tl.float32)
-    GL = tl.zeros([o_t.shape[0], o_k.shape[0]], dtype=tl.float32)
-    F = tl.zeros([o_t.shape[0], o_k.shape[0]], dtype=tl.float32)
-    for c in range(K):
-        lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM, PREC)
-        if TRANSPOSED:
-            AG += (_col(b_k, o_k, c)[:, None] * _col(b_q, o_k, c)[None, :]) * gate_coeffs_t(eta_t, lb_c, lm, o_t,
-                                                                                              MOMENTUM, PREC)[2]
-        else:
-            AG += (_col(b_q, o_k, c)[:, None] * _col(b_k, o_k, c)[None, :]) * G
-        at_c = o_k[None, :] == c
-        GL += tl.where(at_c, _row_select(G, o_t, L)[:, None], 0.0)
-        if MOMENTUM:
+    """The chunk's channel-summed coefficients: AG [BT, BT] (causal; with TRANSPOSED its transpose AG^T, built
+    directly: no tl.trans of dot results, the Hopper hazard of fla #640), GL [BT, BK] (GL[j, c] = G_c[L, j]) and
+    f [BT, BK] (f[t, c] = sum_{r<=t} E_c[t, r] m_r; 0 for gd). gd: ``_gd_scores``; momentum: channel by channel,
+    from each channel's G_c (G_c^T from ``common.gate_coeffs_t``)."""
+    BT: tl.constexpr = o_t.shape[0]
+    F = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
+    if MOMENTUM:
+        AG = tl.zeros([BT, BT], dtype=tl.float32)
+        GL = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
+        for c in range(K):
+            lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM, PREC)
+            if TRANSPOSED:
+                GT = gate_coeffs_t(eta_t, lb_c, lm, o_t, MOMENTUM, PREC)[2]
+                AG += (_col(b_k, o_k, c)[:, None] * _col(b_q, o_k, c)[None, :]) * GT
+            else:
+                AG += (_col(b_q, o_k, c)[:, None] * _col(b_k, o_k, c)[None, :]) * G
+            at_c = o_k[None, :] == c
+            GL += tl.where(at_c, _row_select(G, o_t, L)[:, None], 0.0)
             F += tl.where(at_c, tl.sum(E * m[None, :], axis=1)[:, None], 0.0)
+    else:  # G_c = E_c diag(eta): no loop over the channels
+        AG = _gd_scores(b_q, b_k, lb, eta_t, o_t, BT, PREC, TRANSPOSED)
+        GL = _decay(lb, (o_t <= L)[:, None], _row_select(lb, o_t, L)[None, :], -1) * eta_t[:, None]
     return AG, GL, F
+
+
+SUB = tl.constexpr(16)  # rows of a sub-chunk in the gd path's secondary chunking (GLA)
+
+
+@triton.jit
+def _sub_rows(X, jj, BT: tl.constexpr):
+    """[BT, N] -> [BT, N] whose row t is X's row jj of t's sub-chunk (row SUB * (t // SUB) + jj)."""
+    NS: tl.constexpr = BT // SUB
+    X3 = tl.reshape(X, (NS, SUB, X.shape[1]))
+    o_s = tl.arange(0, SUB)
+    row = tl.sum(tl.where(o_s[None, :, None] == jj, X3, 0.0), axis=1)
+    return tl.reshape(tl.broadcast_to(row[:, None, :], (NS, SUB, X.shape[1])), (BT, X.shape[1]))
+
+
+@triton.jit
+def _sub_block(o_t, i):
+    """Sub-chunk i's rows, the rows before it, and the log-cumsum's reference row (the last one before it)."""
+    return (o_t >= i * SUB) & (o_t < (i + 1) * SUB), o_t < i * SUB, i * SUB - 1
+
+
+@triton.jit
+def _decay(lb, mask, ref, SIGN: tl.constexpr):
+    """exp(SIGN (lb - ref)) where mask, else 0: a decay between a token and a reference row it does not precede
+    (SIGN 1) or follow (SIGN -1), so <= 1."""
+    return tl.where(mask, tl.exp(tl.where(mask, SIGN * (lb - ref), 0.0)), 0.0)
+
+
+@triton.jit
+def _gd_scores(b_q, b_k, lb, eta_t, o_t, BT: tl.constexpr, PREC: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """AG[t, j] = sum_c q_tc exp(lb_tc - lb_jc) k_jc eta_j (j <= t; gd: G_c = E_c diag(eta)), or its transpose, by
+    GLA's secondary chunking (Yang et al. 2024, §4.2): across sub-chunks of SUB rows both factors of
+    exp(lb_t - lb_j) = exp(lb_t - lb_r) exp(lb_r - lb_j) are taken against the row r just before t's sub-chunk
+    (each <= 1, one dot per sub-chunk); within a sub-chunk, column by column (SUB steps over [BT, BK] blocks)."""
+    S = tl.zeros([BT, BT], dtype=tl.float32)
+    for i in range(1, BT // SUB):
+        rows, before, r = _sub_block(o_t, i)
+        ref = _row_select(lb, o_t, r)[None, :]
+        Qf = b_q * _decay(lb, rows[:, None], ref, 1)
+        Kf = b_k * _decay(lb, before[:, None], ref, -1)
+        if TRANSPOSED:
+            S += _dot(Kf, tl.trans(Qf), PREC)
+        else:
+            S += _dot(Qf, tl.trans(Kf), PREC)
+    for jj in range(SUB):
+        J = (o_t // SUB) * SUB + jj  # row jj of t's sub-chunk
+        E = _decay(lb, (o_t >= J)[:, None], _sub_rows(lb, jj, BT), 1)
+        d = tl.sum(b_q * E * _sub_rows(b_k, jj, BT), axis=1)  # before eta: d[t] = S[t, J(t)]
+        if TRANSPOSED:
+            S += tl.where(o_t[:, None] == J[None, :], d[None, :], 0.0)
+        else:
+            S += tl.where(o_t[None, :] == J[:, None], d[:, None], 0.0)
+    if TRANSPOSED:
+        return S * eta_t[:, None]
+    return S * eta_t[None, :]
+
+
+@triton.jit
+def _gd_rows(M, X, lb, o_t, BT: tl.constexpr, PREC: tl.constexpr):
+    """Y[t, c] = sum_{j < t} M[t, j] exp(lb_tc - lb_jc) X[j, c] (strictly causal: the caller adds j = t, where the
+    decay is 1), split as in ``_gd_scores``."""
+    Y = tl.zeros([BT, X.shape[1]], dtype=tl.float32)
+    for i in range(1, BT // SUB):
+        rows, before, r = _sub_block(o_t, i)
+        ref = _row_select(lb, o_t, r)[None, :]
+        MX = _dot(tl.where(rows[:, None] & before[None, :], M, 0.0), X * _decay(lb, before[:, None], ref, -1), PREC)
+        Y += _decay(lb, rows[:, None], ref, 1) * MX
+    for jj in range(SUB):
+        J = (o_t // SUB) * SUB + jj
+        E = _decay(lb, (o_t > J)[:, None], _sub_rows(lb, jj, BT), 1)
+        Y += tl.sum(tl.where(o_t[None, :] == J[:, None], M, 0.0), axis=1)[:, None] * E * _sub_rows(X, jj, BT)
+    return Y
+
+
+@triton.jit
+def _gd_cols(MT, X, lb, o_t, BT: tl.constexpr, PREC: tl.constexpr):
+    """Z[j, c] = sum_{t > j} M[t, j] exp(lb_tc - lb_jc) X[t, c] from MT = M^T (formed directly, no tl.trans of a
+    dot result; strictly causal like ``_gd_rows``), split as in ``_gd_scores``."""
+    Z = tl.zeros([BT, X.shape[1]], dtype=tl.float32)
+    for i in range(1, BT // SUB):
+        rows, before, r = _sub_block(o_t, i)
+        ref = _row_select(lb, o_t, r)[None, :]
+        MX = _dot(tl.where(before[:, None] & rows[None, :], MT, 0.0), X * _decay(lb, rows[:, None], ref, 1), PREC)
+        Z += _decay(lb, before[:, None], ref, -1) * MX
+    for jj in range(SUB):
+        J = (o_t // SUB) * SUB + jj  # the later token t = J(j), row jj of j's sub-chunk
+        E = _decay(lb, (J > o_t)[:, None], _sub_rows(lb, jj, BT), -1)
+        Z += tl.sum(tl.where(o_t[None, :] == J[:, None], MT, 0.0), axis=1)[:, None] * E * _sub_rows(X, jj, BT)
+    return Z
 
 
 @triton.jit
@@ -260,27 +359,46 @@ def _channel_bwd_kernel(
             dfL = tl.sum(S * dW, axis=1)
             dnL = -tl.sum(b_k * RdS, axis=1)
             dmL = tl.sum(tl.sum(S * dS, axis=1), axis=0)
-        # per channel: dq, dk through AG and the gate gradients (common.gate_grads with the channel's coefficients)
-        dq_c = tl.zeros([BT, BK], dtype=tl.float32)  # the channel loop's parts of dq, dk and d log alpha
-        dk_c = tl.zeros([BT, BK], dtype=tl.float32)
-        DLA = tl.zeros([BT, BK], dtype=tl.float32)
-        d_eta = tl.zeros([BT], dtype=tl.float32)
-        dlm_ = tl.zeros([BT], dtype=tl.float32)
-        for ch in range(K):
-            lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, ch, MOMENTUM, PREC)
-            ET, Nm, GT = gate_coeffs_t(eta_t, lb_c, lm, o_t, MOMENTUM, PREC)
-            q_c, k_c = _col(b_q, o_k, ch), _col(b_k, o_k, ch)
-            at_c = o_k[None, :] == ch
-            dq_c += tl.where(at_c, tl.sum(dA * G * k_c[None, :], axis=1)[:, None], 0.0)
-            dk_c += tl.where(at_c, tl.sum(dAT * GT * q_c[None, :], axis=1)[:, None], 0.0)
-            dG = dA * q_c[:, None] * k_c[None, :] + tl.where(at_L[:, None], _col(dGL, o_k, ch)[None, :], 0.0)
-            dbeta = _col(dB, o_k, ch) + tl.where(at_L, _vec_select(dbL, o_k, ch), 0.0)
-            df = _col(dF, o_k, ch) + tl.where(at_L, _vec_select(dfL, o_k, ch), 0.0)
-            de, dlb, dlm_ch = gate_grads(dG, dbeta, df, 0.0, tl.zeros([BT], dtype=tl.float32), eta_t, lb_c,
-                                         tl.exp(lb_c), E, lm, m, ET, Nm, at_L, o_t, MOMENTUM, PREC)
-            d_eta += de
-            dlm_ += dlm_ch
-            DLA += tl.where(at_c, tl.cumsum(dlb, axis=0, reverse=True)[:, None], 0.0)
+        # dq, dk through AG and the gate gradients. gd (G_c = E_c diag(eta)), by the secondary chunking of
+        # _gd_scores: dq_c = (dA diag(eta) o E) k, dk_c = eta (dA o E)^T q per channel, and the gate chains of
+        # common.gate_grads summed in closed form: d eta_j = sum_c k_jc X_jc + (dGL . E_L)_j with dk_c = eta X;
+        # d lb = q . dq_c - k . dk_c + (the end row's dGL . GL terms) + dbeta . b, then d log alpha its reverse
+        # cumsum. Momentum (G_c = E_c N^T): channel by channel through common.gate_grads.
+        if MOMENTUM:
+            dq_c = tl.zeros([BT, BK], dtype=tl.float32)  # the channel loop's parts of dq, dk and d log alpha
+            dk_c = tl.zeros([BT, BK], dtype=tl.float32)
+            DLA = tl.zeros([BT, BK], dtype=tl.float32)
+            d_eta = tl.zeros([BT], dtype=tl.float32)
+            dlm_ = tl.zeros([BT], dtype=tl.float32)
+            for ch in range(K):
+                lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, ch, MOMENTUM, PREC)
+                ET, Nm, GT = gate_coeffs_t(eta_t, lb_c, lm, o_t, MOMENTUM, PREC)
+                q_c, k_c = _col(b_q, o_k, ch), _col(b_k, o_k, ch)
+                at_c = o_k[None, :] == ch
+                dq_c += tl.where(at_c, tl.sum(dA * G * k_c[None, :], axis=1)[:, None], 0.0)
+                dk_c += tl.where(at_c, tl.sum(dAT * GT * q_c[None, :], axis=1)[:, None], 0.0)
+                dG = dA * q_c[:, None] * k_c[None, :] + tl.where(at_L[:, None], _col(dGL, o_k, ch)[None, :], 0.0)
+                dbeta = _col(dB, o_k, ch) + tl.where(at_L, _vec_select(dbL, o_k, ch), 0.0)
+                df = _col(dF, o_k, ch) + tl.where(at_L, _vec_select(dfL, o_k, ch), 0.0)
+                de, dlb, dlm_ch = gate_grads(dG, dbeta, df, 0.0, tl.zeros([BT], dtype=tl.float32), eta_t, lb_c,
+                                             tl.exp(lb_c), E, lm, m, ET, Nm, at_L, o_t, MOMENTUM, PREC)
+                d_eta += de
+                dlm_ += dlm_ch
+                DLA += tl.where(at_c, tl.cumsum(dlb, axis=0, reverse=True)[:, None], 0.0)
+        else:
+            # j < t parts, then the diagonal (decay 1), which enters d lb's row and column sums alike and cancels
+            Yo = _gd_rows(dA * eta_t[None, :], b_k, lb, o_t, BT, PREC)
+            Zo = _gd_cols(dAT, b_q, lb, o_t, BT, PREC)
+            dA_tt = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dA, 0.0), axis=1)
+            X = Zo + dA_tt[:, None] * b_q
+            dq_c = Yo + (dA_tt * eta_t)[:, None] * b_k
+            dk_c = eta_t[:, None] * X
+            EL = _decay(lb, (o_t <= L)[:, None], _row_select(lb, o_t, L)[None, :], -1)  # E_c[L, j]; GL = EL eta
+            dGG = dGL * GL
+            d_eta = tl.sum(b_k * X + dGL * EL, axis=1)
+            dlb = b_q * Yo - b_k * eta_t[:, None] * Zo - dGG + tl.where(at_L[:, None], tl.sum(dGG, axis=0), 0.0)
+            dlb += (dB + tl.where(at_L[:, None], dbL[None, :], 0.0)) * B
+            DLA = tl.cumsum(dlb, axis=0, reverse=True)
         if MOMENTUM:  # m_L and n_L (the S path, shared by the channels): once (dG = 0, so E, ET and Nm drop out)
             zero = tl.zeros([BT, BT], dtype=tl.float32)
             de, _, dlm_ch = gate_grads(zero, dnL * 0.0, dnL * 0.0, dmL, dnL, eta_t, dnL * 0.0, dnL * 0.0 + 1.0, zero,
