@@ -161,7 +161,7 @@ def _decay(lb, mask, ref, SIGN: tl.constexpr):
 @triton.jit
 def _gd_scores(b_q, b_k, lb, eta_t, o_t, BT: tl.constexpr, PREC: tl.constexpr, TRANSPOSED: tl.constexpr):
     """AG[t, j] = sum_c q_tc exp(lb_tc - lb_jc) k_jc eta_j (j <= t; gd: G_c = E_c diag(eta)), or its transpose, by
-    GLA's secondary chunking (Yang et al. 2024, §4.2): across sub-chunks of SUB rows both factors of
+    the secondary chunking of GLA (Yang et al. 2024): across sub-chunks of SUB rows both factors of
     exp(lb_t - lb_j) = exp(lb_t - lb_r) exp(lb_r - lb_j) are taken against the row r just before t's sub-chunk
     (each <= 1, one dot per sub-chunk); within a sub-chunk, column by column (SUB steps over [BT, BK] blocks)."""
     S = tl.zeros([BT, BT], dtype=tl.float32)
