@@ -141,17 +141,18 @@ def test_auto_mode_picks_the_kernels_on_cuda():
     assert resolve_mode(channel_spec(), "cpu", torch.float32) == "chunked"
 
 
-@pytest.mark.parametrize("bias,learner,grad_at", [("l2", "momentum", "decayed"), ("lp", "gd", "previous"),
-                                                  ("huber", "momentum", "previous")])
-def test_v_tiles(bias, learner, grad_at, monkeypatch):
+@pytest.mark.parametrize("bias,learner,grad_at,chunk", [("l2", "momentum", "decayed", 16),
+                                                        ("lp", "gd", "previous", 32),
+                                                        ("huber", "momentum", "previous", 16)])
+def test_v_tiles(bias, learner, grad_at, chunk, monkeypatch):
     """MIRAS_KERNEL_CHANNEL_BV=16 at V=40: three programs per batch*head (the last tile partial), whose partial sums
     of dq, dk and the gates' gradients the host adds; Huber keeps all of V in one tile (its switch needs the row
-    norm)."""
+    norm). gd at chunk 32: two sub-chunks (``_gd_scores``)."""
     from miras.kernels.linear import LinearConfig
     from miras.kernels.linear_channel import _block_v
 
     monkeypatch.setenv("MIRAS_KERNEL_CHANNEL_BV", "16")
-    spec = channel_spec(bias, learner, grad_at)
+    spec = channel_spec(bias, learner, grad_at, chunk)
     assert _block_v(LinearConfig.from_spec(spec), 40) == (64 if bias == "huber" else 16)
     check_against_oracle(spec, B=1, T=21, H=1, K=16, V=40, seed=5)
     monkeypatch.setenv("MIRAS_KERNEL_CHANNEL_BV", "24")
