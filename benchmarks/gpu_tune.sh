@@ -15,6 +15,8 @@
 #    the last three did) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
+# 5. With more than 90 s left: the key-channel keep gate's GPU tests and bench_kernels.py --families gla against
+#    fla's chunk_gla (gla.log, gla_table.txt).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
 #   bash benchmarks/gpu_tune.sh                   (GPU box, repository root)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_tune.sh   (CPU dry run: interpreter, tiny shapes, no kernel times)
@@ -110,5 +112,18 @@ if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
   # shellcheck disable=SC2086  # the settings are words for env
   env $TUNED timeout "$(cap 60)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
     | tee "$OUTDIR/profile.log"
+fi
+echo "== phase 5: with the time left, the key-channel keep gate ($(left) s left)"
+# its GPU tests (gd on the secondary-chunking path of session 21 included), then GLA's recurrence against fla's
+# chunk_gla (no chunked row: with a channel gate it forms [.., b, b, K] blocks, GBs at the bench shape)
+if [ "$(left)" -gt 90 ]; then
+  if [ -z "${GPU_CHECK_CPU:-}" ]; then
+    timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider -m gpu -k channel \
+      > "$OUTDIR/channel_tests.log" 2>&1
+    grep -E "^channel|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
+  fi
+  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla --references gla --no-chunked $TINY \
+    --table "$OUTDIR/gla_table.txt" > "$OUTDIR/gla.log" 2>&1
+  bench_report $? "$OUTDIR/gla.log" "$OUTDIR/gla_table.txt"
 fi
 echo "== gpu_tune done, $(left) s left"
