@@ -241,11 +241,12 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     graph_calls: dict[str, collections.Counter] = {name: collections.Counter() for name in settings}
     launches: dict[str, collections.Counter] = {name: collections.Counter() for name in settings}
-    for _ in range(rounds):
+    for i in range(rounds):
         for name, env in settings.items():
             before, launched = dict(_graph_calls()), dict(_launches())
             with temporary_env(env):
                 runs[name].append(measure(name, run, inputs, device, flops, tokens))
+            print(round_line(runs[name][-1], i, rounds), flush=True)  # kept in the log if a timeout cuts the run
             graph_calls[name].update({k: n - before[k] for k, n in _graph_calls().items()})
             launches[name].update({k: n - launched[k] for k, n in _launches().items()})
     rows = {}
@@ -266,6 +267,14 @@ def measure_rounds(settings: dict[str, dict], run, inputs, device, flops, tokens
             calls = f"direct {launches[name]['direct']}, plain {launches[name]['plain']}"
             rows[name]["spread"] = (rows[name].get("spread", "") + f" (MLP launches: {calls})").strip()
     return rows
+
+
+def round_line(r: dict, i: int, rounds: int) -> str:
+    """One measurement of ``measure_rounds``, printed as it completes: the rows come only after every round, so a
+    run cut short by a timeout still leaves these lines (``ROUND i/n name: fwd .. ms, f+b .. ms``)."""
+    if "error" in r:
+        return f"ROUND {i + 1}/{rounds} {r['name']}: {r['error']}"
+    return f"ROUND {i + 1}/{rounds} {r['name']}: fwd {r['fwd']:.3f} ms, f+b {r['fwdbwd']:.3f} ms"
 
 
 def _graph_calls() -> dict[str, int]:

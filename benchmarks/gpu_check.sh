@@ -155,7 +155,7 @@ grep -E "^(FAILED|E  )" "$OUTDIR/tests.log" | head -8 | sed 's/^/  /' || true
 if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
   echo "benchmark (rc=$BENCH_RC$([ "$BENCH_RC" = 124 ] && echo ', TIMEOUT')):"
   grep -E "^device=" "$OUTDIR/bench.log" | sed 's/^/  /'
-  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "  no table; partial rows:"; grep -E "^ROW " "$OUTDIR/bench.log" | sed 's/^/  /'; }
+  cat "$OUTDIR/bench_table.txt" 2>/dev/null || { echo "  no table; partial rows:"; grep -E "^(ROW|ROUND) " "$OUTDIR/bench.log" | sed 's/^/  /'; }
   grep -E "^RATIO " "$OUTDIR/bench.log" | sed 's/^/  /'  # titans vs fla's chunk_delta_rule, titans-pytorch vs mlp2
 fi
 [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

@@ -12,10 +12,10 @@ if [ -z "${GPU_CHECK_CPU:-}" ]; then
   fi
 fi
 # The summary of a bench_kernels.py run that the GPU scripts print: its exit status $1, the device line, the table
-# (file $3, else the rows of log $2) and the RATIO lines.
+# (file $3, else the rows and single rounds of log $2, for a run cut short) and the RATIO lines.
 bench_report() {
   echo "bench_kernels.py rc=$1" | tee -a "$2"
   grep -E "^device=" "$2"
-  cat "$3" 2>/dev/null || { echo "no table; rows:"; grep -E "^ROW " "$2"; }
+  cat "$3" 2>/dev/null || { echo "no table; rows and single rounds:"; grep -E "^(ROW|ROUND) " "$2"; }
   grep -E "^RATIO |Error" "$2" | cut -c1-300
 }

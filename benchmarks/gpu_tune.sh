@@ -99,6 +99,15 @@ if passed splitsums; then VARIANTS="$VARIANTS,mlpsplitsumsgraphs"; fi
 if passed splitread; then VARIANTS="$VARIANTS,mlpsplitreadgraphs"; fi
 if passed dot16; then VARIANTS="$VARIANTS,mlpdot16graphs"; fi
 if passed splitread && passed splitsums && passed dot16; then VARIANTS="$VARIANTS,mlpsplitallgraphs"; fi
+# the rows to read first (graphs at the defaults, every split together, the tuned configs with graphs) lead each
+# round: bench_kernels.py prints every measurement as it completes (ROUND lines), so a round cut short keeps them
+FIRST=""
+for v in mlpgraphs mlpsplitallgraphs tunedgraphs; do
+  case ",$VARIANTS," in *",$v,"*) FIRST="$FIRST,$v" ;; esac
+done
+REST="$(echo "$VARIANTS" | tr ',' '\n' | grep -vxE 'mlpgraphs|mlpsplitallgraphs|tunedgraphs' | paste -sd, -)"
+VARIANTS="${FIRST#,}${REST:+,$REST}"
+echo "variants in order: $VARIANTS"
 if [ "$(left)" -gt 40 ]; then
   MIRAS_BENCH_VARIANTS="$OUTDIR/tune/tuned.json" timeout "$(cap 200)" python3 benchmarks/bench_kernels.py \
     --families mlp $BENCH_SHAPE --variants "$VARIANTS" \
