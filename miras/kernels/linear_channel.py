@@ -22,7 +22,7 @@ No ratio b_t / b_j is ever formed, so no channel overflows however small its gat
 - gd (G_c = E_c diag(eta), E_c[t, j] = b_tc / b_jc): GLA's secondary chunking (``_gd_scores``). Across sub-chunks of
   16 rows, exp(lb_t - lb_j) = exp(lb_t - lb_r) exp(lb_r - lb_j) with r the row just before t's sub-chunk (both
   factors <= 1): one [BT, K] x [K, BT] dot per sub-chunk. Within a sub-chunk, 16 steps over [BT, K] blocks. The
-  backward's dq, dk (``_gd_rows``, ``_gd_cols``) are split alike, and the gate gradients follow from them in closed
+  backward's dq, dk (``_gd_pairs``) are split alike, and the gate gradients follow from them in closed
   form (d log b = q . dq - k . dk, plus the end row's and the reads' terms).
 - momentum (G_c = E_c N^T, the momentum path N shared by the channels): channel by channel, each channel's
   [BT, BT] block G_c and a [BT, BT] x [BT, BT] dot, and the scalar gate-gradient chain (``common.gate_grads``) once
@@ -128,7 +128,7 @@ def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K: tl.constexpr, 
             F += tl.where(at_c, tl.sum(E * m[None, :], axis=1)[:, None], 0.0)
     else:  # G_c = E_c diag(eta): no loop over the channels
         AG = _gd_scores(b_q, b_k, lb, eta_t, o_t, BT, PREC, TRANSPOSED)
-        GL = _decay(lb, (o_t <= L)[:, None], _row_select(lb, o_t, L)[None, :], -1) * eta_t[:, None]
+        GL = _end_decay(lb, o_t, L) * eta_t[:, None]
     return AG, GL, F
 
 
@@ -188,37 +188,39 @@ def _gd_scores(b_q, b_k, lb, eta_t, o_t, BT: tl.constexpr, PREC: tl.constexpr, T
 
 
 @triton.jit
-def _gd_rows(M, X, lb, o_t, BT: tl.constexpr, PREC: tl.constexpr):
-    """Y[t, c] = sum_{j < t} M[t, j] exp(lb_tc - lb_jc) X[j, c] (strictly causal: the caller adds j = t, where the
-    decay is 1), split as in ``_gd_scores``."""
+def _gd_pairs(M, X, lb, o_t, BT: tl.constexpr, PREC: tl.constexpr, LATER: tl.constexpr):
+    """Strictly causal decayed sums over token pairs, split as in ``_gd_scores`` (the caller adds the pairs t = j,
+    whose decay is 1):
+        LATER False: Y[t, c] = sum_{j < t} M[t, j] exp(lb_tc - lb_jc) X[j, c]   (each row from earlier tokens);
+        LATER True:  Y[j, c] = sum_{t > j} M[j, t] exp(lb_tc - lb_jc) X[t, c]   (from later ones; M is the pairs'
+                     matrix transposed, formed directly: no tl.trans of a dot result)."""
+    SIGN: tl.constexpr = -1 if LATER else 1  # the sign of lb_out - lb_in in the decay
     Y = tl.zeros([BT, X.shape[1]], dtype=tl.float32)
     for i in range(1, BT // SUB):
         rows, before, r = _sub_block(o_t, i)
+        if LATER:
+            out_rows, in_rows = before, rows
+        else:
+            out_rows, in_rows = rows, before
         ref = _row_select(lb, o_t, r)[None, :]
-        MX = _dot(tl.where(rows[:, None] & before[None, :], M, 0.0), X * _decay(lb, before[:, None], ref, -1), PREC)
-        Y += _decay(lb, rows[:, None], ref, 1) * MX
+        MX = _dot(tl.where(out_rows[:, None] & in_rows[None, :], M, 0.0), X * _decay(lb, in_rows[:, None], ref, -SIGN),
+                  PREC)
+        Y += _decay(lb, out_rows[:, None], ref, SIGN) * MX
     for jj in range(SUB):
-        J = (o_t // SUB) * SUB + jj
-        E = _decay(lb, (o_t > J)[:, None], _sub_rows(lb, jj, BT), 1)
+        J = (o_t // SUB) * SUB + jj  # the other token of the pair: row jj of this row's sub-chunk
+        if LATER:
+            pair = J > o_t
+        else:
+            pair = o_t > J
+        E = _decay(lb, pair[:, None], _sub_rows(lb, jj, BT), SIGN)
         Y += tl.sum(tl.where(o_t[None, :] == J[:, None], M, 0.0), axis=1)[:, None] * E * _sub_rows(X, jj, BT)
     return Y
 
 
 @triton.jit
-def _gd_cols(MT, X, lb, o_t, BT: tl.constexpr, PREC: tl.constexpr):
-    """Z[j, c] = sum_{t > j} M[t, j] exp(lb_tc - lb_jc) X[t, c] from MT = M^T (formed directly, no tl.trans of a
-    dot result; strictly causal like ``_gd_rows``), split as in ``_gd_scores``."""
-    Z = tl.zeros([BT, X.shape[1]], dtype=tl.float32)
-    for i in range(1, BT // SUB):
-        rows, before, r = _sub_block(o_t, i)
-        ref = _row_select(lb, o_t, r)[None, :]
-        MX = _dot(tl.where(before[:, None] & rows[None, :], MT, 0.0), X * _decay(lb, rows[:, None], ref, 1), PREC)
-        Z += _decay(lb, before[:, None], ref, -1) * MX
-    for jj in range(SUB):
-        J = (o_t // SUB) * SUB + jj  # the later token t = J(j), row jj of j's sub-chunk
-        E = _decay(lb, (J > o_t)[:, None], _sub_rows(lb, jj, BT), -1)
-        Z += tl.sum(tl.where(o_t[None, :] == J[:, None], MT, 0.0), axis=1)[:, None] * E * _sub_rows(X, jj, BT)
-    return Z
+def _end_decay(lb, o_t, L):
+    """E_c[L, j] = exp(lb_Lc - lb_jc) for j <= L, else 0: [BT, BK] (gd: GL = E_L diag(eta))."""
+    return _decay(lb, (o_t <= L)[:, None], _row_select(lb, o_t, L)[None, :], -1)
 
 
 @triton.jit
@@ -387,13 +389,13 @@ def _channel_bwd_kernel(
                 DLA += tl.where(at_c, tl.cumsum(dlb, axis=0, reverse=True)[:, None], 0.0)
         else:
             # j < t parts, then the diagonal (decay 1), which enters d lb's row and column sums alike and cancels
-            Yo = _gd_rows(dA * eta_t[None, :], b_k, lb, o_t, BT, PREC)
-            Zo = _gd_cols(dAT, b_q, lb, o_t, BT, PREC)
+            Yo = _gd_pairs(dA * eta_t[None, :], b_k, lb, o_t, BT, PREC, False)
+            Zo = _gd_pairs(dAT, b_q, lb, o_t, BT, PREC, True)
             dA_tt = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dA, 0.0), axis=1)
             X = Zo + dA_tt[:, None] * b_q
             dq_c = Yo + (dA_tt * eta_t)[:, None] * b_k
             dk_c = eta_t[:, None] * X
-            EL = _decay(lb, (o_t <= L)[:, None], _row_select(lb, o_t, L)[None, :], -1)  # E_c[L, j]; GL = EL eta
+            EL = _end_decay(lb, o_t, L)  # (GL = EL eta, from _channel_sums)
             dGG = dGL * GL
             d_eta = tl.sum(b_k * X + dGL * EL, axis=1)
             dlb = b_q * Yo - b_k * eta_t[:, None] * Zo - dGG + tl.where(at_L[:, None], tl.sum(dGG, axis=0), 0.0)
