@@ -585,6 +585,19 @@ def _fwd_chunk(
 
 
 @triton.jit
+def _walk_program(T, NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
+    """A walk program's batch*head i_bh, its ranges and masks, the offsets of its tokens' q / k rows (p_qk), v rows
+    (p_v) and gates (p_g), and of its NS state slots (p_w1 in [B*H, NS, K, HD], p_w2 in [B*H, NS, HD, V])."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_t, o_k, o_v, o_hh = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BH)
+    p_g = i_b * T * H + i_h
+    return (i_bh, o_t, o_k, o_v, o_hh, o_k < K, o_v < V, p_g * K, p_g * V, p_g, i_bh.to(tl.int64) * NS * K * HD,
+            i_bh.to(tl.int64) * NS * HD * V)
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     q, k, v, eta, keep, mu, delta, w1s, w2s, s1s, s2s, o, rs,
     T, NT, NS,
@@ -597,18 +610,8 @@ def _mlp_fwd_kernel(
     """State slots: w1s [B*H, NS, K, HD], w2s [B*H, NS, HD, V] (s1s, s2s alike), slot 0 = initial state. NS = NT + 1
     (every chunk-start state kept; chunk c reads slot c, writes c + 1) or 2 (ping-pong, no backward). rs [B*H, NT, BT, BV]
     fp32 scratch (R of each chunk)."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_hh = tl.arange(0, BH)
-    k_ok, v_ok = o_k < K, o_v < V
-    p_qk = (i_b * T * H + i_h) * K
-    p_v = (i_b * T * H + i_h) * V
-    p_g = i_b * T * H + i_h
-    p_w1 = i_bh.to(tl.int64) * NS * K * HD
-    p_w2 = i_bh.to(tl.int64) * NS * HD * V
+    i_bh, o_t, o_k, o_v, o_hh, k_ok, v_ok, p_qk, p_v, p_g, p_w1, p_w2 = _walk_program(
+        T, NS, H, K, V, HD, BT, BK, BV, BH)
     if MODE == 2:
         c = tl.program_id(1)
         _fwd_chunk(q, k, v, eta, keep, mu, delta, o, w1s, w2s, s1s, s2s, rs,
@@ -800,18 +803,8 @@ def _mlp_bwd_kernel(
     """Reverse walk of one batch*head. State slots as in the forward (NS = NT + 1); state-gradient slots dw1s
     [B*H, 2, K, HD], ... (ping-pong: chunk c reads slot (c + 1) % 2, writes slot c % 2; slot NT % 2 holds the final
     state's cotangent on entry, slot 0 the initial state's gradient on exit); xs [B*H, BT * (HD + BV)] fp32 scratch."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_hh = tl.arange(0, BH)
-    k_ok, v_ok = o_k < K, o_v < V
-    p_qk = (i_b * T * H + i_h) * K
-    p_v = (i_b * T * H + i_h) * V
-    p_g = i_b * T * H + i_h
-    p_w1 = i_bh.to(tl.int64) * NS * K * HD
-    p_w2 = i_bh.to(tl.int64) * NS * HD * V
+    i_bh, o_t, o_k, o_v, o_hh, k_ok, v_ok, p_qk, p_v, p_g, p_w1, p_w2 = _walk_program(
+        T, NS, H, K, V, HD, BT, BK, BV, BH)
     p_d1 = i_bh.to(tl.int64) * 2 * K * HD
     p_d2 = i_bh.to(tl.int64) * 2 * HD * V
     p_x = i_bh.to(tl.int64) * BT * (HD + BV)

@@ -976,6 +976,51 @@ def _bwd_tile2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, x
 
 
 @triton.jit
+def _pass2_inputs(q, k, do, pre, ops, rec, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT: tl.constexpr, BV: tl.constexpr,
+                  R16: tl.constexpr, H16: tl.constexpr):
+    """What pass 2's tiles of a chunk share (either the whole pass or ``_bwd_read``'s read half): k, q, dO, and from
+    ``_prep`` record rec R, the gate rows (``_load_rows``) and the pointers of C1, C1^T, M2, M2^T (loaded where
+    used: ``mlp._operand``)."""
+    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
+    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
+    b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
+    base = _pre_base(pre, rec, BT, BV)
+    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
+    beta, f, gam, gL, nL, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
+    bb = _ops_base(ops, rec, BT) + o_t[:, None] * BT + o_t[None, :]
+    return (b_k, b_q, b_do, R, beta, f, gam, gL, nL, betaL, fL, mL,
+            bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT)
+
+
+@triton.jit
+def _pass2_tiles(w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, prow, src1, src2, e1, e2, j, i_bh, BHN, w1_off, w1_ok,
+                 w2_off, w2_ok, BT: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Pass 2's (either half's) loads of hidden tile j: the chunk-start state's tiles (slots src), the end state's
+    gradient tiles (slots e), and the carry scalars' parts d beta_L = <dW', W>, d f_L = <dW', S>, d m_L = <dS', S>
+    (``_end_grad_scalars``) stored at once into the tile's partials rw (``_prow_base``), which it returns too."""
+    W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
+    # the carry scalars' parts first: formed after the factors instead, they keep all eight state tiles live
+    # through the pass (sm_90, triton 3.6, benchmarks/kernel_resources_mlp.py: a 592 B spill stack per thread
+    # against 176 here and 152 without them; in pass 3 they cost more still)
+    dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
+    rw = _prow_base(prow, j * BHN + i_bh, BT)
+    o_s = tl.arange(0, 4)
+    tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
+    return W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, rw
+
+
+@triton.jit
+def _store_pass2_rows(rw, dbeta, df, dgam, dgL, dnL, o_t, BT: tl.constexpr):
+    """Pass 2's row partials of a hidden tile (``_prow_base``'s five rows of BT)."""
+    tl.store(rw + o_t, dbeta)
+    tl.store(rw + BT + o_t, df)
+    tl.store(rw + 2 * BT + o_t, dgam)
+    tl.store(rw + 3 * BT + o_t, dgL)
+    tl.store(rw + 4 * BT + o_t, dnL)
+
+
+@triton.jit
 def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, fs, fdp, prow, c, s_src, e, T, NS, BHN,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
@@ -992,14 +1037,8 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     jp, i_bh = tl.program_id(0), tl.program_id(1)
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, CS, BK, BV)
-    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
-    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
-    b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
-    base = _pre_base(pre, i_bh, BT, BV)
-    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
-    beta, f, gam, gL, nL, betaL, fL, mL = _load_rows(base, o_t, BT, BV)
-    bb = _ops_base(ops, i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
-    C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
+    (b_k, b_q, b_do, R, beta, f, gam, gL, nL, betaL, fL, mL,
+     C1, C1T, M2, M2T) = _pass2_inputs(q, k, do, pre, ops, i_bh, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT, BV, R16, H16)
     src1, src2 = _slot_offsets(i_bh, s_src, NS, K, V, HD)
     e1, e2 = _slot_offsets(i_bh, e, 2, K, V, HD)
     o_hh = tl.arange(0, BH)
@@ -1007,15 +1046,9 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
     for jt in range(TPP):
         j = jp * TPP + jt
         o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
-        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-        dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-        # the carry scalars' parts first: formed after the factors instead, they keep all eight state tiles live
-        # through the pass (sm_90, triton 3.6, benchmarks/kernel_resources_mlp.py: a 592 B spill stack per thread
-        # against 176 here and 152 without them; in pass 3 they cost more still)
-        dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
-        rw = _prow_base(prow, j * BHN + i_bh, BT)
-        o_s = tl.arange(0, 4)
-        tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
+        W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, rw = _pass2_tiles(
+            w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, prow, src1, src2, e1, e2, j, i_bh, BHN, w1_off, w1_ok,
+            w2_off, w2_ok, BT, MOMENTUM)
         # (what it also returns, the start-state gradient tiles (pass 3 forms them) and the scalars, is dead code)
         (A1, Ah, D1, dH, dP, dbeta, df, dgam, dgL, dnL, _, _, _,
          X, _, _, _, _) = _bwd_tile_factors(b_q, b_k, b_do, R, W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, gam, beta, f,
@@ -1028,11 +1061,7 @@ def _pass2(q, k, do, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, ops, xs, f
         tl.store(_factor_at(fs, 2, th, BHN, BT, HD), D1.to(fty), mask=h_ok[None, :])
         tl.store(_factor_at(fs, 3, th, BHN, BT, HD), dH.to(fty), mask=h_ok[None, :])
         tl.store(fdp + th, dP.to(fty), mask=h_ok[None, :])
-        tl.store(rw + o_t, dbeta)
-        tl.store(rw + BT + o_t, df)
-        tl.store(rw + 2 * BT + o_t, dgam)
-        tl.store(rw + 3 * BT + o_t, dgL)
-        tl.store(rw + 4 * BT + o_t, dnL)
+        _store_pass2_rows(rw, dbeta, df, dgam, dgL, dnL, o_t, BT)
 
 
 @triton.jit
@@ -1055,14 +1084,9 @@ def _bwd_read(q, k, do, w1s, w2s, s1s, s2s, pre, ops, rf, rz, rrow, T, NS, BHN,
     rrow += rec * ((HD + BH - 1) // BH) * 2 * BT
     o_t, o_k, o_v, k_ok, v_ok, t_idx, t_ok, p_g, p_tk, qk_ok, p_tv, tv_ok = _token_offsets(
         i_bh, c, T, H, K, V, BT, CS, BK, BV)
-    b_k = _dot_input(tl.load(k + p_tk, mask=qk_ok, other=0.0), H16)
-    b_q = _dot_input(tl.load(q + p_tk, mask=qk_ok, other=0.0), H16)
-    b_do = _dot_input(tl.load(do + p_tv, mask=tv_ok, other=0.0), H16)
-    base = _pre_base(pre, c * BHN + i_bh, BT, BV)
-    R = _dot_input(_load_r(base, o_t, o_v, BT, BV, R16), H16)
-    beta, f, gam, _, _, _, _, _ = _load_rows(base, o_t, BT, BV)
-    bb = _ops_base(ops, c * BHN + i_bh, BT) + o_t[:, None] * BT + o_t[None, :]  # loaded where used (mlp._operand)
-    C1, C1T, M2, M2T = bb, bb + BT * BT, bb + 2 * BT * BT, bb + 3 * BT * BT
+    (b_k, b_q, b_do, R, beta, f, gam, _, _, _, _, _,
+     C1, C1T, M2, M2T) = _pass2_inputs(q, k, do, pre, ops, c * BHN + i_bh, o_t, o_v, p_tk, qk_ok, p_tv, tv_ok, BT, BV,
+                                       R16, H16)
     src1, src2 = _slot_offsets(i_bh, c, NS, K, V, HD)
     o_hh = tl.arange(0, BH)
     fty = rf.dtype.element_ty
@@ -1110,12 +1134,9 @@ def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz
     for jt in range(TPP):
         j = jp * TPP + jt
         o_h, h_ok, w1_off, w1_ok, w2_off, w2_ok = _tile_offsets(j, o_k, o_v, o_hh, k_ok, v_ok, V, HD, BH)
-        W1, W2, S1, S2 = _state_tiles(w1s, w2s, s1s, s2s, src1, src2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-        dW1e, dW2e, dS1e, dS2e = _state_tiles(dw1s, dw2s, ds1s, ds2s, e1, e2, w1_off, w1_ok, w2_off, w2_ok, MOMENTUM)
-        dbL, dfL, dmL = _end_grad_scalars(W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, MOMENTUM)
-        rw = _prow_base(prow, j * BHN + i_bh, BT)
-        o_s = tl.arange(0, 4)
-        tl.store(rw + 5 * BT + o_s, tl.where(o_s == 0, dbL, tl.where(o_s == 1, dfL, dmL)), mask=o_s < 3)
+        W1, W2, S1, S2, dW1e, dW2e, dS1e, dS2e, rw = _pass2_tiles(
+            w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, prow, src1, src2, e1, e2, j, i_bh, BHN, w1_off, w1_ok,
+            w2_off, w2_ok, BT, MOMENTUM)
         th = (i_bh.to(tl.int64) * BT + o_t[:, None]) * HD + o_h[None, :]
         m = h_ok[None, :]
         Zk = tl.load(_factor_at(rz, 0, th, BHN, BT, HD), mask=m, other=0.0)
@@ -1130,11 +1151,7 @@ def _pass2_carry(k, w1s, w2s, s1s, s2s, dw1s, dw2s, ds1s, ds2s, pre, xs, fdp, rz
         tl.store(xs + th, X, mask=m)
         tl.store(fdp + th, dP.to(fdp.dtype.element_ty), mask=m)
         rr = rrow + (j * BHN + i_bh).to(tl.int64) * 2 * BT + o_t
-        tl.store(rw + o_t, tl.load(rr))
-        tl.store(rw + BT + o_t, tl.load(rr + BT))
-        tl.store(rw + 2 * BT + o_t, dgam)
-        tl.store(rw + 3 * BT + o_t, dgL)
-        tl.store(rw + 4 * BT + o_t, dnL)
+        _store_pass2_rows(rw, tl.load(rr), tl.load(rr + BT), dgam, dgL, dnL, o_t, BT)
 
 
 def sums_size(BT: int, BK: int, BV: int) -> int:
