@@ -296,7 +296,10 @@ def _launches() -> dict[str, int]:
 
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
     """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*, _BH, and
-    _FAST_LAUNCH, which only the MLP kernels' launches take) to the MLP."""
+    _FAST_LAUNCH, which only the MLP kernels' launches take) to the MLP; key-channel keep gate variants
+    (MIRAS_KERNEL_CHANNEL_*) to the rows of a channel gate (gla)."""
+    if any(name.startswith("MIRAS_KERNEL_CHANNEL") for name in VARIANTS[variant]):
+        return "channel" in fam
     mlp_names = ("MIRAS_KERNEL_BH", "MIRAS_KERNEL_FAST_LAUNCH")
     mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name in mlp_names for name in VARIANTS[variant])
     return "titans" in fam and (memory_kind == "mlp") == mlp_variant
@@ -332,7 +335,7 @@ def main() -> None:
                     "in alternation and report the median round (default 1)")
     ap.add_argument("--references", default="", help="comma-separated substrings of the reference rows to run "
                     f"(default: all of {', '.join(REFERENCES)})")
-    ap.add_argument("--variants", default="", help="extra rows for the titans family: comma-separated of "
+    ap.add_argument("--variants", default="", help="extra rows for the titans (or gla) family: comma-separated of "
                     f"{', '.join(VARIANTS)} (kernel settings through their environment variables)")
     args = ap.parse_args()
     if args.rounds < 1:

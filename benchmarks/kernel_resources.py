@@ -8,7 +8,9 @@ register spills (cuobjdump's resource report). A free check before spending devi
     python benchmarks/kernel_resources.py channel-bwd bf16 --d 128 --bv 64 --chunk 16 --momentum
 
 ``channel-fwd`` / ``channel-bwd``: the kernels of a key-channel keep gate (miras/kernels/linear_channel.py; one
-program per V-tile of --bv columns and batch*head; their default tile is 64).
+program per V-tile of --bv columns and batch*head; their default tile is 64), with --mode as there: 0 the fused walk,
+1 (forward) the states' walk, 2 every chunk at once (the split, ``linear_channel.channel_split``: the default);
+``channel-walk`` / ``channel-reads``: the split backward's walk of the state gradients and its reads pass.
 
 ``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
 shared / local (spill) / global memory ops and special-function ops, for the whole kernel, for each outermost loop
@@ -40,7 +42,8 @@ from miras.kernels.common import chunk_block  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", choices=["fwd", "bwd", "rows", "qk", "channel-fwd", "channel-bwd"],
+    ap.add_argument("which", choices=["fwd", "bwd", "rows", "qk", "channel-fwd", "channel-bwd", "channel-walk",
+                                      "channel-reads"],
                     help="rows / qk: the two kernels of the backward's gradient pass (the default; bwd --mode 2 is "
                          "the one-kernel pass)")
     ap.add_argument("prec", choices=["bf16", "tf32", "tf32x3", "ieee"])
@@ -73,10 +76,12 @@ def main() -> None:
         fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", "dq", "dk")
         consts.update(HAS_DHT=True, HAS_DST=a.momentum, BVL=a.bvl or a.bv)
     elif a.which.startswith("channel"):
-        fwd = a.which == "channel-fwd"
-        fn = linear_channel._channel_fwd_kernel if fwd else linear_channel._channel_bwd_kernel
+        fn = {"channel-fwd": linear_channel._channel_fwd_kernel, "channel-bwd": linear_channel._channel_bwd_kernel,
+              "channel-walk": linear_channel._channel_bwd_walk_kernel,
+              "channel-reads": linear_channel._channel_bwd_reads_kernel}[a.which]
         ints, io_names = {"T", "NT_CHUNKS", "BTH"}, ("q", "k", "v", "o", "do", "dv")
-        consts.update(BT=chunk_block(a.chunk), HAS_H0=True, HAS_S0=a.momentum, HAS_DHT=True, HAS_DST=a.momentum)
+        consts.update(BT=chunk_block(a.chunk), HAS_H0=True, HAS_S0=a.momentum, HAS_DHT=True, HAS_DST=a.momentum,
+                      MODE=a.mode)
         consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     else:
         rows_io = ("rr", "dyk") if a.prec == "bf16" else ()

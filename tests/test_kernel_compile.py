@@ -86,20 +86,27 @@ def test_mlp_kernels_compile_for_sm90(case, tmp_path):
     assert len(list(tmp_path.glob("*.ptx"))) == (len(kernels) if dump else 0)
 
 
-CHANNEL_CASES = [("channel-fwd", "momentum"), ("channel-bwd", "momentum"), ("channel-fwd", "gd"),
-                 ("channel-bwd", "gd")]
+# (kernel, --mode, learner, bias): the split's five launches (the default, linear_channel.channel_split) for both
+# learners, the dot bias's walk (no dY), the fused walk (MODE 0) forward and backward
+CHANNEL_CASES = [(which, mode, learner, 1) for learner in ("momentum", "gd")
+                 for which, mode in (("channel-fwd", 1), ("channel-fwd", 2), ("channel-reads", 1),
+                                     ("channel-walk", 1), ("channel-bwd", 2))]
+CHANNEL_CASES += [("channel-walk", 1, "gd", 0), ("channel-fwd", 0, "momentum", 1), ("channel-bwd", 0, "gd", 1)]
 
 
-@pytest.mark.parametrize("which,learner", CHANNEL_CASES, ids=["-".join(c) for c in CHANNEL_CASES])
-def test_channel_kernels_compile_for_sm90(which, learner):
+@pytest.mark.parametrize("which,mode,learner,bias", CHANNEL_CASES,
+                         ids=[f"{w}{m}-{n}-bias{b}" for w, m, n, b in CHANNEL_CASES])
+def test_channel_kernels_compile_for_sm90(which, mode, learner, bias):
     """The key-channel keep gate's kernels (miras/kernels/linear_channel.py) compile for sm_90 at D=64, bf16, the
     decayed point, within the H100's shared memory (benchmarks/kernel_resources.py): momentum at chunk 8 (in a
-    padded block of 16), gd at chunk 64 (four sub-chunks: its reshapes and dots across them)."""
+    padded block of 16), gd at chunk 64 (four sub-chunks: its reshapes and dots across them). (The interpreter runs
+    code the compiler rejects, e.g. a loop-carried name re-bound to another type.)"""
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
     env.update(PYTHONPATH=str(ROOT))
     shape = ["--chunk", "8", "--momentum"] if learner == "momentum" else ["--chunk", "64"]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), which, "bf16", "--d", "64",
-                          "--bv", "64", *shape, "--decayed"], capture_output=True, text=True, env=env, timeout=600)
+                          "--bv", "64", *shape, "--decayed", "--mode", str(mode), "--bias", str(bias)],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(r"shared (\d+) KB \| REG:(\d+)", out.stdout)
     assert m and int(m[1]) <= 227 and 0 < int(m[2]) <= 255, out.stdout[-2000:]

@@ -92,6 +92,42 @@ def test_chunk_sizes(chunk, T, learner):
     check_against_oracle(channel_spec("lp", learner, "decayed", chunk), B=1, T=T, H=2, K=16, V=16)
 
 
+FUSED = [("l2", "momentum", "decayed", 16, 37), ("huber", "gd", "previous", 32, 50), ("dot", "momentum", "previous", 8, 21),
+         ("lp", "gd", "decayed", 64, 70)]
+
+
+@pytest.mark.parametrize("bias,learner,grad_at,chunk,T", FUSED, ids=["-".join(map(str, f)) for f in FUSED])
+def test_fused_walk(bias, learner, grad_at, chunk, T, monkeypatch):
+    """MIRAS_KERNEL_CHANNEL_SPLIT=0: one program per V-tile and batch*head does everything chunk after chunk (MODE 0),
+    instead of the states' walk and the chunk-parallel launches (the default, which every other test here runs)."""
+    from miras.kernels.linear_channel import channel_split
+
+    monkeypatch.setenv("MIRAS_KERNEL_CHANNEL_SPLIT", "0")
+    assert not channel_split()
+    check_against_oracle(channel_spec(bias, learner, grad_at, chunk), B=1, T=T, H=2, K=16, V=24, seed=chunk)
+
+
+@pytest.mark.parametrize("learner,bias", [("gd", "l2"), ("gd", "dot"), ("momentum", "dot")])
+def test_split_launches(learner, bias, monkeypatch):
+    """The split (default): forward = the states' walk (grid V-tiles x batch*heads) + the outputs of every chunk at
+    once (x chunks); backward = the reads of every chunk (AG^T dO, (q . f)^T dO; none for gd with the dot bias, whose
+    R does not depend on y), the state gradients' walk, the input gradients of every chunk at once."""
+    from miras.kernels import linear_channel as lc
+
+    launched = []
+    real = lc._launch
+
+    def spy(kernel, grid, *args, **kw):
+        launched.append((kernel.fn.__name__, len(grid), kw.get("MODE")))
+        real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(lc, "_launch", spy)
+    check_against_oracle(channel_spec(bias, learner, "previous", 16), B=1, T=40, H=1, K=16, V=16)
+    reads = [] if (learner, bias) == ("gd", "dot") else [("_channel_bwd_reads_kernel", 3, None)]
+    assert launched == [("_channel_fwd_kernel", 2, 1), ("_channel_fwd_kernel", 3, 2), *reads,
+                        ("_channel_bwd_walk_kernel", 2, None), ("_channel_bwd_kernel", 3, 2)]
+
+
 def test_online_delta_rule_with_channel_gates():
     """The online delta rule (chunk 1, l2, gd) with a channel keep gate runs on these kernels: the chunked path's
     exact block solver takes one keep per head (miras/ops_delta.py), so it would walk the tokens one by one."""

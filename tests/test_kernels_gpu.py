@@ -129,15 +129,19 @@ def test_bf16_bench_shape(learner):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("chunk,learner", [(8, "momentum"), (64, "momentum"), (64, "gd")])
-def test_channel_keep_vs_float64_oracle(dtype, tol, chunk, learner):
+@pytest.mark.parametrize("chunk,learner,split", [(8, "momentum", "1"), (64, "momentum", "1"), (64, "gd", "1"),
+                                                 (64, "gd", "0")])
+def test_channel_keep_vs_float64_oracle(dtype, tol, chunk, learner, split, monkeypatch):
     """A key-channel keep gate (miras/kernels/linear_channel.py): Lp bias, decayed point, D=64, T=150, against the
-    float64 oracle (bf16 inputs: on the same rounded inputs). gd takes the sub-chunk path (``_gd_scores``)."""
+    float64 oracle (bf16 inputs: on the same rounded inputs). gd takes the sub-chunk path (``_gd_scores``). split:
+    MIRAS_KERNEL_CHANNEL_SPLIT (the states' walks and the chunk-parallel launches, the default; 0 the fused walk)."""
     from test_kernels_channel import channel_inputs, channel_spec
+
+    monkeypatch.setenv("MIRAS_KERNEL_CHANNEL_SPLIT", split)
 
     B, T, H, D = 1, 150, 2, 64
     spec = channel_spec("lp", learner, "decayed", chunk)
     x = {n: t.detach().to(dtype if n in "qkv" else torch.float32).requires_grad_(True)
          for n, t in channel_inputs(spec, B, T, H, D, D, seed=chunk).items()}
-    _check(spec, x, B, T, H, D, tol, reference_scan, label=f"channel chunk {chunk} {learner} {dtype}")
+    _check(spec, x, B, T, H, D, tol, reference_scan, label=f"channel chunk {chunk} {learner} split={split} {dtype}")
 

@@ -23,7 +23,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
-  ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber).
+  ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
+  program per V-tile and batch*head walks the chunks doing all of the work, instead of walking them for the states
+  alone and forming the rest for every chunk at once (``linear_channel.channel_split``, the default; unmeasured on a
+  GPU).
 - ``MIRAS_KERNEL_MLP_NORM=0``: turns off the MLP-memory kernels' LayerNorm head (``memory.norm``, the recipes' MLP
   memory; docs/kernels-ln-head.md), so that such a memory takes the chunked path. On by default since its GPU tests
   passed on an H100 (benchmarks/RESULTS.md, GPU session 15).
