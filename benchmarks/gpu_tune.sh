@@ -12,11 +12,11 @@
 #    and tunedpdlgraphs (and mlpr16graphs / mlpstates16graphs /
 #    mlpy0partsgraphs / mlpsplit2graphs / mlpsplitsumsgraphs / mlpsplitreadgraphs / mlpdot16graphs where set
 #    rbf16 / states16 / y0parts / split2 / splitsums / splitread / dot16 passed its check; mlpsplitallgraphs where
-#    the last three did) in GPU_TUNE_ROUNDS (2)
+#    the last three did, mlpsplitsgraphs where splitread and splitsums did) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # 5. With more than 90 s left: the key-channel keep gate's GPU tests and bench_kernels.py --families gla against
-#    fla's chunk_gla (gla.log, gla_table.txt).
+#    fla's chunk_gla, with the fused walk (variant chanfused) beside the split default (gla.log, gla_table.txt).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
 #   bash benchmarks/gpu_tune.sh                   (GPU box, repository root)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_tune.sh   (CPU dry run: interpreter, tiny shapes, no kernel times)
@@ -99,13 +99,16 @@ if passed splitsums; then VARIANTS="$VARIANTS,mlpsplitsumsgraphs"; fi
 if passed splitread; then VARIANTS="$VARIANTS,mlpsplitreadgraphs"; fi
 if passed dot16; then VARIANTS="$VARIANTS,mlpdot16graphs"; fi
 if passed splitread && passed splitsums && passed dot16; then VARIANTS="$VARIANTS,mlpsplitallgraphs"; fi
-# the rows to read first (graphs at the defaults, every split together, the tuned configs with graphs) lead each
-# round: bench_kernels.py prints every measurement as it completes (ROUND lines), so a round cut short keeps them
+# every split with fp32 dot blocks: the comparison that still stands if the bf16 blocks fail on the GPU
+if passed splitread && passed splitsums; then VARIANTS="$VARIANTS,mlpsplitsgraphs"; fi
+# the rows to read first (graphs at the defaults, every split together with and without bf16 dot blocks, the
+# tuned configs with graphs) lead each round: bench_kernels.py prints every measurement as it completes (ROUND
+# lines), so a round cut short keeps them
 FIRST=""
-for v in mlpgraphs mlpsplitallgraphs tunedgraphs; do
+for v in mlpgraphs mlpsplitallgraphs mlpsplitsgraphs tunedgraphs; do
   case ",$VARIANTS," in *",$v,"*) FIRST="$FIRST,$v" ;; esac
 done
-REST="$(echo "$VARIANTS" | tr ',' '\n' | grep -vxE 'mlpgraphs|mlpsplitallgraphs|tunedgraphs' | paste -sd, -)"
+REST="$(echo "$VARIANTS" | tr ',' '\n' | grep -vxE 'mlpgraphs|mlpsplitallgraphs|mlpsplitsgraphs|tunedgraphs' | paste -sd, -)"
 VARIANTS="${FIRST#,}${REST:+,$REST}"
 echo "variants in order: $VARIANTS"
 if [ "$(left)" -gt 40 ]; then
@@ -123,8 +126,9 @@ if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
     | tee "$OUTDIR/profile.log"
 fi
 echo "== phase 5: with the time left, the key-channel keep gate ($(left) s left)"
-# its GPU tests (gd on the secondary-chunking path of session 21 included), then GLA's recurrence against fla's
-# chunk_gla (no chunked row: with a channel gate it forms [.., b, b, K] blocks, GBs at the bench shape)
+# its GPU tests (gd on the secondary-chunking path of session 21 included; the split of session 22 and the fused
+# walk), then GLA's recurrence against fla's chunk_gla, split and fused (no chunked row: with a channel gate it forms
+# [.., b, b, K] blocks, GBs at the bench shape)
 if [ "$(left)" -gt 90 ]; then
   if [ -z "${GPU_CHECK_CPU:-}" ]; then
     timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider -m gpu -k channel \
@@ -132,6 +136,7 @@ if [ "$(left)" -gt 90 ]; then
     grep -E "^channel|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
   fi
   timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla --references gla --no-chunked $TINY \
+    --variants chanfused \
     --table "$OUTDIR/gla_table.txt" > "$OUTDIR/gla.log" 2>&1
   bench_report $? "$OUTDIR/gla.log" "$OUTDIR/gla_table.txt"
 fi

@@ -32,6 +32,8 @@ VARIANTS = {
     "bvs32": {"MIRAS_KERNEL_BV_STATE": "32"}, "reg128": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1,128"},
     "gradone": {"MIRAS_KERNEL_GRAD_SPLIT": "0"}, "state32": {"MIRAS_KERNEL_STATES": "fp32"},
     "bkg128": {"MIRAS_KERNEL_BK_GRAD": "128"}, "grad81": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1"},
+    # key-channel keep gate (extra rows of the gla row): one walk doing everything, the default before session 22
+    "chanfused": {"MIRAS_KERNEL_CHANNEL_SPLIT": "0"},
     # MLP-memory kernels (extra rows of the MLP benchmark row)
     # (bf16 dot operands are the tiles layout's default since GPU session 13; mlpbf16* name them explicitly)
     "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},
@@ -84,6 +86,9 @@ VARIANTS = {
     **_and_graphed("mlpdot16", {"MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"}),
     **_and_graphed("mlpsplitall", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1", "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1",
                                    "MIRAS_KERNEL_MLP_DOT_BLOCKS": "bf16"}),
+    # every split without the bf16 dot blocks (bf16 blocks fed to dots are the pattern of session 15's H100 crash):
+    # the backward's read halves before its loop, the forward's read after its loop
+    **_and_graphed("mlpsplits", {"MIRAS_KERNEL_MLP_SPLIT_READ": "1", "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1"}),
 }
 
 

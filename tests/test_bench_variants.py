@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,33 @@ def test_tune_table_has_a_row_for_every_kernel_a_set_launched():
     assert table[2:6] == ["| `_fwd_tile` | 2.000 | 1.500 | defaults |", "| `_bwd_sums` | 1.500 | 1.000 | defaults |",
                           "| `_bwd_read` | nan | 0.600 | - |", "| `_fwd_read` | nan | 0.200 | - |"]
     assert table[6:] == ["| all kernels | 3.500 | 3.300 | |", "| eager step (do_bench) | 4.000 | 3.600 | |"]
+
+
+def test_every_variant_gpu_tune_benches_is_known():
+    """gpu_tune.sh names its benchmark's variants in shell (VARIANTS=...): a misspelt name would cost a GPU call's
+    benchmark row. The tuned ones come from tune_mlp.py's tuned.json at run time."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import variants
+
+    script = (SCRIPT.parent / "gpu_tune.sh").read_text()
+    named = set()
+    for line in script.splitlines():
+        if "VARIANTS=" in line or line.startswith("for v in"):
+            named |= set(re.findall(r"\bmlp\w+", line))
+    assert {"mlpgraphs", "mlpsplitallgraphs", "mlpsplitsgraphs"} <= named
+    assert named <= set(variants.VARIANTS), named - set(variants.VARIANTS)
+    assert variants.VARIANTS["mlpsplitsgraphs"] == {"MIRAS_KERNEL_MLP_SPLIT_READ": "1",
+                                                    "MIRAS_KERNEL_MLP_SPLIT_SUMS": "1", **variants.GRAPHS}
+
+
+def test_variants_add_rows_to_their_own_family():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_kernels
+
+    gla, titans = "gla (dot+channel decay+gd)", "titans (l2+decay+momentum)"
+    assert bench_kernels.variant_applies("chanfused", gla, "linear")
+    assert not bench_kernels.variant_applies("chanfused", titans, "linear")
+    assert not bench_kernels.variant_applies("gradone", gla, "linear")
+    assert bench_kernels.variant_applies("gradone", titans, "linear")
+    assert bench_kernels.variant_applies("mlpgraphs", "mlp2 titans", "mlp")
+    assert not bench_kernels.variant_applies("mlpgraphs", titans, "linear")
