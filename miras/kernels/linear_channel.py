@@ -112,17 +112,16 @@ def _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM: tl.constexpr, PREC: tl.c
 
 
 @triton.jit
-def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K: tl.constexpr, MOMENTUM: tl.constexpr,
+def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K: tl.constexpr, MOMENTUM: tl.constexpr,
                   PREC: tl.constexpr, TRANSPOSED: tl.constexpr):
     """The chunk's channel-summed coefficients: AG [BT, BT] (causal; with TRANSPOSED its transpose AG^T, built
-    directly: no tl.trans of dot results, the Hopper hazard of fla #640), GL [BT, BK] (GL[j, c] = G_c[L, j]) and
-    f [BT, BK] (f[t, c] = sum_{r<=t} E_c[t, r] m_r; 0 for gd). gd: ``_gd_scores``; momentum: channel by channel,
-    from each channel's G_c (G_c^T from ``common.gate_coeffs_t``)."""
+    directly: no tl.trans of dot results, the Hopper hazard of fla #640) and f [BT, BK] (f[t, c] =
+    sum_{r<=t} E_c[t, r] m_r; 0 for gd). gd: ``_gd_scores``; momentum: channel by channel, from each channel's G_c
+    (G_c^T from ``common.gate_coeffs_t``). The end row GL comes from ``_end_row``."""
     BT: tl.constexpr = o_t.shape[0]
     F = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
     if MOMENTUM:
         AG = tl.zeros([BT, BT], dtype=tl.float32)
-        GL = tl.zeros([BT, o_k.shape[0]], dtype=tl.float32)
         for c in range(K):
             lb_c, E, G = _channel_gate(lb, eta_t, NT, o_k, o_t, c, MOMENTUM, PREC)
             if TRANSPOSED:
@@ -130,13 +129,10 @@ def _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K: tl.constexpr, 
                 AG += (_col(b_k, o_k, c)[:, None] * _col(b_q, o_k, c)[None, :]) * GT
             else:
                 AG += (_col(b_q, o_k, c)[:, None] * _col(b_k, o_k, c)[None, :]) * G
-            at_c = o_k[None, :] == c
-            GL += tl.where(at_c, _row_select(G, o_t, L)[:, None], 0.0)
-            F += tl.where(at_c, tl.sum(E * m[None, :], axis=1)[:, None], 0.0)
+            F += tl.where(o_k[None, :] == c, tl.sum(E * m[None, :], axis=1)[:, None], 0.0)
     else:  # G_c = E_c diag(eta): no loop over the channels
         AG = _gd_scores(b_q, b_k, lb, eta_t, o_t, BT, PREC, TRANSPOSED)
-        GL = _end_decay(lb, o_t, L) * eta_t[:, None]
-    return AG, GL, F
+    return AG, F
 
 
 SUB = tl.constexpr(16)  # rows of a sub-chunk in the gd path's secondary chunking (GLA)
@@ -282,9 +278,9 @@ def _chunk_read(b_q, B, F, W, S, AG, R, MOMENTUM: tl.constexpr, PREC: tl.constex
 
 @triton.jit
 def _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """What the end state needs of the chunk's coefficients, without a [BT, BT] block per channel: GL [BT, BK]
-    (GL[j, c] = G_c[L, j] = sum_r E_c[L, r] NT[r, j], i.e. NT^T E_L; E_L diag(eta) for gd) and f_L [BK]
-    (f_L[c] = sum_r E_c[L, r] m_r; 0 for gd), with E_L[r, c] = E_c[L, r] (``_end_decay``)."""
+    """What the end state needs of the chunk's coefficients, without a [BT, BT] block per channel: E_L [BT, BK]
+    (E_L[r, c] = E_c[L, r], ``_end_decay``), GL [BT, BK] (GL[j, c] = G_c[L, j] = sum_r E_c[L, r] NT[r, j], i.e.
+    NT^T E_L; E_L diag(eta) for gd) and f_L [BK] (f_L[c] = sum_r E_c[L, r] m_r; 0 for gd)."""
     EL = _end_decay(lb, o_t, L)
     if MOMENTUM:
         GL = _dot(tl.trans(NT), EL, PREC)
@@ -292,7 +288,7 @@ def _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM: tl.constexpr, PREC: tl.constexp
     else:
         GL = EL * eta_t[:, None]
         fL = tl.zeros([EL.shape[1]], dtype=tl.float32)
-    return GL, fL
+    return EL, GL, fL
 
 
 @triton.jit
@@ -332,7 +328,7 @@ def _channel_fwd_kernel(
             q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
             MOMENTUM, PREC)
         B, _, _, R = _chunk_prediction(b_k, b_v, b_d, lb, W, t_ok, BIAS, P, SMOOTH, EPS, DECAYED, PREC)
-        AG, _, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K, MOMENTUM, PREC, False)
+        AG, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K, MOMENTUM, PREC, False)
         tl.store(o + p_tv, _chunk_read(b_q, B, F, W, S, AG, R, MOMENTUM, PREC).to(o.dtype.element_ty), mask=tv_ok)
     else:
         W, S = _given_states(h0, s0, p_s, s_off, s_ok, HAS_H0, HAS_S0, BK, BV)
@@ -346,12 +342,10 @@ def _channel_fwd_kernel(
                 MOMENTUM, PREC)
             B, kp, y, R = _chunk_prediction(b_k, b_v, b_d, lb, W, t_ok, BIAS, P, SMOOTH, EPS, DECAYED, PREC)
             if MODE == 0:
-                AG, GL, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K, MOMENTUM, PREC, False)
-                b_o = _chunk_read(b_q, B, F, W, S, AG, R, MOMENTUM, PREC)
-                tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=tv_ok)
-                fL = _row_select(F, o_t, L)
-            else:
-                GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
+                AG, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K, MOMENTUM, PREC, False)
+                tl.store(o + p_tv, _chunk_read(b_q, B, F, W, S, AG, R, MOMENTUM, PREC).to(o.dtype.element_ty),
+                         mask=tv_ok)
+            EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
             W, S = _end_state(W, S, B, GL, fL, b_k, R, NT, m, o_t, L, MOMENTUM, PREC)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
@@ -374,7 +368,8 @@ def _channel_bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla,
         MOMENTUM, PREC)
     at_L = o_t == L
     B, kp, y, R = _chunk_prediction(b_k, b_v, b_d, lb, W, t_ok, BIAS, P, SMOOTH, EPS, DECAYED, PREC)
-    AGT, GL, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K, MOMENTUM, PREC, True)
+    AGT, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K, MOMENTUM, PREC, True)
+    EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     nL = _row_select(NT, o_t, L)
     # dR: the read's part -(AG^T dO) and the end states' parts
@@ -444,7 +439,6 @@ def _channel_bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla,
         X = Zo + dA_tt[:, None] * b_q
         dq_c = Yo + (dA_tt * eta_t)[:, None] * b_k
         dk_c = eta_t[:, None] * X
-        EL = _end_decay(lb, o_t, L)  # (GL = EL eta, from _channel_sums)
         dGG = dGL * GL
         d_eta = tl.sum(b_k * X + dGL * EL, axis=1)
         dlb = b_q * Yo - b_k * eta_t[:, None] * Zo - dGG + tl.where(at_L[:, None], tl.sum(dGG, axis=0), 0.0)
@@ -468,7 +462,7 @@ def _channel_bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla,
     dW_start = _row_select(B, o_t, L)[:, None] * dW + _dot(tl.trans(b_q * B), b_do, PREC) + _dot(
         tl.trans(kp), dY, PREC)
     if MOMENTUM:
-        dS = _row_select(F, o_t, L)[:, None] * dW + _vec_select(m, o_t, L) * dS + _dot(tl.trans(b_q * F), b_do, PREC)
+        dS = fL[:, None] * dW + _vec_select(m, o_t, L) * dS + _dot(tl.trans(b_q * F), b_do, PREC)
     return dW_start, dS
 
 
@@ -527,7 +521,7 @@ def _channel_bwd_reads_kernel(
     t_idx, t_ok, L, qk_ok, tv_ok, p_tk, p_tv, b_q, b_k, b_v, b_d, lb, eta_t, lm, m, NT = _chunk_inputs(
         q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
         MOMENTUM, PREC)
-    AGT, _, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, L, K, MOMENTUM, PREC, True)
+    AGT, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K, MOMENTUM, PREC, True)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if BIAS != 0:
         tl.store(u + p_tv, _dot(AGT, b_do, PREC), mask=tv_ok)
@@ -562,7 +556,7 @@ def _channel_bwd_walk_kernel(
             q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
             MOMENTUM, PREC)
         B, kp, y, R = _chunk_prediction(b_k, b_v, b_d, lb, W, t_ok, BIAS, P, SMOOTH, EPS, DECAYED, PREC)
-        GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
+        EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         dW_start = _row_select(B, o_t, L)[:, None] * dW + _dot(tl.trans(b_q * B), b_do, PREC)
         if BIAS != 0:
