@@ -98,6 +98,10 @@ SETS = {  # name -> the environment it runs under (on top of one with no MIRAS_K
     # 48 / 80 at one tile), so still two per SM: one wave instead of two (spill stacks 32 -> 232, 296 -> 232,
     # 176 -> 352 B per thread)
     "tiles2": _blocks(_fwd_tile=2, _bwd_tile32=2, _bwd_tile2=2),
+    # four: 128 programs per chunk, about one per SM (4 warps each), each loading the chunk's shared blocks once for
+    # four tiles (the L2 traffic of q, k, dO, R, gamma dY halved again); sm_90 stacks 208 / 272 / 360 B per thread,
+    # per-tile instructions as at two
+    "tiles4": _blocks(_fwd_tile=4, _bwd_tile32=4, _bwd_tile2=4),
     # the chunk-start states kept for the backward in bf16, apart from the forward's fp32 recurrence
     # (mlp_tiles.saved_states_dtype: half the state bytes in pass 2, pass 3, _bwd_sums, _bwd_end, _fwd_out; spill
     # stacks 176 -> 80 B in _bwd_tile2, 296 -> 200 in _bwd_tile32): spans kernels, so in the table only (WHOLE_SETS)

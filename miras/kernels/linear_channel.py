@@ -277,24 +277,32 @@ def _chunk_read(b_q, B, F, W, S, AG, R, MOMENTUM: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
-def _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+def _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM: tl.constexpr, PREC: tl.constexpr, TRANSPOSED: tl.constexpr):
     """What the end state needs of the chunk's coefficients, without a [BT, BT] block per channel: E_L [BT, BK]
     (E_L[r, c] = E_c[L, r], ``_end_decay``), GL [BT, BK] (GL[j, c] = G_c[L, j] = sum_r E_c[L, r] NT[r, j], i.e.
-    NT^T E_L; E_L diag(eta) for gd) and f_L [BK] (f_L[c] = sum_r E_c[L, r] m_r; 0 for gd)."""
+    NT^T E_L; E_L diag(eta) for gd), with TRANSPOSED its transpose GL^T = E_L^T NT formed directly (the forward's
+    update takes it transposed: no tl.trans of a dot result, fla #640), and f_L [BK] (f_L[c] = sum_r E_c[L, r] m_r;
+    0 for gd)."""
     EL = _end_decay(lb, o_t, L)
     if MOMENTUM:
-        GL = _dot(tl.trans(NT), EL, PREC)
+        if TRANSPOSED:
+            GL = _dot(tl.trans(EL), NT, PREC)
+        else:
+            GL = _dot(tl.trans(NT), EL, PREC)
         fL = tl.sum(EL * m[:, None], axis=0)
     else:
         GL = EL * eta_t[:, None]
+        if TRANSPOSED:
+            GL = tl.trans(GL)
         fL = tl.zeros([EL.shape[1]], dtype=tl.float32)
     return EL, GL, fL
 
 
 @triton.jit
-def _end_state(W, S, B, GL, fL, b_k, R, NT, m, o_t, L, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """The chunk's end state: W_L = diag(b_L) W_0 + diag(f_L) S_0 - (k . GL)^T R, S_L = m_L S_0 - (k . n_L)^T R."""
-    W_end = _row_select(B, o_t, L)[:, None] * W - _dot(tl.trans(b_k * GL), R, PREC)
+def _end_state(W, S, B, GLT, fL, b_k, R, NT, m, o_t, L, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """The chunk's end state: W_L = diag(b_L) W_0 + diag(f_L) S_0 - (k . GL)^T R, S_L = m_L S_0 - (k . n_L)^T R
+    (GLT = GL^T from ``_end_row``)."""
+    W_end = _row_select(B, o_t, L)[:, None] * W - _dot(tl.trans(b_k) * GLT, R, PREC)
     if MOMENTUM:
         W_end += fL[:, None] * S
         S = _vec_select(m, o_t, L) * S - _dot(tl.trans(b_k * _row_select(NT, o_t, L)[:, None]), R, PREC)
@@ -345,8 +353,8 @@ def _channel_fwd_kernel(
                 AG, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K, MOMENTUM, PREC, False)
                 tl.store(o + p_tv, _chunk_read(b_q, B, F, W, S, AG, R, MOMENTUM, PREC).to(o.dtype.element_ty),
                          mask=tv_ok)
-            EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
-            W, S = _end_state(W, S, B, GL, fL, b_k, R, NT, m, o_t, L, MOMENTUM, PREC)
+            EL, GLT, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC, True)
+            W, S = _end_state(W, S, B, GLT, fL, b_k, R, NT, m, o_t, L, MOMENTUM, PREC)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -369,7 +377,7 @@ def _channel_bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla,
     at_L = o_t == L
     B, kp, y, R = _chunk_prediction(b_k, b_v, b_d, lb, W, t_ok, BIAS, P, SMOOTH, EPS, DECAYED, PREC)
     AGT, F = _channel_sums(b_q, b_k, lb, eta_t, lm, m, NT, o_k, o_t, K, MOMENTUM, PREC, True)
-    EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
+    EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC, False)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     nL = _row_select(NT, o_t, L)
     # dR: the read's part -(AG^T dO) and the end states' parts
@@ -556,7 +564,7 @@ def _channel_bwd_walk_kernel(
             q, k, v, eta, keep, mu, delta, c, T, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS,
             MOMENTUM, PREC)
         B, kp, y, R = _chunk_prediction(b_k, b_v, b_d, lb, W, t_ok, BIAS, P, SMOOTH, EPS, DECAYED, PREC)
-        EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC)
+        EL, GL, fL = _end_row(lb, eta_t, NT, m, o_t, L, MOMENTUM, PREC, False)
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         dW_start = _row_select(B, o_t, L)[:, None] * dW + _dot(tl.trans(b_q * B), b_do, PREC)
         if BIAS != 0:
