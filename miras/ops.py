@@ -71,12 +71,19 @@ def resolve_mode(spec: MemorySpec, device: str = "cpu", dtype: torch.dtype = tor
     return "triton" if triton_status()[0] and kernel_support(spec)[0] else "chunked"
 
 
-def _auto_mode(spec: MemorySpec, q: Tensor) -> str:
+def _auto_mode(spec: MemorySpec, q: Tensor, v: Tensor) -> str:
     if q.device.type != "cuda" or q.dtype == torch.float64:
         return "chunked"
     mode = resolve_mode(spec, "cuda", q.dtype)
     if mode == "chunked":
         _warn_fallback(kernel_gap(spec))
+    elif q.dim() == 4 and v.dim() == 4:  # (malformed shapes: check_inputs names them)
+        from miras.kernels import shape_gap
+
+        gap = shape_gap(spec, *q.shape, v.shape[-1])
+        if gap:
+            _warn_fallback(gap)
+            return "chunked"
     return mode
 
 
@@ -89,11 +96,12 @@ def kernel_gap(spec: MemorySpec) -> str:
     return kernel_support(spec)[1]
 
 
-def _select(mode: str, spec: MemorySpec, q: Tensor) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-    """The implementation for ``mode``; ``auto`` as :func:`resolve_mode` decides (with the fallback warning)."""
+def _select(mode: str, spec: MemorySpec, q: Tensor, v: Tensor) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    """The implementation for ``mode``; ``auto`` as :func:`resolve_mode` decides, and the chunked path where the
+    kernels' shape limits rule them out (``miras.kernels.shape_gap``), with the fallback warning."""
     impls = {"recurrent": recurrent_memory_scan, "chunked": chunked_memory_scan, "triton": _triton_memory_scan}
     if mode == "auto":
-        mode = _auto_mode(spec, q)
+        mode = _auto_mode(spec, q, v)
     if mode not in impls:
         raise ValueError(f"memory_scan: mode must be one of {', '.join(MODES)}, but got mode={mode!r}.")
     return impls[mode]
@@ -129,7 +137,7 @@ def memory_scan(
         ValueError: malformed shapes, missing or unexpected gates/state keys/params, unknown mode.
         KernelUnavailable: ``mode="triton"`` without the fused kernels.
     """
-    impl = _select(mode, spec, q)
+    impl = _select(mode, spec, q, v)
     check_inputs(spec, q, k, v, gates, state, params)
     out_dtype = q.dtype
     if impl is not _triton_memory_scan:  # the PyTorch paths compute in one dtype: fp64 if any input is, else fp32

@@ -433,6 +433,42 @@ def test_kernel_support_names_the_missing_piece(overrides, missing):
         triton_memory_scan(spec, x["q"], x["k"], x["v"], {"lr": x["lr"]})
 
 
+def test_shapes_beyond_the_kernels_limits_are_named():
+    """Head dims above 256, more chunks per sequence or batch*heads than a CUDA grid axis holds (65535): shape_gap
+    names the limit (auto mode then takes the chunked path with a warning), and mode="triton" raises it."""
+    from miras.kernels import shape_gap
+
+    spec = MemorySpec(memory="linear", bias="dot", learner={"kind": "gd", "chunk_size": 1})
+    assert shape_gap(spec, 4, 4096, 8, 128, 128) == ""
+    assert "head dims must be <= 256" in shape_gap(spec, 1, 8, 1, 320, 64)
+    assert "makes 65536" in shape_gap(spec, 1, 65536, 1, 16, 16) and "chunk_size" in shape_gap(spec, 1, 65536, 1, 16, 16)
+    assert shape_gap(MemorySpec(memory="linear", bias="dot", learner={"kind": "gd", "chunk_size": 2}), 1, 65536, 1,
+                     16, 16) == ""
+    assert "B*H=65536" in shape_gap(spec, 8192, 8, 8, 16, 16)
+    q = torch.zeros(1, 65536, 1, 16, device=DEVICE)
+    with pytest.raises(KernelUnavailable, match="at most 65535 chunks per sequence"):
+        triton_memory_scan(spec, q, q, q, {"lr": torch.zeros(1, 65536, 1, device=DEVICE)})
+
+
+def test_auto_mode_takes_the_chunked_path_beyond_the_shape_limits(recwarn):
+    """ops._auto_mode on CUDA inputs (stand-ins: this machine has no GPU; tests/test_kernels_gpu.py runs the real
+    call) picks the kernels, unless shape_gap rules the shapes out: then the chunked path, warned once by reason."""
+    from types import SimpleNamespace
+
+    from miras import ops
+
+    def cuda_like(*shape):
+        return SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=torch.Size(shape),
+                               dim=lambda: len(shape))
+
+    spec = make_spec("dot", "decay", "gd")
+    assert ops._auto_mode(spec, cuda_like(1, 8, 1, 64), cuda_like(1, 8, 1, 64)) == "triton"
+    assert not [w for w in recwarn if "memory_scan" in str(w.message)]
+    assert ops._auto_mode(spec, cuda_like(1, 8, 1, 64), cuda_like(1, 8, 1, 288)) == "chunked"
+    (warning,) = [w for w in recwarn if "memory_scan" in str(w.message)]
+    assert "head dims must be <= 256, but got K=64, V=288" in str(warning.message)
+
+
 def test_bad_inputs_raise_clear_errors():
     spec = make_spec("l2", "decay", "momentum")
     x = make_inputs(spec, 1, 8, 2, 16, 16)

@@ -145,3 +145,17 @@ def test_channel_keep_vs_float64_oracle(dtype, tol, chunk, learner, split, monke
          for n, t in channel_inputs(spec, B, T, H, D, D, seed=chunk).items()}
     _check(spec, x, B, T, H, D, tol, reference_scan, label=f"channel chunk {chunk} {learner} split={split} {dtype}")
 
+
+
+def test_auto_mode_falls_back_beyond_the_kernels_shape_limits():
+    """mode="auto" on CUDA with head dims above the kernels' 256 takes the chunked path with a warning that names
+    the limit (miras.kernels.shape_gap), instead of failing in the kernels; the result is the chunked path's."""
+    from miras import ops
+
+    spec = make_spec("dot", "decay", "gd")
+    x = make_inputs(spec, 1, 8, 1, 272, 16, device="cuda")
+    gates = {"lr": x["lr"], "keep": x["keep"]}
+    with pytest.warns(UserWarning, match="head dims must be <= 256"):
+        o, _ = ops.memory_scan(spec, x["q"], x["k"], x["v"], gates, mode="auto")
+    o_ref, _ = ops.memory_scan(spec, x["q"], x["k"], x["v"], gates, mode="chunked")
+    assert torch.equal(o, o_ref)

@@ -174,8 +174,8 @@ def test_cli_validate_exit_codes(tmp_path):
 
 def test_show_names_what_keeps_a_layer_off_the_kernels():
     """``miras show``'s memory path: on CUDA, a layer that no Triton kernel covers says which piece is missing (the
-    first of kernel_support's reasons); the recipes whose MLP memory has the LayerNorm head run on the kernels, the
-    Titans ones at their chunk of 8 too."""
+    first of kernel_support's reasons) or a head dim beyond the kernels' (shape_gap); the recipes whose MLP memory has
+    the LayerNorm head run on the kernels, the Titans ones at their chunk of 8 too."""
     pytest.importorskip("triton")
     from miras.commands.spec_cmds import _paths
 
@@ -187,6 +187,8 @@ def test_show_names_what_keeps_a_layer_off_the_kernels():
     assert _paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/linear-attention.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
+    wide = _paths(load_spec(root / "recipes/linear-attention.yaml", ["head_dim=320", "n_heads=1"]))[0][2]
+    assert wide == "chunked (cpu) / chunked (cuda): head dims must be <= 256, but got K=320, V=320"
 
 
 def test_cli_show_params_recipes():

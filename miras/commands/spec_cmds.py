@@ -29,18 +29,19 @@ def _fmt_int(n: int) -> str:
 
 def _paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
     """(layer, block kind, memory path) for each layer: which implementation runs the memory update, and on CUDA,
-    when it is not a Triton kernel, the piece no kernel covers yet (``kernel_support``'s reason)."""
+    when it is not a Triton kernel, the piece no kernel covers yet (``kernel_support``'s reason) or the head dim
+    beyond the kernels' (``miras.kernels.shape_gap``)."""
     from miras.ops import kernel_gap, resolve_mode
 
-    rows = []
-    for i, block in enumerate(spec.blocks):
-        if block in ("attn", "swa"):
-            rows.append((i, block, "sdpa"))
-            continue
-        cuda = resolve_mode(spec.memory, device="cuda")
-        path = f"{resolve_mode(spec.memory, device='cpu')} (cpu) / {cuda} (cuda)"
-        rows.append((i, block, path + (f": {kernel_gap(spec.memory).split(';')[0]}" if cuda == "chunked" else "")))
-    return rows
+    cuda = resolve_mode(spec.memory, device="cuda")
+    gap = kernel_gap(spec.memory).split(";")[0] if cuda == "chunked" else ""
+    if cuda == "triton":
+        from miras.kernels import shape_gap
+
+        gap = shape_gap(spec.memory, 1, 1, spec.n_heads, spec.d_head, spec.d_head)
+        cuda = "chunked" if gap else cuda
+    path = f"{resolve_mode(spec.memory, device='cpu')} (cpu) / {cuda} (cuda)" + (f": {gap}" if gap else "")
+    return [(i, block, "sdpa" if block in ("attn", "swa") else path) for i, block in enumerate(spec.blocks)]
 
 
 @click.command()

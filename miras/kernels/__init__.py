@@ -95,10 +95,11 @@ import torch
 from miras.errors import KernelUnavailable
 from miras.kernels.settings import env_switch
 
-__all__ = ["kernel_support", "triton_memory_scan", "triton_status"]
+__all__ = ["kernel_support", "shape_gap", "triton_memory_scan", "triton_status"]
 
 MAX_CHUNK = 64  # the kernels hold a chunk in one block of rows (padded to 16 or the next power of two)
 MAX_HEAD_DIM = 256
+MAX_GRID_AXIS = 65535  # CUDA's cap on a grid's second and third axes: the batch*heads, and the chunks of a sequence
 
 
 @lru_cache(maxsize=1)
@@ -134,6 +135,22 @@ def _warn_known_bad(device: torch.device) -> None:
 @cache
 def _warn_once(msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
+
+
+def shape_gap(spec, B: int, T: int, H: int, K: int, V: int) -> str:
+    """Why the kernels cannot run inputs of these shapes, or "" when they can: head dims above MAX_HEAD_DIM, more
+    chunks per sequence (ceil(T / learner.chunk_size)) or batch*heads than a grid axis holds (the chunk-parallel
+    launches put the batch*heads on the grid's second axis and the chunks on its third). ``memory_scan``'s auto mode
+    takes the chunked path then, with a one-time warning naming the reason."""
+    if max(K, V) > MAX_HEAD_DIM:
+        return f"head dims must be <= {MAX_HEAD_DIM}, but got K={K}, V={V}"
+    chunks = -(-T // spec.learner.chunk_size)
+    if chunks > MAX_GRID_AXIS:
+        return (f"at most {MAX_GRID_AXIS} chunks per sequence (a CUDA grid axis), but T={T} at "
+                f"learner.chunk_size={spec.learner.chunk_size} makes {chunks}; use a larger chunk_size")
+    if B * H > MAX_GRID_AXIS:
+        return f"at most {MAX_GRID_AXIS} batch*heads (a CUDA grid axis), but got B*H={B * H}"
+    return ""
 
 
 def kernel_support(spec) -> tuple[bool, str]:
@@ -262,8 +279,8 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Returns:
         o [B, T, H, V] in q's dtype, and the final state {"W1", "S1" (momentum)} as float32 [B, H, K, V].
     Raises:
-        KernelUnavailable: unsupported spec, no triton, float64 inputs, CPU tensors without the interpreter, or head
-            dims > 256. ValueError: shapes or missing gates.
+        KernelUnavailable: unsupported spec, no triton, float64 inputs, CPU tensors without the interpreter, or
+            shapes beyond the kernels' limits (``shape_gap``). ValueError: shapes or missing gates.
     """
     ok, why = kernel_support(spec)
     if not ok:
@@ -282,8 +299,9 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if not (q.is_cuda or interpreting()):
         raise KernelUnavailable(f"triton_memory_scan needs a CUDA device (or TRITON_INTERPRET=1 on CPU), but got "
                                 f"device={q.device}; use mode='chunked'")
-    if max(K, V) > MAX_HEAD_DIM:
-        raise KernelUnavailable(f"triton_memory_scan: head dims must be <= {MAX_HEAD_DIM}, but got K={K}, V={V}")
+    gap = shape_gap(spec, B, T, H, K, V)
+    if gap:
+        raise KernelUnavailable(f"triton_memory_scan: {gap}; use mode='chunked' or 'auto'")
     if T == 0:
         raise ValueError(f"triton_memory_scan: the sequence must not be empty, but got T={T}")
     if q.is_cuda:

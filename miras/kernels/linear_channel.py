@@ -606,12 +606,6 @@ def channel_split() -> bool:
     return env_switch("MIRAS_KERNEL_CHANNEL_SPLIT", True)
 
 
-def _split_chunks(NT: int) -> bool:
-    """Whether this call runs the split (``channel_split``): its chunk-parallel launches put the chunks on the grid's
-    third axis, which CUDA caps at 65535."""
-    return channel_split() and NT <= 65535
-
-
 def _block_v(cfg: RuleConfig, V: int) -> int:
     """The V-tile: ``MIRAS_KERNEL_CHANNEL_BV`` (a power of two >= 16), else 64 (at D=128, two programs per batch*head,
     each with half the state); all of V for Huber, whose switch needs the row norm over V."""
@@ -648,7 +642,7 @@ def channel_scan_fwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, h0, s0):
     args = (q, k, v, eta, keep, mu if mu is not None else eta, delta if delta is not None else eta,
             h0 if h0 is not None else ht, s0 if s0 is not None else ht, o, hs, ss, ht, st, T, NT)
     kw.update(HAS_H0=h0 is not None, HAS_S0=s0 is not None)
-    if _split_chunks(NT):
+    if channel_split():
         _launch(_channel_fwd_kernel, grid, *args, **kw, MODE=1)
         _launch(_channel_fwd_kernel, (*grid, NT), *args, **kw, MODE=2)
     else:
@@ -678,7 +672,7 @@ def channel_scan_bwd(cfg: RuleConfig, q, k, v, eta, keep, mu, delta, hs, ss, do,
     kw.update(HAS_DHT=dht is not dh0, HAS_DST=dst is not dh0)
     inputs = (q, k, v, eta, keep, mu, delta)
     grads = (dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
-    if _split_chunks(NT):
+    if channel_split():
         dhs = torch.empty_like(hs)  # every chunk's end-state gradient
         dss = torch.empty_like(hs) if cfg.momentum else dhs
         u = torch.empty(B, T, H, V, **f32) if cfg.bias != 0 else dhs  # AG^T dO
