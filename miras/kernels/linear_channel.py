@@ -141,11 +141,8 @@ SUB = tl.constexpr(16)  # rows of a sub-chunk in the gd path's secondary chunkin
 @triton.jit
 def _sub_rows(X, jj, BT: tl.constexpr):
     """[BT, N] -> [BT, N] whose row t is X's row jj of t's sub-chunk (row SUB * (t // SUB) + jj)."""
-    NS: tl.constexpr = BT // SUB
-    X3 = tl.reshape(X, (NS, SUB, X.shape[1]))
-    o_s = tl.arange(0, SUB)
-    row = tl.sum(tl.where(o_s[None, :, None] == jj, X3, 0.0), axis=1)
-    return tl.reshape(tl.broadcast_to(row[:, None, :], (NS, SUB, X.shape[1])), (BT, X.shape[1]))
+    J = (tl.arange(0, BT) // SUB) * SUB + jj
+    return tl.gather(X, tl.broadcast_to(J[:, None], (BT, X.shape[1])), 0)
 
 
 @triton.jit
