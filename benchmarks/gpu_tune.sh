@@ -127,11 +127,12 @@ if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
 fi
 echo "== phase 5: with the time left, the key-channel keep gate ($(left) s left)"
 # its GPU tests (gd on the secondary-chunking path of session 21 included; the split of session 22 and the fused
-# walk), then GLA's recurrence against fla's chunk_gla, split and fused (no chunked row: with a channel gate it forms
-# [.., b, b, K] blocks, GBs at the bench shape)
+# walk; and auto mode's fallback beyond the kernels' shape limits), then GLA's recurrence against fla's chunk_gla,
+# split and fused (no chunked row: with a channel gate it forms [.., b, b, K] blocks, GBs at the bench shape)
 if [ "$(left)" -gt 90 ]; then
   if [ -z "${GPU_CHECK_CPU:-}" ]; then
-    timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider -m gpu -k channel \
+    timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider -m gpu \
+      -k "channel or shape_limits" \
       > "$OUTDIR/channel_tests.log" 2>&1
     grep -E "^channel|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
   fi
