@@ -53,7 +53,7 @@ def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, mo
     ids = torch.randint(0, spec.vocab_size, (1, T))
     ref_logits, ref_grads = one_step(model, ids)
     picked = []
-    monkeypatch.setattr(ops, "_auto_mode", lambda spec, q: picked.append(q.shape[1]) or "triton")
+    monkeypatch.setattr(ops, "_auto_mode", lambda spec, q, v: picked.append(q.shape[1]) or "triton")
     logits, grads = one_step(model, ids)
     chunk = spec.memory.learner.chunk_size
     assert picked == [T // chunk * chunk, T % chunk]
