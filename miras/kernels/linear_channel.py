@@ -213,7 +213,7 @@ def _gd_pairs(M, X, lb, o_t, BT: tl.constexpr, PREC: tl.constexpr, LATER: tl.con
         else:
             pair = o_t > J
         E = _decay(lb, pair[:, None], _sub_rows(lb, jj, BT), SIGN)
-        Y += tl.sum(tl.where(o_t[None, :] == J[:, None], M, 0.0), axis=1)[:, None] * E * _sub_rows(X, jj, BT)
+        Y += tl.gather(M, J[:, None], 1) * E * _sub_rows(X, jj, BT)  # M[t, J(t)] * ...
     return Y
 
 
