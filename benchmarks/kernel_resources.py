@@ -5,7 +5,7 @@ register spills (cuobjdump's resource report). A free check before spending devi
     python benchmarks/kernel_resources.py bwd tf32x3 --warps 8 --bv 32 --d 64 --bias 3
     python benchmarks/kernel_resources.py bwd bf16 --bv 128 --bvl 64 --mode 2 --momentum --sass
     python benchmarks/kernel_resources.py qk bf16 --bv 128 --bvl 64 --momentum --states bf16 --sass
-    python benchmarks/kernel_resources.py channel-bwd bf16 --d 128 --bv 64 --chunk 16 --momentum
+    python benchmarks/kernel_resources.py channel-bwd bf16 --d 128 --bv 64 --chunk 16 --momentum --mode 2
 
 ``channel-fwd`` / ``channel-bwd``: the kernels of a key-channel keep gate (miras/kernels/linear_channel.py; one
 program per V-tile of --bv columns and batch*head; their default tile is 64), with --mode as there: 0 the fused walk,
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="cap on registers per thread (ptx .maxnreg)")
     ap.add_argument("--no-cf", action="store_true", help="state passes build the gate coefficients in the loop")
     a = ap.parse_args()
+    if a.which == "channel-bwd" and a.mode not in (0, 2):  # (its MODE 1 would compile the fused walk, mislabelled)
+        ap.error(f"channel-bwd --mode must be 0 (the fused walk) or 2 (every chunk at once), but got --mode {a.mode}")
     io = "bf16" if a.prec == "bf16" else "fp32"
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, CS=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv,
                   BIAS=a.bias, P=2.0, SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed,

@@ -110,3 +110,11 @@ def test_channel_kernels_compile_for_sm90(which, mode, learner, bias):
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(r"shared (\d+) KB \| REG:(\d+)", out.stdout)
     assert m and int(m[1]) <= 227 and 0 < int(m[2]) <= 255, out.stdout[-2000:]
+
+
+def test_channel_backward_mode_1_is_a_clear_error():
+    """The channel backward kernel has MODE 0 (the fused walk) and 2 (every chunk at once); --mode 1, the linear
+    kernels' default, would compile the fused walk under another name."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "channel-bwd", "bf16"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 2 and "channel-bwd --mode must be 0 (the fused walk) or 2" in out.stderr, out.stderr
