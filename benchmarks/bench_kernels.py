@@ -10,6 +10,7 @@ NeuralMemory when importable. Also the relative error of the kernel against the 
     python benchmarks/bench_kernels.py --families mlp --no-chunked --variants mlpbf16 --rounds 3   # A/B in turns
     python benchmarks/bench_kernels.py --families "LN head" --chunk 8   # the Titans recipes' memory and chunk
     python benchmarks/bench_kernels.py --families gla --references gla   # key-channel decay vs fla's chunk_gla
+    python benchmarks/bench_kernels.py --families deltanet --references gated   # vs fla's chunk_gated_delta_rule
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny   # CPU: exercises the script (timings meaningless)
 """
 
@@ -48,12 +49,17 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     "mlp2 + LN head (l2+decay+momentum, e=4)": dict(
         memory={"kind": "mlp", "depth": 2, "expansion": 4, "residual": True, "norm": True, "activation": "gelu"},
         bias="l2", retention={"kind": "decay"}, learner={"kind": "momentum"}),
+    # the exact online delta rule at chunk 1 (Gated DeltaNet: decayed point) in WY blocks of 64: miras/kernels/delta.py;
+    # fla's chunk_gated_delta_rule computes the same recurrence (last: a run cut short keeps the rows above)
+    "gated deltanet (chunk 1: l2+decay+gd)": dict(bias="l2", retention={"kind": "decay", "grad_at": "decayed"},
+                                                  learner={"kind": "gd", "chunk_size": 1}),
 }
 
 
 def family_spec(over: dict, chunk: int) -> MemorySpec:
-    """The MemorySpec of a FAMILIES entry (its overrides on a linear memory) at chunk size ``chunk``."""
-    return MemorySpec(**{"memory": "linear", **over, "learner": {**over["learner"], "chunk_size": chunk}})
+    """The MemorySpec of a FAMILIES entry (its overrides on a linear memory) at chunk size ``chunk``, unless the entry
+    sets its own (the online delta rule's 1)."""
+    return MemorySpec(**{"memory": "linear", **over, "learner": {"chunk_size": chunk, **over["learner"]}})
 
 
 def matmul_flops(B, T, H, K, V, BT, momentum: bool) -> tuple[float, float]:
@@ -389,7 +395,9 @@ def main() -> None:
         def run_triton(q, k, v, *g, spec=spec, names=names, state0=state0, head=head):
             return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0, params=head)[0]
 
-        fl = matmul_flops(B, T, H, D, D, BT, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
+        # (the delta rule's kernels run at its WY block, 64; its WY solve in PyTorch is not counted)
+        block = 64 if spec.learner.chunk_size == 1 else BT
+        fl = matmul_flops(B, T, H, D, D, block, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
         settings = {f"triton {fam}": {}, **{f"triton {fam} [{w}]": VARIANTS[w] for w in variants}}
         measured = measure_rounds(settings, run_triton, (q, k, v, *gates.values()), device, fl, tokens, args.rounds)
@@ -433,6 +441,7 @@ def main() -> None:
             add(measure(name, run, inputs, device, None, tokens))
         ratio_to("triton titans (l2+decay+momentum)", "fla chunk_delta_rule", rows)
         ratio_to("triton gla (dot+channel decay+gd)", "fla chunk_gla", rows)
+        ratio_to("triton gated deltanet (chunk 1: l2+decay+gd)", "fla chunk_gated_delta_rule", rows)
         for row in rows:  # the MLP memory's speed-up over titans-pytorch (issue 5's target: >= 10x), per variant
             if row["name"].startswith("triton mlp2"):
                 ratio_to("titans-pytorch NeuralMemory (mlp2, fp32)", row["name"], rows)

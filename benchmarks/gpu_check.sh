@@ -76,6 +76,10 @@ if [ "$WARM_TIMEOUT" != 0 ]; then
   timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py row "LN head" ${GPU_CHECK_CPU:+--tiny} \
     >> "$OUTDIR/warm.log" 2>&1 &  # (the LayerNorm-head row's kernels: its expansion 4 is the bench's alone)
   WPIDS+=($!)
+  # (the online delta rule's row: the linear kernels with its WY keys, a specialisation of their own)
+  timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py row "gated deltanet" ${GPU_CHECK_CPU:+--tiny} \
+    >> "$OUTDIR/warm.log" 2>&1 &
+  WPIDS+=($!)
   if [ -z "${GPU_CHECK_CPU:-}" ]; then  # the benchmark's reference rows (fla-core, titans-pytorch) when carried
     while IFS= read -r ref; do
       timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py ref "$ref" >> "$OUTDIR/warm.log" 2>&1 &

@@ -15,8 +15,9 @@
 #    the last three did, mlpsplitsgraphs where splitread and splitsums did) in GPU_TUNE_ROUNDS (2)
 #    alternating rounds, the LN-head row, SDPA and titans-pytorch (from .whl/, when carried).
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
-# 5. With more than 90 s left: the key-channel keep gate's GPU tests and bench_kernels.py --families gla against
-#    fla's chunk_gla, with the fused walk (variant chanfused) beside the split default (gla.log, gla_table.txt).
+# 5. With more than 90 s left: the key-channel keep gate's and the online delta rule's GPU tests, then
+#    bench_kernels.py --families gla,deltanet against fla's chunk_gla (with the fused walk, variant chanfused, beside
+#    the split default) and chunk_gated_delta_rule (gla.log, gla_table.txt).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
 #   bash benchmarks/gpu_tune.sh                   (GPU box, repository root)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_tune.sh   (CPU dry run: interpreter, tiny shapes, no kernel times)
@@ -132,11 +133,12 @@ echo "== phase 5: with the time left, the key-channel keep gate ($(left) s left)
 if [ "$(left)" -gt 90 ]; then
   if [ -z "${GPU_CHECK_CPU:-}" ]; then
     timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py -q -s -p no:cacheprovider -m gpu \
-      -k "channel or shape_limits" \
+      -k "channel or shape_limits or delta_rule" \
       > "$OUTDIR/channel_tests.log" 2>&1
-    grep -E "^channel|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
+    grep -E "^(channel|delta)|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
   fi
-  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla --references gla --no-chunked $TINY \
+  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla,deltanet --references gla,gated_delta \
+    --no-chunked $TINY \
     --variants chanfused \
     --table "$OUTDIR/gla_table.txt" > "$OUTDIR/gla.log" 2>&1
   bench_report $? "$OUTDIR/gla.log" "$OUTDIR/gla_table.txt"

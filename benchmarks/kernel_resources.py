@@ -64,13 +64,15 @@ def main() -> None:
     ap.add_argument("--sass", action="store_true", help="also print the static SASS profile")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap on registers per thread (ptx .maxnreg)")
     ap.add_argument("--no-cf", action="store_true", help="state passes build the gate coefficients in the loop")
+    ap.add_argument("--kp", action="store_true", help="prediction keys of their own (the exact delta rule's WY keys "
+                    "in the inputs' dtype, its values U_v fp32: miras/kernels/delta.py; fwd, bwd, rows, qk)")
     a = ap.parse_args()
     if a.which == "channel-bwd" and a.mode not in (0, 2):  # (its MODE 1 would compile the fused walk, mislabelled)
         ap.error(f"channel-bwd --mode must be 0 (the fused walk) or 2 (every chunk at once), but got --mode {a.mode}")
     io = "bf16" if a.prec == "bf16" else "fp32"
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, CS=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv,
                   BIAS=a.bias, P=2.0, SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed,
-                  MOMENTUM=a.momentum, PREC=a.prec, MODE=a.mode, CF=not a.no_cf)
+                  MOMENTUM=a.momentum, PREC=a.prec, MODE=a.mode, CF=not a.no_cf, KP=a.kp)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
@@ -91,6 +93,8 @@ def main() -> None:
         ints, io_names = {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", "dq", "dk", *rows_io)
         consts.update(BVL=a.bvl or a.bv, BKB=a.bkb)
         consts = {n: val for n, val in consts.items() if n in fn.arg_names}
+    if a.kp:  # the delta rule's WY values U_v come in fp32 (and their gradient goes out so)
+        io_names = tuple(n for n in io_names if n not in ("v", "dv")) + ("kp", "dkp")
     sig = {n: "constexpr" if n in consts else "i32" if n in ints
            else "*" + (io if n in io_names else a.states if n in ("hs", "ss") else "fp32") for n in fn.arg_names}
     # what a launch specialises on: every tensor's 16-byte alignment and the ints that are multiples of 16 at the
@@ -108,7 +112,7 @@ def main() -> None:
     out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     usage = " ".join(line.strip() for line in out.splitlines() if "REG" in line)
     print(f"{a.which} mode={a.mode} prec={a.prec} warps={a.warps} stages={a.stages} BV={a.bv} D={a.d} bias={a.bias} "
-          f"momentum={a.momentum} BVL={consts.get('BVL', '-')}: compile {dt:.1f}s, "
+          f"momentum={a.momentum} kp={a.kp} BVL={consts.get('BVL', '-')}: compile {dt:.1f}s, "
           f"shared {kern.metadata.shared / 1024:.0f} KB | {usage}")
     if a.sass:
         sass_profile(f.name)

@@ -48,6 +48,30 @@ def exact_delta_applies(spec: MemorySpec, p: Prepared) -> bool:
     return is_delta_rule(spec) and (p.keep is None or p.keep.shape[-1] == 1)
 
 
+def block_decays(log_a: Tensor, decayed: bool) -> tuple[Tensor, Tensor]:
+    """(c, d) of blocks from the log keep gates ``[..., n]``: c_t = sum_{s<=t} log alpha_s, and the gradient point's
+    d_t = c_t (grad_at decayed) or c_{t-1} (previous)."""
+    c = torch.cumsum(log_a, dim=-1)
+    return c, (c if decayed else c - log_a)
+
+
+def wy_solve(kb: Tensor, vb: Tensor, eta: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """The WY form of blocks of n tokens (leading dims batch the blocks): ``(U_v, W_k)`` with
+
+        (I + L) [U_v | W_k] = [diag(eta) V | diag(eta e^d) K],   L[j, i] = eta_j e^{d_j - c_i} (k_j . k_i)   (i < j)
+
+    so that a block with start state A_0 writes ``U = U_v - W_k A_0`` (Yang et al. 2024, arXiv:2406.06484, §3).
+    kb ``[..., n, K]``, vb ``[..., n, V]``; eta, c, d ``[..., n]``."""
+    n = kb.shape[-2]
+    strict = torch.ones(n, n, dtype=torch.bool, device=kb.device).tril(-1)
+    decay = torch.exp((d[..., :, None] - c[..., None, :]).masked_fill(~strict, float("-inf")))
+    L = eta[..., :, None] * decay * (kb @ kb.transpose(-1, -2))
+    eye = torch.eye(n, dtype=kb.dtype, device=kb.device)
+    rhs = torch.cat([eta[..., None] * vb, (eta * torch.exp(d))[..., None] * kb], dim=-1)  # [eta V | eta e^d K]
+    sol = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
+    return sol[..., : vb.shape[-1]], sol[..., vb.shape[-1] :]
+
+
 def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: int = BLOCK) -> tuple[Tensor | None, Tensor]:
     """Blocked exact delta rule. Returns (o ``[B, H, T, V]`` or None, final A ``[B, H, K, V]``)."""
     B, H, T, K = p.q.shape
@@ -59,26 +83,15 @@ def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: in
         log_a = chunk_major(torch.log(p.keep[..., 0].clamp_min(torch.finfo(p.keep.dtype).tiny)), nb, n, 0.0)
     else:
         log_a = torch.zeros_like(eta)
-    c = torch.cumsum(log_a, dim=-1)  # [NB, B, H, n]
-    d = c if getattr(spec.retention, "grad_at", "decayed") == "decayed" else c - log_a
-    strict = torch.ones(n, n, dtype=torch.bool, device=c.device).tril(-1)
-    causal = torch.ones(n, n, dtype=torch.bool, device=c.device).tril()
-
-    def decay(rows: Tensor, mask: Tensor) -> Tensor:  # exp(rows_j - c_i) on the mask, else 0: [NB, B, H, n, n]
-        return torch.exp((rows[..., :, None] - c[..., None, :]).masked_fill(~mask, float("-inf")))
-
-    kk = kb @ kb.transpose(-1, -2)  # [NB, B, H, n, n]
-    L = eta[..., :, None] * decay(d, strict) * kk
-    eye = torch.eye(n, dtype=kk.dtype, device=kk.device)
-    rhs = torch.cat([eta[..., None] * vb, (eta * torch.exp(d))[..., None] * kb], dim=-1)  # [ηV | ηe^d K]
-    sol = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
-    U_v, W_k = sol[..., : vb.shape[-1]], sol[..., vb.shape[-1] :]  # U = U_v - W_k A_0
+    c, d = block_decays(log_a, getattr(spec.retention, "grad_at", "decayed") == "decayed")
+    U_v, W_k = wy_solve(kb, vb, eta, c, d)  # U = U_v - W_k A_0
     c_end = c[..., -1:]  # [NB, B, H, 1]
     K_end = (torch.exp(c_end - c)[..., None] * kb).transpose(-1, -2)  # [NB, B, H, K, n]
     g_end = torch.exp(c_end)[..., None]  # [NB, B, H, 1, 1]
     if reads:
+        causal = torch.ones(n, n, dtype=torch.bool, device=c.device).tril()
         qb = chunk_major(p.q, nb, n, 0.0)
-        M = decay(c, causal) * (qb @ kb.transpose(-1, -2))  # [NB, B, H, n, n]
+        M = torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf"))) * (qb @ kb.transpose(-1, -2))
         Qg = torch.exp(c)[..., None] * qb
 
     A = p.W[0]

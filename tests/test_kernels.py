@@ -394,7 +394,7 @@ def test_auto_mode_picks_the_kernels_on_cuda_only():
         assert resolve_mode(spec, "cuda", dtype) == "triton"
         assert resolve_mode(spec, "cpu", dtype) == "chunked"
     assert resolve_mode(spec, "cuda", torch.float64) == "chunked"
-    assert resolve_mode(make_spec("l2", "decay", "gd", chunk=1), "cuda", torch.bfloat16) == "chunked"  # delta rule
+    assert resolve_mode(make_spec("l2", "decay", "gd", chunk=1), "cuda", torch.bfloat16) == "triton"  # delta rule
 
 
 def test_learned_initial_state_without_batch_dim():
@@ -422,7 +422,6 @@ def test_learned_initial_state_without_batch_dim():
     ({"retention": "lq"}, "retention.kind='lq'"),
     ({"retention": "kl", "learner": "gd"}, "retention.kind='kl'"),
     ({"learner": {"kind": "momentum", "chunk_size": 128}}, "chunk_size=128"),
-    ({"learner": {"kind": "gd", "chunk_size": 1}}, "online delta rule"),
 ])
 def test_kernel_support_names_the_missing_piece(overrides, missing):
     spec = MemorySpec(**{"memory": "linear", **overrides})
@@ -448,6 +447,23 @@ def test_shapes_beyond_the_kernels_limits_are_named():
     q = torch.zeros(1, 65536, 1, 16, device=DEVICE)
     with pytest.raises(KernelUnavailable, match="at most 65535 chunks per sequence"):
         triton_memory_scan(spec, q, q, q, {"lr": torch.zeros(1, 65536, 1, device=DEVICE)})
+
+
+def test_the_delta_rules_chunks_are_its_wy_blocks(monkeypatch):
+    """The online delta rule runs in blocks of MIRAS_KERNEL_DELTA_CHUNK tokens, not learner.chunk_size = 1: its
+    sequences are limited by those blocks, and a malformed setting names the variable and its range."""
+    from miras.kernels import kernel_chunk, shape_gap
+
+    delta = make_spec("l2", "decay", "gd", chunk=1)
+    assert kernel_chunk(delta) == (64, "MIRAS_KERNEL_DELTA_CHUNK")
+    assert kernel_chunk(make_spec("dot", "decay", "gd", chunk=1)) == (1, "learner.chunk_size")
+    assert shape_gap(delta, 1, 65536, 1, 16, 16) == ""
+    gap = shape_gap(delta, 1, 65536 * 64, 1, 16, 16)
+    assert "MIRAS_KERNEL_DELTA_CHUNK=64 makes 65536; use shorter sequences" in gap
+    for bad in ("0", "65", "x"):
+        monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", bad)
+        with pytest.raises(ValueError, match="MIRAS_KERNEL_DELTA_CHUNK must be an integer from 1 to 64"):
+            kernel_chunk(delta)
 
 
 def test_auto_mode_takes_the_chunked_path_beyond_the_shape_limits(recwarn):
@@ -520,3 +536,60 @@ def test_fixed_config_falls_back_to_one_stage(monkeypatch):
     monkeypatch.setenv("MIRAS_KERNEL_CONFIG", "8,1")
     with pytest.raises(triton.runtime.errors.OutOfResources, match="shared memory"):
         linear._launch(_SharedMemoryBound(fits=0), None, (1,), MODE=1, BV=128)
+
+
+# --------------------------------------------------------------------------------------------- the online delta rule
+# learner.chunk_size 1 with the L2 bias and GD (DeltaNet, Gated DeltaNet): the WY blocks of miras/kernels/delta.py
+# on the linear kernels with prediction keys of their own, against the float64 token-by-token oracle
+
+DELTA_CASES = [  # (retention, grad_at, T, D, initial state)
+    ("none", "previous", 1, 16, True), ("none", "previous", 63, 24, False),
+    ("decay", "previous", 100, 16, True), ("decay", "previous", 63, 24, False),
+    ("decay", "decayed", 1, 24, False), ("decay", "decayed", 100, 24, True),
+]
+
+
+@pytest.mark.parametrize("ret,grad_at,T,D,init", DELTA_CASES, ids=["-".join(map(str, c)) for c in DELTA_CASES])
+def test_online_delta_rule(ret, grad_at, T, D, init, monkeypatch):
+    """Outputs, final state and the gradients of q, k, v, lr, keep and the initial state, in WY blocks of 16."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
+    spec = make_spec("l2", ret, "gd", grad_at, chunk=1)
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=2, T=T, H=2, K=D, V=D, init_state=init)
+
+
+DELTA_SETTINGS = {  # the block size, and the linear kernels' other launch layouts (their env switches)
+    "block7": {"MIRAS_KERNEL_DELTA_CHUNK": "7"},
+    "block64": {"MIRAS_KERNEL_DELTA_CHUNK": "64"},
+    "fused": {"MIRAS_KERNEL_SPLIT": "0"},
+    "one-kernel-grads-in-sub-blocks": {"MIRAS_KERNEL_GRAD_SPLIT": "0", "MIRAS_KERNEL_BV_LOOP": "16"},
+    "v-tiles-coeffs-in-loop": {"MIRAS_KERNEL_BV": "16", "MIRAS_KERNEL_COEFFS": "0"},
+}
+
+
+@pytest.mark.parametrize("setting", list(DELTA_SETTINGS))
+def test_online_delta_rule_in_every_kernel_layout(setting, monkeypatch):
+    """Any block size gives the delta rule (7: blocks padded to 16 rows; 64: one block), and every launch layout of
+    the linear kernels carries the prediction keys (V = 40: several V-tiles and sub-blocks where the setting asks)."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
+    for name, value in DELTA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    check_against_oracle(make_spec("l2", "decay", "gd", "decayed", chunk=1), B=1, T=40, H=2, K=16, V=40)
+
+
+def test_online_delta_rule_runs_the_wy_blocks(monkeypatch):
+    """The delta rule reaches the kernels as WY blocks (chunk = MIRAS_KERNEL_DELTA_CHUNK, prediction keys given,
+    learning rate 1, gradient at the chunk start), not as the linear kernels at chunk 1."""
+    from miras.kernels import linear
+
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "8")
+    seen = []
+    real = linear.LinearScanFunction.apply
+
+    def spy(cfg, q, k, v, eta, keep, mu, delta, h0, s0, kp=None):
+        seen.append((cfg.chunk, cfg.decayed, kp is not None and kp.shape == k.shape, bool((eta == 1).all())))
+        return real(cfg, q, k, v, eta, keep, mu, delta, h0, s0, kp)
+
+    monkeypatch.setattr(linear.LinearScanFunction, "apply", spy)
+    check_against_oracle(make_spec("l2", "decay", "gd", "decayed", chunk=1), B=1, T=20, H=1, K=16, V=16)
+    assert seen == [(8, False, True, True)]

@@ -21,6 +21,8 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
+- ``MIRAS_KERNEL_DELTA_CHUNK``: tokens per WY block of the online delta rule (``learner.chunk_size: 1``, l2, gd:
+  DeltaNet, Gated DeltaNet), which is also the kernels' chunk there (1..64, default 64; miras/kernels/delta.py).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
   ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
@@ -95,7 +97,7 @@ import torch
 from miras.errors import KernelUnavailable
 from miras.kernels.settings import env_switch
 
-__all__ = ["kernel_support", "shape_gap", "triton_memory_scan", "triton_status"]
+__all__ = ["kernel_chunk", "kernel_support", "shape_gap", "triton_memory_scan", "triton_status"]
 
 MAX_CHUNK = 64  # the kernels hold a chunk in one block of rows (padded to 16 or the next power of two)
 MAX_HEAD_DIM = 256
@@ -144,13 +146,32 @@ def shape_gap(spec, B: int, T: int, H: int, K: int, V: int) -> str:
     takes the chunked path then, with a one-time warning naming the reason."""
     if max(K, V) > MAX_HEAD_DIM:
         return f"head dims must be <= {MAX_HEAD_DIM}, but got K={K}, V={V}"
-    chunks = -(-T // spec.learner.chunk_size)
+    chunk, name = kernel_chunk(spec)
+    chunks = -(-T // chunk)
     if chunks > MAX_GRID_AXIS:
-        return (f"at most {MAX_GRID_AXIS} chunks per sequence (a CUDA grid axis), but T={T} at "
-                f"learner.chunk_size={spec.learner.chunk_size} makes {chunks}; use a larger chunk_size")
+        advice = f"use a larger {name}" if chunk < MAX_CHUNK else "use shorter sequences"
+        return (f"at most {MAX_GRID_AXIS} chunks per sequence (a CUDA grid axis), but T={T} at {name}={chunk} makes "
+                f"{chunks}; {advice}")
     if B * H > MAX_GRID_AXIS:
         return f"at most {MAX_GRID_AXIS} batch*heads (a CUDA grid axis), but got B*H={B * H}"
     return ""
+
+
+def _delta_rule(spec) -> bool:
+    """Whether the spec is the online delta rule with a head keep gate or none: the WY blocks of delta.py."""
+    from miras.ops_delta import is_delta_rule
+
+    return is_delta_rule(spec) and not _channel_gate(spec)
+
+
+def kernel_chunk(spec) -> tuple[int, str]:
+    """The kernels' chunk for this spec and the setting that names it: ``learner.chunk_size``, or for the online
+    delta rule the WY block (``MIRAS_KERNEL_DELTA_CHUNK``, miras/kernels/delta.py)."""
+    if _delta_rule(spec):
+        from miras.kernels.delta import delta_chunk
+
+        return delta_chunk(), "MIRAS_KERNEL_DELTA_CHUNK"
+    return spec.learner.chunk_size, "learner.chunk_size"
 
 
 def kernel_support(spec) -> tuple[bool, str]:
@@ -160,8 +181,8 @@ def kernel_support(spec) -> tuple[bool, str]:
     gelu|silu|tanh|relu)} x bias
     {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
     linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
-    chunk_size 1..64 (but not the online delta rule at chunk 1 with a scalar or head keep: the chunked path solves it
-    exactly in blocks), triton >= 3.0.
+    chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
+    ``delta.delta_chunk()`` tokens: miras/kernels/delta.py), triton >= 3.0.
     """
     ok, why = triton_status()
     if not ok:
@@ -196,11 +217,6 @@ def kernel_support(spec) -> tuple[bool, str]:
     if learner.chunk_size > MAX_CHUNK:
         return False, f"learner.chunk_size must be at most {MAX_CHUNK} for the Triton kernels, but got " \
                       f"chunk_size={learner.chunk_size}"
-    from miras.ops_delta import is_delta_rule
-
-    if is_delta_rule(spec) and not _channel_gate(spec):  # (a channel keep takes the chunked path's token loop)
-        return False, "no Triton kernel for the online delta rule (learner.chunk_size=1 with l2 bias and gd): the " \
-                      "chunked path solves it exactly in blocks (miras/ops_delta.py), in parallel over the tokens"
     if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", True):  # (last: the only gap)
         return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are turned off " \
                       "(MIRAS_KERNEL_MLP_NORM=0); the chunked PyTorch path runs it"
@@ -309,8 +325,14 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state, params)
-    cfg = LinearConfig.from_spec(spec)
     h0 = _state(state, "W1", B, H, K, V)
+    if _delta_rule(spec):
+        from miras.kernels.delta import delta_scan
+
+        eta, keep, _, _ = _kernel_gates(spec, gates, B, T, H, K)
+        o, ht = delta_scan(spec, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, h0)
+        return o, {"W1": ht}
+    cfg = LinearConfig.from_spec(spec)
     s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
     eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H, K)  # (a channel gate's keep: [B, T, H, K])
     o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta, h0, s0)

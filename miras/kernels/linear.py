@@ -121,14 +121,15 @@ def _state_coeffs(cf, BTH, p_g, t_idx, t_ok, L_idx, H: tl.constexpr, MOMENTUM: t
 
 @triton.jit
 def _fwd_chunk(
-    q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+    q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr,
+    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr,
 ):
     """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE).
-    USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf."""
+    USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the
+    predictions y = kp W use keys of their own (the exact delta rule's WY keys, miras/kernels/delta.py)."""
     t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)  # L: the row of the chunk's last real token
     if USE_CF:
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -144,8 +145,11 @@ def _fwd_chunk(
     tv_ok = t_ok[:, None] & v_ok[None, :]
     b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_v + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    b_kp = b_k
+    if KP:
+        b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)  # (dots only)
 
-    b_y = _dot(b_k, W, PREC)  # [BT, BV] prediction at the chunk start
+    b_y = _dot(b_kp, W, PREC)  # [BT, BV] prediction at the chunk start
     if DECAYED:
         b_y = b_y * beta[:, None]
     if BIAS == 3:
@@ -176,12 +180,13 @@ def _fwd_chunk(
 
 @triton.jit
 def _linear_fwd_kernel(
-    q, k, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf,
+    q, k, kp, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, CF: tl.constexpr,
+    KP: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -203,8 +208,9 @@ def _linear_fwd_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
         if MOMENTUM:
             S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
+        _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok,
+                   v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False,
+                   KP)
     else:
         W = tl.zeros([BK, BV], dtype=tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -217,9 +223,9 @@ def _linear_fwd_kernel(
             tl.store(hs + p_c + s_off, W.to(hs.dtype.element_ty), mask=s_ok)
             if MOMENTUM:
                 tl.store(ss + p_c + s_off, S.to(ss.dtype.element_ty), mask=s_ok)
-            W, S = _fwd_chunk(q, k, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
-                              k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM,
-                              PREC, MODE == 0, True, MODE == 1 and CF)
+            W, S = _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k,
+                              o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM,
+                              PREC, MODE == 0, True, MODE == 1 and CF, KP)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -271,19 +277,21 @@ def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
 
 
 @triton.jit
-def _bwd_rows(b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
+def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
               BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-              DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+              DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr):
     """The backward of one chunk restricted to one V-range (columns of W, S, dW, dS, v, do and Xd).
 
     o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = beta_L W + f_L S - K^T (g_L R) ;  S_end = m_L S - K^T (n_L R), with
     R = dl/dy (y = kW [beta]) and Xd = -(A^T.G^T) dO the output rows' part of dR. Returns dV and dY (dYk = dY at the
     undecayed prediction) of the range, and its contributions to sums over V that ``_bwd_grads`` finishes: all of them
-    are linear in these, so V-ranges (sub-blocks of one program or V-tiles of several) simply add up.
+    are linear in these, so V-ranges (sub-blocks of one program or V-tiles of several) simply add up. KP: the
+    predictions y = kp W use keys of their own (b_kp); their gradient dYk W^T comes back apart as b_dkp, and b_dk
+    keeps the write and read roles of k alone.
     """
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
-    b_yk = _dot(b_k, W, PREC)  # recompute the chunk's predictions at its start state
+    b_yk = _dot(b_kp, W, PREC)  # recompute the chunk's predictions at its start state
     b_y = b_yk
     if DECAYED:
         b_y = b_yk * beta[:, None]
@@ -303,7 +311,11 @@ def _bwd_rows(b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok,
     dAGT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)  # its transpose, built directly (no tl.trans)
     dgL = -tl.sum(KdW * R, axis=1)
     b_dq = beta[:, None] * _dot(b_do, tl.trans(W), PREC)
-    b_dk = _dot(dYk, tl.trans(W), PREC) - _dot(gL[:, None] * R, tl.trans(dW), PREC)
+    b_dkp = _dot(dYk, tl.trans(W), PREC)  # through the predictions
+    if KP:
+        b_dk = -_dot(gL[:, None] * R, tl.trans(dW), PREC)
+    else:
+        b_dk = b_dkp - _dot(gL[:, None] * R, tl.trans(dW), PREC)
     dbeta = tl.sum(b_do * _dot(b_q, W, PREC), axis=1)
     if DECAYED:
         dbeta += tl.sum(dY * b_yk, axis=1)
@@ -318,7 +330,7 @@ def _bwd_rows(b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok,
         df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
         df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
         dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
-    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL
+    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp
 
 
 @triton.jit
@@ -351,18 +363,19 @@ def _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, bet
 
 @triton.jit
 def _bwd_chunk(
-    q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
+    q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd, cf,
     W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-    WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr,
+    WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr,
 ):
     """One chunk of the backward with the states on chip. (W, S): its start state; (dW, dS): the gradient of its
     end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk, and the gradient pass on a
     whole V-tile) it also stores dq, dk, dv and the gate partial sums. USE_PRE (the split state pass, no input
     gradients): Xd from ``xd``, U and Uf from the pre-pass (``_bwd_pre_chunk``) instead of computing them; USE_CF
-    (only with USE_PRE) the gate coefficients from ``_coeff_kernel``'s rows in cf."""
+    (only with USE_PRE) the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the predictions' own keys
+    (``_bwd_rows``), whose gradient goes to dkp."""
     if USE_CF:
         t0, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -379,6 +392,9 @@ def _bwd_chunk(
     at_L = o_t == L
     qk_ok = t_ok[:, None] & k_ok[None, :]
     tv_ok = t_ok[:, None] & v_ok[None, :]
+    b_kp = b_k
+    if KP:
+        b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)  # (dots only)
     p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     if BIAS == 3:
@@ -391,14 +407,16 @@ def _bwd_chunk(
     else:
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL = _bwd_rows(
-        b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
-        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC)
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp = _bwd_rows(
+        b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
+        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
     if WANT_GRADS:
         p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
         _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
                    eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_part + p_g, o_t,
                    H, HAS_KEEP, MOMENTUM, PREC)
+        if KP:
+            tl.store(dkp + p_tk, b_dkp.to(dkp.dtype.element_ty), mask=qk_ok)
         tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
         if BIAS == 3:
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
@@ -407,7 +425,7 @@ def _bwd_chunk(
         U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
         if MOMENTUM:
             Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
-    dW_new = betaL * dW + U + _dot(tl.trans(b_k), dYk, PREC)
+    dW_new = betaL * dW + U + _dot(tl.trans(b_kp), dYk, PREC)
     if MOMENTUM:
         dS = fL * dW + mL * dS + Uf
     return dW_new, dS
@@ -429,11 +447,11 @@ def _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK: tl.constexpr, BV: tl.co
 
 @triton.jit
 def _bwd_grad_block(
-    v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
+    v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_kp, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
     p_c, p_v, p_g, p_part, o_t, o_k, k_ok, v0,
     H: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVL: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-    DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
 ):
     """``_bwd_rows`` of the BVL columns from v0 with that block's states read from global memory (chunk-start W, S
     from the forward, end-of-chunk dW, dS from the backward state pass); stores dv (and Huber's ddelta)."""
@@ -447,22 +465,23 @@ def _bwd_grad_block(
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL = _bwd_rows(
-        b_q, b_k, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
-        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC)
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp = _bwd_rows(
+        b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
+        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (see _block_v_loop)
         tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
-    return b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL
+    return b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp
 
 
 @triton.jit
 def _bwd_grad_chunk(
-    q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dv, deta, dla, dlm, ddelta, xd,
+    q, k, kp, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd,
     c, T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BVL: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
     EPS: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    KP: tl.constexpr,
 ):
     """The chunk-parallel gradient pass of chunk c over the program's V-tile (BV columns) in sub-blocks of BVL < BV
     columns whose ``_bwd_rows`` sums add up, so the gate coefficients and q, k are built once per chunk and only
@@ -472,6 +491,9 @@ def _bwd_grad_chunk(
         q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok, H, K, BT, CS, HAS_KEEP, MOMENTUM, PREC)
     at_L = o_t == L
     qk_ok = t_ok[:, None] & k_ok[None, :]
+    b_kp = b_k
+    if KP:
+        b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)  # (dots only)
     if BIAS == 3:
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
@@ -479,6 +501,7 @@ def _bwd_grad_chunk(
     p_c = p_s * NT + c.to(tl.int64) * K * V  # chunk slot of [B, H, NT, K, V]
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkp = tl.zeros([BT, BK], dtype=tl.float32)
     dAG = tl.zeros([BT, BT], dtype=tl.float32)
     dAGT = tl.zeros([BT, BT], dtype=tl.float32)
     dgL = tl.zeros([BT], dtype=tl.float32)
@@ -487,12 +510,14 @@ def _bwd_grad_chunk(
     df = tl.zeros([BT], dtype=tl.float32)
     dmL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
     for i in range(BV // BVL):
-        dq_i, dk_i, dAG_i, dAGT_i, dgL_i, dbeta_i, dnL_i, df_i, dmL_i = _bwd_grad_block(
-            v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
+        dq_i, dk_i, dAG_i, dAGT_i, dgL_i, dbeta_i, dnL_i, df_i, dmL_i, dkp_i = _bwd_grad_block(
+            v, do, hs, ss, dhs, dss, dv, ddelta, xd, b_q, b_k, b_kp, b_d, beta, f, gL, nL, t_idx, t_ok, at_L,
             p_c, p_v, p_g, p_part, o_t, o_k, k_ok, i_v * BV + i * BVL,
-            H, V, BK, BVL, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC)
+            H, V, BK, BVL, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
         b_dq += dq_i
         b_dk += dk_i
+        if KP:
+            b_dkp += dkp_i
         dAG += dAG_i
         dAGT += dAGT_i
         dgL += dgL_i
@@ -509,6 +534,8 @@ def _bwd_grad_chunk(
     _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
                eta_t, lb, beta, E, lm, m, G, ET, Nm, GT, at_L, t_idx, t_ok, qk_ok, p_tk, p_part + p_g, o_t,
                H, HAS_KEEP, MOMENTUM, PREC)
+    if KP:
+        tl.store(dkp + p_tk, b_dkp.to(dkp.dtype.element_ty), mask=qk_ok)
 
 
 # The gradient pass in two kernels (the default; ``MIRAS_KERNEL_GRAD_SPLIT=0`` runs the one-kernel MODE 2 instead),
@@ -554,11 +581,11 @@ def _trace(X, N: tl.constexpr):
 
 @triton.jit
 def _grad_rows_kernel(
-    q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm, rr, dyk, mg,
+    q, k, kp, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm, rr, dyk, mg,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BVL: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
 ):
     """Gradient pass, part 1: one program per (b*h, chunk) walks V in blocks of BVL columns with the chunk-start
     W, S (forward) and end-of-chunk dW, dS (backward state pass), y = k W [beta]:
@@ -579,6 +606,9 @@ def _grad_rows_kernel(
     # q and k only enter dots here: kept in the input dtype (bf16 halves their registers; _dot casts anyway)
     b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
     b_k = tl.load(k + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
+    b_kp = b_k  # the predictions' keys (KP: their own, the exact delta rule's)
+    if KP:
+        b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
     if BIAS == 3:
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
@@ -599,7 +629,7 @@ def _grad_rows_kernel(
         for i in range((V + BVL - 1) // BVL):
             p_tv, tv_ok, W, _, _, _ = _grad_v_block(hs, ss, dhs, dss, i, o_k, k_ok, p_v, p_c, t_idx, t_ok,
                                                     H, V, BK, BVL, MOMENTUM)
-            b_y = _dot(b_k, W, PREC)
+            b_y = _dot(b_kp, W, PREC)
             if DECAYED:
                 b_y = b_y * beta[:, None]
             b_r = b_y - tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
@@ -611,7 +641,7 @@ def _grad_rows_kernel(
                                                   H, V, BK, BVL, MOMENTUM)
         b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-        b_yk = _dot(b_k, W, PREC)
+        b_yk = _dot(b_kp, W, PREC)
         b_y = b_yk
         if DECAYED:
             b_y = b_yk * beta[:, None]
@@ -658,16 +688,17 @@ def _grad_rows_kernel(
 
 @triton.jit
 def _grad_qk_kernel(
-    q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk,
+    q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, dkp,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BKB: tl.constexpr,
-    BVL: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
+    BVL: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
 ):
     """Gradient pass, part 2: one program per (K-block of BKB columns, b*h, chunk) walks V in blocks of BVL:
 
         dq = beta dO W^T + f dO S^T + (dAG . G) k,   dk = dYk W^T - (g_L R) dW^T - (n_L R) dS^T + (dAG . G)^T q
 
-    on the block's columns of q, k, dq, dk (rows of the states), from part 1's R, dYk and dAG . G."""
+    on the block's columns of q, k, dq, dk (rows of the states), from part 1's R, dYk and dAG . G. KP: the
+    predictions' own keys take dYk W^T (dkp), and dk keeps the rest."""
     i_kb, i_bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = tl.arange(0, BT)
     o_k = i_kb * BKB + tl.arange(0, BKB)
@@ -679,6 +710,7 @@ def _grad_qk_kernel(
     dOW = tl.zeros([BT, BKB], dtype=tl.float32)  # dO W^T
     dOS = tl.zeros([BT, BKB], dtype=tl.float32)  # dO S^T
     b_dk = tl.zeros([BT, BKB], dtype=tl.float32)
+    b_dkp = tl.zeros([BT, BKB], dtype=tl.float32)
     for i in range((V + BVL - 1) // BVL):
         p_tv, tv_ok, W, S, dW, dS = _grad_v_block(hs, ss, dhs, dss, i, o_k, k_ok, p_v, p_c, t_idx, t_ok,
                                                   H, V, BKB, BVL, MOMENTUM)
@@ -686,7 +718,11 @@ def _grad_qk_kernel(
         R = tl.load(rr + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         dYk = tl.load(dyk + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         dOW += _dot(b_do, tl.trans(W), PREC)
-        b_dk += _dot(dYk, tl.trans(W), PREC) - _dot(gL[:, None] * R, tl.trans(dW), PREC)
+        if KP:
+            b_dkp += _dot(dYk, tl.trans(W), PREC)
+            b_dk -= _dot(gL[:, None] * R, tl.trans(dW), PREC)
+        else:
+            b_dk += _dot(dYk, tl.trans(W), PREC) - _dot(gL[:, None] * R, tl.trans(dW), PREC)
         if MOMENTUM:
             dOS += _dot(b_do, tl.trans(S), PREC)
             b_dk -= _dot(nL[:, None] * R, tl.trans(dS), PREC)
@@ -702,18 +738,20 @@ def _grad_qk_kernel(
     b_dk += _dot(MT, b_q, PREC)
     tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=qk_ok)
     tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=qk_ok)
+    if KP:
+        tl.store(dkp + p_tk, b_dkp.to(dkp.dtype.element_ty), mask=qk_ok)
 
 
 @triton.jit
 def _linear_bwd_kernel(
-    q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf,
-    dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0,
+    q, k, kp, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf,
+    dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
-    BVL: tl.constexpr, CF: tl.constexpr,
+    BVL: tl.constexpr, CF: tl.constexpr, KP: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -735,16 +773,16 @@ def _linear_bwd_kernel(
         _bwd_pre_chunk(q, k, eta, keep, mu, do, xd, dhs, dss, c, T, p_qk, p_v, p_g, p_c, s_off, s_ok,
                        o_t, o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, HAS_KEEP, MOMENTUM, PREC)
     elif MODE == 2 and BVL < BV:  # one chunk, its V-tile in sub-blocks (states read block by block)
-        _bwd_grad_chunk(q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dv, deta, dla, dlm, ddelta, xd,
-                        tl.program_id(2), T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
-                        H, K, V, BT, CS, BK, BV, BVL, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC)
+        _bwd_grad_chunk(q, k, kp, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, dq, dk, dkp, dv, deta, dla, dlm,
+                        ddelta, xd, tl.program_id(2), T, NT, p_qk, p_v, p_g, p_s, p_part, o_t, o_k, k_ok, i_v,
+                        H, K, V, BT, CS, BK, BV, BVL, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, KP)
     elif MODE == 2:  # one chunk: start state from the forward, end-state gradient from the backward state pass
         c = tl.program_id(2)
         p_c = p_s * NT + c.to(tl.int64) * K * V
         W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BV, MOMENTUM)
-        _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
+        _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd, cf,
                    W, S, dW, dS, dW, dS, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False)
+                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False, KP)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -767,10 +805,10 @@ def _linear_bwd_kernel(
             W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
             if MOMENTUM:
                 S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
-            dW, dS = _bwd_chunk(q, k, v, eta, keep, mu, delta, do, dq, dk, dv, deta, dla, dlm, ddelta, xd, cf,
-                                W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                                H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                                MODE == 0, MODE == 1, MODE == 1 and CF)
+            dW, dS = _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd,
+                                cf, W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok,
+                                v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                                MODE == 0, MODE == 1, MODE == 1 and CF, KP)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
             tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
@@ -778,7 +816,7 @@ def _linear_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
-_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF"]
+_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF", "KP"]
 _BWD_KEY = [*_KEY, "BVL"]
 # 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
 # wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
@@ -791,9 +829,9 @@ _linear_fwd_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_fwd_kern
 # every new shape returns wrong gradients: tests/test_kernels.py::test_backward_survives_autotuning)
 BWD_IN_PLACE = ["dhs", "dss"]
 _linear_bwd_tuned = triton.autotune(configs=_CONFIGS, key=_BWD_KEY, restore_value=BWD_IN_PLACE)(_linear_bwd_kernel)
-_grad_rows_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BVL", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM"])(
-    _grad_rows_kernel)
-_grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BKB", "BVL", "MOMENTUM"])(_grad_qk_kernel)
+_grad_rows_tuned = triton.autotune(
+    configs=_CONFIGS, key=[*_KEY[:5], "BVL", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "KP"])(_grad_rows_kernel)
+_grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BKB", "BVL", "MOMENTUM", "KP"])(_grad_qk_kernel)
 
 
 def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
@@ -943,8 +981,10 @@ def _coefficients(cfg: LinearConfig, eta, keep, mu) -> torch.Tensor:
     return cf
 
 
-def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, modes: tuple[int, ...] | None = None):
-    """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states). Split: state pass, then outputs per chunk."""
+def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, modes: tuple[int, ...] | None = None,
+                    kp: torch.Tensor | None = None):
+    """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states). Split: state pass, then outputs per chunk.
+    kp: keys of the predictions y = kp W of their own ([B, T, H, K]; the exact delta rule's, delta.py), else k."""
     modes = tuple(m for m in _modes(modes) if m != 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -958,12 +998,12 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
     use_cf = 1 in modes and _coeff_rows()
     cf = _coefficients(cfg, eta, keep, mu) if use_cf else ht
-    args = (q, k, v, eta, keep if keep is not None else eta, mu if mu is not None else eta,
-            delta if delta is not None else eta, h0 if h0 is not None else ht, s0 if s0 is not None else ht,
-            o, hs, ss, ht, st, cf, T, NT, B * T * H)
+    args = (q, k, kp if kp is not None else k, v, eta, keep if keep is not None else eta,
+            mu if mu is not None else eta, delta if delta is not None else eta, h0 if h0 is not None else ht,
+            s0 if s0 is not None else ht, o, hs, ss, ht, st, cf, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=dot_prec(q), CF=use_cf)
+              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:
         bv = BV_S if mode == 1 else BV
@@ -973,10 +1013,10 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
 
 
 def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst,
-                    modes: tuple[int, ...] | None = None):
-    """Backward: gradients of (q, k, v, eta, keep, mu, delta, W_0, S_0). Split: a parallel pre-pass of the terms
-    that do not depend on the state gradient, a reverse pass that stores the end-of-chunk state gradients
-    ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel."""
+                    modes: tuple[int, ...] | None = None, kp: torch.Tensor | None = None):
+    """Backward: gradients of (q, k, v, eta, keep, mu, delta, W_0, S_0, kp (None without)). Split: a parallel
+    pre-pass of the terms that do not depend on the state gradient, a reverse pass that stores the end-of-chunk state
+    gradients ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel."""
     modes = _modes(modes)
     split = modes != (0,)
     grad_split = 2 in modes and _grad_split()
@@ -989,6 +1029,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     # without partial sums the kernels store dq, dk in the input dtype (no reduction and cast afterwards)
     dq = torch.empty(NP, B, T, H, K, device=q.device, dtype=q.dtype if NP == 1 else torch.float32)
     dk = torch.empty_like(dq)
+    dkp = torch.empty_like(dq) if kp is not None else dk
     dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
     deta = torch.empty(NP, B, T, H, **f32)
     dla = torch.empty(NP, B, T, H, **f32) if cfg.has_keep else deta
@@ -1004,16 +1045,18 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     # absent gates / states: another tensor in their place (the kernels' constexpr flags keep them unread)
     gates = tuple(x if x is not None else eta for x in (keep, mu, delta))
     ss = ss if ss is not None else hs
-    args = (q, k, v, eta, *gates, hs, ss, do,
+    kp_ = kp if kp is not None else k
+    args = (q, k, kp_, v, eta, *gates, hs, ss, do,
             dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf,
-            dq, dk, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
+            dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=dot_prec(q), CF=use_cf)
+              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None)
     BV_S = _block_v(V, cfg.bias, state_pass=True)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         if mode == 2 and grad_split:
-            _grad_pass(cfg, q, k, v, eta, *gates, hs, ss, do, dhs, dss, xd, cf, dq, dk, dv, deta, dla, dlm, ddelta)
+            _grad_pass(cfg, q, k, kp, v, eta, *gates, hs, ss, do, dhs, dss, xd, cf, dq, dk, dkp, dv, deta, dla, dlm,
+                       ddelta)
             continue
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
@@ -1023,7 +1066,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     dmu = _partials(dlm) / mu if cfg.momentum else None
     dd = _partials(ddelta) if cfg.bias == 3 else None
     return (_partials(dq).to(q.dtype), _partials(dk).to(k.dtype), dv, _partials(deta), dkeep, dmu, dd,
-            dh0, ds0 if cfg.momentum else None)
+            dh0, ds0 if cfg.momentum else None, _partials(dkp).to(kp.dtype) if kp is not None else None)
 
 
 def _partials(x: torch.Tensor) -> torch.Tensor:
@@ -1031,11 +1074,12 @@ def _partials(x: torch.Tensor) -> torch.Tensor:
     return x[0] if x.shape[0] == 1 else x.sum(0)
 
 
-def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
-               dq, dk, dv, deta, dla, dlm, ddelta) -> None:
+def _grad_pass(cfg: LinearConfig, q, k, kp, v, eta, keep, mu, delta, hs, ss, do, dhs, dss, xd, cf,
+               dq, dk, dkp, dv, deta, dla, dlm, ddelta) -> None:
     """The backward's gradient pass as two kernels: ``_grad_rows_kernel`` (dv, the gate gradients, and R, dYk,
-    dAG . G for the second) then ``_grad_qk_kernel`` (dq, dk; one program per K-block). keep, mu, delta, ss: the
-    kernels' arguments (placeholders for absent ones, as ``linear_scan_bwd`` passes them)."""
+    dAG . G for the second) then ``_grad_qk_kernel`` (dq, dk, and dkp for keys of the predictions' own; one program
+    per K-block). keep, mu, delta, ss: the kernels' arguments (placeholders for absent ones, as ``linear_scan_bwd``
+    passes them); kp None: the predictions use k."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, NT, BKB = chunk_block(cfg.chunk), triton.cdiv(T, cfg.chunk), _block_k_grad(K)
@@ -1046,38 +1090,49 @@ def _grad_pass(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dhs
     rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if dot_prec(q) == "bf16" else torch.float32)
     dyk = torch.empty_like(rr)
     mg = torch.empty(B, H, NT, BT, BT, device=q.device, dtype=torch.float32)
-    common = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BVL=BVL, MOMENTUM=cfg.momentum, PREC=dot_prec(q), grad_pass=True)
+    common = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BVL=BVL, MOMENTUM=cfg.momentum, PREC=dot_prec(q),
+                  KP=kp is not None, grad_pass=True)
     _launch(_grad_rows_kernel, _grad_rows_tuned, (B * H, NT),
-            q, k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta, deta, dla, dlm,
-            rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K),
+            q, k, kp if kp is not None else k, v, eta, keep, mu, delta, do, hs, ss, dhs, dss, xd, cf, dv, ddelta,
+            deta, dla, dlm, rr, dyk, mg, T, NT, B * T * H, **common, BK=_tile(K),
             BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps, HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed)
     _launch(_grad_qk_kernel, _grad_qk_tuned, (triton.cdiv(K, BKB), B * H, NT),
-            q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, T, NT, B * T * H, **common, BKB=BKB)
+            q, k, do, hs, ss, dhs, dss, rr, dyk, mg, cf, dq, dk, dkp, T, NT, B * T * H, **common, BKB=BKB)
 
 
 class LinearScanFunction(torch.autograd.Function):
-    """(q, k, v, eta, keep, mu, delta, h0, s0) -> (o, W_T, S_T) with Triton forward and backward.
+    """(q, k, v, eta, keep, mu, delta, h0, s0[, kp]) -> (o, W_T, S_T) with Triton forward and backward.
 
     Gates are fp32 [B, T, H]; keep / mu / delta / h0 / s0 may be None; states are fp32 [B, H, K, V]. A keep gate of
-    shape [B, T, H, K] (one per key channel) runs the kernels of miras/kernels/linear_channel.py.
+    shape [B, T, H, K] (one per key channel) runs the kernels of miras/kernels/linear_channel.py. kp: keys of the
+    predictions y = kp W of their own, like k (the exact delta rule's WY keys, miras/kernels/delta.py; head gates
+    only); None: the predictions use k.
     """
 
     @staticmethod
-    def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0):
+    def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, kp=None):
         ctx.channel = keep is not None and keep.dim() == 4
-        fwd = channel_scan_fwd if ctx.channel else linear_scan_fwd
-        o, ht, st, hs, ss = fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
+        if ctx.channel and kp is not None:
+            raise ValueError("LinearScanFunction: prediction keys kp of their own need a head (scalar) keep gate, "
+                             f"but got a channel-wise keep of shape {tuple(keep.shape)}")
+        if ctx.channel:
+            o, ht, st, hs, ss = channel_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
+        else:
+            o, ht, st, hs, ss = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0, kp=kp)
         ctx.cfg = cfg
-        ctx.save_for_backward(q, k, v, eta, keep, mu, delta, hs, ss)
+        ctx.save_for_backward(q, k, v, eta, keep, mu, delta, hs, ss, kp)
         ctx.set_materialize_grads(False)
         return o, ht, st
 
     @staticmethod
     def backward(ctx, do, dht, dst):
-        q, k, v, eta, keep, mu, delta, hs, ss = ctx.saved_tensors
+        q, k, v, eta, keep, mu, delta, hs, ss, kp = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
-        bwd = channel_scan_bwd if ctx.channel else linear_scan_bwd
-        grads = bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
-                    None if dht is None else dht.contiguous(), None if dst is None else dst.contiguous())
+        dht = None if dht is None else dht.contiguous()
+        dst = None if dst is None else dst.contiguous()
+        if ctx.channel:
+            grads = (*channel_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(), dht, dst), None)
+        else:
+            grads = linear_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(), dht, dst, kp=kp)
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))

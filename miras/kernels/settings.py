@@ -60,6 +60,16 @@ def env_tile(name: str, minimum: int = 16) -> int | None:
     return int(value)
 
 
+def env_int(name: str, default: int, lo: int, hi: int) -> int:
+    """An integer in [lo, hi] from the environment variable ``name``, else ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be an integer from {lo} to {hi}, but got {name}={value!r}")
+    return int(value)
+
+
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     """One of ``choices`` from the environment variable ``name``, else ``default``."""
     value = os.environ.get(name, default)
