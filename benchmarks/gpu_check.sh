@@ -12,7 +12,8 @@
 # 3. the benchmark, with an extra titans row per variant that passed; 4. one summary table.
 # Knobs: GPU_CHECK_WARM_TIMEOUT (150; 0 skips), GPU_CHECK_TEST_TIMEOUT (40), GPU_CHECK_BENCH_TIMEOUT (90),
 #   GPU_CHECK_TESTS (pytest args, "|" between parallel runs),
-#   GPU_CHECK_BENCH_ARGS ("--families titans,delta,mlp"), GPU_CHECK_BENCH=0 (no benchmark: correctness only),
+#   GPU_CHECK_BENCH_ARGS ("--families titans,delta-gd,mlp": issue 5's rows; the online delta rule's row, "gated
+#   deltanet", is gpu_tune.sh's phase 5, so that this benchmark stays within its time with its reference rows), GPU_CHECK_BENCH=0 (no benchmark: correctness only),
 #   GPU_CHECK_QUICK=1 (bench at B=2 T=1024 H=4 D=64),
 #   GPU_CHECK_VARIANTS (default none: comma-separated names of benchmarks/variants.py, checked in parallel, then
 #   benchmarked as extra titans rows if correct; session 12 measured gradone (the one-kernel gradient pass), state32
@@ -48,7 +49,7 @@ else
   MLP_TEST="tests/test_kernels_mlp_gpu.py::test_bf16_vs_chunked_fp32 -k"
   TESTS="${GPU_CHECK_TESTS:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]|tests/test_kernels_gpu.py::test_bf16_bench_shape[gd]|$MLP_TEST momentum-previous-64-gelu-1-1024|$MLP_TEST gd-previous-64-gelu-1-1024}"
   VARIANT_TEST="${GPU_CHECK_VARIANT_TEST:-tests/test_kernels_gpu.py::test_bf16_bench_shape[momentum]}"
-  BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta,mlp}"
+  BENCH_ARGS="${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_BENCH_ARGS:---families titans,delta-gd,mlp}"
 fi
 VARIANTS="${GPU_CHECK_VARIANTS-}"
 
@@ -75,10 +76,6 @@ if [ "$WARM_TIMEOUT" != 0 ]; then
   done
   timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py row "LN head" ${GPU_CHECK_CPU:+--tiny} \
     >> "$OUTDIR/warm.log" 2>&1 &  # (the LayerNorm-head row's kernels: its expansion 4 is the bench's alone)
-  WPIDS+=($!)
-  # (the online delta rule's row: the linear kernels with its WY keys, a specialisation of their own)
-  timeout "$WARM_TIMEOUT" python3 benchmarks/warm_kernels.py row "gated deltanet" ${GPU_CHECK_CPU:+--tiny} \
-    >> "$OUTDIR/warm.log" 2>&1 &
   WPIDS+=($!)
   if [ -z "${GPU_CHECK_CPU:-}" ]; then  # the benchmark's reference rows (fla-core, titans-pytorch) when carried
     while IFS= read -r ref; do

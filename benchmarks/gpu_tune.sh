@@ -126,7 +126,7 @@ if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
   env $TUNED timeout "$(cap 60)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
     | tee "$OUTDIR/profile.log"
 fi
-echo "== phase 5: with the time left, the key-channel keep gate ($(left) s left)"
+echo "== phase 5: with the time left, the key-channel keep gate and the online delta rule ($(left) s left)"
 # its GPU tests (gd on the secondary-chunking path of session 21 included; the split of session 22 and the fused
 # walk; and auto mode's fallback beyond the kernels' shape limits), then GLA's recurrence against fla's chunk_gla,
 # split and fused (no chunked row: with a channel gate it forms [.., b, b, K] blocks, GBs at the bench shape)
