@@ -303,9 +303,12 @@ def _launches() -> dict[str, int]:
 def variant_applies(variant: str, fam: str, memory_kind: str) -> bool:
     """Linear-kernel variants add rows to the linear titans row; MLP-kernel variants (MIRAS_KERNEL_MLP_*, _BH, and
     _FAST_LAUNCH, which only the MLP kernels' launches take) to the MLP; key-channel keep gate variants
-    (MIRAS_KERNEL_CHANNEL_*) to the rows of a channel gate (gla)."""
+    (MIRAS_KERNEL_CHANNEL_*) to the rows of a channel gate (gla); the online delta rule's (MIRAS_KERNEL_DELTA_*) to
+    its row (gated deltanet)."""
     if any(name.startswith("MIRAS_KERNEL_CHANNEL") for name in VARIANTS[variant]):
         return "channel" in fam
+    if any(name.startswith("MIRAS_KERNEL_DELTA") for name in VARIANTS[variant]):
+        return "deltanet" in fam
     mlp_names = ("MIRAS_KERNEL_BH", "MIRAS_KERNEL_FAST_LAUNCH")
     mlp_variant = any(name.startswith("MIRAS_KERNEL_MLP") or name in mlp_names for name in VARIANTS[variant])
     return "titans" in fam and (memory_kind == "mlp") == mlp_variant

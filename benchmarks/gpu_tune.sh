@@ -17,7 +17,8 @@
 # 4. With the time left: profile_kernels.py mlp under the tuned settings (host us per launch: the bound launches).
 # 5. With more than 90 s left: the key-channel keep gate's and the online delta rule's GPU tests, then
 #    bench_kernels.py --families gla,deltanet against fla's chunk_gla (with the fused walk, variant chanfused, beside
-#    the split default) and chunk_gated_delta_rule (gla.log, gla_table.txt).
+#    the split default) and chunk_gated_delta_rule (with the WY blocks in PyTorch, variant deltatorch, beside their
+#    kernels) (gla.log, gla_table.txt).
 # Logs: $OUT/tune.log (tables), gate.log, bench.log + bench_table.txt, profile.log; $OUT/tune/ the tuner's files.
 #   bash benchmarks/gpu_tune.sh                   (GPU box, repository root)
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_tune.sh   (CPU dry run: interpreter, tiny shapes, no kernel times)
@@ -139,7 +140,7 @@ if [ "$(left)" -gt 90 ]; then
   fi
   timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla,deltanet --references gla,gated_delta \
     --no-chunked $TINY \
-    --variants chanfused \
+    --variants chanfused,deltatorch \
     --table "$OUTDIR/gla_table.txt" > "$OUTDIR/gla.log" 2>&1
   bench_report $? "$OUTDIR/gla.log" "$OUTDIR/gla_table.txt"
 fi

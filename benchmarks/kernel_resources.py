@@ -11,6 +11,8 @@ register spills (cuobjdump's resource report). A free check before spending devi
 program per V-tile of --bv columns and batch*head; their default tile is 64), with --mode as there: 0 the fused walk,
 1 (forward) the states' walk, 2 every chunk at once (the split, ``linear_channel.channel_split``: the default);
 ``channel-walk`` / ``channel-reads``: the split backward's walk of the state gradients and its reads pass.
+``wy-fwd`` / ``wy-bwd``: the online delta rule's WY blocks (miras/kernels/delta.py; one program per chunk and
+batch*head, all of K and V; the bias, learner and --bv do not apply).
 
 ``--sass`` adds a static instruction profile (nvdisasm): per-warp counts of tensor-core ops (HGMMA), barriers,
 shared / local (spill) / global memory ops and special-function ops, for the whole kernel, for each outermost loop
@@ -36,14 +38,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from miras.kernels import linear, linear_channel  # noqa: E402
+from miras.kernels import delta, linear, linear_channel  # noqa: E402
 from miras.kernels.common import chunk_block  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", choices=["fwd", "bwd", "rows", "qk", "channel-fwd", "channel-bwd", "channel-walk",
-                                      "channel-reads"],
+                                      "channel-reads", "wy-fwd", "wy-bwd"],
                     help="rows / qk: the two kernels of the backward's gradient pass (the default; bwd --mode 2 is "
                          "the one-kernel pass)")
     ap.add_argument("prec", choices=["bf16", "tf32", "tf32x3", "ieee"])
@@ -79,6 +81,12 @@ def main() -> None:
     elif a.which == "bwd":
         fn, ints, io_names = linear._linear_bwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "do", "dv", "dq", "dk")
         consts.update(HAS_DHT=True, HAS_DST=a.momentum, BVL=a.bvl or a.bv)
+    elif a.which.startswith("wy"):  # the online delta rule's WY blocks (miras/kernels/delta.py)
+        fn = delta._wy_fwd_kernel if a.which == "wy-fwd" else delta._wy_bwd_kernel
+        ints, io_names = {"T", "NT"}, ("k", "v", "wk", "dwk", "dk")
+        prec32 = "tf32x3" if a.which == "wy-fwd" else delta._bwd_prec(a.prec, "tf32x3")
+        consts.update(BT=chunk_block(a.chunk), BV=consts["BK"], PREC32=prec32)
+        consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     elif a.which.startswith("channel"):
         fn = {"channel-fwd": linear_channel._channel_fwd_kernel, "channel-bwd": linear_channel._channel_bwd_kernel,
               "channel-walk": linear_channel._channel_bwd_walk_kernel,

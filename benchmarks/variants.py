@@ -34,6 +34,8 @@ VARIANTS = {
     "bkg128": {"MIRAS_KERNEL_BK_GRAD": "128"}, "grad81": {"MIRAS_KERNEL_GRAD_CONFIG": "8,1"},
     # key-channel keep gate (extra rows of the gla row): one walk doing everything, the default before session 22
     "chanfused": {"MIRAS_KERNEL_CHANNEL_SPLIT": "0"},
+    # the online delta rule's WY blocks in PyTorch (batched triangular solves + autograd) instead of its kernels
+    "deltatorch": {"MIRAS_KERNEL_DELTA_WY": "torch"},
     # MLP-memory kernels (extra rows of the MLP benchmark row)
     # (bf16 dot operands are the tiles layout's default since GPU session 13; mlpbf16* name them explicitly)
     "walk": {"MIRAS_KERNEL_MLP_LAYOUT": "walk"}, "mlpbf16": {"MIRAS_KERNEL_MLP_PREC": "bf16"},

@@ -227,3 +227,8 @@ def test_variants_add_rows_to_their_own_family():
     assert bench_kernels.variant_applies("gradone", titans, "linear")
     assert bench_kernels.variant_applies("mlpgraphs", "mlp2 titans", "mlp")
     assert not bench_kernels.variant_applies("mlpgraphs", titans, "linear")
+    delta = "gated deltanet (chunk 1: l2+decay+gd)"
+    assert delta in bench_kernels.FAMILIES
+    assert bench_kernels.variant_applies("deltatorch", delta, "linear")
+    assert not bench_kernels.variant_applies("deltatorch", titans, "linear")
+    assert not bench_kernels.variant_applies("gradone", delta, "linear")

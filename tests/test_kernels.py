@@ -558,8 +558,10 @@ def test_online_delta_rule(ret, grad_at, T, D, init, monkeypatch):
     check_against_oracle(spec, B=2, T=T, H=2, K=D, V=D, init_state=init)
 
 
-DELTA_SETTINGS = {  # the block size, and the linear kernels' other launch layouts (their env switches)
+DELTA_SETTINGS = {  # the block size, the WY blocks in PyTorch, and the linear kernels' other launch layouts
     "block7": {"MIRAS_KERNEL_DELTA_CHUNK": "7"},
+    "torch-wy": {"MIRAS_KERNEL_DELTA_WY": "torch"},
+    "torch-wy-block64": {"MIRAS_KERNEL_DELTA_WY": "torch", "MIRAS_KERNEL_DELTA_CHUNK": "64"},
     "block64": {"MIRAS_KERNEL_DELTA_CHUNK": "64"},
     "fused": {"MIRAS_KERNEL_SPLIT": "0"},
     "one-kernel-grads-in-sub-blocks": {"MIRAS_KERNEL_GRAD_SPLIT": "0", "MIRAS_KERNEL_BV_LOOP": "16"},
@@ -575,6 +577,39 @@ def test_online_delta_rule_in_every_kernel_layout(setting, monkeypatch):
     for name, value in DELTA_SETTINGS[setting].items():
         monkeypatch.setenv(name, value)
     check_against_oracle(make_spec("l2", "decay", "gd", "decayed", chunk=1), B=1, T=40, H=2, K=16, V=40)
+
+
+WY_CASES = [  # (B, T, H, K, V, block, decayed, keep)
+    (2, 37, 2, 16, 24, 16, True, True), (1, 100, 2, 24, 16, 16, False, True), (1, 20, 1, 16, 16, 7, False, False),
+    (1, 64, 1, 16, 40, 64, True, True),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,block,decayed,keep", WY_CASES, ids=[f"T{c[1]}-block{c[5]}" for c in WY_CASES])
+def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, keep):
+    """The WY blocks' kernels (delta._wy_fwd_kernel, _wy_bwd_kernel) against PyTorch's batched triangular solves and
+    autograd in float64 (ops_delta.wy_solve): W_k, U_v and the gradients of k, v, eta and the keep gate."""
+    from miras.kernels.delta import WYFunction, _blocks, _tokens
+    from miras.ops_delta import block_decays, wy_solve
+
+    g = torch.Generator().manual_seed(T)
+    x = {"k": torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1),
+         "v": torch.randn(B, T, H, V, generator=g), "eta": 0.05 + 0.5 * torch.rand(B, T, H, generator=g)}
+    if keep:
+        x["keep"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
+    cot = (torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g))
+    x = {n: t.requires_grad_(True) for n, t in x.items()}
+    W, U = WYFunction.apply(block, decayed, x["k"], x["v"], x["eta"], x.get("keep"))
+    grads = torch.autograd.grad((W * cot[0]).sum() + (U * cot[1]).sum(), list(x.values()))
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    eta = _blocks(x64["eta"], block).double()
+    log_a = _blocks(torch.log(x64["keep"]), block).double() if keep else torch.zeros_like(eta)
+    U2, W2 = wy_solve(_blocks(x64["k"], block).double(), _blocks(x64["v"], block).double(), eta,
+                      *block_decays(log_a, decayed))
+    W2, U2 = _tokens(W2, T), _tokens(U2, T)
+    grads2 = torch.autograd.grad((W2 * cot[0].double()).sum() + (U2 * cot[1].double()).sum(), list(x64.values()))
+    errs = {"W_k": rel(W, W2), "U_v": rel(U, U2), **{f"d{n}": rel(a, b) for n, a, b in zip(x, grads, grads2)}}
+    assert max(errs.values()) < TOL, errs
 
 
 def test_online_delta_rule_runs_the_wy_blocks(monkeypatch):

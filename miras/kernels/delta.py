@@ -14,8 +14,11 @@ In blocks of BT tokens with start state A_0 (c_t = sum_{s<=t} log alpha_s inside
 
 which is the linear family's chunk (miras/kernels/linear.py) with grad_at previous, learning rate 1, keep alpha and
 the L2 bias R = y - v, on predictions y = kp A_0 whose keys are the rows of W_k (``kp``) against the values U_v. So
-the WY solve runs in PyTorch (batched triangular solves of [BT, BT] blocks, differentiated by autograd) and the
-state passes, the reads and their backward on the kernels; the gradients of k, v, eta and alpha add up over both.
+the WY blocks come first, one program per (chunk, batch*head) (``_wy_fwd_kernel``: T^{-1} = (I + L)^{-1} by forward
+substitution, then W_k = T^{-1} diag(eta e^d) K and U_v = T^{-1} diag(eta) V on tensor cores; ``_wy_bwd_kernel``
+their vector-Jacobian product from the saved T^{-1}), and the state passes, the reads and their backward run on the
+linear kernels; the gradients of k, v, eta and alpha add up over both. ``MIRAS_KERNEL_DELTA_WY=torch`` forms the
+blocks with PyTorch's batched triangular solves and autograd instead (``ops_delta.wy_solve``, the chunked path's).
 Every block size gives the same result up to rounding (``delta_chunk``).
 """
 
@@ -24,9 +27,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from miras.kernels.settings import env_int
+from miras.kernels.common import _dot, chunk_block, chunk_rows, dot_prec
+from miras.kernels.settings import env_choice, env_int
 
 DEFAULT_CHUNK = 64  # fla's chunk for chunk_delta_rule
 
@@ -34,6 +40,162 @@ DEFAULT_CHUNK = 64  # fla's chunk for chunk_delta_rule
 def delta_chunk() -> int:
     """Tokens per WY block and kernel chunk: ``MIRAS_KERNEL_DELTA_CHUNK`` (1..64), default 64."""
     return env_int("MIRAS_KERNEL_DELTA_CHUNK", DEFAULT_CHUNK, lo=1, hi=64)
+
+
+def wy_mode() -> str:
+    """Where the WY blocks are formed: ``triton`` (the default, ``_wy_fwd_kernel`` / ``_wy_bwd_kernel``) or ``torch``
+    (batched triangular solves and autograd: ``ops_delta.wy_solve``); ``MIRAS_KERNEL_DELTA_WY``."""
+    return env_choice("MIRAS_KERNEL_DELTA_WY", ("triton", "torch"), "triton")
+
+
+@triton.jit
+def _wy_setup(k, eta, keep, c, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+              BK: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, PREC: tl.constexpr):
+    """One block's rows and gates: token indices and mask, eta, the in-block log-keep sums c_t and the gradient
+    point's d_t (c_t decayed, c_{t-1} previous), the keys (fp32) and L[j, i] = eta_j e^{d_j - c_i} k_j . k_i (i < j)
+    with its factors E (the decays, 0 off the strict lower triangle) and A = K K^T."""
+    i_bh = tl.program_id(1)
+    p_g = (i_bh // H).to(tl.int64) * T * H + (i_bh % H).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    _, _, t_idx, t_ok, _ = chunk_rows(c, T, o_t, BT, CS)
+    b_eta = tl.load(eta + p_g + t_idx * H, mask=t_ok, other=0.0)
+    la = tl.zeros([BT], dtype=tl.float32)
+    if HAS_KEEP:
+        la = tl.log(tl.maximum(tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0), 1.1754944e-38))
+    cs = tl.cumsum(la, axis=0)
+    d = cs
+    if not DECAYED:
+        d = cs - la
+    qk_ok = t_ok[:, None] & (o_k < K)[None, :]
+    b_k = tl.load(k + p_g * K + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
+    strict = o_t[:, None] > o_t[None, :]
+    E = tl.where(strict, tl.exp(tl.where(strict, d[:, None] - cs[None, :], 0.0)), 0.0)
+    A = _dot(b_k, tl.trans(b_k), PREC)
+    return p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k.to(tl.float32), E, A
+
+
+@triton.jit
+def _wy_fwd_kernel(k, v, eta, keep, wk, uv, tinv, T, NT,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
+                   PREC: tl.constexpr, PREC32: tl.constexpr):
+    """The WY form of one block (grid: chunks x batch*heads): T^{-1} = (I + L)^{-1} row by row (forward
+    substitution: row t = e_t - sum_{i<t} L[t, i] row i), then W_k = T^{-1} diag(eta e^d) K, U_v = T^{-1} diag(eta) V.
+    Stores W_k (wk's dtype), U_v (fp32) and T^{-1} ([B*H, NT, BT, BT] fp32, for the backward)."""
+    c = tl.program_id(0)
+    p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k, E, A = _wy_setup(
+        k, eta, keep, c, T, H, K, BT, CS, BK, HAS_KEEP, DECAYED, PREC)
+    L = b_eta[:, None] * E * A
+    Ti = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
+    for t in range(1, BT):
+        l_t = tl.sum(tl.where(o_t[:, None] == t, L, 0.0), axis=0)  # row t of L, over i
+        Ti = tl.where(o_t[:, None] == t, Ti - tl.sum(l_t[:, None] * Ti, axis=0)[None, :], Ti)
+    o_v = tl.arange(0, BV)
+    tv_ok = t_ok[:, None] & (o_v < V)[None, :]
+    b_v = tl.load(v + p_g * V + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
+    W = _dot(Ti, (b_eta * tl.exp(d))[:, None] * b_k, PREC32)
+    U = _dot(Ti, b_eta[:, None] * b_v, PREC32)
+    tl.store(wk + p_g * K + t_idx[:, None] * H * K + o_k[None, :], W.to(wk.dtype.element_ty), mask=qk_ok)
+    tl.store(uv + p_g * V + t_idx[:, None] * H * V + o_v[None, :], U, mask=tv_ok)
+    tl.store(tinv + (tl.program_id(1).to(tl.int64) * NT + c) * BT * BT + o_t[:, None] * BT + o_t[None, :], Ti)
+
+
+@triton.jit
+def _wy_bwd_kernel(k, v, eta, keep, tinv, dwk, duv, dk, dv, deta, dkeep, da, T, NT,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
+                   PREC: tl.constexpr, PREC32: tl.constexpr):
+    """The vector-Jacobian product of ``_wy_fwd_kernel`` for one block, with X = [U_v | W_k], R = [eta V | eta e^d K]
+    (X = T^{-1} R) and the saved T^{-1}:
+
+        dR = T^{-T} dX,   dL = -(dR X^T) on the strict lower triangle,   L = eta_j E[j, i] A[j, i],  A = K K^T,
+        dA = dL . eta E,   dK = eta e^d dR_k + dA K + dA^T K,   dV = eta dR_v,
+        deta = sum(dR_v V) + e^d sum(dR_k K) + sum_i dL E A,   dd = eta e^d sum(dR_k K) + sum_i dL L,
+        dc_i = dd_i [decayed] - sum_j (dL L)[j, i],   dlog alpha = reverse cumsum(dc) [- dd, previous].
+
+    No transpose of a dot result feeds a dot: T^{-T}, K^T and V^T are transposed loads, X^T = R^T T^{-T} is formed
+    as such, and dA^T is read back transposed from the scratch ``da`` ([B*H, NT, BT, BT] fp32)."""
+    c = tl.program_id(0)
+    p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k, E, A = _wy_setup(
+        k, eta, keep, c, T, H, K, BT, CS, BK, HAS_KEEP, DECAYED, PREC)
+    o_v = tl.arange(0, BV)
+    tv_ok = t_ok[:, None] & (o_v < V)[None, :]
+    p_k = p_g * K + t_idx[:, None] * H * K + o_k[None, :]
+    p_v = p_g * V + t_idx[:, None] * H * V + o_v[None, :]
+    p_kT = p_g * K + t_idx[None, :] * H * K + o_k[:, None]  # the same tiles read transposed: [BK, BT], [BV, BT]
+    p_vT = p_g * V + t_idx[None, :] * H * V + o_v[:, None]
+    p_blk = (tl.program_id(1).to(tl.int64) * NT + c) * BT * BT
+    TiT = tl.load(tinv + p_blk + o_t[None, :] * BT + o_t[:, None])
+    ed = tl.exp(d)
+    dRk = _dot(TiT, tl.load(dwk + p_k, mask=qk_ok, other=0.0).to(tl.float32), PREC32)  # [BT, BK]
+    dRv = _dot(TiT, tl.load(duv + p_v, mask=tv_ok, other=0.0).to(tl.float32), PREC32)
+    rkT = (b_eta * ed)[None, :] * tl.load(k + p_kT, mask=t_ok[None, :] & (o_k < K)[:, None], other=0.0).to(tl.float32)
+    rvT = b_eta[None, :] * tl.load(v + p_vT, mask=t_ok[None, :] & (o_v < V)[:, None], other=0.0).to(tl.float32)
+    dL = -(_dot(dRv, _dot(rvT, TiT, PREC32), PREC32) + _dot(dRk, _dot(rkT, TiT, PREC32), PREC32))
+    dL = tl.where(o_t[:, None] > o_t[None, :], dL, 0.0)
+    dA = dL * b_eta[:, None] * E
+    tl.store(da + p_blk + o_t[:, None] * BT + o_t[None, :], dA)
+    tl.debug_barrier()
+    dAT = tl.load(da + p_blk + o_t[None, :] * BT + o_t[:, None])
+    b_dk = (b_eta * ed)[:, None] * dRk + _dot(dA, b_k, PREC32) + _dot(dAT, b_k, PREC32)
+    b_v = tl.load(v + p_v, mask=tv_ok, other=0.0).to(tl.float32)
+    kdr = tl.sum(dRk * b_k, axis=1)
+    dLEA = dL * E * A
+    b_deta = tl.sum(dRv * b_v, axis=1) + ed * kdr + tl.sum(dLEA, axis=1)
+    dLL = dLEA * b_eta[:, None]
+    dd = b_eta * ed * kdr + tl.sum(dLL, axis=1)
+    dla = tl.cumsum(dd - tl.sum(dLL, axis=0), axis=0, reverse=True)
+    if not DECAYED:
+        dla -= dd
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=qk_ok)
+    tl.store(dv + p_v, b_eta[:, None] * dRv, mask=tv_ok)
+    tl.store(deta + p_g + t_idx * H, b_deta, mask=t_ok)
+    if HAS_KEEP:
+        b_keep = tl.load(keep + p_g + t_idx * H, mask=t_ok, other=1.0)
+        tl.store(dkeep + p_g + t_idx * H, tl.where(b_keep > 1.1754944e-38, dla / b_keep, 0.0), mask=t_ok)
+
+
+def _bwd_prec(prec: str, prec32: str) -> str:
+    """The backward's fp32 dots: single-pass tf32 for bf16 inputs (their gradients are bf16-accurate; a third of the
+    tensor-core work of 3xTF32: sm_90, D=128, 424 -> 144 HGMMA per program), else the forward's precision."""
+    return "tf32" if prec == "bf16" else prec32
+
+
+class WYFunction(torch.autograd.Function):
+    """(k, v, eta, keep) -> (W_k [B, T, H, K] in k's dtype, U_v [B, T, H, V] fp32): the WY blocks of ``block``
+    tokens (``_wy_fwd_kernel``; backward ``_wy_bwd_kernel`` from the saved T^{-1})."""
+
+    @staticmethod
+    def forward(ctx, block: int, decayed: bool, k, v, eta, keep):
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        BT, NT = chunk_block(block), triton.cdiv(T, block)
+        wk = torch.empty_like(k)
+        uv = torch.empty(B, T, H, V, device=k.device, dtype=torch.float32)
+        tinv = torch.empty(B * H, NT, BT, BT, device=k.device, dtype=torch.float32)
+        ctx.consts = dict(H=H, K=K, V=V, BT=BT, CS=block, BK=triton.next_power_of_2(max(K, 16)),
+                          BV=triton.next_power_of_2(max(V, 16)), HAS_KEEP=keep is not None, DECAYED=decayed,
+                          PREC=dot_prec(k), PREC32=dot_prec(uv), num_warps=8)
+        _wy_fwd_kernel[(NT, B * H)](k, v, eta, keep if keep is not None else eta, wk, uv, tinv, T, NT, **ctx.consts)
+        ctx.save_for_backward(k, v, eta, keep, tinv)
+        return wk, uv
+
+    @staticmethod
+    def backward(ctx, dwk, duv):
+        k, v, eta, keep, tinv = ctx.saved_tensors
+        B, T, H, K = k.shape
+        dwk = torch.zeros_like(k) if dwk is None else dwk.contiguous()
+        duv = torch.zeros(*v.shape[:3], v.shape[-1], device=v.device) if duv is None else duv.contiguous()
+        dk = torch.empty_like(k)
+        dv = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+        deta = torch.empty_like(eta)
+        dkeep = torch.empty_like(keep) if keep is not None else None
+        _wy_bwd_kernel[(tinv.shape[1], B * H)](
+            k, v, eta, keep if keep is not None else eta, tinv, dwk, duv, dk, dv, deta,
+            dkeep if dkeep is not None else deta, torch.empty_like(tinv), T, tinv.shape[1],
+            **{**ctx.consts, "PREC32": _bwd_prec(ctx.consts["PREC"], ctx.consts["PREC32"])})
+        return None, None, dk, dv.to(v.dtype), deta, dkeep
 
 
 def _blocks(x: Tensor, n: int) -> Tensor:
@@ -62,14 +224,16 @@ def delta_scan(spec, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, keep: Tensor 
 
     T = q.shape[1]
     n = delta_chunk()
-    etab = _blocks(eta, n)
-    log_a = _blocks(torch.log(keep.clamp_min(torch.finfo(torch.float32).tiny)), n) if keep is not None else \
-        torch.zeros_like(etab)
-    c, d = block_decays(log_a, spec.retention.kind == "decay" and spec.retention.grad_at == "decayed")
-    U_v, W_k = wy_solve(_blocks(k, n), _blocks(v, n), etab, c, d)
-    cfg = dataclasses.replace(LinearConfig.from_spec(spec), chunk=n, decayed=False)
-    ones = torch.ones_like(eta)
+    decayed = spec.retention.kind == "decay" and spec.retention.grad_at == "decayed"
     # the keys W_k only feed dots: in the inputs' dtype, as k (the values U_v stay fp32: R = W_k A_0 - U_v)
-    o, ht, _ = LinearScanFunction.apply(cfg, q, k, _tokens(U_v, T), ones, keep, None, None, h0, None,
-                                        _tokens(W_k, T).to(q.dtype))
+    if wy_mode() == "triton":
+        W_k, U_v = WYFunction.apply(n, decayed, k, v, eta, keep)
+    else:
+        etab = _blocks(eta, n)
+        log_a = _blocks(torch.log(keep.clamp_min(torch.finfo(torch.float32).tiny)), n) if keep is not None else \
+            torch.zeros_like(etab)
+        U_v, W_k = wy_solve(_blocks(k, n), _blocks(v, n), etab, *block_decays(log_a, decayed))
+        W_k, U_v = _tokens(W_k, T).to(q.dtype), _tokens(U_v, T)
+    cfg = dataclasses.replace(LinearConfig.from_spec(spec), chunk=n, decayed=False)
+    o, ht, _ = LinearScanFunction.apply(cfg, q, k, U_v, torch.ones_like(eta), keep, None, None, h0, None, W_k)
     return o, ht
