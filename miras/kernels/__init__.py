@@ -95,7 +95,7 @@ from functools import cache, lru_cache
 import torch
 
 from miras.errors import KernelUnavailable
-from miras.kernels.settings import env_switch
+from miras.kernels.settings import delta_chunk, env_switch
 
 __all__ = ["kernel_chunk", "kernel_support", "shape_gap", "triton_memory_scan", "triton_status"]
 
@@ -168,8 +168,6 @@ def kernel_chunk(spec) -> tuple[int, str]:
     """The kernels' chunk for this spec and the setting that names it: ``learner.chunk_size``, or for the online
     delta rule the WY block (``MIRAS_KERNEL_DELTA_CHUNK``, miras/kernels/delta.py)."""
     if _delta_rule(spec):
-        from miras.kernels.delta import delta_chunk
-
         return delta_chunk(), "MIRAS_KERNEL_DELTA_CHUNK"
     return spec.learner.chunk_size, "learner.chunk_size"
 
@@ -182,7 +180,7 @@ def kernel_support(spec) -> tuple[bool, str]:
     {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
     linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
-    ``delta.delta_chunk()`` tokens: miras/kernels/delta.py), triton >= 3.0.
+    ``settings.delta_chunk()`` tokens: miras/kernels/delta.py), triton >= 3.0.
     """
     ok, why = triton_status()
     if not ok:

@@ -32,14 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from miras.kernels.common import _dot, chunk_block, chunk_rows, dot_prec
-from miras.kernels.settings import env_choice, env_int
-
-DEFAULT_CHUNK = 64  # fla's chunk for chunk_delta_rule
-
-
-def delta_chunk() -> int:
-    """Tokens per WY block and kernel chunk: ``MIRAS_KERNEL_DELTA_CHUNK`` (1..64), default 64."""
-    return env_int("MIRAS_KERNEL_DELTA_CHUNK", DEFAULT_CHUNK, lo=1, hi=64)
+from miras.kernels.settings import delta_chunk, env_choice
 
 
 def wy_mode() -> str:

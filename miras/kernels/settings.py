@@ -70,6 +70,12 @@ def env_int(name: str, default: int, lo: int, hi: int) -> int:
     return int(value)
 
 
+def delta_chunk() -> int:
+    """Tokens per WY block of the online delta rule, which is also the kernels' chunk there (miras/kernels/delta.py):
+    ``MIRAS_KERNEL_DELTA_CHUNK`` (1..64), default 64 (fla's chunk_delta_rule's)."""
+    return env_int("MIRAS_KERNEL_DELTA_CHUNK", 64, lo=1, hi=64)
+
+
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     """One of ``choices`` from the environment variable ``name``, else ``default``."""
     value = os.environ.get(name, default)
