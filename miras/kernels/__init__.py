@@ -22,7 +22,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
 - ``MIRAS_KERNEL_DELTA_CHUNK``: tokens per WY block of the online delta rule (``learner.chunk_size: 1``, l2, gd:
-  DeltaNet, Gated DeltaNet), which is also the kernels' chunk there (1..64, default 64; miras/kernels/delta.py).
+  DeltaNet, Gated DeltaNet), which is also the kernels' chunk there (1..64, default 64; miras/kernels/delta.py);
+  ``MIRAS_KERNEL_DELTA_WY``: where its WY blocks are formed (``triton``, the default: kernels of their own; ``torch``:
+  PyTorch's batched triangular solves and autograd, the chunked path's ``ops_delta.wy_solve``).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
   ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
