@@ -143,7 +143,7 @@ def _warn_once(msg: str) -> None:
 
 def shape_gap(spec, B: int, T: int, H: int, K: int, V: int) -> str:
     """Why the kernels cannot run inputs of these shapes, or "" when they can: head dims above MAX_HEAD_DIM, more
-    chunks per sequence (ceil(T / learner.chunk_size)) or batch*heads than a grid axis holds (the chunk-parallel
+    chunks per sequence (ceil(T / the ``kernel_chunk``)) or batch*heads than a grid axis holds (the chunk-parallel
     launches put the batch*heads on the grid's second axis and the chunks on its third). ``memory_scan``'s auto mode
     takes the chunked path then, with a one-time warning naming the reason."""
     if max(K, V) > MAX_HEAD_DIM:
