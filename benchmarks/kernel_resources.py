@@ -84,7 +84,7 @@ def main() -> None:
     elif a.which.startswith("wy"):  # the online delta rule's WY blocks (miras/kernels/delta.py)
         fn = delta._wy_fwd_kernel if a.which == "wy-fwd" else delta._wy_bwd_kernel
         ints, io_names = {"T", "NT"}, ("k", "v", "wk", "dwk", "dk")
-        prec32 = "tf32x3" if a.which == "wy-fwd" else delta._bwd_prec(a.prec, "tf32x3")
+        prec32 = delta._wy_prec(a.prec, "tf32x3")
         consts.update(BT=chunk_block(a.chunk), BV=consts["BK"], PREC32=prec32)
         consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     elif a.which.startswith("channel"):

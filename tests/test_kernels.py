@@ -579,22 +579,29 @@ def test_online_delta_rule_in_every_kernel_layout(setting, monkeypatch):
     check_against_oracle(make_spec("l2", "decay", "gd", "decayed", chunk=1), B=1, T=40, H=2, K=16, V=40)
 
 
-WY_CASES = [  # (B, T, H, K, V, block, decayed, keep)
-    (2, 37, 2, 16, 24, 16, True, True), (1, 100, 2, 24, 16, 16, False, True), (1, 20, 1, 16, 16, 7, False, False),
-    (1, 64, 1, 16, 40, 64, True, True),
+WY_CASES = [  # (B, T, H, K, V, block, decayed, keep, near-parallel keys with eta = 1)
+    (2, 37, 2, 16, 24, 16, True, True, False), (1, 100, 2, 24, 16, 16, False, True, False),
+    (1, 20, 1, 16, 16, 7, False, False, False), (1, 64, 1, 16, 40, 64, True, True, False),
+    (1, 70, 1, 16, 16, 32, False, True, False), (1, 100, 1, 16, 16, 64, True, True, True),
 ]
 
 
-@pytest.mark.parametrize("B,T,H,K,V,block,decayed,keep", WY_CASES, ids=[f"T{c[1]}-block{c[5]}" for c in WY_CASES])
-def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, keep):
+@pytest.mark.parametrize("B,T,H,K,V,block,decayed,keep,parallel", WY_CASES,
+                         ids=[f"T{c[1]}-block{c[5]}{'-parallel-keys' if c[8] else ''}" for c in WY_CASES])
+def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, keep, parallel):
     """The WY blocks' kernels (delta._wy_fwd_kernel, _wy_bwd_kernel) against PyTorch's batched triangular solves and
-    autograd in float64 (ops_delta.wy_solve): W_k, U_v and the gradients of k, v, eta and the keep gate."""
+    autograd in float64 (ops_delta.wy_solve): W_k, U_v and the gradients of k, v, eta and the keep gate. Blocks of
+    16 rows or fewer (one diagonal block of the inverse), 32 and 64 (two and four: its nilpotent series), and keys
+    all near one direction with eta = 1, where (I + L)'s off-diagonal entries are near 1 (measured <= 5e-6)."""
     from miras.kernels.delta import WYFunction, _blocks, _tokens
     from miras.ops_delta import block_decays, wy_solve
 
     g = torch.Generator().manual_seed(T)
-    x = {"k": torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1),
-         "v": torch.randn(B, T, H, V, generator=g), "eta": 0.05 + 0.5 * torch.rand(B, T, H, generator=g)}
+    k = torch.randn(B, T, H, K, generator=g)
+    if parallel:
+        k = 0.05 * k + torch.randn(K, generator=g)
+    x = {"k": torch.nn.functional.normalize(k, dim=-1), "v": torch.randn(B, T, H, V, generator=g),
+         "eta": torch.ones(B, T, H) if parallel else 0.05 + 0.5 * torch.rand(B, T, H, generator=g)}
     if keep:
         x["keep"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
     cot = (torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g))

@@ -69,21 +69,38 @@ def _wy_setup(k, eta, keep, c, T, H: tl.constexpr, K: tl.constexpr, BT: tl.const
 
 
 @triton.jit
+def _unit_lower_inverse(L, o_t, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+    """(I + L)^{-1} of a strictly lower-triangular [BT, BT] L. The diagonal blocks of SUB rows, D = I + (their part of
+    L), by forward substitution, all blocks at once: step s fixes row s of every block (row = e_r - sum_{i<r} L[r, i]
+    row i, one dot). Then with N = the rest of L, strictly block-lower, M = D^{-1} N is nilpotent (M^(BT/SUB) = 0), so
+    (I + L)^{-1} = (I + M)^{-1} D^{-1} = (I - M + M^2 - ...) D^{-1}: a few dots, not BT - 1 row steps."""
+    same = (o_t[:, None] // SUB) == (o_t[None, :] // SUB)
+    Lb = tl.where(same, L, 0.0)
+    Di = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
+    for s in range(1, SUB):
+        rows = (o_t % SUB) == s
+        Di = tl.where(rows[:, None], Di - _dot(tl.where(rows[:, None], Lb, 0.0), Di, PREC), Di)
+    M = _dot(Di, tl.where(same, 0.0, L), PREC)
+    term = -M
+    P = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0) + term
+    for _ in tl.static_range(2, BT // SUB):
+        term = -_dot(term, M, PREC)
+        P += term
+    return _dot(P, Di, PREC)
+
+
+@triton.jit
 def _wy_fwd_kernel(k, v, eta, keep, wk, uv, tinv, T, NT,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr,
                    PREC: tl.constexpr, PREC32: tl.constexpr):
-    """The WY form of one block (grid: chunks x batch*heads): T^{-1} = (I + L)^{-1} row by row (forward
-    substitution: row t = e_t - sum_{i<t} L[t, i] row i), then W_k = T^{-1} diag(eta e^d) K, U_v = T^{-1} diag(eta) V.
+    """The WY form of one block (grid: chunks x batch*heads): T^{-1} = (I + L)^{-1} (``_unit_lower_inverse``), then
+    W_k = T^{-1} diag(eta e^d) K, U_v = T^{-1} diag(eta) V.
     Stores W_k (wk's dtype), U_v (fp32) and T^{-1} ([B*H, NT, BT, BT] fp32, for the backward)."""
     c = tl.program_id(0)
     p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k, E, A = _wy_setup(
         k, eta, keep, c, T, H, K, BT, CS, BK, HAS_KEEP, DECAYED, PREC)
-    L = b_eta[:, None] * E * A
-    Ti = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
-    for t in range(1, BT):
-        l_t = tl.sum(tl.where(o_t[:, None] == t, L, 0.0), axis=0)  # row t of L, over i
-        Ti = tl.where(o_t[:, None] == t, Ti - tl.sum(l_t[:, None] * Ti, axis=0)[None, :], Ti)
+    Ti = _unit_lower_inverse(b_eta[:, None] * E * A, o_t, BT, 16, PREC32)
     o_v = tl.arange(0, BV)
     tv_ok = t_ok[:, None] & (o_v < V)[None, :]
     b_v = tl.load(v + p_g * V + t_idx[:, None] * H * V + o_v[None, :], mask=tv_ok, other=0.0).to(tl.float32)
@@ -149,9 +166,11 @@ def _wy_bwd_kernel(k, v, eta, keep, tinv, dwk, duv, dk, dv, deta, dkeep, da, T, 
         tl.store(dkeep + p_g + t_idx * H, tl.where(b_keep > 1.1754944e-38, dla / b_keep, 0.0), mask=t_ok)
 
 
-def _bwd_prec(prec: str, prec32: str) -> str:
-    """The backward's fp32 dots: single-pass tf32 for bf16 inputs (their gradients are bf16-accurate; a third of the
-    tensor-core work of 3xTF32: sm_90, D=128, 424 -> 144 HGMMA per program), else the forward's precision."""
+def _wy_prec(prec: str, prec32: str) -> str:
+    """The WY kernels' dots of fp32 operands (T^{-1} and what it multiplies): single-pass tf32 for bf16 inputs (a
+    third of the tensor-core work of 3xTF32 and none of its operand splitting: sm_90, D=128, blocks of 64, per
+    program ~17k -> ~5k instructions forward, 10.4k -> 4.7k backward), else ``prec32`` (3xTF32 on GPU, exact in the
+    interpreter)."""
     return "tf32" if prec == "bf16" else prec32
 
 
@@ -169,7 +188,7 @@ class WYFunction(torch.autograd.Function):
         tinv = torch.empty(B * H, NT, BT, BT, device=k.device, dtype=torch.float32)
         ctx.consts = dict(H=H, K=K, V=V, BT=BT, CS=block, BK=triton.next_power_of_2(max(K, 16)),
                           BV=triton.next_power_of_2(max(V, 16)), HAS_KEEP=keep is not None, DECAYED=decayed,
-                          PREC=dot_prec(k), PREC32=dot_prec(uv), num_warps=8)
+                          PREC=dot_prec(k), PREC32=_wy_prec(dot_prec(k), dot_prec(uv)), num_warps=8)
         _wy_fwd_kernel[(NT, B * H)](k, v, eta, keep if keep is not None else eta, wk, uv, tinv, T, NT, **ctx.consts)
         ctx.save_for_backward(k, v, eta, keep, tinv)
         return wk, uv
@@ -186,8 +205,7 @@ class WYFunction(torch.autograd.Function):
         dkeep = torch.empty_like(keep) if keep is not None else None
         _wy_bwd_kernel[(tinv.shape[1], B * H)](
             k, v, eta, keep if keep is not None else eta, tinv, dwk, duv, dk, dv, deta,
-            dkeep if dkeep is not None else deta, torch.empty_like(tinv), T, tinv.shape[1],
-            **{**ctx.consts, "PREC32": _bwd_prec(ctx.consts["PREC"], ctx.consts["PREC32"])})
+            dkeep if dkeep is not None else deta, torch.empty_like(tinv), T, tinv.shape[1], **ctx.consts)
         return None, None, dk, dv.to(v.dtype), deta, dkeep
 
 
