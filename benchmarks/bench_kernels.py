@@ -56,6 +56,11 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
 }
 
 
+FAMILY_ENV = {  # settings a family's kernels need (the online delta rule's are opt-in until GPU-tested)
+    "gated deltanet (chunk 1: l2+decay+gd)": {"MIRAS_KERNEL_DELTA": "1"},
+}
+
+
 def family_spec(over: dict, chunk: int) -> MemorySpec:
     """The MemorySpec of a FAMILIES entry (its overrides on a linear memory) at chunk size ``chunk``, unless the entry
     sets its own (the online delta rule's 1)."""
@@ -402,7 +407,8 @@ def main() -> None:
         block = 64 if spec.learner.chunk_size == 1 else BT
         fl = matmul_flops(B, T, H, D, D, block, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
-        settings = {f"triton {fam}": {}, **{f"triton {fam} [{w}]": VARIANTS[w] for w in variants}}
+        env = FAMILY_ENV.get(fam, {})
+        settings = {f"triton {fam}": env, **{f"triton {fam} [{w}]": {**env, **VARIANTS[w]} for w in variants}}
         measured = measure_rounds(settings, run_triton, (q, k, v, *gates.values()), device, fl, tokens, args.rounds)
         row = measured.pop(f"triton {fam}")
         for variant_row in measured.values():
@@ -415,7 +421,7 @@ def main() -> None:
 
             crow = measure(f"chunked {fam}", run_chunked, (q, k, v, *gates.values()), device, None, tokens)
             if "error" not in row:  # the kernel ran: its outputs against the fp32 chunked path
-                with torch.no_grad():
+                with torch.no_grad(), temporary_env(env):
                     o_t = run_triton(q, k, v, *gates.values()).float()
                     o_c = memory_scan(spec, q.float(), k.float(), v.float(), gates, state0, params=head,
                                       mode="chunked")[0]

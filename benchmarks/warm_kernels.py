@@ -115,9 +115,11 @@ def warm_row(name: str, tiny: bool) -> None:
     """One fwd+bwd of bench_kernels.py's family row whose name contains ``name``, at the benchmark's signature (T=1024
     has T=4096's integer specialisation), with the row's LayerNorm head parameters where it has one."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_kernels import FAMILIES, family_spec, head_params, init_state, make
+    from bench_kernels import FAMILIES, FAMILY_ENV, family_spec, head_params, init_state, make
 
     from miras.kernels import triton_memory_scan
+    from miras.kernels.settings import temporary_env
+
     fam = next((f for f in FAMILIES if name in f), None)
     if fam is None:
         sys.exit(f"warm_kernels.py: no bench_kernels.py family matches {name!r}; known: {', '.join(FAMILIES)}")
@@ -127,7 +129,8 @@ def warm_row(name: str, tiny: bool) -> None:
     q, k, v, gates = make(spec, B, T, H, D, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
     head = head_params(spec, H, D, dev)
     t0 = time.time()
-    triton_memory_scan(spec, q, k, v, gates, init_state(spec, H, D, dev), params=head)[0].float().sum().backward()
+    with temporary_env(FAMILY_ENV.get(fam, {})):
+        triton_memory_scan(spec, q, k, v, gates, init_state(spec, H, D, dev), params=head)[0].float().sum().backward()
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"warm row {fam}: {time.time() - t0:.1f}s")

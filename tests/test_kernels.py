@@ -25,6 +25,7 @@ from miras.spec import MemorySpec  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
+from miras.kernels.settings import temporary_env  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _kernel_oracle import check_errors, make_inputs, make_spec, oracle_scan, reference_scan, rel, run_and_grads, split  # noqa: E402
@@ -394,7 +395,10 @@ def test_auto_mode_picks_the_kernels_on_cuda_only():
         assert resolve_mode(spec, "cuda", dtype) == "triton"
         assert resolve_mode(spec, "cpu", dtype) == "chunked"
     assert resolve_mode(spec, "cuda", torch.float64) == "chunked"
-    assert resolve_mode(make_spec("l2", "decay", "gd", chunk=1), "cuda", torch.bfloat16) == "triton"  # delta rule
+    delta = make_spec("l2", "decay", "gd", chunk=1)  # the online delta rule: its kernels are opt-in for now
+    assert resolve_mode(delta, "cuda", torch.bfloat16) == "chunked"
+    with temporary_env({"MIRAS_KERNEL_DELTA": "1"}):
+        assert resolve_mode(delta, "cuda", torch.bfloat16) == "triton"
 
 
 def test_learned_initial_state_without_batch_dim():
@@ -422,6 +426,7 @@ def test_learned_initial_state_without_batch_dim():
     ({"retention": "lq"}, "retention.kind='lq'"),
     ({"retention": "kl", "learner": "gd"}, "retention.kind='kl'"),
     ({"learner": {"kind": "momentum", "chunk_size": 128}}, "chunk_size=128"),
+    ({"learner": {"kind": "gd", "chunk_size": 1}}, "MIRAS_KERNEL_DELTA=1 turns them on"),
 ])
 def test_kernel_support_names_the_missing_piece(overrides, missing):
     spec = MemorySpec(**{"memory": "linear", **overrides})
@@ -552,6 +557,7 @@ DELTA_CASES = [  # (retention, grad_at, T, D, initial state)
 @pytest.mark.parametrize("ret,grad_at,T,D,init", DELTA_CASES, ids=["-".join(map(str, c)) for c in DELTA_CASES])
 def test_online_delta_rule(ret, grad_at, T, D, init, monkeypatch):
     """Outputs, final state and the gradients of q, k, v, lr, keep and the initial state, in WY blocks of 16."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")
     monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
     spec = make_spec("l2", ret, "gd", grad_at, chunk=1)
     assert kernel_support(spec) == (True, "")
@@ -573,6 +579,7 @@ DELTA_SETTINGS = {  # the block size, the WY blocks in PyTorch, and the linear k
 def test_online_delta_rule_in_every_kernel_layout(setting, monkeypatch):
     """Any block size gives the delta rule (7: blocks padded to 16 rows; 64: one block), and every launch layout of
     the linear kernels carries the prediction keys (V = 40: several V-tiles and sub-blocks where the setting asks)."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")
     monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
     for name, value in DELTA_SETTINGS[setting].items():
         monkeypatch.setenv(name, value)
@@ -624,6 +631,7 @@ def test_online_delta_rule_runs_the_wy_blocks(monkeypatch):
     learning rate 1, gradient at the chunk start), not as the linear kernels at chunk 1."""
     from miras.kernels import linear
 
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")
     monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "8")
     seen = []
     real = linear.LinearScanFunction.apply

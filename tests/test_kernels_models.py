@@ -47,6 +47,7 @@ def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, mo
     """One training step of a recipe's model (one layer) with its memory on the kernels, against the chunked path.
     T is not a multiple of the chunk, so the layer scans its whole chunks (two), then the rest from their end state:
     two kernel calls, the second with a given initial state (at chunk 1, the online delta rule, one call)."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")  # (the online delta rule's kernels are opt-in for now)
     monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
     spec = load_spec(recipe, [*overrides, "n_layers=1"])
     assert kernel_support(spec.memory) == (True, "")

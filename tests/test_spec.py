@@ -178,11 +178,15 @@ def test_show_names_what_keeps_a_layer_off_the_kernels():
     the LayerNorm head run on the kernels, the Titans ones at their chunk of 8 too."""
     pytest.importorskip("triton")
     from miras.commands.spec_cmds import _paths
+    from miras.kernels.settings import temporary_env
 
     root = Path(__file__).resolve().parent.parent
     memora = _paths(load_spec(root / "recipes/memora.yaml"))[0][2]
     assert memora.startswith("chunked (cpu) / chunked (cuda): ") and "retention.kind='kl'" in memora
-    assert _paths(load_spec(root / "recipes/deltanet.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"  # WY blocks
+    deltanet = _paths(load_spec(root / "recipes/deltanet.yaml"))[0][2]  # (its kernels are opt-in until GPU-tested)
+    assert deltanet.startswith("chunked (cpu) / chunked (cuda): ") and "MIRAS_KERNEL_DELTA=1" in deltanet
+    with temporary_env({"MIRAS_KERNEL_DELTA": "1"}):
+        assert _paths(load_spec(root / "recipes/deltanet.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/linear-attention.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
     assert _paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"

@@ -21,8 +21,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the per-chunk coefficient kernel.
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
-- ``MIRAS_KERNEL_DELTA_CHUNK``: tokens per WY block of the online delta rule (``learner.chunk_size: 1``, l2, gd:
-  DeltaNet, Gated DeltaNet), which is also the kernels' chunk there (1..64, default 64; miras/kernels/delta.py);
+- ``MIRAS_KERNEL_DELTA=1``: the online delta rule (``learner.chunk_size: 1``, l2, gd: DeltaNet, Gated DeltaNet)
+  on the kernels (miras/kernels/delta.py; default off until its GPU tests have run: the chunked path's blocked
+  solver runs it); ``MIRAS_KERNEL_DELTA_CHUNK``: its tokens per WY block, which is also the kernels' chunk there
+  (1..64, default 64);
   ``MIRAS_KERNEL_DELTA_WY``: where its WY blocks are formed (``triton``, the default: kernels of their own; ``torch``:
   PyTorch's batched triangular solves and autograd, the chunked path's ``ops_delta.wy_solve``).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
@@ -166,6 +168,13 @@ def _delta_rule(spec) -> bool:
     return is_delta_rule(spec) and not _channel_gate(spec)
 
 
+def delta_kernels_on() -> bool:
+    """Whether the online delta rule takes the kernels (miras/kernels/delta.py): ``MIRAS_KERNEL_DELTA=1``. Off by
+    default until its GPU tests have passed on a GPU (they match the float64 oracle in the interpreter), as the MLP
+    kernels and their LayerNorm head were before theirs."""
+    return env_switch("MIRAS_KERNEL_DELTA", False)
+
+
 def kernel_chunk(spec) -> tuple[int, str]:
     """The kernels' chunk for this spec and the setting that names it: ``learner.chunk_size``, or for the online
     delta rule the WY block (``MIRAS_KERNEL_DELTA_CHUNK``, miras/kernels/delta.py)."""
@@ -182,7 +191,7 @@ def kernel_support(spec) -> tuple[bool, str]:
     {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
     linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
-    ``settings.delta_chunk()`` tokens: miras/kernels/delta.py), triton >= 3.0.
+    ``settings.delta_chunk()`` tokens, miras/kernels/delta.py, with ``MIRAS_KERNEL_DELTA=1``), triton >= 3.0.
     """
     ok, why = triton_status()
     if not ok:
@@ -217,6 +226,10 @@ def kernel_support(spec) -> tuple[bool, str]:
     if learner.chunk_size > MAX_CHUNK:
         return False, f"learner.chunk_size must be at most {MAX_CHUNK} for the Triton kernels, but got " \
                       f"chunk_size={learner.chunk_size}"
+    if _delta_rule(spec) and not delta_kernels_on():
+        return False, "the Triton kernels of the online delta rule (learner.chunk_size=1 with l2 bias and gd) are off " \
+                      "until they pass their GPU tests (MIRAS_KERNEL_DELTA=1 turns them on); the chunked path solves " \
+                      "it exactly in blocks, in parallel over the tokens"
     if mem.kind == "mlp" and mem.norm and not env_switch("MIRAS_KERNEL_MLP_NORM", True):  # (last: the only gap)
         return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are turned off " \
                       "(MIRAS_KERNEL_MLP_NORM=0); the chunked PyTorch path runs it"
