@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from variants import VARIANTS  # noqa: E402  (benchmarks/ is this script's directory)
 
-from miras.kernels.settings import temporary_env  # noqa: E402
+from miras.kernels.settings import delta_chunk, temporary_env  # noqa: E402
 from miras.spec import MemorySpec  # noqa: E402
 
 FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 64)
@@ -403,8 +403,8 @@ def main() -> None:
         def run_triton(q, k, v, *g, spec=spec, names=names, state0=state0, head=head):
             return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0, params=head)[0]
 
-        # (the delta rule's kernels run at its WY block, 64; its WY solve in PyTorch is not counted)
-        block = 64 if spec.learner.chunk_size == 1 else BT
+        # (the delta rule's kernels run at its WY block, MIRAS_KERNEL_DELTA_CHUNK; its WY blocks are not counted)
+        block = delta_chunk() if spec.learner.chunk_size == 1 else BT
         fl = matmul_flops(B, T, H, D, D, block, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
         env = FAMILY_ENV.get(fam, {})

@@ -55,6 +55,12 @@ def block_decays(log_a: Tensor, decayed: bool) -> tuple[Tensor, Tensor]:
     return c, (c if decayed else c - log_a)
 
 
+def masked_decay(rows: Tensor, c: Tensor, mask: Tensor) -> Tensor:
+    """exp(rows_j - c_i) where ``mask[j, i]``, else 0: ``[..., n, n]`` from ``[..., n]`` (never exp of a positive
+    difference off the mask)."""
+    return torch.exp((rows[..., :, None] - c[..., None, :]).masked_fill(~mask, float("-inf")))
+
+
 def wy_solve(kb: Tensor, vb: Tensor, eta: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """The WY form of blocks of n tokens (leading dims batch the blocks): ``(U_v, W_k)`` with
 
@@ -64,8 +70,7 @@ def wy_solve(kb: Tensor, vb: Tensor, eta: Tensor, c: Tensor, d: Tensor) -> tuple
     kb ``[..., n, K]``, vb ``[..., n, V]``; eta, c, d ``[..., n]``."""
     n = kb.shape[-2]
     strict = torch.ones(n, n, dtype=torch.bool, device=kb.device).tril(-1)
-    decay = torch.exp((d[..., :, None] - c[..., None, :]).masked_fill(~strict, float("-inf")))
-    L = eta[..., :, None] * decay * (kb @ kb.transpose(-1, -2))
+    L = eta[..., :, None] * masked_decay(d, c, strict) * (kb @ kb.transpose(-1, -2))
     eye = torch.eye(n, dtype=kb.dtype, device=kb.device)
     rhs = torch.cat([eta[..., None] * vb, (eta * torch.exp(d))[..., None] * kb], dim=-1)  # [eta V | eta e^d K]
     sol = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
@@ -91,7 +96,7 @@ def delta_rule_scan(spec: MemorySpec, p: Prepared, reads: bool = True, block: in
     if reads:
         causal = torch.ones(n, n, dtype=torch.bool, device=c.device).tril()
         qb = chunk_major(p.q, nb, n, 0.0)
-        M = torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf"))) * (qb @ kb.transpose(-1, -2))
+        M = masked_decay(c, c, causal) * (qb @ kb.transpose(-1, -2))  # [NB, B, H, n, n]
         Qg = torch.exp(c)[..., None] * qb
 
     A = p.W[0]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from miras.kernels.common import _dot, chunk_block, chunk_rows, dot_prec
+from miras.kernels.common import _dot, chunk_block, chunk_rows, dot_prec, pow2_tile
 from miras.kernels.settings import delta_chunk, env_choice
 
 
@@ -44,9 +44,9 @@ def wy_mode() -> str:
 @triton.jit
 def _wy_setup(k, eta, keep, c, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
               BK: tl.constexpr, HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, PREC: tl.constexpr):
-    """One block's rows and gates: token indices and mask, eta, the in-block log-keep sums c_t and the gradient
-    point's d_t (c_t decayed, c_{t-1} previous), the keys (fp32) and L[j, i] = eta_j e^{d_j - c_i} k_j . k_i (i < j)
-    with its factors E (the decays, 0 off the strict lower triangle) and A = K K^T."""
+    """One block's rows and gates: token indices and mask, eta, the gradient point's d_t (c_t decayed, c_{t-1}
+    previous, with c_t = sum_{s<=t} log alpha_s in the block), the keys (fp32), and the factors of
+    L[j, i] = eta_j E[j, i] A[j, i]: E = e^{d_j - c_i} (0 off the strict lower triangle) and A = K K^T."""
     i_bh = tl.program_id(1)
     p_g = (i_bh // H).to(tl.int64) * T * H + (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
@@ -65,7 +65,7 @@ def _wy_setup(k, eta, keep, c, T, H: tl.constexpr, K: tl.constexpr, BT: tl.const
     strict = o_t[:, None] > o_t[None, :]
     E = tl.where(strict, tl.exp(tl.where(strict, d[:, None] - cs[None, :], 0.0)), 0.0)
     A = _dot(b_k, tl.trans(b_k), PREC)
-    return p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k.to(tl.float32), E, A
+    return p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, d, b_k.to(tl.float32), E, A
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def _wy_fwd_kernel(k, v, eta, keep, wk, uv, tinv, T, NT,
     W_k = T^{-1} diag(eta e^d) K, U_v = T^{-1} diag(eta) V.
     Stores W_k (wk's dtype), U_v (fp32) and T^{-1} ([B*H, NT, BT, BT] fp32, for the backward)."""
     c = tl.program_id(0)
-    p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k, E, A = _wy_setup(
+    p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, d, b_k, E, A = _wy_setup(
         k, eta, keep, c, T, H, K, BT, CS, BK, HAS_KEEP, DECAYED, PREC)
     Ti = _unit_lower_inverse(b_eta[:, None] * E * A, o_t, BT, 16, PREC32)
     o_v = tl.arange(0, BV)
@@ -127,7 +127,7 @@ def _wy_bwd_kernel(k, v, eta, keep, tinv, dwk, duv, dk, dv, deta, dkeep, da, T, 
     No transpose of a dot result feeds a dot: T^{-T}, K^T and V^T are transposed loads, X^T = R^T T^{-T} is formed
     as such, and dA^T is read back transposed from the scratch ``da`` ([B*H, NT, BT, BT] fp32)."""
     c = tl.program_id(0)
-    p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, la, cs, d, b_k, E, A = _wy_setup(
+    p_g, o_t, o_k, t_idx, t_ok, qk_ok, b_eta, d, b_k, E, A = _wy_setup(
         k, eta, keep, c, T, H, K, BT, CS, BK, HAS_KEEP, DECAYED, PREC)
     o_v = tl.arange(0, BV)
     tv_ok = t_ok[:, None] & (o_v < V)[None, :]
@@ -186,8 +186,8 @@ class WYFunction(torch.autograd.Function):
         wk = torch.empty_like(k)
         uv = torch.empty(B, T, H, V, device=k.device, dtype=torch.float32)
         tinv = torch.empty(B * H, NT, BT, BT, device=k.device, dtype=torch.float32)
-        ctx.consts = dict(H=H, K=K, V=V, BT=BT, CS=block, BK=triton.next_power_of_2(max(K, 16)),
-                          BV=triton.next_power_of_2(max(V, 16)), HAS_KEEP=keep is not None, DECAYED=decayed,
+        ctx.consts = dict(H=H, K=K, V=V, BT=BT, CS=block, BK=pow2_tile(K), BV=pow2_tile(V),
+                          HAS_KEEP=keep is not None, DECAYED=decayed,
                           PREC=dot_prec(k), PREC32=_wy_prec(dot_prec(k), dot_prec(uv)), num_warps=8)
         _wy_fwd_kernel[(NT, B * H)](k, v, eta, keep if keep is not None else eta, wk, uv, tinv, T, NT, **ctx.consts)
         ctx.save_for_backward(k, v, eta, keep, tinv)
@@ -198,7 +198,7 @@ class WYFunction(torch.autograd.Function):
         k, v, eta, keep, tinv = ctx.saved_tensors
         B, T, H, K = k.shape
         dwk = torch.zeros_like(k) if dwk is None else dwk.contiguous()
-        duv = torch.zeros(*v.shape[:3], v.shape[-1], device=v.device) if duv is None else duv.contiguous()
+        duv = torch.zeros(v.shape, device=v.device) if duv is None else duv.contiguous()
         dk = torch.empty_like(k)
         dv = torch.empty(v.shape, device=v.device, dtype=torch.float32)
         deta = torch.empty_like(eta)
