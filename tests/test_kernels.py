@@ -471,6 +471,24 @@ def test_the_delta_rules_chunks_are_its_wy_blocks(monkeypatch):
             kernel_chunk(delta)
 
 
+def test_the_delta_rules_switches_name_their_allowed_values(monkeypatch):
+    """MIRAS_KERNEL_DELTA (on / off) and MIRAS_KERNEL_DELTA_WY (triton / torch): a wrong value is an error that names
+    the variable and what it takes; and prediction keys of their own with a channel keep gate are refused."""
+    from miras.kernels.delta import wy_mode
+    from miras.kernels.linear import LinearConfig, LinearScanFunction
+
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "maybe")
+    with pytest.raises(ValueError, match="MIRAS_KERNEL_DELTA must be one of 1, true, yes, 0, false, no"):
+        kernel_support(make_spec("l2", "decay", "gd", chunk=1))
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA_WY", "numpy")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_DELTA_WY must be one of \('triton', 'torch'\)"):
+        wy_mode()
+    x = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="kp of their own need a head"):
+        LinearScanFunction.apply(LinearConfig(chunk=4, bias=1, has_keep=True), x, x, x, torch.ones(1, 4, 1),
+                                 torch.ones(1, 4, 1, 16), None, None, None, None, x)
+
+
 def test_auto_mode_takes_the_chunked_path_beyond_the_shape_limits(recwarn):
     """ops._auto_mode on CUDA inputs (stand-ins: this machine has no GPU; tests/test_kernels_gpu.py runs the real
     call) picks the kernels, unless shape_gap rules the shapes out: then the chunked path, warned once by reason."""
