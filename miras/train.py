@@ -122,8 +122,18 @@ def dist_info() -> tuple[int, int]:
 def _close_process_group() -> None:
     """Destroy the process group before interpreter teardown: a live gloo group aborts the process at exit
     ("terminate called without an active exception") on some runs."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group(synchronize=False)
+
+
+def close_process_group(synchronize: bool = True) -> None:
+    """Leave the data-parallel group. With synchronize, first wait at a barrier so that no rank tears its gloo
+    worker threads down while a peer's last asynchronous all-reduce still reads from them (the rare SIGABRT
+    at exit); skip it after a failure, where a crashed peer would leave the barrier waiting forever."""
+    if not dist.is_initialized():
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:

@@ -154,7 +154,7 @@ def train(spec: str | None, task_name: str | None, task_opts: tuple[str, ...], d
 
     Runs data-parallel under `torchrun --nproc-per-node N -m miras train ...` with the same result as one process.
     """
-    from miras.train import dist_info
+    from miras.train import close_process_group, dist_info
     from miras.train import train as train_fn
 
     if from_trial:
@@ -207,11 +207,10 @@ def train(spec: str | None, task_name: str | None, task_opts: tuple[str, ...], d
                           wandb=use_wandb if use_wandb is not None else tracking,
                           **({"init_from": from_ckpt} if from_ckpt else {}),
                           **({"freeze_except": freeze_except} if freeze_except else {}))
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    except BaseException:
+        close_process_group(synchronize=False)
+        raise
+    close_process_group()
     if rank == 0:
         _print_metrics(f"{run_dir.name}: {record['status']}", {**record["final"], "params": record["params"],
                                                                  "tokens_per_s": round(record["tokens_per_s"] or 0),
