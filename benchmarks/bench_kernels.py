@@ -53,6 +53,11 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     # fla's chunk_gated_delta_rule computes the same recurrence (last: a run cut short keeps the rows above)
     "gated deltanet (chunk 1: l2+decay+gd)": dict(bias="l2", retention={"kind": "decay", "grad_at": "decayed"},
                                                   learner={"kind": "gd", "chunk_size": 1}),
+    # ATLAS' Omega rule on a linear memory (window 4 at chunk 16): the inner l2 kernels on 4 sub-tokens per token,
+    # chunks of 64 sub-tokens (miras/kernels/omega.py); "delta-gd" above is the same inner work at a quarter the tokens
+    "omega (window 4 over l2+decay+gd, chunk 16)": dict(bias={"kind": "omega", "window": 4, "inner": "l2"},
+                                                        retention={"kind": "decay"},
+                                                        learner={"kind": "gd", "chunk_size": 16}),
 }
 
 
@@ -63,7 +68,7 @@ FAMILY_ENV = {  # settings a family's kernels need (the online delta rule's are 
 
 def family_spec(over: dict, chunk: int) -> MemorySpec:
     """The MemorySpec of a FAMILIES entry (its overrides on a linear memory) at chunk size ``chunk``, unless the entry
-    sets its own (the online delta rule's 1)."""
+    sets its own (the online delta rule's 1, omega's 16)."""
     return MemorySpec(**{"memory": "linear", **over, "learner": {"chunk_size": chunk, **over["learner"]}})
 
 
@@ -119,6 +124,8 @@ def make(spec, B, T, H, D, device, dtype):
         gates["momentum"] = 0.5 + 0.45 * torch.rand(B, T, H, generator=g)
     if spec.bias.kind == "huber":
         gates["huber_delta"] = (0.5 + torch.rand(B, T, H, generator=g)) * D**0.5
+    if spec.bias.kind == "omega":  # the window gates gamma (an inner l2 bias: no delta)
+        gates["omega_gamma"] = 0.5 + 0.5 * torch.rand(B, T, H, generator=g)
     gates = {n: x.to(device).requires_grad_(True) for n, x in gates.items()}
     return q, k, v, gates
 
@@ -404,8 +411,11 @@ def main() -> None:
             return triton_memory_scan(spec, q, k, v, dict(zip(names, g)), state0, params=head)[0]
 
         # (the delta rule's kernels run at its WY block, MIRAS_KERNEL_DELTA_CHUNK; its WY blocks are not counted)
-        block = delta_chunk() if spec.learner.chunk_size == 1 else BT
-        fl = matmul_flops(B, T, H, D, D, block, spec.learner.kind == "momentum") if spec.memory.kind == "linear" else None
+        # (omega: the inner kernels' FLOPs on window * T sub-tokens in chunks of window * chunk_size)
+        block = delta_chunk() if spec.learner.chunk_size == 1 else spec.learner.chunk_size
+        c = spec.bias.window if spec.bias.kind == "omega" else 1
+        fl = matmul_flops(B, c * T, H, D, D, c * block, spec.learner.kind == "momentum") \
+            if spec.memory.kind == "linear" else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
         env = FAMILY_ENV.get(fam, {})
         settings = {f"triton {fam}": env, **{f"triton {fam} [{w}]": {**env, **VARIANTS[w]} for w in variants}}

@@ -42,7 +42,9 @@ def one_step(model, ids):
     ("linear-attention", ["d_model=32", "n_heads=2"], 37),
     ("titans-lmm", ["memory.memory={kind: linear}", "memory.retention.gate.granularity=channel"], 21),
     ("gated-deltanet", ["d_model=32", "n_heads=2"], 37),  # the online delta rule: WY blocks of 16 (below)
-], ids=["titans-lmm", "linear-attention", "titans-linear-channel-gate", "gated-deltanet"])
+    ("sliding-window-linear-attention", ["d_model=32", "n_heads=2"], 37),  # omega: the window carried across calls
+    ("omeganet", ["d_model=32", "n_heads=2", "memory.learner.chunk_size=8"], 21),  # omega on the MLP memory
+], ids=["titans-lmm", "linear-attention", "titans-linear-channel-gate", "gated-deltanet", "swla", "omeganet"])
 def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, monkeypatch):
     """One training step of a recipe's model (one layer) with its memory on the kernels, against the chunked path.
     T is not a multiple of the chunk, so the layer scans its whole chunks (two), then the rest from their end state:

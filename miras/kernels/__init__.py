@@ -27,6 +27,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   (1..64, default 64);
   ``MIRAS_KERNEL_DELTA_WY``: where its WY blocks are formed (``triton``, the default: kernels of their own; ``torch``:
   PyTorch's batched triangular solves and autograd, the chunked path's ``ops_delta.wy_solve``).
+- ``MIRAS_KERNEL_OMEGA=0``: the omega bias (ATLAS Eq. 9-10; gd, ``bias.window * learner.chunk_size <= 64``) takes
+  the chunked path instead of its inner bias' kernels on sub-tokens (miras/kernels/omega.py; default on: no kernel
+  code of its own, exact against the float64 oracle in the interpreter; not yet run on a GPU).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
   ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
@@ -192,10 +195,20 @@ def kernel_support(spec) -> tuple[bool, str]:
     linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
     ``settings.delta_chunk()`` tokens, miras/kernels/delta.py, with ``MIRAS_KERNEL_DELTA=1``), triton >= 3.0.
+    The omega bias around any of those inner biases with the gd learner and ``window * chunk_size <= 64`` runs on
+    the inner bias' kernels, its window written as sub-tokens (miras/kernels/omega.py).
     """
     ok, why = triton_status()
     if not ok:
         return False, why
+    if spec.bias.kind == "omega":  # the window as sub-tokens of the inner bias' kernels (miras/kernels/omega.py)
+        from miras.kernels.omega import omega_inner_spec, omega_support
+
+        why = omega_support(spec, MAX_CHUNK)
+        if not why and not env_switch("MIRAS_KERNEL_OMEGA", True):
+            why = ("the omega bias' sub-token form on the kernels is turned off (MIRAS_KERNEL_OMEGA=0); the chunked "
+                   "PyTorch path runs it")
+        return (False, why) if why else kernel_support(omega_inner_spec(spec))
     mem, bias, ret, learner = spec.memory, spec.bias, spec.retention, spec.learner
     if mem.kind not in ("linear", "mlp"):
         return False, f"no Triton kernel for memory.kind={mem.kind!r} yet (only 'linear', 'mlp'); the chunked PyTorch " \
@@ -336,6 +349,10 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.is_cuda:
         _warn_known_bad(q.device)
 
+    if spec.bias.kind == "omega":
+        from miras.kernels.omega import omega_scan
+
+        return omega_scan(spec, q, k, v, gates, state, params, triton_memory_scan)
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state, params)
     h0 = _state(state, "W1", B, H, K, V)
