@@ -321,13 +321,20 @@ def test_bad_specs_name_the_field(override: dict, path: str) -> None:
 
 
 def test_no_kernel_for_the_new_options_falls_back_to_chunked() -> None:
-    from miras.kernels import kernel_support
+    """Muon, DGD and omega with momentum have no kernel: chunked on every device. Omega with gd runs on its inner
+    bias' kernels on CUDA (miras/kernels/omega.py; tests/test_kernels_omega.py), chunked on the CPU."""
+    from miras.kernels import kernel_support, triton_status
 
-    for spec in (mspec("linear", {"kind": "omega", "window": 2}), mspec(learner="muon"), mspec(learner="dgd")):
+    omega = {"kind": "omega", "window": 2}
+    for spec in (mspec("linear", omega, learner="momentum"), mspec(learner="muon"), mspec(learner="dgd")):
         ok, why = kernel_support(spec)
         assert not ok and why
         assert resolve_mode(spec, "cuda", torch.float32) == "chunked"
         assert resolve_mode(spec, "cpu") == "chunked"
+    spec = mspec("linear", omega)
+    assert resolve_mode(spec, "cpu") == "chunked"
+    if triton_status()[0]:
+        assert kernel_support(spec) == (True, "") and resolve_mode(spec, "cuda", torch.float32) == "triton"
 
 
 MODEL_CASES = {

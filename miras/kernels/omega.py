@@ -78,9 +78,9 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
 
     kw = _windows(k, carried("window_k"), c)
     vw = _windows(v, carried("window_v"), c)
-    gw = _windows(gate("omega_gamma").to(q.dtype), carried("window_gamma"), c)[..., 0]  # [B, T, c, H]
+    gw = _windows(gate("omega_gamma").float(), carried("window_gamma"), c)[..., 0]  # [B, T, c, H] (gates in fp32)
     qs = torch.cat([q.new_zeros(B, T, c - 1, *q.shape[2:]), q[:, :, None]], 2)
-    sub_gates = {"lr": _sub(gate("lr")[..., 0].to(gw.dtype)[:, :, None] * gw)}
+    sub_gates = {"lr": _sub(gate("lr")[..., 0].float()[:, :, None] * gw)}
     if "keep" in gates and spec.retention.kind == "decay":
         keep = gates["keep"]
         keep = keep[..., 0] if keep.dim() == 4 and keep.shape[-1] == 1 else keep
@@ -88,7 +88,7 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
         sub_gates["keep"] = _sub(torch.cat([keep, keep.new_ones(B, T, c - 1, *keep.shape[3:])], 2))
     dw = None
     if spec.bias.inner.kind == "huber":
-        dw = _windows(gate("huber_delta").to(q.dtype), carried("window_delta"), c)[..., 0]
+        dw = _windows(gate("huber_delta").float(), carried("window_delta"), c)[..., 0]
         sub_gates["huber_delta"] = _sub(dw)
     inner_state = {n: s for n, s in state.items() if not n.startswith("window_")}
     o, final = scan(omega_inner_spec(spec), _sub(qs), _sub(kw), _sub(vw), sub_gates, inner_state or None,
