@@ -472,7 +472,8 @@ def test_y0_modes(case, monkeypatch, _layout):
     for mode in ("acts", "parts"):
         monkeypatch.setenv("MIRAS_KERNEL_MLP_Y0", mode)
         assert y0_mode() == mode
-        check_against_oracle(spec, B=1, T=70, H=2, K=32, V=V, seed=11)
+        if mode == "parts":  # (with gradients, "acts" is what every other test here runs)
+            check_against_oracle(spec, B=1, T=70, H=2, K=32, V=V, seed=11)
         x = make_inputs(spec, 1, 70, 2, 32, V, seed=12)
         with torch.no_grad():
             o = triton_memory_scan(spec, *split(spec, x))[0]
