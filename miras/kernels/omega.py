@@ -78,18 +78,18 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
 
     kw = _windows(k, carried("window_k"), c)
     vw = _windows(v, carried("window_v"), c)
-    gw = _windows(gate("omega_gamma").float(), carried("window_gamma"), c)[..., 0]  # [B, T, c, H] (gates in fp32)
+    gammas = _windows(gate("omega_gamma").float(), carried("window_gamma"), c)[..., 0]  # [B, T, c, H] (gates in fp32)
     qs = torch.cat([q.new_zeros(B, T, c - 1, *q.shape[2:]), q[:, :, None]], 2)
-    sub_gates = {"lr": _sub(gate("lr")[..., 0].float()[:, :, None] * gw)}
+    sub_gates = {"lr": _sub(gate("lr")[..., 0].float()[:, :, None] * gammas)}
     if "keep" in gates and spec.retention.kind == "decay":
         keep = gates["keep"]
         keep = keep[..., 0] if keep.dim() == 4 and keep.shape[-1] == 1 else keep
         keep = keep.expand(B, T, H, *keep.shape[3:])[:, :, None]
         sub_gates["keep"] = _sub(torch.cat([keep, keep.new_ones(B, T, c - 1, *keep.shape[3:])], 2))
-    dw = None
+    deltas = None
     if spec.bias.inner.kind == "huber":
-        dw = _windows(gate("huber_delta").float(), carried("window_delta"), c)[..., 0]
-        sub_gates["huber_delta"] = _sub(dw)
+        deltas = _windows(gate("huber_delta").float(), carried("window_delta"), c)[..., 0]
+        sub_gates["huber_delta"] = _sub(deltas)
     inner_state = {n: s for n, s in state.items() if not n.startswith("window_")}
     o, final = scan(omega_inner_spec(spec), _sub(qs), _sub(kw), _sub(vw), sub_gates, inner_state or None,
                     params=params)
@@ -97,7 +97,7 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
     if c > 1:  # the last c - 1 tokens (the last token's window without its oldest entry), float32 as the states
         final["window_k"] = kw[:, -1, 1:].transpose(1, 2).float()
         final["window_v"] = vw[:, -1, 1:].transpose(1, 2).float()
-        final["window_gamma"] = gw[:, -1, 1:].transpose(1, 2)[..., None].float()
-        if dw is not None:
-            final["window_delta"] = dw[:, -1, 1:].transpose(1, 2)[..., None].float()
+        final["window_gamma"] = gammas[:, -1, 1:].transpose(1, 2)[..., None].float()
+        if deltas is not None:
+            final["window_delta"] = deltas[:, -1, 1:].transpose(1, 2)[..., None].float()
     return o, final
