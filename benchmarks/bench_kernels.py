@@ -58,11 +58,17 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     "omega (window 4 over l2+decay+gd, chunk 16)": dict(bias={"kind": "omega", "window": 4, "inner": "l2"},
                                                         retention={"kind": "decay"},
                                                         learner={"kind": "gd", "chunk_size": 16}),
+    # TTT-Linear's memory x + LN(x W) w + b at fla's chunk 16: the linear kernels with their LayerNorm-head rows
+    # (common.ln_rows); fla's chunk_ttt_linear computes the same recurrence (with an inner bias vector besides W)
+    "ttt-linear (x + LN(xW), l2+gd, chunk 16)": dict(
+        memory={"kind": "mlp", "depth": 1, "residual": True, "norm": True}, bias="l2", retention={"kind": "none"},
+        learner={"kind": "gd", "chunk_size": 16}),
 }
 
 
-FAMILY_ENV = {  # settings a family's kernels need (the online delta rule's are opt-in until GPU-tested)
+FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the online delta rule's, TTT-Linear's)
     "gated deltanet (chunk 1: l2+decay+gd)": {"MIRAS_KERNEL_DELTA": "1"},
+    "ttt-linear (x + LN(xW), l2+gd, chunk 16)": {"MIRAS_KERNEL_TTT": "1"},
 }
 
 
@@ -414,8 +420,8 @@ def main() -> None:
         # (omega: the inner kernels' FLOPs on window * T sub-tokens in chunks of window * chunk_size)
         block = delta_chunk() if spec.learner.chunk_size == 1 else spec.learner.chunk_size
         c = spec.bias.window if spec.bias.kind == "omega" else 1
-        fl = matmul_flops(B, c * T, H, D, D, c * block, spec.learner.kind == "momentum") \
-            if spec.memory.kind == "linear" else None
+        linear_kernels = spec.memory.kind == "linear" or spec.memory.depth == 1  # (TTT-Linear's too)
+        fl = matmul_flops(B, c * T, H, D, D, c * block, spec.learner.kind == "momentum") if linear_kernels else None
         variants = [w for w in args.variants.split(",") if w and variant_applies(w, fam, spec.memory.kind)]
         env = FAMILY_ENV.get(fam, {})
         settings = {f"triton {fam}": env, **{f"triton {fam} [{w}]": {**env, **VARIANTS[w]} for w in variants}}
@@ -461,6 +467,7 @@ def main() -> None:
         ratio_to("triton titans (l2+decay+momentum)", "fla chunk_delta_rule", rows)
         ratio_to("triton gla (dot+channel decay+gd)", "fla chunk_gla", rows)
         ratio_to("triton gated deltanet (chunk 1: l2+decay+gd)", "fla chunk_gated_delta_rule", rows)
+        ratio_to("triton ttt-linear (x + LN(xW), l2+gd, chunk 16)", "fla chunk_ttt_linear (chunk 16)", rows)
         for row in rows:  # the MLP memory's speed-up over titans-pytorch (issue 5's target: >= 10x), per variant
             if row["name"].startswith("triton mlp2"):
                 ratio_to("titans-pytorch NeuralMemory (mlp2, fp32)", row["name"], rows)

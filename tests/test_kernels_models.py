@@ -67,3 +67,23 @@ def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, mo
     bad = {n: float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items()
            if g.norm() > 0 and not (grads[n] - g).norm() / g.norm() < TOL}
     assert not bad, bad
+
+
+def test_tnt_ttt_local_memories_on_the_kernels(monkeypatch):
+    """TNT with TTT-Linear memories (x + LN(x W) w + b, ``MIRAS_KERNEL_TTT=1``): one training step with its local
+    memories (chunks 4 and 8, shards of 32: several calls each, with the learned initial state) on the kernels
+    against the chunked path."""
+    monkeypatch.setenv("MIRAS_KERNEL_TTT", "1")
+    spec = load_spec("tnt-ttt", ["d_model=32", "n_heads=2", "n_layers=1"])
+    torch.manual_seed(0)
+    model = build(spec)
+    ids = torch.randint(0, spec.vocab_size, (1, 45))
+    ref_logits, ref_grads = one_step(model, ids)
+    picked = []
+    monkeypatch.setattr(ops, "_auto_mode", lambda spec, q, v: picked.append(spec.memory.depth) or "triton")
+    logits, grads = one_step(model, ids)
+    assert len(picked) >= 4 and set(picked) == {1}  # both local memories, whole shards and the rest
+    assert (logits - ref_logits).norm() / ref_logits.norm() < TOL
+    bad = {n: float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items()
+           if g.norm() > 0 and not (grads[n] - g).norm() / g.norm() < TOL}
+    assert not bad, bad

@@ -30,6 +30,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
 - ``MIRAS_KERNEL_OMEGA=0``: the omega bias (ATLAS Eq. 9-10; gd, ``bias.window * learner.chunk_size <= 64``) takes
   the chunked path instead of its inner bias' kernels on sub-tokens (miras/kernels/omega.py; default on: no kernel
   code of its own, exact against the float64 oracle in the interpreter; not yet run on a GPU).
+- ``MIRAS_KERNEL_TTT=1``: a depth-1 MLP memory with a LayerNorm head (TTT-Linear's ``x + LN(x W) w + b``, the
+  ``tnt-ttt`` recipe; bias dot, l2 or lp; head or scalar keep gates) on the linear kernels, which then write with the
+  head's rows R = J^T R_y (``common.ln_rows``, all of V per program) and read q W raw, the head applied in PyTorch
+  (``_ttt_scan``; default off until its GPU test has passed: it matches the float64 oracle in the interpreter).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
   ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
@@ -196,7 +200,9 @@ def kernel_support(spec) -> tuple[bool, str]:
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
     ``settings.delta_chunk()`` tokens, miras/kernels/delta.py, with ``MIRAS_KERNEL_DELTA=1``), triton >= 3.0.
     The omega bias around any of those inner biases with the gd learner and ``window * chunk_size <= 64`` runs on
-    the inner bias' kernels, its window written as sub-tokens (miras/kernels/omega.py).
+    the inner bias' kernels, its window written as sub-tokens (miras/kernels/omega.py). A depth-1 MLP memory with a
+    LayerNorm head (TTT-Linear's x + LN(x W) w + b) with dot, l2 or lp runs on the linear kernels with their
+    LayerNorm-head rows (common.ln_rows), with ``MIRAS_KERNEL_TTT=1``.
     """
     ok, why = triton_status()
     if not ok:
@@ -213,10 +219,14 @@ def kernel_support(spec) -> tuple[bool, str]:
     if mem.kind not in ("linear", "mlp"):
         return False, f"no Triton kernel for memory.kind={mem.kind!r} yet (only 'linear', 'mlp'); the chunked PyTorch " \
                       "path runs it"
-    if mem.kind == "mlp":
+    if mem.kind == "mlp" and mem.depth == 1:  # TTT-Linear's x + LN(x W) w + b: the linear kernels with an LN head
+        why = _ttt_gap(spec)
+        if why:
+            return False, why
+    elif mem.kind == "mlp":
         if mem.depth != 2:
-            return False, f"no Triton kernel for memory.kind='mlp' with memory.depth={mem.depth} (only depth 2); the " \
-                          "chunked PyTorch path runs it"
+            return False, f"no Triton kernel for memory.kind='mlp' with memory.depth={mem.depth} (only 1 and 2); " \
+                          "the chunked PyTorch path runs it"
         from miras.kernels.mlp import layout
 
         if mem.norm and layout() != "tiles":
@@ -247,6 +257,31 @@ def kernel_support(spec) -> tuple[bool, str]:
         return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are turned off " \
                       "(MIRAS_KERNEL_MLP_NORM=0); the chunked PyTorch path runs it"
     return True, ""
+
+
+def ttt_kernels_on() -> bool:
+    """Whether a depth-1 MLP memory with a LayerNorm head (TTT-Linear) takes the linear kernels with their LN head
+    (``MIRAS_KERNEL_TTT=1``). Off by default until its GPU tests have passed (it matches the float64 oracle in the
+    interpreter), as the MLP kernels and the delta rule's were before theirs."""
+    return env_switch("MIRAS_KERNEL_TTT", False)
+
+
+def _ttt_gap(spec) -> str:
+    """Why a depth-1 MLP memory has no kernel, or "" (then it is TTT-Linear's x + LN(x W) w + b, or LN(x W) w + b)."""
+    mem, bias = spec.memory, spec.bias
+    if not mem.norm:
+        return ("no Triton kernel for memory.kind='mlp' with memory.depth=1 and no LayerNorm head (memory.norm=False; "
+                "the kernels cover TTT-Linear's x + LN(x W)); the chunked PyTorch path runs it")
+    if bias.kind not in ("dot", "l2", "lp"):
+        return (f"no Triton kernel for a depth-1 MLP memory's LayerNorm head with bias.kind={bias.kind!r} (only dot, "
+                "l2, lp); the chunked PyTorch path runs it")
+    if _channel_gate(spec):
+        return ("no Triton kernel for a channel-wise retention gate on memory.kind='mlp' (only 'linear'); the chunked "
+                "PyTorch path runs it")
+    if not ttt_kernels_on():
+        return ("the Triton kernels of a depth-1 MLP memory with a LayerNorm head (TTT-Linear) are off until they pass "
+                "their GPU tests (MIRAS_KERNEL_TTT=1 turns them on); the chunked PyTorch path runs it")
+    return ""
 
 
 def _gate(gates: dict, name: str, B: int, T: int, H: int) -> torch.Tensor:
@@ -353,6 +388,8 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         from miras.kernels.omega import omega_scan
 
         return omega_scan(spec, q, k, v, gates, state, params, triton_memory_scan)
+    if spec.memory.kind == "mlp" and spec.memory.depth == 1:
+        return _ttt_scan(spec, q, k, v, gates, state, params)
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state, params)
     h0 = _state(state, "W1", B, H, K, V)
@@ -386,6 +423,38 @@ def _mlp_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[s
     if spec.memory.norm:
         head = tuple(_head_param(params, name, H, V) for name in ("norm_weight", "norm_bias"))
     return mlp_memory_scan(spec, q, k, v, *_kernel_gates(spec, gates, B, T, H, K), layers, head)
+
+
+def _ttt_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A depth-1 MLP memory with a LayerNorm head, M(x) = [x +] LN(x W) w + b (TTT-Linear, Sun et al. 2024), on the
+    linear kernels: they write with R = J^T R_y (common.ln_rows) at the predictions z = k W, the parts of y that do
+    not depend on W (the residual k, the LN bias b) folded into the targets v - k - b here (the dot bias' R_y = -v
+    has none), and read o = q W_t raw; the head is applied to it here. Autograd takes the gradients through both."""
+    from miras.components.memory import LN_EPS
+    from miras.kernels.common import BIAS_CODES, LN_HEAD
+    from miras.kernels.linear import LinearConfig, LinearScanFunction
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if spec.memory.residual and K != V:
+        raise ValueError(f"triton_memory_scan: a residual MLP memory needs K == V, but got K={K}, V={V}")
+    w, b = (_head_param(params, name, H, V) for name in ("norm_weight", "norm_bias"))  # (gradients flow)
+    target = v.float()
+    if spec.bias.kind != "dot":
+        target = target - b - (k.float() if spec.memory.residual else 0.0)
+    cfg = LinearConfig(**{**LinearConfig.choices(spec), "bias": LN_HEAD + BIAS_CODES[spec.bias.kind]})
+    eta, keep, mu, _ = _kernel_gates(spec, gates, B, T, H, K)
+    h0 = _state(state, "W1", B, H, K, V)
+    s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
+    z, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), target.contiguous(), eta, keep, mu,
+                                         w.contiguous(), h0, s0)
+    o = torch.nn.functional.layer_norm(z.float(), (V,), eps=LN_EPS) * w + b
+    if spec.memory.residual:
+        o = o + q.float()
+    final = {"W1": ht}
+    if cfg.momentum:
+        final["S1"] = st
+    return o.to(q.dtype), final
 
 
 def _head_param(params: dict | None, name: str, H: int, V: int) -> torch.Tensor:

@@ -13,6 +13,9 @@ R = dl/dy (one row per token) and ``bias_rows_bwd`` its vector-Jacobian product.
 
 Bias codes (constexpr BIAS): 0 dot (R = -v), 1 l2 (R = y - v), 2 lp (Miras Eq. 10-11 smoothed:
 R = p tanh(a r) (r^2 + eps)^((p-1)/2)), 3 huber (Miras Eq. 16: R = r if ||r||_2 <= delta else delta tanh(a r)).
+LN_HEAD + 0..2: that bias behind a LayerNorm head on the prediction (TTT-Linear's memory x + LN(x W) w + b, Sun et
+al. 2024; ``ln_rows``): the kernels' delta pointer then holds the head's weight w [H, V], and ddelta takes the rows
+of its gradient [B, T, H, V].
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import triton
 import triton.language as tl
 
 BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
+LN_HEAD = 4  # added to the code of the bias behind a LayerNorm head (dot, l2, lp)
+LN_EPS = tl.constexpr(1e-5)  # the LayerNorm's epsilon: miras.components.memory.LN_EPS
 
 # triton decides at decoration time whether @triton.jit builds a GPU kernel or an interpreted one: freeze it here
 try:
@@ -320,3 +325,63 @@ def bias_rows_bwd_sw(Y, Vv, delta, small, dR, BIAS: tl.constexpr, P: tl.constexp
         dV = -dY
         dd = tl.where(small, 0.0, tl.sum(th * dR, axis=1))
     return dY, dV, dd
+
+
+@triton.jit
+def _ln_stats(Y, v_ok, NV: tl.constexpr):
+    """LayerNorm of the rows of Y [BT, BV] over their NV real columns (v_ok): (x_hat, rstd), x_hat 0 off them."""
+    mean = tl.sum(tl.where(v_ok[None, :], Y, 0.0), axis=1) / NV
+    d = tl.where(v_ok[None, :], Y - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / NV + LN_EPS)
+    return d * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_project(u, xh, v_ok, NV: tl.constexpr):
+    """P(u) = u - mean(u) - x_hat mean(u x_hat) row-wise (the LayerNorm Jacobian without rstd and weight; symmetric),
+    0 off the real columns."""
+    mu = tl.sum(u, axis=1) / NV
+    mx = tl.sum(u * xh, axis=1) / NV
+    return tl.where(v_ok[None, :], u - mu[:, None] - xh * mx[:, None], 0.0)
+
+
+@triton.jit
+def ln_rows(Y, Vv, w, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
+            EPS: tl.constexpr):
+    """R = dl/dz for a bias (code BIAS: dot, l2, lp) behind a LayerNorm head, z the rows of the prediction Y [BT, BV]:
+
+        y = w x_hat(z) (+ what does not depend on z, folded into the targets Vv),  R_y = bias_rows(y, Vv),
+        R = J^T R_y = rstd P(w R_y)                                       (J: the Jacobian of y in z)
+
+    w: the head's weight [BV] (0 past V). Whole rows only (the statistics are over all V columns)."""
+    xh, rstd = _ln_stats(Y, v_ok, NV)
+    Ry = bias_rows_sw(w[None, :] * xh, Vv, rstd, rstd == rstd, BIAS, P, SMOOTH, EPS)  # (no Huber: no delta)
+    return rstd[:, None] * _ln_project(w[None, :] * Ry, xh, v_ok, NV)
+
+
+@triton.jit
+def ln_rows_bwd(Y, Vv, w, dR, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
+                EPS: tl.constexpr):
+    """Vector-Jacobian product of ``ln_rows`` at dR = e: returns (dY, dVv, dw rows [BT, BV]). With a = rstd P(e),
+    g = w R_y and F = <e, R> per row:
+
+        (dy, dVv) = bias_rows_bwd(y, Vv, w a),   dw = dy x_hat + a R_y,
+        dz = rstd P(w dy) - rstd^2 / NV P(g <e, x_hat> + e <g, x_hat>) - rstd F / NV x_hat
+
+    (the first term through y's dependence on z, the others through that of rstd and x_hat in J^T; checked against
+    float64 autograd, tests/test_kernels_ttt.py)."""
+    xh, rstd = _ln_stats(Y, v_ok, NV)
+    y = w[None, :] * xh
+    Ry = bias_rows_sw(y, Vv, rstd, rstd == rstd, BIAS, P, SMOOTH, EPS)
+    g = w[None, :] * Ry
+    R = rstd[:, None] * _ln_project(g, xh, v_ok, NV)
+    a = rstd[:, None] * _ln_project(dR, xh, v_ok, NV)
+    dy, dVv, _ = bias_rows_bwd_sw(y, Vv, rstd, rstd == rstd, w[None, :] * a, BIAS, P, SMOOTH, EPS)
+    dw = dy * xh + a * Ry
+    F = tl.sum(dR * R, axis=1)
+    ex = tl.sum(dR * xh, axis=1)
+    gx = tl.sum(g * xh, axis=1)
+    dz = rstd[:, None] * _ln_project(w[None, :] * dy, xh, v_ok, NV) \
+        - (rstd * rstd / NV)[:, None] * _ln_project(g * ex[:, None] + dR * gx[:, None], xh, v_ok, NV) \
+        - (rstd * F / NV)[:, None] * xh
+    return tl.where(v_ok[None, :], dz, 0.0), tl.where(v_ok[None, :], dVv, 0.0), tl.where(v_ok[None, :], dw, 0.0)

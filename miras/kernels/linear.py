@@ -53,6 +53,8 @@ from miras.kernels.common import (
     gate_grads,
     huber_switch,
     interpreting,
+    ln_rows,
+    ln_rows_bwd,
     pow2_tile,
     store_gate_grads,
 )
@@ -156,7 +158,11 @@ def _fwd_chunk(
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
-    R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
+    if BIAS >= 4:  # behind a LayerNorm head (common.LN_HEAD): the head's weight row in delta's place, all of V
+        R = ln_rows(b_y, b_v, tl.load(delta + (p_g % H) * V + o_v, mask=v_ok, other=0.0), v_ok, V, BIAS - 4,
+                    P, SMOOTH, EPS)
+    else:
+        R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
     R = tl.where(t_ok[:, None], R, 0.0)
 
     if WANT_O:
@@ -277,8 +283,8 @@ def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
 
 
 @triton.jit
-def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
-              BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
+def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
+              V: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr):
     """The backward of one chunk restricted to one V-range (columns of W, S, dW, dS, v, do and Xd).
 
@@ -287,7 +293,8 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL,
     undecayed prediction) of the range, and its contributions to sums over V that ``_bwd_grads`` finishes: all of them
     are linear in these, so V-ranges (sub-blocks of one program or V-tiles of several) simply add up. KP: the
     predictions y = kp W use keys of their own (b_kp); their gradient dYk W^T comes back apart as b_dkp, and b_dk
-    keeps the write and read roles of k alone.
+    keeps the write and read roles of k alone. BIAS >= 4 (a LayerNorm head, all of V): b_w is the head's weight row,
+    and the rows of its gradient come back as dWl (else dWl is a placeholder).
     """
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
@@ -295,14 +302,22 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL,
     b_y = b_yk
     if DECAYED:
         b_y = b_yk * beta[:, None]
-    R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
+    if BIAS >= 4:
+        R = tl.where(t_ok[:, None], ln_rows(b_y, b_v, b_w, v_ok, V, BIAS - 4, P, SMOOTH, EPS), 0.0)
+    else:
+        R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
     KdW = _dot(b_k, dW, PREC)  # [BT, BV] rows k_j dW_end
     dR = Xd - gL[:, None] * KdW
     if MOMENTUM:
         KdS = _dot(b_k, dS, PREC)
         dR -= nL[:, None] * KdS
     dR = tl.where(t_ok[:, None], dR, 0.0)
-    dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+    if BIAS >= 4:
+        dY, dV, dWl = ln_rows_bwd(b_y, b_v, b_w, dR, v_ok, V, BIAS - 4, P, SMOOTH, EPS)
+        dd = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+    else:
+        dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
+        dWl = dV
     dYk = dY
     if DECAYED:
         dYk = dY * beta[:, None]
@@ -330,7 +345,7 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL,
         df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
         df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
         dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
-    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp
+    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl
 
 
 @triton.jit
@@ -401,15 +416,18 @@ def _bwd_chunk(
         b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
     else:
         b_d = tl.zeros([BT], dtype=tl.float32)
+    b_w = tl.zeros([1], dtype=tl.float32)
+    if BIAS >= 4:  # the LayerNorm head's weight row (all of V)
+        b_w = tl.load(delta + (p_g % H) * V + o_v, mask=v_ok, other=0.0)
     if USE_PRE:  # the state pass: dO enters only through Xd and U (pre-pass); b_do feeds nothing it keeps
         b_do = b_v
         Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
     else:
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp = _bwd_rows(
-        b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
-        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl = _bwd_rows(
+        b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
+        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
     if WANT_GRADS:
         p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
         _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
@@ -420,6 +438,8 @@ def _bwd_chunk(
         tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
         if BIAS == 3:
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
+        if BIAS >= 4:  # the rows of the head weight's gradient, [B, T, H, V] (one V-tile)
+            tl.store(ddelta + p_tv, dWl, mask=tv_ok)
     # gradient of the chunk-start state
     if not USE_PRE:
         U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
@@ -465,9 +485,10 @@ def _bwd_grad_block(
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp = _bwd_rows(
-        b_q, b_k, b_kp, b_v, b_do, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t,
-        BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
+    tl.static_assert(BIAS < 4, "a LayerNorm head runs its V-tile in one block (_bwd_chunk), never in sub-blocks")
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, _ = _bwd_rows(
+        b_q, b_k, b_kp, b_v, b_do, b_d, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
+        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (see _block_v_loop)
         tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
@@ -645,7 +666,12 @@ def _grad_rows_kernel(
         b_y = b_yk
         if DECAYED:
             b_y = b_yk * beta[:, None]
-        R = tl.where(t_ok[:, None], bias_rows_sw(b_y, b_v, b_d, small, BIAS, P, SMOOTH, EPS), 0.0)
+        if BIAS >= 4:  # behind a LayerNorm head: one block of all of V (_grad_pass), its weight row
+            o_v = i * BVL + tl.arange(0, BVL)
+            b_w = tl.load(delta + (p_g % H) * V + o_v, mask=o_v < V, other=0.0)
+            R = tl.where(t_ok[:, None], ln_rows(b_y, b_v, b_w, o_v < V, V, BIAS - 4, P, SMOOTH, EPS), 0.0)
+        else:
+            R = tl.where(t_ok[:, None], bias_rows_sw(b_y, b_v, b_d, small, BIAS, P, SMOOTH, EPS), 0.0)
         KdW = _dot(b_k, dW, PREC)
         dR = tl.load(xd + p_tv, mask=tv_ok, other=0.0) - gL[:, None] * KdW
         dgL -= tl.sum(KdW * R, axis=1)
@@ -659,8 +685,12 @@ def _grad_rows_kernel(
             sWS += _dot(tl.trans(dW), S, PREC)
             sSS += _dot(tl.trans(dS), S, PREC)
         dR = tl.where(t_ok[:, None], dR, 0.0)
-        dY, dV, dd = bias_rows_bwd_sw(b_y, b_v, b_d, small, dR, BIAS, P, SMOOTH, EPS)
-        ddelta_ += dd
+        if BIAS >= 4:
+            dY, dV, dWl = ln_rows_bwd(b_y, b_v, b_w, dR, o_v < V, V, BIAS - 4, P, SMOOTH, EPS)
+            tl.store(ddelta + p_tv, dWl, mask=tv_ok)
+        else:
+            dY, dV, dd = bias_rows_bwd_sw(b_y, b_v, b_d, small, dR, BIAS, P, SMOOTH, EPS)
+            ddelta_ += dd
         dYk = dY
         if DECAYED:
             dYk = dY * beta[:, None]
@@ -851,7 +881,7 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
     benchmarks/RESULTS.md). The split kernels get their parallelism from the chunk axis instead.
     """
     full = _tile(V)
-    if bias == 3:
+    if bias >= 3:  # (Huber's switch, a LayerNorm head's statistics: whole rows)
         return full
     env = env_tile("MIRAS_KERNEL_BV")
     tile = min(full, env) if env else full
@@ -874,7 +904,7 @@ def _block_v_loop(BV: int, bias: int) -> int:
     of 128 and 2.63 ms in blocks of 64 at 2 stages; fwd+bwd 4.77 -> 4.10 ms at 1 stage, 4.65 -> 3.95 ms at 2 stages,
     correct at both (RESULTS.md, session 8). Blocks of 32 crashed (illegal address) at 1 stage: see ``_tile``."""
     env = env_tile("MIRAS_KERNEL_BV_LOOP")
-    return BV if bias == 3 else min(BV, env or 64)
+    return BV if bias >= 3 else min(BV, env or 64)  # (a LayerNorm head, bias >= 4: whole rows in both passes)
 
 
 def _grad_split() -> bool:
@@ -1035,6 +1065,8 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     dla = torch.empty(NP, B, T, H, **f32) if cfg.has_keep else deta
     dlm = torch.empty(NP, B, T, H, **f32) if cfg.momentum else deta
     ddelta = torch.empty(NV, B, T, H, **f32) if cfg.bias == 3 else deta
+    if cfg.bias >= 4:  # the rows of a LayerNorm head weight's gradient (all of V in one tile)
+        ddelta = torch.empty(B, T, H, V, **f32)
     dh0 = torch.empty(B, H, K, V, **f32)
     ds0 = torch.empty(B, H, K, V, **f32) if cfg.momentum else dh0
     dhs = torch.empty(hs.shape, **f32) if split else hs  # pre-pass U, then the end-of-chunk state gradients
@@ -1064,7 +1096,7 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
                 BVL=_block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
     dkeep = _partials(dla) / keep if cfg.has_keep else None
     dmu = _partials(dlm) / mu if cfg.momentum else None
-    dd = _partials(ddelta) if cfg.bias == 3 else None
+    dd = _partials(ddelta) if cfg.bias == 3 else ddelta.sum((0, 1)) if cfg.bias >= 4 else None
     return (_partials(dq).to(q.dtype), _partials(dk).to(k.dtype), dv, _partials(deta), dkeep, dmu, dd,
             dh0, ds0 if cfg.momentum else None, _partials(dkp).to(kp.dtype) if kp is not None else None)
 
@@ -1085,7 +1117,7 @@ def _grad_pass(cfg: LinearConfig, q, k, kp, v, eta, keep, mu, delta, hs, ss, do,
     BT, NT, BKB = chunk_block(cfg.chunk), triton.cdiv(T, cfg.chunk), _block_k_grad(K)
     # both kernels walk all of V in blocks, Huber too (the rows kernel adds its row norm up over them first): the
     # non-Huber rule of _block_v_loop
-    BVL = _block_v_loop(_tile(V), 0)
+    BVL = _block_v_loop(_tile(V), cfg.bias if cfg.bias >= 4 else 0)  # (a LayerNorm head: all of V at once)
     # R and dYk only enter part 2 as dot operands, which take bf16 for 16-bit inputs anyway
     rr = torch.empty(B, T, H, V, device=q.device, dtype=torch.bfloat16 if dot_prec(q) == "bf16" else torch.float32)
     dyk = torch.empty_like(rr)
