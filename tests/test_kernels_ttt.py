@@ -124,6 +124,12 @@ def test_ttt_kernel_support_names_what_is_missing(monkeypatch):
     ok, why = kernel_support(ttt_spec())
     assert not ok and "MIRAS_KERNEL_TTT=1" in why and "chunked" in why
     assert kernel_support(load_spec("tnt-ttt").memory) == (False, why)
+    from miras.kernels.linear import LinearConfig, LinearScanFunction
+
+    x = torch.zeros(1, 4, 1, 16)  # (the channel gate's kernels have no LayerNorm-head rows: refused, not misread)
+    with pytest.raises(ValueError, match=r"a LayerNorm head's rows \(bias >= 4\) need a head \(scalar\) keep gate"):
+        LinearScanFunction.apply(LinearConfig(chunk=4, bias=5, has_keep=True), x, x, x, torch.ones(1, 4, 1),
+                                 torch.ones(1, 4, 1, 16), None, torch.ones(1, 16), None, None)
 
 
 @pytest.mark.gpu

@@ -1144,9 +1144,10 @@ class LinearScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, kp=None):
         ctx.channel = keep is not None and keep.dim() == 4
-        if ctx.channel and kp is not None:
-            raise ValueError("LinearScanFunction: prediction keys kp of their own need a head (scalar) keep gate, "
-                             f"but got a channel-wise keep of shape {tuple(keep.shape)}")
+        if ctx.channel and (kp is not None or cfg.bias >= 4):
+            what = "prediction keys kp of their own" if kp is not None else "a LayerNorm head's rows (bias >= 4)"
+            raise ValueError(f"LinearScanFunction: {what} need a head (scalar) keep gate, but got a channel-wise "
+                             f"keep of shape {tuple(keep.shape)}")
         if ctx.channel:
             o, ht, st, hs, ss = channel_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
         else:
