@@ -630,7 +630,7 @@ def test_bf16_scratch(case, knob, monkeypatch, _layout):
         monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_READ", "1")
         monkeypatch.setenv("MIRAS_KERNEL_MLP_SPLIT_SUMS", "1")
     monkeypatch.setenv(knob, "bf16")
-    errs = check_against_oracle(spec, B=1, T=70, H=2, K=16, V=16 if residual else 24, tol=2e-2)
+    errs = check_against_oracle(spec, B=1, T=70, H=1, K=16, V=16 if residual else 24, tol=2e-2)  # (heads: elsewhere)
     assert max(errs.values()) > 1e-4  # (rounded: the switch took effect)
     monkeypatch.setenv(knob, "auto")
     assert dtype_of("bf16") == torch.bfloat16 and dtype_of("ieee") == dtype_of("tf32") == torch.float32
