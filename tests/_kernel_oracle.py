@@ -66,6 +66,19 @@ def oracle_scan(spec, q, k, v, gates, state=None, stats=None):
     return torch.stack(outs, 1), final
 
 
+def float64_draws(seed: int):
+    """(r, u) drawing float64 tensors from one seeded generator: r(*shape) normal, u(lo, hi, *shape) uniform."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def u(lo, hi, *s):
+        return lo + (hi - lo) * torch.rand(*s, generator=g, dtype=torch.float64)
+
+    return r, u
+
+
 def rel(a, b) -> float:
     return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-30)
 

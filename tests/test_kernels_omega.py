@@ -28,7 +28,7 @@ from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import check_errors  # noqa: E402
+from _kernel_oracle import check_errors, float64_draws  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,14 +56,7 @@ def omega_spec(memory=None, inner="l2", window=2, chunk=8, retention="head", lea
 def omega_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, torch.Tensor]:
     """Random leaves: q, k, v, the gates (keep per key channel for a channel gate), the initial memory state with
     the window carried in from a previous call, and a LayerNorm head's parameters for an MLP memory with one."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64)
-
-    def u(lo, hi, *s):
-        return lo + (hi - lo) * torch.rand(*s, generator=g, dtype=torch.float64)
-
+    r, u = float64_draws(seed)
     x = {"q": r(B, T, H, K) / K**0.5, "k": torch.nn.functional.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, V),
          "lr": u(0.05, 0.35, B, T, H), "omega_gamma": u(0.5, 1.0, B, T, H)}
     if spec.retention.kind == "decay":

@@ -29,7 +29,7 @@ from miras.kernels import kernel_support  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import check_errors  # noqa: E402
+from _kernel_oracle import check_errors, float64_draws  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5 if DEVICE == "cpu" else 1e-4  # fp32 kernels vs float64 (measured 2e-7..1e-6 in the interpreter)
@@ -48,14 +48,7 @@ def ttt_spec(bias="l2", retention="decay", learner="gd", grad_at="previous", chu
 
 def ttt_inputs(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[str, torch.Tensor]:
     """float64 leaves: q, k, v, the gates, the initial state and the head's w [H, D] (around 1) and b."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64)
-
-    def u(lo, hi, *s):
-        return lo + (hi - lo) * torch.rand(*s, generator=g, dtype=torch.float64)
-
+    r, u = float64_draws(seed)
     x = {"q": r(B, T, H, D) / D**0.5, "k": torch.nn.functional.normalize(r(B, T, H, D), dim=-1), "v": r(B, T, H, D),
          "lr": u(0.05, 0.3, B, T, H) / (10 if spec.bias.kind == "lp" else 1)}  # (p = 3 grows like |r|^2)
     if spec.retention.kind == "decay":
