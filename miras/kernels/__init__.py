@@ -363,7 +363,7 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if not ok:
         raise KernelUnavailable(f"triton_memory_scan: {why}")
     from miras.kernels.common import interpreting
-    from miras.kernels.linear import LinearConfig, LinearScanFunction
+    from miras.kernels.linear import LinearConfig
 
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"triton_memory_scan: q, k must be [B, T, H, K] and v [B, T, H, V] with matching B, T, H, "
@@ -392,21 +392,27 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return _ttt_scan(spec, q, k, v, gates, state, params)
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state, params)
-    h0 = _state(state, "W1", B, H, K, V)
     if _delta_rule(spec):
         from miras.kernels.delta import delta_scan
 
         eta, keep, _, _ = _kernel_gates(spec, gates, B, T, H, K)
-        o, ht = delta_scan(spec, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, h0)
+        o, ht = delta_scan(spec, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep,
+                           _state(state, "W1", B, H, K, V))
         return o, {"W1": ht}
-    cfg = LinearConfig.from_spec(spec)
-    s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
     eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H, K)  # (a channel gate's keep: [B, T, H, K])
+    return _linear_kernels(LinearConfig.from_spec(spec), q, k, v, eta, keep, mu, delta, state)
+
+
+def _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One call of the linear kernels (``LinearScanFunction``) from the scan's initial state: (o, {"W1"[, "S1"]})."""
+    from miras.kernels.linear import LinearScanFunction
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    h0 = _state(state, "W1", B, H, K, V)
+    s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
     o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta, h0, s0)
-    final = {"W1": ht}
-    if cfg.momentum:
-        final["S1"] = st
-    return o, final
+    return o, {"W1": ht, **({"S1": st} if cfg.momentum else {})}
 
 
 def _mlp_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -432,7 +438,7 @@ def _ttt_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[s
     has none), and read o = q W_t raw; the head is applied to it here. Autograd takes the gradients through both."""
     from miras.components.memory import LN_EPS
     from miras.kernels.common import BIAS_CODES, LN_HEAD
-    from miras.kernels.linear import LinearConfig, LinearScanFunction
+    from miras.kernels.linear import LinearConfig
 
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -444,16 +450,10 @@ def _ttt_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[s
         target = target - b - (k.float() if spec.memory.residual else 0.0)
     cfg = LinearConfig(**{**LinearConfig.choices(spec), "bias": LN_HEAD + BIAS_CODES[spec.bias.kind]})
     eta, keep, mu, _ = _kernel_gates(spec, gates, B, T, H, K)
-    h0 = _state(state, "W1", B, H, K, V)
-    s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
-    z, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), target.contiguous(), eta, keep, mu,
-                                         w.contiguous(), h0, s0)
+    z, final = _linear_kernels(cfg, q, k, target, eta, keep, mu, w.contiguous(), state)  # (w in Huber's delta slot)
     o = torch.nn.functional.layer_norm(z.float(), (V,), eps=LN_EPS) * w + b
     if spec.memory.residual:
         o = o + q.float()
-    final = {"W1": ht}
-    if cfg.momentum:
-        final["S1"] = st
     return o.to(q.dtype), final
 
 

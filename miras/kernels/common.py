@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+from miras.components.memory import LN_EPS as _MEMORY_LN_EPS
+
 BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
 LN_HEAD = 4  # added to the code of the bias behind a LayerNorm head (dot, l2, lp)
-LN_EPS = tl.constexpr(1e-5)  # the LayerNorm's epsilon: miras.components.memory.LN_EPS
+LN_EPS = tl.constexpr(_MEMORY_LN_EPS)  # the LayerNorm's epsilon, the memory components' own
 
 # triton decides at decoration time whether @triton.jit builds a GPU kernel or an interpreted one: freeze it here
 try:
