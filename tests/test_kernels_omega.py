@@ -157,6 +157,17 @@ def test_omega_continues_a_sequence_across_calls():
         torch.testing.assert_close(end[n], final[n], rtol=1e-5, atol=1e-6)
 
 
+def test_omega_gates_are_checked_and_named():
+    """A gate of the wrong shape, or a missing one, is a ValueError naming it (kernels._gate), not a broadcast."""
+    spec = omega_spec(inner="l2", window=2, chunk=4)
+    x = {n: t.float().to(DEVICE) for n, t in omega_inputs(spec, 1, 8, 2, 16, 16, init_state=False).items()}
+    gates = {n: x[n] for n in ("lr", "keep", "omega_gamma")}
+    with pytest.raises(ValueError, match=r"gates\['omega_gamma'\] must have shape \[B, T, H\] = \[1, 8, 2\]"):
+        triton_memory_scan(spec, x["q"], x["k"], x["v"], {**gates, "omega_gamma": gates["omega_gamma"][:, :5]})
+    with pytest.raises(ValueError, match=r"gates\['keep'\] is required"):
+        triton_memory_scan(spec, x["q"], x["k"], x["v"], {n: g for n, g in gates.items() if n != "keep"})
+
+
 def test_omega_kernel_support_names_what_is_missing(monkeypatch):
     """Momentum does not factor into sub-tokens, and the sub-token chunk window * chunk_size must fit a kernel's 64
     rows: both name the reason and stay on the chunked path; MIRAS_KERNEL_OMEGA=0 turns the form off."""

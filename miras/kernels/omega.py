@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from miras.kernels import _channel_gate, _channel_keep, _gate
+
 __all__ = ["omega_inner_spec", "omega_scan", "omega_support"]
 
 
@@ -69,26 +71,25 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
     B, T, H, _ = q.shape
     state = state or {}
 
-    def gate(name: str) -> torch.Tensor:  # [B, T, H] -> [B, T, H, 1]
-        g = gates[name]
-        return (g[..., 0] if g.dim() == 4 else g).expand(B, T, H)[..., None]
+    def gate(name: str) -> torch.Tensor:  # fp32 [B, T, H, 1], shape-checked and named by kernels._gate
+        return _gate(gates, name, B, T, H)[..., None]
 
     def carried(name: str) -> torch.Tensor | None:
         return state.get(name) if c > 1 else None
 
     kw = _windows(k, carried("window_k"), c)
     vw = _windows(v, carried("window_v"), c)
-    gammas = _windows(gate("omega_gamma").float(), carried("window_gamma"), c)[..., 0]  # [B, T, c, H] (gates in fp32)
+    gammas = _windows(gate("omega_gamma"), carried("window_gamma"), c)[..., 0]  # [B, T, c, H] (gates in fp32)
     qs = torch.cat([q.new_zeros(B, T, c - 1, *q.shape[2:]), q[:, :, None]], 2)
-    sub_gates = {"lr": _sub(gate("lr")[..., 0].float()[:, :, None] * gammas)}
-    if "keep" in gates and spec.retention.kind == "decay":
-        keep = gates["keep"]
-        keep = keep[..., 0] if keep.dim() == 4 and keep.shape[-1] == 1 else keep
-        keep = keep.expand(B, T, H, *keep.shape[3:])[:, :, None]
+    sub_gates = {"lr": _sub(gate("lr")[..., 0][:, :, None] * gammas)}
+    if spec.retention.kind == "decay":  # alpha_t on the window's first sub-token, 1 on the others
+        K = k.shape[-1]
+        keep = _channel_keep(gates, B, T, H, K) if _channel_gate(spec) else gate("keep")
+        keep = keep[:, :, None]
         sub_gates["keep"] = _sub(torch.cat([keep, keep.new_ones(B, T, c - 1, *keep.shape[3:])], 2))
     deltas = None
     if spec.bias.inner.kind == "huber":
-        deltas = _windows(gate("huber_delta").float(), carried("window_delta"), c)[..., 0]
+        deltas = _windows(gate("huber_delta"), carried("window_delta"), c)[..., 0]
         sub_gates["huber_delta"] = _sub(deltas)
     inner_state = {n: s for n, s in state.items() if not n.startswith("window_")}
     o, final = scan(omega_inner_spec(spec), _sub(qs), _sub(kw), _sub(vw), sub_gates, inner_state or None,
