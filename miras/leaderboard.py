@@ -42,6 +42,7 @@ class Row:
     seeds: int = 1
     search_params: dict[str, Any] = field(default_factory=dict)
     spec_hash: str | None = None
+    memory_path: str | None = None  # the run record's: triton | chunked[: why no kernel runs it] | sdpa
     error: str | None = None
 
 
@@ -143,7 +144,8 @@ def from_study(study: Any) -> Leaderboard:
             state_bytes=a.get("state_bytes"), values=values, tokens_per_s=record.get("tokens_per_s"),
             wall_s=record.get("wall_s"), pareto=t.number in front,
             feasible=constraints is None or all(c <= 0 for c in constraints),
-            search_params=dict(t.params), spec_hash=a.get("spec_hash"), error=a.get("error"),
+            search_params=dict(t.params), spec_hash=a.get("spec_hash"), memory_path=record.get("memory_path"),
+            error=a.get("error"),
         ))
     return Leaderboard(study.study_name, objectives, rank_rows(rows, objectives), budget=space.get("budget"), study=study)
 
@@ -191,7 +193,7 @@ def from_runs(runs_dir: str | Path, objectives: list[str] | None = None, title: 
             summary=axes_summary(first.get("spec")), params=first.get("params"), state_bytes=first.get("state_bytes"),
             values=values, stds=stds, tokens_per_s=statistics.fmean(tps) if tps else None,
             wall_s=statistics.fmean(walls) if walls else None, seeds=len(runs), spec_hash=first.get("spec_hash"),
-            error=None if done else first.get("error"),
+            memory_path=first.get("memory_path"), error=None if done else first.get("error"),
         ))
     return Leaderboard(title or str(runs_dir), objs, rank_rows(rows, objs))
 
@@ -210,10 +212,22 @@ def _int(v: int | float | None) -> str:
     return "-" if v is None else f"{int(v):,}"
 
 
+def _path_mode(path: str | None) -> str:
+    """A memory path without its reason: triton, chunked, sdpa or - (a record from before paths were kept)."""
+    return (path or "-").split(":")[0]
+
+
+def _shows_paths(lb: Leaderboard) -> bool:
+    """Whether the rows' memory paths tell them apart (some ran on Triton kernels, others not), as on a GPU study
+    where tokens/s compares kernels with the chunked PyTorch path; on a CPU (all chunked) the column is left out."""
+    modes = {_path_mode(r.memory_path) for r in lb.rows if r.memory_path}
+    return len(modes) > 1 or "triton" in modes
+
+
 def _columns(lb: Leaderboard) -> list[str]:
     cols = ["rank", "id", "status", "axes", "params", "state_bytes"]
     cols += [f"{m} ({'max' if d == 'maximize' else 'min'})" for m, d in lb.objectives]
-    cols += ["tokens/s", "wall_s"]
+    cols += ["tokens/s", "wall_s"] + (["path"] if _shows_paths(lb) else [])
     if len(lb.objectives) > 1:
         cols.append("pareto")
     if any(r.seeds > 1 for r in lb.rows):
@@ -227,6 +241,8 @@ def _cells(lb: Leaderboard, r: Row) -> list[str]:
              r.summary or "-", _int(r.params), _int(r.state_bytes)]
     cells += [_num(r.values.get(m), r.stds.get(m)) for m, _ in lb.objectives]
     cells += [_num(r.tokens_per_s), "-" if r.wall_s is None else f"{r.wall_s:.1f}"]
+    if _shows_paths(lb):
+        cells.append(_path_mode(r.memory_path))
     if len(lb.objectives) > 1:
         cells.append("*" if r.pareto else "")
     if any(x.seeds > 1 for x in lb.rows):
@@ -293,11 +309,12 @@ def to_csv(lb: Leaderboard) -> str:
     w = csv.writer(buf)
     w.writerow(["rank", "id", "status", "feasible", "axes", "params", "state_bytes", *[m for m, _ in lb.objectives],
                 *[f"{m}_std" for m, _ in lb.objectives], "tokens_per_s", "wall_s", "pareto", "seeds", "spec_hash",
-                *[f"param:{k}" for k in keys], "error"])
+                "memory_path", *[f"param:{k}" for k in keys], "error"])
     for r in lb.rows:
         w.writerow([r.rank, r.id, r.status, r.feasible, r.summary, r.params, r.state_bytes,
                     *[r.values.get(m) for m, _ in lb.objectives], *[r.stds.get(m) for m, _ in lb.objectives],
-                    r.tokens_per_s, r.wall_s, r.pareto, r.seeds, r.spec_hash, *[r.search_params.get(k) for k in keys],
+                    r.tokens_per_s, r.wall_s, r.pareto, r.seeds, r.spec_hash, r.memory_path,
+                    *[r.search_params.get(k) for k in keys],
                     short_error(r.error, 500) if r.error else ""])
     return buf.getvalue()
 

@@ -1,4 +1,5 @@
-"""Parameter counts, recurrent-state sizes and the budget solver, computed from the spec alone (no module is built).
+"""Parameter counts, recurrent-state sizes, the budget solver and the memory path of each layer, computed from the spec
+alone (no module is built).
 
 :func:`count_params` mirrors :mod:`miras.compiler` term by term; a test checks it against ``sum(p.numel())`` of the
 built model for every recipe and for randomly drawn specs.
@@ -122,6 +123,38 @@ def breakdown(spec: ModelSpec) -> list[Row]:
     if not spec.tie_embeddings:
         rows.append(Row(-1, "head", spec.vocab_size * d))
     return rows
+
+
+ATTENTION_BLOCKS = ("attn", "swa")  # blocks without a memory scan: PyTorch's scaled_dot_product_attention
+
+
+def memory_path(spec: ModelSpec, device: str = "cuda") -> str:
+    """Which implementation runs the memory update of ``spec``'s memory layers on ``device`` (``"cpu"`` or ``"cuda"``):
+    ``"triton"``; ``"chunked"`` (always on CPU); on CUDA ``"chunked: <reason>"`` with the piece no kernel covers yet
+    (``miras.kernels.kernel_support``) or the head dims beyond the kernels' (``miras.kernels.shape_gap``); ``"sdpa"``
+    for a model without memory layers."""
+    if all(block in ATTENTION_BLOCKS for block in spec.blocks):
+        return "sdpa"
+    from miras.ops import kernel_gap, resolve_mode
+
+    mode = resolve_mode(spec.memory, device=device)
+    if device != "cuda":
+        return mode
+    if mode == "chunked":
+        return f"chunked: {kernel_gap(spec.memory).split(';')[0]}"
+    from miras.kernels import shape_gap
+
+    gap = shape_gap(spec.memory, 1, 1, spec.n_heads, spec.d_head, spec.d_head)
+    return f"chunked: {gap}" if gap else "triton"
+
+
+def layer_paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
+    """(layer, block kind, path) for each layer, the path as ``"<cpu mode> (cpu) / <cuda mode> (cuda)[: reason]"``
+    (:func:`memory_path` on both devices), or ``"sdpa"`` for an attention block."""
+    cuda = memory_path(spec, "cuda")
+    mode, _, gap = cuda.partition(": ")
+    path = f"{memory_path(spec, 'cpu')} (cpu) / {mode} (cuda)" + (f": {gap}" if gap else "")
+    return [(i, block, "sdpa" if block in ATTENTION_BLOCKS else path) for i, block in enumerate(spec.blocks)]
 
 
 def count_params(spec: ModelSpec) -> int:

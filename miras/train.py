@@ -33,6 +33,7 @@ from torch import nn
 from miras.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_state, save_checkpoint, write_json_atomic
 from miras.errors import MirasError, SpecError
 from miras.kernels.settings import temporary_env
+from miras.params import memory_path
 from miras.spec import REPO_ROOT, ModelSpec
 from miras.tasks import IGNORE, TASK_DEFAULTS, Batch, Task, make_task, task_family
 from miras.train_spec import TrackingSpec, TrainSpec
@@ -341,6 +342,7 @@ def train(spec: ModelSpec, cfg: TrainSpec, *, run_dir: Path, callback: Callback 
     kernel_env = ExitStack()  # the run's kernel settings, put back when it ends
     kernel_env.enter_context(temporary_env({GRAPHS_ENV: graphs} if graphs is not None else {}))
     record["kernel_graphs"] = os.environ.get(GRAPHS_ENV) or "0"
+    record["memory_path"] = memory_path(spec, device.type)  # triton | chunked[: why no kernel runs it] | sdpa
     try:
         model.train()
         for step in range(start, cfg.steps):

@@ -66,6 +66,26 @@ def test_compare_trains_each_recipe_at_the_budget_over_seeds(tmp_path):
     for fmt, (a, b) in itertools.product(FORMATS, [("deltanet", "gated-deltanet")]):
         text = render(lb, fmt)
         assert a in text and b in text, fmt
+    # every run record says which implementation ran its memory: the chunked path on this CPU, where the
+    # leaderboard leaves the path column out (nothing to tell apart) but its CSV keeps the field
+    assert {r["memory_path"] for r in records} == {"chunked"}
+    assert " path " not in render(lb, "table") and ",memory_path," in render(lb, "csv")
+
+
+def test_leaderboard_shows_the_memory_path_when_runs_differ(tmp_path):
+    """A study where some runs took the Triton kernels and others the chunked path (a GPU study over a space with
+    kernel gaps) gets a path column, so that tokens/s is read against it. The records are written as a GPU run
+    writes them (``memory_path`` from ``miras.params.memory_path``): this CPU cannot run a kernel for real."""
+    for name, path in [("a", "triton"), ("b", "chunked: no Triton kernel for retention.kind='kl'")]:
+        (tmp_path / name).mkdir()
+        record = {"name": name, "status": "completed", "spec_hash": name, "task": "mqar", "final": {"accuracy": 0.5},
+                  "tokens_per_s": 1000.0, "memory_path": path}
+        (tmp_path / name / "record.json").write_text(json.dumps(record))
+    lb = from_runs(tmp_path)
+    md = render(lb, "md")
+    assert "| path |" in md and "| triton |" in md and "| chunked |" in md
+    rows = {r["id"]: r for r in json.loads(render(lb, "json"))["rows"]}
+    assert rows["b"]["memory_path"] == "chunked: no Triton kernel for retention.kind='kl'"
 
 
 def test_compare_reports_an_impossible_budget(tmp_path):

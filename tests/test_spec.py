@@ -177,21 +177,27 @@ def test_show_names_what_keeps_a_layer_off_the_kernels():
     first of kernel_support's reasons) or a head dim beyond the kernels' (shape_gap); the recipes whose MLP memory has
     the LayerNorm head run on the kernels, the Titans ones at their chunk of 8 too."""
     pytest.importorskip("triton")
-    from miras.commands.spec_cmds import _paths
     from miras.kernels.settings import temporary_env
+    from miras.params import layer_paths, memory_path
 
     root = Path(__file__).resolve().parent.parent
-    memora = _paths(load_spec(root / "recipes/memora.yaml"))[0][2]
+    memora = layer_paths(load_spec(root / "recipes/memora.yaml"))[0][2]
     assert memora.startswith("chunked (cpu) / chunked (cuda): ") and "retention.kind='kl'" in memora
-    deltanet = _paths(load_spec(root / "recipes/deltanet.yaml"))[0][2]  # (its kernels are opt-in until GPU-tested)
+    deltanet = layer_paths(load_spec(root / "recipes/deltanet.yaml"))[0][2]  # (its kernels are opt-in until GPU-tested)
     assert deltanet.startswith("chunked (cpu) / chunked (cuda): ") and "MIRAS_KERNEL_DELTA=1" in deltanet
     with temporary_env({"MIRAS_KERNEL_DELTA": "1"}):
-        assert _paths(load_spec(root / "recipes/deltanet.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
-    assert _paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
-    assert _paths(load_spec(root / "recipes/linear-attention.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
-    assert _paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
-    wide = _paths(load_spec(root / "recipes/linear-attention.yaml", ["head_dim=320", "n_heads=1"]))[0][2]
+        assert layer_paths(load_spec(root / "recipes/deltanet.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
+    assert layer_paths(load_spec(root / "recipes/titans-lmm.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
+    assert layer_paths(load_spec(root / "recipes/linear-attention.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
+    assert layer_paths(load_spec(root / "recipes/deeptransformer.yaml"))[0][2] == "chunked (cpu) / triton (cuda)"
+    wide = layer_paths(load_spec(root / "recipes/linear-attention.yaml", ["head_dim=320", "n_heads=1"]))[0][2]
     assert wide == "chunked (cpu) / chunked (cuda): head dims must be <= 256, but got K=320, V=320"
+    # the same, as a run record holds it: the path on the run's own device
+    titans = load_spec(root / "recipes/titans-lmm.yaml")
+    assert (memory_path(titans, "cpu"), memory_path(titans, "cuda")) == ("chunked", "triton")
+    assert memory_path(load_spec(root / "recipes/memora.yaml"), "cuda").startswith(
+        "chunked: no Triton kernel for retention.kind='kl'")
+    assert memory_path(load_spec(root / "recipes/transformer.yaml"), "cuda") == "sdpa"
 
 
 def test_cli_show_params_recipes():

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from miras.errors import MirasError
+from miras.params import layer_paths
 from miras.spec import BLOCK_DESCRIPTIONS, ModelSpec, list_recipes, load_spec
 
 console = Console()
@@ -25,23 +26,6 @@ def _load(spec: str, overrides: tuple[str, ...]) -> ModelSpec:
 
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
-
-
-def _paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
-    """(layer, block kind, memory path) for each layer: which implementation runs the memory update, and on CUDA,
-    when it is not a Triton kernel, the piece no kernel covers yet (``kernel_support``'s reason) or the head dim
-    beyond the kernels' (``miras.kernels.shape_gap``)."""
-    from miras.ops import kernel_gap, resolve_mode
-
-    cuda = resolve_mode(spec.memory, device="cuda")
-    gap = kernel_gap(spec.memory).split(";")[0] if cuda == "chunked" else ""
-    if cuda == "triton":
-        from miras.kernels import shape_gap
-
-        gap = shape_gap(spec.memory, 1, 1, spec.n_heads, spec.d_head, spec.d_head)
-        cuda = "chunked" if gap else cuda
-    path = f"{resolve_mode(spec.memory, device='cpu')} (cpu) / {cuda} (cuda)" + (f": {gap}" if gap else "")
-    return [(i, block, "sdpa" if block in ("attn", "swa") else path) for i, block in enumerate(spec.blocks)]
 
 
 @click.command()
@@ -71,7 +55,7 @@ def show(spec: str, overrides: tuple[str, ...]) -> None:
     resolved = _load(spec, overrides)
     click.echo(resolved.to_yaml(), nl=False)
     click.echo(f"# spec_hash: {resolved.spec_hash()}")
-    for layer, block, path in _paths(resolved):
+    for layer, block, path in layer_paths(resolved):
         click.echo(f"# layer {layer}: {block:4s} memory path: {path}")
 
 
@@ -100,7 +84,7 @@ def params(spec: str, overrides: tuple[str, ...], seq_len: int | None) -> None:
     console.print(f"total            {_fmt_int(total)}")
     console.print(f"non-embedding    {_fmt_int(count_params_non_embedding(resolved))}")
     console.print(f"state per seq    {_fmt_int(state_size_bytes(resolved, seq))} bytes at seq_len={seq}")
-    for layer, block, path in _paths(resolved):
+    for layer, block, path in layer_paths(resolved):
         console.print(f"layer {layer}: {block:4s} memory path: {path}")
 
 
