@@ -4,6 +4,11 @@ each gets on CUDA (``miras.params.memory_path``), the pieces no kernel covers ye
 
     python benchmarks/kernel_coverage.py search_spaces/full.yaml            # 1000 draws
     python benchmarks/kernel_coverage.py search_spaces/quickstart.yaml --draws 300 --seed 1
+    python benchmarks/kernel_coverage.py search_spaces/full.yaml --draws 40 --check    # claims checked (minutes)
+
+``--check`` also builds each drawn model (one layer) and runs it with ``memory_scan``'s auto mode deciding as on CUDA
+(on a CPU: the kernels in Triton's interpreter), to check the claim: the Triton kernels run exactly when the path
+says ``triton``, and then one training step (logits and every parameter's gradient) matches the chunked path's.
 
 No GPU is needed (kernel_support reads the spec alone; triton must be importable). Draws the space rejects (an
 invalid combination) are counted apart, by the spec field their error names. The counts describe the space under
@@ -14,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import sys
 from pathlib import Path
 
+if "--check" in sys.argv:  # the kernels run in Triton's interpreter on a CPU; set before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import optuna  # noqa: E402
+import torch  # noqa: E402
 
 from miras.errors import MirasError  # noqa: E402
 from miras.params import memory_path  # noqa: E402
@@ -40,12 +50,56 @@ def _field(message: str) -> str:
     return match.group(1) if match else line
 
 
+def _step(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and every parameter's gradient of one next-token loss."""
+    model.zero_grad()
+    logits = model(ids)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_claim(spec, claim: str, T: int = 37) -> str:
+    """Run ``spec`` (one layer) with auto mode deciding as on CUDA: "" when the claim holds, else what broke."""
+    from miras import ops
+    from miras.compiler import build
+    from miras.kernels import shape_gap
+
+    spec = spec.model_copy(update={"n_layers": 1})
+    kernels: list[int] = []
+
+    def as_on_cuda(mem, q, v):
+        mode = ops.resolve_mode(mem, "cuda", q.dtype)
+        if mode == "triton" and shape_gap(mem, *q.shape, v.shape[-1]):
+            mode = "chunked"
+        kernels.extend([q.shape[1]] if mode == "triton" else [])
+        return mode
+
+    torch.manual_seed(0)
+    model = build(spec)
+    ids = torch.randint(0, spec.vocab_size, (2, T))
+    ref_logits, ref_grads = _step(model, ids)
+    auto = ops._auto_mode
+    ops._auto_mode = as_on_cuda
+    try:
+        logits, grads = _step(model, ids)
+    finally:
+        ops._auto_mode = auto
+    if bool(kernels) != claim.startswith("triton"):
+        return f"the path says {claim.split(':')[0]!r}, but {len(kernels)} scans took the kernels"
+    err = float((logits - ref_logits).norm() / ref_logits.norm())
+    worst = max((float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items() if g.norm() > 0), default=0.0)
+    if set(grads) != set(ref_grads) or not (err < 1e-4 and worst < 1e-3):
+        return f"the kernels' step is off the chunked path's: logits {err:.1e}, worst gradient {worst:.1e}"
+    return ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("space", help="a search_spaces/*.yaml file")
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=int, default=150, help="characters of each reason shown")
+    ap.add_argument("--check", action="store_true", help="run each drawn model to check its path's claim (slow)")
     args = ap.parse_args()
 
     space, base = load_space(args.space)
@@ -55,6 +109,7 @@ def main() -> None:
     paths: collections.Counter[str] = collections.Counter()
     invalid: collections.Counter[str] = collections.Counter()  # by the field the error names
     examples: dict[str, str] = {}
+    checked, failures = 0, []
     for _ in range(args.draws):
         trial = study.ask()
         overrides = suggest(trial, space, base)
@@ -65,17 +120,28 @@ def main() -> None:
             invalid[_field(str(err))] += 1
             examples.setdefault(_field(str(err)), [x.strip() for x in str(err).splitlines() if x.strip()][-1])
             continue
-        paths[_reason(memory_path(spec, "cuda"))] += 1
+        claim = memory_path(spec, "cuda")
+        paths[_reason(claim)] += 1
+        if args.check:
+            broke = check_claim(spec, claim)
+            checked += 1
+            if broke:
+                failures.append(f"{broke}: {overrides}")
+                print(f"CLAIM FAILED {failures[-1]}", flush=True)
 
     valid = sum(paths.values())
     print(f"{args.space}: {args.draws} uniform draws, {valid} valid specs, {sum(invalid.values())} rejected by the spec")
     print(f"{'count':>6} {'share':>6}  memory path on CUDA (share of the valid specs)")
     for path, n in paths.most_common():
         print(f"{n:6d} {n / max(valid, 1):6.1%}  {path[:args.width]}")
+    if args.check:
+        print(f"\nchecked {checked} drawn models with auto mode deciding as on CUDA: {len(failures)} claims failed")
     if invalid:
         print(f"\n{'count':>6}  rejected draws, by the field their error names (one error shown)")
         for field, n in invalid.most_common():
             print(f"{n:6d}  {examples[field][:args.width]}")
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

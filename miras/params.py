@@ -125,36 +125,74 @@ def breakdown(spec: ModelSpec) -> list[Row]:
     return rows
 
 
-ATTENTION_BLOCKS = ("attn", "swa")  # blocks without a memory scan: PyTorch's scaled_dot_product_attention
+ATTENTION_BLOCKS = ("attn", "swa")  # PyTorch's scaled_dot_product_attention
+OWN_RECURRENCE_BLOCKS = ("trellis", "msssm")  # their own PyTorch recurrences, not memory_scan
+HYBRID_BLOCKS = ("mac", "mag", "mal")  # attention and a memory: the lmm memory layer, or ``hybrid_memory``'s mixer
 
 
-def memory_path(spec: ModelSpec, device: str = "cuda") -> str:
-    """Which implementation runs the memory update of ``spec``'s memory layers on ``device`` (``"cpu"`` or ``"cuda"``):
-    ``"triton"``; ``"chunked"`` (always on CPU); on CUDA ``"chunked: <reason>"`` with the piece no kernel covers yet
-    (``miras.kernels.kernel_support``) or the head dims beyond the kernels' (``miras.kernels.shape_gap``); ``"sdpa"``
-    for a model without memory layers."""
-    if all(block in ATTENTION_BLOCKS for block in spec.blocks):
+def block_path(spec: ModelSpec, block: str, device: str = "cuda") -> str:
+    """Which implementation runs a ``block`` layer's token mixing on ``device`` (``"cpu"`` or ``"cuda"``), as
+    ``"<mode>[: <reason>]"``: ``"sdpa"`` (attention), ``"pytorch: ..."`` (a block with its own recurrence),
+    ``"triton"``, or ``"chunked"`` with, on CUDA, the piece no kernel covers yet (``miras.kernels.kernel_support``,
+    the head dims beyond the kernels': ``shape_gap``, or a part of the block that has its own scan)."""
+    if block in ATTENTION_BLOCKS:
         return "sdpa"
+    mixer = block if block in OWN_RECURRENCE_BLOCKS else spec.hybrid_memory if block in HYBRID_BLOCKS else "lmm"
+    if mixer in OWN_RECURRENCE_BLOCKS:  # (a mac / mag / mal hybrid's memory may be one of them: hybrid_memory)
+        return f"pytorch: the {mixer} mixer's own recurrence (no memory_scan, no Triton kernel)"
+    mem = spec.memory
+    if mem.caching.kind == "soup" and mem.retention.kind not in ("kl", "elastic"):  # caching.MemoryCaching._soup_scan
+        return ("chunked" if device != "cuda" else
+                "chunked: memory.caching.kind='soup' reads a mix of per-token and cached weights in its own chunked "
+                "scan (no Triton kernel)")
+    if mem.local is None:
+        return _scan_path(spec, mem, device)
+    from miras.components.tnt import plain_memory_spec  # TNT: its local memories scan, its global memory is read
+
+    local = [_scan_path(spec, plain_memory_spec(mem, c), device) for c in mem.local.chunk_sizes]
+    path = next((p for p in local if p != "triton"), "triton")
+    if path == "triton" and mem.local.global_memory:
+        return "triton: the TNT local memories (the global memory writes its chunks on the chunked path)"
+    return path
+
+
+def _scan_path(spec: ModelSpec, mem: MemorySpec, device: str) -> str:
+    """The path of ``memory_scan(mem, ...)`` in ``auto`` mode on ``device`` at the model's head dims."""
     from miras.ops import kernel_gap, resolve_mode
 
-    mode = resolve_mode(spec.memory, device=device)
+    mode = resolve_mode(mem, device=device)
     if device != "cuda":
         return mode
     if mode == "chunked":
-        return f"chunked: {kernel_gap(spec.memory).split(';')[0]}"
+        return f"chunked: {kernel_gap(mem).split(';')[0]}"
     from miras.kernels import shape_gap
 
-    gap = shape_gap(spec.memory, 1, 1, spec.n_heads, spec.d_head, spec.d_head)
+    gap = shape_gap(mem, 1, 1, spec.n_heads, spec.d_head, spec.d_head)
     return f"chunked: {gap}" if gap else "triton"
 
 
+def memory_path(spec: ModelSpec, device: str = "cuda") -> str:
+    """:func:`block_path` of the model's layers, for a run record: the memory layers' path (``triton``,
+    ``chunked[: reason]``), else that of its other blocks (``sdpa``, ``pytorch: ...``); distinct paths joined by
+    `` + ``."""
+    paths = list(dict.fromkeys(block_path(spec, block, device) for block in spec.blocks))
+    memory = [p for p in paths if p != "sdpa"]
+    return " + ".join(memory) if memory else "sdpa"
+
+
 def layer_paths(spec: ModelSpec) -> list[tuple[int, str, str]]:
-    """(layer, block kind, path) for each layer, the path as ``"<cpu mode> (cpu) / <cuda mode> (cuda)[: reason]"``
-    (:func:`memory_path` on both devices), or ``"sdpa"`` for an attention block."""
-    cuda = memory_path(spec, "cuda")
-    mode, _, gap = cuda.partition(": ")
-    path = f"{memory_path(spec, 'cpu')} (cpu) / {mode} (cuda)" + (f": {gap}" if gap else "")
-    return [(i, block, "sdpa" if block in ATTENTION_BLOCKS else path) for i, block in enumerate(spec.blocks)]
+    """(layer, block kind, path) for each layer: ``"<cpu mode> (cpu) / <cuda mode> (cuda)[: reason]"`` from
+    :func:`block_path` on both devices, or ``"sdpa"`` for an attention block."""
+    out = []
+    for i, block in enumerate(spec.blocks):
+        cuda = block_path(spec, block, "cuda")
+        if cuda == "sdpa":
+            out.append((i, block, cuda))
+            continue
+        mode, _, why = cuda.partition(": ")
+        cpu = block_path(spec, block, "cpu").partition(": ")[0]
+        out.append((i, block, f"{cpu} (cpu) / {mode} (cuda)" + (f": {why}" if why else "")))
+    return out
 
 
 def count_params(spec: ModelSpec) -> int:

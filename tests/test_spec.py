@@ -198,6 +198,18 @@ def test_show_names_what_keeps_a_layer_off_the_kernels():
     assert memory_path(load_spec(root / "recipes/memora.yaml"), "cuda").startswith(
         "chunked: no Triton kernel for retention.kind='kl'")
     assert memory_path(load_spec(root / "recipes/transformer.yaml"), "cuda") == "sdpa"
+    # blocks and parts that never call memory_scan say so instead of claiming its kernels (a forward on the CPU with
+    # auto mode standing in for CUDA checks the claims of drawn specs: benchmarks/kernel_coverage.py's --check)
+    trellis = load_spec(root / "recipes/trellis.yaml")
+    assert memory_path(trellis, "cuda").startswith("pytorch: the trellis mixer's own recurrence")
+    gated = load_spec(root / "recipes/titans-mag.yaml", ["hybrid_memory=msssm"])  # a hybrid around an MS-SSM mixer
+    assert memory_path(gated, "cuda").startswith("pytorch: the msssm mixer's own recurrence")
+    assert layer_paths(trellis)[0][2].startswith("pytorch (cpu) / pytorch (cuda): ")
+    soup = load_spec(root / "recipes/titans-lmm.yaml", ["memory.caching.kind=soup"])
+    assert memory_path(soup, "cuda").startswith("chunked: memory.caching.kind='soup'")
+    assert memory_path(load_spec(root / "recipes/tnt-titans.yaml"), "cuda").startswith("triton: the TNT local memories")
+    hybrid = load_spec(root / "recipes/titans-lmm.yaml", ["layout=[lmm, swa]"])
+    assert memory_path(hybrid, "cuda") == "triton" and [p for _, _, p in layer_paths(hybrid)][1] == "sdpa"
 
 
 def test_cli_show_params_recipes():
