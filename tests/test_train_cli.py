@@ -61,6 +61,7 @@ def test_train_then_eval_at_longer_lengths(tmp_path: Path, spec_file: Path, monk
     rec = json.loads((run / "record.json").read_text())
     assert rec["status"] == "completed" and rec["train"]["steps"] == 4 and rec["task"]["seq_len"] == 32
     assert (run / "checkpoint" / "model.safetensors").is_file()
+    assert rec["memory_path"] == "chunked" and "memory path: chunked" in out  # (the CPU's path, said at the end)
     code, _ = run_cli("train", str(spec_file), "--task", "mqar", "--steps", "2", *SMALL, cwd=tmp_path,
                       monkeypatch=monkeypatch)
     assert code == 0 and (tmp_path / "runs" / "tiny-mqar-2" / "record.json").is_file()  # never overwrites

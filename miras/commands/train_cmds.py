@@ -216,6 +216,8 @@ def train(spec: str | None, task_name: str | None, task_opts: tuple[str, ...], d
                                                                  "tokens_per_s": round(record["tokens_per_s"] or 0),
                                                                  "wall_s": record["wall_s"]})
         click.echo(f"record: {run_dir / 'record.json'}   checkpoint: {run_dir / 'checkpoint'}", err=True)
+        if record.get("memory_path"):  # (not on a run that failed before training started)
+            click.echo(f"memory path: {record['memory_path']}", err=True)
     if record["status"] != "completed":
         raise MirasError(record["error"] or f"run ended with status {record['status']}")
 
