@@ -58,6 +58,9 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     "omega (window 4 over l2+decay+gd, chunk 16)": dict(bias={"kind": "omega", "window": 4, "inner": "l2"},
                                                         retention={"kind": "decay"},
                                                         learner={"kind": "gd", "chunk_size": 16}),
+    # Moneta's Lq retention (q = 4) on the linear memory: the titans row's work plus each chunk's read scale from
+    # the whole state (the walks take all of V; linear.LqScanFunction)
+    "lq4 (l2+lq+momentum)": dict(bias="l2", retention={"kind": "lq", "q": 4.0}, learner={"kind": "momentum"}),
     # TTT-Linear's memory x + LN(x W) w + b at fla's chunk 16: the linear kernels with their LayerNorm-head rows
     # (common.ln_rows); fla's chunk_ttt_linear computes the same recurrence (with an inner bias vector besides W)
     "ttt-linear (x + LN(xW), l2+gd, chunk 16)": dict(
@@ -66,9 +69,10 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
 }
 
 
-FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the online delta rule's, TTT-Linear's)
+FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the online delta rule's, TTT-Linear's, Lq's)
     "gated deltanet (chunk 1: l2+decay+gd)": {"MIRAS_KERNEL_DELTA": "1"},
     "ttt-linear (x + LN(xW), l2+gd, chunk 16)": {"MIRAS_KERNEL_TTT": "1"},
+    "lq4 (l2+lq+momentum)": {"MIRAS_KERNEL_LQ": "1"},
 }
 
 
@@ -123,7 +127,7 @@ def make(spec, B, T, H, D, device, dtype):
     mlp = spec.memory.kind == "mlp"
     lr_lo, lr_span, keep_lo = (0.002, 0.01, 0.999 if spec.memory.norm else 0.99) if mlp else (0.05, 0.5, 0.9)
     gates = {"lr": lr_lo + lr_span * torch.rand(B, T, H, generator=g)}
-    if spec.retention.kind == "decay":  # (one per key channel with a channel gate)
+    if spec.retention.kind in ("decay", "lq"):  # (one per key channel with a channel gate)
         channels = (D,) if spec.retention.gate.granularity == "channel" else ()
         gates["keep"] = keep_lo + (1 - keep_lo) * torch.rand(B, T, H, *channels, generator=g)
     if spec.learner.kind == "momentum":

@@ -127,20 +127,22 @@ if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
   env $TUNED timeout "$(cap 60)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
     | tee "$OUTDIR/profile.log"
 fi
-echo "== phase 5: with the time left, the channel keep gate, the delta rule, omega, TTT-Linear ($(left) s left)"
+echo "== phase 5: with the time left, the channel keep gate, the delta rule, omega, TTT-Linear, Lq ($(left) s left)"
 # its GPU tests (gd on the secondary-chunking path of session 21 included; the split of session 22 and the fused
 # walk; auto mode's fallback beyond the kernels' shape limits; the omega bias on sub-tokens, session 24), then GLA's
 # recurrence against fla's chunk_gla, split and fused (no chunked row: with a channel gate it forms [.., b, b, K]
 # blocks, GBs at the bench shape), Gated DeltaNet against fla's chunk_gated_delta_rule, omega, and TTT-Linear's
-# LayerNorm-head rows (session 24) against fla's chunk_ttt_linear
+# LayerNorm-head rows (session 24) against fla's chunk_ttt_linear, and Lq retention on the linear memory (session 25;
+# against phase 1's titans row, the same work without the read scales)
 if [ "$(left)" -gt 90 ]; then
   if [ -z "${GPU_CHECK_CPU:-}" ]; then
     timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_omega.py \
-      tests/test_kernels_ttt.py -q -s -p no:cacheprovider -m gpu -k "channel or shape_limits or delta_rule or omega or ttt" \
+      tests/test_kernels_ttt.py tests/test_kernels_lq.py -q -s -p no:cacheprovider -m gpu \
+      -k "channel or shape_limits or delta_rule or omega or ttt or lq" \
       > "$OUTDIR/channel_tests.log" 2>&1
-    grep -E "^(channel|delta|omega|ttt)|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
+    grep -E "^(channel|delta|omega|ttt|lq)|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
   fi
-  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla,deltanet,omega,ttt --references gla,gated_delta,ttt \
+  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla,deltanet,omega,ttt,lq4 --references gla,gated_delta,ttt \
     --no-chunked $TINY \
     --variants chanfused,deltatorch \
     --table "$OUTDIR/gla_table.txt" > "$OUTDIR/gla.log" 2>&1

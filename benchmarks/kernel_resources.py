@@ -58,6 +58,8 @@ def main() -> None:
                     help="0 dot, 1 l2, 2 lp, 3 huber; 4-6: dot, l2, lp behind a LayerNorm head (TTT-Linear)")
     ap.add_argument("--momentum", action="store_true")
     ap.add_argument("--decayed", action="store_true", help="gradient at the decayed state (grad_at decayed)")
+    ap.add_argument("--lq", type=float, default=0.0, metavar="Q",
+                    help="Lq retention with this q (fwd / bwd walks: --mode 1 or 0; they need --bv = the head dim)")
     ap.add_argument("--no-keep", action="store_true", help="no retention gate")
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     ap.add_argument("--bvl", type=int, default=0, help="gradient pass: V sub-block (default: the whole tile)")
@@ -76,6 +78,8 @@ def main() -> None:
     consts = dict(H=8, K=a.d, V=a.d, BT=a.chunk, CS=a.chunk, BK=max(16, triton.next_power_of_2(a.d)), BV=a.bv,
                   BIAS=a.bias, P=2.0, SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed,
                   MOMENTUM=a.momentum, PREC=a.prec, MODE=a.mode, CF=not a.no_cf, KP=a.kp)
+    if a.which in ("fwd", "bwd"):
+        consts.update(LQ=a.lq > 0, Q=a.lq or 2.0, QEPS=1e-6)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)

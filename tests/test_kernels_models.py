@@ -44,12 +44,15 @@ def one_step(model, ids):
     ("gated-deltanet", ["d_model=32", "n_heads=2"], 37),  # the online delta rule: WY blocks of 16 (below)
     ("sliding-window-linear-attention", ["d_model=32", "n_heads=2"], 37),  # omega: the window carried across calls
     ("omeganet", ["d_model=32", "n_heads=2", "memory.learner.chunk_size=8"], 21),  # omega on the MLP memory
-], ids=["titans-lmm", "linear-attention", "titans-linear-channel-gate", "gated-deltanet", "swla", "omeganet"])
+    ("titans-lmm", ["memory.memory={kind: linear}", "memory.retention={kind: lq, q: 3.0}"], 21),  # (MIRAS_KERNEL_LQ)
+], ids=["titans-lmm", "linear-attention", "titans-linear-channel-gate", "gated-deltanet", "swla", "omeganet",
+        "titans-linear-lq"])
 def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, monkeypatch):
     """One training step of a recipe's model (one layer) with its memory on the kernels, against the chunked path.
     T is not a multiple of the chunk, so the layer scans its whole chunks (two), then the rest from their end state:
     two kernel calls, the second with a given initial state (at chunk 1, the online delta rule, one call)."""
-    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")  # (the online delta rule's kernels are opt-in for now)
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")  # (the online delta rule's and Lq's kernels are opt-in for now)
+    monkeypatch.setenv("MIRAS_KERNEL_LQ", "1")
     monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
     spec = load_spec(recipe, [*overrides, "n_layers=1"])
     assert kernel_support(spec.memory) == (True, "")

@@ -34,6 +34,11 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   ``tnt-ttt`` recipe; bias dot, l2 or lp; head or scalar keep gates) on the linear kernels, which then write with the
   head's rows R = J^T R_y (``common.ln_rows``, all of V per program) and read q W raw, the head applied in PyTorch
   (``_ttt_scan``; default off until its GPU test has passed: it matches the float64 oracle in the interpreter).
+- ``MIRAS_KERNEL_LQ=1``: Lq retention (Moneta's W = A / ||A||_q^(q-2), ``retention.kind: lq``) of the linear
+  memory on the linear kernels: the walks (all of V per program) take each chunk's read scale 1 / nu(A) from its
+  start state (``common.lq_scale``), the predictions are taken at the scaled state, and the reads are scaled in
+  PyTorch (``_lq_reads``, ``linear.LqScanFunction``; default off until its GPU test has passed: it matches the
+  float64 oracle in the interpreter).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
   ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
@@ -196,7 +201,8 @@ def kernel_support(spec) -> tuple[bool, str]:
     Supported: memory {linear, mlp (depth 2, residual or not, LayerNorm head or not (tiles layout), act
     gelu|silu|tanh|relu)} x bias
     {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
-    linear memory: miras/kernels/linear_channel.py)} x learner {gd, momentum},
+    linear memory: miras/kernels/linear_channel.py), lq on the linear memory (``_lq_reads``, with
+    ``MIRAS_KERNEL_LQ=1``)} x learner {gd, momentum},
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
     ``settings.delta_chunk()`` tokens, miras/kernels/delta.py, with ``MIRAS_KERNEL_DELTA=1``), triton >= 3.0.
     The omega bias around any of those inner biases with the gd learner and ``window * chunk_size <= 64`` runs on
@@ -239,8 +245,14 @@ def kernel_support(spec) -> tuple[bool, str]:
                           "PyTorch path runs it"
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
-    if ret.kind not in ("none", "decay"):
-        return False, f"no Triton kernel for retention.kind={ret.kind!r}; kernels cover none, decay"
+    if ret.kind not in ("none", "decay", "lq"):
+        return False, f"no Triton kernel for retention.kind={ret.kind!r}; kernels cover none, decay, lq"
+    if ret.kind == "lq" and mem.kind != "linear":
+        return False, f"no Triton kernel for retention.kind='lq' on memory.kind={mem.kind!r} (only 'linear'); the " \
+                      "chunked PyTorch path runs it"
+    if ret.kind == "lq" and not env_switch("MIRAS_KERNEL_LQ", False):
+        return False, "the Triton kernels of Lq retention (retention.kind='lq', linear memory) are off until they pass " \
+                      "their GPU tests (MIRAS_KERNEL_LQ=1 turns them on); the chunked PyTorch path runs it"
     if _channel_gate(spec) and mem.kind != "linear":
         return False, "no Triton kernel for a channel-wise retention gate (retention.gate.granularity='channel') on " \
                       f"memory.kind={mem.kind!r} (only 'linear')"
@@ -305,7 +317,7 @@ def _kernel_gates(spec, gates: dict, B: int, T: int, H: int, K: int) -> tuple[to
     """(eta, keep, mu, delta) as contiguous fp32 [B, T, H] (None where the spec has no such gate); a channel-wise
     keep as [B, T, H, K]."""
     eta = _gate(gates, "lr", B, T, H)
-    if spec.retention.kind != "decay":
+    if spec.retention.kind not in ("decay", "lq"):  # (both have the keep gate alpha_t)
         keep = None
     elif _channel_gate(spec):
         keep = _channel_keep(gates, B, T, H, K)
@@ -404,15 +416,36 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One call of the linear kernels (``LinearScanFunction``) from the scan's initial state: (o, {"W1"[, "S1"]})."""
-    from miras.kernels.linear import LinearScanFunction
+    """One call of the linear kernels (``LinearScanFunction``; with Lq retention ``LqScanFunction`` and its reads
+    scaled by ``_lq_reads``) from the scan's initial state: (o, {"W1"[, "S1"]})."""
+    from miras.kernels.linear import LinearScanFunction, LqScanFunction
 
     B, T, H, K = q.shape
     V = v.shape[-1]
     h0 = _state(state, "W1", B, H, K, V)
     s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
-    o, ht, st = LinearScanFunction.apply(cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta, h0, s0)
+    args = (cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta, h0, s0)
+    if cfg.lq:
+        o, ht, st, sc = LqScanFunction.apply(*args)
+        o = _lq_reads(cfg, o, sc, ht)
+    else:
+        o, ht, st = LinearScanFunction.apply(*args)
     return o, {"W1": ht, **({"S1": st} if cfg.momentum else {})}
+
+
+def _lq_reads(cfg, o: torch.Tensor, sc: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+    r"""Lq retention's reads (Moneta, Miras Eq. 24-25) from the kernels' o_t = q_t A_t and read scales sc [B, H, NT]:
+    the state is the accumulator A, and token t reads s q_t A_t, s = 1 / nu(A) = (sum |A|^q + eps)^(-(q-2)/q) of its
+    chunk's start state, but the last token of a full chunk that of the end state (the next chunk's, or the call's
+    final one), as the chunked path does (ops_chunked.py)."""
+    from miras.kernels.linear import chunk_scales
+
+    T = o.shape[1]
+    s_end = (ht.abs().pow(cfg.lq).sum((-2, -1)) + cfg.lq_eps) ** (-(cfg.lq - 2.0) / cfg.lq)  # [B, H]
+    after = torch.cat([sc[..., 1:], s_end[..., None]], -1)  # the scale after each chunk
+    last = (torch.arange(T, device=o.device) % cfg.chunk == cfg.chunk - 1)[None, :, None]  # (of full chunks only)
+    scale = torch.where(last, chunk_scales(after, cfg.chunk, T), chunk_scales(sc, cfg.chunk, T))  # [B, T, H]
+    return (o.float() * scale[..., None]).to(o.dtype)
 
 
 def _mlp_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

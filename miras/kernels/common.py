@@ -56,15 +56,18 @@ class RuleConfig:
     has_keep: bool = False
     decayed: bool = False
     momentum: bool = False
+    lq: float = 0.0  # Lq retention's q (Moneta; ``lq_scale``), 0: none
+    lq_eps: float = 1e-6
 
     @staticmethod
     def choices(spec) -> dict:
         """The fields above from a MemorySpec."""
         bias, ret, learner = spec.bias, spec.retention, spec.learner
+        gated = ret.kind in ("decay", "lq")  # (the keep gate alpha_t of both: A_t = alpha_t A_{t-1} + update)
         return dict(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
                     smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
-                    has_keep=ret.kind == "decay", decayed=ret.kind == "decay" and ret.grad_at == "decayed",
-                    momentum=learner.kind == "momentum")  # fmt: skip
+                    has_keep=gated, decayed=gated and ret.grad_at == "decayed", momentum=learner.kind == "momentum",
+                    lq=float(ret.q) if ret.kind == "lq" else 0.0, lq_eps=float(getattr(ret, "eps", 1e-6)))  # fmt: skip
 
 
 def interpreting() -> bool:
@@ -252,6 +255,23 @@ def gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr
         Nm = ET
         GT = ET * eta_t[:, None]
     return ET, Nm, GT
+
+
+@triton.jit
+def lq_scale(W, Q: tl.constexpr, QEPS: tl.constexpr):
+    """Lq retention's read scale of a whole [K, V] state block A (Moneta, Miras Eq. 24-25): W = s A with
+    s = 1 / nu(A) = (sum |A|^q + eps)^(-(q-2)/q). Returns (s, sum |A|^q + eps)."""
+    a = tl.abs(W)
+    n = tl.sum(tl.sum(tl.where(a > 0, tl.exp(Q * tl.log(tl.maximum(a, 1e-30))), 0.0), axis=1), axis=0) + QEPS
+    return tl.exp(-(Q - 2.0) / Q * tl.log(n)), n
+
+
+@triton.jit
+def lq_scale_grad(W, s, n, Q: tl.constexpr):
+    """ds / dA of ``lq_scale`` elementwise: -(q-2) s / n sign(A) |A|^(q-1)."""
+    a = tl.abs(W)
+    pw = tl.where(a > 0, tl.exp((Q - 1.0) * tl.log(tl.maximum(a, 1e-30))), 0.0)
+    return tl.where(W < 0, -pw, pw) * (-(Q - 2.0) * s / n)
 
 
 @triton.jit

@@ -55,6 +55,8 @@ from miras.kernels.common import (
     interpreting,
     ln_rows,
     ln_rows_bwd,
+    lq_scale,
+    lq_scale_grad,
     pow2_tile,
     store_gate_grads,
 )
@@ -123,15 +125,16 @@ def _state_coeffs(cf, BTH, p_g, t_idx, t_ok, L_idx, H: tl.constexpr, MOMENTUM: t
 
 @triton.jit
 def _fwd_chunk(
-    q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
+    q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
-    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr,
+    WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr, LQ: tl.constexpr,
 ):
     """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE).
     USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the
-    predictions y = kp W use keys of their own (the exact delta rule's WY keys, miras/kernels/delta.py)."""
+    predictions y = kp W use keys of their own (the exact delta rule's WY keys, miras/kernels/delta.py). LQ: they
+    are taken at the read weights s W (Lq retention, ``common.lq_scale``; the reads stay q W, scaled outside)."""
     t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)  # L: the row of the chunk's last real token
     if USE_CF:
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -150,6 +153,8 @@ def _fwd_chunk(
     b_kp = b_k
     if KP:
         b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)  # (dots only)
+    if LQ:
+        b_kp = b_kp * s
 
     b_y = _dot(b_kp, W, PREC)  # [BT, BV] prediction at the chunk start
     if DECAYED:
@@ -186,14 +191,16 @@ def _fwd_chunk(
 
 @triton.jit
 def _linear_fwd_kernel(
-    q, k, kp, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf,
+    q, k, kp, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf, sc,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, CF: tl.constexpr,
-    KP: tl.constexpr,
+    KP: tl.constexpr, LQ: tl.constexpr = False, Q: tl.constexpr = 2.0, QEPS: tl.constexpr = 1e-6,
 ):
+    """LQ (Lq retention): the walks (all of V per program) take each chunk's read scale s = 1 / nu(W) at its start
+    (``common.lq_scale``) and store it in sc [B*H, NT]; the chunk-parallel pass reads it there."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
@@ -214,9 +221,12 @@ def _linear_fwd_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
         if MOMENTUM:
             S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok,
-                   v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False,
-                   KP)
+        s = 1.0
+        if LQ:
+            s = tl.load(sc + i_bh * NT + c)
+        _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
+                   k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False,
+                   False, KP, LQ)
     else:
         W = tl.zeros([BK, BV], dtype=tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -229,9 +239,13 @@ def _linear_fwd_kernel(
             tl.store(hs + p_c + s_off, W.to(hs.dtype.element_ty), mask=s_ok)
             if MOMENTUM:
                 tl.store(ss + p_c + s_off, S.to(ss.dtype.element_ty), mask=s_ok)
-            W, S = _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, c, T, BTH, p_qk, p_v, p_g, o_t, o_k,
-                              o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM,
-                              PREC, MODE == 0, True, MODE == 1 and CF, KP)
+            s = 1.0
+            if LQ:  # (the whole [K, V] state in this program)
+                s, _ = lq_scale(W, Q, QEPS)
+                tl.store(sc + i_bh * NT + c, s)
+            W, S = _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t,
+                              o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED,
+                              MOMENTUM, PREC, MODE == 0, True, MODE == 1 and CF, KP, LQ)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -379,18 +393,21 @@ def _gate_grads(deta, dla, dlm, A, dAG, dgL, dbeta, dnL, df, dmL, eta_t, lb, bet
 @triton.jit
 def _bwd_chunk(
     q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd, cf,
-    W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+    W, S, dW, dS, U, Uf, ds_in, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr,
+    LQ: tl.constexpr, Q: tl.constexpr, QEPS: tl.constexpr,
 ):
     """One chunk of the backward with the states on chip. (W, S): its start state; (dW, dS): the gradient of its
     end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk, and the gradient pass on a
     whole V-tile) it also stores dq, dk, dv and the gate partial sums. USE_PRE (the split state pass, no input
     gradients): Xd from ``xd``, U and Uf from the pre-pass (``_bwd_pre_chunk``) instead of computing them; USE_CF
     (only with USE_PRE) the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the predictions' own keys
-    (``_bwd_rows``), whose gradient goes to dkp."""
+    (``_bwd_rows``), whose gradient goes to dkp. LQ (Lq retention, a walk over all of V; kp = s k): the start state's
+    gradient also takes the path through the chunk's read scale s = 1 / nu(W), whose gradient is ds_in (the reads')
+    plus sum dYk . (k W) (the predictions')."""
     if USE_CF:
         t0, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -446,6 +463,10 @@ def _bwd_chunk(
         if MOMENTUM:
             Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
     dW_new = betaL * dW + U + _dot(tl.trans(b_kp), dYk, PREC)
+    if LQ:
+        s, n = lq_scale(W, Q, QEPS)
+        ds = ds_in + tl.sum(tl.sum(b_dkp * b_k.to(tl.float32), axis=1), axis=0)  # (b_dkp = dYk W^T)
+        dW_new += ds * lq_scale_grad(W, s, n, Q)
     if MOMENTUM:
         dS = fL * dW + mL * dS + Uf
     return dW_new, dS
@@ -774,7 +795,7 @@ def _grad_qk_kernel(
 
 @triton.jit
 def _linear_bwd_kernel(
-    q, k, kp, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf,
+    q, k, kp, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf, dsc,
     dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
@@ -782,7 +803,10 @@ def _linear_bwd_kernel(
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
     BVL: tl.constexpr, CF: tl.constexpr, KP: tl.constexpr,
+    LQ: tl.constexpr = False, Q: tl.constexpr = 2.0, QEPS: tl.constexpr = 1e-6,
 ):
+    """LQ (Lq retention; the walks take all of V, kp = s k): dsc [B*H, NT] holds the gradient of each chunk's read
+    scale from the reads (``_bwd_chunk``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
@@ -811,8 +835,9 @@ def _linear_bwd_kernel(
         p_c = p_s * NT + c.to(tl.int64) * K * V
         W, S, dW, dS = _load_states(hs, ss, dhs, dss, p_c, s_off, s_ok, BK, BV, MOMENTUM)
         _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd, cf,
-                   W, S, dW, dS, dW, dS, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
-                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False, KP)
+                   W, S, dW, dS, dW, dS, 0.0, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
+                   H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False, KP,
+                   False, Q, QEPS)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -835,10 +860,13 @@ def _linear_bwd_kernel(
             W = tl.load(hs + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
             if MOMENTUM:
                 S = tl.load(ss + p_c + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            ds_in = 0.0
+            if LQ:
+                ds_in = tl.load(dsc + i_bh * NT + c)
             dW, dS = _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd,
-                                cf, W, S, dW, dS, U, Uf, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok,
-                                v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                                MODE == 0, MODE == 1, MODE == 1 and CF, KP)
+                                cf, W, S, dW, dS, U, Uf, ds_in, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v,
+                                k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
+                                MODE == 0, MODE == 1, MODE == 1 and CF, KP, LQ, Q, QEPS)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
             tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
@@ -846,7 +874,7 @@ def _linear_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
-_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF", "KP"]
+_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF", "KP", "LQ"]
 _BWD_KEY = [*_KEY, "BVL"]
 # 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
 # wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
@@ -864,8 +892,9 @@ _grad_rows_tuned = triton.autotune(
 _grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BKB", "BVL", "MOMENTUM", "KP"])(_grad_qk_kernel)
 
 
-def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
-    """V-tile: the whole (padded) V by default and always for Huber (its switch needs the row norm over all of V).
+def _block_v(V: int, bias: int, state_pass: bool = False, lq: float = 0.0) -> int:
+    """V-tile: the whole (padded) V by default and always for Huber (its switch needs the row norm over all of V)
+    and Lq retention (``lq``: its walks sum |W|^q over the whole state).
 
     ``state_pass``: the tile of the two sequential state passes (MODE 1), at most 64 unless
     ``MIRAS_KERNEL_BV_STATE`` says otherwise: they hold only the state tiles and their parallelism is the number of
@@ -881,7 +910,7 @@ def _block_v(V: int, bias: int, state_pass: bool = False) -> int:
     benchmarks/RESULTS.md). The split kernels get their parallelism from the chunk axis instead.
     """
     full = _tile(V)
-    if bias >= 3:  # (Huber's switch, a LayerNorm head's statistics: whole rows)
+    if bias >= 3 or lq:  # (Huber's switch, a LayerNorm head's statistics: whole rows; Lq's norm: the whole state)
         return full
     env = env_tile("MIRAS_KERNEL_BV")
     tile = min(full, env) if env else full
@@ -1013,12 +1042,14 @@ def _coefficients(cfg: LinearConfig, eta, keep, mu) -> torch.Tensor:
 
 def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, modes: tuple[int, ...] | None = None,
                     kp: torch.Tensor | None = None):
-    """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states). Split: state pass, then outputs per chunk.
-    kp: keys of the predictions y = kp W of their own ([B, T, H, K]; the exact delta rule's, delta.py), else k."""
+    """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states, read scales). Split: state pass, then
+    outputs per chunk. kp: keys of the predictions y = kp W of their own ([B, T, H, K]; the exact delta rule's,
+    delta.py), else k. Lq retention (cfg.lq): the predictions are taken at s W, s = 1 / nu(W) of the chunk start,
+    whose values come back as the read scales [B, H, NT] fp32 (else None); o stays q W_t (``LqScanFunction``)."""
     modes = tuple(m for m in _modes(modes) if m != 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias)
+    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias, lq=cfg.lq)
     NT = triton.cdiv(T, cfg.chunk)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
@@ -1028,31 +1059,39 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
     use_cf = 1 in modes and _coeff_rows()
     cf = _coefficients(cfg, eta, keep, mu) if use_cf else ht
+    sc = torch.empty(B, H, NT, **f32) if cfg.lq else ht
     args = (q, k, kp if kp is not None else k, v, eta, keep if keep is not None else eta,
             mu if mu is not None else eta, delta if delta is not None else eta, h0 if h0 is not None else ht,
-            s0 if s0 is not None else ht, o, hs, ss, ht, st, cf, T, NT, B * T * H)
+            s0 if s0 is not None else ht, o, hs, ss, ht, st, cf, sc, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None)
-    BV_S = _block_v(V, cfg.bias, state_pass=True)
+              HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None,
+              **_lq_constants(cfg))
+    BV_S = _block_v(V, cfg.bias, state_pass=True, lq=cfg.lq)
     for mode in modes:
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode == 2 else (triton.cdiv(V, bv), B * H)
         _launch(_linear_fwd_kernel, _linear_fwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode)
-    return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None)
+    return o, ht, (st if cfg.momentum else None), hs, (ss if cfg.momentum else None), (sc if cfg.lq else None)
+
+
+def _lq_constants(cfg: LinearConfig) -> dict:
+    """The kernels' Lq-retention constexprs (LQ, Q, QEPS)."""
+    return dict(LQ=cfg.lq > 0, Q=cfg.lq or 2.0, QEPS=cfg.lq_eps)
 
 
 def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst,
-                    modes: tuple[int, ...] | None = None, kp: torch.Tensor | None = None):
+                    modes: tuple[int, ...] | None = None, kp: torch.Tensor | None = None, dsc: torch.Tensor | None = None):
     """Backward: gradients of (q, k, v, eta, keep, mu, delta, W_0, S_0, kp (None without)). Split: a parallel
     pre-pass of the terms that do not depend on the state gradient, a reverse pass that stores the end-of-chunk state
-    gradients ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel."""
+    gradients ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel. Lq retention (cfg.lq): kp
+    must be the scaled keys s k, and dsc [B, H, NT] the gradient of the read scales (None: zeros)."""
     modes = _modes(modes)
     split = modes != (0,)
     grad_split = 2 in modes and _grad_split()
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias)
+    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias, lq=cfg.lq)
     NT, NV = triton.cdiv(T, cfg.chunk), triton.cdiv(V, BV)
     NP = 1 if grad_split else NV  # partial sums of dq, dk and the gate gradients: one per V-tile in one kernel
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -1078,19 +1117,24 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     gates = tuple(x if x is not None else eta for x in (keep, mu, delta))
     ss = ss if ss is not None else hs
     kp_ = kp if kp is not None else k
+    if cfg.lq and kp is None:
+        raise ValueError("linear_scan_bwd: Lq retention needs the scaled keys kp = s k of the forward's read scales")
+    dsc = (dsc.contiguous() if dsc is not None else torch.zeros(B, H, NT, **f32)) if cfg.lq else dh0
     args = (q, k, kp_, v, eta, *gates, hs, ss, do,
-            dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf,
+            dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf, dsc,
             dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
-              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None)
-    BV_S = _block_v(V, cfg.bias, state_pass=True)
+              HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None,
+              **_lq_constants(cfg))
+    BV_S = _block_v(V, cfg.bias, state_pass=True, lq=cfg.lq)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         if mode == 2 and grad_split:
             _grad_pass(cfg, q, k, kp, v, eta, *gates, hs, ss, do, dhs, dss, xd, cf, dq, dk, dkp, dv, deta, dla, dlm,
                        ddelta)
             continue
         bv = BV_S if mode == 1 else BV
+
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
         _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
                 BVL=_block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
@@ -1151,7 +1195,7 @@ class LinearScanFunction(torch.autograd.Function):
         if ctx.channel:
             o, ht, st, hs, ss = channel_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
         else:
-            o, ht, st, hs, ss = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0, kp=kp)
+            o, ht, st, hs, ss, _ = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0, kp=kp)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, eta, keep, mu, delta, hs, ss, kp)
         ctx.set_materialize_grads(False)
@@ -1169,3 +1213,38 @@ class LinearScanFunction(torch.autograd.Function):
         else:
             grads = linear_scan_bwd(ctx.cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(), dht, dst, kp=kp)
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
+
+
+class LqScanFunction(torch.autograd.Function):
+    """Lq retention (Moneta, Miras Eq. 24-25) on the linear kernels: (q, k, v, eta, keep, mu, delta, h0, s0) ->
+    (o, A_T, S_T, s) with o_t = q_t A_t (unscaled) and s [B, H, NT] each chunk's read scale 1 / nu(A) of its start
+    state, at which its predictions were taken (W = s A). The caller scales the reads (``kernels._lq_reads``); the
+    gradient of s flows back into the states here (the walks' ``lq_scale_grad``), and the predictions' keys s k
+    get theirs as the kernels' kp."""
+
+    @staticmethod
+    def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0):
+        o, ht, st, hs, ss, sc = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, delta, h0, s0)
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, eta, keep, mu, delta, hs, ss, sc)
+        ctx.set_materialize_grads(False)
+        return o, ht, st, sc
+
+    @staticmethod
+    def backward(ctx, do, dht, dst, dsc):
+        q, k, v, eta, keep, mu, delta, hs, ss, sc = ctx.saved_tensors
+        cfg = ctx.cfg
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+        s_tok = chunk_scales(sc, cfg.chunk, q.shape[1])  # [B, T, H]
+        kp = (k.float() * s_tok[..., None]).to(k.dtype)
+        *grads, dkp = linear_scan_bwd(cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
+                                      None if dht is None else dht.contiguous(),
+                                      None if dst is None else dst.contiguous(), kp=kp, dsc=dsc)
+        grads[1] = (grads[1].float() + dkp.float() * s_tok[..., None]).to(k.dtype)  # dk: k's own roles + s dkp
+        return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
+
+
+def chunk_scales(sc: torch.Tensor, chunk: int, T: int) -> torch.Tensor:
+    """Per-chunk scalars [B, H, NT] as per-token [B, T, H] (token t takes its chunk's)."""
+    return sc.repeat_interleave(chunk, dim=2)[:, :, :T].transpose(1, 2)
