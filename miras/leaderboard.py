@@ -213,8 +213,9 @@ def _int(v: int | float | None) -> str:
 
 
 def _path_mode(path: str | None) -> str:
-    """A memory path without its reason: triton, chunked, sdpa or - (a record from before paths were kept)."""
-    return (path or "-").split(":")[0]
+    """A memory path without its reasons: triton, chunked, pytorch, sdpa (several joined by " + " for a layout that
+    mixes them), or - (a record from before paths were kept)."""
+    return " + ".join(part.split(":")[0] for part in (path or "-").split(" + "))
 
 
 def _shows_paths(lb: Leaderboard) -> bool:
