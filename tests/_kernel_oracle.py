@@ -160,6 +160,29 @@ def run_and_grads(fn, spec, x, cot, **kw):
     return o, final, dict(zip(names, grads))
 
 
+GATE_LEAVES = ("lr", "keep", "momentum", "omega_gamma", "huber_delta")  # leaves of x that memory_scan takes as gates
+
+
+def memory_scan_grads(spec, x: dict[str, torch.Tensor], cot: dict[str, torch.Tensor], dtype, mode: str, device,
+                      low_precision=("q", "k", "v")):
+    """(o, final state, grads of every leaf of x) for one ``miras.ops.memory_scan`` of float64 leaves x cast to
+    ``dtype`` on ``device``: the gates (``GATE_LEAVES``), the state (W*, S*, the omega window's ``window_*``) and the
+    LayerNorm head's ``HEAD_PARAMS`` are picked out of x by name. A 16-bit dtype casts only ``low_precision`` leaves
+    (the rest go in fp32). cot: cotangents of o and of the final-state entries to take (others are left out)."""
+    from miras.ops import memory_scan
+
+    low = dtype in (torch.bfloat16, torch.float16)
+    leaves = {n: t.to(device, dtype if not low or n in low_precision else torch.float32).requires_grad_(True)
+              for n, t in x.items()}
+    gates = {n: leaves[n] for n in GATE_LEAVES if n in leaves}
+    state = {n: t for n, t in leaves.items() if n[0] in "WS" or n.startswith("window_")} or None
+    params = {n: leaves[n] for n in HEAD_PARAMS if n in leaves} or None
+    o, final = memory_scan(spec, leaves["q"], leaves["k"], leaves["v"], gates, state, params=params, mode=mode)
+    final = {n: t for n, t in final.items() if n in cot}
+    loss = (o * cot["o"].to(o)).sum() + sum((final[n] * cot[n].to(final[n])).sum() for n in final)
+    return o, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
 REFERENCE_BOUND = 1e3  # a reference output or state above this means the test case diverged, not that it passed
 
 

@@ -30,7 +30,7 @@ from miras.kernels import kernel_support  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import check_errors, float64_draws  # noqa: E402
+from _kernel_oracle import check_errors, float64_draws, memory_scan_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5 if DEVICE == "cpu" else 1e-4  # fp32 kernels vs float64 (measured 1e-7..3e-7 in the interpreter)
@@ -70,13 +70,7 @@ def lq_inputs(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[str, torch.T
 
 
 def scan_and_grads(spec, x, cot, dtype, mode):
-    leaves = {n: t.to(DEVICE, dtype).requires_grad_(True) for n, t in x.items()}
-    gates = {n: leaves[n] for n in ("lr", "keep", "momentum", "huber_delta", "omega_gamma") if n in leaves}
-    state = {n: t for n, t in leaves.items() if n in ("W1", "S1")} or None
-    o, final = memory_scan(spec, leaves["q"], leaves["k"], leaves["v"], gates, state, mode=mode)
-    final = {n: t for n, t in final.items() if n in ("W1", "S1")}
-    loss = (o * cot["o"].to(o)).sum() + sum((final[n] * cot[n].to(final[n])).sum() for n in final)
-    return o, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return memory_scan_grads(spec, x, cot, dtype, mode, DEVICE)
 
 
 def check_against_oracle(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[str, float]:
@@ -165,6 +159,5 @@ def test_lq_on_cuda():
     cot = {n: torch.randn(*s, generator=g, dtype=torch.float64)
            for n, s in {"o": (B, T, H, D), "W1": (B, H, D, D), "S1": (B, H, D, D)}.items()}
     ref = scan_and_grads(spec, x, cot, torch.float32, "chunked")
-    low = {n: t.to(torch.bfloat16 if n in ("q", "k", "v") else torch.float32) for n, t in x.items()}
-    got = scan_and_grads(spec, low, cot, None, "triton")
+    got = scan_and_grads(spec, x, cot, torch.bfloat16, "triton")
     check_errors(got, ref, 2e-2, label="lq bf16 l2 momentum chunk 64 T1024 D128")

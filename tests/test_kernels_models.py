@@ -44,7 +44,8 @@ def one_step(model, ids):
     ("gated-deltanet", ["d_model=32", "n_heads=2"], 37),  # the online delta rule: WY blocks of 16 (below)
     ("sliding-window-linear-attention", ["d_model=32", "n_heads=2"], 37),  # omega: the window carried across calls
     ("omeganet", ["d_model=32", "n_heads=2", "memory.learner.chunk_size=8"], 21),  # omega on the MLP memory
-    ("titans-lmm", ["memory.memory={kind: linear}", "memory.retention={kind: lq, q: 3.0}"], 21),  # (MIRAS_KERNEL_LQ)
+    ("titans-lmm", ["memory.memory={kind: linear}", "memory.retention={kind: lq, q: 3.0}", "d_model=32", "n_heads=2"],
+     21),  # Lq retention on the linear memory (MIRAS_KERNEL_LQ)
 ], ids=["titans-lmm", "linear-attention", "titans-linear-channel-gate", "gated-deltanet", "swla", "omeganet",
         "titans-linear-lq"])
 def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, monkeypatch):

@@ -25,10 +25,9 @@ from miras.spec import MemorySpec, find_recipe, load_spec  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from miras.kernels import kernel_support, triton_memory_scan  # noqa: E402
-from miras.ops import memory_scan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import check_errors, float64_draws  # noqa: E402
+from _kernel_oracle import check_errors, float64_draws, memory_scan_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -83,16 +82,9 @@ def omega_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, t
 
 
 def scan_and_grads(spec, x: dict[str, torch.Tensor], cot: dict[str, torch.Tensor], dtype, mode: str):
-    """(o, final state, grads of every leaf of x) for one memory_scan in ``dtype`` on DEVICE."""
-    low = dtype in (torch.bfloat16, torch.float16)  # (then only q, k, v and the window in it; gates, states fp32)
-    leaves = {n: t.to(DEVICE, dtype if not low or n in LOW_PRECISION else torch.float32).requires_grad_(True)
-              for n, t in x.items()}
-    gates = {n: leaves[n] for n in ("lr", "keep", "omega_gamma", "huber_delta") if n in leaves}
-    state = {n: t for n, t in leaves.items() if n[0] in "WS" or n.startswith("window_")} or None
-    params = {n: leaves[n] for n in ("norm_weight", "norm_bias") if n in leaves} or None
-    o, final = memory_scan(spec, leaves["q"], leaves["k"], leaves["v"], gates, state, params=params, mode=mode)
-    loss = (o * cot["o"].to(o)).sum() + sum((final[n] * cot[n].to(final[n])).sum() for n in final)
-    return o, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    """(o, final state, grads of every leaf of x) for one memory_scan in ``dtype`` on DEVICE (a 16-bit dtype: only
+    q, k, v and the window in it)."""
+    return memory_scan_grads(spec, x, cot, dtype, mode, DEVICE, LOW_PRECISION)
 
 
 def check_against_oracle(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, float]:

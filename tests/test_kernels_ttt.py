@@ -29,7 +29,7 @@ from miras.kernels import kernel_support  # noqa: E402
 from miras.ops import memory_scan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _kernel_oracle import check_errors, float64_draws  # noqa: E402
+from _kernel_oracle import check_errors, float64_draws, memory_scan_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5 if DEVICE == "cpu" else 1e-4  # fp32 kernels vs float64 (measured 2e-7..1e-6 in the interpreter)
@@ -62,13 +62,7 @@ def ttt_inputs(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[str, torch.
 
 
 def scan_and_grads(spec, x, cot, dtype, mode):
-    leaves = {n: t.to(DEVICE, dtype).requires_grad_(True) for n, t in x.items()}
-    gates = {n: leaves[n] for n in ("lr", "keep", "momentum") if n in leaves}
-    state = {n: t for n, t in leaves.items() if n[0] in "WS"} or None
-    params = {n: leaves[n] for n in ("norm_weight", "norm_bias")}
-    o, final = memory_scan(spec, leaves["q"], leaves["k"], leaves["v"], gates, state, params=params, mode=mode)
-    loss = (o * cot["o"].to(o)).sum() + sum((final[n] * cot[n].to(final[n])).sum() for n in final)
-    return o, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return memory_scan_grads(spec, x, cot, dtype, mode, DEVICE)
 
 
 def check_against_oracle(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[str, float]:
