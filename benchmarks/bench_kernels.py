@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from variants import VARIANTS  # noqa: E402  (benchmarks/ is this script's directory)
 
 from miras.kernels.settings import delta_chunk, temporary_env  # noqa: E402
+from miras.ops_common import required_gates  # noqa: E402
 from miras.spec import MemorySpec  # noqa: E402
 
 FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 64)
@@ -127,7 +128,7 @@ def make(spec, B, T, H, D, device, dtype):
     mlp = spec.memory.kind == "mlp"
     lr_lo, lr_span, keep_lo = (0.002, 0.01, 0.999 if spec.memory.norm else 0.99) if mlp else (0.05, 0.5, 0.9)
     gates = {"lr": lr_lo + lr_span * torch.rand(B, T, H, generator=g)}
-    if spec.retention.kind in ("decay", "lq"):  # (one per key channel with a channel gate)
+    if "keep" in required_gates(spec):  # (one per key channel with a channel gate)
         channels = (D,) if spec.retention.gate.granularity == "channel" else ()
         gates["keep"] = keep_lo + (1 - keep_lo) * torch.rand(B, T, H, *channels, generator=g)
     if spec.learner.kind == "momentum":

@@ -62,15 +62,12 @@ def check_claim(spec, claim: str, T: int = 37) -> str:
     """Run ``spec`` (one layer) with auto mode deciding as on CUDA: "" when the claim holds, else what broke."""
     from miras import ops
     from miras.compiler import build
-    from miras.kernels import shape_gap
 
     spec = spec.model_copy(update={"n_layers": 1})
     kernels: list[int] = []
 
     def as_on_cuda(mem, q, v):
-        mode = ops.resolve_mode(mem, "cuda", q.dtype)
-        if mode == "triton" and shape_gap(mem, *q.shape, v.shape[-1]):
-            mode = "chunked"
+        mode = ops.cuda_mode(mem, q, v)
         kernels.extend([q.shape[1]] if mode == "triton" else [])
         return mode
 

@@ -74,6 +74,12 @@ def resolve_mode(spec: MemorySpec, device: str = "cpu", dtype: torch.dtype = tor
 def _auto_mode(spec: MemorySpec, q: Tensor, v: Tensor) -> str:
     if q.device.type != "cuda" or q.dtype == torch.float64:
         return "chunked"
+    return cuda_mode(spec, q, v)
+
+
+def cuda_mode(spec: MemorySpec, q: Tensor, v: Tensor) -> str:
+    """What auto mode runs for inputs q, v on a CUDA device (whatever device they are on): ``resolve_mode``'s
+    choice, and the chunked path beyond the kernels' shape limits, with a one-time warning naming the reason."""
     mode = resolve_mode(spec, "cuda", q.dtype)
     if mode == "chunked":
         _warn_fallback(kernel_gap(spec))

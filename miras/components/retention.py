@@ -74,9 +74,13 @@ class LqRetention(Retention):
     normalizes: ClassVar[bool] = True
 
     def normalizer(self, A: Tensor) -> Tensor:
-        q = self.spec.q
-        total = A.abs().pow(q).sum((-2, -1), keepdim=True)  # [B, H, 1, 1]
-        return (total + self.spec.eps) ** ((q - 2.0) / q)
+        return lq_normalizer(A, self.spec.q, self.spec.eps)
+
+
+def lq_normalizer(A: Tensor, q: float, eps: float) -> Tensor:
+    """Moneta's ``nu(A) = (sum |A|^q + eps)^((q-2)/q)`` over the last two axes, kept as ``[..., 1, 1]`` (Miras Eq. 24-25)."""
+    total = A.abs().pow(q).sum((-2, -1), keepdim=True)
+    return (total + eps) ** ((q - 2.0) / q)
 
 
 @RETENTION.register("kl")

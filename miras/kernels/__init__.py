@@ -438,10 +438,11 @@ def _lq_reads(cfg, o: torch.Tensor, sc: torch.Tensor, ht: torch.Tensor) -> torch
     the state is the accumulator A, and token t reads s q_t A_t, s = 1 / nu(A) = (sum |A|^q + eps)^(-(q-2)/q) of its
     chunk's start state, but the last token of a full chunk that of the end state (the next chunk's, or the call's
     final one), as the chunked path does (ops_chunked.py)."""
+    from miras.components.retention import lq_normalizer
     from miras.kernels.linear import chunk_scales
 
     T = o.shape[1]
-    s_end = (ht.abs().pow(cfg.lq).sum((-2, -1)) + cfg.lq_eps) ** (-(cfg.lq - 2.0) / cfg.lq)  # [B, H]
+    s_end = 1.0 / lq_normalizer(ht, cfg.lq, cfg.lq_eps)[..., 0, 0]  # [B, H]
     after = torch.cat([sc[..., 1:], s_end[..., None]], -1)  # the scale after each chunk
     last = (torch.arange(T, device=o.device) % cfg.chunk == cfg.chunk - 1)[None, :, None]  # (of full chunks only)
     scale = torch.where(last, chunk_scales(after, cfg.chunk, T), chunk_scales(sc, cfg.chunk, T))  # [B, T, H]

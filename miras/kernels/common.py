@@ -258,19 +258,24 @@ def gate_coeffs_t(eta_t, lb, lm, o_t, MOMENTUM: tl.constexpr, PREC: tl.constexpr
 
 
 @triton.jit
+def _abs_pow(W, E: tl.constexpr):
+    """|W|^E elementwise (0 where W = 0) for a real exponent E > 0."""
+    a = tl.abs(W)
+    return tl.where(a > 0, tl.exp(E * tl.log(tl.maximum(a, 1e-30))), 0.0)
+
+
+@triton.jit
 def lq_scale(W, Q: tl.constexpr, QEPS: tl.constexpr):
     """Lq retention's read scale of a whole [K, V] state block A (Moneta, Miras Eq. 24-25): W = s A with
     s = 1 / nu(A) = (sum |A|^q + eps)^(-(q-2)/q). Returns (s, sum |A|^q + eps)."""
-    a = tl.abs(W)
-    n = tl.sum(tl.sum(tl.where(a > 0, tl.exp(Q * tl.log(tl.maximum(a, 1e-30))), 0.0), axis=1), axis=0) + QEPS
+    n = tl.sum(tl.sum(_abs_pow(W, Q), axis=1), axis=0) + QEPS
     return tl.exp(-(Q - 2.0) / Q * tl.log(n)), n
 
 
 @triton.jit
 def lq_scale_grad(W, s, n, Q: tl.constexpr):
     """ds / dA of ``lq_scale`` elementwise: -(q-2) s / n sign(A) |A|^(q-1)."""
-    a = tl.abs(W)
-    pw = tl.where(a > 0, tl.exp((Q - 1.0) * tl.log(tl.maximum(a, 1e-30))), 0.0)
+    pw = _abs_pow(W, Q - 1.0)
     return tl.where(W < 0, -pw, pw) * (-(Q - 2.0) * s / n)
 
 

@@ -1134,7 +1134,6 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
                        ddelta)
             continue
         bv = BV_S if mode == 1 else BV
-
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
         _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
                 BVL=_block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
