@@ -142,6 +142,9 @@ def test_lq_kernel_support(monkeypatch):
     monkeypatch.delenv("MIRAS_KERNEL_LQ")
     ok, why = kernel_support(lq_spec())
     assert not ok and "MIRAS_KERNEL_LQ=1" in why and "chunked" in why
+    monkeypatch.setenv("MIRAS_KERNEL_LQ", "maybe")
+    with pytest.raises(ValueError, match=r"MIRAS_KERNEL_LQ must be one of 1, true, yes, 0, false, no.*'maybe'"):
+        kernel_support(lq_spec())
 
 
 @pytest.mark.gpu
