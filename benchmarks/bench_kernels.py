@@ -62,6 +62,10 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     # Moneta's Lq retention (q = 4) on the linear memory: the titans row's work plus each chunk's read scale from
     # the whole state (the walks take all of V; linear.LqScanFunction)
     "lq4 (l2+lq+momentum)": dict(bias="l2", retention={"kind": "lq", "q": 4.0}, learner={"kind": "momentum"}),
+    # DGD (Nested Learning Eq. 57: the key projector token by token, the L2 rows at the chunk start) on a linear
+    # memory: the delta rule's WY blocks at the bench chunk with DGD's key weights (ops_delta.dgd_point), then the
+    # linear kernels; "delta-gd" above is the same chunk without the projector
+    "dgd (l2+decay, key projector)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "dgd"}),
     # TTT-Linear's memory x + LN(x W) w + b at fla's chunk 16: the linear kernels with their LayerNorm-head rows
     # (common.ln_rows); fla's chunk_ttt_linear computes the same recurrence (with an inner bias vector besides W)
     "ttt-linear (x + LN(xW), l2+gd, chunk 16)": dict(
@@ -70,8 +74,9 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
 }
 
 
-FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the online delta rule's, TTT-Linear's, Lq's)
+FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the delta rule's and DGD's, TTT-Linear's, Lq's)
     "gated deltanet (chunk 1: l2+decay+gd)": {"MIRAS_KERNEL_DELTA": "1"},
+    "dgd (l2+decay, key projector)": {"MIRAS_KERNEL_DELTA": "1"},
     "ttt-linear (x + LN(xW), l2+gd, chunk 16)": {"MIRAS_KERNEL_TTT": "1"},
     "lq4 (l2+lq+momentum)": {"MIRAS_KERNEL_LQ": "1"},
 }

@@ -48,6 +48,28 @@ def exact_delta_applies(spec: MemorySpec, p: Prepared) -> bool:
     return is_delta_rule(spec) and (p.keep is None or p.keep.shape[-1] == 1)
 
 
+def dgd_point(spec: MemorySpec) -> int | None:
+    r"""DGD with its key projector on a linear memory (NL Eq. 57) as WY blocks of ``learner.chunk_size`` tokens: the
+    ``point`` of ``wy_solve``, or None where the rule is not one (an MLP memory, ``mlp_form: none``, a bias whose
+    rows are not affine in the state, retention other than none / decay).
+
+    Per token A_t = alpha_t A_{t-1} + k_t^T u_t with u_t = -eta_t (k_t A_{t-1} + R_t), R_t the bias row at the
+    chunk's gradient point: -v_t (dot), k_t A_0 - v_t (L2, grad_at previous), e^{c_t} k_t A_0 - v_t (L2, decayed).
+    The projector's k_t A_{t-1} gives the delta rule's triangular system with d_t = c_{t-1}, and R is affine in A_0:
+
+        (I + L) U = diag(eta) V - diag(eta w) K A_0,   w = e^d (dot: point 0), e^d + 1 (point 1), e^d + e^c (point 2)
+
+    so a DGD chunk writes U = U_v - W_k A_0 as the delta rule's block does (with a dot bias it is the delta rule)."""
+    learner, ret = spec.learner, spec.retention
+    if learner.kind != "dgd" or learner.mlp_form != "first_layer" or spec.memory.kind != "linear":
+        return None
+    if spec.bias.kind not in ("dot", "l2") or ret.kind not in ("none", "decay"):
+        return None
+    if spec.bias.kind == "dot":
+        return 0
+    return 2 if ret.kind == "decay" and ret.grad_at == "decayed" else 1
+
+
 def block_decays(log_a: Tensor, decayed: bool) -> tuple[Tensor, Tensor]:
     """(c, d) of blocks from the log keep gates ``[..., n]``: c_t = sum_{s<=t} log alpha_s, and the gradient point's
     d_t = c_t (grad_at decayed) or c_{t-1} (previous)."""
@@ -61,18 +83,21 @@ def masked_decay(rows: Tensor, c: Tensor, mask: Tensor) -> Tensor:
     return torch.exp((rows[..., :, None] - c[..., None, :]).masked_fill(~mask, float("-inf")))
 
 
-def wy_solve(kb: Tensor, vb: Tensor, eta: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+def wy_solve(kb: Tensor, vb: Tensor, eta: Tensor, c: Tensor, d: Tensor, point: int = 0) -> tuple[Tensor, Tensor]:
     """The WY form of blocks of n tokens (leading dims batch the blocks): ``(U_v, W_k)`` with
 
-        (I + L) [U_v | W_k] = [diag(eta) V | diag(eta e^d) K],   L[j, i] = eta_j e^{d_j - c_i} (k_j . k_i)   (i < j)
+        (I + L) [U_v | W_k] = [diag(eta) V | diag(eta w) K],   L[j, i] = eta_j e^{d_j - c_i} (k_j . k_i)   (i < j)
 
     so that a block with start state A_0 writes ``U = U_v - W_k A_0`` (Yang et al. 2024, arXiv:2406.06484, §3).
+    The key weights are w = e^d (``point`` 0: the delta rule) or, for DGD's L2 rows taken at the block start, w = e^d
+    + 1 (``point`` 1) or e^d + e^c (``point`` 2: at the decayed block start; ``dgd_point``).
     kb ``[..., n, K]``, vb ``[..., n, V]``; eta, c, d ``[..., n]``."""
     n = kb.shape[-2]
     strict = torch.ones(n, n, dtype=torch.bool, device=kb.device).tril(-1)
     L = eta[..., :, None] * masked_decay(d, c, strict) * (kb @ kb.transpose(-1, -2))
     eye = torch.eye(n, dtype=kb.dtype, device=kb.device)
-    rhs = torch.cat([eta[..., None] * vb, (eta * torch.exp(d))[..., None] * kb], dim=-1)  # [eta V | eta e^d K]
+    w = torch.exp(d) + (0.0, 1.0, torch.exp(c))[point]
+    rhs = torch.cat([eta[..., None] * vb, (eta * w)[..., None] * kb], dim=-1)  # [eta V | eta w K]
     sol = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
     return sol[..., : vb.shape[-1]], sol[..., vb.shape[-1] :]
 

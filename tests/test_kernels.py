@@ -582,6 +582,44 @@ def test_online_delta_rule(ret, grad_at, T, D, init, monkeypatch):
     check_against_oracle(spec, B=2, T=T, H=2, K=D, V=D, init_state=init)
 
 
+# DGD with its key projector on a linear memory (Nested Learning Eq. 57): the same WY blocks at learner.chunk_size
+DGD_CASES = [  # (bias, retention, grad_at, T, D, chunk, initial state)
+    ("l2", "none", "previous", 1, 16, 8, True), ("l2", "decay", "previous", 63, 24, 16, False),
+    ("l2", "decay", "decayed", 100, 16, 16, True), ("dot", "decay", "decayed", 21, 24, 8, False),
+]
+
+
+@pytest.mark.parametrize("bias,ret,grad_at,T,D,chunk,init", DGD_CASES, ids=["-".join(map(str, c)) for c in DGD_CASES])
+def test_dgd_on_the_wy_blocks(bias, ret, grad_at, T, D, chunk, init, monkeypatch):
+    """DGD's outputs, final state and the gradients of q, k, v, lr, keep and the initial state against the float64
+    token-by-token oracle (miras.ops_ext): the projector acts token by token, the bias rows at the chunk start."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")
+    spec = make_spec(bias, ret, "dgd", grad_at, chunk=chunk)
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=2, T=T, H=2, K=D, V=D, init_state=init)
+
+
+def test_dgd_without_its_projector_is_gd_on_the_linear_kernels():
+    """``mlp_form: none`` turns DGD's projector off: plain GD, which the linear kernels run for every bias."""
+    spec = make_spec("huber", "decay", "dgd", chunk=8)
+    spec = spec.model_copy(update={"learner": spec.learner.model_copy(update={"mlp_form": "none"})})
+    assert kernel_support(spec) == (True, "")
+    check_against_oracle(spec, B=1, T=21, H=2, K=16, V=24)
+
+
+def test_dgd_names_what_has_no_kernel(monkeypatch):
+    """Every DGD combination without a kernel names its missing piece (and the switch that is still off)."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")
+    assert "only 'dot', 'l2'" in kernel_support(make_spec("lp", "decay", "dgd"))[1]
+    channel = MemorySpec(memory="linear", bias="l2", learner={"kind": "dgd"},
+                         retention={"kind": "decay", "gate": {"granularity": "channel"}})
+    assert "a channel-wise keep gate" in kernel_support(channel)[1]
+    mlp = MemorySpec(memory={"kind": "mlp", "depth": 2}, bias="l2", learner={"kind": "dgd"})
+    assert "on memory.kind='mlp' (only 'linear')" in kernel_support(mlp)[1]
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "0")
+    assert "MIRAS_KERNEL_DELTA=1 turns them on" in kernel_support(make_spec("l2", "decay", "dgd"))[1]
+
+
 DELTA_SETTINGS = {  # the block size, the WY blocks in PyTorch, and the linear kernels' other launch layouts
     "block7": {"MIRAS_KERNEL_DELTA_CHUNK": "7"},
     "torch-wy": {"MIRAS_KERNEL_DELTA_WY": "torch"},
@@ -604,20 +642,22 @@ def test_online_delta_rule_in_every_kernel_layout(setting, monkeypatch):
     check_against_oracle(make_spec("l2", "decay", "gd", "decayed", chunk=1), B=1, T=40, H=2, K=16, V=40)
 
 
-WY_CASES = [  # (B, T, H, K, V, block, decayed, keep, near-parallel keys with eta = 1)
-    (2, 37, 2, 16, 24, 16, True, True, False), (1, 100, 2, 24, 16, 16, False, True, False),
-    (1, 20, 1, 16, 16, 7, False, False, False), (1, 64, 1, 16, 40, 64, True, True, False),
-    (1, 70, 1, 16, 16, 32, False, True, False), (1, 100, 1, 16, 16, 64, True, True, True),
+WY_CASES = [  # (B, T, H, K, V, block, decayed, keep, near-parallel keys with eta = 1, point)
+    (2, 37, 2, 16, 24, 16, True, True, False, 0), (1, 100, 2, 24, 16, 16, False, True, False, 0),
+    (1, 20, 1, 16, 16, 7, False, False, False, 0), (1, 64, 1, 16, 40, 64, True, True, False, 0),
+    (1, 70, 1, 16, 16, 32, False, True, False, 0), (1, 100, 1, 16, 16, 64, True, True, True, 0),
+    (1, 37, 2, 16, 24, 16, False, True, False, 1), (1, 37, 2, 24, 16, 8, False, True, False, 2),
 ]
 
 
-@pytest.mark.parametrize("B,T,H,K,V,block,decayed,keep,parallel", WY_CASES,
-                         ids=[f"T{c[1]}-block{c[5]}{'-parallel-keys' if c[8] else ''}" for c in WY_CASES])
-def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, keep, parallel):
+@pytest.mark.parametrize("B,T,H,K,V,block,decayed,keep,parallel,point", WY_CASES,
+                         ids=[f"T{c[1]}-block{c[5]}{'-parallel-keys' if c[8] else ''}-point{c[9]}" for c in WY_CASES])
+def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, keep, parallel, point):
     """The WY blocks' kernels (delta._wy_fwd_kernel, _wy_bwd_kernel) against PyTorch's batched triangular solves and
     autograd in float64 (ops_delta.wy_solve): W_k, U_v and the gradients of k, v, eta and the keep gate. Blocks of
-    16 rows or fewer (one diagonal block of the inverse), 32 and 64 (two and four: its nilpotent series), and keys
-    all near one direction with eta = 1, where (I + L)'s off-diagonal entries are near 1 (measured <= 5e-6)."""
+    16 rows or fewer (one diagonal block of the inverse), 32 and 64 (two and four: its nilpotent series), keys
+    all near one direction with eta = 1, where (I + L)'s off-diagonal entries are near 1 (measured <= 5e-6), and
+    DGD's key weights e^d + 1 and e^d + e^c (points 1, 2)."""
     from miras.kernels.delta import WYFunction, _blocks, _tokens
     from miras.ops_delta import block_decays, wy_solve
 
@@ -631,13 +671,13 @@ def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, 
         x["keep"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
     cot = (torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g))
     x = {n: t.requires_grad_(True) for n, t in x.items()}
-    W, U = WYFunction.apply(block, decayed, x["k"], x["v"], x["eta"], x.get("keep"))
+    W, U = WYFunction.apply(block, decayed, point, x["k"], x["v"], x["eta"], x.get("keep"))
     grads = torch.autograd.grad((W * cot[0]).sum() + (U * cot[1]).sum(), list(x.values()))
     x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
     eta = _blocks(x64["eta"], block).double()
     log_a = _blocks(torch.log(x64["keep"]), block).double() if keep else torch.zeros_like(eta)
     U2, W2 = wy_solve(_blocks(x64["k"], block).double(), _blocks(x64["v"], block).double(), eta,
-                      *block_decays(log_a, decayed))
+                      *block_decays(log_a, decayed), point)
     W2, U2 = _tokens(W2, T), _tokens(U2, T)
     grads2 = torch.autograd.grad((W2 * cot[0].double()).sum() + (U2 * cot[1].double()).sum(), list(x64.values()))
     errs = {"W_k": rel(W, W2), "U_v": rel(U, U2), **{f"d{n}": rel(a, b) for n, a, b in zip(x, grads, grads2)}}
@@ -646,7 +686,7 @@ def test_wy_kernels_vs_float64_triangular_solves(B, T, H, K, V, block, decayed, 
 
 def test_online_delta_rule_runs_the_wy_blocks(monkeypatch):
     """The delta rule reaches the kernels as WY blocks (chunk = MIRAS_KERNEL_DELTA_CHUNK, prediction keys given,
-    learning rate 1, gradient at the chunk start), not as the linear kernels at chunk 1."""
+    learning rate 1, gradient at the chunk start), not as the linear kernels at chunk 1; DGD in blocks of its chunk."""
     from miras.kernels import linear
 
     monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")
@@ -661,3 +701,5 @@ def test_online_delta_rule_runs_the_wy_blocks(monkeypatch):
     monkeypatch.setattr(linear.LinearScanFunction, "apply", spy)
     check_against_oracle(make_spec("l2", "decay", "gd", "decayed", chunk=1), B=1, T=20, H=1, K=16, V=16)
     assert seen == [(8, False, True, True)]
+    check_against_oracle(make_spec("dot", "decay", "dgd", "decayed", chunk=4), B=1, T=10, H=1, K=16, V=16)
+    assert seen[1:] == [(4, False, True, True)]  # DGD: blocks of its own chunk size

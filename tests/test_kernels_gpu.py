@@ -160,6 +160,19 @@ def test_online_delta_rule_vs_float64_oracle(dtype, tol, ret, grad_at, monkeypat
     _check(spec, x, B, T, H, D, tol, oracle_scan, label=f"delta rule {ret}-{grad_at} {dtype}")
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grad_at,chunk", [("decayed", 16), ("previous", 64)])
+def test_dgd_vs_float64_oracle(dtype, tol, grad_at, chunk, monkeypatch):
+    """DGD with its key projector (Nested Learning Eq. 57) on a linear memory with the L2 bias: the delta rule's WY
+    blocks at its chunk size with DGD's key weights (ops_delta.dgd_point), D=128, T=200, against the float64
+    token-by-token oracle (miras.ops_ext; bf16: on the same rounded inputs)."""
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")  # (opt-in until this test has passed on a GPU)
+    B, T, H, D = 1, 200, 2, 128
+    spec = make_spec("l2", "decay", "dgd", grad_at, chunk)
+    x = make_inputs(spec, B, T, H, D, D, seed=11, device="cuda", dtype=dtype)
+    _check(spec, x, B, T, H, D, tol, reference_scan, label=f"dgd {grad_at} chunk {chunk} {dtype}")
+
+
 def test_auto_mode_falls_back_beyond_the_kernels_shape_limits():
     """mode="auto" on CUDA with head dims above the kernels' 256 takes the chunked path with a warning that names
     the limit (miras.kernels.shape_gap), instead of failing in the kernels; the result is the chunked path's."""

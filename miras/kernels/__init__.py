@@ -22,8 +22,9 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
 - ``MIRAS_KERNEL_CONFIG=warps,stages[,maxnreg]``: a fixed launch config instead of autotuning on GPU;
   ``MIRAS_KERNEL_GRAD_CONFIG``: the same for the backward's gradient pass alone.
 - ``MIRAS_KERNEL_DELTA=1``: the online delta rule (``learner.chunk_size: 1``, l2, gd: DeltaNet, Gated DeltaNet)
-  on the kernels (miras/kernels/delta.py; default off until its GPU tests have run: the chunked path's blocked
-  solver runs it); ``MIRAS_KERNEL_DELTA_CHUNK``: its tokens per WY block, which is also the kernels' chunk there
+  and DGD with its key projector on a linear memory (dot or l2 bias, retention none or a head keep gate) on the
+  kernels, in WY blocks (miras/kernels/delta.py; default off until their GPU tests have run: the chunked path runs
+  them); ``MIRAS_KERNEL_DELTA_CHUNK``: its tokens per WY block, which is also the kernels' chunk there
   (1..64, default 64);
   ``MIRAS_KERNEL_DELTA_WY``: where its WY blocks are formed (``triton``, the default: kernels of their own; ``torch``:
   PyTorch's batched triangular solves and autograd, the chunked path's ``ops_delta.wy_solve``).
@@ -180,6 +181,35 @@ def _delta_rule(spec) -> bool:
     return is_delta_rule(spec) and not _channel_gate(spec)
 
 
+def _dgd_blocks(spec) -> bool:
+    """Whether the spec is DGD with its key projector on a linear memory with a dot or L2 bias and a head keep gate or
+    none: the WY blocks of delta.py at ``learner.chunk_size`` (``ops_delta.dgd_point``)."""
+    from miras.ops_delta import dgd_point
+
+    return dgd_point(spec) is not None and not _channel_gate(spec)
+
+
+def _dgd_gap(spec) -> str:
+    """Why DGD has no kernel for this spec, or "" (then: its WY blocks, or plain GD where it has no projector)."""
+    mem, bias, ret = spec.memory, spec.bias, spec.retention
+    if mem.kind != "linear":
+        return (f"no Triton kernel for learner.kind='dgd' on memory.kind={mem.kind!r} (only 'linear'); the chunked "
+                "PyTorch path runs it")
+    if spec.learner.mlp_form == "none":  # no projector: plain GD
+        return ""
+    if bias.kind not in ("dot", "l2"):
+        return (f"no Triton kernel for learner.kind='dgd' with bias.kind={bias.kind!r} (only 'dot', 'l2': rows "
+                "affine in the state); the chunked PyTorch path runs it")
+    if ret.kind not in ("none", "decay") or _channel_gate(spec):
+        kind = "a channel-wise keep gate" if _channel_gate(spec) else f"retention.kind={ret.kind!r}"
+        return (f"no Triton kernel for learner.kind='dgd' with {kind} (only retention none or a scalar / head keep "
+                "gate); the chunked PyTorch path runs it")
+    if not delta_kernels_on():
+        return ("the Triton kernels of DGD (learner.kind='dgd', the delta rule's WY blocks) are off until they pass "
+                "their GPU tests (MIRAS_KERNEL_DELTA=1 turns them on); the chunked PyTorch path runs it")
+    return ""
+
+
 def delta_kernels_on() -> bool:
     """Whether the online delta rule takes the kernels (miras/kernels/delta.py): ``MIRAS_KERNEL_DELTA=1``. Off by
     default until its GPU tests have passed on a GPU (they match the float64 oracle in the interpreter), as the MLP
@@ -205,6 +235,9 @@ def kernel_support(spec) -> tuple[bool, str]:
     ``MIRAS_KERNEL_LQ=1``)} x learner {gd, momentum},
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
     ``settings.delta_chunk()`` tokens, miras/kernels/delta.py, with ``MIRAS_KERNEL_DELTA=1``), triton >= 3.0.
+    DGD on a linear memory: with ``mlp_form: none`` it is GD; with its key projector, a dot or l2 bias and
+    retention none or a scalar / head keep gate it runs in the delta rule's WY blocks at its chunk size (with
+    ``MIRAS_KERNEL_DELTA=1``).
     The omega bias around any of those inner biases with the gd learner and ``window * chunk_size <= 64`` runs on
     the inner bias' kernels, its window written as sub-tokens (miras/kernels/omega.py). A depth-1 MLP memory with a
     LayerNorm head (TTT-Linear's x + LN(x W) w + b) with dot, l2 or lp runs on the linear kernels with their
@@ -256,8 +289,12 @@ def kernel_support(spec) -> tuple[bool, str]:
     if _channel_gate(spec) and mem.kind != "linear":
         return False, "no Triton kernel for a channel-wise retention gate (retention.gate.granularity='channel') on " \
                       f"memory.kind={mem.kind!r} (only 'linear')"
-    if learner.kind not in ("gd", "momentum"):
-        return False, f"no Triton kernel for learner.kind={learner.kind!r}; kernels cover gd, momentum"
+    if learner.kind == "dgd":
+        why = _dgd_gap(spec)
+        if why:
+            return False, why
+    elif learner.kind not in ("gd", "momentum"):
+        return False, f"no Triton kernel for learner.kind={learner.kind!r}; kernels cover gd, momentum, dgd"
     if learner.chunk_size > MAX_CHUNK:
         return False, f"learner.chunk_size must be at most {MAX_CHUNK} for the Triton kernels, but got " \
                       f"chunk_size={learner.chunk_size}"
@@ -404,7 +441,7 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return _ttt_scan(spec, q, k, v, gates, state, params)
     if spec.memory.kind == "mlp":
         return _mlp_scan(spec, q, k, v, gates, state, params)
-    if _delta_rule(spec):
+    if _delta_rule(spec) or _dgd_blocks(spec):
         from miras.kernels.delta import delta_scan
 
         eta, keep, _, _ = _kernel_gates(spec, gates, B, T, H, K)
