@@ -353,8 +353,10 @@ def _channel_gate(spec) -> bool:
 def _kernel_gates(spec, gates: dict, B: int, T: int, H: int, K: int) -> tuple[torch.Tensor, ...]:
     """(eta, keep, mu, delta) as contiguous fp32 [B, T, H] (None where the spec has no such gate); a channel-wise
     keep as [B, T, H, K]."""
+    from miras.ops_common import required_gates
+
     eta = _gate(gates, "lr", B, T, H)
-    if spec.retention.kind not in ("decay", "lq"):  # (both have the keep gate alpha_t)
+    if "keep" not in required_gates(spec):
         keep = None
     elif _channel_gate(spec):
         keep = _channel_keep(gates, B, T, H, K)

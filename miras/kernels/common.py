@@ -62,8 +62,10 @@ class RuleConfig:
     @staticmethod
     def choices(spec) -> dict:
         """The fields above from a MemorySpec."""
+        from miras.ops_common import required_gates
+
         bias, ret, learner = spec.bias, spec.retention, spec.learner
-        gated = ret.kind in ("decay", "lq")  # (the keep gate alpha_t of both: A_t = alpha_t A_{t-1} + update)
+        gated = "keep" in required_gates(spec)  # the keep gate alpha_t: A_t = alpha_t A_{t-1} + update
         return dict(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
                     smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
                     has_keep=gated, decayed=gated and ret.grad_at == "decayed", momentum=learner.kind == "momentum",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from miras.kernels import _channel_gate, _channel_keep, _gate
+from miras.ops_common import required_gates
 
 __all__ = ["omega_inner_spec", "omega_scan", "omega_support"]
 
@@ -82,7 +83,7 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
     gammas = _windows(gate("omega_gamma"), carried("window_gamma"), c)[..., 0]  # [B, T, c, H] (gates in fp32)
     qs = torch.cat([q.new_zeros(B, T, c - 1, *q.shape[2:]), q[:, :, None]], 2)
     sub_gates = {"lr": _sub(gate("lr")[..., 0][:, :, None] * gammas)}
-    if spec.retention.kind in ("decay", "lq"):  # alpha_t on the window's first sub-token, 1 on the others
+    if "keep" in required_gates(spec):  # alpha_t on the window's first sub-token, 1 on the others
         K = k.shape[-1]
         keep = _channel_keep(gates, B, T, H, K) if _channel_gate(spec) else gate("keep")
         keep = keep[:, :, None]
