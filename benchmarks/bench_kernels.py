@@ -66,6 +66,10 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
     # memory: the delta rule's WY blocks at the bench chunk with DGD's key weights (ops_delta.dgd_point), then the
     # linear kernels; "delta-gd" above is the same chunk without the projector
     "dgd (l2+decay, key projector)": dict(bias="l2", retention={"kind": "decay"}, learner={"kind": "dgd"}),
+    # the lag-token retentions on the linear memory (Miras Eq. 30: each chunk's first token steps non-linearly):
+    # elastic net's soft threshold and Memora's KL softmax (all of V per program), on the titans row's work with gd
+    "lag elastic (l2+elastic+gd)": dict(bias="l2", retention={"kind": "elastic"}, learner={"kind": "gd"}),
+    "lag kl (l2+kl+gd)": dict(bias="l2", retention={"kind": "kl"}, learner={"kind": "gd"}),
     # TTT-Linear's memory x + LN(x W) w + b at fla's chunk 16: the linear kernels with their LayerNorm-head rows
     # (common.ln_rows); fla's chunk_ttt_linear computes the same recurrence (with an inner bias vector besides W)
     "ttt-linear (x + LN(xW), l2+gd, chunk 16)": dict(
@@ -74,9 +78,12 @@ FAMILIES = {  # name -> MemorySpec overrides (linear memory unless given; chunk 
 }
 
 
-FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the delta rule's and DGD's, TTT-Linear's, Lq's)
+FAMILY_ENV = {  # settings a family's kernels need (opt-in until GPU-tested: the delta rule's and DGD's, TTT-Linear's,
+    # Lq's, KL / elastic's)
     "gated deltanet (chunk 1: l2+decay+gd)": {"MIRAS_KERNEL_DELTA": "1"},
     "dgd (l2+decay, key projector)": {"MIRAS_KERNEL_DELTA": "1"},
+    "lag elastic (l2+elastic+gd)": {"MIRAS_KERNEL_LAG": "1"},
+    "lag kl (l2+kl+gd)": {"MIRAS_KERNEL_LAG": "1"},
     "ttt-linear (x + LN(xW), l2+gd, chunk 16)": {"MIRAS_KERNEL_TTT": "1"},
     "lq4 (l2+lq+momentum)": {"MIRAS_KERNEL_LQ": "1"},
 }
@@ -158,7 +165,10 @@ def init_state(spec, H, D, device) -> dict | None:
 
 
 def head_params(spec, H, D, device) -> dict | None:
-    """The LayerNorm head's weight and bias (fp32 [H, D], around 1 and 0) for an MLP memory with ``norm``."""
+    """The memory's parameters: the LayerNorm head's weight and bias (fp32 [H, D], around 1 and 0) for an MLP memory
+    with ``norm``, elastic-net retention's thresholds [H] (its spec's initial value)."""
+    if spec.retention.kind == "elastic":
+        return {"threshold": torch.full((H,), spec.retention.threshold, device=device)}
     if not (spec.memory.kind == "mlp" and spec.memory.norm):
         return None
     g = torch.Generator(device="cpu").manual_seed(2)

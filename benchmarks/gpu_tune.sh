@@ -137,12 +137,12 @@ echo "== phase 5: with the time left, the channel keep gate, the delta rule, ome
 if [ "$(left)" -gt 90 ]; then
   if [ -z "${GPU_CHECK_CPU:-}" ]; then
     timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_omega.py \
-      tests/test_kernels_ttt.py tests/test_kernels_lq.py -q -s -p no:cacheprovider -m gpu \
-      -k "channel or shape_limits or delta_rule or dgd or omega or ttt or lq" \
+      tests/test_kernels_ttt.py tests/test_kernels_lq.py tests/test_kernels_lag.py -q -s -p no:cacheprovider -m gpu \
+      -k "channel or shape_limits or delta_rule or dgd or omega or ttt or lq or lag" \
       > "$OUTDIR/channel_tests.log" 2>&1
-    grep -E "^(channel|delta|dgd|omega|ttt|lq)|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
+    grep -E "^(channel|delta|dgd|omega|ttt|lq|lag)|passed|failed|^FAILED|^E  " "$OUTDIR/channel_tests.log" | cut -c1-300
   fi
-  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla,deltanet,dgd,omega,ttt,lq4 --references gla,gated_delta,ttt \
+  timeout "$(cap 150)" python3 benchmarks/bench_kernels.py --families gla,deltanet,dgd,omega,ttt,lq4,lag --references gla,gated_delta,ttt \
     --no-chunked $TINY \
     --variants chanfused,deltatorch \
     --table "$OUTDIR/gla_table.txt" > "$OUTDIR/gla.log" 2>&1

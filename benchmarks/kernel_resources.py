@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--decayed", action="store_true", help="gradient at the decayed state (grad_at decayed)")
     ap.add_argument("--lq", type=float, default=0.0, metavar="Q",
                     help="Lq retention with this q (fwd / bwd walks: --mode 1 or 0; they need --bv = the head dim)")
+    ap.add_argument("--lag", type=int, default=0, choices=[0, 1, 2],
+                    help="a lag-token retention: 1 elastic net, 2 KL (fwd / bwd; KL needs --bv = the head dim)")
     ap.add_argument("--no-keep", action="store_true", help="no retention gate")
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     ap.add_argument("--bvl", type=int, default=0, help="gradient pass: V sub-block (default: the whole tile)")
@@ -79,7 +81,7 @@ def main() -> None:
                   BIAS=a.bias, P=2.0, SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed,
                   MOMENTUM=a.momentum, PREC=a.prec, MODE=a.mode, CF=not a.no_cf, KP=a.kp)
     if a.which in ("fwd", "bwd"):
-        consts.update(LQ=a.lq > 0, Q=a.lq or 2.0, QEPS=1e-6)
+        consts.update(LQ=a.lq > 0, Q=a.lq or 2.0, QEPS=1e-6, LAG=a.lag, SCALE=1.0)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)
@@ -125,7 +127,7 @@ def main() -> None:
     out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     usage = " ".join(line.strip() for line in out.splitlines() if "REG" in line)
     print(f"{a.which} mode={a.mode} prec={a.prec} warps={a.warps} stages={a.stages} BV={a.bv} D={a.d} bias={a.bias} "
-          f"momentum={a.momentum} kp={a.kp} BVL={consts.get('BVL', '-')}: compile {dt:.1f}s, "
+          f"momentum={a.momentum} kp={a.kp} lag={a.lag} BVL={consts.get('BVL', '-')}: compile {dt:.1f}s, "
           f"shared {kern.metadata.shared / 1024:.0f} KB | {usage}")
     if a.sass:
         sass_profile(f.name)

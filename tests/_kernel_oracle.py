@@ -146,13 +146,14 @@ def split(spec, x):
 
 
 HEAD_PARAMS = ("norm_weight", "norm_bias")  # an MLP memory's LayerNorm head: leaves of x passed as ``params``
+MEMORY_PARAMS = (*HEAD_PARAMS, "threshold")  # (and elastic-net retention's thresholds per head)
 
 
 def run_and_grads(fn, spec, x, cot, **kw):
     """(outputs, final state, grads of every input) for one scan; cot = cotangents of o and the final state. x may
-    hold the LayerNorm head's parameters (``HEAD_PARAMS``): they go to fn as ``params``, and get their grads too."""
+    hold the memory's parameters (``MEMORY_PARAMS``): they go to fn as ``params``, and get their grads too."""
     q, k, v, gates, state = split(spec, x)
-    params = {n: x[n] for n in HEAD_PARAMS if n in x}
+    params = {n: x[n] for n in MEMORY_PARAMS if n in x}
     o, final = fn(spec, q, k, v, gates, state, **kw, **({"params": params} if params else {}))
     loss = (o * cot["o"].to(o.dtype)).sum() + sum((final[n] * cot[n].to(final[n].dtype)).sum() for n in final)
     names = list(x)
@@ -167,7 +168,7 @@ def memory_scan_grads(spec, x: dict[str, torch.Tensor], cot: dict[str, torch.Ten
                       low_precision=("q", "k", "v")):
     """(o, final state, grads of every leaf of x) for one ``miras.ops.memory_scan`` of float64 leaves x cast to
     ``dtype`` on ``device``: the gates (``GATE_LEAVES``), the state (W*, S*, the omega window's ``window_*``) and the
-    LayerNorm head's ``HEAD_PARAMS`` are picked out of x by name. A 16-bit dtype casts only ``low_precision`` leaves
+    memory's ``MEMORY_PARAMS`` are picked out of x by name. A 16-bit dtype casts only ``low_precision`` leaves
     (the rest go in fp32). cot: cotangents of o and of the final-state entries to take (others are left out)."""
     from miras.ops import memory_scan
 
@@ -176,7 +177,7 @@ def memory_scan_grads(spec, x: dict[str, torch.Tensor], cot: dict[str, torch.Ten
               for n, t in x.items()}
     gates = {n: leaves[n] for n in GATE_LEAVES if n in leaves}
     state = {n: t for n, t in leaves.items() if n[0] in "WS" or n.startswith("window_")} or None
-    params = {n: leaves[n] for n in HEAD_PARAMS if n in leaves} or None
+    params = {n: leaves[n] for n in MEMORY_PARAMS if n in leaves} or None
     o, final = memory_scan(spec, leaves["q"], leaves["k"], leaves["v"], gates, state, params=params, mode=mode)
     final = {n: t for n, t in final.items() if n in cot}
     loss = (o * cot["o"].to(o)).sum() + sum((final[n] * cot[n].to(final[n])).sum() for n in final)

@@ -138,3 +138,23 @@ def test_delta_rule_kernels_compile_for_sm90(which, mode, bv):
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(r"kp=True .*shared (\d+) KB \| REG:(\d+)", out.stdout)
     assert m and int(m[1]) <= 227 and 0 < int(m[2]) <= 255, out.stdout[-2000:]
+
+
+# (kernel, --mode, --bv, --lag): the lag-token retentions (linear.LagScanFunction): KL's carry (a softmax over all of
+# V) in the output pass and its vector-Jacobian product in the backward state pass; elastic's in the state passes at
+# their default V-tile of 64
+LAG_CASES = [("fwd", 2, 128, 2), ("bwd", 1, 128, 2), ("bwd", 1, 64, 1)]
+
+
+@pytest.mark.parametrize("which,mode,bv,lag", LAG_CASES, ids=[f"{w}{m}-lag{g}" for w, m, _, g in LAG_CASES])
+def test_lag_retention_kernels_compile_for_sm90(which, mode, bv, lag):
+    """The linear kernels with a lag-token retention compile for sm_90 (bf16, D=128, chunk 64, l2, gd) within the
+    H100's shared memory and registers (benchmarks/kernel_resources.py --lag)."""
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
+    env.update(PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), which, "bf16", "--d", "128",
+                          "--bv", str(bv), "--mode", str(mode), "--bias", "1", "--lag", str(lag)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = re.search(rf"lag={lag} .*shared (\d+) KB \| REG:(\d+)", out.stdout)
+    assert m and int(m[1]) <= 227 and 0 < int(m[2]) <= 255, out.stdout[-2000:]

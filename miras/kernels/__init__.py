@@ -40,6 +40,11 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   start state (``common.lq_scale``), the predictions are taken at the scaled state, and the reads are scaled in
   PyTorch (``_lq_reads``, ``linear.LqScanFunction``; default off until its GPU test has passed: it matches the
   float64 oracle in the interpreter).
+- ``MIRAS_KERNEL_LAG=1``: KL and elastic-net retention (the lag-token retentions, Miras Eq. 21-22, 30:
+  ``retention.kind: kl | elastic``) of the linear memory on the linear kernels: every pass forms each chunk's
+  carried state from its start state (``common.lag_carry``: the soft threshold, or the softmax over all of V per
+  program), and the backward takes its vector-Jacobian product (``linear.LagScanFunction``; default off until its
+  GPU test has passed: it matches the float64 oracle in the interpreter).
 - ``MIRAS_KERNEL_CHANNEL_CONFIG=warps,stages[,maxnreg]``: the launch config of the kernels of a key-channel keep gate
   (``retention.gate.granularity: channel`` on the linear memory, miras/kernels/linear_channel.py; default ``8,1``);
   ``MIRAS_KERNEL_CHANNEL_BV``: their V-tile (default 64; all of V for Huber); ``MIRAS_KERNEL_CHANNEL_SPLIT=0``: one
@@ -232,7 +237,8 @@ def kernel_support(spec) -> tuple[bool, str]:
     gelu|silu|tanh|relu)} x bias
     {dot, l2, lp, huber} x retention {none, decay (scalar/head gate, grad_at previous|decayed; a channel gate on the
     linear memory: miras/kernels/linear_channel.py), lq on the linear memory (``_lq_reads``, with
-    ``MIRAS_KERNEL_LQ=1``)} x learner {gd, momentum},
+    ``MIRAS_KERNEL_LQ=1``), kl and elastic on the linear memory (``_lag_inputs``, with ``MIRAS_KERNEL_LAG=1``)}
+    x learner {gd, momentum},
     chunk_size 1..64 (the online delta rule at chunk 1 with a scalar or head keep gate in WY blocks of
     ``settings.delta_chunk()`` tokens, miras/kernels/delta.py, with ``MIRAS_KERNEL_DELTA=1``), triton >= 3.0.
     DGD on a linear memory: with ``mlp_form: none`` it is GD; with its key projector, a dot or l2 bias and
@@ -278,8 +284,12 @@ def kernel_support(spec) -> tuple[bool, str]:
                           "PyTorch path runs it"
     if bias.kind not in ("dot", "l2", "lp", "huber"):
         return False, f"no Triton kernel for bias.kind={bias.kind!r}; kernels cover dot, l2, lp, huber"
-    if ret.kind not in ("none", "decay", "lq"):
-        return False, f"no Triton kernel for retention.kind={ret.kind!r}; kernels cover none, decay, lq"
+    if ret.kind in ("kl", "elastic"):
+        why = _lag_gap(spec)
+        if why:
+            return False, why
+    elif ret.kind not in ("none", "decay", "lq"):
+        return False, f"no Triton kernel for retention.kind={ret.kind!r}; kernels cover none, decay, lq, kl, elastic"
     if ret.kind == "lq" and mem.kind != "linear":
         return False, f"no Triton kernel for retention.kind='lq' on memory.kind={mem.kind!r} (only 'linear'); the " \
                       "chunked PyTorch path runs it"
@@ -306,6 +316,19 @@ def kernel_support(spec) -> tuple[bool, str]:
         return False, "the Triton kernels of the MLP memory's LayerNorm head (memory.norm=True) are turned off " \
                       "(MIRAS_KERNEL_MLP_NORM=0); the chunked PyTorch path runs it"
     return True, ""
+
+
+def _lag_gap(spec) -> str:
+    """Why a lag-token retention (kl, elastic: the non-linear step at each chunk's first token, Miras Eq. 30) has no
+    kernel for this spec, or "" (then: the linear kernels with ``linear.LagScanFunction``)."""
+    ret = spec.retention.kind
+    if spec.memory.kind != "linear":
+        return (f"no Triton kernel for retention.kind={ret!r} on memory.kind={spec.memory.kind!r} (only 'linear'); "
+                "the chunked PyTorch path runs it")
+    if not env_switch("MIRAS_KERNEL_LAG", False):
+        return (f"the Triton kernels of retention.kind={ret!r} (a lag-token retention on the linear memory) are off "
+                "until they pass their GPU tests (MIRAS_KERNEL_LAG=1 turns them on); the chunked PyTorch path runs it")
+    return ""
 
 
 def ttt_kernels_on() -> bool:
@@ -451,25 +474,49 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                            _state(state, "W1", B, H, K, V))
         return o, {"W1": ht}
     eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H, K)  # (a channel gate's keep: [B, T, H, K])
-    return _linear_kernels(LinearConfig.from_spec(spec), q, k, v, eta, keep, mu, delta, state)
+    return _linear_kernels(LinearConfig.from_spec(spec), q, k, v, eta, keep, mu, delta, state, params)
 
 
-def _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state, params=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One call of the linear kernels (``LinearScanFunction``; with Lq retention ``LqScanFunction`` and its reads
-    scaled by ``_lq_reads``) from the scan's initial state: (o, {"W1"[, "S1"]})."""
-    from miras.kernels.linear import LinearScanFunction, LqScanFunction
+    scaled by ``_lq_reads``; with a lag-token retention ``LagScanFunction``, ``_lag_inputs``) from the scan's initial
+    state: (o, {"W1"[, "S1"]})."""
+    from miras.kernels.linear import LagScanFunction, LinearScanFunction, LqScanFunction
 
     B, T, H, K = q.shape
     V = v.shape[-1]
     h0 = _state(state, "W1", B, H, K, V)
     s0 = _state(state, "S1", B, H, K, V) if cfg.momentum else None
     args = (cfg, q.contiguous(), k.contiguous(), v.contiguous(), eta, keep, mu, delta, h0, s0)
+    if cfg.lag:
+        eta_lin, keep_lin, thr = _lag_inputs(cfg, eta, keep, params, H)
+        o, ht = LagScanFunction.apply(cfg, *args[1:4], eta_lin, keep_lin, delta, h0, eta, keep, thr)
+        return o, {"W1": ht}
     if cfg.lq:
         o, ht, st, sc = LqScanFunction.apply(*args)
         o = _lq_reads(cfg, o, sc, ht)
     else:
         o, ht, st = LinearScanFunction.apply(*args)
     return o, {"W1": ht, **({"S1": st} if cfg.momentum else {})}
+
+
+def _lag_inputs(cfg, eta: torch.Tensor, keep: torch.Tensor, params: dict | None, H: int) -> tuple[torch.Tensor, ...]:
+    """A lag-token retention's gates for the linear part of each chunk (eta 0 and keep 1 at its first token, whose
+    own step is the non-linear one, Miras Eq. 30) and elastic's per-head threshold gamma [H] (KL: a placeholder)."""
+    first = (torch.arange(eta.shape[1], device=eta.device) % cfg.chunk == 0)[None, :, None]
+    eta_lin = torch.where(first, 0.0, eta)
+    keep_lin = torch.where(first, 1.0, keep)
+    from miras.kernels.common import LAG_CODES
+
+    if cfg.lag == LAG_CODES["elastic"]:
+        thr = (params or {}).get("threshold")
+        if thr is None or thr.numel() != H:
+            raise ValueError(f"triton_memory_scan: params['threshold'] must hold one elastic-net threshold per head "
+                             f"[{H}], but got {None if thr is None else tuple(thr.shape)}")
+        thr = thr.reshape(H).to(torch.float32).contiguous()
+    else:
+        thr = eta.new_zeros(H)
+    return eta_lin, keep_lin, thr
 
 
 def _lq_reads(cfg, o: torch.Tensor, sc: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import triton.language as tl
 from miras.components.memory import LN_EPS as _MEMORY_LN_EPS
 
 BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
+LAG_CODES = {"elastic": 1, "kl": 2}  # lag-token retentions (``lag_carry``)
 LN_HEAD = 4  # added to the code of the bias behind a LayerNorm head (dot, l2, lp)
 LN_EPS = tl.constexpr(_MEMORY_LN_EPS)  # the LayerNorm's epsilon, the memory components' own
 
@@ -58,6 +59,8 @@ class RuleConfig:
     momentum: bool = False
     lq: float = 0.0  # Lq retention's q (Moneta; ``lq_scale``), 0: none
     lq_eps: float = 1e-6
+    lag: int = 0  # lag-token retention (``lag_carry``): 0 none, 1 elastic net, 2 KL
+    lag_scale: float = 1.0  # KL's c
 
     @staticmethod
     def choices(spec) -> dict:
@@ -68,8 +71,10 @@ class RuleConfig:
         gated = "keep" in required_gates(spec)  # the keep gate alpha_t: A_t = alpha_t A_{t-1} + update
         return dict(chunk=learner.chunk_size, bias=BIAS_CODES[bias.kind], p=float(getattr(bias, "p", 2.0)),
                     smoothing=float(getattr(bias, "smoothing", 10.0)), eps=float(getattr(bias, "eps", 1e-6)),
-                    has_keep=gated, decayed=gated and ret.grad_at == "decayed", momentum=learner.kind == "momentum",
-                    lq=float(ret.q) if ret.kind == "lq" else 0.0, lq_eps=float(getattr(ret, "eps", 1e-6)))  # fmt: skip
+                    has_keep=gated, decayed=gated and getattr(ret, "grad_at", "previous") == "decayed",
+                    momentum=learner.kind == "momentum",
+                    lq=float(ret.q) if ret.kind == "lq" else 0.0, lq_eps=float(getattr(ret, "eps", 1e-6)),
+                    lag=LAG_CODES.get(ret.kind, 0), lag_scale=float(getattr(ret, "scale", 1.0)))  # fmt: skip
 
 
 def interpreting() -> bool:
@@ -264,6 +269,59 @@ def _abs_pow(W, E: tl.constexpr):
     """|W|^E elementwise (0 where W = 0) for a real exponent E > 0."""
     a = tl.abs(W)
     return tl.where(a > 0, tl.exp(E * tl.log(tl.maximum(a, 1e-30))), 0.0)
+
+
+# Lag-token retentions (Miras Eq. 30): at the first token of each chunk the carried state takes a non-linear step,
+# the rest of the chunk runs linearly from it; its gradients stay at the chunk-start state (the chunked path's
+# ``ops_chunked``). LAG: 1 elastic net (Miras Eq. 22), 2 KL (Memora, Miras Eq. 21, 27).
+TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: KL's log reads max(W, TINY)
+
+
+@triton.jit
+def lag_carry(W, r0, k0, a0, e0, gam, k_ok, v_ok, LAG: tl.constexpr, SCALE: tl.constexpr):
+    """The state a chunk carries after its lag token, from its start state W [BK, BV] and token 0's gradient
+    k0^T r0 (k0 [BK], r0 [BV] its bias row at W), keep a0 and learning rate e0:
+
+        elastic  S_gam(a0 W - e0 k0^T r0),  S_gam(z) = sign(z) relu(|z| - gam)        (Miras Eq. 22)
+        KL       SCALE softmax_V(a0 log max(W, TINY) - e0 k0^T r0)                    (Memora, Miras Eq. 21, 27)
+
+    KL's softmax runs over the whole row (all of V in the block). Padding rows and columns come back 0."""
+    gk = k0[:, None] * r0[None, :]
+    if LAG == 1:
+        z = a0 * W - e0 * gk
+        Wc = tl.where(z > gam, z - gam, tl.where(z < -gam, z + gam, 0.0))
+    else:
+        z = tl.where(v_ok[None, :], a0 * tl.log(tl.maximum(W, TINY)) - e0 * gk, float("-inf"))
+        ez = tl.exp(z - tl.max(z, axis=1)[:, None])
+        Wc = SCALE * ez / tl.sum(ez, axis=1)[:, None]
+    return tl.where(k_ok[:, None] & v_ok[None, :], Wc, 0.0)
+
+
+@triton.jit
+def lag_carry_bwd(W, Wc, r0, k0, a0, e0, gam, dWc, LAG: tl.constexpr, SCALE: tl.constexpr):
+    """The vector-Jacobian product of ``lag_carry`` for the carried state's gradient dWc: returns (dW through z,
+    dr0 [BV], dk0 [BK], de0, da0, dgam) with dz the gradient of z:
+
+        elastic  dz = [|z| > gam] dWc,  dgam = -sum sign(z) dz,  dW = a0 dz,  da0 = sum dz W
+        KL       dz = Wc (dWc - rowsum(Wc dWc) / SCALE),  dW = a0 dz / W [W >= TINY],  da0 = sum dz log max(W, TINY)
+        both     dr0 = -e0 k0 dz,  dk0 = -e0 dz r0,  de0 = -sum dz (k0^T r0)"""
+    gk = k0[:, None] * r0[None, :]
+    if LAG == 1:
+        z = a0 * W - e0 * gk
+        dz = tl.where((z > gam) | (z < -gam), dWc, 0.0)
+        dW = a0 * dz
+        da0 = tl.sum(tl.sum(dz * W, axis=1), axis=0)
+        dgam = -tl.sum(tl.sum(tl.where(z < 0, -dz, dz), axis=1), axis=0)
+    else:
+        dz = Wc * (dWc - tl.sum(Wc * dWc, axis=1)[:, None] / SCALE)
+        Wl = tl.maximum(W, TINY)
+        dW = tl.where(W >= TINY, a0 * dz / Wl, 0.0)
+        da0 = tl.sum(tl.sum(dz * tl.log(Wl), axis=1), axis=0)
+        dgam = 0.0 * da0
+    dr0 = -e0 * tl.sum(k0[:, None] * dz, axis=0)
+    dk0 = -e0 * tl.sum(dz * r0[None, :], axis=1)
+    de0 = -tl.sum(tl.sum(dz * gk, axis=1), axis=0)
+    return dW, dr0, dk0, de0, da0, dgam
 
 
 @triton.jit

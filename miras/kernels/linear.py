@@ -53,6 +53,8 @@ from miras.kernels.common import (
     gate_grads,
     huber_switch,
     interpreting,
+    lag_carry,
+    lag_carry_bwd,
     ln_rows,
     ln_rows_bwd,
     lq_scale,
@@ -124,17 +126,40 @@ def _state_coeffs(cf, BTH, p_g, t_idx, t_ok, L_idx, H: tl.constexpr, MOMENTUM: t
 
 
 @triton.jit
+def _lag_gates(leta, lkeep, thr, p_g, t0, H: tl.constexpr, LAG: tl.constexpr):
+    """A chunk's lag-token gates: its first token's learning rate e0 and keep a0, and elastic's threshold."""
+    e0 = tl.load(leta + p_g + t0 * H)
+    a0 = tl.load(lkeep + p_g + t0 * H)
+    gam = 0.0 * e0
+    if LAG == 1:
+        gam = tl.load(thr + p_g % H)
+    return e0, a0, gam
+
+
+@triton.jit
+def _lag_state(W, R, b_k, leta, lkeep, thr, p_g, t0, o_t, k_ok, v_ok, H: tl.constexpr, LAG: tl.constexpr,
+               SCALE: tl.constexpr):
+    """The chunk's carried state ``common.lag_carry`` from its start state W and its first row of R and k."""
+    e0, a0, gam = _lag_gates(leta, lkeep, thr, p_g, t0, H, LAG)
+    return lag_carry(W, _row_select(R, o_t, 0), _row_select(b_k, o_t, 0), a0, e0, gam, k_ok, v_ok, LAG, SCALE)
+
+
+@triton.jit
 def _fwd_chunk(
     q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v, k_ok, v_ok,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr,
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr, LQ: tl.constexpr,
+    leta, lkeep, thr, LAG: tl.constexpr, SCALE: tl.constexpr,
 ):
     """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE).
     USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the
     predictions y = kp W use keys of their own (the exact delta rule's WY keys, miras/kernels/delta.py). LQ: they
-    are taken at the read weights s W (Lq retention, ``common.lq_scale``; the reads stay q W, scaled outside)."""
+    are taken at the read weights s W (Lq retention, ``common.lq_scale``; the reads stay q W, scaled outside).
+    LAG (a lag-token retention; eta, keep are 0 and 1 at each chunk's first token, whose own gates are in leta,
+    lkeep, elastic's threshold per head in thr): the reads and the end state start from the carried state
+    ``common.lag_carry`` of W, the predictions from W itself."""
     t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)  # L: the row of the chunk's last real token
     if USE_CF:
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -169,19 +194,22 @@ def _fwd_chunk(
     else:
         R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
     R = tl.where(t_ok[:, None], R, 0.0)
+    Wc = W  # the state the chunk carries (reads, end state)
+    if LAG:
+        Wc = _lag_state(W, R, b_k, leta, lkeep, thr, p_g, t0, o_t, k_ok, v_ok, H, LAG, SCALE)
 
     if WANT_O:
         causal = o_t[:, None] >= o_t[None, :]
         b_q = tl.load(q + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0).to(tl.float32)
         A = _dot(b_q, tl.trans(b_k), PREC)  # [BT, BT] q_t . k_j
         AG = tl.where(causal, A * G, 0.0)
-        b_o = beta[:, None] * _dot(b_q, W, PREC) - _dot(AG, R, PREC)
+        b_o = beta[:, None] * _dot(b_q, Wc, PREC) - _dot(AG, R, PREC)
         if MOMENTUM:
             b_o += f[:, None] * _dot(b_q, S, PREC)
         tl.store(o + p_v + t_idx[:, None] * H * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=tv_ok)
 
     if WANT_STATE:  # end-of-chunk state: W_L = beta_L W + f_L S - K^T (g_L R),  S_L = m_L S - K^T (n_L R)
-        W_new = betaL * W - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
+        W_new = betaL * Wc - _dot(tl.trans(b_k * gL[:, None]), R, PREC)
         if MOMENTUM:
             W_new += fL * S
             S = mL * S - _dot(tl.trans(b_k * nL[:, None]), R, PREC)
@@ -191,16 +219,18 @@ def _fwd_chunk(
 
 @triton.jit
 def _linear_fwd_kernel(
-    q, k, kp, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf, sc,
+    q, k, kp, v, eta, keep, mu, delta, h0, s0, o, hs, ss, ht, st, cf, sc, leta, lkeep, thr,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, CF: tl.constexpr,
     KP: tl.constexpr, LQ: tl.constexpr = False, Q: tl.constexpr = 2.0, QEPS: tl.constexpr = 1e-6,
+    LAG: tl.constexpr = 0, SCALE: tl.constexpr = 1.0,
 ):
     """LQ (Lq retention): the walks (all of V per program) take each chunk's read scale s = 1 / nu(W) at its start
-    (``common.lq_scale``) and store it in sc [B*H, NT]; the chunk-parallel pass reads it there."""
+    (``common.lq_scale``) and store it in sc [B*H, NT]; the chunk-parallel pass reads it there. LAG (a lag-token
+    retention, ``_fwd_chunk``): every pass forms each chunk's carried state from its start state in hs."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
@@ -226,7 +256,7 @@ def _linear_fwd_kernel(
             s = tl.load(sc + i_bh * NT + c)
         _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
                    k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False,
-                   False, KP, LQ)
+                   False, KP, LQ, leta, lkeep, thr, LAG, SCALE)
     else:
         W = tl.zeros([BK, BV], dtype=tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -245,7 +275,8 @@ def _linear_fwd_kernel(
                 tl.store(sc + i_bh * NT + c, s)
             W, S = _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t,
                               o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED,
-                              MOMENTUM, PREC, MODE == 0, True, MODE == 1 and CF, KP, LQ)
+                              MOMENTUM, PREC, MODE == 0, True, MODE == 1 and CF, KP, LQ, leta, lkeep, thr, LAG,
+                              SCALE)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -299,7 +330,8 @@ def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
 @triton.jit
 def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
               V: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
-              DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr):
+              DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
+              e0, a0, gam, U, betaL, k_ok, LAG: tl.constexpr, SCALE: tl.constexpr):
     """The backward of one chunk restricted to one V-range (columns of W, S, dW, dS, v, do and Xd).
 
     o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = beta_L W + f_L S - K^T (g_L R) ;  S_end = m_L S - K^T (n_L R), with
@@ -309,6 +341,11 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
     predictions y = kp W use keys of their own (b_kp); their gradient dYk W^T comes back apart as b_dkp, and b_dk
     keeps the write and read roles of k alone. BIAS >= 4 (a LayerNorm head, all of V): b_w is the head's weight row,
     and the rows of its gradient come back as dWl (else dWl is a placeholder).
+
+    LAG (a lag-token retention; e0, a0, gam = the chunk's ``_lag_gates``, U its reads' term Q^T (beta dO), betaL its end
+    state's carry coefficient): the reads and the end state start from Wc = ``common.lag_carry`` of W, whose
+    gradient betaL dW + U goes back through it (``common.lag_carry_bwd``): into row 0 of dR (token 0's bias row),
+    and as (dW through Wc, token 0's dk, de0, da0, dgam), returned last (zeros without LAG).
     """
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
@@ -325,6 +362,18 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
     if MOMENTUM:
         KdS = _dot(b_k, dS, PREC)
         dR -= nL[:, None] * KdS
+    Wc = W  # the carried state (reads, end state)
+    dW_lag = W
+    dk0 = tl.zeros([b_k.shape[1]], dtype=tl.float32)
+    de0 = tl.sum(dk0, axis=0)
+    da0 = de0
+    dgam = de0
+    if LAG:
+        r0 = _row_select(R, o_t, 0)
+        k0 = _row_select(b_k, o_t, 0)
+        Wc = lag_carry(W, r0, k0, a0, e0, gam, k_ok, v_ok, LAG, SCALE)
+        dW_lag, dr0, dk0, de0, da0, dgam = lag_carry_bwd(W, Wc, r0, k0, a0, e0, gam, betaL * dW + U, LAG, SCALE)
+        dR += tl.where(o_t[:, None] == 0, dr0[None, :], 0.0)
     dR = tl.where(t_ok[:, None], dR, 0.0)
     if BIAS >= 4:
         dY, dV, dWl = ln_rows_bwd(b_y, b_v, b_w, dR, v_ok, V, BIAS - 4, P, SMOOTH, EPS)
@@ -339,16 +388,16 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
     dAG = -tl.where(causal, _dot(b_do, tl.trans(R), PREC), 0.0)     # d(A.G)[t, j]
     dAGT = -tl.where(causal_t, _dot(R, tl.trans(b_do), PREC), 0.0)  # its transpose, built directly (no tl.trans)
     dgL = -tl.sum(KdW * R, axis=1)
-    b_dq = beta[:, None] * _dot(b_do, tl.trans(W), PREC)
+    b_dq = beta[:, None] * _dot(b_do, tl.trans(Wc), PREC)
     b_dkp = _dot(dYk, tl.trans(W), PREC)  # through the predictions
     if KP:
         b_dk = -_dot(gL[:, None] * R, tl.trans(dW), PREC)
     else:
         b_dk = b_dkp - _dot(gL[:, None] * R, tl.trans(dW), PREC)
-    dbeta = tl.sum(b_do * _dot(b_q, W, PREC), axis=1)
+    dbeta = tl.sum(b_do * _dot(b_q, Wc, PREC), axis=1)
     if DECAYED:
         dbeta += tl.sum(dY * b_yk, axis=1)
-    dbeta += tl.where(at_L, tl.sum(tl.sum(dW * W, axis=1), axis=0), 0.0)
+    dbeta += tl.where(at_L, tl.sum(tl.sum(dW * Wc, axis=1), axis=0), 0.0)
     dnL = tl.zeros_like(dgL)
     df = tl.zeros_like(dgL)
     dmL = tl.sum(tl.zeros_like(dgL), axis=0)
@@ -359,7 +408,9 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
         df = tl.sum(b_do * _dot(b_q, S, PREC), axis=1)
         df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
         dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
-    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl
+    if LAG:
+        b_dk += tl.where(o_t[:, None] == 0, dk0[None, :], 0.0)
+    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl, dW_lag, de0, da0, dgam
 
 
 @triton.jit
@@ -399,6 +450,7 @@ def _bwd_chunk(
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr,
     LQ: tl.constexpr, Q: tl.constexpr, QEPS: tl.constexpr,
+    leta, lkeep, thr, dlag, LAG: tl.constexpr, SCALE: tl.constexpr,
 ):
     """One chunk of the backward with the states on chip. (W, S): its start state; (dW, dS): the gradient of its
     end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk, and the gradient pass on a
@@ -407,7 +459,9 @@ def _bwd_chunk(
     (only with USE_PRE) the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the predictions' own keys
     (``_bwd_rows``), whose gradient goes to dkp. LQ (Lq retention, a walk over all of V; kp = s k): the start state's
     gradient also takes the path through the chunk's read scale s = 1 / nu(W), whose gradient is ds_in (the reads')
-    plus sum dYk . (k W) (the predictions')."""
+    plus sum dYk . (k W) (the predictions'). LAG (a lag-token retention, ``_bwd_rows``): the start state's gradient
+    goes through the chunk's carried state; with WANT_GRADS the lag token's de0, da0, dgam go to the partial-sum
+    slots of dlag [NP, 3, B, T, H] at the chunk's first token."""
     if USE_CF:
         t0, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -442,9 +496,14 @@ def _bwd_chunk(
     else:
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl = _bwd_rows(
+    e0, a0, gam = 0.0, 1.0, 0.0
+    if LAG:
+        e0, a0, gam = _lag_gates(leta, lkeep, thr, p_g, c * CS, H, LAG)
+        if not USE_PRE:  # (the carried state's gradient needs the reads' term first)
+            U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl, dW_lag, de0, da0, dgam = _bwd_rows(
         b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
-        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
+        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, e0, a0, gam, U, betaL, k_ok, LAG, SCALE)
     if WANT_GRADS:
         p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
         _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
@@ -457,12 +516,20 @@ def _bwd_chunk(
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
         if BIAS >= 4:  # the rows of the head weight's gradient, [B, T, H, V] (one V-tile)
             tl.store(ddelta + p_tv, dWl, mask=tv_ok)
+        if LAG:  # (at the chunk's first token; the slots of the other tokens stay 0)
+            p_lag = dlag + 3 * p_part + p_g + c * CS * H
+            tl.store(p_lag, de0)
+            tl.store(p_lag + BTH, da0)
+            tl.store(p_lag + 2 * BTH, dgam)
     # gradient of the chunk-start state
-    if not USE_PRE:
+    if not USE_PRE and not LAG:
         U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
         if MOMENTUM:
             Uf = _dot(tl.trans(b_q), f[:, None] * b_do, PREC)
-    dW_new = betaL * dW + U + _dot(tl.trans(b_kp), dYk, PREC)
+    if LAG:  # through the carried state (its reads, its end state) and the predictions at W
+        dW_new = dW_lag + _dot(tl.trans(b_kp), dYk, PREC)
+    else:
+        dW_new = betaL * dW + U + _dot(tl.trans(b_kp), dYk, PREC)
     if LQ:
         s, n = lq_scale(W, Q, QEPS)
         ds = ds_in + tl.sum(tl.sum(b_dkp * b_k.to(tl.float32), axis=1), axis=0)  # (b_dkp = dYk W^T)
@@ -507,9 +574,9 @@ def _bwd_grad_block(
     b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
     Xd = tl.load(xd + p_tv, mask=tv_ok, other=0.0)
     tl.static_assert(BIAS < 4, "a LayerNorm head runs its V-tile in one block (_bwd_chunk), never in sub-blocks")
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, _ = _bwd_rows(
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, _, _, _, _, _ = _bwd_rows(
         b_q, b_k, b_kp, b_v, b_do, b_d, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
-        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP)
+        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, 0.0, 1.0, 0.0, dW, 1.0, k_ok, 0, 1.0)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (see _block_v_loop)
         tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
@@ -795,8 +862,8 @@ def _grad_qk_kernel(
 
 @triton.jit
 def _linear_bwd_kernel(
-    q, k, kp, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf, dsc,
-    dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0,
+    q, k, kp, v, eta, keep, mu, delta, hs, ss, do, dht, dst, dhs, dss, xd, cf, dsc, leta, lkeep, thr,
+    dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0, dlag,
     T, NT, BTH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
@@ -804,9 +871,11 @@ def _linear_bwd_kernel(
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
     BVL: tl.constexpr, CF: tl.constexpr, KP: tl.constexpr,
     LQ: tl.constexpr = False, Q: tl.constexpr = 2.0, QEPS: tl.constexpr = 1e-6,
+    LAG: tl.constexpr = 0, SCALE: tl.constexpr = 1.0,
 ):
     """LQ (Lq retention; the walks take all of V, kp = s k): dsc [B*H, NT] holds the gradient of each chunk's read
-    scale from the reads (``_bwd_chunk``)."""
+    scale from the reads (``_bwd_chunk``). LAG (a lag-token retention; the gradient pass in one kernel on whole
+    V-tiles, ``_bwd_chunk``): dlag [NV, 3, B, T, H] takes the lag tokens' gate gradients."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_t = tl.arange(0, BT)
@@ -837,7 +906,7 @@ def _linear_bwd_kernel(
         _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd, cf,
                    W, S, dW, dS, dW, dS, 0.0, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
                    H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False, KP,
-                   False, Q, QEPS)
+                   False, Q, QEPS, leta, lkeep, thr, dlag, LAG, SCALE)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -866,7 +935,8 @@ def _linear_bwd_kernel(
             dW, dS = _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd,
                                 cf, W, S, dW, dS, U, Uf, ds_in, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v,
                                 k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
-                                MODE == 0, MODE == 1, MODE == 1 and CF, KP, LQ, Q, QEPS)
+                                MODE == 0, MODE == 1, MODE == 1 and CF, KP, LQ, Q, QEPS, leta, lkeep, thr, dlag, LAG,
+                                SCALE)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
             tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
@@ -874,7 +944,8 @@ def _linear_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------------ launch + autograd
 
-_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF", "KP", "LQ"]
+_KEY = ["H", "K", "V", "BT", "CS", "BK", "BV", "BIAS", "HAS_KEEP", "DECAYED", "MOMENTUM", "MODE", "CF", "KP", "LQ",
+        "LAG"]
 _BWD_KEY = [*_KEY, "BVL"]
 # 8 warps: 4 warps spill more and compile 2x slower (ptxas report, sm_90, D=128), and Triton >= 3.6 has open Hopper
 # wgmma illegal-address bugs for multi-dot kernels at num_warps=4 with 32-wide tiles (triton #10486, #11366, #10573);
@@ -892,9 +963,10 @@ _grad_rows_tuned = triton.autotune(
 _grad_qk_tuned = triton.autotune(configs=_CONFIGS, key=[*_KEY[:5], "BKB", "BVL", "MOMENTUM", "KP"])(_grad_qk_kernel)
 
 
-def _block_v(V: int, bias: int, state_pass: bool = False, lq: float = 0.0) -> int:
-    """V-tile: the whole (padded) V by default and always for Huber (its switch needs the row norm over all of V)
-    and Lq retention (``lq``: its walks sum |W|^q over the whole state).
+def _block_v(V: int, bias: int, state_pass: bool = False, lq: float = 0.0, lag: int = 0) -> int:
+    """V-tile: the whole (padded) V by default and always for Huber (its switch needs the row norm over all of V),
+    Lq retention (``lq``: its walks sum |W|^q over the whole state) and KL retention (``lag`` 2: a softmax over
+    every row).
 
     ``state_pass``: the tile of the two sequential state passes (MODE 1), at most 64 unless
     ``MIRAS_KERNEL_BV_STATE`` says otherwise: they hold only the state tiles and their parallelism is the number of
@@ -910,8 +982,8 @@ def _block_v(V: int, bias: int, state_pass: bool = False, lq: float = 0.0) -> in
     benchmarks/RESULTS.md). The split kernels get their parallelism from the chunk axis instead.
     """
     full = _tile(V)
-    if bias >= 3 or lq:  # (Huber's switch, a LayerNorm head's statistics: whole rows; Lq's norm: the whole state)
-        return full
+    if bias >= 3 or lq or lag == 2:  # (Huber's switch, a LayerNorm head's statistics, KL's softmax: whole rows;
+        return full  # Lq's norm: the whole state)
     env = env_tile("MIRAS_KERNEL_BV")
     tile = min(full, env) if env else full
     if state_pass:
@@ -1041,19 +1113,23 @@ def _coefficients(cfg: LinearConfig, eta, keep, mu) -> torch.Tensor:
 
 
 def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, modes: tuple[int, ...] | None = None,
-                    kp: torch.Tensor | None = None):
+                    kp: torch.Tensor | None = None, lag: tuple[torch.Tensor, ...] | None = None):
     """Forward: (o, W_T, S_T, chunk-start W states, chunk-start S states, read scales). Split: state pass, then
     outputs per chunk. kp: keys of the predictions y = kp W of their own ([B, T, H, K]; the exact delta rule's,
     delta.py), else k. Lq retention (cfg.lq): the predictions are taken at s W, s = 1 / nu(W) of the chunk start,
-    whose values come back as the read scales [B, H, NT] fp32 (else None); o stays q W_t (``LqScanFunction``)."""
+    whose values come back as the read scales [B, H, NT] fp32 (else None); o stays q W_t (``LqScanFunction``).
+    A lag-token retention (cfg.lag): ``lag`` = (leta, lkeep, thr), the chunks' first tokens' own gates ([B, T, H]
+    fp32; eta and keep are 0 and 1 there) and elastic's thresholds [H] (``LagScanFunction``)."""
     modes = tuple(m for m in _modes(modes) if m != 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias, lq=cfg.lq)
+    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias, lq=cfg.lq, lag=cfg.lag)
     NT = triton.cdiv(T, cfg.chunk)
     f32 = dict(device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    hs = torch.empty(B, H, NT, K, V, device=q.device, dtype=_state_dtype(q))
+    # (a lag-token retention's passes form each chunk's carried state from its slot: kept in fp32, so that they all
+    # see the walk's state)
+    hs = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32 if cfg.lag else _state_dtype(q))
     ss = torch.empty_like(hs) if cfg.momentum else hs
     ht = torch.empty(B, H, K, V, **f32)
     st = torch.empty(B, H, K, V, **f32) if cfg.momentum else ht
@@ -1062,12 +1138,12 @@ def linear_scan_fwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, h0, s0, mo
     sc = torch.empty(B, H, NT, **f32) if cfg.lq else ht
     args = (q, k, kp if kp is not None else k, v, eta, keep if keep is not None else eta,
             mu if mu is not None else eta, delta if delta is not None else eta, h0 if h0 is not None else ht,
-            s0 if s0 is not None else ht, o, hs, ss, ht, st, cf, sc, T, NT, B * T * H)
+            s0 if s0 is not None else ht, o, hs, ss, ht, st, cf, sc, *_lag_args(cfg, lag, eta), T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
               HAS_H0=h0 is not None, HAS_S0=s0 is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None,
-              **_lq_constants(cfg))
-    BV_S = _block_v(V, cfg.bias, state_pass=True, lq=cfg.lq)
+              **_lq_constants(cfg), **_lag_constants(cfg))
+    BV_S = _block_v(V, cfg.bias, state_pass=True, lq=cfg.lq, lag=cfg.lag)
     for mode in modes:
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode == 2 else (triton.cdiv(V, bv), B * H)
@@ -1080,18 +1156,37 @@ def _lq_constants(cfg: LinearConfig) -> dict:
     return dict(LQ=cfg.lq > 0, Q=cfg.lq or 2.0, QEPS=cfg.lq_eps)
 
 
+def _lag_constants(cfg: LinearConfig) -> dict:
+    """The kernels' lag-token-retention constexprs (LAG, SCALE)."""
+    return dict(LAG=cfg.lag, SCALE=cfg.lag_scale)
+
+
+def _lag_args(cfg: LinearConfig, lag: tuple[torch.Tensor, ...] | None, placeholder: torch.Tensor) -> tuple:
+    """The kernels' (leta, lkeep, thr) pointers: a lag-token retention's, else placeholders (never read)."""
+    if not cfg.lag:
+        return placeholder, placeholder, placeholder
+    if lag is None:
+        raise ValueError("linear kernels: a lag-token retention (kl, elastic) needs its first tokens' gates and "
+                         "thresholds (leta, lkeep, thr)")
+    return lag
+
+
 def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do, dht, dst,
-                    modes: tuple[int, ...] | None = None, kp: torch.Tensor | None = None, dsc: torch.Tensor | None = None):
+                    modes: tuple[int, ...] | None = None, kp: torch.Tensor | None = None, dsc: torch.Tensor | None = None,
+                    lag: tuple[torch.Tensor, ...] | None = None):
     """Backward: gradients of (q, k, v, eta, keep, mu, delta, W_0, S_0, kp (None without)). Split: a parallel
     pre-pass of the terms that do not depend on the state gradient, a reverse pass that stores the end-of-chunk state
     gradients ([B, H, NT, K, V] fp32), then every chunk's input gradients in parallel. Lq retention (cfg.lq): kp
-    must be the scaled keys s k, and dsc [B, H, NT] the gradient of the read scales (None: zeros)."""
+    must be the scaled keys s k, and dsc [B, H, NT] the gradient of the read scales (None: zeros). A lag-token
+    retention (cfg.lag, ``lag`` as for ``linear_scan_fwd``) runs the gradient pass as one kernel on whole V-tiles,
+    and the gradients of its first tokens' gates (leta, lkeep at each chunk's first token, else 0) and of the
+    thresholds [B, T, H] (summed outside) come back last, as one [3, B, T, H] tensor (else None)."""
     modes = _modes(modes)
     split = modes != (0,)
-    grad_split = 2 in modes and _grad_split()
+    grad_split = 2 in modes and _grad_split() and not cfg.lag
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias, lq=cfg.lq)
+    BT, BK, BV = chunk_block(cfg.chunk), _tile(K), _block_v(V, cfg.bias, lq=cfg.lq, lag=cfg.lag)
     NT, NV = triton.cdiv(T, cfg.chunk), triton.cdiv(V, BV)
     NP = 1 if grad_split else NV  # partial sums of dq, dk and the gate gradients: one per V-tile in one kernel
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -1120,14 +1215,15 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     if cfg.lq and kp is None:
         raise ValueError("linear_scan_bwd: Lq retention needs the scaled keys kp = s k of the forward's read scales")
     dsc = (dsc.contiguous() if dsc is not None else torch.zeros(B, H, NT, **f32)) if cfg.lq else dh0
+    dlag = torch.zeros(NP, 3, B, T, H, **f32) if cfg.lag else dh0  # (written at the chunks' first tokens only)
     args = (q, k, kp_, v, eta, *gates, hs, ss, do,
             dht if dht is not None else dh0, dst if dst is not None else dh0, dhs, dss, xd, cf, dsc,
-            dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0, T, NT, B * T * H)
+            *_lag_args(cfg, lag, eta), dq, dk, dkp, dv, deta, dla, dlm, ddelta, dh0, ds0, dlag, T, NT, B * T * H)
     kw = dict(H=H, K=K, V=V, BT=BT, CS=cfg.chunk, BK=BK, BV=BV, BIAS=cfg.bias, P=cfg.p, SMOOTH=cfg.smoothing, EPS=cfg.eps,
               HAS_KEEP=cfg.has_keep, DECAYED=cfg.decayed, MOMENTUM=cfg.momentum,
               HAS_DHT=dht is not None, HAS_DST=dst is not None, PREC=dot_prec(q), CF=use_cf, KP=kp is not None,
-              **_lq_constants(cfg))
-    BV_S = _block_v(V, cfg.bias, state_pass=True, lq=cfg.lq)
+              **_lq_constants(cfg), **_lag_constants(cfg))
+    BV_S = _block_v(V, cfg.bias, state_pass=True, lq=cfg.lq, lag=cfg.lag)
     for mode in modes:  # the state pass (MODE 1) writes no partial sums, so its V-tile may differ from the others'
         if mode == 2 and grad_split:
             _grad_pass(cfg, q, k, kp, v, eta, *gates, hs, ss, do, dhs, dss, xd, cf, dq, dk, dkp, dv, deta, dla, dlm,
@@ -1136,12 +1232,13 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
         bv = BV_S if mode == 1 else BV
         grid = (triton.cdiv(V, bv), B * H, NT) if mode in (2, 3) else (triton.cdiv(V, bv), B * H)
         _launch(_linear_bwd_kernel, _linear_bwd_tuned, grid, *args, **{**kw, "BV": bv}, MODE=mode,
-                BVL=_block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
+                BVL=bv if cfg.lag else _block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
     dkeep = _partials(dla) / keep if cfg.has_keep else None
     dmu = _partials(dlm) / mu if cfg.momentum else None
     dd = _partials(ddelta) if cfg.bias == 3 else ddelta.sum((0, 1)) if cfg.bias >= 4 else None
     return (_partials(dq).to(q.dtype), _partials(dk).to(k.dtype), dv, _partials(deta), dkeep, dmu, dd,
-            dh0, ds0 if cfg.momentum else None, _partials(dkp).to(kp.dtype) if kp is not None else None)
+            dh0, ds0 if cfg.momentum else None, _partials(dkp).to(kp.dtype) if kp is not None else None,
+            _partials(dlag) if cfg.lag else None)
 
 
 def _partials(x: torch.Tensor) -> torch.Tensor:
@@ -1237,11 +1334,45 @@ class LqScanFunction(torch.autograd.Function):
             do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
         s_tok = chunk_scales(sc, cfg.chunk, q.shape[1])  # [B, T, H]
         kp = (k.float() * s_tok[..., None]).to(k.dtype)
-        *grads, dkp = linear_scan_bwd(cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
+        *grads, dkp, _ = linear_scan_bwd(cfg, q, k, v, eta, keep, mu, delta, hs, ss, do.contiguous(),
                                       None if dht is None else dht.contiguous(),
                                       None if dst is None else dst.contiguous(), kp=kp, dsc=dsc)
         grads[1] = (grads[1].float() + dkp.float() * s_tok[..., None]).to(k.dtype)  # dk: k's own roles + s dkp
         return tuple(g if need else None for g, need in zip((None, *grads), ctx.needs_input_grad))
+
+
+class LagScanFunction(torch.autograd.Function):
+    r"""A lag-token retention (elastic net, Miras Eq. 22; KL, Memora, Miras Eq. 21, 27; chunked as Miras Eq. 30) of
+    the linear memory with plain GD on the linear kernels: (q, k, v, eta, keep, delta, h0, leta, lkeep, thr) ->
+    (o, W_T). Per chunk with start state W, all gradients at W, and the state carried from the first token on
+
+        Wc = S_gam(a0 W - e0 k0^T r0)  or  c softmax_V(a0 log W - e0 k0^T r0)        (``common.lag_carry``)
+        W_t = beta_t Wc - sum_{1<=j<=t} G[t, j] k_j^T R_j,   o_t = q_t W_t
+
+    eta and keep are the gates with 0 and 1 at each chunk's first token (so that its update is not also taken
+    linearly), leta and lkeep the gates themselves ([B, T, H] fp32; the walks read them at the first tokens), thr
+    elastic's threshold per head [H] (a placeholder for KL). The gradients of leta, lkeep come back at the first
+    tokens only, so that the caller's gates get both parts."""
+
+    @staticmethod
+    def forward(ctx, cfg: LinearConfig, q, k, v, eta, keep, delta, h0, leta, lkeep, thr):
+        lag = (leta, lkeep, thr)
+        o, ht, _, hs, _, _ = linear_scan_fwd(cfg, q, k, v, eta, keep, None, delta, h0, None, lag=lag)
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, eta, keep, delta, hs, leta, lkeep, thr)
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, eta, keep, delta, hs, leta, lkeep, thr = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+        dq, dk, dv, deta, dkeep, _, dd, dh0, _, _, dlag = linear_scan_bwd(
+            ctx.cfg, q, k, v, eta, keep, None, delta, hs, None, do.contiguous(),
+            None if dht is None else dht.contiguous(), None, lag=(leta, lkeep, thr))
+        grads = (None, dq, dk, dv, deta, dkeep, dd, dh0, dlag[0], dlag[1], dlag[2].sum((0, 1)))
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
 
 def chunk_scales(sc: torch.Tensor, chunk: int, T: int) -> torch.Tensor:
