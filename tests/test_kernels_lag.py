@@ -133,10 +133,15 @@ def test_lag_continues_a_sequence_across_calls():
 
 def test_lag_kernel_support(monkeypatch):
     """A linear memory's KL and elastic retention have kernels, opt-in until their GPU test has passed; an MLP
-    memory's (Memora) has none; a malformed switch is an error naming it."""
+    memory's (Memora) has none, nor has the omega bias over them (a window of 2 written as sub-tokens puts the lag
+    step on the first sub-token: 0.56 off the oracle when forced); a malformed switch is an error naming it."""
     assert kernel_support(lag_spec("kl")) == (True, "")
     ok, why = kernel_support(load_spec("memora").memory)
     assert not ok and "retention.kind='kl' on memory.kind='mlp'" in why
+    omega = lag_spec("elastic").model_copy(update={"bias": MemorySpec.model_validate(
+        {"bias": {"kind": "omega", "window": 2, "inner": {"kind": "l2"}}}).bias})
+    ok, why = kernel_support(omega)  # (the sub-token form would take the lag step on the window's first sub-token)
+    assert not ok and "bias.kind='omega' with retention.kind='elastic'" in why
     monkeypatch.delenv("MIRAS_KERNEL_LAG")
     ok, why = kernel_support(lag_spec("elastic"))
     assert not ok and "MIRAS_KERNEL_LAG=1" in why and "chunked" in why

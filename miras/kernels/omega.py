@@ -13,7 +13,8 @@ compute the Omega rule exactly, at c times the work of the inner bias; its gradi
 carried in from the previous call and the initial state through the gathers here (autograd).
 
 Momentum does not factor this way (A_t adds S_t once per token, not once per sub-token): omega with the momentum
-learner stays on the chunked path, as do muon and dgd.
+learner stays on the chunked path, as do muon and dgd; nor do the lag-token retentions (kl, elastic), whose
+non-linear step at a chunk's first token takes that token's whole window.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def omega_support(spec, max_chunk: int) -> str:
     if spec.learner.kind != "gd":
         return (f"no Triton kernel for bias.kind='omega' with learner.kind={spec.learner.kind!r} (only 'gd': the window "
                 "runs as sub-tokens of one gd chunk); the chunked PyTorch path runs it")
+    if c > 1 and spec.retention.kind in ("kl", "elastic"):
+        return (f"no Triton kernel for bias.kind='omega' with retention.kind={spec.retention.kind!r} and bias.window="
+                f"{c} (its lag step takes the first token's whole window, not one sub-token); the chunked PyTorch "
+                "path runs it")
     if c * b > max_chunk:
         return (f"no Triton kernel for bias.kind='omega' with bias.window * learner.chunk_size = {c} * {b} = {c * b} "
                 f"(the window's sub-tokens make chunks of at most {max_chunk}); the chunked PyTorch path runs it")
