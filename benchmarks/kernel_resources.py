@@ -62,6 +62,8 @@ def main() -> None:
                     help="Lq retention with this q (fwd / bwd walks: --mode 1 or 0; they need --bv = the head dim)")
     ap.add_argument("--lag", type=int, default=0, choices=[0, 1, 2],
                     help="a lag-token retention: 1 elastic net, 2 KL (fwd / bwd; KL needs --bv = the head dim)")
+    ap.add_argument("--point", type=int, default=0, choices=[0, 1, 2],
+                    help="wy-*: the keys' weights (ops_delta.dgd_point: 0 the delta rule, 1 and 2 DGD's L2 rows)")
     ap.add_argument("--no-keep", action="store_true", help="no retention gate")
     ap.add_argument("--mode", type=int, default=1, help="0 fused walk, 1 state pass, 2 chunk-parallel pass")
     ap.add_argument("--bvl", type=int, default=0, help="gradient pass: V sub-block (default: the whole tile)")
@@ -92,7 +94,7 @@ def main() -> None:
         fn = delta._wy_fwd_kernel if a.which == "wy-fwd" else delta._wy_bwd_kernel
         ints, io_names = {"T", "NT"}, ("k", "v", "wk", "dwk", "dk")
         prec32 = delta._wy_prec(a.prec, "tf32x3")
-        consts.update(BT=chunk_block(a.chunk), BV=consts["BK"], PREC32=prec32)
+        consts.update(BT=chunk_block(a.chunk), BV=consts["BK"], PREC32=prec32, POINT=a.point)
         consts = {n: val for n, val in consts.items() if n in fn.arg_names}
     elif a.which.startswith("channel"):
         fn = {"channel-fwd": linear_channel._channel_fwd_kernel, "channel-bwd": linear_channel._channel_bwd_kernel,

@@ -122,18 +122,19 @@ def test_channel_backward_mode_1_is_a_clear_error():
 
 # (kernel, --mode, --bv): the online delta rule's launches (miras/kernels/delta.py: prediction keys of their own,
 # --kp) in the linear kernels' default layout, at the benchmark's D=128 (l2, gd, keep gate at the chunk start)
-DELTA_CASES = [("fwd", 1, 64), ("fwd", 2, 128), ("bwd", 1, 64), ("rows", 1, 64), ("qk", 1, 64), ("wy-fwd", 1, 64),
-               ("wy-bwd", 1, 64)]
+DELTA_CASES = [("fwd", 1, 64, 0), ("fwd", 2, 128, 0), ("bwd", 1, 64, 0), ("rows", 1, 64, 0), ("qk", 1, 64, 0),
+               ("wy-fwd", 1, 64, 0), ("wy-bwd", 1, 64, 0), ("wy-bwd", 1, 64, 2)]
 
 
-@pytest.mark.parametrize("which,mode,bv", DELTA_CASES, ids=[f"{w}{m}" for w, m, _ in DELTA_CASES])
-def test_delta_rule_kernels_compile_for_sm90(which, mode, bv):
-    """The linear kernels with the delta rule's WY keys, and the kernels of its WY blocks (wy-*), compile for sm_90
-    (bf16, D=128, blocks of 64) within the H100's shared memory and registers (benchmarks/kernel_resources.py --kp)."""
+@pytest.mark.parametrize("which,mode,bv,point", DELTA_CASES, ids=[f"{w}{m}-point{p}" for w, m, _, p in DELTA_CASES])
+def test_delta_rule_kernels_compile_for_sm90(which, mode, bv, point):
+    """The linear kernels with the delta rule's WY keys, and the kernels of its WY blocks (wy-*; DGD's key weights:
+    point 2), compile for sm_90 (bf16, D=128, blocks of 64) within the H100's shared memory and registers
+    (benchmarks/kernel_resources.py --kp)."""
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
     env.update(PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), which, "bf16", "--d", "128",
-                          "--bv", str(bv), "--mode", str(mode), "--bias", "1", "--kp"],
+                          "--bv", str(bv), "--mode", str(mode), "--bias", "1", "--kp", "--point", str(point)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(r"kp=True .*shared (\d+) KB \| REG:(\d+)", out.stdout)
