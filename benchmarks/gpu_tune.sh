@@ -127,13 +127,14 @@ if [ "$(left)" -gt 30 ] && [ -z "${GPU_CHECK_CPU:-}" ]; then
   env $TUNED timeout "$(cap 60)" python3 benchmarks/profile_kernels.py mlp 2>&1 | grep -vE "^(STAGE|USDT)" \
     | tee "$OUTDIR/profile.log"
 fi
-echo "== phase 5: with the time left, the channel keep gate, the delta rule, omega, TTT-Linear, Lq ($(left) s left)"
+echo "== phase 5: with the time left, the channel keep gate, the delta rule and DGD, omega, TTT-Linear, Lq, KL / elastic ($(left) s left)"
 # its GPU tests (gd on the secondary-chunking path of session 21 included; the split of session 22 and the fused
 # walk; auto mode's fallback beyond the kernels' shape limits; the omega bias on sub-tokens, session 24), then GLA's
 # recurrence against fla's chunk_gla, split and fused (no chunked row: with a channel gate it forms [.., b, b, K]
 # blocks, GBs at the bench shape), Gated DeltaNet against fla's chunk_gated_delta_rule, omega, and TTT-Linear's
-# LayerNorm-head rows (session 24) against fla's chunk_ttt_linear, and Lq retention on the linear memory (session 25;
-# against phase 1's titans row, the same work without the read scales)
+# LayerNorm-head rows (session 24) against fla's chunk_ttt_linear, Lq retention on the linear memory (session 25;
+# against phase 1's titans row, the same work without the read scales), DGD in the WY blocks and KL / elastic
+# retention on the linear memory (session 26)
 if [ "$(left)" -gt 90 ]; then
   if [ -z "${GPU_CHECK_CPU:-}" ]; then
     timeout "$(cap 60)" python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_omega.py \
