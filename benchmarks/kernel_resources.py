@@ -62,6 +62,8 @@ def main() -> None:
                     help="Lq retention with this q (fwd / bwd walks: --mode 1 or 0; they need --bv = the head dim)")
     ap.add_argument("--lag", type=int, default=0, choices=[0, 1, 2],
                     help="a lag-token retention: 1 elastic net, 2 KL (fwd / bwd; KL needs --bv = the head dim)")
+    ap.add_argument("--lag-rows", type=int, default=1,
+                    help="the rows of each chunk's lag step (the omega bias' window over a lag-token retention)")
     ap.add_argument("--point", type=int, default=0, choices=[0, 1, 2],
                     help="wy-*: the keys' weights (ops_delta.dgd_point: 0 the delta rule, 1 and 2 DGD's L2 rows)")
     ap.add_argument("--no-keep", action="store_true", help="no retention gate")
@@ -83,7 +85,7 @@ def main() -> None:
                   BIAS=a.bias, P=2.0, SMOOTH=10.0, EPS=1e-6, HAS_KEEP=not a.no_keep, DECAYED=a.decayed,
                   MOMENTUM=a.momentum, PREC=a.prec, MODE=a.mode, CF=not a.no_cf, KP=a.kp)
     if a.which in ("fwd", "bwd"):
-        consts.update(LQ=a.lq > 0, Q=a.lq or 2.0, QEPS=1e-6, LAG=a.lag, SCALE=1.0)
+        consts.update(LQ=a.lq > 0, Q=a.lq or 2.0, QEPS=1e-6, LAG=a.lag, SCALE=1.0, NLAG=a.lag_rows)
     if a.which == "fwd":
         fn, ints, io_names = linear._linear_fwd_kernel, {"T", "NT", "BTH"}, ("q", "k", "v", "o")
         consts.update(HAS_H0=True, HAS_S0=a.momentum)

@@ -144,17 +144,20 @@ def test_delta_rule_kernels_compile_for_sm90(which, mode, bv, point):
 # (kernel, --mode, --bv, --lag): the lag-token retentions (linear.LagScanFunction): KL's carry (a softmax over all of
 # V) in the output pass and its vector-Jacobian product in the backward state pass; elastic's in the state passes at
 # their default V-tile of 64
-LAG_CASES = [("fwd", 2, 128, 2), ("bwd", 1, 128, 2), ("bwd", 1, 64, 1)]
+LAG_CASES = [("fwd", 2, 128, 2, 1), ("bwd", 1, 128, 2, 1), ("bwd", 1, 64, 1, 4)]
 
 
-@pytest.mark.parametrize("which,mode,bv,lag", LAG_CASES, ids=[f"{w}{m}-lag{g}" for w, m, _, g in LAG_CASES])
-def test_lag_retention_kernels_compile_for_sm90(which, mode, bv, lag):
+@pytest.mark.parametrize("which,mode,bv,lag,rows", LAG_CASES,
+                         ids=[f"{w}{m}-lag{g}-rows{r}" for w, m, _, g, r in LAG_CASES])
+def test_lag_retention_kernels_compile_for_sm90(which, mode, bv, lag, rows):
     """The linear kernels with a lag-token retention compile for sm_90 (bf16, D=128, chunk 64, l2, gd) within the
-    H100's shared memory and registers (benchmarks/kernel_resources.py --lag)."""
+    H100's shared memory and registers (benchmarks/kernel_resources.py --lag), with a lag step of 4 rows too (the
+    omega bias' window)."""
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET" and not n.startswith("MIRAS_KERNEL")}
     env.update(PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), which, "bf16", "--d", "128",
-                          "--bv", str(bv), "--mode", str(mode), "--bias", "1", "--lag", str(lag)],
+                          "--bv", str(bv), "--mode", str(mode), "--bias", "1", "--lag", str(lag), "--lag-rows",
+                          str(rows)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(rf"lag={lag} .*shared (\d+) KB \| REG:(\d+)", out.stdout)

@@ -113,6 +113,28 @@ def test_every_kernel_layout(settings, monkeypatch):
     check_against_oracle(lag_spec("elastic", "lp", 8), 1, 37, 2, 16, 40)
 
 
+@pytest.mark.parametrize("kind,inner,window,chunk", [("elastic", "l2", 2, 4), ("kl", "huber", 3, 4)])
+def test_lag_under_the_omega_bias(kind, inner, window, chunk):
+    """The omega bias' sub-tokens (miras/kernels/omega.py) over a lag-token retention: the lag step of a chunk takes
+    its first token's whole window, its first ``window`` sub-tokens (``lag_rows``; one sub-token alone is 0.56 off),
+    with the window carried in from a previous call."""
+    spec = lag_spec(kind, inner, chunk).model_copy(update={"bias": MemorySpec.model_validate(
+        {"bias": {"kind": "omega", "window": window, "inner": {"kind": inner}}}).bias})
+    assert kernel_support(spec) == (True, "")
+    B, T, H, D = 1, 13, 2, 16
+    x = lag_inputs(lag_spec(kind, inner, chunk), B, T, H, D, D, seed=5)
+    r, u = float64_draws(6)
+    x.update(omega_gamma=u(0.2, 1.0, B, T, H), window_k=0.3 * r(B, H, window - 1, D),
+             window_v=r(B, H, window - 1, D), window_gamma=u(0.2, 1.0, B, H, window - 1, 1))
+    if inner == "huber":
+        x["window_delta"] = u(0.5, 1.5, B, H, window - 1, 1) * D**0.5
+    g = torch.Generator().manual_seed(7)
+    cot = {"o": torch.randn(B, T, H, D, generator=g, dtype=torch.float64),
+           "W1": torch.randn(B, H, D, D, generator=g, dtype=torch.float64)}
+    got = memory_scan_grads(spec, x, cot, torch.float32, "triton", DEVICE)
+    check_errors(got, memory_scan_grads(spec, x, cot, torch.float64, "recurrent", DEVICE), TOL)
+
+
 def test_lag_continues_a_sequence_across_calls():
     """Two calls, the second from the first's final state, give the one call's outputs and state when the split
     falls on a chunk boundary (each call's chunks start at its first token)."""
@@ -133,15 +155,10 @@ def test_lag_continues_a_sequence_across_calls():
 
 def test_lag_kernel_support(monkeypatch):
     """A linear memory's KL and elastic retention have kernels, opt-in until their GPU test has passed; an MLP
-    memory's (Memora) has none, nor has the omega bias over them (a window of 2 written as sub-tokens puts the lag
-    step on the first sub-token: 0.56 off the oracle when forced); a malformed switch is an error naming it."""
+    memory's (Memora) has none; a malformed switch is an error naming it."""
     assert kernel_support(lag_spec("kl")) == (True, "")
     ok, why = kernel_support(load_spec("memora").memory)
     assert not ok and "retention.kind='kl' on memory.kind='mlp'" in why
-    omega = lag_spec("elastic").model_copy(update={"bias": MemorySpec.model_validate(
-        {"bias": {"kind": "omega", "window": 2, "inner": {"kind": "l2"}}}).bias})
-    ok, why = kernel_support(omega)  # (the sub-token form would take the lag step on the window's first sub-token)
-    assert not ok and "bias.kind='omega' with retention.kind='elastic'" in why
     monkeypatch.delenv("MIRAS_KERNEL_LAG")
     ok, why = kernel_support(lag_spec("elastic"))
     assert not ok and "MIRAS_KERNEL_LAG=1" in why and "chunked" in why

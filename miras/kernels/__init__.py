@@ -414,7 +414,8 @@ def _state(state: dict | None, name: str, B: int, H: int, K: int, V: int) -> tor
 
 def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor],
                        state: dict[str, torch.Tensor] | None = None, *,
-                       params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       params: dict[str, torch.Tensor] | None = None,
+                       lag_rows: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""The memory scan of ``spec`` over a sequence with the fused Triton kernels (forward and backward).
 
         W_t = beta_t W_0 + f_t S_0 - sum_{j<=t} G[t, j] k_j^T R_j ,  o_t = q_t W_t      (per chunk, common.py)
@@ -426,7 +427,10 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             "huber_delta" for the Huber bias (all already squashed to their ranges).
         state: {"W1": [B, H, K, V] or [H, K, V], "S1": same (momentum)}; None or missing keys mean zeros.
         params: "norm_weight", "norm_bias" [H, V] for an MLP memory with a LayerNorm head (memory.norm; their
-            gradients flow); unused otherwise (accepted for the memory_scan contract).
+            gradients flow); "threshold" [H] for elastic-net retention; unused otherwise (accepted for the
+            memory_scan contract).
+        lag_rows: the tokens of each chunk's non-linear step under a lag-token retention (kl, elastic): 1, or the
+            omega bias' window when its sub-tokens run here (miras/kernels/omega.py).
     Returns:
         o [B, T, H, V] in q's dtype, and the final state {"W1", "S1" (momentum)} as float32 [B, H, K, V].
     Raises:
@@ -474,7 +478,9 @@ def triton_memory_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                            _state(state, "W1", B, H, K, V))
         return o, {"W1": ht}
     eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H, K)  # (a channel gate's keep: [B, T, H, K])
-    return _linear_kernels(LinearConfig.from_spec(spec), q, k, v, eta, keep, mu, delta, state, params)
+    choices = LinearConfig.choices(spec)
+    cfg = LinearConfig(**{**choices, "lag_rows": lag_rows if choices["lag"] else 1})  # (one compile without a lag)
+    return _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state, params)
 
 
 def _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state, params=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -501,9 +507,10 @@ def _linear_kernels(cfg, q, k, v, eta, keep, mu, delta, state, params=None) -> t
 
 
 def _lag_inputs(cfg, eta: torch.Tensor, keep: torch.Tensor, params: dict | None, H: int) -> tuple[torch.Tensor, ...]:
-    """A lag-token retention's gates for the linear part of each chunk (eta 0 and keep 1 at its first token, whose
-    own step is the non-linear one, Miras Eq. 30) and elastic's per-head threshold gamma [H] (KL: a placeholder)."""
-    first = (torch.arange(eta.shape[1], device=eta.device) % cfg.chunk == 0)[None, :, None]
+    """A lag-token retention's gates for the linear part of each chunk (eta 0 and keep 1 on its first token, or its
+    ``cfg.lag_rows`` sub-tokens, whose own step is the non-linear one, Miras Eq. 30) and elastic's per-head threshold
+    gamma [H] (KL: a placeholder)."""
+    first = (torch.arange(eta.shape[1], device=eta.device) % cfg.chunk < cfg.lag_rows)[None, :, None]
     eta_lin = torch.where(first, 0.0, eta)
     keep_lin = torch.where(first, 1.0, keep)
     from miras.kernels.common import LAG_CODES

@@ -61,6 +61,7 @@ class RuleConfig:
     lq_eps: float = 1e-6
     lag: int = 0  # lag-token retention (``lag_carry``): 0 none, 1 elastic net, 2 KL
     lag_scale: float = 1.0  # KL's c
+    lag_rows: int = 1  # the rows of each chunk's lag step: its first token (the omega bias' sub-tokens: its window)
 
     @staticmethod
     def choices(spec) -> dict:
@@ -278,36 +279,33 @@ TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: KL's l
 
 
 @triton.jit
-def lag_carry(W, r0, k0, a0, e0, gam, k_ok, v_ok, LAG: tl.constexpr, SCALE: tl.constexpr):
-    """The state a chunk carries after its lag token, from its start state W [BK, BV] and token 0's gradient
-    k0^T r0 (k0 [BK], r0 [BV] its bias row at W), keep a0 and learning rate e0:
+def lag_carry(W, gk, a0, gam, k_ok, v_ok, LAG: tl.constexpr, SCALE: tl.constexpr):
+    """The state a chunk carries after its lag token, from its start state W [BK, BV], the lag token's learning-rate
+    weighted gradient gk = eta_0 k_0^T r_0 (its bias row at W; ``linear._lag_grad``) and its keep a0:
 
-        elastic  S_gam(a0 W - e0 k0^T r0),  S_gam(z) = sign(z) relu(|z| - gam)        (Miras Eq. 22)
-        KL       SCALE softmax_V(a0 log max(W, TINY) - e0 k0^T r0)                    (Memora, Miras Eq. 21, 27)
+        elastic  S_gam(a0 W - gk),  S_gam(z) = sign(z) relu(|z| - gam)        (Miras Eq. 22)
+        KL       SCALE softmax_V(a0 log max(W, TINY) - gk)                    (Memora, Miras Eq. 21, 27)
 
     KL's softmax runs over the whole row (all of V in the block). Padding rows and columns come back 0."""
-    gk = k0[:, None] * r0[None, :]
     if LAG == 1:
-        z = a0 * W - e0 * gk
+        z = a0 * W - gk
         Wc = tl.where(z > gam, z - gam, tl.where(z < -gam, z + gam, 0.0))
     else:
-        z = tl.where(v_ok[None, :], a0 * tl.log(tl.maximum(W, TINY)) - e0 * gk, float("-inf"))
+        z = tl.where(v_ok[None, :], a0 * tl.log(tl.maximum(W, TINY)) - gk, float("-inf"))
         ez = tl.exp(z - tl.max(z, axis=1)[:, None])
         Wc = SCALE * ez / tl.sum(ez, axis=1)[:, None]
     return tl.where(k_ok[:, None] & v_ok[None, :], Wc, 0.0)
 
 
 @triton.jit
-def lag_carry_bwd(W, Wc, r0, k0, a0, e0, gam, dWc, LAG: tl.constexpr, SCALE: tl.constexpr):
-    """The vector-Jacobian product of ``lag_carry`` for the carried state's gradient dWc: returns (dW through z,
-    dr0 [BV], dk0 [BK], de0, da0, dgam) with dz the gradient of z:
+def lag_carry_bwd(W, Wc, gk, a0, gam, dWc, LAG: tl.constexpr, SCALE: tl.constexpr):
+    """The vector-Jacobian product of ``lag_carry`` for the carried state's gradient dWc: returns (dW through z, dz,
+    da0, dgam) with dz the gradient of z (gk's is -dz):
 
         elastic  dz = [|z| > gam] dWc,  dgam = -sum sign(z) dz,  dW = a0 dz,  da0 = sum dz W
-        KL       dz = Wc (dWc - rowsum(Wc dWc) / SCALE),  dW = a0 dz / W [W >= TINY],  da0 = sum dz log max(W, TINY)
-        both     dr0 = -e0 k0 dz,  dk0 = -e0 dz r0,  de0 = -sum dz (k0^T r0)"""
-    gk = k0[:, None] * r0[None, :]
+        KL       dz = Wc (dWc - rowsum(Wc dWc) / SCALE),  dW = a0 dz / W [W >= TINY],  da0 = sum dz log max(W, TINY)"""
     if LAG == 1:
-        z = a0 * W - e0 * gk
+        z = a0 * W - gk
         dz = tl.where((z > gam) | (z < -gam), dWc, 0.0)
         dW = a0 * dz
         da0 = tl.sum(tl.sum(dz * W, axis=1), axis=0)
@@ -318,10 +316,7 @@ def lag_carry_bwd(W, Wc, r0, k0, a0, e0, gam, dWc, LAG: tl.constexpr, SCALE: tl.
         dW = tl.where(W >= TINY, a0 * dz / Wl, 0.0)
         da0 = tl.sum(tl.sum(dz * tl.log(Wl), axis=1), axis=0)
         dgam = 0.0 * da0
-    dr0 = -e0 * tl.sum(k0[:, None] * dz, axis=0)
-    dk0 = -e0 * tl.sum(dz * r0[None, :], axis=1)
-    de0 = -tl.sum(tl.sum(dz * gk, axis=1), axis=0)
-    return dW, dr0, dk0, de0, da0, dgam
+    return dW, dz, da0, dgam
 
 
 @triton.jit

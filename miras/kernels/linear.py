@@ -126,22 +126,52 @@ def _state_coeffs(cf, BTH, p_g, t_idx, t_ok, L_idx, H: tl.constexpr, MOMENTUM: t
 
 
 @triton.jit
-def _lag_gates(leta, lkeep, thr, p_g, t0, H: tl.constexpr, LAG: tl.constexpr):
-    """A chunk's lag-token gates: its first token's learning rate e0 and keep a0, and elastic's threshold."""
-    e0 = tl.load(leta + p_g + t0 * H)
+def _lag_gates(leta, lkeep, thr, p_g, t0, t_ok, o_t, H: tl.constexpr, LAG: tl.constexpr, NLAG: tl.constexpr):
+    """A chunk's lag-token gates: the learning rates e [BT] of its first NLAG rows (0 on the others), the keep a0 of
+    its first token, and elastic's threshold."""
+    e = tl.load(leta + p_g + (t0 + o_t) * H, mask=t_ok & (o_t < NLAG), other=0.0)
     a0 = tl.load(lkeep + p_g + t0 * H)
-    gam = 0.0 * e0
+    gam = 0.0 * a0
     if LAG == 1:
         gam = tl.load(thr + p_g % H)
-    return e0, a0, gam
+    return e, a0, gam
 
 
 @triton.jit
-def _lag_state(W, R, b_k, leta, lkeep, thr, p_g, t0, o_t, k_ok, v_ok, H: tl.constexpr, LAG: tl.constexpr,
-               SCALE: tl.constexpr):
-    """The chunk's carried state ``common.lag_carry`` from its start state W and its first row of R and k."""
-    e0, a0, gam = _lag_gates(leta, lkeep, thr, p_g, t0, H, LAG)
-    return lag_carry(W, _row_select(R, o_t, 0), _row_select(b_k, o_t, 0), a0, e0, gam, k_ok, v_ok, LAG, SCALE)
+def _lag_grad(R, b_k, e, o_t, NLAG: tl.constexpr):
+    """The lag token's gradient sum_{j < NLAG} e_j k_j^T r_j [BK, BV] from the chunk's first NLAG rows of k and R (the
+    bias rows at the start state), in fp32. NLAG = 1 but for the omega bias' sub-tokens, where the lag token is the
+    window of the chunk's first token (miras/kernels/omega.py)."""
+    gk = _row_select(b_k, o_t, 0)[:, None] * (_vec_select(e, o_t, 0) * _row_select(R, o_t, 0))[None, :]
+    for j in tl.static_range(1, NLAG):
+        gk += _row_select(b_k, o_t, j)[:, None] * (_vec_select(e, o_t, j) * _row_select(R, o_t, j))[None, :]
+    return gk
+
+
+@triton.jit
+def _lag_grad_bwd(dgk, R, b_k, e, o_t, NLAG: tl.constexpr):
+    """The vector-Jacobian product of ``_lag_grad`` for dgk: (dR, dk) on the first NLAG rows, 0 on the others, and the
+    gradient of e [BT]: dr_j = e_j k_j dgk, dk_j = e_j dgk r_j, de_j = k_j . (dgk r_j)."""
+    dR = tl.zeros_like(R)
+    dK = tl.zeros_like(b_k)
+    de = tl.sum(dK, axis=1)
+    for j in tl.static_range(NLAG):
+        row = o_t == j
+        k_j = _row_select(b_k, o_t, j)
+        u = tl.sum(dgk * _row_select(R, o_t, j)[None, :], axis=1)  # dgk r_j [BK]
+        e_j = _vec_select(e, o_t, j)
+        dR += tl.where(row[:, None], e_j * tl.sum(k_j[:, None] * dgk, axis=0)[None, :], 0.0)
+        dK += tl.where(row[:, None], e_j * u[None, :], 0.0)
+        de += tl.where(row, tl.sum(k_j * u, axis=0), 0.0)
+    return dR, dK, de
+
+
+@triton.jit
+def _lag_state(W, R, b_k, leta, lkeep, thr, p_g, t0, t_ok, o_t, k_ok, v_ok, H: tl.constexpr, LAG: tl.constexpr,
+               SCALE: tl.constexpr, NLAG: tl.constexpr):
+    """The chunk's carried state ``common.lag_carry`` from its start state W and its lag rows of R and k."""
+    e, a0, gam = _lag_gates(leta, lkeep, thr, p_g, t0, t_ok, o_t, H, LAG, NLAG)
+    return lag_carry(W, _lag_grad(R, b_k, e, o_t, NLAG), a0, gam, k_ok, v_ok, LAG, SCALE)
 
 
 @triton.jit
@@ -151,15 +181,15 @@ def _fwd_chunk(
     BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_O: tl.constexpr, WANT_STATE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr, LQ: tl.constexpr,
-    leta, lkeep, thr, LAG: tl.constexpr, SCALE: tl.constexpr,
+    leta, lkeep, thr, LAG: tl.constexpr, SCALE: tl.constexpr, NLAG: tl.constexpr,
 ):
     """One chunk of the forward from its start state (W, S): stores o (WANT_O), returns the end state (WANT_STATE).
     USE_CF (the split state pass, no outputs): the gate coefficients from ``_coeff_kernel``'s rows in cf. KP: the
     predictions y = kp W use keys of their own (the exact delta rule's WY keys, miras/kernels/delta.py). LQ: they
     are taken at the read weights s W (Lq retention, ``common.lq_scale``; the reads stay q W, scaled outside).
-    LAG (a lag-token retention; eta, keep are 0 and 1 at each chunk's first token, whose own gates are in leta,
-    lkeep, elastic's threshold per head in thr): the reads and the end state start from the carried state
-    ``common.lag_carry`` of W, the predictions from W itself."""
+    LAG (a lag-token retention; eta, keep are 0 and 1 on each chunk's first NLAG rows (its first token; the omega
+    bias' sub-tokens: its window), whose own gates are in leta, lkeep, elastic's threshold per head in thr): the reads
+    and the end state start from the carried state ``common.lag_carry`` of W, the predictions from W itself."""
     t0, t_end, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)  # L: the row of the chunk's last real token
     if USE_CF:
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -196,7 +226,7 @@ def _fwd_chunk(
     R = tl.where(t_ok[:, None], R, 0.0)
     Wc = W  # the state the chunk carries (reads, end state)
     if LAG:
-        Wc = _lag_state(W, R, b_k, leta, lkeep, thr, p_g, t0, o_t, k_ok, v_ok, H, LAG, SCALE)
+        Wc = _lag_state(W, R, b_k, leta, lkeep, thr, p_g, t0, t_ok, o_t, k_ok, v_ok, H, LAG, SCALE, NLAG)
 
     if WANT_O:
         causal = o_t[:, None] >= o_t[None, :]
@@ -226,7 +256,7 @@ def _linear_fwd_kernel(
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, CF: tl.constexpr,
     KP: tl.constexpr, LQ: tl.constexpr = False, Q: tl.constexpr = 2.0, QEPS: tl.constexpr = 1e-6,
-    LAG: tl.constexpr = 0, SCALE: tl.constexpr = 1.0,
+    LAG: tl.constexpr = 0, SCALE: tl.constexpr = 1.0, NLAG: tl.constexpr = 1,
 ):
     """LQ (Lq retention): the walks (all of V per program) take each chunk's read scale s = 1 / nu(W) at its start
     (``common.lq_scale``) and store it in sc [B*H, NT]; the chunk-parallel pass reads it there. LAG (a lag-token
@@ -256,7 +286,7 @@ def _linear_fwd_kernel(
             s = tl.load(sc + i_bh * NT + c)
         _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t, o_k, o_v,
                    k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False,
-                   False, KP, LQ, leta, lkeep, thr, LAG, SCALE)
+                   False, KP, LQ, leta, lkeep, thr, LAG, SCALE, NLAG)
     else:
         W = tl.zeros([BK, BV], dtype=tl.float32)
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -276,7 +306,7 @@ def _linear_fwd_kernel(
             W, S = _fwd_chunk(q, k, kp, v, eta, keep, mu, delta, o, cf, W, S, s, c, T, BTH, p_qk, p_v, p_g, o_t,
                               o_k, o_v, k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED,
                               MOMENTUM, PREC, MODE == 0, True, MODE == 1 and CF, KP, LQ, leta, lkeep, thr, LAG,
-                              SCALE)
+                              SCALE, NLAG)
         tl.store(ht + p_s + s_off, W, mask=s_ok)
         if MOMENTUM:
             tl.store(st + p_s + s_off, S, mask=s_ok)
@@ -331,7 +361,7 @@ def _bwd_setup(q, k, eta, keep, mu, c, T, p_qk, p_g, o_t, o_k, k_ok,
 def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
               V: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr, EPS: tl.constexpr,
               DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
-              e0, a0, gam, U, betaL, k_ok, LAG: tl.constexpr, SCALE: tl.constexpr):
+              e, a0, gam, U, betaL, k_ok, LAG: tl.constexpr, SCALE: tl.constexpr, NLAG: tl.constexpr):
     """The backward of one chunk restricted to one V-range (columns of W, S, dW, dS, v, do and Xd).
 
     o = beta*(qW) + f*(qS) - (G.A) R ;  W_end = beta_L W + f_L S - K^T (g_L R) ;  S_end = m_L S - K^T (n_L R), with
@@ -342,10 +372,10 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
     keeps the write and read roles of k alone. BIAS >= 4 (a LayerNorm head, all of V): b_w is the head's weight row,
     and the rows of its gradient come back as dWl (else dWl is a placeholder).
 
-    LAG (a lag-token retention; e0, a0, gam = the chunk's ``_lag_gates``, U its reads' term Q^T (beta dO), betaL its end
-    state's carry coefficient): the reads and the end state start from Wc = ``common.lag_carry`` of W, whose
-    gradient betaL dW + U goes back through it (``common.lag_carry_bwd``): into row 0 of dR (token 0's bias row),
-    and as (dW through Wc, token 0's dk, de0, da0, dgam), returned last (zeros without LAG).
+    LAG (a lag-token retention; e, a0, gam = the chunk's ``_lag_gates``, U its reads' term Q^T (beta dO), betaL its
+    end state's carry coefficient): the reads and the end state start from Wc = ``common.lag_carry`` of W, whose
+    gradient betaL dW + U goes back through it (``common.lag_carry_bwd``, ``_lag_grad_bwd``): into the lag rows of
+    dR (their bias rows) and of dk, and as (dW through Wc, de [BT], da0, dgam), returned last (zeros without LAG).
     """
     causal = o_t[:, None] >= o_t[None, :]
     causal_t = o_t[:, None] <= o_t[None, :]
@@ -364,16 +394,16 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
         dR -= nL[:, None] * KdS
     Wc = W  # the carried state (reads, end state)
     dW_lag = W
-    dk0 = tl.zeros([b_k.shape[1]], dtype=tl.float32)
-    de0 = tl.sum(dk0, axis=0)
-    da0 = de0
-    dgam = de0
+    dK_lag = b_k
+    de = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+    da0 = tl.sum(de, axis=0)
+    dgam = da0
     if LAG:
-        r0 = _row_select(R, o_t, 0)
-        k0 = _row_select(b_k, o_t, 0)
-        Wc = lag_carry(W, r0, k0, a0, e0, gam, k_ok, v_ok, LAG, SCALE)
-        dW_lag, dr0, dk0, de0, da0, dgam = lag_carry_bwd(W, Wc, r0, k0, a0, e0, gam, betaL * dW + U, LAG, SCALE)
-        dR += tl.where(o_t[:, None] == 0, dr0[None, :], 0.0)
+        gk = _lag_grad(R, b_k, e, o_t, NLAG)
+        Wc = lag_carry(W, gk, a0, gam, k_ok, v_ok, LAG, SCALE)
+        dW_lag, dz, da0, dgam = lag_carry_bwd(W, Wc, gk, a0, gam, betaL * dW + U, LAG, SCALE)
+        dR_lag, dK_lag, de = _lag_grad_bwd(-dz, R, b_k, e, o_t, NLAG)
+        dR += dR_lag
     dR = tl.where(t_ok[:, None], dR, 0.0)
     if BIAS >= 4:
         dY, dV, dWl = ln_rows_bwd(b_y, b_v, b_w, dR, v_ok, V, BIAS - 4, P, SMOOTH, EPS)
@@ -409,8 +439,8 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
         df += tl.where(at_L, tl.sum(tl.sum(dW * S, axis=1), axis=0), 0.0)
         dmL = tl.sum(tl.sum(dS * S, axis=1), axis=0)
     if LAG:
-        b_dk += tl.where(o_t[:, None] == 0, dk0[None, :], 0.0)
-    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl, dW_lag, de0, da0, dgam
+        b_dk += dK_lag
+    return dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl, dW_lag, de, da0, dgam
 
 
 @triton.jit
@@ -450,7 +480,7 @@ def _bwd_chunk(
     HAS_KEEP: tl.constexpr, DECAYED: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr,
     WANT_GRADS: tl.constexpr, USE_PRE: tl.constexpr, USE_CF: tl.constexpr, KP: tl.constexpr,
     LQ: tl.constexpr, Q: tl.constexpr, QEPS: tl.constexpr,
-    leta, lkeep, thr, dlag, LAG: tl.constexpr, SCALE: tl.constexpr,
+    leta, lkeep, thr, dlag, LAG: tl.constexpr, SCALE: tl.constexpr, NLAG: tl.constexpr,
 ):
     """One chunk of the backward with the states on chip. (W, S): its start state; (dW, dS): the gradient of its
     end state. Returns the gradient of the start state; with WANT_GRADS (the fused walk, and the gradient pass on a
@@ -460,8 +490,8 @@ def _bwd_chunk(
     (``_bwd_rows``), whose gradient goes to dkp. LQ (Lq retention, a walk over all of V; kp = s k): the start state's
     gradient also takes the path through the chunk's read scale s = 1 / nu(W), whose gradient is ds_in (the reads')
     plus sum dYk . (k W) (the predictions'). LAG (a lag-token retention, ``_bwd_rows``): the start state's gradient
-    goes through the chunk's carried state; with WANT_GRADS the lag token's de0, da0, dgam go to the partial-sum
-    slots of dlag [NP, 3, B, T, H] at the chunk's first token."""
+    goes through the chunk's carried state; with WANT_GRADS the lag rows' de and the first token's da0, dgam go to
+    the partial-sum slots of dlag [NP, 3, B, T, H] (the other tokens' stay 0)."""
     if USE_CF:
         t0, _, t_idx, t_ok, L = chunk_rows(c, T, o_t, BT, CS)
         beta, gL, nL, betaL, fL, mL = _state_coeffs(cf, BTH, p_g, t_idx, t_ok, t0 + L, H, MOMENTUM)
@@ -496,14 +526,14 @@ def _bwd_chunk(
     else:
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
-    e0, a0, gam = 0.0, 1.0, 0.0
+    e, a0, gam = beta, 1.0, 0.0
     if LAG:
-        e0, a0, gam = _lag_gates(leta, lkeep, thr, p_g, c * CS, H, LAG)
+        e, a0, gam = _lag_gates(leta, lkeep, thr, p_g, c * CS, t_ok, o_t, H, LAG, NLAG)
         if not USE_PRE:  # (the carried state's gradient needs the reads' term first)
             U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
-    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl, dW_lag, de0, da0, dgam = _bwd_rows(
+    dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, dWl, dW_lag, de, da0, dgam = _bwd_rows(
         b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
-        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, e0, a0, gam, U, betaL, k_ok, LAG, SCALE)
+        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, e, a0, gam, U, betaL, k_ok, LAG, SCALE, NLAG)
     if WANT_GRADS:
         p_tk = p_part * K + p_qk + t_idx[:, None] * H * K + o_k[None, :]
         _bwd_grads(dq, dk, deta, dla, dlm, b_q, b_k, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL,
@@ -516,11 +546,11 @@ def _bwd_chunk(
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
         if BIAS >= 4:  # the rows of the head weight's gradient, [B, T, H, V] (one V-tile)
             tl.store(ddelta + p_tv, dWl, mask=tv_ok)
-        if LAG:  # (at the chunk's first token; the slots of the other tokens stay 0)
-            p_lag = dlag + 3 * p_part + p_g + c * CS * H
-            tl.store(p_lag, de0)
-            tl.store(p_lag + BTH, da0)
-            tl.store(p_lag + 2 * BTH, dgam)
+        if LAG:  # (at the lag rows' tokens; the slots of the other tokens stay 0)
+            p_lag = dlag + 3 * p_part + p_g
+            tl.store(p_lag + t_idx * H, de, mask=t_ok & (o_t < NLAG))
+            tl.store(p_lag + BTH + c * CS * H, da0)
+            tl.store(p_lag + 2 * BTH + c * CS * H, dgam)
     # gradient of the chunk-start state
     if not USE_PRE and not LAG:
         U = _dot(tl.trans(b_q), beta[:, None] * b_do, PREC)
@@ -576,7 +606,7 @@ def _bwd_grad_block(
     tl.static_assert(BIAS < 4, "a LayerNorm head runs its V-tile in one block (_bwd_chunk), never in sub-blocks")
     dV, dd, dYk, b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp, _, _, _, _, _ = _bwd_rows(
         b_q, b_k, b_kp, b_v, b_do, b_d, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
-        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, 0.0, 1.0, 0.0, dW, 1.0, k_ok, 0, 1.0)
+        V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, beta, 1.0, 0.0, dW, 1.0, k_ok, 0, 1.0, 1)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (see _block_v_loop)
         tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
@@ -871,7 +901,7 @@ def _linear_bwd_kernel(
     HAS_DHT: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr,
     BVL: tl.constexpr, CF: tl.constexpr, KP: tl.constexpr,
     LQ: tl.constexpr = False, Q: tl.constexpr = 2.0, QEPS: tl.constexpr = 1e-6,
-    LAG: tl.constexpr = 0, SCALE: tl.constexpr = 1.0,
+    LAG: tl.constexpr = 0, SCALE: tl.constexpr = 1.0, NLAG: tl.constexpr = 1,
 ):
     """LQ (Lq retention; the walks take all of V, kp = s k): dsc [B*H, NT] holds the gradient of each chunk's read
     scale from the reads (``_bwd_chunk``). LAG (a lag-token retention; the gradient pass in one kernel on whole
@@ -906,7 +936,7 @@ def _linear_bwd_kernel(
         _bwd_chunk(q, k, kp, v, eta, keep, mu, delta, do, dq, dk, dkp, dv, deta, dla, dlm, ddelta, xd, cf,
                    W, S, dW, dS, dW, dS, 0.0, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v, k_ok, v_ok,
                    H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC, True, False, False, KP,
-                   False, Q, QEPS, leta, lkeep, thr, dlag, LAG, SCALE)
+                   False, Q, QEPS, leta, lkeep, thr, dlag, LAG, SCALE, NLAG)
     else:
         dW = tl.zeros([BK, BV], dtype=tl.float32)
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -936,7 +966,7 @@ def _linear_bwd_kernel(
                                 cf, W, S, dW, dS, U, Uf, ds_in, c, T, BTH, p_qk, p_v, p_g, p_part, o_t, o_k, o_v,
                                 k_ok, v_ok, H, K, V, BT, CS, BIAS, P, SMOOTH, EPS, HAS_KEEP, DECAYED, MOMENTUM, PREC,
                                 MODE == 0, MODE == 1, MODE == 1 and CF, KP, LQ, Q, QEPS, leta, lkeep, thr, dlag, LAG,
-                                SCALE)
+                                SCALE, NLAG)
         tl.store(dh0 + p_s + s_off, dW, mask=s_ok)
         if MOMENTUM:
             tl.store(ds0 + p_s + s_off, dS, mask=s_ok)
@@ -1157,8 +1187,8 @@ def _lq_constants(cfg: LinearConfig) -> dict:
 
 
 def _lag_constants(cfg: LinearConfig) -> dict:
-    """The kernels' lag-token-retention constexprs (LAG, SCALE)."""
-    return dict(LAG=cfg.lag, SCALE=cfg.lag_scale)
+    """The kernels' lag-token-retention constexprs (LAG, SCALE, NLAG)."""
+    return dict(LAG=cfg.lag, SCALE=cfg.lag_scale, NLAG=cfg.lag_rows)
 
 
 def _lag_args(cfg: LinearConfig, lag: tuple[torch.Tensor, ...] | None, placeholder: torch.Tensor) -> tuple:

@@ -13,8 +13,9 @@ compute the Omega rule exactly, at c times the work of the inner bias; its gradi
 carried in from the previous call and the initial state through the gathers here (autograd).
 
 Momentum does not factor this way (A_t adds S_t once per token, not once per sub-token): omega with the momentum
-learner stays on the chunked path, as do muon and dgd; nor do the lag-token retentions (kl, elastic), whose
-non-linear step at a chunk's first token takes that token's whole window.
+learner stays on the chunked path, as do muon and dgd. The lag-token retentions (kl, elastic) take their non-linear
+step at each chunk's first token from that token's whole window: the first c sub-tokens of the sub-token chunk
+(``lag_rows``, ``linear._lag_grad``).
 """
 
 from __future__ import annotations
@@ -40,10 +41,6 @@ def omega_support(spec, max_chunk: int) -> str:
     if spec.learner.kind != "gd":
         return (f"no Triton kernel for bias.kind='omega' with learner.kind={spec.learner.kind!r} (only 'gd': the window "
                 "runs as sub-tokens of one gd chunk); the chunked PyTorch path runs it")
-    if c > 1 and spec.retention.kind in ("kl", "elastic"):
-        return (f"no Triton kernel for bias.kind='omega' with retention.kind={spec.retention.kind!r} and bias.window="
-                f"{c} (its lag step takes the first token's whole window, not one sub-token); the chunked PyTorch "
-                "path runs it")
     if c * b > max_chunk:
         return (f"no Triton kernel for bias.kind='omega' with bias.window * learner.chunk_size = {c} * {b} = {c * b} "
                 f"(the window's sub-tokens make chunks of at most {max_chunk}); the chunked PyTorch path runs it")
@@ -98,8 +95,9 @@ def omega_scan(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: d
         deltas = _windows(gate("huber_delta"), carried("window_delta"), c)[..., 0]
         sub_gates["huber_delta"] = _sub(deltas)
     inner_state = {n: s for n, s in state.items() if not n.startswith("window_")}
+    # (a lag-token retention's step at each chunk's first token takes that token's whole window: c sub-tokens)
     o, final = scan(omega_inner_spec(spec), _sub(qs), _sub(kw), _sub(vw), sub_gates, inner_state or None,
-                    params=params)
+                    params=params, lag_rows=c)
     o = o.view(B, T, c, *o.shape[2:])[:, :, -1]
     if c > 1:  # the last c - 1 tokens (the last token's window without its oldest entry), float32 as the states
         final["window_k"] = kw[:, -1, 1:].transpose(1, 2).float()
