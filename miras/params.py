@@ -145,6 +145,8 @@ def block_path(spec: ModelSpec, block: str, device: str = "cuda") -> str:
         return ("chunked" if device != "cuda" else
                 "chunked: memory.caching.kind='soup' reads a mix of per-token and cached weights in its own chunked "
                 "scan (no Triton kernel)")
+    if block == "selfmod":  # (miras/components/selfmod.py: its projection memories write chunks of selfmod.chunk_size)
+        return _selfmod_path(spec, device)
     if mem.local is None:
         return _scan_path(spec, mem, device)
     from miras.components.tnt import plain_memory_spec  # TNT: its local memories scan, its global memory is read
@@ -154,6 +156,22 @@ def block_path(spec: ModelSpec, block: str, device: str = "cuda") -> str:
     if path == "triton" and mem.local.global_memory:
         return "triton: the TNT local memories (the global memory writes its chunks on the chunked path)"
     return path
+
+
+def _selfmod_path(spec: ModelSpec, device: str) -> str:
+    """A self-modifying Titans block's path: its output memory scans with the memory's chunk, its projection
+    memories (k, v, eta, alpha) with ``selfmod.chunk_size``, so that the two may take different paths."""
+    from miras.components.selfmod import projection_spec
+
+    out = _scan_path(spec, spec.memory, device)
+    proj = _scan_path(spec, projection_spec(spec.memory, spec.selfmod), device)
+    if out == proj:
+        return out
+    if proj == "triton":
+        return f"triton: the projection memories (the output memory's scan is {out})"
+    if out == "triton":
+        return f"triton: the output memory (the projection memories' scan is {proj})"
+    return out
 
 
 def _scan_path(spec: ModelSpec, mem: MemorySpec, device: str) -> str:

@@ -210,6 +210,12 @@ def test_show_names_what_keeps_a_layer_off_the_kernels():
     assert memory_path(load_spec(root / "recipes/tnt-titans.yaml"), "cuda").startswith("triton: the TNT local memories")
     hybrid = load_spec(root / "recipes/titans-lmm.yaml", ["layout=[lmm, swa]"])
     assert memory_path(hybrid, "cuda") == "triton" and [p for _, _, p in layer_paths(hybrid)][1] == "sdpa"
+    # a selfmod block's projection memories write chunks of selfmod.chunk_size (16), its output memory its own
+    selfmod = load_spec(root / "recipes/hope.yaml", ["memory.memory={kind: linear}", "memory.learner={kind: gd, "
+                                                      "chunk_size: 128}"])
+    assert memory_path(selfmod, "cuda") == ("triton: the projection memories (the output memory's scan is chunked: "
+                                            "learner.chunk_size must be at most 64 for the Triton kernels, but got "
+                                            "chunk_size=128)")
 
 
 def test_cli_show_params_recipes():

@@ -45,6 +45,12 @@ from miras.spec import GateSpec, MemorySpec, SelfModSpec
 PROJECTIONS = ("k", "v", "eta", "alpha")
 
 
+def projection_spec(spec: MemorySpec, sm: SelfModSpec) -> MemorySpec:
+    """The spec of the projection memories M_k, M_v, M_eta (, M_alpha): the memory's, written in one gradient chunk
+    of ``selfmod.chunk_size`` (NL Eq. 86-88; the output memory keeps ``memory.learner.chunk_size``)."""
+    return spec.model_copy(update={"learner": spec.learner.model_copy(update={"chunk_size": sm.chunk_size})})
+
+
 def memory_names(spec: MemorySpec) -> tuple[list[str], bool]:
     """The projection memories (k, v, eta and alpha when the retention has a keep gate) and whether alpha exists."""
     has_alpha = spec.retention.kind != "none"
@@ -106,7 +112,7 @@ class SelfModMixer(GatedOutput, nn.Module):
         self.spec, self.sm, self.n_heads, self.d_head = spec, sm, n_heads, d_head
         self.names, self.has_alpha = memory_names(spec)
         P = len(self.names)
-        self.proj_spec = spec.model_copy(update={"learner": spec.learner.model_copy(update={"chunk_size": sm.chunk_size})})
+        self.proj_spec = projection_spec(spec, sm)
         self.mode = "auto"
         inner = n_heads * d_head
         self.w_q = nn.Linear(d_model, inner, bias=False)
