@@ -46,7 +46,7 @@ def main() -> None:
     q, k, v, gates = (x if isinstance(x, dict) else x.detach() for x in make(spec, B, T, H, D, dev, dt))
     eta, keep, mu = (gates[n].detach() if n in gates else None for n in ("lr", "keep", "momentum"))
     do = torch.randn_like(v)
-    o, ht, st, hs, ss = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None)
+    o, ht, st, hs, ss, _ = linear_scan_fwd(cfg, q, k, v, eta, keep, mu, None, None, None)
 
     if dev == "cuda":
         from triton.testing import do_bench

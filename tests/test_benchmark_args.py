@@ -1,7 +1,9 @@
-"""Benchmark scripts reject malformed options with a usage error that names the option (no traceback)."""
+"""Benchmark scripts reject malformed options with a usage error that names the option (no traceback), and the GPU
+scripts that have a CPU mode run in it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,17 @@ def test_profile_passes_family_is_checked():
     assert out.returncode == 1
     assert "the family must be 'titans' or 'delta', but got 'mlp'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_profile_passes_runs_on_the_cpu():
+    """The GPU script that times each pass of the linear kernels runs end to end in the interpreter (--tiny): it had
+    kept unpacking five values from linear_scan_fwd after the sixth (Lq's read scales) was added."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/profile_passes.py"), "titans", "--tiny"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| bwd MODE 2 | bwd gradient pass (chunk-parallel) |" in out.stdout and "sum of passes" in out.stdout
 
 
 def test_kernel_coverage_checks_the_paths_it_reports():
