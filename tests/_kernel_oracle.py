@@ -145,8 +145,8 @@ def split(spec, x):
     return x["q"], x["k"], x["v"], gates, state
 
 
-HEAD_PARAMS = ("norm_weight", "norm_bias")  # an MLP memory's LayerNorm head: leaves of x passed as ``params``
-MEMORY_PARAMS = (*HEAD_PARAMS, "threshold")  # (and elastic-net retention's thresholds per head)
+# leaves of x passed as ``params``: an MLP memory's LayerNorm head, elastic-net retention's thresholds per head
+MEMORY_PARAMS = ("norm_weight", "norm_bias", "threshold")
 
 
 def run_and_grads(fn, spec, x, cot, **kw):
