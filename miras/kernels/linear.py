@@ -526,6 +526,8 @@ def _bwd_chunk(
     else:
         b_do = tl.load(do + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
         Xd = -_dot(_dot(b_k, tl.trans(b_q), PREC) * GT, b_do, PREC)  # AT[j, t] = q_t . k_j
+    # (the lag-token retentions are defined with plain GD: with momentum, U_f below would be left unset)
+    tl.static_assert(LAG == 0 or not MOMENTUM, "a lag-token retention (LAG) runs with the gd learner only")
     e, a0, gam = beta, 1.0, 0.0
     if LAG:
         e, a0, gam = _lag_gates(leta, lkeep, thr, p_g, c * CS, t_ok, o_t, H, LAG, NLAG)
