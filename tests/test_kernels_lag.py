@@ -167,6 +167,19 @@ def test_lag_kernel_support(monkeypatch):
         kernel_support(lag_spec("elastic"))
 
 
+def test_elastic_thresholds_are_required():
+    """Elastic-net retention's thresholds come as params["threshold"], one per head; without them (or misshapen) the
+    kernels raise a ValueError naming the param and the shape they need."""
+    from miras.kernels import triton_memory_scan
+
+    spec = lag_spec("elastic")
+    x = {n: t.float().to(DEVICE) for n, t in lag_inputs(spec, 1, 8, 2, 16, 16).items()}
+    gates = {"lr": x["lr"], "keep": x["keep"]}
+    for params in (None, {"threshold": x["threshold"][:1]}):
+        with pytest.raises(ValueError, match=r"params\['threshold'\] must hold one elastic-net threshold per head \[2\]"):
+            triton_memory_scan(spec, x["q"], x["k"], x["v"], gates, {"W1": x["W1"]}, params=params)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["elastic", "kl"])
