@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("postgres")  # (one module-wide server on a fixed port when CI gives none)
 N_TRIALS = 4
 
 
