@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128, help="head dim K = V")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--bias", type=int, default=1,
-                    help="0 dot, 1 l2, 2 lp, 3 huber; 4-6: dot, l2, lp behind a LayerNorm head (TTT-Linear)")
+                    help="0 dot, 1 l2, 2 lp, 3 huber; 4-7: dot, l2, lp, huber behind a LayerNorm head (TTT-Linear)")
     ap.add_argument("--momentum", action="store_true")
     ap.add_argument("--decayed", action="store_true", help="gradient at the decayed state (grad_at decayed)")
     ap.add_argument("--lq", type=float, default=0.0, metavar="Q",

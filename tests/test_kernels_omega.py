@@ -42,6 +42,7 @@ def tol(spec) -> float:
 LINEAR = {"kind": "linear"}
 LOW_PRECISION = ("q", "k", "v", "window_k", "window_v")  # the inputs a bf16 call takes in bf16
 MLP = {"kind": "mlp", "depth": 2, "expansion": 2, "residual": True, "norm": True, "activation": "gelu"}  # OmegaNet's
+TTT = {"kind": "mlp", "depth": 1, "residual": True, "norm": True}  # TTT-Linear's x + LN(x W) w + b (linear kernels)
 
 
 def omega_spec(memory=None, inner="l2", window=2, chunk=8, retention="head", learner="gd") -> MemorySpec:
@@ -63,7 +64,7 @@ def omega_inputs(spec, B, T, H, K, V, *, init_state=True, seed=0) -> dict[str, t
         x["keep"] = u(0.8, 1.0, B, T, H, *((K,) if channel else ()))
     if spec.bias.inner.kind == "huber":
         x["huber_delta"] = u(0.5, 1.5, B, T, H) * V**0.5  # ~ ||r||: both branches of the switch occur
-    if spec.bias.inner.kind == "huber" and spec.memory.kind == "mlp":
+    if spec.bias.inner.kind == "huber" and spec.memory.kind == "mlp" and spec.memory.depth > 1:
         # ||r|| >> delta: every row on the delta tanh(a r) branch. Near the switch the MLP memory's LayerNorm head
         # makes fp32 and float64 disagree by up to 1e-3 on the chunked path too; the MLP kernel tests cover the
         # switch itself, and the linear cases here cover both branches on sub-tokens
@@ -105,12 +106,15 @@ CASES = [  # (memory, inner, window, chunk, retention, B, T, H, K, V, init_state
     (LINEAR, "l2", 4, 4, "scalar", 1, 1, 2, 16, 16, False),  # T = 1: the window is all carried (zeros)
     (LINEAR, "huber", 1, 8, "head", 1, 20, 2, 16, 16, True),  # window 1: the inner bias with eta * gamma
     (MLP, "l2", 4, 4, "head", 1, 21, 2, 16, 16, True),  # OmegaNet's memory (recipes/omeganet.yaml), chunk 16
+    (TTT, "huber", 2, 8, "head", 1, 21, 2, 16, 16, True),  # TTT-Linear's memory, Huber behind its head
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]['kind']}-{c[1]}-c{c[2]}-b{c[3]}-{c[4]}-T{c[6]}" for c in CASES])
-def test_omega_vs_float64_oracle(case):
+def test_omega_vs_float64_oracle(case, monkeypatch):
     memory, inner, window, chunk, retention, B, T, H, K, V, init_state = case
+    if memory is TTT:  # (its kernels are opt-in: miras.kernels.ttt_kernels_on)
+        monkeypatch.setenv("MIRAS_KERNEL_TTT", "1")
     spec = omega_spec(memory, inner, window, chunk, retention)
     check_against_oracle(spec, B, T, H, K, V, init_state=init_state)
 

@@ -57,6 +57,8 @@ def ttt_inputs(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[str, torch.
         x["momentum"] = u(0.3, 0.8, B, T, H)
     if init_state:
         x.update({n: 0.3 * r(B, H, *s) for n, s in state_shapes(spec, D, D).items()})
+    if spec.bias.kind == "huber":  # ~ ||r|| (y ~ w LN(z) and v - b - k: ~ sqrt(2 D)): both branches of the switch
+        x["huber_delta"] = u(0.6, 1.6, B, T, H) * (2 * D) ** 0.5
     x.update(norm_weight=1 + 0.1 * r(H, D), norm_bias=0.1 * r(H, D))
     return x
 
@@ -78,6 +80,8 @@ def check_against_oracle(spec, B, T, H, D, *, init_state=True, seed=0) -> dict[s
 COMBOS = [(b, r, lr, ga) for b in ("dot", "l2", "lp")
           for r, lr, ga in (("none", "gd", "previous"), ("decay", "momentum", "previous"), ("decay", "gd", "decayed"),
                             ("decay", "momentum", "decayed"))]
+COMBOS += [("huber", "decay", "momentum", "previous"), ("huber", "none", "gd", "previous"),
+           ("huber", "decay", "gd", "decayed")]  # (Huber behind the head: common.HUBER_LN)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=["-".join(c) for c in COMBOS])
@@ -93,6 +97,18 @@ def test_shapes(T, D, residual, init_state):
                          init_state=init_state)
 
 
+@pytest.mark.parametrize("setting", [None, "MIRAS_KERNEL_SPLIT", "MIRAS_KERNEL_GRAD_SPLIT"])
+def test_huber_behind_the_head(setting, monkeypatch):
+    """Huber behind the head (its deltas after the head's weight in the kernels' delta buffer, common.HUBER_LN):
+    T = 63 at chunk 16, head dim 24, no residual, no initial state; in the default layout (the two-kernel gradient
+    pass), the fused walk and the one-kernel gradient pass. The deltas' gradients are among those checked."""
+    if setting:
+        monkeypatch.setenv(setting, "0")
+    errs = check_against_oracle(ttt_spec("huber", "decay", "momentum", "decayed", 16, residual=False), 2, 63, 2, 24,
+                                init_state=False, seed=4)
+    assert "dhuber_delta" in errs
+
+
 @pytest.mark.parametrize("setting", ["MIRAS_KERNEL_SPLIT", "MIRAS_KERNEL_GRAD_SPLIT", "MIRAS_KERNEL_COEFFS"])
 def test_every_kernel_layout(setting, monkeypatch):
     """The fused walk, the one-kernel gradient pass, and the state passes without the coefficient rows."""
@@ -101,9 +117,8 @@ def test_every_kernel_layout(setting, monkeypatch):
 
 
 def test_ttt_kernel_support_names_what_is_missing(monkeypatch):
-    """Off by default until the GPU test passes; no head, Huber or a channel gate are named gaps."""
-    ok, why = kernel_support(ttt_spec(bias="huber"))
-    assert not ok and "bias.kind='huber'" in why
+    """Off by default until the GPU test passes; no head is a named gap; every bias is covered, Huber included."""
+    assert all(kernel_support(ttt_spec(bias=b)) == (True, "") for b in ("dot", "l2", "lp", "huber"))
     spec = MemorySpec.model_validate({"memory": {"kind": "mlp", "depth": 1, "norm": False}, "bias": "l2"})
     ok, why = kernel_support(spec)
     assert not ok and "memory.norm=False" in why

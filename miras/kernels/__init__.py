@@ -32,7 +32,7 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the chunked path instead of its inner bias' kernels on sub-tokens (miras/kernels/omega.py; default on: no kernel
   code of its own, exact against the float64 oracle in the interpreter; not yet run on a GPU).
 - ``MIRAS_KERNEL_TTT=1``: a depth-1 MLP memory with a LayerNorm head (TTT-Linear's ``x + LN(x W) w + b``, the
-  ``tnt-ttt`` recipe; bias dot, l2 or lp; head or scalar keep gates) on the linear kernels, which then write with the
+  ``tnt-ttt`` recipe; bias dot, l2, lp or huber; head or scalar keep gates) on the linear kernels, which then write with the
   head's rows R = J^T R_y (``common.ln_rows``, all of V per program) and read q W raw, the head applied in PyTorch
   (``_ttt_scan``; default off until its GPU test has passed: it matches the float64 oracle in the interpreter).
 - ``MIRAS_KERNEL_LQ=1``: Lq retention (Moneta's W = A / ||A||_q^(q-2), ``retention.kind: lq``) of the linear
@@ -246,7 +246,7 @@ def kernel_support(spec) -> tuple[bool, str]:
     ``MIRAS_KERNEL_DELTA=1``).
     The omega bias around any of those inner biases with the gd learner and ``window * chunk_size <= 64`` runs on
     the inner bias' kernels, its window written as sub-tokens (miras/kernels/omega.py). A depth-1 MLP memory with a
-    LayerNorm head (TTT-Linear's x + LN(x W) w + b) with dot, l2 or lp runs on the linear kernels with their
+    LayerNorm head (TTT-Linear's x + LN(x W) w + b) with dot, l2, lp or huber runs on the linear kernels with their
     LayerNorm-head rows (common.ln_rows), with ``MIRAS_KERNEL_TTT=1``.
     """
     ok, why = triton_status()
@@ -344,9 +344,9 @@ def _ttt_gap(spec) -> str:
     if not mem.norm:
         return ("no Triton kernel for memory.kind='mlp' with memory.depth=1 and no LayerNorm head (memory.norm=False; "
                 "the kernels cover TTT-Linear's x + LN(x W)); the chunked PyTorch path runs it")
-    if bias.kind not in ("dot", "l2", "lp"):
+    if bias.kind not in ("dot", "l2", "lp", "huber"):
         return (f"no Triton kernel for a depth-1 MLP memory's LayerNorm head with bias.kind={bias.kind!r} (only dot, "
-                "l2, lp); the chunked PyTorch path runs it")
+                "l2, lp, huber); the chunked PyTorch path runs it")
     if _channel_gate(spec):
         return ("no Triton kernel for a channel-wise retention gate on memory.kind='mlp' (only 'linear'); the chunked "
                 "PyTorch path runs it")
@@ -576,8 +576,11 @@ def _ttt_scan(spec, q, k, v, gates, state, params) -> tuple[torch.Tensor, dict[s
     if spec.bias.kind != "dot":
         target = target - b - (k.float() if spec.memory.residual else 0.0)
     cfg = LinearConfig(**{**LinearConfig.choices(spec), "bias": LN_HEAD + BIAS_CODES[spec.bias.kind]})
-    eta, keep, mu, _ = _kernel_gates(spec, gates, B, T, H, K)
-    z, final = _linear_kernels(cfg, q, k, target, eta, keep, mu, w.contiguous(), state)  # (w in Huber's delta slot)
+    eta, keep, mu, delta = _kernel_gates(spec, gates, B, T, H, K)
+    head = w.flatten()  # (in Huber's delta slot; Huber's own deltas after it: common.HUBER_LN, autograd splits them)
+    if delta is not None:
+        head = torch.cat([head, delta.flatten()])
+    z, final = _linear_kernels(cfg, q, k, target, eta, keep, mu, head, state)
     o = torch.nn.functional.layer_norm(z.float(), (V,), eps=LN_EPS) * w + b
     if spec.memory.residual:
         o = o + q.float()

@@ -13,9 +13,10 @@ R = dl/dy (one row per token) and ``bias_rows_bwd`` its vector-Jacobian product.
 
 Bias codes (constexpr BIAS): 0 dot (R = -v), 1 l2 (R = y - v), 2 lp (Miras Eq. 10-11 smoothed:
 R = p tanh(a r) (r^2 + eps)^((p-1)/2)), 3 huber (Miras Eq. 16: R = r if ||r||_2 <= delta else delta tanh(a r)).
-LN_HEAD + 0..2: that bias behind a LayerNorm head on the prediction (TTT-Linear's memory x + LN(x W) w + b, Sun et
+LN_HEAD + 0..3: that bias behind a LayerNorm head on the prediction (TTT-Linear's memory x + LN(x W) w + b, Sun et
 al. 2024; ``ln_rows``): the kernels' delta pointer then holds the head's weight w [H, V], and ddelta takes the rows
-of its gradient [B, T, H, V].
+of its gradient [B, T, H, V]. Huber behind the head (code 7) needs both: its delta buffer is w [H, V] followed by
+the deltas [B, T, H] (``huber_deltas``), and its ddelta the weight's rows [B, T, H, V] followed by the deltas'.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from miras.components.memory import LN_EPS as _MEMORY_LN_EPS
 
 BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
 LAG_CODES = {"elastic": 1, "kl": 2}  # lag-token retentions (``lag_carry``)
-LN_HEAD = 4  # added to the code of the bias behind a LayerNorm head (dot, l2, lp)
+LN_HEAD = 4  # added to the code of the bias behind a LayerNorm head (dot, l2, lp, huber)
+HUBER_LN = LN_HEAD + BIAS_CODES["huber"]  # (7: ``huber_deltas`` names it as a literal)
 LN_EPS = tl.constexpr(_MEMORY_LN_EPS)  # the LayerNorm's epsilon, the memory components' own
 
 # triton decides at decoration time whether @triton.jit builds a GPU kernel or an interpreted one: freeze it here
@@ -342,6 +344,19 @@ def huber_switch(r2, delta):
 
 
 @triton.jit
+def huber_deltas(delta, p_g, t_idx, t_ok, BT: tl.constexpr, H: tl.constexpr, V: tl.constexpr, BIAS: tl.constexpr):
+    """A chunk's Huber deltas [BT] from the delta buffer at the program's (batch, head) offset p_g into [B, T, H]:
+    for BIAS 3, and for BIAS 7 (HUBER_LN, behind a LayerNorm head: after the head's weights [H, V]); 0 otherwise."""
+    if BIAS == 3:
+        d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    elif BIAS == 7:
+        d = tl.load(delta + H * V + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
+    else:
+        d = tl.zeros([BT], dtype=tl.float32)
+    return d
+
+
+@triton.jit
 def _whole_row_switch(Y, Vv, delta, BIAS: tl.constexpr):
     """Huber's branch per row from a block holding all of V (a placeholder for the other biases)."""
     if BIAS == 3:
@@ -428,37 +443,39 @@ def _ln_project(u, xh, v_ok, NV: tl.constexpr):
 
 
 @triton.jit
-def ln_rows(Y, Vv, w, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
+def ln_rows(Y, Vv, w, delta, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
             EPS: tl.constexpr):
-    """R = dl/dz for a bias (code BIAS: dot, l2, lp) behind a LayerNorm head, z the rows of the prediction Y [BT, BV]:
+    """R = dl/dz for a bias (code BIAS: dot, l2, lp, huber with its deltas [BT]) behind a LayerNorm head, z the rows
+    of the prediction Y [BT, BV]:
 
         y = w x_hat(z) (+ what does not depend on z, folded into the targets Vv),  R_y = bias_rows(y, Vv),
         R = J^T R_y = rstd P(w R_y)                                       (J: the Jacobian of y in z)
 
     w: the head's weight [BV] (0 past V). Whole rows only (the statistics are over all V columns)."""
     xh, rstd = _ln_stats(Y, v_ok, NV)
-    Ry = bias_rows_sw(w[None, :] * xh, Vv, rstd, rstd == rstd, BIAS, P, SMOOTH, EPS)  # (no Huber: no delta)
+    Ry = bias_rows(w[None, :] * xh, Vv, delta, BIAS, P, SMOOTH, EPS)  # (Huber's switch: on the residual of y)
     return rstd[:, None] * _ln_project(w[None, :] * Ry, xh, v_ok, NV)
 
 
 @triton.jit
-def ln_rows_bwd(Y, Vv, w, dR, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr, SMOOTH: tl.constexpr,
-                EPS: tl.constexpr):
-    """Vector-Jacobian product of ``ln_rows`` at dR = e: returns (dY, dVv, dw rows [BT, BV]). With a = rstd P(e),
-    g = w R_y and F = <e, R> per row:
+def ln_rows_bwd(Y, Vv, w, delta, dR, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.constexpr,
+                SMOOTH: tl.constexpr, EPS: tl.constexpr):
+    """Vector-Jacobian product of ``ln_rows`` at dR = e: returns (dY, dVv, dw rows [BT, BV], ddelta [BT]). With
+    a = rstd P(e), g = w R_y and F = <e, R> per row:
 
-        (dy, dVv) = bias_rows_bwd(y, Vv, w a),   dw = dy x_hat + a R_y,
+        (dy, dVv, ddelta) = bias_rows_bwd(y, Vv, w a),   dw = dy x_hat + a R_y,
         dz = rstd P(w dy) - rstd^2 / NV P(g <e, x_hat> + e <g, x_hat>) - rstd F / NV x_hat
 
     (the first term through y's dependence on z, the others through that of rstd and x_hat in J^T; checked against
     float64 autograd, tests/test_kernels_ttt.py)."""
     xh, rstd = _ln_stats(Y, v_ok, NV)
     y = w[None, :] * xh
-    Ry = bias_rows_sw(y, Vv, rstd, rstd == rstd, BIAS, P, SMOOTH, EPS)
+    small = _whole_row_switch(y, Vv, delta, BIAS)
+    Ry = bias_rows_sw(y, Vv, delta, small, BIAS, P, SMOOTH, EPS)
     g = w[None, :] * Ry
     R = rstd[:, None] * _ln_project(g, xh, v_ok, NV)
     a = rstd[:, None] * _ln_project(dR, xh, v_ok, NV)
-    dy, dVv, _ = bias_rows_bwd_sw(y, Vv, rstd, rstd == rstd, w[None, :] * a, BIAS, P, SMOOTH, EPS)
+    dy, dVv, dd = bias_rows_bwd_sw(y, Vv, delta, small, w[None, :] * a, BIAS, P, SMOOTH, EPS)
     dw = dy * xh + a * Ry
     F = tl.sum(dR * R, axis=1)
     ex = tl.sum(dR * xh, axis=1)
@@ -466,4 +483,4 @@ def ln_rows_bwd(Y, Vv, w, dR, v_ok, NV: tl.constexpr, BIAS: tl.constexpr, P: tl.
     dz = rstd[:, None] * _ln_project(w[None, :] * dy, xh, v_ok, NV) \
         - (rstd * rstd / NV)[:, None] * _ln_project(g * ex[:, None] + dR * gx[:, None], xh, v_ok, NV) \
         - (rstd * F / NV)[:, None] * xh
-    return tl.where(v_ok[None, :], dz, 0.0), tl.where(v_ok[None, :], dVv, 0.0), tl.where(v_ok[None, :], dw, 0.0)
+    return tl.where(v_ok[None, :], dz, 0.0), tl.where(v_ok[None, :], dVv, 0.0), tl.where(v_ok[None, :], dw, 0.0), dd

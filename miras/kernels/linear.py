@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from miras.kernels.common import (
+    HUBER_LN,
     RuleConfig,
     _dot,
     _row_select,
@@ -51,6 +52,7 @@ from miras.kernels.common import (
     gate_coeffs,
     gate_coeffs_t,
     gate_grads,
+    huber_deltas,
     huber_switch,
     interpreting,
     lag_carry,
@@ -214,12 +216,9 @@ def _fwd_chunk(
     b_y = _dot(b_kp, W, PREC)  # [BT, BV] prediction at the chunk start
     if DECAYED:
         b_y = b_y * beta[:, None]
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
+    b_d = huber_deltas(delta, p_g, t_idx, t_ok, BT, H, V, BIAS)
     if BIAS >= 4:  # behind a LayerNorm head (common.LN_HEAD): the head's weight row in delta's place, all of V
-        R = ln_rows(b_y, b_v, tl.load(delta + (p_g % H) * V + o_v, mask=v_ok, other=0.0), v_ok, V, BIAS - 4,
+        R = ln_rows(b_y, b_v, tl.load(delta + (p_g % H) * V + o_v, mask=v_ok, other=0.0), b_d, v_ok, V, BIAS - 4,
                     P, SMOOTH, EPS)
     else:
         R = bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS)
@@ -384,7 +383,7 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
     if DECAYED:
         b_y = b_yk * beta[:, None]
     if BIAS >= 4:
-        R = tl.where(t_ok[:, None], ln_rows(b_y, b_v, b_w, v_ok, V, BIAS - 4, P, SMOOTH, EPS), 0.0)
+        R = tl.where(t_ok[:, None], ln_rows(b_y, b_v, b_w, b_d, v_ok, V, BIAS - 4, P, SMOOTH, EPS), 0.0)
     else:
         R = tl.where(t_ok[:, None], bias_rows(b_y, b_v, b_d, BIAS, P, SMOOTH, EPS), 0.0)
     KdW = _dot(b_k, dW, PREC)  # [BT, BV] rows k_j dW_end
@@ -406,8 +405,7 @@ def _bwd_rows(b_q, b_k, b_kp, b_v, b_do, b_d, b_w, Xd, W, S, dW, dS, beta, f, gL
         dR += dR_lag
     dR = tl.where(t_ok[:, None], dR, 0.0)
     if BIAS >= 4:
-        dY, dV, dWl = ln_rows_bwd(b_y, b_v, b_w, dR, v_ok, V, BIAS - 4, P, SMOOTH, EPS)
-        dd = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+        dY, dV, dWl, dd = ln_rows_bwd(b_y, b_v, b_w, b_d, dR, v_ok, V, BIAS - 4, P, SMOOTH, EPS)
     else:
         dY, dV, dd = bias_rows_bwd(b_y, b_v, b_d, dR, BIAS, P, SMOOTH, EPS)
         dWl = dV
@@ -513,10 +511,7 @@ def _bwd_chunk(
         b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)  # (dots only)
     p_tv = p_v + t_idx[:, None] * H * V + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=tv_ok, other=0.0).to(tl.float32)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
+    b_d = huber_deltas(delta, p_g, t_idx, t_ok, BT, H, V, BIAS)
     b_w = tl.zeros([1], dtype=tl.float32)
     if BIAS >= 4:  # the LayerNorm head's weight row (all of V)
         b_w = tl.load(delta + (p_g % H) * V + o_v, mask=v_ok, other=0.0)
@@ -548,6 +543,8 @@ def _bwd_chunk(
             tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
         if BIAS >= 4:  # the rows of the head weight's gradient, [B, T, H, V] (one V-tile)
             tl.store(ddelta + p_tv, dWl, mask=tv_ok)
+        if BIAS == 7:  # (Huber behind the head, common.HUBER_LN: its deltas' gradient after the weight's rows)
+            tl.store(ddelta + BTH * V + p_g + t_idx * H, dd, mask=t_ok)
         if LAG:  # (at the lag rows' tokens; the slots of the other tokens stay 0)
             p_lag = dlag + 3 * p_part + p_g
             tl.store(p_lag + t_idx * H, de, mask=t_ok & (o_t < NLAG))
@@ -635,10 +632,7 @@ def _bwd_grad_chunk(
     b_kp = b_k
     if KP:
         b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)  # (dots only)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
+    b_d = huber_deltas(delta, p_g, t_idx, t_ok, BT, H, V, BIAS)
     p_c = p_s * NT + c.to(tl.int64) * K * V  # chunk slot of [B, H, NT, K, V]
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -750,10 +744,7 @@ def _grad_rows_kernel(
     b_kp = b_k  # the predictions' keys (KP: their own, the exact delta rule's)
     if KP:
         b_kp = tl.load(kp + p_qk + t_idx[:, None] * H * K + o_k[None, :], mask=qk_ok, other=0.0)
-    if BIAS == 3:
-        b_d = tl.load(delta + p_g + t_idx * H, mask=t_ok, other=1.0).to(tl.float32)
-    else:
-        b_d = tl.zeros([BT], dtype=tl.float32)
+    b_d = huber_deltas(delta, p_g, t_idx, t_ok, BT, H, V, BIAS)
     dAG = tl.zeros([BT, BT], dtype=tl.float32)
     dgL = tl.zeros([BT], dtype=tl.float32)
     dnL = tl.zeros([BT], dtype=tl.float32)
@@ -789,7 +780,7 @@ def _grad_rows_kernel(
         if BIAS >= 4:  # behind a LayerNorm head: one block of all of V (_grad_pass), its weight row
             o_v = i * BVL + tl.arange(0, BVL)
             b_w = tl.load(delta + (p_g % H) * V + o_v, mask=o_v < V, other=0.0)
-            R = tl.where(t_ok[:, None], ln_rows(b_y, b_v, b_w, o_v < V, V, BIAS - 4, P, SMOOTH, EPS), 0.0)
+            R = tl.where(t_ok[:, None], ln_rows(b_y, b_v, b_w, b_d, o_v < V, V, BIAS - 4, P, SMOOTH, EPS), 0.0)
         else:
             R = tl.where(t_ok[:, None], bias_rows_sw(b_y, b_v, b_d, small, BIAS, P, SMOOTH, EPS), 0.0)
         KdW = _dot(b_k, dW, PREC)
@@ -806,8 +797,9 @@ def _grad_rows_kernel(
             sSS += _dot(tl.trans(dS), S, PREC)
         dR = tl.where(t_ok[:, None], dR, 0.0)
         if BIAS >= 4:
-            dY, dV, dWl = ln_rows_bwd(b_y, b_v, b_w, dR, o_v < V, V, BIAS - 4, P, SMOOTH, EPS)
+            dY, dV, dWl, dd = ln_rows_bwd(b_y, b_v, b_w, b_d, dR, o_v < V, V, BIAS - 4, P, SMOOTH, EPS)
             tl.store(ddelta + p_tv, dWl, mask=tv_ok)
+            ddelta_ += dd
         else:
             dY, dV, dd = bias_rows_bwd_sw(b_y, b_v, b_d, small, dR, BIAS, P, SMOOTH, EPS)
             ddelta_ += dd
@@ -821,6 +813,8 @@ def _grad_rows_kernel(
         tl.store(dyk + p_tv, dYk.to(dyk.dtype.element_ty), mask=tv_ok)
     if BIAS == 3:
         tl.store(ddelta + p_g + t_idx * H, ddelta_, mask=t_ok)
+    if BIAS == 7:  # (Huber behind a LayerNorm head: after the weight's rows)
+        tl.store(ddelta + BTH * V + p_g + t_idx * H, ddelta_, mask=t_ok)
     t0, t_end, _, _, _ = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
@@ -1231,8 +1225,8 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
     dla = torch.empty(NP, B, T, H, **f32) if cfg.has_keep else deta
     dlm = torch.empty(NP, B, T, H, **f32) if cfg.momentum else deta
     ddelta = torch.empty(NV, B, T, H, **f32) if cfg.bias == 3 else deta
-    if cfg.bias >= 4:  # the rows of a LayerNorm head weight's gradient (all of V in one tile)
-        ddelta = torch.empty(B, T, H, V, **f32)
+    if cfg.bias >= 4:  # the rows of a LayerNorm head weight's gradient (all of V in one tile; then Huber's deltas')
+        ddelta = torch.empty(B * T * H * (V + (cfg.bias == HUBER_LN)), **f32)
     dh0 = torch.empty(B, H, K, V, **f32)
     ds0 = torch.empty(B, H, K, V, **f32) if cfg.momentum else dh0
     dhs = torch.empty(hs.shape, **f32) if split else hs  # pre-pass U, then the end-of-chunk state gradients
@@ -1267,10 +1261,17 @@ def linear_scan_bwd(cfg: LinearConfig, q, k, v, eta, keep, mu, delta, hs, ss, do
                 BVL=bv if cfg.lag else _block_v_loop(bv, cfg.bias), grad_pass=mode == 2)
     dkeep = _partials(dla) / keep if cfg.has_keep else None
     dmu = _partials(dlm) / mu if cfg.momentum else None
-    dd = _partials(ddelta) if cfg.bias == 3 else ddelta.sum((0, 1)) if cfg.bias >= 4 else None
+    dd = _partials(ddelta) if cfg.bias == 3 else _head_grads(ddelta, cfg.bias, B, T, H, V) if cfg.bias >= 4 else None
     return (_partials(dq).to(q.dtype), _partials(dk).to(k.dtype), dv, _partials(deta), dkeep, dmu, dd,
             dh0, ds0 if cfg.momentum else None, _partials(dkp).to(kp.dtype) if kp is not None else None,
             _partials(dlag) if cfg.lag else None)
+
+
+def _head_grads(ddelta: torch.Tensor, bias: int, B: int, T: int, H: int, V: int) -> torch.Tensor:
+    """The gradient of a LayerNorm head's flat delta buffer (common.LN_HEAD) from the kernels' ddelta: the
+    weight's [H * V] (its rows summed over B, T), then for Huber (HUBER_LN) its deltas' [B * T * H]."""
+    dw = ddelta[: B * T * H * V].view(B, T, H, V).sum((0, 1)).flatten()
+    return torch.cat([dw, ddelta[B * T * H * V :]]) if bias == HUBER_LN else dw
 
 
 def _partials(x: torch.Tensor) -> torch.Tensor:
