@@ -50,16 +50,19 @@ def one_step(model, ids):
                     "n_heads=2"], 21),  # DGD on the linear memory: the delta rule's WY blocks at chunk 8
     ("titans-lmm", ["memory.memory={kind: linear}", "memory.retention={kind: elastic}",
                     "memory.learner={kind: gd, chunk_size: 8}", "d_model=32", "n_heads=2"], 21),  # (MIRAS_KERNEL_LAG)
+    ("titans-lmm", ["memory.memory={kind: mlp, depth: 1, residual: true, norm: true}", "memory.bias={kind: huber}",
+                    "d_model=32", "n_heads=2"], 21),  # Huber behind TTT-Linear's head (MIRAS_KERNEL_TTT)
 ], ids=["titans-lmm", "linear-attention", "titans-linear-channel-gate", "gated-deltanet", "swla", "omeganet",
-        "titans-linear-lq", "titans-linear-dgd", "titans-linear-elastic"])
+        "titans-linear-lq", "titans-linear-dgd", "titans-linear-elastic", "ttt-huber"])
 def test_recipe_on_the_kernels_matches_the_chunked_path(recipe, overrides, T, monkeypatch):
     """One training step of a recipe's model (one layer) with its memory on the kernels, against the chunked path.
     T is not a multiple of the chunk, so the layer scans its whole chunks (two), then the rest from their end state:
     two kernel calls, the second with a given initial state (at chunk 1, the online delta rule, one call)."""
-    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")  # (the delta rule's, DGD's, Lq's and KL / elastic's kernels are
-    # opt-in for now)
+    monkeypatch.setenv("MIRAS_KERNEL_DELTA", "1")  # (the delta rule's, DGD's, Lq's, KL / elastic's and TTT-Linear's
+    # kernels are opt-in for now)
     monkeypatch.setenv("MIRAS_KERNEL_LQ", "1")
     monkeypatch.setenv("MIRAS_KERNEL_LAG", "1")
+    monkeypatch.setenv("MIRAS_KERNEL_TTT", "1")
     monkeypatch.setenv("MIRAS_KERNEL_DELTA_CHUNK", "16")
     spec = load_spec(recipe, [*overrides, "n_layers=1"])
     assert kernel_support(spec.memory) == (True, "")
