@@ -32,9 +32,10 @@ Knobs (environment, read at each call; a malformed value is a ValueError naming 
   the chunked path instead of its inner bias' kernels on sub-tokens (miras/kernels/omega.py; default on: no kernel
   code of its own, exact against the float64 oracle in the interpreter; not yet run on a GPU).
 - ``MIRAS_KERNEL_TTT=1``: a depth-1 MLP memory with a LayerNorm head (TTT-Linear's ``x + LN(x W) w + b``, the
-  ``tnt-ttt`` recipe; bias dot, l2, lp or huber; head or scalar keep gates) on the linear kernels, which then write with the
-  head's rows R = J^T R_y (``common.ln_rows``, all of V per program) and read q W raw, the head applied in PyTorch
-  (``_ttt_scan``; default off until its GPU test has passed: it matches the float64 oracle in the interpreter).
+  ``tnt-ttt`` recipe; bias dot, l2, lp or huber; head or scalar keep gates) on the linear kernels, which then write
+  with the head's rows R = J^T R_y (``common.ln_rows``, all of V per program) and read q W raw, the head applied in
+  PyTorch (``_ttt_scan``; default off until its GPU test has passed: it matches the float64 oracle in the
+  interpreter).
 - ``MIRAS_KERNEL_LQ=1``: Lq retention (Moneta's W = A / ||A||_q^(q-2), ``retention.kind: lq``) of the linear
   memory on the linear kernels: the walks (all of V per program) take each chunk's read scale 1 / nu(A) from its
   start state (``common.lq_scale``), the predictions are taken at the scaled state, and the reads are scaled in
