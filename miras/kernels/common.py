@@ -357,6 +357,18 @@ def huber_deltas(delta, p_g, t_idx, t_ok, BT: tl.constexpr, H: tl.constexpr, V: 
 
 
 @triton.jit
+def store_huber_ddelta(ddelta, dd, p_part, p_g, t_idx, t_ok, BTH, H: tl.constexpr, V: tl.constexpr,
+                       BIAS: tl.constexpr):
+    """Store a chunk's Huber delta gradients dd [BT] where ``huber_deltas`` loaded the deltas: BIAS 3 in the
+    partial-sum slot p_part (a multiple of BTH = B*T*H) of [NP, B, T, H]; BIAS 7 (HUBER_LN) after the head weight's
+    rows [B, T, H, V]; nothing for the other biases."""
+    if BIAS == 3:
+        tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
+    elif BIAS == 7:
+        tl.store(ddelta + BTH * V + p_g + t_idx * H, dd, mask=t_ok)
+
+
+@triton.jit
 def _whole_row_switch(Y, Vv, delta, BIAS: tl.constexpr):
     """Huber's branch per row from a block holding all of V (a placeholder for the other biases)."""
     if BIAS == 3:

@@ -63,6 +63,7 @@ from miras.kernels.common import (
     lq_scale_grad,
     pow2_tile,
     store_gate_grads,
+    store_huber_ddelta,
 )
 from miras.kernels.linear_channel import channel_scan_bwd, channel_scan_fwd
 from miras.kernels.settings import env_choice, env_switch, env_tile, launch_config
@@ -539,12 +540,9 @@ def _bwd_chunk(
         if KP:
             tl.store(dkp + p_tk, b_dkp.to(dkp.dtype.element_ty), mask=qk_ok)
         tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
-        if BIAS == 3:
-            tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
         if BIAS >= 4:  # the rows of the head weight's gradient, [B, T, H, V] (one V-tile)
             tl.store(ddelta + p_tv, dWl, mask=tv_ok)
-        if BIAS == 7:  # (Huber behind the head, common.HUBER_LN: its deltas' gradient after the weight's rows)
-            tl.store(ddelta + BTH * V + p_g + t_idx * H, dd, mask=t_ok)
+        store_huber_ddelta(ddelta, dd, p_part, p_g, t_idx, t_ok, BTH, H, V, BIAS)
         if LAG:  # (at the lag rows' tokens; the slots of the other tokens stay 0)
             p_lag = dlag + 3 * p_part + p_g
             tl.store(p_lag + t_idx * H, de, mask=t_ok & (o_t < NLAG))
@@ -607,8 +605,8 @@ def _bwd_grad_block(
         b_q, b_k, b_kp, b_v, b_do, b_d, b_d, Xd, W, S, dW, dS, beta, f, gL, nL, t_ok, at_L, o_t, v_ok,
         V, BIAS, P, SMOOTH, EPS, DECAYED, MOMENTUM, PREC, KP, beta, 1.0, 0.0, dW, 1.0, k_ok, 0, 1.0, 1)
     tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
-    if BIAS == 3:  # Huber's switch needs all of V: then BVL is the whole V (see _block_v_loop)
-        tl.store(ddelta + p_part + p_g + t_idx * H, dd, mask=t_ok)
+    # (Huber's switch needs all of V: then BVL is the whole V, see _block_v_loop; no LayerNorm head here, so no BTH)
+    store_huber_ddelta(ddelta, dd, p_part, p_g, t_idx, t_ok, 0, H, V, BIAS)
     return b_dq, b_dk, dAG, dAGT, dgL, dbeta, dnL, df, dmL, b_dkp
 
 
@@ -799,10 +797,9 @@ def _grad_rows_kernel(
         if BIAS >= 4:
             dY, dV, dWl, dd = ln_rows_bwd(b_y, b_v, b_w, b_d, dR, o_v < V, V, BIAS - 4, P, SMOOTH, EPS)
             tl.store(ddelta + p_tv, dWl, mask=tv_ok)
-            ddelta_ += dd
         else:
             dY, dV, dd = bias_rows_bwd_sw(b_y, b_v, b_d, small, dR, BIAS, P, SMOOTH, EPS)
-            ddelta_ += dd
+        ddelta_ += dd
         dYk = dY
         if DECAYED:
             dYk = dY * beta[:, None]
@@ -811,10 +808,7 @@ def _grad_rows_kernel(
         tl.store(dv + p_tv, dV.to(dv.dtype.element_ty), mask=tv_ok)
         tl.store(rr + p_tv, R.to(rr.dtype.element_ty), mask=tv_ok)
         tl.store(dyk + p_tv, dYk.to(dyk.dtype.element_ty), mask=tv_ok)
-    if BIAS == 3:
-        tl.store(ddelta + p_g + t_idx * H, ddelta_, mask=t_ok)
-    if BIAS == 7:  # (Huber behind a LayerNorm head: after the weight's rows)
-        tl.store(ddelta + BTH * V + p_g + t_idx * H, ddelta_, mask=t_ok)
+    store_huber_ddelta(ddelta, ddelta_, 0, p_g, t_idx, t_ok, BTH, H, V, BIAS)  # (one V-tile: no partial sums)
     t0, t_end, _, _, _ = chunk_rows(c, T, o_t, BT, CS)
     eta_t, lb, beta, E, lm, m, NTm, G, f = gate_coeffs(
         eta + p_g, keep + p_g, mu + p_g, t0, t_end, H, o_t, BT, HAS_KEEP, MOMENTUM, PREC)
